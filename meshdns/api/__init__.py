@@ -1,0 +1,1 @@
+"""The HTTP API (aiohttp): registry sync, explain, health, readiness, metrics."""

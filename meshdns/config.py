@@ -1,0 +1,352 @@
+"""Configuration: one YAML file, frozen dataclasses, every key defaulted and checked.
+
+This is the only module that reads YAML config. Errors name the key path and
+the reason, e.g. ``dns.ttl: must be an integer 0..86400, got "x"``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .core.names import normalize_domain, normalize_hostname
+
+
+class ConfigError(ValueError):
+    """A config key with a bad value, or an unknown key."""
+
+
+@dataclass(frozen=True, order=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def family(self) -> int:
+        return ipaddress.ip_address(self.host).version
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 15053),)
+    domains: tuple[str, ...] = ("mesh",)
+    ttl: int = 30
+    negative_ttl: int = 5
+    upstreams: tuple[HostPort, ...] = ()
+    upstream_timeout: float = 2.0
+    search: tuple[str, ...] = ()
+    cache_size: int = 10000
+    tcp_idle_timeout: float = 10.0
+    tcp_max_connections: int = 1000
+    workers: int = 1
+    # Additions to SPEC §9 (documented in the README):
+    resolv_conf: str = "/etc/resolv.conf"  # where empty upstreams/search come from
+    answer_cache_size: int = 100_000  # pre-encoded local replies, per transport
+    max_inflight: int = 1000  # upstream queries in flight; past it, SERVFAIL
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: HostPort = HostPort("127.0.0.1", 15080)
+    token: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_watchers: int = 1000  # concurrent ?wait= long-polls
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    cidr: str = "240.0.0.0/4"
+    cidr6: str | None = "fd00:fd00::/64"
+    vip_hold_seconds: float = 300.0
+    state_file: str | None = None
+    seed_file: str | None = None
+    follow: str | None = None
+    follow_token: str | None = None
+    follow_max_staleness: float = 300.0  # /readyz 503 once the last sync is older
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+    queries: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------- value checks
+
+T = TypeVar("T")
+
+
+def _got(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _fail(path: str, reason: str, value: Any) -> ConfigError:
+    return ConfigError(f"{path}: {reason}, got {_got(value)}")
+
+
+def _int(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def check(path: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise _fail(path, f"must be an integer {lo}..{hi}", value)
+        return value
+    return check
+
+
+def _number(lo: float, hi: float) -> Callable[[str, Any], float]:
+    def check(path: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise _fail(path, f"must be a number {lo:g}..{hi:g}", value)
+        return float(value)
+    return check
+
+
+def _bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, "must be true or false", value)
+    return value
+
+
+def _opt_str(path: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _fail(path, "must be a non-empty string or null", value)
+    return value
+
+
+def _choice(*options: str) -> Callable[[str, Any], str]:
+    def check(path: str, value: Any) -> str:
+        if value not in options:
+            raise _fail(path, "must be one of " + ", ".join(options), value)
+        assert isinstance(value, str)
+        return value
+    return check
+
+
+def parse_hostport(text: Any, default_port: int | None, path: str) -> HostPort:
+    """``1.2.3.4``, ``1.2.3.4:53``, ``::1``, ``[::1]:53`` (IP literals only)."""
+    if not isinstance(text, str) or not text:
+        raise _fail(path, "must be an address string like \"127.0.0.1:15053\"", text)
+    host, port_text = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            raise _fail(path, "has an unclosed '['", text)
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise _fail(path, "must be [IPv6]:port", text)
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise _fail(path, "must be an IP address (with an optional :port)", text) from None
+    if port_text is None:
+        if default_port is None:
+            raise _fail(path, "must include a port", text)
+        return HostPort(host, default_port)
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise _fail(path, "has a port that is not 0..65535", text)
+    return HostPort(host, int(port_text))
+
+
+def _list_of(item: Callable[[str, Any], T], *, allow_empty: bool = True
+             ) -> Callable[[str, Any], tuple[T, ...]]:
+    def check(path: str, value: Any) -> tuple[T, ...]:
+        if not isinstance(value, list):
+            raise _fail(path, "must be a list", value)
+        if not value and not allow_empty:
+            raise _fail(path, "must not be empty", value)
+        out = tuple(item(f"{path}[{i}]", v) for i, v in enumerate(value))
+        if len(set(out)) != len(out):
+            raise _fail(path, "must not repeat an entry", value)
+        return out
+    return check
+
+
+def _listen(path: str, value: Any) -> HostPort:
+    return parse_hostport(value, None, path)
+
+
+def _upstream(path: str, value: Any) -> HostPort:
+    return parse_hostport(value, 53, path)
+
+
+def _domain(path: str, value: Any) -> str:
+    name = normalize_domain(value) if isinstance(value, str) else None
+    if name is None:
+        raise _fail(path, "must be a domain name like \"mesh\"", value)
+    return name
+
+
+def _suffix(path: str, value: Any) -> str:
+    name = normalize_hostname(value) if isinstance(value, str) else None
+    if name is None:
+        raise _fail(path, "must be a domain name", value)
+    return name
+
+
+def _cidr(version: int) -> Callable[[str, Any], str | None]:
+    def check(path: str, value: Any) -> str | None:
+        if value is None and version == 6:
+            return None
+        try:
+            net = ipaddress.ip_network(value, strict=True) if isinstance(value, str) else None
+        except ValueError:
+            net = None
+        if net is None or net.version != version:
+            raise _fail(path, f"must be an IPv{version} network like "
+                        + ("\"240.0.0.0/4\"" if version == 4 else "\"fd00:fd00::/64\""), value)
+        if net.num_addresses < 4:
+            raise _fail(path, "is too small to hold VIPs", value)
+        return str(net)
+    return check
+
+
+def _follow_url(path: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise _fail(path, "must be an http:// or https:// URL or null", value)
+    return value.rstrip("/")
+
+
+_CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
+    "dns": {
+        "listen": _list_of(_listen, allow_empty=False),
+        "domains": _list_of(_domain, allow_empty=False),
+        "ttl": _int(0, 86400),
+        "negative_ttl": _int(0, 86400),
+        "upstreams": _list_of(_upstream),
+        "upstream_timeout": _number(0.05, 60),
+        "search": _list_of(_suffix),
+        "cache_size": _int(0, 10_000_000),
+        "tcp_idle_timeout": _number(0.1, 3600),
+        "tcp_max_connections": _int(1, 1_000_000),
+        "workers": _int(1, 64),
+        "resolv_conf": lambda p, v: _opt_str(p, v) or _fail_none(p, v),
+        "answer_cache_size": _int(16, 10_000_000),
+        "max_inflight": _int(1, 1_000_000),
+    },
+    "api": {
+        "listen": _listen,
+        "token": _opt_str,
+        "max_body_bytes": _int(1024, 1 << 34),
+        "max_watchers": _int(1, 1_000_000),
+    },
+    "registry": {
+        "cidr": _cidr(4),
+        "cidr6": _cidr(6),
+        "vip_hold_seconds": _number(0, 86400 * 365),
+        "state_file": _opt_str,
+        "seed_file": _opt_str,
+        "follow": _follow_url,
+        "follow_token": _opt_str,
+        "follow_max_staleness": _number(1, 86400 * 365),
+    },
+    "log": {
+        "level": _choice("debug", "info", "warning", "error"),
+        "format": _choice("text", "json"),
+        "queries": _bool,
+    },
+}
+
+
+def _fail_none(path: str, value: Any) -> str:
+    raise _fail(path, "must be a non-empty string", value)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "dns": DnsConfig, "api": ApiConfig, "registry": RegistryConfig, "log": LogConfig,
+}
+
+
+def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
+    """A checked Config from the parsed YAML document (``None`` means all defaults)."""
+    env = os.environ if env is None else env
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: must be a mapping of sections, got {_got(raw)}")
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{name}: unknown key (known: {', '.join(_SECTIONS)})")
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise _fail(name, "must be a mapping", value)
+        checks = _CHECKS[name]
+        kwargs = {}
+        for key, item in value.items():
+            if key not in checks:
+                raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(checks)})")
+            kwargs[key] = checks[key](f"{name}.{key}", item)
+        sections[name] = _SECTIONS[name](**kwargs)
+    cfg = Config(**sections)
+    if env.get("MESHDNS_API_TOKEN"):
+        cfg = replace(cfg, api=replace(cfg.api, token=env["MESHDNS_API_TOKEN"]))
+    if env.get("MESHDNS_FOLLOW_TOKEN"):
+        cfg = replace(cfg, registry=replace(cfg.registry, follow_token=env["MESHDNS_FOLLOW_TOKEN"]))
+    if cfg.registry.vip_hold_seconds <= cfg.dns.ttl:
+        raise ConfigError(f"registry.vip_hold_seconds: must exceed dns.ttl ({cfg.dns.ttl}), "
+                          f"got {_got(cfg.registry.vip_hold_seconds)}")
+    return cfg
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    if path is None:
+        return parse_config(None, env)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw, env)
+
+
+def load_document(path: str | Path) -> Any:
+    """A YAML or JSON document (seed files, state files share this reader)."""
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+def defaults_as_dict() -> dict[str, dict[str, Any]]:
+    """The default config as plain data (for docs and `meshdns check-config`)."""
+    out: dict[str, dict[str, Any]] = {}
+    cfg = Config()
+    for name in _SECTIONS:
+        section = getattr(cfg, name)
+        out[name] = {}
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, HostPort):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = [str(v) if isinstance(v, HostPort) else v for v in value]
+            out[name][f.name] = value
+    return out

@@ -1,0 +1,1 @@
+"""Pure core: bytes in, bytes out. Only the standard library and dnslib."""

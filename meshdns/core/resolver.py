@@ -1,0 +1,224 @@
+"""Bytes in, bytes out: the DNS message handler every transport calls.
+
+The hot path is one dict lookup. A reply is a pure function of the query bytes
+after the 2-byte ID (flags, question in its exact case, EDNS shape), the
+transport (UDP truncates, TCP does not) and the registry snapshot. So the
+encoded reply minus its ID is cached under the query minus its ID, and a hit
+costs a slice, a lookup and a concatenation: no parse, no encode. A new
+snapshot comes with new, empty caches, swapped in by one assignment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dnslib import RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNS0
+
+from .wire import (
+    HEADER_LEN,
+    MIN_UDP_PAYLOAD,
+    QTYPE_AXFR,
+    QTYPE_IXFR,
+    RCODE_BADVERS,
+    RCODE_FORMERR,
+    RCODE_NOTIMP,
+    RCODE_REFUSED,
+    FormatError,
+    Query,
+    error_reply,
+    parse_query,
+)
+from .zone import FORWARD, Decision, Zone
+
+SERVER_UDP_PAYLOAD = 1232  # DNS flag day 2020: no fragmentation on common paths
+DEFAULT_ANSWER_CACHE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRequest:
+    """A query the core does not answer itself: the transport forwards it upstream."""
+
+    query: Query
+    data: bytes
+    udp_limit: int
+
+
+QTYPE_INVALID = -1  # requests with no readable question (dropped, FORMERR)
+
+
+class Tally:
+    """Plain-int counters of requests and replies, read by the metrics collector.
+
+    Hot-path hits bump one attribute on their cache entry; everything else is
+    counted here on the miss path. ``fold`` moves an entry's hits into the totals
+    when a cache is dropped, so no count is ever lost.
+    """
+
+    __slots__ = ("dropped", "requests", "responses", "truncated")
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}  # (proto, qtype) -> n
+        self.responses: dict[tuple[int, str], int] = {}  # (rcode, source) -> n
+        self.dropped = 0
+        self.truncated = 0
+
+    def request(self, proto: str, qtype: int) -> None:
+        key = (proto, qtype)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def response(self, rcode: int, source: str, n: int = 1) -> None:
+        key = (rcode, source)
+        self.responses[key] = self.responses.get(key, 0) + n
+
+    def fold(self, proto: str, entries: dict[bytes, _Entry]) -> None:
+        for e in entries.values():
+            if e.hits:
+                key = (proto, e.qtype)
+                self.requests[key] = self.requests.get(key, 0) + e.hits
+                self.response(e.rcode, "local", e.hits)
+                e.hits = 0
+
+
+class _Entry:
+    """A pre-encoded reply (minus its ID) and how often it was served from cache."""
+
+    __slots__ = ("hits", "qtype", "rcode", "tail")
+
+    def __init__(self, tail: bytes, qtype: int, rcode: int) -> None:
+        self.tail = tail
+        self.hits = 0
+        self.qtype = qtype
+        self.rcode = rcode
+
+
+@dataclass
+class _State:
+    zone: Zone
+    udp: dict[bytes, _Entry] = field(default_factory=dict)
+    tcp: dict[bytes, _Entry] = field(default_factory=dict)
+
+
+def udp_limit(query: Query) -> int:
+    """Largest UDP reply the client accepts, capped at what this server advertises."""
+    if query.edns is None:
+        return MIN_UDP_PAYLOAD
+    return max(MIN_UDP_PAYLOAD, min(query.edns.udp_size, SERVER_UDP_PAYLOAD))
+
+
+def encode(query: Query, decision: Decision, limit: int | None, ra: bool) -> bytes:
+    """Wire reply for ``decision``; TC=1 with question and OPT only if over ``limit``."""
+    header = DNSHeader(id=query.id, qr=1, opcode=query.opcode, aa=int(decision.aa),
+                       rd=int(query.rd), ra=int(ra), cd=int(query.cd),
+                       rcode=decision.rcode & 0xF)
+    question = DNSQuestion(DNSLabel(query.labels), query.qtype, query.qclass)
+    reply = DNSRecord(header, q=question, rr=list(decision.answer),
+                      auth=list(decision.authority), ar=list(decision.additional))
+    opt: RR | None = None
+    if query.edns is not None:
+        opt = EDNS0(udp_len=SERVER_UDP_PAYLOAD, ext_rcode=decision.rcode >> 4,
+                    flags="do" if query.edns.dnssec_ok else "")
+        reply.add_ar(opt)
+    wire = bytes(reply.pack())
+    if limit is None or len(wire) <= limit:
+        return wire
+    header.tc = 1
+    short = DNSRecord(header, q=question, ar=[opt] if opt is not None else [])
+    return bytes(short.pack())
+
+
+class Resolver:
+    """Turns query bytes into reply bytes for one registry snapshot at a time."""
+
+    def __init__(self, zone: Zone, answer_cache_size: int = DEFAULT_ANSWER_CACHE) -> None:
+        self._state = _State(zone)
+        self.cache_limit = answer_cache_size
+        self.tally = Tally()
+
+    @property
+    def zone(self) -> Zone:
+        return self._state.zone
+
+    def set_zone(self, zone: Zone) -> None:
+        """Serve from ``zone`` from now on; cached replies of the old one are dropped."""
+        old, self._state = self._state, _State(zone)
+        self.tally.fold("udp", old.udp)
+        self.tally.fold("tcp", old.tcp)
+
+    def cached_answers(self) -> int:
+        st = self._state
+        return len(st.udp) + len(st.tcp)
+
+    def snapshot_counts(self) -> Tally:
+        """Totals including hits not yet folded (for a scrape; the cache is untouched)."""
+        st = self._state
+        out = Tally()
+        out.requests = dict(self.tally.requests)
+        out.responses = dict(self.tally.responses)
+        out.dropped, out.truncated = self.tally.dropped, self.tally.truncated
+        for proto, entries in (("udp", st.udp), ("tcp", st.tcp)):
+            for e in list(entries.values()):
+                if e.hits:
+                    key = (proto, e.qtype)
+                    out.requests[key] = out.requests.get(key, 0) + e.hits
+                    out.response(e.rcode, "local", e.hits)
+        return out
+
+    # The two entry points the transports call, per datagram / per framed message.
+
+    def handle_udp(self, data: bytes) -> bytes | ForwardRequest | None:
+        entry = self._state.udp.get(data[2:])
+        if entry is not None:
+            entry.hits += 1
+            return data[:2] + entry.tail
+        return self._miss(data, "udp")
+
+    def handle_tcp(self, data: bytes) -> bytes | ForwardRequest | None:
+        entry = self._state.tcp.get(data[2:])
+        if entry is not None:
+            entry.hits += 1
+            return data[:2] + entry.tail
+        return self._miss(data, "tcp")
+
+    def _miss(self, data: bytes, proto: str) -> bytes | ForwardRequest | None:
+        tally = self.tally
+        if len(data) < HEADER_LEN or data[2] & 0x80:
+            tally.dropped += 1  # no header to echo, or a response: never answer those
+            tally.request(proto, QTYPE_INVALID)
+            return None
+        if (data[2] >> 3) & 0xF:
+            tally.request(proto, QTYPE_INVALID)
+            tally.response(RCODE_NOTIMP, "local")
+            return error_reply(data, RCODE_NOTIMP, echo_question=True)
+        try:
+            query = parse_query(data)
+        except FormatError:
+            tally.request(proto, QTYPE_INVALID)
+            tally.response(RCODE_FORMERR, "local")
+            return error_reply(data, RCODE_FORMERR, echo_question=False)
+        tally.request(proto, query.qtype)
+        st = self._state
+        limit = udp_limit(query)
+        ra = st.zone.settings.forwarding
+        if query.edns is not None and query.edns.version > 0:
+            tally.response(RCODE_BADVERS, "local")
+            return encode(query, Decision(RCODE_BADVERS, "badvers"), None, ra)
+        if query.qtype in (QTYPE_AXFR, QTYPE_IXFR):
+            tally.response(RCODE_REFUSED, "local")
+            return encode(query, Decision(RCODE_REFUSED, "refused"), None, ra)
+        decision = st.zone.decide(query.labels, query.qtype, query.qclass)
+        if decision.rule == FORWARD:
+            return ForwardRequest(query, data, limit)  # the forwarder counts its reply
+        wire = encode(query, decision, limit if proto == "udp" else None, ra)
+        tally.response(decision.rcode, "local")
+        if wire[2] & 0x02:
+            tally.truncated += 1
+        cache = st.udp if proto == "udp" else st.tcp
+        if len(cache) >= self.cache_limit:
+            self.tally.fold(proto, cache)
+            cache.clear()  # bounded: a flood of distinct names cannot grow memory
+        cache[data[2:]] = _Entry(wire[2:], query.qtype, decision.rcode)
+        return wire
+
+    def explain(self, labels: tuple[bytes, ...], qtype: int, qclass: int = 1) -> Decision:
+        """The decision for a question, by the same code that answers DNS."""
+        return self._state.zone.decide(labels, qtype, qclass)

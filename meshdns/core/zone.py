@@ -1,0 +1,370 @@
+"""Answer policy: which records a question gets, from one registry snapshot.
+
+``Zone.decide`` is the single place that maps (name, type, class) to a
+:class:`Decision`. The DNS path encodes decisions to wire bytes; the HTTP
+``/v1/resolve`` route shows the very same decision as JSON.
+
+Names are parsed structurally rather than looked up in a table of every name:
+``<name>.<ns>.svc.<port>.<domain>`` is split into the service key, so a
+registry swap never has to build per-name strings for every service.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
+
+from .names import canonical_name, is_subdomain, key_to_labels, wire_to_key
+from .registry import Registry, Service
+from .vip import VipRange, format_ip
+from .wire import (
+    QCLASS_IN,
+    QTYPE_ANY,
+    RCODE_NOERROR,
+    RCODE_NXDOMAIN,
+    RCODE_REFUSED,
+)
+
+T_A, T_NS, T_CNAME, T_SOA, T_PTR, T_AAAA, T_SRV = 1, 2, 5, 6, 12, 28, 33
+SOA_RNAME = "nobody.invalid"  # RFC 6303 locally served zones
+SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 1200, 604800
+
+# Decision rules, as shown by /v1/resolve.
+CANONICAL, KUMA, HOSTNAME = "canonical", "kuma", "hostname"
+PTR_RULE, APEX, ENT = "ptr", "apex", "empty-non-terminal"
+NXDOMAIN, SEARCH, FORWARD, REFUSED = "nxdomain", "search", "forward", "refused"
+SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME})
+
+
+@dataclass(frozen=True)
+class ZoneSettings:
+    domains: tuple[str, ...] = ("mesh",)
+    ttl: int = 30
+    negative_ttl: int = 5
+    search: tuple[str, ...] = ()
+    range4: VipRange | None = None
+    range6: VipRange | None = None
+    forwarding: bool = False  # an upstream exists: forward, and say RA=1
+
+
+@dataclass(frozen=True)
+class Decision:
+    rcode: int
+    rule: str
+    aa: bool = False
+    answer: Sequence[RR] = ()
+    authority: Sequence[RR] = ()
+    additional: Sequence[RR] = ()
+    service: Service | None = None
+    zone: str | None = None
+
+    @property
+    def forward(self) -> bool:
+        return self.rule == FORWARD
+
+
+@dataclass(frozen=True)
+class _ReverseZone:
+    apex: str
+    version: int
+    prefix: int  # address bits above the zone cut, as an int
+    labels: int  # address labels (octets or nibbles) the apex holds
+
+
+def _octet(label: str) -> int | None:
+    if label.isascii() and label.isdigit() and (label == "0" or label[0] != "0"):
+        value = int(label)
+        if value <= 255:
+            return value
+    return None
+
+
+def _nibble(label: str) -> int | None:
+    if len(label) == 1 and label in "0123456789abcdef":
+        return int(label, 16)
+    return None
+
+
+def _port(label: str) -> int | None:
+    if label.isascii() and label.isdigit() and label[0] != "0" and len(label) <= 5:
+        value = int(label)
+        if value <= 65535:
+            return value
+    return None
+
+
+def reverse_zones(rng: VipRange | None) -> list[_ReverseZone]:
+    """The octet- or nibble-aligned zones that cover a VIP range (at most 256)."""
+    if rng is None:
+        return []
+    net = rng.network
+    step = 8 if net.version == 4 else 4
+    total = 32 if net.version == 4 else 128
+    cut = -(-net.prefixlen // step) * step  # round the prefix up to a label boundary
+    count = 1 << (cut - net.prefixlen)
+    base = int(net.network_address) >> (total - cut)
+    zones = []
+    for i in range(count):
+        prefix = base + i
+        digits = [(prefix >> (cut - step * (j + 1))) & ((1 << step) - 1) for j in range(cut // step)]
+        if net.version == 4:
+            apex = ".".join(str(d) for d in reversed(digits)) + ".in-addr.arpa"
+        else:
+            apex = ".".join(format(d, "x") for d in reversed(digits)) + ".ip6.arpa"
+        zones.append(_ReverseZone(apex.lstrip("."), net.version, prefix, cut // step))
+    return zones
+
+
+@dataclass
+class Zone:
+    """One registry snapshot under one set of DNS settings."""
+
+    registry: Registry
+    settings: ZoneSettings
+    _domains: tuple[str, ...] = field(init=False)
+    _reverse: dict[str, _ReverseZone] = field(init=False)
+    _host_ents: frozenset[str] = field(init=False)
+    _sorted4: list[int] | None = field(init=False, default=None)
+    _sorted6: list[int] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self._domains = tuple(sorted(s.domains, key=len, reverse=True))  # longest match wins
+        self._reverse = {z.apex: z for z in reverse_zones(s.range4) + reverse_zones(s.range6)}
+        ents: set[str] = set()
+        for host in self.registry.hostnames:
+            for domain in self._domains:
+                if is_subdomain(host, domain):
+                    cut = host.find(".")
+                    while cut != -1 and host[cut + 1 :] != domain:
+                        ents.add(host[cut + 1 :])
+                        cut = host.find(".", cut + 1)
+                    break
+        self._host_ents = frozenset(ents)
+
+    # ------------------------------------------------------------ records
+
+    def soa(self, apex: str, ttl: int | None = None) -> RR:
+        s = self.settings
+        serial = self.registry.revision & 0xFFFFFFFF
+        return RR(apex + ".", T_SOA, ttl=s.negative_ttl if ttl is None else ttl,
+                  rdata=SOA(apex + ".", SOA_RNAME + ".",
+                            (serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, s.negative_ttl)))
+
+    def _nodata(self, rule: str, apex: str, svc: Service | None = None, aa: bool = True) -> Decision:
+        return Decision(RCODE_NOERROR, rule, aa, (), (self.soa(apex),), (), svc, apex)
+
+    def _service_records(self, owner: DNSLabel, svc: Service, qtype: int, rule: str,
+                         apex: str, domain: str) -> Decision:
+        ttl = self.settings.ttl
+        answer: list[RR] = []
+        additional: list[RR] = []
+        if qtype in (T_A, QTYPE_ANY):
+            answer.append(RR(owner, T_A, ttl=ttl, rdata=A(format_ip(svc.vip, 4))))
+        if qtype in (T_AAAA, QTYPE_ANY) and svc.vip6 is not None:
+            answer.append(RR(owner, T_AAAA, ttl=ttl, rdata=AAAA(format_ip(svc.vip6, 6))))
+        if qtype == T_SRV:
+            target = canonical_name(svc.name, svc.namespace, svc.port, domain) + "."
+            answer.append(RR(owner, T_SRV, ttl=ttl, rdata=SRV(0, 100, svc.port, target)))
+            additional.append(RR(target, T_A, ttl=ttl, rdata=A(format_ip(svc.vip, 4))))
+            if svc.vip6 is not None:
+                additional.append(RR(target, T_AAAA, ttl=ttl, rdata=AAAA(format_ip(svc.vip6, 6))))
+        if not answer:
+            return self._nodata(rule, apex, svc)
+        return Decision(RCODE_NOERROR, rule, True, answer, (), additional, svc, apex)
+
+    # ------------------------------------------------------------ policy
+
+    def decide(self, labels: tuple[bytes, ...], qtype: int, qclass: int) -> Decision:
+        """The answer to one question; ``labels`` keep the question's case."""
+        key = wire_to_key(labels)
+        domain = self._served_domain(key)
+        if domain is not None:
+            if qclass != QCLASS_IN:
+                return Decision(RCODE_REFUSED, REFUSED, zone=domain)
+            return self._in_domain(DNSLabel(labels), key, domain, qtype)
+        svc_key = self.registry.hostnames.get(key)
+        if svc_key is not None:
+            if qclass != QCLASS_IN:
+                return Decision(RCODE_REFUSED, REFUSED)
+            svc = self.registry.services[svc_key]
+            # A host name outside the served domains is its own tiny zone.
+            return self._service_records(DNSLabel(labels), svc, qtype, HOSTNAME, key,
+                                         self.settings.domains[0])
+        if key.endswith(".arpa"):
+            reverse = self._in_reverse(labels, key, qtype, qclass)
+            if reverse is not None:
+                return reverse
+        for suffix in self.settings.search:
+            if key.endswith("." + suffix):
+                found = self._search(labels, key, suffix, qtype, qclass)
+                if found is not None:
+                    return found
+        if self.settings.forwarding:
+            return Decision(RCODE_NOERROR, FORWARD)
+        return Decision(RCODE_REFUSED, REFUSED)
+
+    def _served_domain(self, key: str) -> str | None:
+        for domain in self._domains:
+            if key == domain or key.endswith("." + domain):
+                return domain
+        return None
+
+    def find_service(self, key: str, domain: str) -> tuple[Service, str] | None:
+        """The service that owns ``key`` (a name under ``domain``) and by which rule."""
+        reg = self.registry
+        rest = key[: -len(domain) - 1].split(".")
+        svc_key: tuple[str, str, int] | None = None
+        rule = CANONICAL
+        if len(rest) == 4 and rest[2] == "svc":
+            port = _port(rest[3])
+            if port is not None:
+                svc_key = (rest[0], rest[1], port)
+        elif len(rest) == 1 and rest[0].count("_") == 3:
+            name, ns, svc_label, port_label = rest[0].split("_")
+            port = _port(port_label)
+            if svc_label == "svc" and port is not None:
+                svc_key, rule = (name, ns, port), KUMA
+        if svc_key is not None:
+            svc = reg.services.get(svc_key)
+            if svc is not None:
+                return svc, rule
+        host_owner = reg.hostnames.get(key)
+        if host_owner is not None:
+            return reg.services[host_owner], HOSTNAME
+        return None
+
+    def _is_ent(self, key: str, domain: str) -> bool:
+        reg = self.registry
+        rest = key[: -len(domain) - 1].split(".")
+        if len(rest) == 3 and rest[1] == "svc":
+            port = _port(rest[2])
+            if port is not None and (rest[0], port) in reg.ns_ports:
+                return True
+        elif len(rest) == 2 and rest[0] == "svc" or len(rest) == 1:
+            port = _port(rest[-1])
+            if port is not None and port in reg.ports:
+                return True
+        return key in self._host_ents
+
+    def _in_domain(self, owner: DNSLabel, key: str, domain: str, qtype: int) -> Decision:
+        if key == domain:
+            ttl = self.settings.ttl
+            if qtype in (T_SOA, QTYPE_ANY):
+                return Decision(RCODE_NOERROR, APEX, True, (self._soa_answer(owner, domain),),
+                                zone=domain)
+            if qtype == T_NS:
+                return Decision(RCODE_NOERROR, APEX, True,
+                                (RR(owner, T_NS, ttl=ttl, rdata=NS(domain + ".")),), zone=domain)
+            return self._nodata(APEX, domain)
+        found = self.find_service(key, domain)
+        if found is not None:
+            return self._service_records(owner, found[0], qtype, found[1], domain, domain)
+        if self._is_ent(key, domain):
+            return self._nodata(ENT, domain)
+        return Decision(RCODE_NXDOMAIN, NXDOMAIN, True, (), (self.soa(domain),), zone=domain)
+
+    def _soa_answer(self, owner: DNSLabel, apex: str) -> RR:
+        rr = self.soa(apex, self.settings.ttl)
+        rr.rname = owner  # echo the question's case
+        return rr
+
+    # ------------------------------------------------------------ reverse names
+
+    def _in_reverse(self, labels: tuple[bytes, ...], key: str, qtype: int,
+                    qclass: int) -> Decision | None:
+        v4 = key.endswith(".in-addr.arpa")
+        if not v4 and not key.endswith(".ip6.arpa"):
+            return None
+        parts = key.split(".")[:-2]
+        full, step, parse = (4, 8, _octet) if v4 else (32, 4, _nibble)
+        digits = [parse(p) for p in reversed(parts)]  # most significant first
+        zone = None
+        for depth in range(1, min(len(digits), full) + 1):
+            head = digits[:depth]
+            if any(d is None for d in head):
+                break
+            apex = ".".join(parts[len(parts) - depth :]) + (".in-addr.arpa" if v4 else ".ip6.arpa")
+            zone = self._reverse.get(apex)
+            if zone is not None:
+                break
+        address: int | None = None
+        if len(digits) == full and all(d is not None for d in digits):
+            address = 0
+            for d in digits:
+                assert d is not None
+                address = (address << step) | d
+            by_vip = self.registry.by_vip4 if v4 else self.registry.by_vip6
+            svc_key = by_vip.get(address)
+            if svc_key is not None:
+                if qclass != QCLASS_IN:
+                    return Decision(RCODE_REFUSED, REFUSED)
+                svc = self.registry.services[svc_key]
+                if qtype not in (T_PTR, QTYPE_ANY):
+                    return self._nodata(PTR_RULE, zone.apex if zone else key, svc)
+                target = canonical_name(svc.name, svc.namespace, svc.port,
+                                        self.settings.domains[0]) + "."
+                return Decision(RCODE_NOERROR, PTR_RULE, True,
+                                (RR(DNSLabel(labels), T_PTR, ttl=self.settings.ttl,
+                                    rdata=PTR(target)),), service=svc,
+                                zone=zone.apex if zone else None)
+        if zone is None:
+            return None
+        if qclass != QCLASS_IN:
+            return Decision(RCODE_REFUSED, REFUSED)
+        depth = len(digits)
+        if depth == zone.labels:
+            return self._in_domain(DNSLabel(labels), key, zone.apex, qtype) \
+                if qtype in (T_SOA, T_NS, QTYPE_ANY) else self._nodata(APEX, zone.apex)
+        if depth < full and all(d is not None for d in digits):
+            # An empty non-terminal when some VIP lies below it (RFC 8020).
+            prefix = 0
+            for d in digits:
+                assert d is not None
+                prefix = (prefix << step) | d
+            shift = (full - depth) * step
+            lo, hi = prefix << shift, ((prefix + 1) << shift) - 1
+            vips = self._sorted_vips(v4)
+            i = bisect.bisect_left(vips, lo)
+            if i < len(vips) and vips[i] <= hi:
+                return self._nodata(ENT, zone.apex)
+        return Decision(RCODE_NXDOMAIN, NXDOMAIN, True, (), (self.soa(zone.apex),), zone=zone.apex)
+
+    def _sorted_vips(self, v4: bool) -> list[int]:
+        if v4:
+            if self._sorted4 is None:
+                self._sorted4 = sorted(self.registry.by_vip4)
+            return self._sorted4
+        if self._sorted6 is None:
+            self._sorted6 = sorted(self.registry.by_vip6)
+        return self._sorted6
+
+    # ------------------------------------------------------------ search list
+
+    def _search(self, labels: tuple[bytes, ...], key: str, suffix: str, qtype: int,
+                qclass: int) -> Decision | None:
+        """``<mesh name>.<search suffix>``: answered here, never forwarded."""
+        inner_labels = labels[: len(labels) - len(key_to_labels(suffix))]
+        inner_key = key[: -len(suffix) - 1]
+        domain = self._served_domain(inner_key)
+        if domain is None or inner_key == domain:
+            return None
+        if qclass != QCLASS_IN:
+            return Decision(RCODE_REFUSED, REFUSED)
+        inner = self._in_domain(DNSLabel(inner_labels), inner_key, domain, qtype)
+        if inner.rule not in SERVICE_RULES:
+            return Decision(RCODE_NXDOMAIN, SEARCH, False, (), (self.soa(domain),),
+                            zone=domain)
+        cname = RR(DNSLabel(labels), T_CNAME, ttl=self.settings.ttl,
+                   rdata=CNAME(DNSLabel(inner_labels)))
+        answer = (cname,) if qtype == T_CNAME else (cname, *inner.answer)
+        return Decision(RCODE_NOERROR, SEARCH, False, answer, inner.authority,
+                        inner.additional, inner.service, domain)
+
+
+def qtype_name(qtype: int) -> str:
+    name = QTYPE.get(qtype, None)
+    return str(name) if name is not None else f"TYPE{qtype}"

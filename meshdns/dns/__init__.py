@@ -1,0 +1,1 @@
+"""asyncio DNS transports (UDP, TCP) and the upstream forwarder."""

@@ -1,0 +1,226 @@
+"""Wires config, registry, core, DNS listeners, forwarder and HTTP API together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__
+from .config import Config, HostPort
+from .core.registry import Registry, RegistryPolicy
+from .core.resolver import Resolver
+from .core.vip import VipRange
+from .core.zone import Zone, ZoneSettings
+from .dns.transport import TcpDnsProtocol, TcpLimits, UdpDnsProtocol
+from .resolvconf import read_resolv_conf
+from .store import RegistryStore
+
+log = logging.getLogger("meshdns")
+
+UDP_RCVBUF = 4 * 1024 * 1024
+
+
+@dataclass
+class Listeners:
+    udp: list[asyncio.DatagramTransport] = field(default_factory=list)
+    tcp: list[asyncio.AbstractServer] = field(default_factory=list)
+    addresses: list[HostPort] = field(default_factory=list)
+
+
+def registry_policy(config: Config) -> RegistryPolicy:
+    reg = config.registry
+    return RegistryPolicy(
+        domains=config.dns.domains,
+        range4=VipRange.from_cidr(reg.cidr),
+        range6=VipRange.from_cidr(reg.cidr6) if reg.cidr6 else None,
+        hold_seconds=reg.vip_hold_seconds,
+    )
+
+
+def effective_upstreams(config: Config, bound: list[HostPort] | None = None
+                        ) -> tuple[list[HostPort], list[str]]:
+    """Upstreams to forward to, and the reasons any candidate was refused.
+
+    Empty ``dns.upstreams`` means the resolv.conf nameservers. Any upstream that is
+    one of meshdns's own listen addresses would be a forwarding loop: refused.
+    """
+    if config.dns.upstreams:
+        candidates = list(config.dns.upstreams)
+    else:
+        candidates = [HostPort(ns, 53) for ns in read_resolv_conf(config.dns.resolv_conf).nameservers]
+    own = set(config.dns.listen) | set(bound or ())
+    own_ports = {hp.port for hp in own}
+    wildcard = {hp.port for hp in own if ipaddress.ip_address(hp.host).is_unspecified}
+    kept, refused = [], []
+    for hp in candidates:
+        addr = ipaddress.ip_address(hp.host)
+        loop = hp in own or (hp.port in wildcard and (addr.is_loopback or addr.is_unspecified)) \
+            or (addr.is_unspecified and hp.port in own_ports)
+        if loop:
+            refused.append(f"upstream {hp} is meshdns's own listen address: forwarding to it "
+                           "would loop, refused")
+        else:
+            kept.append(hp)
+    return kept, refused
+
+
+def zone_settings(config: Config, forwarding: bool) -> ZoneSettings:
+    dns = config.dns
+    search = dns.search or read_resolv_conf(dns.resolv_conf).search
+    policy = registry_policy(config)
+    return ZoneSettings(
+        domains=dns.domains, ttl=dns.ttl, negative_ttl=dns.negative_ttl,
+        search=tuple(s for s in search if s not in dns.domains),
+        range4=policy.range4, range6=policy.range6, forwarding=forwarding,
+    )
+
+
+class MeshServer:
+    """One meshdns process: ``await start()``, serve, ``await stop()``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.policy = registry_policy(config)
+        self.upstreams, self.loop_refusals = effective_upstreams(config)
+        try:
+            from .dns import forwarder as _forwarder  # noqa: F401
+        except ImportError:  # forwarding lands with the sidecar-mode issue
+            self.upstreams = []
+        self.settings = zone_settings(config, forwarding=bool(self.upstreams))
+        self.resolver = Resolver(Zone(Registry.empty(), self.settings),
+                                 config.dns.answer_cache_size)
+        self.store = RegistryStore(self.policy, self.settings, self.resolver,
+                                   config.registry.state_file)
+        self.tcp_limits = TcpLimits(config.dns.tcp_max_connections, config.dns.tcp_idle_timeout)
+        self.listeners = Listeners()
+        self.forwarder: Any = None
+        self.api: Any = None
+        self.follower: Any = None
+        self.loaded_from = ""
+        self._stopped = asyncio.Event()
+
+    @property
+    def dns_addresses(self) -> list[HostPort]:
+        return self.listeners.addresses
+
+    @property
+    def api_address(self) -> HostPort | None:
+        return self.api.address if self.api is not None else None
+
+    async def start(self) -> None:
+        for reason in self.loop_refusals:
+            log.error("%s", reason)
+        self.loaded_from = self.store.load_initial(self.config.registry.seed_file)
+        if self.upstreams:
+            from .dns.forwarder import Forwarder
+
+            self.forwarder = Forwarder(self.upstreams, self.config.dns, self.resolver.tally)
+        try:
+            for hp in self.config.dns.listen:
+                await self._listen(hp)
+            from .api.app import ApiServer
+
+            self.api = ApiServer(self)
+            await self.api.start()
+            if self.config.registry.follow:
+                from .follower import Follower
+
+                self.follower = Follower(self)
+                self.follower.start()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "meshdns %s serving DNS on %s (udp+tcp), API on %s; domains %s; registry: %d "
+            "services, revision %d, from %s; upstreams: %s",
+            __version__, ", ".join(map(str, self.dns_addresses)), self.api_address,
+            ", ".join(self.config.dns.domains), len(self.store.registry),
+            self.store.revision, self.loaded_from,
+            ", ".join(map(str, self.upstreams)) or "none (non-mesh names REFUSED)",
+        )
+
+    async def _listen(self, hp: HostPort) -> None:
+        """UDP and TCP on one address; port 0 picks one port free for both."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+        reuse_port = self.config.dns.workers > 1
+        for _ in range(50):
+            udp_sock = socket.socket(family, socket.SOCK_DGRAM)
+            tcp_sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                for s in (udp_sock, tcp_sock):
+                    if family == socket.AF_INET6:
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    if reuse_port:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    s.setblocking(False)
+                with contextlib.suppress(OSError):
+                    udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+                tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                udp_sock.bind((hp.host, hp.port))
+                port = udp_sock.getsockname()[1]
+                try:
+                    tcp_sock.bind((hp.host, port))
+                except OSError:
+                    if hp.port != 0:
+                        raise
+                    udp_sock.close()
+                    tcp_sock.close()
+                    continue  # that port is taken for TCP: pick another pair
+                tcp_sock.listen(1024)
+            except BaseException:
+                udp_sock.close()
+                tcp_sock.close()
+                raise
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: UdpDnsProtocol(self.resolver, self._forward_fn()), sock=udp_sock)
+            server = await loop.create_server(
+                lambda: TcpDnsProtocol(self.resolver, self._forward_fn(), self.tcp_limits),
+                sock=tcp_sock)
+            self.listeners.udp.append(transport)
+            self.listeners.tcp.append(server)
+            self.listeners.addresses.append(HostPort(hp.host, port))
+            return
+        raise OSError(f"no port free for both UDP and TCP on {hp.host}")
+
+    def _forward_fn(self) -> Any:
+        return self.forwarder.resolve if self.forwarder is not None else None
+
+    async def stop(self) -> None:
+        if self.follower is not None:
+            await self.follower.stop()
+            self.follower = None
+        if self.api is not None:
+            await self.api.stop()
+            self.api = None
+        for server in self.listeners.tcp:
+            server.close()
+        for conn in list(self.tcp_limits.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        for transport in self.listeners.udp:
+            transport.close()
+        for server in self.listeners.tcp:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2)
+        self.listeners = Listeners()
+        if self.forwarder is not None:
+            await self.forwarder.close()
+            self.forwarder = None
+        self._stopped.set()
+
+    async def serve_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("shutting down")
+        await self.stop()
