@@ -1,0 +1,196 @@
+"""Test helpers: a real meshdns server on loopback, port 0, in a background thread.
+
+Tests stay synchronous (dig, kdig and dnspython are blocking clients); the
+server runs its own event loop in a thread and is always stopped on exit.
+Every config built here points ``dns.resolv_conf`` at a file the test wrote,
+so no test ever reads or queries the machine's own resolver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.query
+import dns.rdatatype
+
+from meshdns.config import Config, parse_config
+from meshdns.server import MeshServer
+
+DEMO_SERVICES: list[dict[str, Any]] = [
+    {"name": "frontend", "namespace": "kong", "port": 80, "vip": "240.0.0.7",
+     "vip6": "fd00:fd00::7", "hostnames": ["frontend.mesh", "httpbin.org"]},
+    {"name": "backend", "namespace": "kong", "port": 8080, "vip": "240.0.0.8"},
+    {"name": "redis", "namespace": "cache", "port": 6379},
+]
+
+
+def have_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def make_config(tmp: Path, extra: Mapping[str, Any] | None = None,
+                services: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Raw config: loopback port 0 everywhere, no upstreams, an empty resolv.conf.
+
+    ``services`` (default: DEMO_SERVICES) is written as the seed file.
+    """
+    resolv = tmp / "resolv.conf"
+    if not resolv.exists():
+        resolv.write_text("# written by the test: no nameservers\n")
+    listen = ["127.0.0.1:0"] + (["[::1]:0"] if have_ipv6_loopback() else [])
+    raw: dict[str, Any] = {
+        "dns": {"listen": listen, "resolv_conf": str(resolv), "upstreams": []},
+        "api": {"listen": "127.0.0.1:0"},
+        "log": {"level": "warning"},
+    }
+    if services is None:
+        services = DEMO_SERVICES
+    if services:
+        seed = tmp / "seed.yaml"
+        import yaml
+
+        seed.write_text(yaml.safe_dump({"services": services}))
+        raw["registry"] = {"seed_file": str(seed)}
+    return merge(raw, extra or {})
+
+
+class ServerThread:
+    """A MeshServer on its own event loop in a daemon thread."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.server: MeshServer | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            self.server = MeshServer(self.config)
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                raise
+            finally:
+                self._ready.set()
+
+        try:
+            self.loop.run_until_complete(main())
+            self.loop.run_forever()
+        except BaseException:
+            pass
+        finally:
+            self._ready.set()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the server's loop (a coroutine function or a plain one)."""
+        async def wrapper() -> Any:
+            result = fn(*args)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(30)
+
+    def stop(self) -> None:
+        if self.server is not None and self.loop.is_running():
+            self.call(self.server.stop)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self.loop.is_running():
+            self.loop.close()
+
+    # ------------------------------------------------------------ conveniences
+
+    @property
+    def mesh(self) -> MeshServer:
+        assert self.server is not None
+        return self.server
+
+    def dns_addr(self, family: int = 4) -> tuple[str, int]:
+        for hp in self.mesh.dns_addresses:
+            if (":" in hp.host) == (family == 6):
+                return hp.host, hp.port
+        raise LookupError(f"no IPv{family} DNS listener")
+
+    @property
+    def api_url(self) -> str:
+        hp = self.mesh.api_address
+        assert hp is not None
+        return f"http://{hp.host}:{hp.port}"
+
+
+@contextmanager
+def running_server(raw: Mapping[str, Any], env: Mapping[str, str] | None = None
+                   ) -> Iterator[ServerThread]:
+    thread = ServerThread(parse_config(dict(raw), env or {})).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+def query(server: ServerThread, name: str, rdtype: str = "A", *, tcp: bool = False,
+          family: int = 4, edns: int | bool = 0, payload: int = 1232,
+          timeout: float = 3.0) -> dns.message.Message:
+    """One dnspython query to the server (EDNS on by default, like dig)."""
+    host, port = server.dns_addr(family)
+    use_edns: int | bool = edns if edns is not False else -1
+    msg = dns.message.make_query(name, rdtype, use_edns=use_edns, payload=payload)
+    if tcp:
+        return dns.query.tcp(msg, host, port=port, timeout=timeout)
+    return dns.query.udp(msg, host, port=port, timeout=timeout, ignore_trailing=False)
+
+
+def run_tool(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def tool(name: str) -> str | None:
+    return shutil.which(name)
+
+
+def tmpdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="meshdns-test-"))
+
+
+def env_without_tokens() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MESHDNS_")}
