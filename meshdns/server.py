@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from .core.resolver import Resolver
 from .core.vip import VipRange
 from .core.zone import Zone, ZoneSettings
 from .dns.transport import TcpDnsProtocol, TcpLimits, UdpDnsProtocol
+from .metrics import Histogram, make_registry
 from .resolvconf import read_resolv_conf
 from .store import RegistryStore
 
@@ -99,6 +101,12 @@ class MeshServer:
                                    config.registry.state_file)
         self.tcp_limits = TcpLimits(config.dns.tcp_max_connections, config.dns.tcp_idle_timeout)
         self.listeners = Listeners()
+        # Counting can be switched off only to measure what it costs (bench/).
+        self.counting = os.environ.get("MESHDNS_BENCH_NO_COUNTING") != "1"
+        self.latency = Histogram() if self.counting else None
+        if not self.counting:
+            self.resolver.disable_counting()
+        self.metrics = make_registry(self)
         self.forwarder: Any = None
         self.api: Any = None
         self.follower: Any = None
@@ -179,9 +187,11 @@ class MeshServer:
                 tcp_sock.close()
                 raise
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: UdpDnsProtocol(self.resolver, self._forward_fn()), sock=udp_sock)
+                lambda: UdpDnsProtocol(self.resolver, self._forward_fn(), self.latency),
+                sock=udp_sock)
             server = await loop.create_server(
-                lambda: TcpDnsProtocol(self.resolver, self._forward_fn(), self.tcp_limits),
+                lambda: TcpDnsProtocol(self.resolver, self._forward_fn(), self.tcp_limits,
+                                       self.latency),
                 sock=tcp_sock)
             self.listeners.udp.append(transport)
             self.listeners.tcp.append(server)

@@ -305,7 +305,7 @@ def _assign(family: int, reg: Registry, indexed: Mapping[ServiceKey, tuple[int, 
         by_vip[vip] = key
         assigned[key] = vip
     # 2. Kept VIPs: an identity keeps its address while it exists and it is in range.
-    for key, (i, spec) in indexed.items():
+    for key, (i, _spec) in indexed.items():
         if key in assigned:
             continue
         vip = old_vip.get(key)

@@ -244,7 +244,7 @@ class Zone:
             port = _port(rest[2])
             if port is not None and (rest[0], port) in reg.ns_ports:
                 return True
-        elif len(rest) == 2 and rest[0] == "svc" or len(rest) == 1:
+        elif (len(rest) == 2 and rest[0] == "svc") or len(rest) == 1:
             port = _port(rest[-1])
             if port is not None and port in reg.ports:
                 return True

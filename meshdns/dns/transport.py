@@ -12,16 +12,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..core.resolver import ForwardRequest, Resolver
 from ..core.wire import HEADER_LEN, RCODE_SERVFAIL
+from ..metrics import Histogram
 
 log = logging.getLogger("meshdns.dns")
 
 Forward = Callable[[ForwardRequest, str], Awaitable[bytes | None]]
 MAX_TCP_PENDING = 64  # forwarded queries in flight per TCP connection before pausing reads
+SAMPLE_MASK = 63  # time one locally answered message in 64; forwarded ones are all timed
+
+
+_tasks: set[asyncio.Future[None]] = set()  # strong references: a task must not be collected
+
+
+def _spawn(coro: Awaitable[None]) -> None:
+    task = asyncio.ensure_future(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
 
 
 def servfail(data: bytes) -> bytes | None:
@@ -45,18 +57,26 @@ class _Errors:
 
 
 class UdpDnsProtocol(asyncio.DatagramProtocol):
-    def __init__(self, resolver: Resolver, forward: Forward | None) -> None:
+    def __init__(self, resolver: Resolver, forward: Forward | None,
+                 latency: Histogram | None = None) -> None:
         self.resolver = resolver
         self.forward = forward
+        self.latency = latency
+        self.seen = 0
         self.transport: asyncio.DatagramTransport | None = None
-        self.handle = resolver.handle_udp
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.seen += 1
         try:
-            out = self.resolver.handle_udp(data)
+            if self.seen & SAMPLE_MASK or self.latency is None:
+                out = self.resolver.handle_udp(data)
+            else:
+                started = time.perf_counter()
+                out = self.resolver.handle_udp(data)
+                self.latency.observe(time.perf_counter() - started)
         except Exception:
             _Errors.report("udp")
             out = servfail(data)
@@ -65,15 +85,18 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         if out.__class__ is bytes:
             self.transport.sendto(out, addr)  # type: ignore[union-attr]
         elif isinstance(out, ForwardRequest):
-            asyncio.ensure_future(self._forward(out, addr))
+            _spawn(self._forward(out, addr))
 
     async def _forward(self, req: ForwardRequest, addr: Any) -> None:
         reply: bytes | None
+        started = time.perf_counter()
         try:
             reply = await self.forward(req, "udp") if self.forward else servfail(req.data)
         except Exception:
             _Errors.report("udp forward")
             reply = servfail(req.data)
+        if self.latency is not None:
+            self.latency.observe(time.perf_counter() - started)
         if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
@@ -96,10 +119,12 @@ class TcpLimits:
 class TcpDnsProtocol(asyncio.Protocol):
     """RFC 7766: 2-byte length framing, many queries per connection, replies as ready."""
 
-    def __init__(self, resolver: Resolver, forward: Forward | None, limits: TcpLimits) -> None:
+    def __init__(self, resolver: Resolver, forward: Forward | None, limits: TcpLimits,
+                 latency: Histogram | None = None) -> None:
         self.resolver = resolver
         self.forward = forward
         self.limits = limits
+        self.latency = latency
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.pending = 0
@@ -157,7 +182,12 @@ class TcpDnsProtocol(asyncio.Protocol):
 
     def _answer(self, message: bytes) -> None:
         try:
-            out = self.resolver.handle_tcp(message)
+            if self.latency is None:
+                out = self.resolver.handle_tcp(message)
+            else:
+                started = time.perf_counter()
+                out = self.resolver.handle_tcp(message)
+                self.latency.observe(time.perf_counter() - started)
         except Exception:
             _Errors.report("tcp")
             out = servfail(message)
@@ -169,15 +199,18 @@ class TcpDnsProtocol(asyncio.Protocol):
             self.pending += 1
             if self.pending >= MAX_TCP_PENDING:
                 self._pause_reading()
-            asyncio.ensure_future(self._forward(out))
+            _spawn(self._forward(out))
 
     async def _forward(self, req: ForwardRequest) -> None:
         reply: bytes | None
+        started = time.perf_counter()
         try:
             reply = await self.forward(req, "tcp") if self.forward else servfail(req.data)
         except Exception:
             _Errors.report("tcp forward")
             reply = servfail(req.data)
+        if self.latency is not None:
+            self.latency.observe(time.perf_counter() - started)
         self.pending -= 1
         if reply is not None:
             self._send(reply)
