@@ -324,15 +324,33 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_SafeLoader)  # _SafeLoader: never constructs objects
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(raw, env)
 
 
+# libyaml's loader is ~20x faster on large registries; fall back to the pure one.
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def parse_document(text: str | bytes) -> Any:
+    """A YAML or JSON document (JSON is YAML, but json.loads is much faster)."""
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "[", b"{", b"["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass  # not JSON after all: let YAML say what is wrong
+    try:
+        return yaml.load(text, Loader=_SafeLoader)  # _SafeLoader: never constructs objects
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML or JSON: {exc}") from None
+
+
 def load_document(path: str | Path) -> Any:
-    """A YAML or JSON document (seed files, state files share this reader)."""
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    """A YAML or JSON file (seed files share this reader)."""
+    return parse_document(Path(path).read_text(encoding="utf-8"))
 
 
 def defaults_as_dict() -> dict[str, dict[str, Any]]:
