@@ -203,20 +203,23 @@ class Resolver:
             tally.dropped += 1  # no header to echo, or a response: never answer those
             tally.request(proto, QTYPE_INVALID)
             return None
-        if (data[2] >> 3) & 0xF:
-            tally.request(proto, QTYPE_INVALID)
-            tally.response(RCODE_NOTIMP, "local")
-            return error_reply(data, RCODE_NOTIMP, echo_question=True)
+        st = self._state
+        ra = st.zone.settings.forwarding
         try:
             query = parse_query(data)
         except FormatError:
             tally.request(proto, QTYPE_INVALID)
+            if (data[2] >> 3) & 0xF:
+                # An opcode we do not implement, in a message we cannot fully parse.
+                tally.response(RCODE_NOTIMP, "local")
+                return error_reply(data, RCODE_NOTIMP, echo_question=True)
             tally.response(RCODE_FORMERR, "local")
             return error_reply(data, RCODE_FORMERR, echo_question=False)
         tally.request(proto, query.qtype)
-        st = self._state
+        if query.opcode:
+            tally.response(RCODE_NOTIMP, "local")  # with OPT when the query had one
+            return encode(query, Decision(RCODE_NOTIMP, "notimp"), None, ra)
         limit = udp_limit(query)
-        ra = st.zone.settings.forwarding
         if query.edns is not None and query.edns.version > 0:
             tally.response(RCODE_BADVERS, "local")
             return encode(query, Decision(RCODE_BADVERS, "badvers"), None, ra)

@@ -355,6 +355,9 @@ class Zone:
         if qclass != QCLASS_IN:
             return Decision(RCODE_REFUSED, REFUSED)
         inner = self._in_domain(DNSLabel(inner_labels), inner_key, domain, qtype)
+        if inner.rule == ENT:
+            # Names exist below it: NODATA, not NXDOMAIN (RFC 8020), as for the mesh name.
+            return Decision(RCODE_NOERROR, SEARCH, False, (), inner.authority, zone=domain)
         if inner.rule not in SERVICE_RULES:
             return Decision(RCODE_NXDOMAIN, SEARCH, False, (), (self.soa(domain),),
                             zone=domain)
