@@ -1,0 +1,67 @@
+# syntax=docker/dockerfile:1
+#
+# meshdns container image.
+#
+#   docker build -t meshdns:0.1.0 .
+#   docker run --rm -p 15053:15053/udp -p 15053:15053/tcp -p 15080:15080 \
+#       -e MESHDNS_API_TOKEN=... meshdns:0.1.0
+#
+# Two stages: the first builds a wheel of meshdns (and nothing else) from the
+# sources; the second installs that wheel and its dependencies into a venv at
+# /opt/meshdns on a clean base, so no build tooling or source tree reaches the
+# runtime image. tests/test_deploy.py replays both stages in a fresh venv and
+# runs this ENTRYPOINT + CMD, since no Docker engine runs in CI.
+
+ARG PYTHON_IMAGE=python:3.12-slim
+
+# ---------------------------------------------------------------- build stage
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY meshdns ./meshdns
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+# -------------------------------------------------------------- runtime stage
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="meshdns" \
+      org.opencontainers.image.description="Sidecar-local DNS resolver for service-mesh names, fed over HTTP" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/meshdns \
+    PATH=/opt/meshdns/bin:$PATH
+
+# The wheel is bind-mounted from the build stage, so it never becomes a layer.
+# pip compiles the .pyc files at install time: the image runs fine with a
+# read-only root filesystem. The baked config is checked at build time.
+COPY deploy/container/config.yaml /etc/meshdns/config.yaml
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    python -m venv /opt/meshdns \
+    && /opt/meshdns/bin/pip install /wheels/meshdns-*.whl \
+    && groupadd --system --gid 10001 meshdns \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home \
+         --home-dir /var/lib/meshdns --shell /usr/sbin/nologin meshdns \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/meshdns \
+    && meshdns check-config /etc/meshdns/config.yaml
+
+# Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001
+WORKDIR /var/lib/meshdns
+
+# DNS (UDP and TCP) and the HTTP API (/healthz, /readyz, /metrics, /v1).
+EXPOSE 15053/udp 15053/tcp 15080/tcp
+
+# No curl in the image: the venv's Python asks /healthz. Override the URL with
+# MESHDNS_HEALTHCHECK_URL when a mounted config moves api.listen.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ.get('MESHDNS_HEALTHCHECK_URL', 'http://127.0.0.1:15080/healthz'), timeout=2)"]
+
+# Exec form: meshdns is PID 1 and gets SIGTERM from `docker stop` / the kubelet
+# directly; it stops serving and exits 0.
+ENTRYPOINT ["meshdns", "serve"]
+CMD ["--config", "/etc/meshdns/config.yaml"]

