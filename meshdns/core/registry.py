@@ -120,8 +120,8 @@ def _parse_key_fields(item: Mapping[str, Any], path: str) -> ServiceKey:
                 f"got {value!r}",
                 f"{path}.{fname}",
             )
-    if isinstance(port, str) and port.isdigit():
-        port = int(port)
+    if isinstance(port, str) and port.isascii() and port.isdigit() and port[:1] != "0":
+        port = int(port)  # "80" as a string is accepted; "080", "²" are not
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise _bad(f"port must be an integer 1..65535, got {port!r}", f"{path}.port")
     assert isinstance(name, str) and isinstance(namespace, str)
@@ -294,7 +294,7 @@ def _assign(family: int, reg: Registry, indexed: Mapping[ServiceKey, tuple[int, 
     assigned: dict[ServiceKey, int] = {}
     pending: list[ServiceKey] = []
     # 1. Explicit VIPs: the control plane is authoritative, but they must be unique.
-    for key, (i, spec) in indexed.items():
+    for key, (i, spec) in _stored_first(indexed):
         vip = getattr(spec, attr)
         if vip is None:
             continue
@@ -353,6 +353,19 @@ def _assign(family: int, reg: Registry, indexed: Mapping[ServiceKey, tuple[int, 
     return assigned, by_vip
 
 
+def _stored_first(indexed: Mapping[ServiceKey, tuple[int, ServiceSpec]]
+                  ) -> Iterable[tuple[ServiceKey, tuple[int, ServiceSpec]]]:
+    """Entries already in the registry (index -1) first, then the written ones.
+
+    A conflict is found on the second claimant, so this order reports it on the
+    entry the client wrote, with that entry's field path.
+    """
+    written = [item for item in indexed.items() if item[1][0] >= 0]
+    if len(written) == len(indexed):
+        return written
+    return [item for item in indexed.items() if item[1][0] < 0] + written
+
+
 class _Unavailable:
     __slots__ = ("held", "taken")
 
@@ -376,7 +389,7 @@ def _next_held(old: Held, old_by_vip: Mapping[int, ServiceKey], new_by_vip: Mapp
 def _check_hostnames(indexed: Mapping[ServiceKey, tuple[int, ServiceSpec]],
                      policy: RegistryPolicy, path: str) -> dict[str, ServiceKey]:
     owners: dict[str, ServiceKey] = {}
-    for key, (i, spec) in indexed.items():
+    for key, (i, spec) in _stored_first(indexed):
         for j, host in enumerate(spec.hostnames):
             where = f"{path}[{i}].hostnames[{j}]" if i >= 0 else None
             if host in policy.domains:

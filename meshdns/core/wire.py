@@ -143,6 +143,7 @@ def parse_query(data: bytes) -> Query:
     edns: Edns | None = None
     for section, count in ((0, ancount), (1, nscount), (2, arcount)):
         for _ in range(count):
+            owner_at = pos
             owner, pos = read_name(data, pos, allow_pointers=True)
             if pos + 10 > len(data):
                 raise Truncated("record header cut short")
@@ -155,7 +156,7 @@ def parse_query(data: bytes) -> Query:
                 raise Truncated("record data cut short")
             if rtype != QTYPE_OPT:
                 continue
-            if section != 2 or edns is not None or owner:
+            if section != 2 or edns is not None or owner or pos - rdlen - 10 != owner_at + 1:
                 raise BadEDNS("OPT must be one record, owned by the root, in the additional section")
             _check_options(data, rdata_at, pos)
             edns = Edns(

@@ -369,5 +369,5 @@ class Zone:
 
 
 def qtype_name(qtype: int) -> str:
-    name = QTYPE.get(qtype, None)
-    return str(name) if name is not None else f"TYPE{qtype}"
+    name = QTYPE.forward.get(qtype)
+    return str(name) if name is not None else f"TYPE{qtype}"  # RFC 3597 form
