@@ -13,8 +13,16 @@ class ResolvConf:
     search: tuple[str, ...] = ()
 
 
+MAXNS = 3  # glibc uses the first three nameserver lines and ignores the rest
+
+
 def parse_resolv_conf(text: str) -> ResolvConf:
-    """glibc's rules: the last ``search``/``domain`` line wins; comments with # or ;."""
+    """glibc's rules: the last ``search``/``domain`` line wins; comments with # or ;.
+
+    Nameservers: the first three valid addresses, duplicates dropped. One with an
+    IPv6 zone index (``fe80::1%eth0``) is skipped: an upstream address here is a
+    plain IP, and a link-local one without its interface reaches nothing.
+    """
     nameservers: list[str] = []
     search: list[str] = []
     for raw in text.splitlines():
@@ -23,12 +31,14 @@ def parse_resolv_conf(text: str) -> ResolvConf:
             continue
         words = line.split()
         if words[0] == "nameserver" and len(words) > 1:
-            addr = words[1].split("%", 1)[0]  # drop an IPv6 zone index
+            if "%" in words[1] or len(nameservers) >= MAXNS:
+                continue
             try:
-                ipaddress.ip_address(addr)
+                addr = str(ipaddress.ip_address(words[1]))
             except ValueError:
                 continue
-            nameservers.append(addr)
+            if addr not in nameservers:
+                nameservers.append(addr)
         elif words[0] in ("search", "domain"):
             search = [w.lower().rstrip(".") for w in words[1:] if w.strip(".")]
     return ResolvConf(tuple(nameservers), tuple(search))

@@ -18,6 +18,7 @@ from .core.registry import Registry, RegistryPolicy
 from .core.resolver import Resolver
 from .core.vip import VipRange
 from .core.zone import Zone, ZoneSettings
+from .dns import querylog
 from .dns.transport import TcpDnsProtocol, TcpLimits, UdpDnsProtocol
 from .metrics import Histogram, make_registry
 from .resolvconf import read_resolv_conf
@@ -49,27 +50,67 @@ def effective_upstreams(config: Config, bound: list[HostPort] | None = None
                         ) -> tuple[list[HostPort], list[str]]:
     """Upstreams to forward to, and the reasons any candidate was refused.
 
-    Empty ``dns.upstreams`` means the resolv.conf nameservers. Any upstream that is
-    one of meshdns's own listen addresses would be a forwarding loop: refused.
+    Empty ``dns.upstreams`` means the resolv.conf nameservers. Any upstream that
+    reaches meshdns itself would be a forwarding loop and is refused: one of its
+    own listen addresses (``bound`` adds the ports actually bound), or any local
+    address on the port of a wildcard listener of the same family (0.0.0.0:53
+    also receives what is sent to 127.0.0.1:53 or to the host's own addresses;
+    the address 0.0.0.0 itself means "this host").
     """
     if config.dns.upstreams:
-        candidates = list(config.dns.upstreams)
+        candidates, source = list(config.dns.upstreams), "dns.upstreams"
     else:
-        candidates = [HostPort(ns, 53) for ns in read_resolv_conf(config.dns.resolv_conf).nameservers]
-    own = set(config.dns.listen) | set(bound or ())
-    own_ports = {hp.port for hp in own}
-    wildcard = {hp.port for hp in own if ipaddress.ip_address(hp.host).is_unspecified}
-    kept, refused = [], []
+        path = config.dns.resolv_conf
+        candidates = [HostPort(ns, 53) for ns in read_resolv_conf(path).nameservers]
+        source = f"nameserver in {path}"
+    own = list(dict.fromkeys([*config.dns.listen, *(bound or ())]))
+    kept: list[HostPort] = []
+    refused: list[str] = []
     for hp in candidates:
-        addr = ipaddress.ip_address(hp.host)
-        loop = hp in own or (hp.port in wildcard and (addr.is_loopback or addr.is_unspecified)) \
-            or (addr.is_unspecified and hp.port in own_ports)
-        if loop:
-            refused.append(f"upstream {hp} is meshdns's own listen address: forwarding to it "
-                           "would loop, refused")
-        else:
+        why = _loop_reason(hp, own)
+        if why is not None:
+            refused.append(f"upstream {hp} ({source}) {why}: forwarding to it would loop "
+                           "back to meshdns, refused")
+        elif hp not in kept:
             kept.append(hp)
     return kept, refused
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    addr = ipaddress.ip_address(host)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _is_local_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``addr`` belongs to this host: binding to it succeeds (nothing is sent)."""
+    if addr.is_loopback or addr.is_unspecified:
+        return True
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((str(addr), 0))
+        return True
+    except OSError:
+        return False
+
+
+def _loop_reason(hp: HostPort, own: list[HostPort]) -> str | None:
+    addr = _ip(hp.host)
+    for listen in own:
+        if listen.port != hp.port:
+            continue  # port 0 (not bound yet) never matches a configured upstream
+        laddr = _ip(listen.host)
+        if laddr.version != addr.version:
+            continue  # IPv6 listeners are V6ONLY
+        if laddr == addr:
+            return f"is meshdns's own listen address {listen}"
+        if addr.is_unspecified and (laddr.is_loopback or laddr.is_unspecified):
+            return f"is {addr}, which reaches meshdns's listen address {listen}"
+        if laddr.is_unspecified and _is_local_address(addr):
+            return f"is a local address served by meshdns's wildcard listen address {listen}"
+    return None
 
 
 def zone_settings(config: Config, forwarding: bool) -> ZoneSettings:
@@ -90,10 +131,6 @@ class MeshServer:
         self.config = config
         self.policy = registry_policy(config)
         self.upstreams, self.loop_refusals = effective_upstreams(config)
-        try:
-            from .dns import forwarder as _forwarder  # noqa: F401
-        except ImportError:  # forwarding lands with the sidecar-mode issue
-            self.upstreams = []
         self.settings = zone_settings(config, forwarding=bool(self.upstreams))
         self.resolver = Resolver(Zone(Registry.empty(), self.settings),
                                  config.dns.answer_cache_size)
@@ -106,6 +143,9 @@ class MeshServer:
         self.latency = Histogram() if self.counting else None
         if not self.counting:
             self.resolver.disable_counting()
+        if config.log.queries:
+            self.resolver.handle_udp = querylog.wrap(self.resolver.handle_udp, "udp")  # type: ignore[method-assign]
+            self.resolver.handle_tcp = querylog.wrap(self.resolver.handle_tcp, "tcp")  # type: ignore[method-assign]
         self.metrics = make_registry(self)
         self.forwarder: Any = None
         self.api: Any = None
@@ -129,6 +169,8 @@ class MeshServer:
             from .dns.forwarder import Forwarder
 
             self.forwarder = Forwarder(self.upstreams, self.config.dns, self.resolver.tally)
+            # Cached upstream answers go back synchronously, like local ones.
+            self.resolver.forward_cached = self.forwarder.answer_cached
         try:
             for hp in self.config.dns.listen:
                 await self._listen(hp)

@@ -10,6 +10,7 @@ snapshot comes with new, empty caches, swapped in by one assignment.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
@@ -78,6 +79,14 @@ class Tally:
                 self.response(e.rcode, "local", e.hits)
                 e.hits = 0
 
+    def fold_forwards(self, proto: str, entries: dict[bytes, _Forward]) -> None:
+        # Requests only: the forwarder counts the replies (cache or upstream).
+        for f in entries.values():
+            if f.hits:
+                key = (proto, f.query.qtype)
+                self.requests[key] = self.requests.get(key, 0) + f.hits
+                f.hits = 0
+
 
 class _Entry:
     """A pre-encoded reply (minus its ID) and how often it was served from cache."""
@@ -91,11 +100,24 @@ class _Entry:
         self.rcode = rcode
 
 
+class _Forward:
+    """A query already decided to be forwarded, kept so a repeat skips parse and policy."""
+
+    __slots__ = ("hits", "limit", "query")
+
+    def __init__(self, query: Query, limit: int) -> None:
+        self.query = query
+        self.limit = limit
+        self.hits = 0
+
+
 @dataclass
 class _State:
     zone: Zone
     udp: dict[bytes, _Entry] = field(default_factory=dict)
     tcp: dict[bytes, _Entry] = field(default_factory=dict)
+    fwd_udp: dict[bytes, _Forward] = field(default_factory=dict)
+    fwd_tcp: dict[bytes, _Forward] = field(default_factory=dict)
 
 
 def udp_limit(query: Query) -> int:
@@ -133,6 +155,9 @@ class Resolver:
         self._state = _State(zone)
         self.cache_limit = answer_cache_size
         self.tally = Tally()
+        # Set by the forwarder: its cached reply to a forwarded query, synchronously,
+        # or None when the transport has to await the upstream.
+        self.forward_cached: Callable[[bytes, Query, int, str], bytes | None] | None = None
 
     @property
     def zone(self) -> Zone:
@@ -143,6 +168,8 @@ class Resolver:
         old, self._state = self._state, _State(zone)
         self.tally.fold("udp", old.udp)
         self.tally.fold("tcp", old.tcp)
+        self.tally.fold_forwards("udp", old.fwd_udp)
+        self.tally.fold_forwards("tcp", old.fwd_tcp)
 
     def disable_counting(self) -> None:
         """Serve hits without counting them (only to measure what counting costs)."""
@@ -179,6 +206,11 @@ class Resolver:
                     key = (proto, e.qtype)
                     out.requests[key] = out.requests.get(key, 0) + e.hits
                     out.response(e.rcode, "local", e.hits)
+        for proto, forwards in (("udp", st.fwd_udp), ("tcp", st.fwd_tcp)):
+            for f in list(forwards.values()):
+                if f.hits:
+                    key = (proto, f.query.qtype)
+                    out.requests[key] = out.requests.get(key, 0) + f.hits
         return out
 
     # The two entry points the transports call, per datagram / per framed message.
@@ -198,12 +230,23 @@ class Resolver:
         return self._miss(data, "tcp")
 
     def _miss(self, data: bytes, proto: str) -> bytes | ForwardRequest | None:
+        st = self._state
+        forwards = st.fwd_udp if proto == "udp" else st.fwd_tcp
+        fwd = forwards.get(data[2:])
+        if fwd is not None:
+            # Seen before and forwarded: no parse, no policy; maybe the forwarder's cache.
+            fwd.hits += 1
+            hook = self.forward_cached
+            if hook is not None:
+                cached = hook(data, fwd.query, fwd.limit, proto)
+                if cached is not None:
+                    return cached
+            return ForwardRequest(fwd.query, data, fwd.limit)
         tally = self.tally
         if len(data) < HEADER_LEN or data[2] & 0x80:
             tally.dropped += 1  # no header to echo, or a response: never answer those
             tally.request(proto, QTYPE_INVALID)
             return None
-        st = self._state
         ra = st.zone.settings.forwarding
         try:
             query = parse_query(data)
@@ -228,6 +271,15 @@ class Resolver:
             return encode(query, Decision(RCODE_REFUSED, "refused"), None, ra)
         decision = st.zone.decide(query.labels, query.qtype, query.qclass)
         if decision.rule == FORWARD:
+            if len(forwards) >= self.cache_limit:
+                tally.fold_forwards(proto, forwards)
+                forwards.clear()
+            forwards[data[2:]] = _Forward(query, limit)
+            hook = self.forward_cached
+            if hook is not None:
+                cached = hook(data, query, limit, proto)
+                if cached is not None:
+                    return cached
             return ForwardRequest(query, data, limit)  # the forwarder counts its reply
         wire = encode(query, decision, limit if proto == "udp" else None, ra)
         tally.response(decision.rcode, "local")

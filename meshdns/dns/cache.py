@@ -1,0 +1,144 @@
+"""The cache of upstream replies: wire bytes with their TTLs counted down on the way out.
+
+An entry keeps the upstream reply (OPT removed) and the offset of every TTL in
+it. Serving it copies the bytes once per client and patches the ID, the flags
+and the question (the client's case, RFC 5452 / 0x20). TTLs are re-patched only
+when the entry's age in whole seconds changes, so a hit costs a dict lookup,
+one bytearray copy and a few slice assignments: no parse, no encode.
+
+Keys are ``(lower-cased name, qtype, qclass, DO, CD)``: the bits that change
+what an upstream returns. Bounded by ``dns.cache_size`` (least recently used
+entry evicted first); an expired entry is dropped when it is next looked up.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+
+from .reply import ParsedReply
+
+CacheKey = tuple[bytes, int, int, bool, bool]
+
+HEADER_LEN = 12
+SERVER_UDP_PAYLOAD = 1232  # the OPT we send clients, like the local answers
+_OPT = struct.pack("!BHHBBHH", 0, 41, SERVER_UDP_PAYLOAD, 0, 0, 0, 0)
+_OPT_DO = struct.pack("!BHHBBHH", 0, 41, SERVER_UDP_PAYLOAD, 0, 0, 0x8000, 0)
+_pack_ttl = struct.Struct("!I").pack_into
+
+
+class CachedReply:
+    """One upstream reply, ready to be served to any client asking the same question."""
+
+    __slots__ = ("ad", "age", "base", "expires", "offsets", "qend", "rcode", "rendered",
+                 "stored", "ttls")
+
+    def __init__(self, parsed: ParsedReply, stored: float, lifetime: float) -> None:
+        self.base = parsed.wire
+        self.offsets = parsed.ttl_offsets
+        self.ttls = parsed.ttls
+        self.qend = parsed.qend
+        self.rcode = parsed.rcode
+        self.ad = parsed.wire[3] & 0x20
+        self.stored = stored
+        self.expires = stored + lifetime
+        self.age = -1
+        self.rendered = parsed.wire
+        self.render(0)
+
+    def render(self, age: int) -> bytes:
+        """The reply with every TTL lowered by ``age`` seconds (memoised per age)."""
+        if age != self.age:
+            buf = bytearray(self.base)
+            for offset, ttl in zip(self.offsets, self.ttls, strict=True):
+                _pack_ttl(buf, offset, ttl - age if ttl > age else 0)
+            self.rendered = bytes(buf)
+            self.age = age
+        return self.rendered
+
+    def reply_for(self, data: bytes, dnssec_ok: bool, edns: bool, limit: int | None,
+                  now: float) -> tuple[bytes, bool]:
+        """The reply for the client query ``data``; True when it had to be truncated.
+
+        ``limit`` is the client's UDP payload limit (None over TCP). The question
+        in ``data`` starts at offset 12 with no compression, and matches ours but
+        for case, so it has the same length and is copied over ours.
+        """
+        age = int(now - self.stored)
+        out = bytearray(self.rendered if age == self.age else self.render(age))
+        qend = self.qend
+        out[0:2] = data[0:2]
+        # QR, opcode QUERY, the client's RD; AA=0: a forwarder is not the authority
+        # (and a cached answer must not claim to be, RFC 1035 §6.1).
+        out[2] = 0x80 | (data[2] & 0x01)
+        # RA; AD only to a client that asked for it with DO or AD (RFC 6840 §5.8); its CD.
+        out[3] = 0x80 | (self.ad if dnssec_ok or data[3] & 0x20 else 0) | (data[3] & 0x10) \
+            | self.rcode
+        out[HEADER_LEN:qend] = data[HEADER_LEN:qend]
+        if edns:
+            out += _OPT_DO if dnssec_ok else _OPT
+            out[10:12] = (((out[10] << 8) | out[11]) + 1).to_bytes(2, "big")  # ARCOUNT
+        if limit is None or len(out) <= limit:
+            return bytes(out), False
+        # Too big for the client's UDP limit: question (and OPT) only, TC=1; it retries on TCP.
+        short = out[:qend]
+        short[2] |= 0x02
+        short[6:12] = b"\x00\x00\x00\x00\x00\x01" if edns else b"\x00" * 6
+        if edns:
+            short += _OPT_DO if dnssec_ok else _OPT
+        return bytes(short), True
+
+
+class Served:
+    """A reply as served to one exact query (minus its ID), valid until ``until``.
+
+    Until then the entry has neither expired nor aged by a whole second, so the
+    same query gets the very same bytes; the counter key is precomputed too.
+    """
+
+    __slots__ = ("count_key", "tail", "truncated", "until")
+
+    def __init__(self, until: float, tail: bytes, count_key: tuple[int, str],
+                 truncated: bool) -> None:
+        self.until = until
+        self.tail = tail
+        self.count_key = count_key
+        self.truncated = truncated
+
+
+class ReplyCache:
+    """LRU map of CacheKey -> CachedReply, bounded by entry count; callers pass the time."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[CacheKey, CachedReply] = OrderedDict()
+        self.evicted = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: CacheKey, now: float) -> CachedReply | None:
+        entries = self._entries
+        entry = entries.get(key)
+        if entry is None:
+            return None
+        if now >= entry.expires:
+            del entries[key]
+            self.expired += 1
+            return None
+        entries.move_to_end(key)
+        return entry
+
+    def put(self, key: CacheKey, entry: CachedReply) -> None:
+        if self.size <= 0 or entry.expires <= entry.stored:
+            return
+        entries = self._entries
+        entries[key] = entry
+        entries.move_to_end(key)
+        while len(entries) > self.size:
+            entries.popitem(last=False)
+            self.evicted += 1
+
+    def clear(self) -> None:
+        self._entries.clear()

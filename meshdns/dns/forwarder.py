@@ -1,0 +1,268 @@
+"""Sidecar mode: every name the core does not own is asked upstream, cached, coalesced.
+
+``Forwarder.resolve(request, proto)`` is what the transports await for a
+:class:`~meshdns.core.resolver.ForwardRequest`. In order:
+
+1. cache hit → the cached reply, TTLs counted down, the client's ID, case, RD,
+   CD and EDNS shape patched in (no await, no parse: the benchmarked path);
+2. the same question already in flight → wait for that one (coalescing);
+3. past ``dns.max_inflight`` distinct questions in flight → SERVFAIL at once;
+4. else one lookup: every upstream in health order, each with an equal share of
+   what is left of ``dns.upstream_timeout``; UDP, then TCP if the UDP reply had
+   TC=1. The first NOERROR/NXDOMAIN wins; when none comes, SERVFAIL (never
+   NXDOMAIN), remembered for ``SERVFAIL_TTL`` seconds.
+
+A query that loops back to us (an upstream forwarding to meshdns) finds its own
+question in flight and waits on it instead of asking again: no query storm.
+
+``answer_cached(data, query, udp_limit, proto)`` is step 1 alone, synchronous:
+a transport or the core can call it to answer a cache hit without a task.
+
+Counters for the metrics collector (plain numbers, read at scrape time):
+``upstream_stats()`` → {"host:port": UpstreamStats} (attempts by result — ok,
+truncated, servfail, refused, rcode, timeout, error — plus duration sum, count
+and per-bucket counts over ``DURATION_BUCKETS``, not cumulative); ``rejected``
+(replies dropped by reason: wrong_id, wrong_question, malformed);
+``overloaded``, ``coalesced``, ``len(cache)``, ``inflight``. Replies sent are
+counted on the core's Tally as ``response(rcode, "cache" | "upstream")`` and
+``truncated``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from ..config import DnsConfig, HostPort
+from ..core.resolver import ForwardRequest, Tally
+from ..core.wire import RCODE_SERVFAIL, Query
+from .cache import CachedReply, CacheKey, ReplyCache, Served
+from .reply import ParsedReply, build_query, question_wire
+from .upstream import (
+    DURATION_BUCKETS,
+    OK,
+    TRUNCATED,
+    Attempt,
+    Upstream,
+    UpstreamStats,
+    query_tcp,
+    query_udp,
+    try_order,
+)
+
+__all__ = ["DURATION_BUCKETS", "SERVFAIL_TTL", "Forwarder"]
+
+log = logging.getLogger("meshdns.forward")
+
+SERVFAIL_TTL = 1.0  # a failed lookup is remembered this long (RFC 9520: at least 1 s)
+UPSTREAM = "upstream"
+CACHE = "cache"
+
+
+class Forwarder:
+    """Asks the upstreams for what the core forwards; one per server."""
+
+    def __init__(self, upstreams: Sequence[HostPort], config: DnsConfig, tally: Tally, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not upstreams:
+            raise ValueError("a forwarder needs at least one upstream")
+        self.upstreams = [Upstream(hp) for hp in dict.fromkeys(upstreams)]
+        self.budget = config.upstream_timeout
+        self.max_inflight = config.max_inflight
+        self.tally = tally
+        self.clock = clock  # the cache's clock (tests move it instead of sleeping)
+        self.cache = ReplyCache(config.cache_size)
+        self.rejected: dict[str, int] = {}
+        self.overloaded = 0
+        self.coalesced = 0
+        self._inflight: dict[CacheKey, asyncio.Task[CachedReply]] = {}
+        self._served_udp: dict[bytes, Served] = {}
+        self._served_tcp: dict[bytes, Served] = {}
+        self._memo_limit = max(config.cache_size, 16)
+        self._ids = random.SystemRandom()
+        self._closed = False
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    def upstream_stats(self) -> dict[str, UpstreamStats]:
+        """Per-upstream counters keyed by "host:port" (for the metrics collector)."""
+        return {up.label: up.stats for up in self.upstreams}
+
+    # ---------------------------------------------------------------- entry point
+
+    async def resolve(self, req: ForwardRequest, proto: str) -> bytes | None:
+        """The reply to a forwarded query (None: no reply, only while shutting down)."""
+        out = self.answer_cached(req.data, req.query, req.udp_limit, proto)
+        if out is not None:
+            return out
+        q = req.query
+        edns = q.edns
+        dnssec_ok = edns is not None and edns.dnssec_ok
+        key = (b".".join(q.labels).lower(), q.qtype, q.qclass, dnssec_ok, q.cd)
+        limit = req.udp_limit if proto == "udp" else None
+        now = self.clock()
+        if self._closed:
+            return None
+        task = self._inflight.get(key)
+        if task is None:
+            if len(self._inflight) >= self.max_inflight:
+                self.overloaded += 1
+                entry = self._servfail(q, now)
+                out, truncated = entry.reply_for(req.data, dnssec_ok, edns is not None, limit,
+                                                 now)
+                self._count(RCODE_SERVFAIL, UPSTREAM, truncated)
+                return out
+            task = asyncio.ensure_future(self._lookup(key, q))
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._done, key))
+        else:
+            self.coalesced += 1
+        try:
+            # shield: one client giving up must not cancel the lookup others wait on.
+            entry = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._closed and task.cancelled() and not (current and current.cancelling()):
+                return None  # shutting down: drop, as if the packet never came
+            raise
+        out, truncated = entry.reply_for(req.data, dnssec_ok, edns is not None, limit,
+                                         self.clock())
+        self._count(entry.rcode, UPSTREAM, truncated)
+        return out
+
+    def answer_cached(self, data: bytes, q: Query, udp_limit: int, proto: str) -> bytes | None:
+        """The cached reply to ``data`` if there is one; synchronous, never asks upstream.
+
+        The rendered reply minus its ID is memoised under the query minus its ID
+        (which fixes the case, flags and EDNS shape, hence every patched byte)
+        until the entry's age in whole seconds changes or it expires. A repeated
+        query then costs a lookup, a clock read and a concatenation.
+        """
+        served = (self._served_udp if proto == "udp" else self._served_tcp).get(data[2:])
+        if served is not None and self.clock() < served.until:
+            responses = self.tally.responses
+            key = served.count_key
+            responses[key] = responses.get(key, 0) + 1
+            if served.truncated:
+                self.tally.truncated += 1
+            return data[:2] + served.tail
+        return self._from_cache(data, q, udp_limit, proto)
+
+    def _from_cache(self, data: bytes, q: Query, udp_limit: int, proto: str) -> bytes | None:
+        now = self.clock()
+        edns = q.edns
+        dnssec_ok = edns is not None and edns.dnssec_ok
+        entry = self.cache.get((b".".join(q.labels).lower(), q.qtype, q.qclass, dnssec_ok,
+                                q.cd), now)
+        if entry is None:
+            return None
+        out, truncated = entry.reply_for(data, dnssec_ok, edns is not None,
+                                         udp_limit if proto == "udp" else None, now)
+        memo = self._served_udp if proto == "udp" else self._served_tcp
+        if len(memo) >= self._memo_limit:
+            memo.clear()  # bounded; rebuilt from the cache on the next hits
+        age = int(now - entry.stored)
+        until = min(entry.expires, entry.stored + age + 1)  # same TTLs until then
+        memo[data[2:]] = Served(until, out[2:], (entry.rcode, CACHE), truncated)
+        self._count(entry.rcode, CACHE, truncated)
+        return out
+
+    def _count(self, rcode: int, source: str, truncated: bool) -> None:
+        self.tally.response(rcode, source)
+        if truncated:
+            self.tally.truncated += 1
+
+    def _done(self, key: CacheKey, task: asyncio.Task[CachedReply]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters re-raise it and the transport logs it
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    # ---------------------------------------------------------------- one lookup
+
+    async def _lookup(self, key: CacheKey, q: Query) -> CachedReply:
+        """Ask the upstreams in turn; cache and return what to answer (maybe SERVFAIL)."""
+        loop = asyncio.get_running_loop()
+        question = question_wire(q)
+        dnssec_ok = key[3]
+        started = loop.time()
+        deadline = started + self.budget
+        order = try_order(self.upstreams, started, self.budget)
+        parsed: ParsedReply | None = None
+        for i, up in enumerate(order):
+            now = loop.time()
+            if now >= deadline:
+                break
+            # An equal share of what is left, so a dead upstream cannot eat the budget.
+            share_end = now + (deadline - now) / (len(order) - i)
+            attempt = await self._ask(up, question, q.cd, dnssec_ok, share_end)
+            if attempt.result == OK:
+                parsed = attempt.reply
+                break
+        now = self.clock()
+        if parsed is None:
+            entry = self._servfail(q, now)
+            self.cache.put(key, entry)
+            return entry
+        entry = CachedReply(parsed, now, parsed.lifetime)
+        self.cache.put(key, entry)
+        return entry
+
+    async def _ask(self, up: Upstream, question: bytes, cd: bool, dnssec_ok: bool,
+                   deadline: float) -> Attempt:
+        loop = asyncio.get_running_loop()
+        wire = build_query(question, self._ids.randrange(0x10000), cd, dnssec_ok)
+        t0 = loop.time()
+        attempt = await query_udp(up, wire, question, deadline, self._reject)
+        t1 = loop.time()
+        self._health(up, up.record(attempt.result, t1 - t0, t1), attempt.result)
+        if attempt.result != TRUNCATED:
+            return attempt
+        wire = build_query(question, self._ids.randrange(0x10000), cd, dnssec_ok)
+        attempt = await query_tcp(up, wire, question, deadline, self._reject)
+        t2 = loop.time()
+        self._health(up, up.record(attempt.result, t2 - t1, t2), attempt.result)
+        return attempt
+
+    @staticmethod
+    def _health(up: Upstream, change: str | None, result: str) -> None:
+        # One line per change of state, never one per query.
+        if change == "down":
+            log.warning("upstream %s failing (%s): asked last until it answers again",
+                        up.label, result)
+        elif change == "up":
+            log.info("upstream %s answers again", up.label)
+
+    def _servfail(self, q: Query, now: float) -> CachedReply:
+        question = question_wire(q)
+        header = bytes((0, 0, 0x80, 0x80 | RCODE_SERVFAIL, 0, 1, 0, 0, 0, 0, 0, 0))
+        parsed = ParsedReply(header + question, RCODE_SERVFAIL, 12 + len(question), (), (),
+                             0)
+        return CachedReply(parsed, now, SERVFAIL_TTL)
+
+    # ---------------------------------------------------------------- shutdown
+
+    async def close(self) -> None:
+        """Cancel every lookup in flight; waiting clients get no reply."""
+        self._closed = True
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._inflight.clear()
+        self.cache.clear()
+        self._served_udp.clear()
+        self._served_tcp.clear()

@@ -1,0 +1,176 @@
+"""One upstream resolver: how to ask it (UDP, TCP), how healthy it is, what it cost.
+
+Every UDP query gets a fresh connected socket, so the kernel picks a random
+ephemeral source port and drops datagrams from any other address or port; the
+caller picks a random ID. A reply counts only if ID and question match too
+(RFC 5452); anything else is dropped, counted, and the wait goes on until the
+attempt's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import HostPort
+from ..core.wire import RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL
+from .reply import ParsedReply, ReplyRejected, check_reply, parse_reply
+
+# Results of one attempt, the `result` label of upstream_requests_total.
+OK, TRUNCATED, SERVFAIL, REFUSED, RCODE = "ok", "truncated", "servfail", "refused", "rcode"
+TIMEOUT, ERROR = "timeout", "error"
+RESULTS = (OK, TRUNCATED, SERVFAIL, REFUSED, RCODE, TIMEOUT, ERROR)
+UNHEALTHY = frozenset({REFUSED, RCODE, TIMEOUT, ERROR})  # SERVFAIL may be the name's fault
+
+# upstream_request_duration_seconds buckets (upper bounds; one more for +Inf).
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+BACKOFF_FIRST = 5.0  # seconds an upstream is moved to the back after a failure
+BACKOFF_MAX = 60.0  # doubling per consecutive failure, up to this
+MAX_REPLY = 65535
+
+Reject = Callable[[str], None]
+
+
+class UpstreamStats:
+    """Plain counters for the metrics collector to read at scrape time."""
+
+    __slots__ = ("buckets", "duration_count", "duration_sum", "requests")
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}  # result -> attempts
+        self.duration_sum = 0.0
+        self.duration_count = 0
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative
+
+    def observe(self, result: str, seconds: float) -> None:
+        self.requests[result] = self.requests.get(result, 0) + 1
+        self.duration_sum += seconds
+        self.duration_count += 1
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+                return
+        self.buckets[-1] += 1
+
+
+class Upstream:
+    """An upstream address with its health: consecutive failures push it to the back."""
+
+    __slots__ = ("address", "down_until", "failures", "family", "label", "sockaddr", "stats")
+
+    def __init__(self, address: HostPort) -> None:
+        self.address = address
+        self.label = str(address)
+        self.family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        self.sockaddr = (address.host, address.port)
+        self.failures = 0
+        self.down_until = 0.0
+        self.stats = UpstreamStats()
+
+    def record(self, result: str, seconds: float, now: float) -> str | None:
+        """Count one attempt; "down" or "up" when the upstream's health just changed."""
+        self.stats.observe(result, seconds)
+        if result in UNHEALTHY:
+            self.failures += 1
+            self.down_until = now + min(BACKOFF_FIRST * 2 ** (self.failures - 1), BACKOFF_MAX)
+            return "down" if self.failures == 1 else None
+        if result != TRUNCATED and self.failures:
+            self.failures = 0
+            self.down_until = 0.0
+            return "up"
+        return None
+
+
+def try_order(upstreams: list[Upstream], now: float, probe_hold: float) -> list[Upstream]:
+    """Healthy upstreams in configured order, then the resting ones, soonest back first.
+
+    A resting upstream whose backoff is over is probed by one query: it takes its
+    configured place again for this query only (others keep it at the back for
+    ``probe_hold``) until an answer proves it healthy.
+    """
+    healthy: list[Upstream] = []
+    resting: list[Upstream] = []
+    for up in upstreams:
+        if up.failures == 0:
+            healthy.append(up)
+        elif up.down_until <= now:
+            up.down_until = now + probe_hold
+            healthy.append(up)
+        else:
+            resting.append(up)
+    resting.sort(key=lambda u: u.down_until)
+    return healthy + resting
+
+
+@dataclass(slots=True)
+class Attempt:
+    result: str
+    reply: ParsedReply | None = None
+
+
+def classify(parsed: ParsedReply, tc: bool) -> str:
+    if tc:
+        return TRUNCATED
+    if parsed.rcode in (RCODE_NOERROR, RCODE_NXDOMAIN):
+        return OK
+    if parsed.rcode == RCODE_SERVFAIL:
+        return SERVFAIL
+    if parsed.rcode == RCODE_REFUSED:
+        return REFUSED
+    return RCODE
+
+
+async def query_udp(up: Upstream, wire: bytes, question: bytes, deadline: float,
+                    reject: Reject) -> Attempt:
+    """Send ``wire`` over UDP and wait until ``deadline`` (loop time) for its reply."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(up.family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.connect(up.sockaddr)
+        sock.send(wire)
+        async with asyncio.timeout_at(deadline):
+            while True:
+                data = await loop.sock_recv(sock, MAX_REPLY)
+                try:
+                    check_reply(data, wire, question)
+                    parsed = parse_reply(data, len(question))
+                except ReplyRejected as exc:
+                    reject(exc.reason)
+                    continue
+                return Attempt(classify(parsed, bool(data[2] & 0x02)), parsed)
+    except TimeoutError:
+        return Attempt(TIMEOUT)
+    except OSError:  # ICMP port unreachable, no route, ...
+        return Attempt(ERROR)
+    finally:
+        sock.close()
+
+
+async def query_tcp(up: Upstream, wire: bytes, question: bytes, deadline: float,
+                    reject: Reject) -> Attempt:
+    """One query on a fresh TCP connection (after a truncated UDP reply)."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            reader, writer = await asyncio.open_connection(*up.sockaddr)
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            data = await reader.readexactly(size)
+    except TimeoutError:
+        return Attempt(TIMEOUT)
+    except (OSError, asyncio.IncompleteReadError):
+        return Attempt(ERROR)
+    finally:
+        if writer is not None:
+            writer.close()
+    try:
+        check_reply(data, wire, question)
+        parsed = parse_reply(data, len(question))
+    except ReplyRejected as exc:
+        reject(exc.reason)
+        return Attempt(ERROR)
+    return Attempt(classify(parsed, False), parsed)
