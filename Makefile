@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/meshdns.yaml
 
-.PHONY: all venv install run test lint bench bench-tools clean
+.PHONY: all venv install run test lint bench bench-all bench-quick bench-tools clean
 
 all: test
 
@@ -29,8 +29,25 @@ lint: install
 	$(BIN)/ruff check meshdns tests bench
 	$(BIN)/mypy meshdns/core
 
+# Core micro benchmark: no external tools needed.
 bench: install
 	$(BIN)/python bench/bench_core.py
+
+# Every part (micro, macro vs peers, scale, soak, forward, sync): needs `make bench-tools`.
+bench-all: install
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run_all.py
+
+bench-quick: install
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/run_all.py --quick
+
+# Peer servers and the load generator (root). The benches start their own instances
+# on loopback high ports, so the system services are stopped.
+bench-tools:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf unbound knot dnsmasq
+	-systemctl disable --now unbound knot dnsmasq >/dev/null 2>&1 || true
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,262 @@
+"""How meshdns behaves as the registry grows: memory, sync time, update latency, qps.
+
+For each size (default 10k and 100k services; ``--million`` adds 1M) a fresh
+meshdns starts with an empty registry and is loaded the way a control plane
+would: one ``PUT /v1/services`` with the whole snapshot. Measured:
+
+- RSS (VmRSS from /proc/PID/status) empty, after the load, and after the qps
+  runs (reply cache filled), plus VmHWM (peak) — the memory a sidecar needs;
+- full-sync time: the PUT round trip (the API answers once DNS serves the new
+  snapshot), and a re-PUT of the identical snapshot (the steady-state push);
+- PATCH-to-visible: PATCH one new service, then poll DNS until it answers;
+  time from sending the PATCH to the first correct answer (median of several);
+- qps: dnsperf A-only over names sampled from the registry, after a warm pass.
+
+If the API has no PUT route yet (404/405), the registry is loaded from a seed
+file instead, the start-to-ready time is reported, and PATCH is skipped.
+
+Usage: python bench/scale.py [--sizes 10000 100000] [--million] [--seconds 5] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import datagen
+import peers
+import report
+
+SAMPLE = 20_000  # distinct names in the dnsperf file (sampled from the registry)
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+
+
+class NoRoute(Exception):
+    pass
+
+
+def http(method: str, url: str, body: bytes | None = None,
+         timeout: float = 600.0) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, data=body, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with _OPENER.open(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = {"error": text.decode(errors="replace")[:300]}
+        if exc.code in (404, 405):
+            raise NoRoute(f"{method} {url}: HTTP {exc.code}") from None
+        return exc.code, doc
+
+
+def wait_visible(port: int, svc: datagen.Svc, deadline_s: float = 30.0) -> float | None:
+    """Seconds until ``svc`` answers with its VIP, polling every ~0.2 ms; None on timeout."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < deadline_s:
+        got = peers.dns_query(port, svc.fqdn, "A", timeout=0.2)
+        if got is not None and got[0] == "NOERROR" and svc.vip in got[1]:
+            return time.perf_counter() - t0
+        time.sleep(0.0002)
+    return None
+
+
+def one_size(n: int, work: Path, rounds: int, seconds: float, patches: int) -> dict[str, Any]:
+    res: dict[str, Any] = {"n": n, "notes": []}
+    print(f"\n== {n:,} services", flush=True)
+    services = datagen.generate(n)
+    body = json.dumps(datagen.meshdns_body(services), separators=(",", ":")).encode()
+    res["body_mb"] = len(body) / 1e6
+    d = work / f"n{n}"
+    d.mkdir()
+    srv = peers.start_meshdns(d, None)
+    try:
+        res["rss_empty_kb"] = srv.rss_kb()
+        base = f"http://127.0.0.1:{srv.api_port}"
+        loaded_by = "PUT"
+        try:
+            t0 = time.perf_counter()
+            code, doc = http("PUT", f"{base}/v1/services", body)
+            res["put_s"] = time.perf_counter() - t0
+            if code != 200:
+                raise RuntimeError(f"PUT answered {code}: {doc}")
+            print(f"  PUT {res['body_mb']:.1f} MB: {res['put_s']:.2f} s -> {doc}", flush=True)
+            res["rss_loaded_kb"] = srv.rss_kb()
+            res["hwm_load_kb"] = peers.proc_status_kb(srv.pid, "VmHWM")
+            t0 = time.perf_counter()
+            code, doc = http("PUT", f"{base}/v1/services", body)
+            res["reput_s"] = time.perf_counter() - t0
+            print(f"  re-PUT identical: {res['reput_s']:.2f} s -> {doc}", flush=True)
+        except NoRoute as exc:
+            loaded_by = "seed file"
+            res["notes"].append(f"{exc}: the PUT route is not there yet, loaded from a seed "
+                                "file instead (start-to-ready time shown as sync time)")
+            srv.stop()
+            t0 = time.perf_counter()
+            srv = peers.start_meshdns(d, services, ready_timeout=1800)
+            res["put_s"] = time.perf_counter() - t0
+            res["rss_loaded_kb"] = srv.rss_kb()
+            res["hwm_load_kb"] = peers.proc_status_kb(srv.pid, "VmHWM")
+            base = f"http://127.0.0.1:{srv.api_port}"
+        res["loaded_by"] = loaded_by
+        rng = random.Random(n)
+        for svc in rng.sample(services, 5):
+            got = peers.dns_query(srv.port, svc.fqdn, "A")
+            if got is None or got[1] != [svc.vip]:
+                raise RuntimeError(f"{svc.fqdn}: expected {svc.vip}, got {got}")
+
+        visible, rtts = [], []
+        for k in range(patches):
+            probe = datagen.Svc(f"probe{k}", "bench", 80,
+                                f"241.0.{k // 256}.{k % 256}", f"fd00:fd00::ffff:0:0:{k:x}")
+            patch = json.dumps({"upsert": [probe.to_json()], "delete": []}).encode()
+            t0 = time.perf_counter()
+            try:
+                code, doc = http("PATCH", f"{base}/v1/services", patch)
+            except NoRoute as exc:
+                res["notes"].append(f"{exc}: PATCH-to-visible not measured")
+                break
+            rtt = time.perf_counter() - t0
+            if code != 200:
+                res["notes"].append(f"PATCH answered {code}: {doc}")
+                break
+            seen = wait_visible(srv.port, probe)
+            if seen is None:
+                res["notes"].append(f"{probe.fqdn} not visible 30 s after the PATCH")
+                break
+            visible.append(rtt + seen)
+            rtts.append(rtt)
+            time.sleep(0.05)
+        if visible:
+            res["patch_rtt_s"] = report.median(rtts)
+            res["patch_visible_s"] = report.median(visible)
+            res["patch_visible_max_s"] = max(visible)
+            print(f"  PATCH round trip {res['patch_rtt_s'] * 1000:.1f} ms, visible in DNS "
+                  f"after {res['patch_visible_s'] * 1000:.1f} ms (median of {len(visible)})",
+                  flush=True)
+
+        res["rss_patched_kb"] = srv.rss_kb()
+        qfile = datagen.write_lines(d / "queries-a.txt",
+                                    datagen.query_lines(services, "a", SAMPLE, seed=n))
+        with contextlib.suppress(RuntimeError):
+            peers.run_dnsperf(srv.port, qfile, 60, outstanding=50, extra=["-n", "1"])
+        qps, lat, lost = [], [], 0
+        for rnd in range(rounds):
+            r = peers.run_dnsperf(srv.port, qfile, seconds)
+            qps.append(r.qps)
+            lat.append(r.avg_ms)
+            lost += r.lost
+            print(f"  round {rnd + 1}/{rounds}: {r.qps:,.0f} q/s, avg {r.avg_ms:.2f} ms, "
+                  f"lost {r.lost}", flush=True)
+        res.update(qps=report.median(qps), qps_min=min(qps), qps_max=max(qps),
+                   avg_ms=report.median(lat), lost=lost)
+        res["rss_after_kb"] = srv.rss_kb()
+        res["hwm_kb"] = peers.proc_status_kb(srv.pid, "VmHWM")
+        print(f"  RSS empty {report.fmt_kb(res['rss_empty_kb'])}, loaded "
+              f"{report.fmt_kb(res['rss_loaded_kb'])}, after PATCHes "
+              f"{report.fmt_kb(res['rss_patched_kb'])}, after queries "
+              f"{report.fmt_kb(res['rss_after_kb'])}, peak {report.fmt_kb(res['hwm_kb'])}",
+              flush=True)
+    finally:
+        srv.stop()
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--million", action="store_true", help="also 1,000,000 services (heavy)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--patches", type=int, default=5, help="PATCH-to-visible samples per size")
+    args = ap.parse_args()
+    if not shutil.which("dnsperf"):
+        raise SystemExit("dnsperf is not installed (`make bench-tools`)")
+    sizes = sorted(set(args.sizes + ([1_000_000] if args.million else [])))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="meshdns-scale-") as td:
+        for n in sizes:
+            try:
+                results.append(one_size(n, Path(td), args.rounds, args.seconds, args.patches))
+            except (RuntimeError, peers.ServerFailed, OSError) as exc:
+                print(f"  {n:,}: failed: {exc}", flush=True)
+                results.append({"n": n, "error": str(exc)[:500], "notes": []})
+
+    def ms(r: dict[str, Any], key: str) -> str:
+        return f"{r[key] * 1000:,.1f} ms" if key in r else "-"
+
+    headers = ["services", "PUT body", "full sync (PUT)", "re-PUT same", "PATCH round trip",
+               "PATCH-to-visible", "RSS empty", "RSS loaded", "RSS after PATCHes",
+               "RSS after queries",
+               "peak RSS", "RSS/service", "qps (median)", "min..max", "avg latency"]
+    rows = []
+    notes = []
+    for r in results:
+        if "error" in r:
+            rows.append([f"{r['n']:,}", "failed"] + ["-"] * (len(headers) - 2))
+            notes.append(f"{r['n']:,}: {r['error']}")
+            continue
+        per_svc = (r["rss_loaded_kb"] - r["rss_empty_kb"]) * 1024 / r["n"]
+        rows.append([
+            f"{r['n']:,}", f"{r['body_mb']:.1f} MB",
+            f"{r['put_s']:.2f} s" + ("" if r["loaded_by"] == "PUT" else " (seed)"),
+            f"{r['reput_s']:.2f} s" if "reput_s" in r else "-",
+            ms(r, "patch_rtt_s"), ms(r, "patch_visible_s"),
+            report.fmt_kb(r["rss_empty_kb"]), report.fmt_kb(r["rss_loaded_kb"]),
+            report.fmt_kb(r.get("rss_patched_kb", 0)), report.fmt_kb(r["rss_after_kb"]),
+            report.fmt_kb(r["hwm_kb"]),
+            f"{per_svc:,.0f} B", report.fmt_int(r["qps"]),
+            f"{r['qps_min'] / 1000:.1f}k..{r['qps_max'] / 1000:.1f}k", f"{r['avg_ms']:.2f} ms"])
+        notes += [f"{r['n']:,}: {n}" for n in r["notes"]]
+    print()
+    print(report.text_table(headers, rows))
+    md = [
+        "# Scale: registry size vs memory, sync time, update latency and qps",
+        "",
+        f"Command: `{report.command_line()}`",
+        "",
+        report.machine_md(),
+        "",
+        "## Method",
+        "",
+        "For each size a fresh meshdns (`dns.workers: 1`, no upstreams, empty resolv.conf) "
+        "starts with an empty registry and gets the whole generated snapshot "
+        "(`bench/datagen.py`, VIPs given) in one `PUT /v1/services`. *full sync* is that "
+        "PUT's round trip from a Python client on loopback (the API answers only once DNS "
+        "serves the new snapshot); *re-PUT same* pushes the identical snapshot again. "
+        "*PATCH-to-visible*: PATCH upserting one new service, then UDP queries every ~0.2 ms "
+        f"until it answers; median of {args.patches}, measured from sending the PATCH. "
+        "RSS is VmRSS of the meshdns process (/proc/PID/status): empty, right after the PUT, "
+        "after the re-PUT and the PATCHes (each builds a new snapshot; CPython keeps freed "
+        "memory in its arenas), and after the qps runs (reply cache filled); *peak* is VmHWM. RSS/service = "
+        "(loaded - empty) / services. qps: dnsperf `-q 200 -c 1 -T 1`, A queries over "
+        f"{SAMPLE:,} names sampled from the registry (fewer if smaller), one warm pass, then "
+        f"{args.rounds} x {args.seconds:g} s, median.",
+        "",
+        report.table(headers, rows),
+        "",
+    ]
+    if notes:
+        md += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    if not args.million:
+        md += ["1M services is opt-in: `python bench/scale.py --million`.", ""]
+    path = report.write_result("scale", "\n".join(md), {"results": results,
+                                                       "machine": report.machine_info()})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
