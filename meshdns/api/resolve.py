@@ -1,0 +1,83 @@
+"""``/v1/resolve``: how a name resolves, by the very code path DNS answers with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from dnslib import CLASS, QTYPE, RCODE, RR
+
+from .state import STATE_KEY, ApiError
+
+MAX_WIRE_NAME = 255
+
+
+def _mnemonic(table: Any, value: int, prefix: str) -> str:
+    name = table.forward.get(value)
+    return name if isinstance(name, str) else f"{prefix}{value}"
+
+
+def parse_code(text: str, table: Any, prefix: str, field: str) -> int:
+    """``AAAA``, ``aaaa``, ``28`` or ``TYPE28`` (RFC 3597) -> 28; else 400."""
+    upper = text.strip().upper()
+    value = table.reverse.get(upper)
+    if value is None:
+        digits = upper.removeprefix(prefix)
+        if digits.isascii() and digits.isdigit() and len(digits) <= 5:
+            value = int(digits)
+    if value is None or not 0 <= value <= 0xFFFF:
+        raise ApiError(400, f"{field} must be a record {field} like "
+                       + ("A, AAAA, SRV or TYPE65" if field == "type" else "IN or CH")
+                       + f", got {text!r}", field)
+    return int(value)
+
+
+def parse_name(text: str | None) -> tuple[bytes, ...]:
+    if not text:
+        raise ApiError(400, "name is required, e.g. name=frontend.kong.svc.80.mesh", "name")
+    if not text.isascii():
+        raise ApiError(400, "name must be ASCII (use the IDNA xn-- form)", "name")
+    name = text[:-1] if text.endswith(".") else text
+    if not name:
+        return ()
+    labels = tuple(label.encode() for label in name.split("."))
+    if any(not 1 <= len(label) <= 63 for label in labels):
+        raise ApiError(400, "name has an empty label or one longer than 63 bytes", "name")
+    if sum(len(label) + 1 for label in labels) + 1 > MAX_WIRE_NAME:
+        raise ApiError(400, "name is longer than 255 bytes on the wire", "name")
+    return labels
+
+
+def record(rr: RR) -> dict[str, Any]:
+    return {"name": str(rr.rname), "type": _mnemonic(QTYPE, rr.rtype, "TYPE"),
+            "ttl": rr.ttl, "data": str(rr.rdata)}
+
+
+async def resolve(request: web.Request) -> web.Response:
+    st = request.app[STATE_KEY]
+    server = st.server
+    labels = parse_name(request.query.get("name"))
+    qtype = parse_code(request.query.get("type", "A"), QTYPE, "TYPE", "type")
+    qclass = parse_code(request.query.get("class", "IN"), CLASS, "CLASS", "class")
+    resolver = server.resolver
+    revision = resolver.zone.registry.revision
+    decision = resolver.explain(labels, qtype, qclass)
+    forwarded = decision.forward
+    out: dict[str, Any] = {
+        "name": request.query["name"],
+        "type": _mnemonic(QTYPE, qtype, "TYPE"),
+        "class": _mnemonic(CLASS, qclass, "CLASS"),
+        "revision": revision,
+        "rule": decision.rule,
+        # A forwarded name's rcode is the upstream's, unknown until it is asked.
+        "rcode": None if forwarded else _mnemonic(RCODE, decision.rcode, "RCODE"),
+        "authoritative": decision.aa,
+        "zone": decision.zone,
+        "service": decision.service.to_json() if decision.service is not None else None,
+        "answer": [record(rr) for rr in decision.answer],
+        "authority": [record(rr) for rr in decision.authority],
+        "additional": [record(rr) for rr in decision.additional],
+    }
+    if forwarded:
+        out["upstreams"] = [str(hp) for hp in server.upstreams]
+    return web.json_response(out)

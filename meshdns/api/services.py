@@ -1,0 +1,199 @@
+"""``/v1/services``: read (with ETag, If-None-Match and ``?wait=`` long-poll), PUT, PATCH.
+
+A write is validated whole (body, then the core's checks) before anything
+changes; it is answered only once the store made it durable and DNS answers
+from it. Parsing, computing and persisting run in worker threads, so a
+100k-service push does not stop DNS answers meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiohttp import hdrs, web
+
+from ..core.registry import (
+    Registry,
+    RegistryError,
+    ServiceKey,
+    ServiceSpec,
+    apply_patch,
+    apply_put,
+    parse_deletes,
+    parse_services,
+)
+from ..store import fast_ip4, fast_ip6
+from .body import decode, object_with, read_body
+from .state import MAX_WAIT_SECONDS, STATE_KEY, ApiError, ApiState, etag
+
+log = logging.getLogger("meshdns.api")
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- revisions
+
+
+def _tags(header: str) -> list[str]:
+    return [t.strip() for t in header.split(",") if t.strip()]
+
+
+def _bare(tag: str) -> str:
+    return tag if tag.startswith('"') else f'"{tag}"'  # a bare 7 is taken as "7"
+
+
+def none_match(header: str, revision: int) -> bool:
+    """If-None-Match uses the weak comparison: W/"7" matches "7" (RFC 9110 13.1.2)."""
+    current = etag(revision)
+    return any(tag == "*" or _bare(tag.removeprefix("W/")) == current for tag in _tags(header))
+
+
+def require_match(header: str, revision: int) -> None:
+    """If-Match uses the strong comparison; a miss is 412 (RFC 9110 13.1.1)."""
+    current = etag(revision)
+    if not any(tag == "*" or (not tag.startswith("W/") and _bare(tag) == current)
+               for tag in _tags(header)):
+        raise ApiError(412, f"If-Match {header.strip()!r} does not match the current "
+                       f"revision {current}: the registry changed, re-read and retry",
+                       None, {"ETag": current})
+
+
+def parse_wait(text: str | None) -> float:
+    if text is None:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise ApiError(400, f"wait must be a number of seconds >= 0, got {text!r}", "wait")
+    return min(value, MAX_WAIT_SECONDS)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_registry(reg: Registry) -> bytes:
+    """The GET body; the same shape as ``Registry.to_json``, built ~5x faster."""
+    services = [
+        {"name": s.name, "namespace": s.namespace, "port": s.port, "vip": fast_ip4(s.vip),
+         "vip6": None if s.vip6 is None else fast_ip6(s.vip6), "hostnames": list(s.hostnames)}
+        for s in reg.services.values()
+    ]
+    return json.dumps({"revision": reg.revision, "services": services},
+                      separators=(",", ":")).encode()
+
+
+def parse_put(data: bytes, kind: str) -> list[ServiceSpec]:
+    doc = object_with(decode(data, kind), ("services",), ("services",))
+    return _core_parse(lambda: parse_services(doc["services"], "services"))
+
+
+def parse_patch(data: bytes, kind: str) -> tuple[list[ServiceSpec], list[ServiceKey]]:
+    doc = object_with(decode(data, kind), ("upsert", "delete"))
+    upserts = _core_parse(lambda: parse_services(doc.get("upsert", []), "upsert"))
+    deletes = _core_parse(lambda: parse_deletes(doc.get("delete", []), "delete"))
+    return upserts, deletes
+
+
+def _core_parse(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except RegistryError as exc:
+        raise ApiError(exc.status, exc.message, exc.field) from None
+    except ValueError as exc:  # the core should only raise RegistryError; never a 500
+        raise ApiError(400, f"invalid service: {exc}") from None
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def get_services(request: web.Request) -> web.Response:
+    st = request.app[STATE_KEY]
+    store = st.store
+    wait = parse_wait(request.query.get("wait"))
+    inm = request.headers.get(hdrs.IF_NONE_MATCH)
+    reg = store.registry
+    if not store.loaded:
+        # A leader with no registry yet: a follower must not copy "empty" as if it were
+        # the truth, so this waits for the first load (or says 503, like /readyz).
+        if wait > 0:
+            await st.watch.wait_while(lambda: not store.loaded, wait)
+            reg = store.registry
+        if not store.loaded:
+            raise ApiError(503, "no registry loaded yet (no state file, seed file or write)",
+                           None, {"Retry-After": "1"})
+    elif inm is not None and none_match(inm, reg.revision):
+        if wait > 0:
+            seen = reg.revision
+            await st.watch.wait_while(lambda: store.revision == seen, wait)
+            reg = store.registry
+        if none_match(inm, reg.revision):
+            return web.Response(status=304, headers={"ETag": etag(reg.revision)})
+    body = await st.services_body(reg, encode_registry)
+    return web.Response(body=body, content_type="application/json",
+                        headers={"ETag": etag(reg.revision), "Cache-Control": "no-cache"})
+
+
+def refuse_if_follower(st: ApiState) -> None:
+    leader = st.server.config.registry.follow
+    if leader:
+        raise ApiError(409, f"read-only follower of {leader}: send registry writes to the "
+                       "leader")
+
+
+async def put_services(request: web.Request) -> web.Response:
+    st = request.app[STATE_KEY]
+    refuse_if_follower(st)
+    data, kind = await read_body(request, st.server.config.api.max_body_bytes)
+    specs = await asyncio.to_thread(parse_put, data, kind)
+    del data
+    store = st.store
+
+    def compute(base: Registry) -> Registry:
+        return apply_put(base, specs, store.policy, store.clock())
+
+    return await _write(request, st, compute)
+
+
+async def patch_services(request: web.Request) -> web.Response:
+    st = request.app[STATE_KEY]
+    refuse_if_follower(st)
+    data, kind = await read_body(request, st.server.config.api.max_body_bytes)
+    upserts, deletes = await asyncio.to_thread(parse_patch, data, kind)
+    del data
+    store = st.store
+
+    def compute(base: Registry) -> Registry:
+        return apply_patch(base, upserts, deletes, store.policy, store.clock())
+
+    return await _write(request, st, compute)
+
+
+async def _write(request: web.Request, st: ApiState,
+                 compute: Callable[[Registry], Registry]) -> web.Response:
+    if_match = request.headers.get(hdrs.IF_MATCH)
+    check = None if if_match is None else lambda base: require_match(if_match, base.revision)
+    # Shielded: a client hanging up mid-write must not leave the state file ahead of
+    # what DNS serves. The write completes (or fails) whatever the client does.
+    task = asyncio.ensure_future(st.store.write(compute, check=check))
+    task.add_done_callback(_retrieve)
+    try:
+        reg: Registry = await asyncio.shield(task)
+    except RegistryError as exc:
+        raise ApiError(exc.status, exc.message, exc.field) from None
+    except OSError as exc:
+        log.error("registry write not persisted, nothing changed: %s", exc)
+        raise ApiError(500, f"the state file could not be written ({exc}); nothing "
+                       "changed") from None
+    return web.json_response({"revision": reg.revision, "services": len(reg)},
+                             headers={"ETag": etag(reg.revision)})
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # consumed here when the handler was cancelled before it

@@ -1,0 +1,128 @@
+"""What the API routes share: the server, the revision watch, counters, error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..core.registry import Registry
+
+if TYPE_CHECKING:
+    from ..server import MeshServer
+
+MAX_WAIT_SECONDS = 300.0  # a ?wait= above this is capped, so a watcher is always released
+
+
+class ApiError(Exception):
+    """A request answered with ``{"error", "field"}`` and the given status."""
+
+    def __init__(self, status: int, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message, "field": field}, status=status,
+                             headers=headers)
+
+
+def etag(revision: int) -> str:
+    return f'"{revision}"'
+
+
+class RevisionWatch:
+    """Long-poll support: wakes every waiter when a new registry is published.
+
+    One Event per revision: publishing sets the current one and swaps in a fresh
+    one, so a waiter that wakes never sees a stale "set". The number of waiters
+    is bounded (``api.max_watchers``); each is released on a change, on
+    shutdown, or when its own timeout runs out, whichever comes first.
+    """
+
+    def __init__(self, max_watchers: int) -> None:
+        self.max_watchers = max_watchers
+        self.waiting = 0
+        self.closing = False
+        self._event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
+    def notify(self, _reg: Registry | None = None) -> None:
+        """The store listener: may be called from another thread (a direct store.put)."""
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self.notify)
+            return
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def close(self) -> None:
+        self.closing = True
+        self.notify()
+
+    async def wait_while(self, unchanged: Any, timeout: float) -> None:
+        """Wait until ``unchanged()`` is false, for at most ``timeout`` seconds.
+
+        Raises 503 when ``max_watchers`` waiters are already parked.
+        """
+        if self.waiting >= self.max_watchers:
+            raise ApiError(503, f"too many watchers ({self.max_watchers}, api.max_watchers); "
+                           "retry later", None, {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(timeout, MAX_WAIT_SECONDS)
+        self.waiting += 1
+        try:
+            while unchanged() and not self.closing:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                try:
+                    await asyncio.wait_for(self._event.wait(), remaining)
+                except TimeoutError:
+                    return
+        finally:
+            self.waiting -= 1
+
+
+class ApiState:
+    """Per-app state, reachable from handlers as ``request.app[STATE_KEY]``."""
+
+    def __init__(self, server: MeshServer) -> None:
+        self.server = server
+        self.watch = RevisionWatch(server.config.api.max_watchers)
+        # sync_requests_total{op,code}: (op, status code as text) -> count. Plain ints,
+        # read by the metrics collector at scrape time. op: get|watch|put|patch.
+        self.sync_requests: dict[tuple[str, str], int] = {}
+        self._body_lock = asyncio.Lock()
+        self._body_for: Registry | None = None
+        self._body = b""
+
+    @property
+    def store(self) -> Any:
+        return self.server.store
+
+    def count(self, op: str, status: int) -> None:
+        key = (op, str(status))
+        self.sync_requests[key] = self.sync_requests.get(key, 0) + 1
+
+    async def services_body(self, reg: Registry, encode: Any) -> bytes:
+        """The GET body of ``reg``, encoded once per snapshot however many watchers wake."""
+        async with self._body_lock:
+            if self._body_for is not reg:
+                self._body = await asyncio.to_thread(encode, reg)
+                self._body_for = reg
+            return self._body
+
+
+STATE_KEY = web.AppKey("meshdns_api_state", ApiState)

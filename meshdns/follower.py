@@ -1,0 +1,172 @@
+"""Follower mode: mirror another meshdns's registry by long-polling its HTTP API.
+
+The loop: ``GET <leader>/v1/services?wait=30`` with ``If-None-Match`` set to the
+ETag of the registry last adopted. The leader answers 304 when nothing changed
+within the wait, or 200 with the new registry at once when it changes. A 200 is
+adopted whole: the leader's VIPs taken as given and its revision kept (so the
+follower's SOA serial and ETag match the leader's), persisted to the follower's
+own state file, then published to DNS.
+
+While the leader is unreachable the follower keeps serving what it has and
+retries with exponential backoff and jitter (capped at BACKOFF_MAX), so a
+fleet of followers does not stampede a leader that comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from .core.registry import Registry, RegistryError, parse_services, restore
+
+if TYPE_CHECKING:
+    from .server import MeshServer
+
+log = logging.getLogger("meshdns.follower")
+
+
+class SyncError(Exception):
+    """The leader answered, but not with a registry this follower can adopt."""
+
+
+class Follower:
+    WAIT = 30.0  # seconds per long-poll; also bounds how stale last_success gets when idle
+    READ_SLACK = 15.0  # on top of WAIT before a silent leader counts as gone
+    CONNECT_TIMEOUT = 5.0
+    BACKOFF_FIRST = 0.25
+    BACKOFF_MAX = 10.0
+
+    def __init__(self, server: MeshServer) -> None:
+        cfg = server.config.registry
+        assert cfg.follow is not None
+        self.server = server
+        self.store = server.store
+        self.leader = cfg.follow
+        self.url = f"{cfg.follow}/v1/services"
+        self.token = cfg.follow_token
+        self.max_bytes = server.config.api.max_body_bytes
+        # Every VIP comes from the leader: never allocate one here, not even a vip6
+        # the leader has none for (that would answer AAAA the leader does not).
+        self.policy = replace(server.policy, range6=None)
+        self.started_at = time.time()
+        self.last_success: float | None = None  # wall time of the last 200/304 from the leader
+        self.connected = False
+        self.last_error: str | None = None
+        self.adopted = 0  # registries adopted from the leader
+        self.failures = 0  # failed polls
+        self._etag: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="meshdns-follower")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ------------------------------------------------------------ loop
+
+    def backoff(self, attempt: int) -> float:
+        """Equal jitter: half the exponential step, plus up to half again at random."""
+        step = min(self.BACKOFF_MAX, self.BACKOFF_FIRST * 2.0 ** min(attempt, 30))
+        return step / 2 + random.uniform(0, step / 2)
+
+    async def _run(self) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.CONNECT_TIMEOUT,
+                                        sock_read=self.WAIT + self.READ_SLACK)
+        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+            attempt = 0
+            while True:
+                try:
+                    await self.poll(session)
+                    attempt = 0
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except (aiohttp.ClientError, TimeoutError, OSError, SyncError) as exc:
+                    error = str(exc) or type(exc).__name__
+                except Exception as exc:  # never let the follower die: log, back off, retry
+                    log.exception("follower: unexpected error")
+                    error = repr(exc)
+                self.failures += 1
+                # Once per outage, and again whenever the reason changes; the rest at debug.
+                level = logging.WARNING if self.connected or error != self.last_error \
+                    else logging.DEBUG
+                log.log(level, "follower: leader %s unavailable (%s); still serving revision %d, "
+                        "retrying with backoff", self.leader, error, self.store.revision)
+                self.connected = False
+                self.last_error = error
+                self._etag = None  # re-read in full: the leader may have restarted
+                await asyncio.sleep(self.backoff(attempt))
+                attempt += 1
+
+    async def poll(self, session: aiohttp.ClientSession) -> None:
+        """One long-poll: 304 keeps the registry, 200 adopts the leader's."""
+        headers = {"If-None-Match": self._etag} if self._etag else {}
+        async with session.get(self.url, params={"wait": f"{self.WAIT:g}"},
+                               headers=headers) as resp:
+            if resp.status == 304:
+                self._success()
+                return
+            if resp.status != 200:
+                text = (await resp.content.read(500)).decode("utf-8", "replace")
+                raise SyncError(f"leader answered HTTP {resp.status}: {text.strip()}")
+            data = await self._read(resp)
+            tag = resp.headers.get("ETag")
+        # Shielded: stopping the follower mid-write must not leave the state file ahead
+        # of what DNS serves.
+        reg: Registry = await asyncio.shield(
+            self.store.write(lambda _base: self.adopt(data), mirror=True))
+        self._etag = tag or f'"{reg.revision}"'
+        if not self.connected or self.adopted == 0:
+            log.info("follower: in sync with %s at revision %d (%d services)", self.leader,
+                     reg.revision, len(reg))
+        self.adopted += 1
+        self._success()
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        if resp.content_length is not None and resp.content_length > self.max_bytes:
+            raise SyncError(f"leader's registry is {resp.content_length} bytes, over "
+                            f"api.max_body_bytes {self.max_bytes}")
+        chunks, total = [], 0
+        async for chunk in resp.content.iter_any():
+            total += len(chunk)
+            if total > self.max_bytes:
+                raise SyncError(f"leader's registry is over api.max_body_bytes {self.max_bytes}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _success(self) -> None:
+        self.connected = True
+        self.last_error = None
+        self.last_success = time.time()
+
+    def adopt(self, data: bytes) -> Registry:
+        """The leader's registry as a snapshot of ours (pure; runs in a worker thread)."""
+        try:
+            doc: Any = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise SyncError(f"leader sent malformed JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise SyncError("leader sent no registry object")
+        revision = doc.get("revision")
+        if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
+            raise SyncError(f"leader sent a bad revision {revision!r}")
+        try:
+            specs = parse_services(doc.get("services"), "services")
+            return restore(revision, specs, {}, self.policy, now=self.store.clock())
+        except RegistryError as exc:
+            raise SyncError(f"leader's registry does not fit this follower: {exc.field}: "
+                            f"{exc.message}") from None

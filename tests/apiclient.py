@@ -1,0 +1,191 @@
+"""HTTP helpers for the API tests: a tiny blocking client, bounded polling, and
+meshdns server subprocesses (for kill -9 and two-process follower tests)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import dns.exception
+import dns.message
+import dns.query
+import yaml
+
+T = TypeVar("T")
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def etag(self) -> str | None:
+        return self.headers.get("etag")
+
+
+def call(base: str, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+         content_type: str | None = None, headers: dict[str, str] | None = None,
+         token: str | None = None, timeout: float = 30.0) -> Reply:
+    """One request on a fresh connection. ``body`` is sent as JSON unless ``raw`` is given."""
+    url = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    hdrs = dict(headers or {})
+    data = raw
+    if body is not None:
+        data = json.dumps(body).encode()
+        hdrs.setdefault("Content-Type", "application/json")
+    if content_type is not None:
+        hdrs["Content-Type"] = content_type
+    if token is not None:
+        hdrs["Authorization"] = f"Bearer {token}"
+    try:
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        payload = resp.read()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload)
+    finally:
+        conn.close()
+
+
+def as_yaml(doc: Any) -> bytes:
+    return yaml.safe_dump(doc).encode()
+
+
+def wait_for(check: Callable[[], T | None], timeout: float = 20.0, what: str = "condition",
+             interval: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except (OSError, AssertionError, dns.exception.DNSException) as exc:
+            last_error = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                                 + (f" (last error: {last_error!r})" if last_error else ""))
+        time.sleep(interval)
+
+
+def dns_query(addr: tuple[str, int], name: str, rdtype: str = "A",
+              timeout: float = 2.0) -> dns.message.Message:
+    msg = dns.message.make_query(name, rdtype, use_edns=0)
+    return dns.query.udp(msg, addr[0], port=addr[1], timeout=timeout)
+
+
+def a_records(addr: tuple[str, int], name: str) -> list[str]:
+    reply = dns_query(addr, name)
+    return [rr.address for rrset in reply.answer for rr in rrset if rrset.rdtype == 1]
+
+
+def free_port() -> int:
+    """A loopback port free for TCP and UDP right now (another process may still take it)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind(("127.0.0.1", 0))
+            port = t.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free loopback port")
+
+
+@dataclass
+class ServerProcess:
+    """``python -m meshdns serve --config FILE`` as a child process."""
+
+    workdir: Path
+    config: dict[str, Any]
+    name: str = "meshdns"
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+    dns_port: int = field(init=False)
+    api_port: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.dns_port = free_port()
+        self.api_port = free_port()
+        resolv = self.workdir / "resolv.conf"
+        resolv.write_text("# no nameservers\n")
+        base = {
+            "dns": {"listen": [f"127.0.0.1:{self.dns_port}"], "resolv_conf": str(resolv),
+                    "upstreams": []},
+            "api": {"listen": f"127.0.0.1:{self.api_port}"},
+            "log": {"level": "info"},
+        }
+        for section, values in self.config.items():
+            base.setdefault(section, {}).update(values)
+        self.config_path = self.workdir / f"{self.name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(base))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def dns_addr(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.dns_port)
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESHDNS_")}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "meshdns", "serve", "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+        return self.proc
+
+    def start(self, ready: bool = True, timeout: float = 30.0) -> ServerProcess:
+        """Spawn and wait until the API answers (/readyz 200 when ``ready``)."""
+        proc = self.spawn()
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {proc.returncode}:\n{self.log()}")
+            try:
+                reply = call(self.url, "GET", "/readyz", timeout=2)
+            except OSError:
+                return False
+            return reply.status == 200 or not ready
+
+        wait_for(up, timeout, f"{self.name} to serve")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, like a crash or the OOM killer."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
