@@ -26,21 +26,23 @@ import peers
 import report
 
 BENCH = Path(__file__).resolve().parent
-PARTS = ("core", "forward", "macro", "mmsg", "scale", "sync", "soak")
+PARTS = ("core", "forward", "macro", "metrics", "mmsg", "scale", "sync", "soak")
 SCRIPTS = {"core": "bench_core.py", "forward": "bench_forward.py", "macro": "macro.py",
-           "mmsg": "bench_mmsg.py", "scale": "scale.py", "sync": "bench_sync.py",
+           "metrics": "bench_metrics.py", "mmsg": "bench_mmsg.py", "scale": "scale.py",
+           "sync": "bench_sync.py",
            "soak": "soak.py"}
 OPT_IN = {"mmsg"}  # experiments: run only when named in --parts
 QUICK = {
     "core": ["--quick"],
     "forward": ["--rounds", "2", "--seconds", "3"],
     "macro": ["--rounds", "3", "--seconds", "5"],
+    "metrics": ["--rounds", "4", "--seconds", "3"],
     "mmsg": ["--rounds", "2", "--seconds", "3"],
     "scale": ["--rounds", "2", "--seconds", "3", "--patches", "3"],
     "sync": ["--sizes", "10000"],
     "soak": ["--minutes", "1"],
 }
-LIMITS = {"core": 900, "forward": 900, "macro": 3600, "mmsg": 3600, "scale": 3600,
+LIMITS = {"core": 900, "forward": 900, "macro": 3600, "metrics": 900, "mmsg": 3600, "scale": 3600,
           "sync": 1800, "soak": 7200}
 
 
