@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 import time
 from typing import Any
@@ -70,6 +71,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A dns.workers process, started by the main one (not for direct use)."""
+    import os
+
+    from .config import parse_config
+    from .server import MeshServer
+    from .workers import WORKER_ENV
+
+    raw = os.environ.get(WORKER_ENV)
+    if not raw:
+        print("meshdns worker: started by `meshdns serve` with dns.workers > 1 only",
+              file=sys.stderr)
+        return 2
+    env = {k: v for k, v in os.environ.items() if k != "MESHDNS_FOLLOW_TOKEN"}
+    config = parse_config(json.loads(raw), env)
+    setup_logging(config)
+    _event_loop_policy()
+    parent = os.getppid()
+
+    async def run() -> None:
+        server = MeshServer(config, worker_id=args.id)
+
+        async def orphan_watch() -> None:
+            # The main process owns the registry; a worker outliving it must not linger.
+            while os.getppid() == parent:
+                await asyncio.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        watch = asyncio.get_running_loop().create_task(orphan_watch())
+        try:
+            await server.serve_until_signal()
+        finally:
+            watch.cancel()
+
+    asyncio.run(run())
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         load_config(args.file)
@@ -90,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file without serving")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
+    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("id")
+    worker.set_defaults(func=cmd_worker)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

@@ -353,10 +353,9 @@ def load_document(path: str | Path) -> Any:
     return parse_document(Path(path).read_text(encoding="utf-8"))
 
 
-def defaults_as_dict() -> dict[str, dict[str, Any]]:
-    """The default config as plain data (for docs and `meshdns check-config`)."""
+def config_to_raw(cfg: Config) -> dict[str, dict[str, Any]]:
+    """``cfg`` as plain data that parse_config reads back to an equal Config."""
     out: dict[str, dict[str, Any]] = {}
-    cfg = Config()
     for name in _SECTIONS:
         section = getattr(cfg, name)
         out[name] = {}
@@ -368,3 +367,8 @@ def defaults_as_dict() -> dict[str, dict[str, Any]]:
                 value = [str(v) if isinstance(v, HostPort) else v for v in value]
             out[name][f.name] = value
     return out
+
+
+def defaults_as_dict() -> dict[str, dict[str, Any]]:
+    """The default config as plain data (for docs and `meshdns check-config`)."""
+    return config_to_raw(Config())

@@ -64,6 +64,7 @@ class Follower:
         self.failures = 0  # failed polls
         self._etag: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self.first_sync = asyncio.Event()  # set once the first registry is adopted
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="meshdns-follower")
@@ -84,6 +85,11 @@ class Follower:
 
     async def _run(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if self.server.worker_id is not None:
+            # A dns.workers process: its If-None-Match tells the main which revision it serves.
+            from .workers import WORKER_HEADER
+
+            headers[WORKER_HEADER] = self.server.worker_id
         timeout = aiohttp.ClientTimeout(total=None, connect=self.CONNECT_TIMEOUT,
                                         sock_read=self.WAIT + self.READ_SLACK)
         async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
@@ -135,6 +141,7 @@ class Follower:
                      reg.revision, len(reg))
         self.adopted += 1
         self._success()
+        self.first_sync.set()
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         if resp.content_length is not None and resp.content_length > self.max_bytes:

@@ -127,8 +127,10 @@ def zone_settings(config: Config, forwarding: bool) -> ZoneSettings:
 class MeshServer:
     """One meshdns process: ``await start()``, serve, ``await stop()``."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker_id: str | None = None) -> None:
         self.config = config
+        self.worker_id = worker_id  # set in a dns.workers process (see workers.py)
+        self.workers: Any = None
         self.policy = registry_policy(config)
         self.upstreams, self.loop_refusals = effective_upstreams(config)
         self.settings = zone_settings(config, forwarding=bool(self.upstreams))
@@ -164,10 +166,6 @@ class MeshServer:
     async def start(self) -> None:
         for reason in self.loop_refusals:
             log.error("%s", reason)
-        if self.config.dns.workers > 1:
-            # SO_REUSEPORT worker processes are the performance issue's work, not done yet.
-            log.warning("dns.workers: %d requested, but worker processes are not implemented "
-                        "yet: serving from this one process", self.config.dns.workers)
         self.loaded_from = self.store.load_initial(self.config.registry.seed_file)
         if self.upstreams:
             from .dns.forwarder import Forwarder
@@ -176,24 +174,42 @@ class MeshServer:
             # Cached upstream answers go back synchronously, like local ones.
             self.resolver.forward_cached = self.forwarder.answer_cached
         try:
+            if self.worker_id is not None:
+                # A worker answers nothing before its first registry from the main process:
+                # with SO_REUSEPORT the kernel would otherwise hand it queries it gets wrong.
+                from .follower import Follower
+
+                self.follower = Follower(self)
+                self.follower.start()
+                await self.follower.first_sync.wait()
             for hp in self.config.dns.listen:
                 await self._listen(hp)
             from .api.app import ApiServer
 
             self.api = ApiServer(self)
             await self.api.start()
-            if self.config.registry.follow:
+            if self.config.registry.follow and self.follower is None:
                 from .follower import Follower
 
                 self.follower = Follower(self)
                 self.follower.start()
+            if self.config.dns.workers > 1 and self.worker_id is None:
+                from .workers import WorkerPool
+
+                self.workers = WorkerPool(self, self.config.dns.workers)
+                await self.workers.start()
         except BaseException:
             await self.stop()
             raise
+        if self.worker_id is not None:
+            log.debug("DNS worker %s serving on %s", self.worker_id,
+                      ", ".join(map(str, self.dns_addresses)))
+            return
         log.info(
-            "meshdns %s serving DNS on %s (udp+tcp), API on %s; domains %s; registry: %d "
-            "services, revision %d, from %s; upstreams: %s",
-            __version__, ", ".join(map(str, self.dns_addresses)), self.api_address,
+            "meshdns %s serving DNS on %s (udp+tcp, %d process%s), API on %s; domains %s; "
+            "registry: %d services, revision %d, from %s; upstreams: %s",
+            __version__, ", ".join(map(str, self.dns_addresses)), self.config.dns.workers,
+            "es" if self.config.dns.workers > 1 else "", self.api_address,
             ", ".join(self.config.dns.domains), len(self.store.registry),
             self.store.revision, self.loaded_from,
             ", ".join(map(str, self.upstreams)) or "none (non-mesh names REFUSED)",
@@ -249,6 +265,9 @@ class MeshServer:
         return self.forwarder.resolve if self.forwarder is not None else None
 
     async def stop(self) -> None:
+        if self.workers is not None:
+            await self.workers.stop()
+            self.workers = None
         if self.follower is not None:
             await self.follower.stop()
             self.follower = None

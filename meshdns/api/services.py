@@ -28,6 +28,7 @@ from ..core.registry import (
     parse_services,
 )
 from ..store import fast_ip4, fast_ip6
+from ..workers import WORKER_HEADER
 from .body import decode, object_with, read_body
 from .state import MAX_WAIT_SECONDS, STATE_KEY, ApiError, ApiState, etag
 
@@ -118,6 +119,13 @@ async def get_services(request: web.Request) -> web.Response:
     wait = parse_wait(request.query.get("wait"))
     inm = request.headers.get(hdrs.IF_NONE_MATCH)
     reg = store.registry
+    pool = st.server.workers
+    if pool is not None and inm is not None:
+        worker = request.headers.get(WORKER_HEADER)
+        tags = _tags(inm)
+        served = tags[0].removeprefix("W/").strip('"') if worker and tags else ""
+        if served.isdigit():
+            pool.revisions.report(worker, int(served))
     if not store.loaded:
         # A leader with no registry yet: a follower must not copy "empty" as if it were
         # the truth, so this waits for the first load (or says 503, like /readyz).
@@ -190,6 +198,8 @@ async def _write(request: web.Request, st: ApiState,
         log.error("registry write not persisted, nothing changed: %s", exc)
         raise ApiError(500, f"the state file could not be written ({exc}); nothing "
                        "changed") from None
+    if st.server.workers is not None:
+        await st.server.workers.caught_up(reg.revision)  # every DNS process serves it
     return web.json_response({"revision": reg.revision, "services": len(reg)},
                              headers={"ETag": etag(reg.revision)})
 

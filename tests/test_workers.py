@@ -1,0 +1,174 @@
+"""dns.workers: several processes on one port (SO_REUSEPORT), one registry, read-your-writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+import yaml
+
+from .support import DEMO_SERVICES
+
+pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT")
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (checked, then released)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = int(u.getsockname()[1])
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
+                         check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+def ask(port: int, name: str) -> dns.message.Message:
+    # A fresh socket per query: a new source port, so SO_REUSEPORT spreads the queries
+    # over the processes.
+    return dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=3)
+
+
+def ask_with_retry(port: int, name: str) -> dns.message.Message:
+    try:
+        return dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port,
+                             timeout=1.5)
+    except dns.exception.Timeout:
+        return ask(port, name)
+
+
+def patch(api: int, body: dict[str, object]) -> dict[str, object]:
+    req = urllib.request.Request(f"http://127.0.0.1:{api}/v1/services", method="PATCH",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=15) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def wait_for(check: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except (OSError, dns.exception.DNSException):
+            pass
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    port, api = free_port(), free_port()
+    (tmp_path / "resolv.conf").write_text("# no nameservers\n")
+    (tmp_path / "seed.yaml").write_text(yaml.safe_dump({"services": DEMO_SERVICES}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "dns": {"listen": [f"127.0.0.1:{port}"], "workers": 2, "upstreams": [],
+                "resolv_conf": str(tmp_path / "resolv.conf")},
+        "api": {"listen": f"127.0.0.1:{api}"},
+        "registry": {"seed_file": str(tmp_path / "seed.yaml")},
+        "log": {"level": "info"},
+    }))
+    log = (tmp_path / "meshdns.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
+                             str(tmp_path / "config.yaml")], stdout=log, stderr=log)
+    try:
+        # Ready once the worker process exists and has bound the port next to the main one.
+        wait_for(lambda: len(children(proc.pid)) == 1 and ask(port, "frontend.kong.svc.80.mesh")
+                 .rcode() == dns.rcode.NOERROR)
+        wait_for(lambda: _udp_owners(port) == 2)
+        yield proc, port, api
+    finally:
+        kids = children(proc.pid)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for kid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(kid, signal.SIGKILL)
+
+
+def _dead(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def _udp_owners(port: int) -> int:
+    """How many sockets are bound to 127.0.0.1:port for UDP (from /proc/net/udp)."""
+    hexport = f"{port:04X}"
+    rows = Path("/proc/net/udp").read_text().splitlines()[1:]
+    return sum(1 for r in rows if r.split()[1] == f"0100007F:{hexport}")
+
+
+def test_two_processes_share_the_port_and_every_write_is_seen_by_both(
+        two_workers: tuple[subprocess.Popen[bytes], int, int]) -> None:
+    proc, port, api = two_workers
+    assert len(children(proc.pid)) == 1
+    for i in range(30):
+        name = f"rw{i}"
+        reply = patch(api, {"upsert": [{"name": name, "namespace": "kong", "port": 80}]})
+        assert reply["services"] == len(DEMO_SERVICES) + i + 1
+        # Read-your-writes across processes: 8 fresh source ports right after the 200.
+        for _ in range(8):
+            answer = ask(port, f"{name}.kong.svc.80.mesh")
+            assert answer.rcode() == dns.rcode.NOERROR, f"round {i}: a process missed the write"
+            assert answer.answer
+
+
+def test_a_killed_worker_is_restarted_and_the_main_keeps_answering(
+        two_workers: tuple[subprocess.Popen[bytes], int, int]) -> None:
+    proc, port, api = two_workers
+    (worker,) = children(proc.pid)
+    os.kill(worker, signal.SIGKILL)
+    # A datagram in flight to the dying worker's socket dies with it: seen here as one
+    # lost query right at the kill, every later one answered. Clients retry such a loss
+    # (glibc, dig: several tries), so the first query after the kill may need a second try.
+    wait_for(lambda: _dead(worker))
+    assert ask_with_retry(port, "frontend.kong.svc.80.mesh").rcode() == dns.rcode.NOERROR
+    for _ in range(20):  # the main process answers meanwhile (its socket stays bound)
+        assert ask(port, "frontend.kong.svc.80.mesh").rcode() == dns.rcode.NOERROR
+    wait_for(lambda: len(children(proc.pid)) == 1 and children(proc.pid)[0] != worker)
+    wait_for(lambda: _udp_owners(port) == 2)
+    patch(api, {"upsert": [{"name": "after", "namespace": "kong", "port": 80}]})
+    for _ in range(8):
+        assert ask(port, "after.kong.svc.80.mesh").rcode() == dns.rcode.NOERROR
+
+
+def test_sigterm_stops_the_workers_too(
+        two_workers: tuple[subprocess.Popen[bytes], int, int]) -> None:
+    proc, port, _ = two_workers
+    (worker,) = children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    wait_for(lambda: not Path(f"/proc/{worker}").exists(), 20)
+    assert _udp_owners(port) == 0
