@@ -22,8 +22,12 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/meshdns serve --config $(CONFIG)
 
+# Every test, then the DNS tests again on the portable UDP path (one datagram per
+# callback) that non-Linux systems and MESHDNS_UDP_BATCH=0 use instead of recvmmsg batches.
 test: install
 	$(BIN)/python -m pytest -q
+	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q tests/test_smoke.py tests/test_dns_answers.py \
+		tests/test_dns_protocol.py tests/test_forward.py
 
 lint: install
 	$(BIN)/ruff check meshdns tests bench

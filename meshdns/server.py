@@ -19,7 +19,7 @@ from .core.resolver import Resolver
 from .core.vip import VipRange
 from .core.zone import Zone, ZoneSettings
 from .dns import querylog
-from .dns.transport import TcpDnsProtocol, TcpLimits, UdpDnsProtocol
+from .dns.transport import BatchedUdp, TcpDnsProtocol, TcpLimits, UdpDnsProtocol
 from .metrics import Histogram, make_registry
 from .resolvconf import read_resolv_conf
 from .store import RegistryStore
@@ -31,7 +31,7 @@ UDP_RCVBUF = 4 * 1024 * 1024
 
 @dataclass
 class Listeners:
-    udp: list[asyncio.DatagramTransport] = field(default_factory=list)
+    udp: list[Any] = field(default_factory=list)  # DatagramTransport or BatchedUdp
     tcp: list[asyncio.AbstractServer] = field(default_factory=list)
     addresses: list[HostPort] = field(default_factory=list)
 
@@ -248,9 +248,15 @@ class MeshServer:
                 udp_sock.close()
                 tcp_sock.close()
                 raise
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: UdpDnsProtocol(self.resolver, self._forward_fn(), self.latency),
-                sock=udp_sock)
+            transport: Any = None
+            if os.environ.get("MESHDNS_UDP_BATCH", "1") != "0":
+                with contextlib.suppress(ImportError):  # not Linux: one datagram per callback
+                    transport = BatchedUdp(udp_sock, self.resolver, self._forward_fn(),
+                                           self.latency)
+            if transport is None:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: UdpDnsProtocol(self.resolver, self._forward_fn(), self.latency),
+                    sock=udp_sock)
             server = await loop.create_server(
                 lambda: TcpDnsProtocol(self.resolver, self._forward_fn(), self.tcp_limits,
                                        self.latency),

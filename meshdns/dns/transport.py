@@ -105,6 +105,53 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         pass
 
 
+class _BatchTransport:
+    """The two DatagramTransport methods UdpDnsProtocol._forward needs, over a batch server."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+        self.closing = False
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        self.batch.send_to(data, addr)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+class BatchedUdp(UdpDnsProtocol):
+    """UDP through recvmmsg/sendmmsg batches (Linux only), driven by the loop's reader.
+
+    Same behaviour as UdpDnsProtocol: local answers leave in the batch's
+    sendmmsg; forwardable queries take UdpDnsProtocol._forward and are answered
+    later with one sendto; a core bug answers SERVFAIL. Raises ImportError where
+    batching is unavailable, so the caller falls back to the datagram endpoint.
+    """
+
+    def __init__(self, sock: Any, resolver: Resolver, forward: Forward | None,
+                 latency: Histogram | None = None) -> None:
+        from .mmsg import BatchUdpServer
+
+        super().__init__(resolver, forward, latency)
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.batch = BatchUdpServer(
+            sock, resolver.handle_udp, self._on_forward, on_error=servfail,
+            observe=latency.observe if latency is not None else None)
+        self.transport = _BatchTransport(self.batch)  # type: ignore[assignment]
+        self.loop.add_reader(sock.fileno(), self.batch.serve_ready)
+
+    def _on_forward(self, req: Any, addr: Any) -> None:
+        if isinstance(req, ForwardRequest):
+            _spawn(self._forward(req, addr))
+
+    def close(self) -> None:
+        if not self.transport.closing:  # type: ignore[union-attr]
+            self.transport.closing = True  # type: ignore[union-attr]
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
 class TcpLimits:
     """Shared by every TCP connection of one server: the connection cap."""
 
