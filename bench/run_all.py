@@ -26,11 +26,11 @@ import peers
 import report
 
 BENCH = Path(__file__).resolve().parent
-PARTS = ("core", "forward", "macro", "metrics", "mmsg", "scale", "sync", "soak")
+PARTS = ("core", "forward", "macro", "metrics", "mmsg", "scale", "sync", "soak", "fleet")
 SCRIPTS = {"core": "bench_core.py", "forward": "bench_forward.py", "macro": "macro.py",
            "metrics": "bench_metrics.py", "mmsg": "bench_mmsg.py", "scale": "scale.py",
            "sync": "bench_sync.py",
-           "soak": "soak.py"}
+           "soak": "soak.py", "fleet": "fleet.py"}
 OPT_IN = {"mmsg"}  # experiments: run only when named in --parts
 QUICK = {
     "core": ["--quick"],
@@ -41,9 +41,11 @@ QUICK = {
     "scale": ["--rounds", "2", "--seconds", "3", "--patches", "3"],
     "sync": ["--sizes", "10000"],
     "soak": ["--minutes", "1"],
+    "fleet": ["--followers", "20", "--changes", "2"],
 }
 LIMITS = {"core": 900, "forward": 900, "macro": 3600, "metrics": 900, "mmsg": 3600, "scale": 3600,
-          "sync": 1800, "soak": 7200}
+          "sync": 1800, "soak": 7200,
+          "fleet": 3900}  # fleet.py stops itself at its --time-limit (3600) and writes
 
 
 def run_part(name: str, args: list[str], python: str) -> tuple[int, float]:

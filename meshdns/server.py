@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -167,6 +168,10 @@ class MeshServer:
         for reason in self.loop_refusals:
             log.error("%s", reason)
         self.loaded_from = self.store.load_initial(self.config.registry.seed_file)
+        # The loaded registry is long-lived and acyclic: keep full collections from
+        # rescanning it (with many identical followers they would otherwise all pause at
+        # once). Objects allocated from here on are collected as usual.
+        gc.freeze()
         if self.upstreams:
             from .dns.forwarder import Forwarder
 
