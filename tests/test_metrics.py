@@ -239,3 +239,21 @@ def test_no_log_line_per_packet_at_the_default_level(
         msg = dns.message.make_query("frontend.kong.svc.80.mesh", "A")
         dns.query.udp(msg, host, port=port, timeout=3)
         assert len([r for r in caplog.records if r.levelno >= 20]) == 0
+
+
+def test_a_follower_exposes_the_age_of_its_last_sync(tmp_path: Path) -> None:
+    from .apiclient import wait_for
+
+    (tmp_path / "leader").mkdir()
+    (tmp_path / "f").mkdir()
+    with running_server(make_config(tmp_path / "leader")) as leader:
+        cfg = make_config(tmp_path / "f", {"registry": {"follow": leader.api_url}}, services=[])
+        with running_server(cfg) as follower:
+            wait_for(lambda: follower.mesh.store.revision == leader.mesh.store.revision
+                     and follower.mesh.store.loaded, 15, "first sync")
+            snap = samples(scrape(follower))
+            age = value(snap, "meshdns_follow_sync_age_seconds")
+            last = value(snap, "meshdns_follow_last_sync_timestamp_seconds")
+            assert 0 <= age < 60
+            assert abs(last - time.time()) < 60
+            assert value(snap, "meshdns_registry_services") == 3
