@@ -67,6 +67,7 @@ class RegistryStore:
         # was given by the leader, none is allocated here, not even a missing vip6.
         self.mirror = False
         self._lock: asyncio.Lock | None = None
+        self.journal = Journal(journal_path(self.state_file)) if self.state_file else None
 
     @property
     def revision(self) -> int:
@@ -90,7 +91,7 @@ class RegistryStore:
             # Nothing changed: keep the revision, but the hold-down table may have moved.
             self.registry = new
             return new
-        self.persist(new, mirror)
+        self.persist(new, mirror, self.registry)
         self.mirror = mirror
         self.publish(new)
         return new
@@ -127,16 +128,28 @@ class RegistryStore:
                 if not self._changes(base, new, mirror):
                     self.registry = new
                     return new
-                await asyncio.to_thread(self.persist, new, mirror)
+                await asyncio.to_thread(self.persist, new, mirror, base)
                 if self.registry is not base:
                     continue  # pragma: no cover - a synchronous writer raced the fsync
                 self.mirror = mirror
                 self.publish(new)
                 return new
 
-    def persist(self, reg: Registry, mirror: bool = False) -> None:
-        if self.state_file is not None:
-            write_state(self.state_file, reg, mirror)
+    def persist(self, reg: Registry, mirror: bool = False, base: Registry | None = None) -> None:
+        """Make ``reg`` durable: one journal line with what changed since ``base`` when
+        that is small, else (and for a follower's whole-registry pulls) a new snapshot."""
+        if self.state_file is None:
+            return
+        journal = self.journal
+        # The journal only ever extends a snapshot that exists: without one, replay
+        # would have nothing to start from.
+        if journal is not None and base is not None and not mirror and not self.mirror \
+                and journal.has_room(len(reg)) and self.state_file.exists():
+            journal.append(journal_entry(base, reg))
+            return
+        write_state(self.state_file, reg, mirror)
+        if journal is not None:
+            journal.reset()  # the snapshot holds everything the journal did
 
     def publish(self, reg: Registry) -> None:
         self.registry = reg
@@ -157,8 +170,12 @@ class RegistryStore:
             remove_stale_temp_files(self.state_file)
         if self.state_file is not None and self.state_file.exists():
             reg, self.mirror = read_state_file(self.state_file, self.policy, self.clock())
+            if self.journal is not None:
+                self.journal.refresh()
             self.publish(reg)
             return f"state file {self.state_file} (revision {reg.revision})"
+        if self.journal is not None:
+            self.journal.reset()  # a journal without its snapshot extends nothing
         if seed_file:
             specs = load_seed(seed_file)
             try:
@@ -166,8 +183,7 @@ class RegistryStore:
             except RegistryError as exc:
                 raise StateError(f"seed file {seed_file}: {exc.field or ''}: {exc.message}") \
                     from None
-            if self.state_file is not None:
-                write_state(self.state_file, reg)
+            self.persist(reg)
             self.publish(reg)
             return f"seed file {seed_file}"
         return "empty registry"
@@ -296,9 +312,10 @@ def read_state_file(path: Path, policy: RegistryPolicy, now: float) -> tuple[Reg
         if mirror:
             # A follower's copy: every VIP is the leader's, nothing is allocated here.
             policy = replace(policy, range6=None)
-        raw = doc["services"]
-        if not isinstance(raw, list):
+        if not isinstance(doc["services"], list):
             raise ValueError("services is not a list")
+        revision = replay_journal(doc, journal_path(path))
+        raw = doc["services"]
         allocated: dict[ServiceKey, tuple[int | None, int | None]] = {}
         plain = []
         for item in raw:
@@ -331,3 +348,150 @@ def read_state_file(path: Path, policy: RegistryPolicy, now: float) -> tuple[Reg
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise StateError(f"state file {path} is corrupt ({exc!r}); refusing to start with an "
                          "empty registry: fix or remove it") from None
+
+
+# ---------------------------------------------------------------- journal
+#
+# A PATCH of one service in a 100k-service registry must not rewrite a 10 MB
+# state file. Each write appends one line to ``<state_file>.journal`` holding
+# what changed (services upserted and deleted, hold-down entries set and
+# cleared), fsynced before the write is acknowledged. Start-up replays the
+# lines newer than the snapshot; a torn last line was never acknowledged and is
+# cut off. When the journal grows past JOURNAL_MAX_ENTRIES or half the
+# snapshot's size, the next write is a snapshot and the journal starts empty.
+
+JOURNAL_MAX_ENTRIES = 1000
+
+
+def journal_path(state_file: Path) -> Path:
+    return state_file.with_name(state_file.name + ".journal")
+
+
+def _record(s: Any) -> dict[str, Any]:
+    return {"name": s.name, "namespace": s.namespace, "port": s.port, "vip": fast_ip4(s.vip),
+            "vip6": None if s.vip6 is None else fast_ip6(s.vip6),
+            "hostnames": list(s.hostnames), "vip_given": s.vip_given,
+            "vip6_given": s.vip6_given}
+
+
+def _held_diff(old: Any, new: Any, fmt: Callable[[int], str]) -> dict[str, Any]:
+    return {"set": [[fmt(v), t, list(k)] for v, (t, k) in new.items() if old.get(v) != (t, k)],
+            "clear": [fmt(v) for v in old if v not in new]}
+
+
+def journal_entry(base: Registry, new: Registry) -> dict[str, Any]:
+    """What ``new`` changes relative to ``base`` (unchanged services cost a compare)."""
+    old_services, services = base.services, new.services
+    upsert = [_record(s) for k, s in services.items()
+              if (o := old_services.get(k)) is not s and o != s]
+    delete = [list(k) for k in old_services if k not in services]
+    return {"revision": new.revision, "upsert": upsert, "delete": delete,
+            "held4": _held_diff(base.held4, new.held4, fast_ip4),
+            "held6": _held_diff(base.held6, new.held6, fast_ip6)}
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries = 0
+        self.size = 0
+        self.snapshot_size = 0
+
+    def refresh(self) -> None:
+        """Count what the journal holds (after start-up replayed it)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        self.entries, self.size = data.count(b"\n"), len(data)
+
+    def has_room(self, services: int) -> bool:
+        # Half the snapshot, estimated at ~150 bytes a service, and at least 1 MiB.
+        limit = max(1 << 20, services * 75)
+        return self.entries < JOURNAL_MAX_ENTRIES and self.size < limit
+
+    def append(self, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+        created = not self.path.exists()
+        with open(self.path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            _fsync_dir(self.path)
+        self.entries += 1
+        self.size += len(line)
+
+    def reset(self) -> None:
+        if self.path.exists():
+            with open(self.path, "wb") as f:
+                f.flush()
+                os.fsync(f.fileno())
+        self.entries = self.size = 0
+
+
+def _fsync_dir(path: Path) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def replay_journal(doc: dict[str, Any], path: Path) -> int:
+    """Apply the journal's lines newer than the snapshot to ``doc``; the final revision.
+
+    A last line without its newline, or that does not parse, is a write that was
+    cut short before it was acknowledged: it is dropped and cut off the file so
+    later appends start clean. A bad line anywhere else is corruption: ValueError.
+    """
+    revision = int(doc["revision"])
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return revision
+    lines = data.split(b"\n")
+    good = 0  # bytes of the journal that are whole, parsed lines
+    entries: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if last and not line:
+            break  # the file ends with a newline: nothing torn
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or not isinstance(entry.get("revision"), int):
+                raise ValueError("not a journal entry")
+        except ValueError as exc:
+            if last:
+                log.warning("dropping a torn last line of %s (a write that was never "
+                            "acknowledged)", path)
+                with open(path, "r+b") as f:
+                    f.truncate(good)
+                    os.fsync(f.fileno())
+                break
+            raise ValueError(f"journal {path} line {i + 1} is corrupt: {exc}") from None
+        entries.append(entry)
+        good += len(line) + 1
+    if not entries:
+        return revision
+    services = {(r["name"], r["namespace"], r["port"]): r for r in doc["services"]}
+    held = doc.setdefault("held", {})
+    tables = {fam: {row[0]: row for row in held.get(fam, [])} for fam in ("ipv4", "ipv6")}
+    for entry in entries:
+        if entry["revision"] <= revision:
+            continue  # already in the snapshot (a crash between snapshot and journal reset)
+        for key in entry["delete"]:
+            services.pop(tuple(key), None)
+        for record in entry["upsert"]:
+            services[(record["name"], record["namespace"], record["port"])] = record
+        for fam, diff in (("ipv4", entry["held4"]), ("ipv6", entry["held6"])):
+            for ip in diff["clear"]:
+                tables[fam].pop(ip, None)
+            for row in diff["set"]:
+                tables[fam][row[0]] = row
+        revision = entry["revision"]
+    doc["services"] = list(services.values())
+    doc["held"] = {fam: list(rows.values()) for fam, rows in tables.items()}
+    doc["revision"] = revision
+    return revision

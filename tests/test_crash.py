@@ -67,9 +67,12 @@ def test_kill_9_mid_stream_loses_no_acknowledged_write(tmp_path: Path) -> None:
             acked += stream.acked
             next_i = stream.next + 1
 
-            # The state file is whole, and holds every acknowledged write.
-            doc = json.loads(state.read_bytes())
-            assert doc["revision"] >= acked[-1][1]
+            # The state file is whole, and with its journal (what start-up reads: the
+            # snapshot plus the appended changes) holds every acknowledged write.
+            assert json.loads(state.read_bytes())["format"] == 1
+            saved = read_state(state, RegistryPolicy(), 0.0)
+            assert saved.revision >= acked[-1][1]
+            assert all((f"s{i}", "crash", 80) in saved.services for i, _ in acked)
             server.start()
             listed = call(server.url, "GET", "/v1/services").json()
             assert listed["revision"] >= acked[-1][1]

@@ -119,7 +119,7 @@ async def get_services(request: web.Request) -> web.Response:
     wait = parse_wait(request.query.get("wait"))
     inm = request.headers.get(hdrs.IF_NONE_MATCH)
     reg = store.registry
-    pool = st.server.workers
+    pool = getattr(st.server, "workers", None)
     if pool is not None and inm is not None:
         worker = request.headers.get(WORKER_HEADER)
         tags = _tags(inm)
@@ -198,7 +198,7 @@ async def _write(request: web.Request, st: ApiState,
         log.error("registry write not persisted, nothing changed: %s", exc)
         raise ApiError(500, f"the state file could not be written ({exc}); nothing "
                        "changed") from None
-    if st.server.workers is not None:
+    if getattr(st.server, "workers", None) is not None:
         await st.server.workers.caught_up(reg.revision)  # every DNS process serves it
     return web.json_response({"revision": reg.revision, "services": len(reg)},
                              headers={"ETag": etag(reg.revision)})
