@@ -7,6 +7,7 @@ small and fast; ``ipaddress`` is used only at the edges.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Container
 from dataclasses import dataclass
 
@@ -60,6 +61,27 @@ class VipRange:
             vip = vip + 1 if vip < self.last else self.first
         return None
 
+    def allocate_many(self, start: int, count: int, taken: Container[int],
+                      held: Container[int]) -> list[int] | None:
+        """``count`` addresses, as :meth:`allocate` would hand them out one by one.
+
+        The first is the first address at or after ``start`` (wrapping) that is
+        neither taken nor held, each next one the first free address after the
+        previous one. None when one lap of the range does not find that many.
+        """
+        first, last = self.first, self.last
+        vip = start if first <= start <= last else first
+        out: list[int] = []
+        if count <= 0:
+            return out
+        for _ in range(self.size):  # one lap: an address handed out is never met again
+            if vip not in taken and vip not in held:
+                out.append(vip)
+                if len(out) == count:
+                    return out
+            vip = vip + 1 if vip < last else first
+        return None
+
 
 def format_ip(vip: int, version: int) -> str:
     if version == 4:
@@ -67,8 +89,80 @@ def format_ip(vip: int, version: int) -> str:
     return str(ipaddress.IPv6Address(vip))
 
 
+# Fast paths for the common spellings; anything they do not accept goes to
+# ``ipaddress``, so the result is exactly what ``ipaddress`` makes of it.
+# The octets ipaddress accepts are exactly these: "0".."255", no leading zeros.
+_OCTETS = {str(i): i for i in range(256)}
+# Up to 8 hex groups of 1..4 digits, colon-separated, none empty.
+_HEXTETS = re.compile(r"[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,7}")
+# The groups before "::" as (value, count): VIPs share a few prefixes.
+_PREFIXES: dict[str, tuple[int, int]] = {}
+_MAX_PREFIXES = 1024
+
+
+def parse_ip4(text: str) -> int | None:
+    """``parse_ip(text, 4)``."""
+    parts = text.split(".")
+    if len(parts) == 4:
+        octet = _OCTETS.get
+        a, b, c, d = octet(parts[0]), octet(parts[1]), octet(parts[2]), octet(parts[3])
+        if a is not None and b is not None and c is not None and d is not None:
+            return a << 24 | b << 16 | c << 8 | d
+    try:
+        return int(ipaddress.IPv4Address(text))
+    except ValueError:
+        return None
+
+
+def _hextets(text: str) -> tuple[int, int] | None:
+    """Colon-separated hex groups as one number and their count; None if not that."""
+    if _HEXTETS.fullmatch(text) is None:
+        return None
+    groups = text.split(":")
+    value = 0
+    for group in groups:
+        value = value << 16 | int(group, 16)
+    return value, len(groups)
+
+
+def _prefix(text: str) -> tuple[int, int] | None:
+    got = _PREFIXES.get(text)
+    if got is None:
+        got = _hextets(text)
+        if got is not None and len(_PREFIXES) < _MAX_PREFIXES:
+            _PREFIXES[text] = got
+    return got
+
+
+def parse_ip6(text: str) -> int | None:
+    """``parse_ip(text, 6)``."""
+    head, sep, tail = text.partition("::")
+    if sep:  # "::" stands for at least one zero group
+        hi = _prefix(head) if head else (0, 0)
+        lo = _hextets(tail) if tail else (0, 0)
+        if hi is not None and lo is not None and hi[1] + lo[1] <= 7:
+            return hi[0] << 16 * (8 - hi[1]) | lo[0]
+    else:
+        full = _hextets(text)
+        if full is not None and full[1] == 8:
+            return full[0]
+    try:  # a dotted tail, a scope, or not an address: ipaddress decides
+        return int(ipaddress.IPv6Address(text))
+    except ValueError:
+        return None
+
+
 def parse_ip(text: str, version: int) -> int | None:
-    """The int form of ``text`` if it is an address of the given family, else None."""
+    """The int form of ``text`` if it is an address of the given family, else None.
+
+    Accepts exactly what ``ipaddress`` accepts, without its cost on the common
+    forms (a dotted quad, hex groups with colons).
+    """
+    if isinstance(text, str):
+        if version == 4:
+            return parse_ip4(text)
+        if version == 6:
+            return parse_ip6(text)
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
