@@ -583,3 +583,15 @@ def test_longest_labels_are_accepted() -> None:
     name, ns = "n" * 63, "s" * 63
     reg = put(Registry.empty(), [svc(name, ns, 65535)])
     assert (name, ns, 65535) in reg.services
+
+
+@pytest.mark.parametrize("item, field", [
+    ({"name": "web\n", "namespace": "ns", "port": 80}, "services[0].name"),
+    ({"name": "web", "namespace": "ns\n", "port": 80}, "services[0].namespace"),
+    ({"name": "web", "namespace": "ns", "port": 80, "hostnames": ["a.mesh\n"]},
+     "services[0].hostnames[0]"),
+])
+def test_a_trailing_newline_is_not_a_valid_name(item: dict[str, Any], field: str) -> None:
+    with pytest.raises(RegistryError) as info:
+        parse_services([item])
+    assert (info.value.status, info.value.field) == (400, field)

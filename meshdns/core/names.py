@@ -18,7 +18,7 @@ MAX_NAME_LENGTH = 253  # presentation form without the trailing dot (255 on the 
 
 
 def is_rfc1123_label(label: str) -> bool:
-    return bool(_LABEL_RE.match(label))
+    return bool(_LABEL_RE.fullmatch(label))  # fullmatch: "$" would let "web\n" through
 
 
 def normalize_hostname(name: str) -> str | None:
@@ -28,7 +28,7 @@ def normalize_hostname(name: str) -> str | None:
         name = name[:-1]
     if not name or len(name) > MAX_NAME_LENGTH:
         return None
-    if all(_HOST_LABEL_RE.match(label) for label in name.split(".")):
+    if all(_HOST_LABEL_RE.fullmatch(label) for label in name.split(".")):
         return name
     return None
 
