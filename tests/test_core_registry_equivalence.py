@@ -165,6 +165,8 @@ def legacy_assign(family: int, reg: Any, indexed: Mapping[ServiceKey, tuple[int,
         else:
             fresh.append(key)
     # 4. New addresses, skipping taken and held ones, continuing after the last allocated.
+    # Addresses this write frees are held from newcomers already (SPEC §3).
+    held = {**held, **{v: (0.0, k) for v, k in old_by_vip.items() if v not in by_vip}}
     unavailable = LegacyUnavailable(by_vip, held)
     busy = sum(1 for v in by_vip if v in rng) + sum(1 for v in held if v in rng)
     if rng.size - busy < len(fresh):
@@ -722,19 +724,27 @@ def test_the_address_last_held_for_an_identity_is_the_one_it_may_get_back(
                                                ip4("10.0.0.1")]
 
 
-def test_released_address_in_the_same_patch_goes_to_a_newcomer_as_before() -> None:
-    # Pinned as it has always been, not as SPEC §3 reads ("a VIP freed by a delete
-    # is not handed to another service for vip_hold_seconds"): the hold only starts
-    # after the write, so a newcomer in the *same* write gets the freed address when
-    # the allocator wraps around a full range. Changing this is a semantic change:
-    # this test, ``_assign``/``_patch_family`` and the legacy reference go together.
+def test_an_address_freed_by_a_write_is_held_from_a_newcomer_in_that_write() -> None:
+    # SPEC §3: "a VIP freed by a delete is not handed to another service for
+    # vip_hold_seconds" -- that includes a newcomer in the very same write, even when
+    # the allocator wraps around a full range: the range is exhausted instead.
     policy = RegistryPolicy(range4=VipRange.from_cidr("240.0.0.0/29"), range6=None)
     full = apply_put(Registry.empty(), [ServiceSpec(f"s{i}", "x", 80) for i in range(6)],
                      policy, 0.0)
     freed = full.services[("s0", "x", 80)].vip
-    new = apply_patch(full, [ServiceSpec("n", "x", 80)], [("s0", "x", 80)], policy, 1.0)
-    assert new.services[("n", "x", 80)].vip == freed
-    assert not new.held4
+    try:
+        apply_patch(full, [ServiceSpec("n", "x", 80)], [("s0", "x", 80)], policy, 1.0)
+    except RegistryError as exc:
+        assert exc.status == 507
+    else:
+        raise AssertionError("the freed address went to a newcomer in the same write")
+    gone = apply_patch(full, [], [("s0", "x", 80)], policy, 1.0)
+    assert freed in gone.held4
+    with pytest.raises(RegistryError) as info:  # still held in the next write
+        apply_patch(gone, [ServiceSpec("n", "x", 80)], [], policy, 2.0)
+    assert info.value.status == 507
+    later = apply_patch(gone, [ServiceSpec("n", "x", 80)], [], policy, 1.0 + 300.0)
+    assert later.services[("n", "x", 80)].vip == freed  # once the hold is over
 
 
 # ---------------------------------------------------------------- parsing

@@ -623,8 +623,12 @@ def _assign(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
             else:
                 fresh.append(key)
         # 4. New addresses, skipping taken and held ones, continuing after the last allocated.
+        # An address this write frees is held from newcomers already, in this very write
+        # (SPEC §3), so it counts as unavailable too.
         if fresh:
-            busy = in_range + sum(1 for v in held if first <= v <= last)
+            freed = {v: (0.0, k) for v, k in old_by_vip.items() if v not in by_vip}
+            blocked = {**held, **freed} if freed else held
+            busy = in_range + sum(1 for v in blocked if first <= v <= last)
             if rng.size - busy < len(fresh):
                 raise _exhausted(family, rng, len(fresh), busy)
             cursor = _top_of(old_by_vip, first, last) + 1
@@ -632,10 +636,10 @@ def _assign(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
             end = start + len(fresh) - 1
             vips: Sequence[int] | None
             if end <= last and not any(start <= v <= end for v in by_vip) \
-                    and not any(start <= v <= end for v in held):
+                    and not any(start <= v <= end for v in blocked):
                 vips = range(start, end + 1)  # a free run after the last one: the usual case
             else:
-                vips = rng.allocate_many(cursor, len(fresh), by_vip, held)
+                vips = rng.allocate_many(cursor, len(fresh), by_vip, blocked)
             if vips is None:  # pragma: no cover - guarded by the count above
                 raise RegistryError(507, f"IPv{family} VIP range {rng.network} is exhausted")
             by_vip.update(zip(vips, fresh, strict=True))
@@ -800,6 +804,18 @@ class _InUse:
         return vip in self.taken or (vip in self.old and vip not in self.gone)
 
 
+class _Either:
+    """In use before this write or claimed by it: never handed to a newcomer."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Container[int], b: Container[int]) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, vip: object) -> bool:
+        return vip in self.a or vip in self.b
+
+
 _PatchResult = tuple[dict[ServiceKey, int], Mapping[int, ServiceKey], Held, _FamilyIndex]
 
 
@@ -870,14 +886,15 @@ def _patch_family(family: int, reg: Registry, fam: _FamilyIndex, rng: VipRange |
                         held_in_range -= 1
                     else:
                         fresh.append(key)
-        # 4. New addresses after the highest one in use before this write.
+        # 4. New addresses after the highest one in use before this write. Addresses
+        # the write frees stay unavailable: they are held from newcomers (SPEC §3).
         if fresh:
-            in_range = _count_in(taken, first, last) - _count_in(gone, first, last)
-            if rng.size - fam.in_range - in_range - held_in_range < len(fresh):
+            claimed = sum(1 for v in taken if first <= v <= last and v not in old_by_vip)
+            if rng.size - fam.in_range - claimed - held_in_range < len(fresh):
                 return None  # exhausted: 507
             fresh = _rebuild_order(fresh, reg.services, deleted)
             cursor = _top(fam, old_by_vip, first, last) + 1
-            vips = rng.allocate_many(cursor, len(fresh), in_use, held)
+            vips = rng.allocate_many(cursor, len(fresh), _Either(old_by_vip, taken), held)
             if vips is None:  # pragma: no cover - guarded by the count above
                 return None
             for key, vip in zip(fresh, vips, strict=True):
