@@ -18,6 +18,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,31 @@ def have_ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
+
+
+@dataclass(frozen=True)
+class Via:
+    """One way to reach a server: a transport and an address family."""
+
+    transport: str  # "udp" | "tcp"
+    family: int  # 4 | 6
+
+    @property
+    def tcp(self) -> bool:
+        return self.transport == "tcp"
+
+    def __str__(self) -> str:
+        return f"{self.transport}-v{self.family}"
+
+
+VIAS = [Via("udp", 4), Via("tcp", 4), Via("udp", 6), Via("tcp", 6)]
+
+
+def require_family(family: int) -> None:
+    if family == 6 and not have_ipv6_loopback():
+        import pytest
+
+        pytest.skip("IPv6 loopback ::1 is not available on this host: the ::1 cases cannot run")
 
 
 def merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

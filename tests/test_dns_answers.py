@@ -34,9 +34,11 @@ import pytest
 from meshdns.core.registry import parse_services
 
 from .support import (
+    VIAS,
     ServerThread,
-    have_ipv6_loopback,
+    Via,
     make_config,
+    require_family,
     run_tool,
     running_server,
     tool,
@@ -71,27 +73,6 @@ BL = "backend.kong.svc.8080.mesh.local."
 # ---------------------------------------------------------------- transport paths
 
 
-@dataclass(frozen=True)
-class Via:
-    """One way to reach the server: a transport and an address family."""
-
-    transport: str  # "udp" | "tcp"
-    family: int  # 4 | 6
-
-    @property
-    def tcp(self) -> bool:
-        return self.transport == "tcp"
-
-    def __str__(self) -> str:
-        return f"{self.transport}-v{self.family}"
-
-
-VIAS = [Via("udp", 4), Via("tcp", 4), Via("udp", 6), Via("tcp", 6)]
-
-
-def require_family(via: Via) -> None:
-    if via.family == 6 and not have_ipv6_loopback():
-        pytest.skip("IPv6 loopback ::1 is not available on this host: the ::1 cases cannot run")
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -309,7 +290,7 @@ def answers_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerT
 @pytest.fixture(params=VIAS, ids=str)
 def via(request: pytest.FixtureRequest) -> Via:
     v: Via = request.param
-    require_family(v)
+    require_family(v.family)
     return v
 
 

@@ -12,7 +12,6 @@ import re
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import dns.flags
@@ -24,9 +23,11 @@ import dns.rrset
 import pytest
 
 from .support import (
+    VIAS,
     ServerThread,
-    have_ipv6_loopback,
+    Via,
     make_config,
+    require_family,
     run_tool,
     running_server,
     tool,
@@ -39,25 +40,6 @@ B = "backend.kong.svc.8080.mesh."
 # ---------------------------------------------------------------- sockets
 
 
-@dataclass(frozen=True)
-class Via:
-    transport: str  # "udp" | "tcp"
-    family: int  # 4 | 6
-
-    @property
-    def tcp(self) -> bool:
-        return self.transport == "tcp"
-
-    def __str__(self) -> str:
-        return f"{self.transport}-v{self.family}"
-
-
-VIAS = [Via("udp", 4), Via("tcp", 4), Via("udp", 6), Via("tcp", 6)]
-
-
-def require_family(family: int) -> None:
-    if family == 6 and not have_ipv6_loopback():
-        pytest.skip("IPv6 loopback ::1 is not available on this host: the ::1 cases cannot run")
 
 
 @pytest.fixture(params=VIAS, ids=str)
