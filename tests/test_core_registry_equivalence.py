@@ -31,7 +31,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import meshdns.core.names as names_module
+import meshdns.core.parse as parse_module
+import meshdns.core.patch as patch_module
 import meshdns.core.registry as registry_module
+import meshdns.core.service as service_module
 import meshdns.core.vip as vip_module
 from meshdns.core.names import canonical_name, is_subdomain, kuma_name
 from meshdns.core.registry import (
@@ -797,10 +800,10 @@ def test_parse_ip_keeps_its_contract_for_non_strings() -> None:
 
 
 def test_fast_constructors_build_the_same_objects() -> None:
-    spec = registry_module._make_spec("a", "b", 80, 1, None, ("h.mesh",))
+    spec = service_module._make_spec("a", "b", 80, 1, None, ("h.mesh",))
     assert spec == ServiceSpec("a", "b", 80, 1, None, ("h.mesh",))
     assert repr(spec) == repr(ServiceSpec("a", "b", 80, 1, None, ("h.mesh",)))
-    svc = registry_module._make_service("a", "b", 80, 1, 2, (), True, False)
+    svc = service_module._make_service("a", "b", 80, 1, 2, (), True, False)
     assert svc == Service("a", "b", 80, 1, 2, (), True, False)
     assert hash(svc) == hash(Service("a", "b", 80, 1, 2, (), True, False))
 
@@ -831,7 +834,8 @@ def lines_executed(fn: Callable[[], T]) -> tuple[int, T]:
     """Python lines run in the core while ``fn`` runs (comprehensions included): a
     measure of interpreted work that needs no clock. C-level loops (a dict copy)
     are not counted, and may stay O(n)."""
-    files = {registry_module.__file__, vip_module.__file__, names_module.__file__}
+    files = {m.__file__ for m in (registry_module, patch_module, service_module, parse_module,
+                                  vip_module, names_module)}
     count = 0
 
     def local(frame: Any, event: str, arg: Any) -> Any:

@@ -1,0 +1,133 @@
+"""Validating registry input (JSON/YAML already decoded) into ServiceSpecs, with field paths."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .names import (
+    is_rfc1123_label,
+    normalize_hostname,
+)
+from .service import (
+    _KEY_FIELDS,
+    _SERVICE_FIELDS,
+    MAX_HOSTNAMES_PER_SERVICE,
+    ServiceKey,
+    ServiceSpec,
+    _bad,
+    _make_spec,
+)
+from .vip import parse_ip, parse_ip4, parse_ip6
+
+# ---------------------------------------------------------------- input parsing
+
+
+def _parse_key_fields(item: Mapping[str, Any], path: str) -> ServiceKey:
+    name = item.get("name")
+    namespace = item.get("namespace")
+    port = item.get("port")
+    for fname, value in (("name", name), ("namespace", namespace)):
+        if not isinstance(value, str):
+            raise _bad(f"{fname} is required and must be a string", f"{path}.{fname}")
+        if not is_rfc1123_label(value):
+            raise _bad(
+                f"{fname} must be a lower-case RFC 1123 label (a-z, 0-9, '-', 1..63 chars), "
+                f"got {value!r}",
+                f"{path}.{fname}",
+            )
+    if isinstance(port, str) and port.isascii() and port.isdigit() and port[:1] != "0":
+        port = int(port)  # "80" as a string is accepted; "080", "²" are not
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise _bad(f"port must be an integer 1..65535, got {port!r}", f"{path}.port")
+    assert isinstance(name, str) and isinstance(namespace, str)
+    return (name, namespace, port)
+
+
+def _parse_vip(value: Any, version: int, path: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _bad(f"must be an IPv{version} address string", path)
+    vip = parse_ip(value, version)
+    if vip is None:
+        raise _bad(f"must be an IPv{version} address, got {value!r}", path)
+    return vip
+
+
+def _parse_hostnames(raw_hosts: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(raw_hosts, list):
+        raise _bad("must be a list of host names", f"{path}.hostnames")
+    if len(raw_hosts) > MAX_HOSTNAMES_PER_SERVICE:
+        raise _bad(
+            f"at most {MAX_HOSTNAMES_PER_SERVICE} host names per service",
+            f"{path}.hostnames",
+        )
+    hostnames: list[str] = []
+    for j, raw in enumerate(raw_hosts):
+        host = normalize_hostname(raw) if isinstance(raw, str) else None
+        if host is None:
+            raise _bad(f"must be a fully qualified domain name, got {raw!r}",
+                       f"{path}.hostnames[{j}]")
+        if host not in hostnames:
+            hostnames.append(host)
+    return tuple(hostnames)
+
+
+def parse_service(item: Any, path: str) -> ServiceSpec:
+    return _parse_service(item, path, set())
+
+
+def _parse_service(item: Any, path: str, namespaces: set[str]) -> ServiceSpec:
+    """``parse_service``; ``namespaces`` holds namespaces already found valid (they repeat)."""
+    if type(item) is not dict and not isinstance(item, Mapping):
+        raise _bad("must be an object with name, namespace and port", path)
+    if not item.keys() <= _SERVICE_FIELDS:
+        unknown = sorted(str(k) for k in item if k not in _SERVICE_FIELDS)
+        raise _bad(f"unknown field {unknown[0]!r}", f"{path}.{unknown[0]}")
+    get = item.get
+    name = get("name")
+    namespace = get("namespace")
+    port = get("port")
+    # The common shape in one test; anything else (a port given as a string, or
+    # a field to reject with its path) takes the long way.
+    if not (type(port) is int and 0 < port < 65536 and type(name) is str
+            and is_rfc1123_label(name) and type(namespace) is str
+            and (namespace in namespaces or is_rfc1123_label(namespace))):
+        name, namespace, port = _parse_key_fields(item, path)
+    namespaces.add(namespace)
+    vip = get("vip")
+    if vip is not None:
+        vip = parse_ip4(vip) if type(vip) is str else None
+        if vip is None:
+            vip = _parse_vip(get("vip"), 4, f"{path}.vip")
+    vip6 = get("vip6")
+    if vip6 is not None:
+        vip6 = parse_ip6(vip6) if type(vip6) is str else None
+        if vip6 is None:
+            vip6 = _parse_vip(get("vip6"), 6, f"{path}.vip6")
+    raw_hosts = get("hostnames")
+    hostnames = () if raw_hosts is None else _parse_hostnames(raw_hosts, path)
+    return _make_spec(name, namespace, port, vip, vip6, hostnames)
+
+
+def parse_services(value: Any, path: str = "services") -> list[ServiceSpec]:
+    if not isinstance(value, list):
+        raise _bad("must be a list of services", path)
+    namespaces: set[str] = set()
+    return [_parse_service(item, f"{path}[{i}]", namespaces) for i, item in enumerate(value)]
+
+
+def parse_deletes(value: Any, path: str = "delete") -> list[ServiceKey]:
+    if not isinstance(value, list):
+        raise _bad("must be a list of {name, namespace, port}", path)
+    keys = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise _bad("must be an object with name, namespace and port", f"{path}[{i}]")
+        unknown = sorted(str(k) for k in item if k not in _KEY_FIELDS)
+        if unknown:
+            raise _bad(f"unknown field {unknown[0]!r}", f"{path}[{i}].{unknown[0]}")
+        keys.append(_parse_key_fields(item, f"{path}[{i}]"))
+    return keys
+

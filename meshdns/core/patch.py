@@ -1,0 +1,376 @@
+"""The incremental PATCH: a new snapshot from the old one plus the patch's delta."""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable, Mapping, Sequence
+
+from .names import (
+    canonical_name,
+    kuma_name,
+)
+from .registry import (
+    Held,
+    Registry,
+    RegistryPolicy,
+    _FamilyIndex,
+    _generated_owner,
+    _in_release_order,
+    _Index,
+    _top_of,
+)
+from .service import _K, _V, Service, ServiceKey, ServiceSpec
+from .vip import VipRange
+
+# ---------------------------------------------------------------- incremental PATCH
+#
+# Each index of the new snapshot is the old one plus a delta: what the patch
+# frees (the deleted and the rewritten services) and what it claims (the
+# upserts). An index the patch leaves as it was is shared with the old
+# snapshot (snapshots are never mutated), any other one is copied once and
+# the delta applied to the copy.
+
+
+def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSpec],
+                       deletes: Sequence[ServiceKey], seen: Mapping[ServiceKey, int],
+                       policy: RegistryPolicy, now: float) -> Registry | None:
+    """``apply_patch`` touching only the services the patch names, or None when
+    the patch is rejected (the full rebuild then names the error).
+
+    Relies on what every snapshot ``_build`` makes holds under the policy it was
+    built with: its indexes agree with its services, every allocated VIP lies
+    in the range, no VIP is both in use and held, and no host name conflicts.
+    """
+    old_services = reg.services
+    deleted: dict[ServiceKey, Service] = {}
+    for key in deletes:
+        gone = old_services.get(key)
+        if gone is not None:
+            deleted[key] = gone
+    removed = list(deleted.values())  # deleted or rewritten: addresses and names freed
+    for spec in upserts:
+        prev = old_services.get(spec.key)
+        if prev is not None and spec.key not in deleted:
+            removed.append(prev)
+    release = now + policy.hold_seconds
+    fam4 = _patch_family(4, reg, index.fam4, policy.range4, removed, upserts, deleted,
+                         now, release)
+    if fam4 is None:
+        return None
+    fam6 = _patch_family(6, reg, index.fam6, policy.range6, removed, upserts, deleted,
+                         now, release)
+    if fam6 is None:
+        return None
+    vip4, by_vip4, held4, idx4 = fam4
+    vip6, by_vip6, held6, idx6 = fam6
+
+    written: list[Service] = []
+    changed = readded = False
+    for spec in upserts:
+        key = spec.key
+        svc = Service(spec.name, spec.namespace, spec.port, vip4[key], vip6.get(key),
+                      spec.hostnames, spec.vip is not None, spec.vip6 is not None)
+        prev = old_services.get(key)
+        if prev is not None and prev == svc:
+            svc = prev
+        else:
+            changed = True
+        readded = readded or key in deleted
+        written.append(svc)
+    dropped = [key for key in deleted if key not in seen]  # deleted for good
+    services: Mapping[ServiceKey, Service]
+    if changed or dropped or readded:
+        changed = changed or bool(dropped)
+        services = _copy(old_services)
+        for key in deleted:
+            del services[key]
+        for svc in written:
+            services[svc.key] = svc  # in place if it stays, else appended, as the rebuild orders
+    else:
+        services = old_services
+
+    hostnames = _patch_hostnames(reg, removed, upserts, services, policy.domains)
+    if hostnames is None:
+        return None
+
+    ns_ports, ports = reg.ns_ports, reg.ports
+    added = [spec for spec in upserts if spec.key not in old_services]
+    if dropped or added:
+        ns_counts, port_counts = _copy(ns_ports), _copy(ports)
+        for key in dropped:
+            _uncount(ns_counts, (key[1], key[2]))
+            _uncount(port_counts, key[2])
+        for spec in added:
+            ns_port = (spec.namespace, spec.port)
+            ns_counts[ns_port] = ns_counts.get(ns_port, 0) + 1
+            port_counts[spec.port] = port_counts.get(spec.port, 0) + 1
+        ns_ports, ports = ns_counts, port_counts
+
+    return Registry(
+        revision=reg.revision + 1 if changed else reg.revision,
+        services=services,
+        by_vip4=by_vip4,
+        by_vip6=by_vip6,
+        hostnames=hostnames,
+        held4=held4,
+        held6=held6,
+        ns_ports=ns_ports,
+        ports=ports,
+        _index=_Index(index.domains, index.range4, index.range6, idx4, idx6),
+    )
+
+
+def _copy(table: Mapping[_K, _V]) -> dict[_K, _V]:
+    # dict.copy() clones the table as it is, holes left by deletes included;
+    # dict(table) re-inserts every entry when there is a hole (3x slower).
+    return table.copy() if isinstance(table, dict) else dict(table)
+
+
+def _uncount(counts: dict[_K, int], item: _K) -> None:
+    n = counts[item]
+    if n > 1:
+        counts[item] = n - 1
+    else:
+        del counts[item]
+
+
+class _InUse:
+    """A family's VIP table as the patch leaves it, without copying it."""
+
+    __slots__ = ("gone", "old", "taken")
+
+    def __init__(self, old: Mapping[int, ServiceKey], gone: Mapping[int, ServiceKey],
+                 taken: Mapping[int, ServiceKey]) -> None:
+        self.old, self.gone, self.taken = old, gone, taken
+
+    def __contains__(self, vip: object) -> bool:
+        return vip in self.taken or (vip in self.old and vip not in self.gone)
+
+
+class _Either:
+    """In use before this write or claimed by it: never handed to a newcomer."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Container[int], b: Container[int]) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, vip: object) -> bool:
+        return vip in self.a or vip in self.b
+
+
+_PatchResult = tuple[dict[ServiceKey, int], Mapping[int, ServiceKey], Held, _FamilyIndex]
+
+
+def _patch_family(family: int, reg: Registry, fam: _FamilyIndex, rng: VipRange | None,
+                  removed: Sequence[Service], upserts: Sequence[ServiceSpec],
+                  deleted: Mapping[ServiceKey, Service], now: float,
+                  release: float) -> _PatchResult | None:
+    """``_assign`` for a patch: the VIPs of the upserts and the new tables, None if rejected."""
+    v4 = family == 4
+    old_by_vip = reg.by_vip4 if v4 else reg.by_vip6
+    old_held = reg.held4 if v4 else reg.held6
+    first, last = (rng.first, rng.last) if rng is not None else (1, 0)
+    unexpired, held_in_range, held_sorted = _unexpired(old_held, fam, first, last, now)
+    held: Held = old_held if unexpired is None else unexpired
+    gone: dict[int, ServiceKey] = {}  # addresses the patch frees
+    for svc in removed:
+        vip = svc.vip if v4 else svc.vip6
+        if vip is not None:
+            gone[vip] = svc.key
+    taken: dict[int, ServiceKey] = {}  # addresses the patch claims
+    in_use = _InUse(old_by_vip, gone, taken)
+    assigned: dict[ServiceKey, int] = {}
+    unheld: list[int] = []  # held addresses claimed again
+
+    # 1. Explicit VIPs.
+    open_keys: list[ServiceKey] = []
+    for spec in upserts:
+        vip = spec.vip if v4 else spec.vip6
+        if vip is None:
+            open_keys.append(spec.key)
+        elif vip in in_use:
+            return None  # used by another service: 409
+        else:
+            taken[vip] = spec.key
+            assigned[spec.key] = vip
+            if vip in held:
+                unheld.append(vip)
+                if first <= vip <= last:
+                    held_in_range -= 1
+    if rng is not None and open_keys:
+        # 2. Kept VIPs.
+        old_services = reg.services
+        pending: list[ServiceKey] = []
+        for key in open_keys:
+            prev = old_services.get(key)
+            vip = None if prev is None else prev.vip if v4 else prev.vip6
+            if vip is not None and first <= vip <= last:
+                if vip in in_use:
+                    return None  # given to another service in this patch: 409
+                taken[vip] = key
+                assigned[key] = vip
+            else:
+                pending.append(key)
+        # 3. Held VIPs back to their identity (the last one held for it).
+        fresh = pending
+        if pending and held:
+            wanted = set(pending)
+            owned = {owner: vip for vip, (_, owner) in held.items()
+                     if owner in wanted and vip not in taken}
+            if owned:
+                fresh = []
+                for key in pending:
+                    vip = owned.get(key)
+                    if vip is not None and first <= vip <= last:
+                        taken[vip] = key
+                        assigned[key] = vip
+                        unheld.append(vip)
+                        held_in_range -= 1
+                    else:
+                        fresh.append(key)
+        # 4. New addresses after the highest one in use before this write. Addresses
+        # the write frees stay unavailable: they are held from newcomers (SPEC §3).
+        if fresh:
+            claimed = sum(1 for v in taken if first <= v <= last and v not in old_by_vip)
+            if rng.size - fam.in_range - claimed - held_in_range < len(fresh):
+                return None  # exhausted: 507
+            fresh = _rebuild_order(fresh, reg.services, deleted)
+            cursor = _top(fam, old_by_vip, first, last) + 1
+            vips = rng.allocate_many(cursor, len(fresh), _Either(old_by_vip, taken), held)
+            if vips is None:  # pragma: no cover - guarded by the count above
+                return None
+            for key, vip in zip(fresh, vips, strict=True):
+                taken[vip] = key
+                assigned[key] = vip
+
+    # The new tables: shared with the old snapshot when the patch leaves them as they are.
+    by_vip: Mapping[int, ServiceKey] = old_by_vip
+    if len(gone) != len(taken) or any(taken.get(v) != k for v, k in gone.items()):
+        by_vip_new = _copy(old_by_vip)
+        for vip in gone:
+            del by_vip_new[vip]
+        by_vip_new.update(taken)
+        by_vip = by_vip_new
+    released = [(vip, key) for vip, key in gone.items() if vip not in taken]
+    if unheld or released:
+        held_new = _copy(held) if unexpired is None else unexpired
+        for vip in unheld:
+            del held_new[vip]
+        if released:
+            if not held_new:
+                held_sorted = True
+            elif next(reversed(held_new.values()))[0] > release:
+                held_sorted = False
+            for vip, key in released:
+                held_new[vip] = (release, key)
+            held_in_range += sum(1 for vip, _ in released if first <= vip <= last)
+        held = held_new
+    in_range = fam.in_range + _count_in(taken, first, last) - _count_in(gone, first, last)
+    top = _next_top(fam.top, assigned, in_use, first, last)
+    return assigned, by_vip, held, _FamilyIndex(in_range, held_in_range, held_sorted, top)
+
+
+def _count_in(vips: Iterable[int], first: int, last: int) -> int:
+    return sum(1 for v in vips if first <= v <= last)
+
+
+def _unexpired(old: Held, fam: _FamilyIndex, first: int, last: int, now: float
+               ) -> tuple[dict[int, tuple[float, ServiceKey]] | None, int, bool]:
+    """The held table without its expired entries (None: none expired, use it as
+    it is), how many of those are in range, and whether it is in release order."""
+    if not old:
+        return None, 0, True
+    if fam.held_sorted:
+        expired: list[int] = []
+        for vip, (until, _) in old.items():
+            if until > now:
+                break
+            expired.append(vip)
+        if not expired:
+            return None, fam.held_in_range, True
+        held = _copy(old)
+        for vip in expired:
+            del held[vip]
+        return held, fam.held_in_range - _count_in(expired, first, last), True
+    held = {v: h for v, h in old.items() if h[0] > now}
+    return held, _count_in(held, first, last), _in_release_order(held)
+
+
+def _rebuild_order(fresh: list[ServiceKey], old_services: Mapping[ServiceKey, Service],
+                   deleted: Container[ServiceKey]) -> list[ServiceKey]:
+    """``fresh`` in the order the full rebuild meets them (it allocates in that order):
+    services rewritten in place first, in registry order, then the others in patch order."""
+    staying = [key for key in fresh if key in old_services and key not in deleted]
+    if not staying:
+        return fresh
+    if len(staying) > 1:
+        wanted = set(staying)
+        staying = [key for key in old_services if key in wanted]
+    return staying + [key for key in fresh if key not in old_services or key in deleted]
+
+
+def _top(fam: _FamilyIndex, by_vip: Mapping[int, ServiceKey], first: int, last: int) -> int:
+    if fam.top is None:
+        fam.top = _top_of(by_vip, first, last)  # a cache: the snapshot itself does not change
+    return fam.top
+
+
+def _next_top(old_top: int | None, assigned: Mapping[ServiceKey, int], in_use: Container[int],
+              first: int, last: int) -> int | None:
+    """The highest VIP in use in range after a patch, if it is known without a scan."""
+    if old_top is None:
+        return None
+    added = max((v for v in assigned.values() if first <= v <= last), default=None)
+    if old_top < first or old_top in in_use:  # none in range before, or the top stays
+        return old_top if added is None or added < old_top else added
+    if added is not None and added > old_top:
+        return added
+    return None
+
+
+def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequence[ServiceSpec],
+                     services: Mapping[ServiceKey, Service],
+                     domains: tuple[str, ...]) -> Mapping[str, ServiceKey] | None:
+    """``_check_hostnames`` for a patch: the host name table, None if rejected."""
+    old = reg.hostnames
+    freed = {host: svc.key for svc in removed for host in svc.hostnames}
+    claimed: dict[str, ServiceKey] = {}
+
+    def owner_of(host: str) -> ServiceKey | None:
+        owner = claimed.get(host)
+        if owner is None and host not in freed:
+            owner = old.get(host)
+        return owner
+
+    for spec in upserts:
+        key = spec.key
+        for host in spec.hostnames:
+            owner = owner_of(host)
+            if owner is None:
+                if host in domains:
+                    return None  # an apex: 400
+                owner = _generated_owner(host, services, domains)
+                if owner is not None and owner != key:
+                    return None  # another service's own name: 409
+                claimed[host] = key
+            elif owner != key:
+                return None  # another service's host name: 409
+    old_services = reg.services
+    for spec in upserts:
+        key = spec.key
+        if key in old_services:
+            continue  # its own names were never anybody's host name
+        for domain in domains:
+            for name in (canonical_name(*key, domain), kuma_name(*key, domain)):
+                owner = None if name is None else owner_of(name)
+                if owner is not None and owner != key:
+                    return None  # a new service whose name another one lists: 409
+    if len(freed) == len(claimed) and all(claimed.get(h) == k for h, k in freed.items()):
+        return old
+    hostnames = _copy(old)
+    for host in freed:
+        del hostnames[host]
+    hostnames.update(claimed)
+    return hostnames
+
+
