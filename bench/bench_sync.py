@@ -225,8 +225,8 @@ def markdown(res: dict[str, Any], command: str) -> str:
         f"the state file: {res['rss_fresh_loaded']:.0f} MiB, vs {res['rss_fresh_empty']:.0f} MiB "
         f"empty; start-up with the state file {res['load_s']:.1f} s).",
         "- Method: VIPs allocated by meshdns (none given); every 10th service has one extra host "
-        "name. A PATCH re-computes the whole snapshot in the core (O(n)) and rewrites the whole "
-        "state file, so its cost grows with the registry; the work runs in a worker thread, "
+        "name. A PATCH is computed incrementally in the core and appended to the state file's "
+        "journal (one fsynced line), not a rewrite of the snapshot; the work runs in a worker thread, "
         "DNS keeps answering meanwhile.",
         "",
     ]

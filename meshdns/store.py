@@ -145,8 +145,10 @@ class RegistryStore:
         # would have nothing to start from.
         if journal is not None and base is not None and not mirror and not self.mirror \
                 and journal.has_room(len(reg)) and self.state_file.exists():
-            journal.append(journal_entry(base, reg))
-            return
+            entry = journal_entry(base, reg)
+            if entry is not None:
+                journal.append(entry)
+                return
         write_state(self.state_file, reg, mirror)
         if journal is not None:
             journal.reset()  # the snapshot holds everything the journal did
@@ -379,12 +381,15 @@ def _held_diff(old: Any, new: Any, fmt: Callable[[int], str]) -> dict[str, Any]:
             "clear": [fmt(v) for v in old if v not in new]}
 
 
-def journal_entry(base: Registry, new: Registry) -> dict[str, Any]:
-    """What ``new`` changes relative to ``base`` (unchanged services cost a compare)."""
+def journal_entry(base: Registry, new: Registry) -> dict[str, Any] | None:
+    """What ``new`` changes relative to ``base`` (unchanged services cost a compare);
+    None when that is a large part of the registry: a snapshot is the better write."""
     old_services, services = base.services, new.services
-    upsert = [_record(s) for k, s in services.items()
-              if (o := old_services.get(k)) is not s and o != s]
+    changed = [s for k, s in services.items() if (o := old_services.get(k)) is not s and o != s]
     delete = [list(k) for k in old_services if k not in services]
+    if len(changed) + len(delete) > max(1000, len(services) // 10):
+        return None
+    upsert = [_record(s) for s in changed]
     return {"revision": new.revision, "upsert": upsert, "delete": delete,
             "held4": _held_diff(base.held4, new.held4, fast_ip4),
             "held6": _held_diff(base.held6, new.held6, fast_ip6)}

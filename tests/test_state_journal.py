@@ -154,3 +154,17 @@ def test_a_journal_without_its_snapshot_is_never_replayed(tmp_path: Path) -> Non
     s2.patch(specs("x"), [])  # no snapshot yet: this write is one
     assert state.exists()
     same(restarted(state), s2.registry)
+
+
+def test_a_write_that_changes_much_of_the_registry_is_a_snapshot(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    s = new_store(state)
+    s.load_initial(None)
+    s.put(specs("a"))
+    s.patch(specs("b"), [])  # small: journal
+    assert len(journal_path(state).read_bytes().splitlines()) == 1
+    # 1200 changed services (given VIPs: the test's /24 range holds 252): a snapshot.
+    s.put([ServiceSpec(f"n{i}", "ns", 80, vip=0x0A000000 + i) for i in range(1200)])
+    assert journal_path(state).read_bytes() == b""
+    assert read_state(state, POLICY, 1000.0).revision == s.registry.revision
+    same(restarted(state), s.registry)
