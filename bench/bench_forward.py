@@ -50,7 +50,8 @@ from meshdns.config import parse_config  # noqa: E402
 from meshdns.core.resolver import ForwardRequest  # noqa: E402
 from meshdns.dns.forwarder import Forwarder  # noqa: E402
 from meshdns.server import MeshServer  # noqa: E402
-from tests.fake_upstream import FakeUpstream, Unbound, free_port_pair  # noqa: E402
+from tests.fake_upstream import FakeUpstream, Unbound  # noqa: E402
+from tests.support import free_port as free_port_pair  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 RESULTS = REPO / "bench" / "results" / "forward.md"

@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import dns.exception
 import dns.message
 import dns.query
 import yaml
+
+from .support import free_port
 
 T = TypeVar("T")
 
@@ -94,21 +95,6 @@ def dns_query(addr: tuple[str, int], name: str, rdtype: str = "A",
 def a_records(addr: tuple[str, int], name: str) -> list[str]:
     reply = dns_query(addr, name)
     return [rr.address for rrset in reply.answer for rr in rrset if rrset.rdtype == 1]
-
-
-def free_port() -> int:
-    """A loopback port free for TCP and UDP right now (another process may still take it)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                    u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise OSError("no free loopback port")
 
 
 @dataclass

@@ -37,6 +37,8 @@ import dns.message
 import dns.query
 from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
+from .support import free_port
+
 LOCAL = "127.0.0.1"
 
 
@@ -333,21 +335,6 @@ UNBOUND_DATA = [
 ] + [f"big.example.test. 300 IN A 192.0.2.{i}" for i in range(1, 101)]  # > 1232 bytes
 
 
-def free_port_pair() -> int:
-    """A loopback port free for UDP and TCP right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind((LOCAL, 0))
-            port = int(u.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind((LOCAL, port))
-                except OSError:
-                    continue
-            return port
-    raise OSError("no free port pair on loopback")
-
-
 class Unbound:
     """unbound serving ``UNBOUND_DATA`` on 127.0.0.1:<free port>, in the foreground."""
 
@@ -355,7 +342,7 @@ class Unbound:
                  data: list[str] | None = None) -> None:
         self.dir = Path(directory)
         self.binary = binary
-        self.port = port or free_port_pair()
+        self.port = port or free_port()
         lines = "\n".join(f'    local-data: "{rr}"' for rr in (data or UNBOUND_DATA))
         self.conf = self.dir / "unbound.conf"
         self.conf.write_text(UNBOUND_CONF.format(port=self.port, dir=self.dir, data=lines))

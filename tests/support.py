@@ -37,6 +37,22 @@ DEMO_SERVICES: list[dict[str, Any]] = [
 ]
 
 
+def free_port() -> int:
+    """A 127.0.0.1 port free for both UDP and TCP right now (DNS binds both; another
+    process may still take it before the caller does)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise OSError("no loopback port free for both UDP and TCP")
+
+
 def have_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import pytest
 import yaml
 
 import meshdns
+
+from .support import free_port
 
 REPO = Path(meshdns.__file__).resolve().parent.parent
 SEED = {"services": [
@@ -48,21 +49,6 @@ def meshdns_cmd(*args: str) -> list[str]:
 def run(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(meshdns_cmd(*args), capture_output=True, text=True, timeout=timeout,
                           cwd=cwd, env=clean_env(), check=False)
-
-
-def free_port() -> int:
-    """A loopback port free for both UDP and TCP right now."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return int(port)
-    raise RuntimeError("no free loopback port")
 
 
 def write_config(tmp: Path, extra: dict[str, Any] | None = None,

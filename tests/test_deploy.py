@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ import yaml
 
 from meshdns import __version__
 from meshdns.config import parse_config
+
+from .support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -123,21 +124,6 @@ def healthcheck_command(stage: list[Instruction]) -> list[str]:
     _, sep, command = args.partition("CMD ")
     assert sep, "HEALTHCHECK must use CMD"
     return exec_form(command)
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (DNS listens on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return int(port)
-    raise RuntimeError("no free port")
 
 
 def http_status(url: str, timeout: float = 2.0) -> int:

@@ -15,22 +15,7 @@ from meshdns.resolvconf import parse_resolv_conf, read_resolv_conf
 from meshdns.server import effective_upstreams
 
 from .fake_upstream import FakeUpstream, wait_until
-from .support import ServerThread, make_config, query, running_server
-
-
-def free_port() -> int:
-    """A loopback port free for UDP and TCP right now (the server binds it next)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise OSError("no free port")
+from .support import ServerThread, free_port, make_config, query, running_server
 
 
 def upstreams_of(tmp: Path, dns_section: dict[str, Any], resolv: str = "") -> tuple[

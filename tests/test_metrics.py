@@ -20,7 +20,7 @@ import dns.rcode
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .support import ServerThread, make_config, query, running_server
+from .support import ServerThread, free_port, make_config, query, running_server
 
 REPO = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -162,19 +162,13 @@ def test_dashboard_uses_only_exposed_metrics(demo_server: ServerThread) -> None:
     assert not unknown
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.skipif(shutil.which("prometheus") is None and not os.environ.get("CI"),
                     reason="prometheus not installed (.ci/run installs it)")
 def test_real_prometheus_scrapes_registry_size(tmp_path: Path) -> None:
     with running_server(make_config(tmp_path)) as server:
         api = server.mesh.api_address
         assert api is not None
-        prom_port = _free_port()
+        prom_port = free_port()
         (tmp_path / "prometheus.yml").write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: meshdns\n"

@@ -21,24 +21,9 @@ import dns.rcode
 import pytest
 import yaml
 
-from .support import DEMO_SERVICES
+from .support import DEMO_SERVICES, free_port
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT")
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (checked, then released)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def children(pid: int) -> list[int]:
