@@ -75,11 +75,13 @@ def _parse_hostnames(raw_hosts: Any, path: str) -> tuple[str, ...]:
 
 
 def parse_service(item: Any, path: str) -> ServiceSpec:
-    return _parse_service(item, path, set())
+    return _parse_service(item, path, {})
 
 
-def _parse_service(item: Any, path: str, namespaces: set[str]) -> ServiceSpec:
-    """``parse_service``; ``namespaces`` holds namespaces already found valid (they repeat)."""
+def _parse_service(item: Any, path: str, namespaces: dict[str, str]) -> ServiceSpec:
+    """``parse_service``; ``namespaces`` holds namespaces already found valid (they repeat),
+    and every service of a namespace shares one string object for it (JSON decoding
+    makes one per occurrence: a million services would otherwise hold a million)."""
     if type(item) is not dict and not isinstance(item, Mapping):
         raise _bad("must be an object with name, namespace and port", path)
     if not item.keys() <= _SERVICE_FIELDS:
@@ -95,7 +97,7 @@ def _parse_service(item: Any, path: str, namespaces: set[str]) -> ServiceSpec:
             and is_rfc1123_label(name) and type(namespace) is str
             and (namespace in namespaces or is_rfc1123_label(namespace))):
         name, namespace, port = _parse_key_fields(item, path)
-    namespaces.add(namespace)
+    namespace = namespaces.setdefault(namespace, namespace)
     vip = get("vip")
     if vip is not None:
         vip = parse_ip4(vip) if type(vip) is str else None
@@ -114,7 +116,7 @@ def _parse_service(item: Any, path: str, namespaces: set[str]) -> ServiceSpec:
 def parse_services(value: Any, path: str = "services") -> list[ServiceSpec]:
     if not isinstance(value, list):
         raise _bad("must be a list of services", path)
-    namespaces: set[str] = set()
+    namespaces: dict[str, str] = {}
     return [_parse_service(item, f"{path}[{i}]", namespaces) for i, item in enumerate(value)]
 
 
