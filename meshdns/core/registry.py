@@ -165,6 +165,13 @@ def apply_put(reg: Registry, specs: Sequence[ServiceSpec], policy: RegistryPolic
               now: float, path: str = "services") -> Registry:
     """The registry that replaces ``reg`` wholesale with ``specs``."""
     keys = [spec.key for spec in specs]
+    old = reg.services
+    if old:
+        # A service already present is keyed by its stored strings, not by the equal
+        # ones just decoded from the request: those then die with the request
+        # instead of doubling the names a re-PUT of 1M services keeps alive.
+        keys = [k if (p := old.get(k)) is None else (p.name, p.namespace, p.port)
+                for k in keys]
     where = dict(zip(keys, range(len(keys)), strict=True))
     if len(where) != len(keys):
         seen: dict[ServiceKey, int] = {}
