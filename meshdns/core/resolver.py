@@ -71,21 +71,32 @@ class Tally:
         key = (rcode, source)
         self.responses[key] = self.responses.get(key, 0) + n
 
-    def fold(self, proto: str, entries: dict[bytes, _Entry]) -> None:
-        for e in entries.values():
+    def copy(self) -> Tally:
+        out = Tally()
+        out.requests = dict(self.requests)
+        out.responses = dict(self.responses)
+        out.dropped, out.truncated = self.dropped, self.truncated
+        return out
+
+    def fold(self, proto: str, entries: dict[bytes, _Entry], reset: bool = True) -> None:
+        """Add the entries' hits; ``reset=False`` leaves them counted there too."""
+        for e in list(entries.values()):
             if e.hits:
                 key = (proto, e.qtype)
                 self.requests[key] = self.requests.get(key, 0) + e.hits
                 self.response(e.rcode, "local", e.hits)
-                e.hits = 0
+                if reset:
+                    e.hits = 0
 
-    def fold_forwards(self, proto: str, entries: dict[bytes, _Forward]) -> None:
+    def fold_forwards(self, proto: str, entries: dict[bytes, _Forward],
+                      reset: bool = True) -> None:
         # Requests only: the forwarder counts the replies (cache or upstream).
-        for f in entries.values():
+        for f in list(entries.values()):
             if f.hits:
                 key = (proto, f.query.qtype)
                 self.requests[key] = self.requests.get(key, 0) + f.hits
-                f.hits = 0
+                if reset:
+                    f.hits = 0
 
 
 class _Entry:
@@ -196,21 +207,11 @@ class Resolver:
     def snapshot_counts(self) -> Tally:
         """Totals including hits not yet folded (for a scrape; the cache is untouched)."""
         st = self._state
-        out = Tally()
-        out.requests = dict(self.tally.requests)
-        out.responses = dict(self.tally.responses)
-        out.dropped, out.truncated = self.tally.dropped, self.tally.truncated
-        for proto, entries in (("udp", st.udp), ("tcp", st.tcp)):
-            for e in list(entries.values()):
-                if e.hits:
-                    key = (proto, e.qtype)
-                    out.requests[key] = out.requests.get(key, 0) + e.hits
-                    out.response(e.rcode, "local", e.hits)
-        for proto, forwards in (("udp", st.fwd_udp), ("tcp", st.fwd_tcp)):
-            for f in list(forwards.values()):
-                if f.hits:
-                    key = (proto, f.query.qtype)
-                    out.requests[key] = out.requests.get(key, 0) + f.hits
+        out = self.tally.copy()
+        out.fold("udp", st.udp, reset=False)
+        out.fold("tcp", st.tcp, reset=False)
+        out.fold_forwards("udp", st.fwd_udp, reset=False)
+        out.fold_forwards("tcp", st.fwd_tcp, reset=False)
         return out
 
     # The two entry points the transports call, per datagram / per framed message.
