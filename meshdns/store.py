@@ -223,12 +223,7 @@ def fast_ip6(vip: int) -> str:
 
 
 def state_document(reg: Registry, mirror: bool = False) -> dict[str, Any]:
-    services = [
-        {"name": s.name, "namespace": s.namespace, "port": s.port, "vip": fast_ip4(s.vip),
-         "vip6": None if s.vip6 is None else fast_ip6(s.vip6), "hostnames": list(s.hostnames),
-         "vip_given": s.vip_given, "vip6_given": s.vip6_given}
-        for s in reg.services.values()
-    ]
+    services = [_record(s) for s in reg.services.values()]
 
     def held(table: Any, fmt: Callable[[int], str]) -> list[list[Any]]:
         return [[fmt(v), t, list(k)] for v, (t, k) in table.items()]
@@ -264,11 +259,7 @@ def write_state(path: Path, reg: Registry, mirror: bool = False) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path)
 
 
 def remove_stale_temp_files(path: Path) -> None:
