@@ -132,7 +132,7 @@ class MeshCollector:
         yield free
         yield CounterMetricFamily(PREFIX + "vip_pool_exhausted",
                                   "Writes rejected because a VIP range was exhausted.",
-                                  value=getattr(store, "exhausted", 0))
+                                  value=store.exhausted)
 
         sync = CounterMetricFamily(PREFIX + "sync_requests", "Registry API requests.",
                                    labels=["op", "code"])

@@ -62,6 +62,7 @@ class RegistryStore:
         self.registry = resolver.zone.registry
         self.loaded = False
         self.last_update = 0.0  # wall time of the last published change
+        self.exhausted = 0  # writes rejected because a VIP range was exhausted
         self.listeners: list[Callable[[Registry], None]] = []
         # A mirror holds a registry pulled from a leader (follower mode): every VIP
         # was given by the leader, none is allocated here, not even a missing vip6.
@@ -76,11 +77,22 @@ class RegistryStore:
     # ------------------------------------------------------------ writes
 
     def put(self, specs: Sequence[ServiceSpec]) -> Registry:
-        return self._commit(apply_put(self.registry, specs, self.policy, self.clock()))
+        return self._commit(self._compute(
+            lambda base: apply_put(base, specs, self.policy, self.clock()), self.registry))
 
     def patch(self, upserts: Sequence[ServiceSpec], deletes: Iterable[ServiceKey]) -> Registry:
-        return self._commit(apply_patch(self.registry, upserts, deletes, self.policy,
-                                        self.clock()))
+        return self._commit(self._compute(
+            lambda base: apply_patch(base, upserts, deletes, self.policy, self.clock()),
+            self.registry))
+
+    def _compute(self, compute: Callable[[Registry], Registry], base: Registry) -> Registry:
+        """Every write's computation goes through here, so rejections can be counted."""
+        try:
+            return compute(base)
+        except RegistryError as exc:
+            if exc.status == 507:
+                self.exhausted += 1  # meshdns_vip_pool_exhausted_total
+            raise
 
     def replace_snapshot(self, reg: Registry) -> Registry:
         """Adopt a snapshot computed elsewhere (a follower's pull), persisting it first."""
@@ -122,7 +134,7 @@ class RegistryStore:
                 base = self.registry
                 if check is not None:
                     check(base)
-                new = await asyncio.to_thread(compute, base)
+                new = await asyncio.to_thread(self._compute, compute, base)
                 if self.registry is not base:
                     continue
                 if not self._changes(base, new, mirror):

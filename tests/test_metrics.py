@@ -251,3 +251,20 @@ def test_a_follower_exposes_the_age_of_its_last_sync(tmp_path: Path) -> None:
             assert 0 <= age < 60
             assert abs(last - time.time()) < 60
             assert value(snap, "meshdns_registry_services") == 3
+
+
+def test_an_exhausted_vip_range_is_a_507_and_counted(tmp_path: Path) -> None:
+    """SPEC §3: the write is rejected whole (507, clear message, metric), nothing changes."""
+    cfg = make_config(tmp_path, {"registry": {"cidr": "240.0.0.0/29", "cidr6": None}},
+                      services=[{"name": "a", "namespace": "x", "port": 80}])
+    with running_server(cfg) as server:
+        before = samples(scrape(server))
+        revision = server.mesh.store.revision
+        body = {"upsert": [{"name": f"n{i}", "namespace": "x", "port": 80} for i in range(6)]}
+        assert http(server, "PATCH", "/v1/services", body) == 507
+        after = samples(scrape(server))
+        assert value(after, "meshdns_vip_pool_exhausted_total") \
+            - value(before, "meshdns_vip_pool_exhausted_total") == 1
+        assert server.mesh.store.revision == revision
+        assert value(after, "meshdns_registry_services") == 1
+        assert value(after, "meshdns_vip_pool_free", family="ipv4") == 5
