@@ -141,15 +141,21 @@ def start_all(names: list[str], workdir: Path, services: list[datagen.Svc],
     return servers, notes
 
 
-def workers2(workdir: Path, services: list[datagen.Svc], qfile: Path, rounds: int,
-             seconds: float, perf_opts: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
-    """meshdns with 2 workers vs unbound with 2 threads, or the reason it was skipped."""
+def workers2(workdir: Path, services: list[datagen.Svc], qfiles: dict[str, Path],
+             rounds: int, seconds: float, perf_opts: dict[str, Any]
+             ) -> tuple[list[dict[str, Any]], str]:
+    """meshdns with 2 workers (steered by CPU, and by the kernel's hash) vs unbound with 2
+    threads, per query set; or no sets and the reason it was skipped."""
     with contextlib.ExitStack() as stack:
         try:
-            mesh = stack.enter_context(peers.running("meshdns", workdir, services, workers=2))
+            mesh = stack.enter_context(peers.running("meshdns", workdir, services, workers=2,
+                                                     steering="cpu"))
+            hashed = stack.enter_context(peers.running("meshdns", workdir, services,
+                                                       workers=2, steering="hash"))
         except peers.ServerFailed as exc:
             return [], ("skipped: meshdns did not start with `dns.workers: 2`: "
                         + str(exc).splitlines()[0][:300])
+        hashed.name = "meshdns-2w-hash"
         time.sleep(0.5)  # give forked workers a moment to appear
         pids = mesh.pids()
         if len(pids) < 2:
@@ -157,11 +163,22 @@ def workers2(workdir: Path, services: list[datagen.Svc], qfile: Path, rounds: in
                         f"process (pids {pids}); SO_REUSEPORT workers are not implemented yet")
         unb = stack.enter_context(peers.running("unbound", workdir, services, threads=2))
         opts = dict(perf_opts, clients=4, threads=2)
-        print(f"  workers2: meshdns pids {pids}, unbound-2t pid {unb.pids()}", flush=True)
-        per = run_rounds([mesh, unb], qfile, "a", rounds, seconds, opts)
-        return summarize(per, unb.name, "a"), (
-            f"dnsperf with `-c {opts['clients']} -T {opts['threads']}` so SO_REUSEPORT "
-            "spreads the client sockets over the workers")
+        print(f"  workers2: meshdns pids {pids}, meshdns-2w-hash pids {hashed.pids()}, "
+              f"unbound-2t pid {unb.pids()}", flush=True)
+        sets = []
+        for kind, qfile in qfiles.items():
+            print(f"\n  2 workers, query set {datagen.QUERY_SETS[kind]}", flush=True)
+            per = run_rounds([mesh, hashed, unb], qfile, kind, rounds, seconds, opts)
+            sets.append({"kind": kind, "label": f"{datagen.QUERY_SETS[kind]}, 2 workers",
+                         "servers": summarize(per, unb.name, kind)})
+        return sets, (
+            f"dnsperf with `-c {opts['clients']} -T {opts['threads']}` (4 client sockets from "
+            "2 threads). `meshdns-2w` is `dns.workers: 2` with its default steering on "
+            "loopback (`dns.worker_steering: cpu`: a cBPF program on the SO_REUSEPORT group "
+            "hands each query to the process of the CPU it arrived on); `meshdns-2w-hash` "
+            "is the same with `dns.worker_steering: hash` (the kernel's hash of the client "
+            "address and port, as unbound's `so-reuseport` uses). unbound: num-threads 2, "
+            "so-reuseport yes.")
 
 
 def profile(workdir: Path, services: list[datagen.Svc], qfile: Path, seconds: float) -> str:
@@ -307,16 +324,17 @@ def main() -> int:
         for srv in servers:
             srv.stop()
         w2_md: list[str] = []
-        if not args.no_workers2 and "a" in qfiles:
+        if not args.no_workers2:
             print("\n  meshdns 2 workers vs unbound 2 threads ...", flush=True)
-            w2_rows, w2_note = workers2(work, services, qfiles["a"], args.rounds,
-                                        args.seconds, perf_opts)
-            data["workers2"] = {"rows": w2_rows, "note": w2_note}
+            w2_sets, w2_note = workers2(work, services, qfiles, args.rounds, args.seconds,
+                                        perf_opts)
+            data["workers2"] = {"sets": w2_sets, "note": w2_note}
             print(f"  {w2_note}")
-            w2_md = ["## meshdns 2 workers vs unbound 2 threads (A-only)", "", w2_note, ""]
-            if w2_rows:
-                w2_md += [report.table(HEADERS, table_rows(w2_rows)), ""]
-                print(report.text_table(HEADERS, table_rows(w2_rows)))
+            w2_md = ["## meshdns 2 workers vs unbound 2 threads", "", w2_note, ""]
+            for qset in w2_sets:
+                w2_md += [f"### {qset['label']}", "",
+                          report.table(HEADERS, table_rows(qset["servers"])), ""]
+                print(report.text_table(HEADERS, table_rows(qset["servers"])))
         if args.profile and "a" in qfiles:
             print("\n  profiling meshdns with py-spy ...", flush=True)
             prof = profile(work, services, qfiles.get("mix", qfiles["a"]), args.seconds)

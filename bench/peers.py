@@ -289,7 +289,7 @@ def soa_probe(port: int, apex: str = "mesh") -> Callable[[], bool]:
 
 def meshdns_config(workdir: Path, port: int, api_port: int, seed: Path | None,
                    workers: int = 1, max_body: int = 1 << 31,
-                   answer_cache: int | None = None) -> Path:
+                   answer_cache: int | None = None, steering: str | None = None) -> Path:
     resolv = workdir / "resolv.conf"
     resolv.write_text("# empty: meshdns must never forward during a benchmark\n")
     cfg: dict[str, Any] = {
@@ -301,19 +301,23 @@ def meshdns_config(workdir: Path, port: int, api_port: int, seed: Path | None,
     }
     if answer_cache is not None:
         cfg["dns"]["answer_cache_size"] = answer_cache
+    if steering is not None:
+        cfg["dns"]["worker_steering"] = steering
     path = workdir / f"meshdns-{port}.yaml"
     path.write_text(json.dumps(cfg, indent=1))  # JSON is valid YAML
     return path
 
 
 def start_meshdns(workdir: Path, services: Sequence[Svc] | None, *, workers: int = 1,
-                  answer_cache: int | None = None, ready_timeout: float = 300.0) -> Server:
+                  answer_cache: int | None = None, steering: str | None = None,
+                  ready_timeout: float = 300.0) -> Server:
     """meshdns serving ``services`` from a seed file, or an empty registry (None)."""
     port, api_port = free_port(), free_port()
     seed = None
     if services is not None:
         seed = write_meshdns_seed(workdir / f"seed-{port}.json", services)
-    conf = meshdns_config(workdir, port, api_port, seed, workers, answer_cache=answer_cache)
+    conf = meshdns_config(workdir, port, api_port, seed, workers, answer_cache=answer_cache,
+                          steering=steering)
     log = workdir / f"meshdns-{port}.log"
     proc = spawn([project_python(), "-m", "meshdns", "serve", "--config", str(conf)], log,
                  cwd=REPO)

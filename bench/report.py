@@ -179,7 +179,8 @@ def plot(png: Path) -> str:
     except ImportError:
         return "results.png not drawn: matplotlib is not installed (pip install matplotlib)."
     data = json.loads(data_path.read_text())
-    sets = [s for s in data.get("sets", []) if s.get("servers")]
+    w2 = data.get("workers2") or {}
+    sets = [s for s in [*data.get("sets", []), *w2.get("sets", [])] if s.get("servers")]
     if not sets:
         return "results.png not drawn: macro.json has no results."
     metrics = (("qps_median", "queries/s (median)", False),
@@ -190,7 +191,8 @@ def plot(png: Path) -> str:
     for col, qset in enumerate(sets):
         names = [s["name"] for s in qset["servers"]]
         colors = ["tab:orange" if n.startswith("meshdns") else "tab:blue" for n in names]
-        short = "A-only" if qset.get("kind") == "a" else "mix"
+        short = ("A-only" if qset.get("kind") == "a" else "mix") + (
+            ", 2 workers/threads" if "2 workers" in qset.get("label", "") else "")
         for row, (key, title, log) in enumerate(metrics):
             values = [s.get(key, 0.0) for s in qset["servers"]]
             ax = axes[row][col]

@@ -53,6 +53,7 @@ class DnsConfig:
     resolv_conf: str = "/etc/resolv.conf"  # where empty upstreams/search come from
     answer_cache_size: int = 100_000  # pre-encoded local replies, per transport
     max_inflight: int = 1000  # upstream queries in flight; past it, SERVFAIL
+    worker_steering: str = "auto"  # dns.workers UDP: "cpu", "hash" or auto (cpu on loopback)
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "resolv_conf": lambda p, v: _opt_str(p, v) or _fail_none(p, v),
         "answer_cache_size": _int(16, 10_000_000),
         "max_inflight": _int(1, 1_000_000),
+        "worker_steering": _choice("auto", "cpu", "hash"),
     },
     "api": {
         "listen": _listen,

@@ -20,6 +20,7 @@ from .core.resolver import Resolver
 from .core.vip import VipRange
 from .core.zone import Zone, ZoneSettings
 from .dns import querylog
+from .dns.reuseport import steer_by_cpu
 from .dns.transport import BatchedUdp, TcpDnsProtocol, TcpLimits, UdpDnsProtocol
 from .metrics import Histogram, make_registry
 from .resolvconf import read_resolv_conf
@@ -249,6 +250,8 @@ class MeshServer:
                     tcp_sock.close()
                     continue  # that port is taken for TCP: pick another pair
                 tcp_sock.listen(1024)
+                if reuse_port:
+                    self._steer(udp_sock, hp.host)
             except BaseException:
                 udp_sock.close()
                 tcp_sock.close()
@@ -271,6 +274,22 @@ class MeshServer:
             self.listeners.addresses.append(HostPort(hp.host, port))
             return
         raise OSError(f"no port free for both UDP and TCP on {hp.host}")
+
+    def _steer(self, udp_sock: socket.socket, host: str) -> None:
+        """dns.workers: which process gets a UDP query (dns.worker_steering, reuseport.py)."""
+        mode = self.config.dns.worker_steering
+        if mode == "auto":
+            mode = "cpu" if ipaddress.ip_address(host).is_loopback else "hash"
+        steered = False
+        if mode == "cpu":
+            try:
+                steered = steer_by_cpu(udp_sock, self.config.dns.workers)
+            except OSError as exc:
+                log.warning("dns.workers: cannot steer UDP queries by CPU (%s)", exc)
+        if self.worker_id is None:
+            log.info("dns.workers: UDP queries on %s go to the process %s", host,
+                     "of the CPU they arrive on" if steered
+                     else "the kernel's hash of the client address picks")
 
     def _forward_fn(self) -> Any:
         return self.forwarder.resolve if self.forwarder is not None else None

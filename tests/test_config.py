@@ -91,6 +91,7 @@ def test_no_config_means_every_default() -> None:
     assert cfg.registry.state_file is None and cfg.registry.seed_file is None
     assert cfg.registry.follow is None and cfg.registry.follow_token is None
     assert (cfg.log.level, cfg.log.format, cfg.log.queries) == ("info", "text", False)
+    assert cfg.dns.worker_steering == "auto"
 
 
 def test_the_spec_block_itself_is_a_valid_config_equal_to_the_defaults() -> None:
@@ -168,6 +169,8 @@ def test_values_are_read_and_normalized() -> None:
      'registry.follow: must be an http:// or https:// URL or null, got "ftp://x"'),
     ({"log": {"level": "loud"}}, 'log.level: must be one of debug, info, warning, error, got "loud"'),
     ({"log": {"format": "xml"}}, 'log.format: must be one of text, json, got "xml"'),
+    ({"dns": {"worker_steering": "random"}},
+     'dns.worker_steering: must be one of auto, cpu, hash, got "random"'),
     ({"log": {"queries": "yes"}}, 'log.queries: must be true or false, got "yes"'),
     ({"dns": [1]}, "dns: must be a mapping, got [1]"),
     ([1, 2], "config: must be a mapping of sections, got [1, 2]"),

@@ -21,6 +21,8 @@ import dns.rcode
 import pytest
 import yaml
 
+from meshdns.dns.reuseport import allowed_cpus
+
 from .support import DEMO_SERVICES, free_port
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT")
@@ -33,9 +35,28 @@ def children(pid: int) -> list[int]:
 
 
 def ask(port: int, name: str) -> dns.message.Message:
-    # A fresh socket per query: a new source port, so SO_REUSEPORT spreads the queries
-    # over the processes.
     return dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=3)
+
+
+@contextlib.contextmanager
+def pinned(cpu: int) -> Iterator[None]:
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def from_every_cpu(port: int, name: str, per_cpu: int = 4) -> list[dns.message.Message]:
+    """Ask from each CPU in turn. The processes' UDP sockets are steered by CPU
+    (meshdns/dns/reuseport.py): on loopback the sender's CPU picks the process, so
+    this reaches every process; on one CPU the kernel's hash spreads fresh ports."""
+    answers = []
+    for cpu in allowed_cpus():
+        with pinned(cpu):
+            answers += [ask(port, name) for _ in range(per_cpu)]
+    return answers
 
 
 def ask_with_retry(port: int, name: str) -> dns.message.Message:
@@ -123,9 +144,8 @@ def test_two_processes_share_the_port_and_every_write_is_seen_by_both(
         name = f"rw{i}"
         reply = patch(api, {"upsert": [{"name": name, "namespace": "kong", "port": 80}]})
         assert reply["services"] == len(DEMO_SERVICES) + i + 1
-        # Read-your-writes across processes: 8 fresh source ports right after the 200.
-        for _ in range(8):
-            answer = ask(port, f"{name}.kong.svc.80.mesh")
+        # Read-your-writes across processes: from every CPU right after the 200.
+        for answer in from_every_cpu(port, f"{name}.kong.svc.80.mesh"):
             assert answer.rcode() == dns.rcode.NOERROR, f"round {i}: a process missed the write"
             assert answer.answer
 
@@ -145,8 +165,8 @@ def test_a_killed_worker_is_restarted_and_the_main_keeps_answering(
     wait_for(lambda: len(children(proc.pid)) == 1 and children(proc.pid)[0] != worker)
     wait_for(lambda: _udp_owners(port) == 2)
     patch(api, {"upsert": [{"name": "after", "namespace": "kong", "port": 80}]})
-    for _ in range(8):
-        assert ask(port, "after.kong.svc.80.mesh").rcode() == dns.rcode.NOERROR
+    for answer in from_every_cpu(port, "after.kong.svc.80.mesh"):
+        assert answer.rcode() == dns.rcode.NOERROR
 
 
 def test_sigterm_stops_the_workers_too(
@@ -157,3 +177,33 @@ def test_sigterm_stops_the_workers_too(
     assert proc.wait(20) == 0
     wait_for(lambda: not Path(f"/proc/{worker}").exists(), 20)
     assert _udp_owners(port) == 0
+
+
+@pytest.mark.skipif(len(allowed_cpus()) < 2, reason="steering by CPU needs 2 CPUs")
+def test_udp_queries_are_steered_to_the_process_of_their_cpu(
+        two_workers: tuple[subprocess.Popen[bytes], int, int]) -> None:
+    # The main process bound first (socket 0 of the group), the worker second (socket 1):
+    # CPU number k of this process's allowed CPUs sends to socket k % 2. With the worker
+    # stopped, queries from the main's CPU are answered and one from the worker's CPU
+    # waits in the worker's socket until it is resumed, answered by it then.
+    proc, port, _ = two_workers
+    (worker,) = children(proc.pid)
+    main_cpu, worker_cpu = allowed_cpus()[:2]
+    query = dns.message.make_query("frontend.kong.svc.80.mesh", "A")
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        with pinned(main_cpu):
+            for _ in range(5):
+                assert ask(port, "frontend.kong.svc.80.mesh").rcode() == dns.rcode.NOERROR
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            with pinned(worker_cpu):
+                s.sendto(query.to_wire(), ("127.0.0.1", port))
+            s.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                s.recv(512)  # the stopped worker holds it
+            os.kill(worker, signal.SIGCONT)
+            s.settimeout(10)
+            reply = dns.message.from_wire(s.recv(512))
+            assert reply.id == query.id and reply.rcode() == dns.rcode.NOERROR
+    finally:
+        os.kill(worker, signal.SIGCONT)
