@@ -10,10 +10,12 @@ would: one ``PUT /v1/services`` with the whole snapshot. Measured:
   snapshot), and a re-PUT of the identical snapshot (the steady-state push);
 - PATCH-to-visible: PATCH one new service, then poll DNS until it answers;
   time from sending the PATCH to the first correct answer (median of several);
-- qps: dnsperf A-only over names sampled from the registry, after a warm pass.
+- qps: dnsperf A-only over names sampled from the registry, after a warm pass,
+  rounds alternating between the sizes.
 
-If the API has no PUT route yet (404/405), the registry is loaded from a seed
-file instead, the start-to-ready time is reported, and PATCH is skipped.
+Every size's server stays up until the end, and the qps rounds alternate
+between the sizes, so the ratio to the smallest size is measured under the
+same machine conditions.
 
 Usage: python bench/scale.py [--sizes 10000 100000] [--million] [--seconds 5] [--rounds 3]
 """
@@ -73,7 +75,9 @@ def wait_visible(port: int, svc: datagen.Svc, deadline_s: float = 30.0) -> float
     return None
 
 
-def one_size(n: int, work: Path, rounds: int, seconds: float, patches: int) -> dict[str, Any]:
+def load_size(n: int, work: Path, patches: int, stack: contextlib.ExitStack
+              ) -> tuple[dict[str, Any], peers.Server | None, Path | None]:
+    """Start a meshdns for ``n`` services, PUT, re-PUT, PATCH; leave it running (in stack)."""
     res: dict[str, Any] = {"n": n, "notes": []}
     print(f"\n== {n:,} services", flush=True)
     services = datagen.generate(n)
@@ -81,97 +85,93 @@ def one_size(n: int, work: Path, rounds: int, seconds: float, patches: int) -> d
     res["body_mb"] = len(body) / 1e6
     d = work / f"n{n}"
     d.mkdir()
-    srv = peers.start_meshdns(d, None)
-    try:
-        res["rss_empty_kb"] = srv.rss_kb()
-        base = f"http://127.0.0.1:{srv.api_port}"
-        loaded_by = "PUT"
-        try:
-            t0 = time.perf_counter()
-            code, doc = http("PUT", f"{base}/v1/services", body)
-            res["put_s"] = time.perf_counter() - t0
-            if code != 200:
-                raise RuntimeError(f"PUT answered {code}: {doc}")
-            print(f"  PUT {res['body_mb']:.1f} MB: {res['put_s']:.2f} s -> {doc}", flush=True)
-            res["rss_loaded_kb"] = srv.rss_kb()
-            res["hwm_load_kb"] = peers.proc_status_kb(srv.pid, "VmHWM")
-            t0 = time.perf_counter()
-            code, doc = http("PUT", f"{base}/v1/services", body)
-            res["reput_s"] = time.perf_counter() - t0
-            print(f"  re-PUT identical: {res['reput_s']:.2f} s -> {doc}", flush=True)
-        except NoRoute as exc:
-            loaded_by = "seed file"
-            res["notes"].append(f"{exc}: the PUT route is not there yet, loaded from a seed "
-                                "file instead (start-to-ready time shown as sync time)")
-            srv.stop()
-            t0 = time.perf_counter()
-            srv = peers.start_meshdns(d, services, ready_timeout=1800)
-            res["put_s"] = time.perf_counter() - t0
-            res["rss_loaded_kb"] = srv.rss_kb()
-            res["hwm_load_kb"] = peers.proc_status_kb(srv.pid, "VmHWM")
-            base = f"http://127.0.0.1:{srv.api_port}"
-        res["loaded_by"] = loaded_by
-        rng = random.Random(n)
-        for svc in rng.sample(services, 5):
-            got = peers.dns_query(srv.port, svc.fqdn, "A")
-            if got is None or got[1] != [svc.vip]:
-                raise RuntimeError(f"{svc.fqdn}: expected {svc.vip}, got {got}")
+    srv = stack.enter_context(peers.running("meshdns", d, None))
+    res["rss_empty_kb"] = srv.rss_kb()
+    base = f"http://127.0.0.1:{srv.api_port}"
+    t0 = time.perf_counter()
+    code, doc = http("PUT", f"{base}/v1/services", body)
+    res["put_s"] = time.perf_counter() - t0
+    if code != 200:
+        raise RuntimeError(f"PUT answered {code}: {doc}")
+    print(f"  PUT {res['body_mb']:.1f} MB: {res['put_s']:.2f} s -> {doc}", flush=True)
+    res["rss_loaded_kb"] = srv.rss_kb()
+    res["hwm_load_kb"] = peers.proc_status_kb(srv.pid, "VmHWM")
+    t0 = time.perf_counter()
+    code, doc = http("PUT", f"{base}/v1/services", body)
+    res["reput_s"] = time.perf_counter() - t0
+    print(f"  re-PUT identical: {res['reput_s']:.2f} s -> {doc}", flush=True)
+    del body
+    rng = random.Random(n)
+    for svc in rng.sample(services, 5):
+        got = peers.dns_query(srv.port, svc.fqdn, "A")
+        if got is None or got[1] != [svc.vip]:
+            raise RuntimeError(f"{svc.fqdn}: expected {svc.vip}, got {got}")
 
-        visible, rtts = [], []
-        for k in range(patches):
-            probe = datagen.Svc(f"probe{k}", "bench", 80,
-                                f"241.0.{k // 256}.{k % 256}", f"fd00:fd00::ffff:0:0:{k:x}")
-            patch = json.dumps({"upsert": [probe.to_json()], "delete": []}).encode()
-            t0 = time.perf_counter()
-            try:
-                code, doc = http("PATCH", f"{base}/v1/services", patch)
-            except NoRoute as exc:
-                res["notes"].append(f"{exc}: PATCH-to-visible not measured")
-                break
-            rtt = time.perf_counter() - t0
-            if code != 200:
-                res["notes"].append(f"PATCH answered {code}: {doc}")
-                break
-            seen = wait_visible(srv.port, probe)
-            if seen is None:
-                res["notes"].append(f"{probe.fqdn} not visible 30 s after the PATCH")
-                break
-            visible.append(rtt + seen)
-            rtts.append(rtt)
-            time.sleep(0.05)
-        if visible:
-            res["patch_rtt_s"] = report.median(rtts)
-            res["patch_visible_s"] = report.median(visible)
-            res["patch_visible_max_s"] = max(visible)
-            print(f"  PATCH round trip {res['patch_rtt_s'] * 1000:.1f} ms, visible in DNS "
-                  f"after {res['patch_visible_s'] * 1000:.1f} ms (median of {len(visible)})",
-                  flush=True)
+    visible, rtts = [], []
+    for k in range(patches):
+        probe = datagen.Svc(f"probe{k}", "bench", 80,
+                            f"241.0.{k // 256}.{k % 256}", f"fd00:fd00::ffff:0:0:{k:x}")
+        patch = json.dumps({"upsert": [probe.to_json()], "delete": []}).encode()
+        t0 = time.perf_counter()
+        code, doc = http("PATCH", f"{base}/v1/services", patch)
+        rtt = time.perf_counter() - t0
+        if code != 200:
+            res["notes"].append(f"PATCH answered {code}: {doc}")
+            break
+        seen = wait_visible(srv.port, probe)
+        if seen is None:
+            res["notes"].append(f"{probe.fqdn} not visible 30 s after the PATCH")
+            break
+        visible.append(rtt + seen)
+        rtts.append(rtt)
+        time.sleep(0.05)
+    if visible:
+        res["patch_rtt_s"] = report.median(rtts)
+        res["patch_visible_s"] = report.median(visible)
+        res["patch_visible_max_s"] = max(visible)
+        print(f"  PATCH round trip {res['patch_rtt_s'] * 1000:.1f} ms, visible in DNS "
+              f"after {res['patch_visible_s'] * 1000:.1f} ms (median of {len(visible)})",
+              flush=True)
+    res["rss_patched_kb"] = srv.rss_kb()
+    qfile = datagen.write_lines(d / "queries-a.txt",
+                                datagen.query_lines(services, "a", SAMPLE, seed=n))
+    return res, srv, qfile
 
-        res["rss_patched_kb"] = srv.rss_kb()
-        qfile = datagen.write_lines(d / "queries-a.txt",
-                                    datagen.query_lines(services, "a", SAMPLE, seed=n))
+
+def qps_rounds(loaded: list[tuple[dict[str, Any], peers.Server, Path]], rounds: int,
+               seconds: float) -> None:
+    """dnsperf against every loaded size, one warm pass each, then alternating rounds.
+
+    Alternating (10k, 100k, 1M, 10k, ...) puts each size's rounds under the same
+    machine conditions, so the per-round ratio to the smallest size is the figure
+    to read on a shared machine.
+    """
+    for res, srv, qfile in loaded:
         with contextlib.suppress(RuntimeError):
             peers.run_dnsperf(srv.port, qfile, 60, outstanding=50, extra=["-n", "1"])
-        qps, lat, lost = [], [], 0
-        for rnd in range(rounds):
+        res.update(qps_rounds=[], avg_ms_rounds=[], lost=0)
+    for rnd in range(rounds):
+        for res, srv, qfile in loaded:
             r = peers.run_dnsperf(srv.port, qfile, seconds)
-            qps.append(r.qps)
-            lat.append(r.avg_ms)
-            lost += r.lost
-            print(f"  round {rnd + 1}/{rounds}: {r.qps:,.0f} q/s, avg {r.avg_ms:.2f} ms, "
-                  f"lost {r.lost}", flush=True)
-        res.update(qps=report.median(qps), qps_min=min(qps), qps_max=max(qps),
-                   avg_ms=report.median(lat), lost=lost)
+            res["qps_rounds"].append(r.qps)
+            res["avg_ms_rounds"].append(r.avg_ms)
+            res["lost"] += r.lost
+            print(f"  round {rnd + 1}/{rounds} {res['n']:>9,} services: {r.qps:,.0f} q/s, "
+                  f"avg {r.avg_ms:.2f} ms, lost {r.lost}", flush=True)
+    base = loaded[0][0]["qps_rounds"]
+    for res, srv, _ in loaded:
+        q = res["qps_rounds"]
+        res.update(qps=report.median(q), qps_min=min(q), qps_max=max(q),
+                   avg_ms=report.median(res["avg_ms_rounds"]),
+                   vs_smallest=report.median([a / b for a, b in zip(q, base, strict=True)
+                                              if b > 0]))
         res["rss_after_kb"] = srv.rss_kb()
         res["hwm_kb"] = peers.proc_status_kb(srv.pid, "VmHWM")
-        print(f"  RSS empty {report.fmt_kb(res['rss_empty_kb'])}, loaded "
+        print(f"  {res['n']:,}: RSS empty {report.fmt_kb(res['rss_empty_kb'])}, loaded "
               f"{report.fmt_kb(res['rss_loaded_kb'])}, after PATCHes "
               f"{report.fmt_kb(res['rss_patched_kb'])}, after queries "
               f"{report.fmt_kb(res['rss_after_kb'])}, peak {report.fmt_kb(res['hwm_kb'])}",
               flush=True)
-    finally:
-        srv.stop()
-    return res
 
 
 def main() -> int:
@@ -186,21 +186,29 @@ def main() -> int:
         raise SystemExit("dnsperf is not installed (`make bench-tools`)")
     sizes = sorted(set(args.sizes + ([1_000_000] if args.million else [])))
     results = []
-    with tempfile.TemporaryDirectory(prefix="meshdns-scale-") as td:
+    with tempfile.TemporaryDirectory(prefix="meshdns-scale-") as td, \
+            contextlib.ExitStack() as stack:
+        loaded = []
         for n in sizes:
             try:
-                results.append(one_size(n, Path(td), args.rounds, args.seconds, args.patches))
-            except (RuntimeError, peers.ServerFailed, OSError) as exc:
+                res, srv, qfile = load_size(n, Path(td), args.patches, stack)
+                loaded.append((res, srv, qfile))
+                results.append(res)
+            except (RuntimeError, NoRoute, peers.ServerFailed, OSError) as exc:
                 print(f"  {n:,}: failed: {exc}", flush=True)
                 results.append({"n": n, "error": str(exc)[:500], "notes": []})
+        if loaded:
+            print(f"\n== qps: {args.rounds} rounds x {args.seconds:g} s, sizes alternating",
+                  flush=True)
+            qps_rounds(loaded, args.rounds, args.seconds)
 
     def ms(r: dict[str, Any], key: str) -> str:
         return f"{r[key] * 1000:,.1f} ms" if key in r else "-"
 
     headers = ["services", "PUT body", "full sync (PUT)", "re-PUT same", "PATCH round trip",
                "PATCH-to-visible", "RSS empty", "RSS loaded", "RSS after PATCHes",
-               "RSS after queries",
-               "peak RSS", "RSS/service", "qps (median)", "min..max", "avg latency"]
+               "RSS after queries", "peak RSS", "RSS/service", "qps (median)", "min..max",
+               f"vs {sizes[0]:,}", "avg latency"]
     rows = []
     notes = []
     for r in results:
@@ -210,15 +218,14 @@ def main() -> int:
             continue
         per_svc = (r["rss_loaded_kb"] - r["rss_empty_kb"]) * 1024 / r["n"]
         rows.append([
-            f"{r['n']:,}", f"{r['body_mb']:.1f} MB",
-            f"{r['put_s']:.2f} s" + ("" if r["loaded_by"] == "PUT" else " (seed)"),
-            f"{r['reput_s']:.2f} s" if "reput_s" in r else "-",
-            ms(r, "patch_rtt_s"), ms(r, "patch_visible_s"),
+            f"{r['n']:,}", f"{r['body_mb']:.1f} MB", f"{r['put_s']:.2f} s",
+            f"{r['reput_s']:.2f} s", ms(r, "patch_rtt_s"), ms(r, "patch_visible_s"),
             report.fmt_kb(r["rss_empty_kb"]), report.fmt_kb(r["rss_loaded_kb"]),
             report.fmt_kb(r.get("rss_patched_kb", 0)), report.fmt_kb(r["rss_after_kb"]),
             report.fmt_kb(r["hwm_kb"]),
             f"{per_svc:,.0f} B", report.fmt_int(r["qps"]),
-            f"{r['qps_min'] / 1000:.1f}k..{r['qps_max'] / 1000:.1f}k", f"{r['avg_ms']:.2f} ms"])
+            f"{r['qps_min'] / 1000:.1f}k..{r['qps_max'] / 1000:.1f}k",
+            f"{r['vs_smallest']:.2f}x", f"{r['avg_ms']:.2f} ms"])
         notes += [f"{r['n']:,}: {n}" for n in r["notes"]]
     print()
     print(report.text_table(headers, rows))
@@ -240,10 +247,13 @@ def main() -> int:
         f"until it answers; median of {args.patches}, measured from sending the PATCH. "
         "RSS is VmRSS of the meshdns process (/proc/PID/status): empty, right after the PUT, "
         "after the re-PUT and the PATCHes (each builds a new snapshot; CPython keeps freed "
-        "memory in its arenas), and after the qps runs (reply cache filled); *peak* is VmHWM. RSS/service = "
-        "(loaded - empty) / services. qps: dnsperf `-q 200 -c 1 -T 1`, A queries over "
-        f"{SAMPLE:,} names sampled from the registry (fewer if smaller), one warm pass, then "
-        f"{args.rounds} x {args.seconds:g} s, median.",
+        "memory in its arenas), and after the qps runs (reply cache filled); *peak* is "
+        "VmHWM. RSS/service = (loaded - empty) / services. Every size's server stays up "
+        "for the qps part: dnsperf `-q 200 -c 1 -T 1`, A queries over "
+        f"{SAMPLE:,} names sampled from each registry (fewer if smaller), one warm pass "
+        f"each, then {args.rounds} rounds x {args.seconds:g} s alternating between the "
+        f"sizes; qps is the median, *vs {sizes[0]:,}* the median of per-round ratios to "
+        "the smallest size.",
         "",
         report.table(headers, rows),
         "",
@@ -253,7 +263,7 @@ def main() -> int:
     if not args.million:
         md += ["1M services is opt-in: `python bench/scale.py --million`.", ""]
     path = report.write_result("scale", "\n".join(md), {"results": results,
-                                                       "machine": report.machine_info()})
+                                                        "machine": report.machine_info()})
     print(f"\nwrote {path}")
     return 0
 
