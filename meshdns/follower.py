@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from .core.registry import Registry, RegistryError, parse_services, restore
+from .gcpause import gc_paused
 
 if TYPE_CHECKING:
     from .server import MeshServer
@@ -162,6 +163,10 @@ class Follower:
 
     def adopt(self, data: bytes) -> Registry:
         """The leader's registry as a snapshot of ours (pure; runs in a worker thread)."""
+        with gc_paused():
+            return self._adopt(data)
+
+    def _adopt(self, data: bytes) -> Registry:
         try:
             doc: Any = json.loads(data)
         except (ValueError, RecursionError) as exc:

@@ -22,6 +22,7 @@ from .core.zone import Zone, ZoneSettings
 from .dns import querylog
 from .dns.reuseport import steer_by_cpu
 from .dns.transport import BatchedUdp, TcpDnsProtocol, TcpLimits, UdpDnsProtocol
+from .gcpause import gc_paused
 from .metrics import Histogram, make_registry
 from .resolvconf import read_resolv_conf
 from .store import RegistryStore
@@ -168,7 +169,8 @@ class MeshServer:
     async def start(self) -> None:
         for reason in self.loop_refusals:
             log.error("%s", reason)
-        self.loaded_from = self.store.load_initial(self.config.registry.seed_file)
+        with gc_paused():
+            self.loaded_from = self.store.load_initial(self.config.registry.seed_file)
         # The loaded registry is long-lived and acyclic: keep full collections from
         # rescanning it (with many identical followers they would otherwise all pause at
         # once). Objects allocated from here on are collected as usual.

@@ -41,6 +41,7 @@ from .core.registry import (
 from .core.resolver import Resolver
 from .core.vip import format_ip, parse_ip
 from .core.zone import Zone, ZoneSettings
+from .gcpause import gc_paused
 
 log = logging.getLogger("meshdns.registry")
 
@@ -88,7 +89,8 @@ class RegistryStore:
     def _compute(self, compute: Callable[[Registry], Registry], base: Registry) -> Registry:
         """Every write's computation goes through here, so rejections can be counted."""
         try:
-            return compute(base)
+            with gc_paused():
+                return compute(base)
         except RegistryError as exc:
             if exc.status == 507:
                 self.exhausted += 1  # meshdns_vip_pool_exhausted_total

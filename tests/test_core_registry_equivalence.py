@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,7 +37,7 @@ import meshdns.core.patch as patch_module
 import meshdns.core.registry as registry_module
 import meshdns.core.service as service_module
 import meshdns.core.vip as vip_module
-from meshdns.core.names import canonical_name, is_subdomain, kuma_name
+from meshdns.core.names import canonical_name, is_rfc1123_label, is_subdomain, kuma_name
 from meshdns.core.registry import (
     Held,
     Registry,
@@ -753,14 +754,15 @@ def test_an_address_freed_by_a_write_is_held_from_a_newcomer_in_that_write() -> 
 # ---------------------------------------------------------------- parsing
 
 
-IP_ALPHABET = "0123456789abcdefABCDEF:.%/ x\n"
+IP_ALPHABET = "0123456789abcdefABCDEF:.%/ x\nX+-_g"
 
 
 @settings(max_examples=3000, deadline=None, derandomize=True, database=None)
 @given(st.one_of(
     st.text(IP_ALPHABET, max_size=45),
     st.lists(st.sampled_from(["", "0", "1", "00", "01", "9", "99", "255", "256", "1000", "abcd",
-                              "ABCD", "0000", "00000", "ffff", "1.2.3.4", "01.2.3.4"]),
+                              "ABCD", "0000", "00000", "ffff", "1.2.3.4", "01.2.3.4", "0x1",
+                              "0X1", "+1", "-1", "1_0", "g", "\u0661", "a b"]),
              min_size=1, max_size=10).map(":".join),
     st.lists(st.sampled_from(["0", "1", "00", "01", "010", "99", "100", "199", "249", "250",
                               "255", "256", "1000", "", " 1", "\u0661"]),
@@ -788,6 +790,9 @@ def check_parse_ip(text: str) -> None:
     "1::2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8:9", "1:::2", ":1::2", "1::2:",
     "fe80::1%eth0", "::ffff:1.2.3.4", "1.2.3.4\n", "1.2.3.4/32", "", "0.0.0.0", "00.0.0.0",
     "255.255.255.255", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "0:0:0:0:0:0:0:00000",
+    "fd00::0x1", "fd00::0X1", "fd00::+1", "fd00::1_0", "fd00::-1", "fd00::g", "fd00::\u0661",
+    "fd00::ABCD", "fd00::abcde", "::0", "1.2.3", "1.2.3.4.5", "1.2.3.", ".1.2.3", "1.2.3.+4",
+    "1.2.3.4 ", "1.2.3.\u0664", "240.0.48.57", "240.0.48.256", "1234",
 ])
 def test_parse_ip_edge_cases(text: str) -> None:
     check_parse_ip(text)
@@ -820,11 +825,36 @@ def test_parsed_services_are_as_before() -> None:
     got = parse_services(items)
     assert got == [
         ServiceSpec("a", "b", 80),
-        ServiceSpec("a", "b", 81, ip4("240.0.0.1"), ip6("fd00:fd00::1"),
-                    ("a.mesh", "x.example.com")),
+        # Both VIPs given: parsed straight into the Service the registry keeps.
+        Service("a", "b", 81, ip4("240.0.0.1"), ip6("fd00:fd00::1"),
+                ("a.mesh", "x.example.com"), True, True),
         ServiceSpec("c", "d", 65535),
         ServiceSpec("e", "f", 1, None, ip6("::ffff:1.2.3.4")),
     ]
+    assert [type(s) for s in got] == [ServiceSpec, Service, ServiceSpec, ServiceSpec]
+
+
+def test_a_parsed_service_is_kept_as_the_served_one_when_both_vips_are_given() -> None:
+    # The first load keeps the parsed object itself; a re-PUT keeps the stored one.
+    specs = parse_services([{"name": "a", "namespace": "b", "port": 80, "vip": "240.0.0.9",
+                             "vip6": "fd00:fd00::9"},
+                            {"name": "c", "namespace": "b", "port": 80}])
+    reg = apply_put(Registry.empty(), specs, RegistryPolicy(), 0.0)
+    assert reg.services[("a", "b", 80)] is specs[0]
+    assert reg.services[("c", "b", 80)] == Service("c", "b", 80, reg.services[("c", "b", 80)].vip,
+                                                   reg.services[("c", "b", 80)].vip6, (),
+                                                   False, False)
+    again = parse_services([{"name": "a", "namespace": "b", "port": 80, "vip": "240.0.0.9",
+                             "vip6": "fd00:fd00::9"}, {"name": "c", "namespace": "b", "port": 80}])
+    reg2 = apply_put(reg, again, RegistryPolicy(), 0.0)
+    assert reg2.revision == reg.revision
+    assert reg2.services[("a", "b", 80)] is specs[0]
+    moved = parse_services([{"name": "a", "namespace": "b", "port": 80, "vip": "240.0.0.10",
+                             "vip6": "fd00:fd00::9"}])
+    reg3 = apply_put(reg2, moved, RegistryPolicy(), 0.0)
+    assert reg3.services[("a", "b", 80)] is moved[0] and reg3.services[("a", "b", 80)].vip == \
+        ip4("240.0.0.10")
+    assert reg3.by_vip4 == {ip4("240.0.0.10"): ("a", "b", 80)}
 
 
 # ---------------------------------------------------------------- PATCH cost
@@ -911,3 +941,25 @@ def test_patch_work_does_not_grow_with_the_registry() -> None:
             continue
         assert small[what] == large[what], (what, small[what], large[what])
         assert small[what] < 1_000, (what, small[what])
+
+
+LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True, database=None)
+@given(st.one_of(st.text("abcxyzABZ0189-_.\n \u00b2\u0661\u00e9", max_size=70),
+                 st.text("az09", min_size=60, max_size=66)))
+def test_label_check_accepts_exactly_the_rfc1123_pattern(label: str) -> None:
+    assert is_rfc1123_label(label) == bool(LABEL_RE.fullmatch(label)), label
+
+
+def test_a_bad_item_deep_in_a_list_is_named_by_its_path() -> None:
+    items: list[Any] = [{"name": f"s{i}", "namespace": "b", "port": 80} for i in range(50)]
+    items[37] = {"name": "s37", "namespace": "b", "port": 80, "vip": "240.0.0.300"}
+    with pytest.raises(RegistryError) as err:
+        parse_services(items, "upsert")
+    assert err.value.field == "upsert[37].vip"
+    items[37] = {"name": "S37", "namespace": "b", "port": 80}
+    with pytest.raises(RegistryError) as err:
+        parse_services(items)
+    assert err.value.field == "services[37].name"

@@ -27,6 +27,7 @@ from ..core.registry import (
     parse_deletes,
     parse_services,
 )
+from ..gcpause import paused
 from ..store import fast_ip4, fast_ip6
 from ..workers import WORKER_HEADER
 from .body import decode, object_with, read_body
@@ -158,7 +159,7 @@ async def put_services(request: web.Request) -> web.Response:
     st = request.app[STATE_KEY]
     refuse_if_follower(st)
     data, kind = await read_body(request, st.server.config.api.max_body_bytes)
-    specs = await asyncio.to_thread(parse_put, data, kind)
+    specs = await asyncio.to_thread(paused(parse_put), data, kind)
     del data
     store = st.store
 
@@ -172,7 +173,7 @@ async def patch_services(request: web.Request) -> web.Response:
     st = request.app[STATE_KEY]
     refuse_if_follower(st)
     data, kind = await read_body(request, st.server.config.api.max_body_bytes)
-    upserts, deletes = await asyncio.to_thread(parse_patch, data, kind)
+    upserts, deletes = await asyncio.to_thread(paused(parse_patch), data, kind)
     del data
     store = st.store
 

@@ -18,6 +18,9 @@ MAX_NAME_LENGTH = 253  # presentation form without the trailing dot (255 on the 
 
 
 def is_rfc1123_label(label: str) -> bool:
+    if label.isalnum() and label.isascii() and len(label) <= 63:
+        # The common shape, no hyphen: letters and digits, the letters lower-case.
+        return label.islower() or label.isdigit()
     return bool(_LABEL_RE.fullmatch(label))  # fullmatch: "$" would let "web\n" through
 
 

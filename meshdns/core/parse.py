@@ -13,9 +13,11 @@ from .service import (
     _KEY_FIELDS,
     _SERVICE_FIELDS,
     MAX_HOSTNAMES_PER_SERVICE,
+    RegistryError,
     ServiceKey,
     ServiceSpec,
     _bad,
+    _make_service,
     _make_spec,
 )
 from .vip import parse_ip, parse_ip4, parse_ip6
@@ -110,6 +112,10 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str]) -> ServiceS
             vip6 = _parse_vip(get("vip6"), 6, f"{path}.vip6")
     raw_hosts = get("hostnames")
     hostnames = () if raw_hosts is None else _parse_hostnames(raw_hosts, path)
+    if vip is not None and vip6 is not None:
+        # Both VIPs given (a control plane that allocates them): already the Service the
+        # registry keeps, unless the write is rejected.
+        return _make_service(name, namespace, port, vip, vip6, hostnames, True, True)
     return _make_spec(name, namespace, port, vip, vip6, hostnames)
 
 
@@ -117,7 +123,14 @@ def parse_services(value: Any, path: str = "services") -> list[ServiceSpec]:
     if not isinstance(value, list):
         raise _bad("must be a list of services", path)
     namespaces: dict[str, str] = {}
-    return [_parse_service(item, f"{path}[{i}]", namespaces) for i, item in enumerate(value)]
+    try:
+        # Without the item's path: formatting 100k of them costs more than a bad
+        # item's second parse below, which raises the same error with its path.
+        return [_parse_service(item, "", namespaces) for item in value]
+    except RegistryError as exc:
+        for i, item in enumerate(value):
+            _parse_service(item, f"{path}[{i}]", namespaces)
+        raise exc  # pragma: no cover - the failing item fails again, with its path
 
 
 def parse_deletes(value: Any, path: str = "delete") -> list[ServiceKey]:

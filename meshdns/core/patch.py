@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 
 from .names import (
     canonical_name,
@@ -19,7 +19,7 @@ from .registry import (
     _top_of,
 )
 from .service import _K, _V, Service, ServiceKey, ServiceSpec
-from .vip import VipRange
+from .vip import VipRange, count_in
 
 # ---------------------------------------------------------------- incremental PATCH
 #
@@ -67,8 +67,9 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
     changed = readded = False
     for spec in upserts:
         key = spec.key
-        svc = Service(spec.name, spec.namespace, spec.port, vip4[key], vip6.get(key),
-                      spec.hostnames, spec.vip is not None, spec.vip6 is not None)
+        svc = spec if isinstance(spec, Service) else Service(
+            spec.name, spec.namespace, spec.port, vip4[key], vip6.get(key), spec.hostnames,
+            spec.vip is not None, spec.vip6 is not None)
         prev = old_services.get(key)
         if prev is not None and prev == svc:
             svc = prev
@@ -270,8 +271,7 @@ def _patch_family(family: int, reg: Registry, fam: _FamilyIndex, rng: VipRange |
     return assigned, by_vip, held, _FamilyIndex(in_range, held_in_range, held_sorted, top)
 
 
-def _count_in(vips: Iterable[int], first: int, last: int) -> int:
-    return sum(1 for v in vips if first <= v <= last)
+_count_in = count_in
 
 
 def _unexpired(old: Held, fam: _FamilyIndex, first: int, last: int, now: float

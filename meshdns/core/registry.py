@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Collection, Container, Iterable, Mapping, Sequence
+from collections.abc import Collection, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,7 @@ from .service import (
     _make_service,
     describe,
 )
-from .vip import VipRange, format_ip
+from .vip import VipRange, count_in, format_ip
 
 __all__ = [
     "MAX_HOSTNAMES_PER_SERVICE", "Held", "Registry", "RegistryError", "RegistryPolicy",
@@ -172,15 +172,44 @@ def apply_put(reg: Registry, specs: Sequence[ServiceSpec], policy: RegistryPolic
         # instead of doubling the names a re-PUT of 1M services keeps alive.
         keys = [k if (p := old.get(k)) is None else (p.name, p.namespace, p.port)
                 for k in keys]
-    where = dict(zip(keys, range(len(keys)), strict=True))
-    if len(where) != len(keys):
+    by_key = dict(zip(keys, specs, strict=True))
+    if len(by_key) != len(keys):
         seen: dict[ServiceKey, int] = {}
         for i, key in enumerate(keys):
             if key in seen:
                 raise _bad(f"duplicate service {describe(key)} (also {path}[{seen[key]}])",
                            f"{path}[{i}]")
             seen[key] = i
-    return _build(reg, dict(zip(keys, specs, strict=True)), where, policy, now, path)
+    return _build(reg, by_key, _Positions(keys), policy, now, path)
+
+
+class _Positions(Mapping[ServiceKey, int]):
+    """Each key's index in the write, as a mapping built only when first asked.
+
+    Only error messages and services with extra host names ask, so a plain PUT
+    of 100k services does not build a 100k-entry dict for them.
+    """
+
+    def __init__(self, keys: list[ServiceKey]) -> None:
+        self._keys = keys
+        self._map: dict[ServiceKey, int] | None = None
+
+    def _index(self) -> dict[ServiceKey, int]:
+        if self._map is None:
+            self._map = dict(zip(self._keys, range(len(self._keys)), strict=True))
+        return self._map
+
+    def __getitem__(self, key: ServiceKey) -> int:
+        return self._index()[key]
+
+    def __iter__(self) -> Iterator[ServiceKey]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index()
 
 
 def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable[ServiceKey],
@@ -249,19 +278,33 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
     old_services = reg.services
     services: dict[ServiceKey, Service]
     if not old_services:  # a first load, a restore: every service is new
-        services = {key: _make_service(spec.name, spec.namespace, spec.port, vip4[key],
-                                       vip6.get(key), spec.hostnames, spec.vip is not None,
-                                       spec.vip6 is not None)
+        # A spec parsed with both VIPs given is a Service already, with exactly the
+        # VIPs _assign gave it (given ones are kept as they are).
+        services = {key: spec if spec.__class__ is Service else _make_service(
+                        spec.name, spec.namespace, spec.port,
+                        vip4[key] if spec.vip is None else spec.vip,
+                        vip6.get(key) if spec.vip6 is None else spec.vip6,
+                        spec.hostnames, spec.vip is not None, spec.vip6 is not None)
                     for key, spec in specs.items()}
         return _registry(reg.revision + 1 if services else reg.revision, services, by_vip4,
                          by_vip6, hostnames, held4, held6, policy, fam4, fam6)
     services = {}
     kept = 0
     for key, spec in specs.items():
-        v4 = vip4[key]
-        v6 = vip6.get(key)
+        if isinstance(spec, Service):  # both VIPs given: exactly the ones assigned
+            prev = old_services.get(key)
+            if (prev is not None and prev.vip == spec.vip and prev.vip6 == spec.vip6
+                    and prev.hostnames == spec.hostnames and prev.vip_given
+                    and prev.vip6_given):
+                services[key] = prev
+                kept += 1
+            else:
+                services[key] = spec
+            continue
         given4 = spec.vip is not None
         given6 = spec.vip6 is not None
+        v4 = spec.vip if spec.vip is not None else vip4[key]
+        v6 = spec.vip6 if given6 else vip6.get(key)
         prev = old_services.get(key)
         if (prev is not None and prev.vip == v4 and prev.vip6 == v6
                 and prev.hostnames == spec.hostnames and prev.vip_given == given4
@@ -273,13 +316,20 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
                                           spec.hostnames, given4, given6)
     changed = not kept == len(services) == len(old_services)
     return _registry(reg.revision + 1 if changed else reg.revision, services, by_vip4, by_vip6,
-                     hostnames, held4, held6, policy, fam4, fam6)
+                     hostnames, held4, held6, policy, fam4, fam6,
+                     None if changed else (reg.ns_ports, reg.ports))
 
 
 def _registry(revision: int, services: dict[ServiceKey, Service], by_vip4: dict[int, ServiceKey],
               by_vip6: dict[int, ServiceKey], hostnames: dict[str, ServiceKey], held4: Held,
               held6: Held, policy: RegistryPolicy, fam4: _FamilyIndex,
-              fam6: _FamilyIndex) -> Registry:
+              fam6: _FamilyIndex,
+              counts: tuple[Mapping[tuple[str, int], int], Mapping[int, int]] | None = None
+              ) -> Registry:
+    """A snapshot; ``counts`` are the previous snapshot's (ns, port) and port counts when
+    its services are the same ones (a re-PUT of what is there), else they are counted."""
+    if counts is None:
+        counts = dict(Counter(map(_NS_PORT, services))), dict(Counter(map(_PORT, services)))
     return Registry(
         revision=revision,
         services=services,
@@ -288,8 +338,8 @@ def _registry(revision: int, services: dict[ServiceKey, Service], by_vip4: dict[
         hostnames=hostnames,
         held4=held4,
         held6=held6,
-        ns_ports=dict(Counter(map(_NS_PORT, services))),
-        ports=dict(Counter(map(_PORT, services))),
+        ns_ports=counts[0],
+        ports=counts[1],
         _index=_Index(policy.domains, policy.range4, policy.range6, fam4, fam6),
     )
 
@@ -349,7 +399,8 @@ def _assign(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
             stored_first: Iterable[tuple[ServiceKey, ServiceSpec]],
             where: Mapping[ServiceKey, int], rng: VipRange | None, hold_seconds: float,
             now: float, path: str) -> _AssignResult:
-    """VIPs of one family for every service, and what is held afterwards."""
+    """VIPs of one family: the ones chosen here (a given VIP is not repeated: it is its
+    spec's own), the VIP -> service index, and what is held afterwards."""
     v4 = family == 4
     attr = "vip" if v4 else "vip6"
     old_by_vip = reg.by_vip4 if v4 else reg.by_vip6
@@ -373,12 +424,18 @@ def _assign(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
                 raise RegistryError(409, f"{attr} {format_ip(vip, family)} is given to both "
                                     f"{describe(other)} and {describe(key)}",
                                     _field(path, where.get(key, -1), attr))
-    assigned: dict[ServiceKey, int] = dict(zip(given_keys, given, strict=True))
-    in_range = sum(1 for vip in by_vip if first <= vip <= last)
+    # The VIPs chosen here (kept, held back, new): a given one is its spec's own.
+    assigned: dict[ServiceKey, int] = {}
+    in_range = count_in(by_vip, first, last)
     # 2. Kept VIPs: an identity keeps its address while it exists and it is in range.
     pending: list[ServiceKey] = []
-    if rng is not None and len(assigned) < len(specs):
-        unassigned = [key for key in specs if key not in assigned] if assigned else list(specs)
+    if rng is not None and len(given) < len(specs):
+        if not given:
+            unassigned = list(specs)
+        elif v4:
+            unassigned = [key for key, spec in specs.items() if spec.vip is None]
+        else:
+            unassigned = [key for key, spec in specs.items() if spec.vip6 is None]
         if not old_by_vip:  # a first load: nothing to keep
             pending = unassigned
         else:
@@ -417,7 +474,7 @@ def _assign(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
         if fresh:
             freed = {v: (0.0, k) for v, k in old_by_vip.items() if v not in by_vip}
             blocked = {**held, **freed} if freed else held
-            busy = in_range + sum(1 for v in blocked if first <= v <= last)
+            busy = in_range + count_in(blocked, first, last)
             if rng.size - busy < len(fresh):
                 raise _exhausted(family, rng, len(fresh), busy)
             cursor = _top_of(old_by_vip, first, last) + 1
@@ -439,7 +496,7 @@ def _assign(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
     for vip, key in old_by_vip.items():
         if vip not in by_vip:
             held[vip] = (release, key)
-    held_in_range = sum(1 for v in held if first <= v <= last)
+    held_in_range = count_in(held, first, last)
     return assigned, by_vip, held, _FamilyIndex(in_range, held_in_range, _in_release_order(held))
 
 

@@ -53,23 +53,18 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class Service:
-    """A service as served: its IPv4 VIP is always known."""
+class Service(ServiceSpec):
+    """A service as served: its IPv4 VIP is always known.
 
-    name: str
-    namespace: str
-    port: int
-    vip: int
-    vip6: int | None
-    hostnames: tuple[str, ...]
+    A subclass of ServiceSpec so that input naming both VIPs can be parsed
+    straight into the object the registry keeps (no spec to copy from later).
+    """
+
+    vip: int = 0  # a default only because the base's fields before it have one
     # Whether the VIPs were given by the control plane (kept as they are, even
     # outside the CIDR) or allocated here (re-allocated when the CIDR moves away).
     vip_given: bool = False
     vip6_given: bool = False
-
-    @property
-    def key(self) -> ServiceKey:
-        return (self.name, self.namespace, self.port)
 
     def to_spec(self) -> ServiceSpec:
         """The write that would reproduce this service, allocated VIPs left open."""
@@ -92,9 +87,9 @@ class Service:
 # slots straight through their descriptors makes the same object 2-3x faster,
 # which counts when a write builds 100k of them. Only for the hot paths below.
 _new_object = object.__new__
-_SPEC_SLOTS = tuple(ServiceSpec.__dict__[f].__set__ for f in (
+_SPEC_SLOTS = tuple(getattr(ServiceSpec, f).__set__ for f in (
     "name", "namespace", "port", "vip", "vip6", "hostnames"))
-_SERVICE_SLOTS = tuple(Service.__dict__[f].__set__ for f in (
+_SERVICE_SLOTS = tuple(getattr(Service, f).__set__ for f in (
     "name", "namespace", "port", "vip", "vip6", "hostnames", "vip_given", "vip6_given"))
 
 

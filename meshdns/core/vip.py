@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -83,6 +83,11 @@ class VipRange:
         return None
 
 
+def count_in(vips: Iterable[int], first: int, last: int) -> int:
+    """How many of ``vips`` lie in ``first..last`` (one C-level pass; ints only)."""
+    return sum(map(range(first, last + 1).__contains__, vips))
+
+
 def format_ip(vip: int, version: int) -> str:
     if version == 4:
         return str(ipaddress.IPv4Address(vip))
@@ -100,14 +105,30 @@ _PREFIXES: dict[str, tuple[int, int]] = {}
 _MAX_PREFIXES = 1024
 
 
+# The first three octets ("240.0.48") as the address's top 24 bits: VIPs share a few.
+_NETS24: dict[str, int] = {}
+_MAX_NETS24 = 4096
+
+
 def parse_ip4(text: str) -> int | None:
     """``parse_ip(text, 4)``."""
-    parts = text.split(".")
-    if len(parts) == 4:
-        octet = _OCTETS.get
-        a, b, c, d = octet(parts[0]), octet(parts[1]), octet(parts[2]), octet(parts[3])
-        if a is not None and b is not None and c is not None and d is not None:
-            return a << 24 | b << 16 | c << 8 | d
+    head, dot, last = text.rpartition(".")
+    d = _OCTETS.get(last)
+    if d is not None:
+        net = _NETS24.get(head)
+        if net is not None:
+            return net | d
+        parts = head.split(".")
+        if len(parts) == 3:
+            octet = _OCTETS.get
+            a, b, c = octet(parts[0]), octet(parts[1]), octet(parts[2])
+            if a is not None and b is not None and c is not None:
+                net = a << 24 | b << 16 | c << 8
+                if len(_NETS24) < _MAX_NETS24:
+                    _NETS24[head] = net
+                return net | d
+    if not dot:
+        return None  # not even one dot: no IPv4 spelling ipaddress takes
     try:
         return int(ipaddress.IPv4Address(text))
     except ValueError:
@@ -138,8 +159,18 @@ def parse_ip6(text: str) -> int | None:
     """``parse_ip(text, 6)``."""
     head, sep, tail = text.partition("::")
     if sep:  # "::" stands for at least one zero group
-        hi = _prefix(head) if head else (0, 0)
-        lo = _hextets(tail) if tail else (0, 0)
+        hi = (_PREFIXES.get(head) or _prefix(head)) if head else (0, 0)
+        lo: tuple[int, int] | None
+        if 0 < len(tail) <= 4 and tail.isalnum() and tail.isascii() and "x" not in tail \
+                and "X" not in tail:
+            # One group (ASCII letters and digits, no "0x" for int() to skip): int()
+            # decides whether it is hex.
+            try:
+                lo = (int(tail, 16), 1)
+            except ValueError:
+                lo = None
+        else:
+            lo = _hextets(tail) if tail else (0, 0)
         if hi is not None and lo is not None and hi[1] + lo[1] <= 7:
             return hi[0] << 16 * (8 - hi[1]) | lo[0]
     else:
