@@ -177,7 +177,7 @@ class Follower:
         if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
             raise SyncError(f"leader sent a bad revision {revision!r}")
         try:
-            specs = parse_services(doc.get("services"), "services")
+            specs = parse_services(doc.get("services"), "services", consume=True)
             return restore(revision, specs, {}, self.policy, now=self.store.clock())
         except RegistryError as exc:
             raise SyncError(f"leader's registry does not fit this follower: {exc.field}: "

@@ -190,10 +190,12 @@ class MeshServer:
                 self.follower = Follower(self)
                 self.follower.start()
                 await self.follower.first_sync.wait()
-            for hp in self.config.dns.listen:
-                await self._listen(hp)
+            # Imported before binding: once a socket joins the SO_REUSEPORT group the
+            # kernel hands it queries, and a worker busy importing would sit on them.
             from .api.app import ApiServer
 
+            for hp in self.config.dns.listen:
+                await self._listen(hp)
             self.api = ApiServer(self)
             await self.api.start()
             if self.config.registry.follow and self.follower is None:

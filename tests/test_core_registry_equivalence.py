@@ -953,13 +953,24 @@ def test_label_check_accepts_exactly_the_rfc1123_pattern(label: str) -> None:
     assert is_rfc1123_label(label) == bool(LABEL_RE.fullmatch(label)), label
 
 
-def test_a_bad_item_deep_in_a_list_is_named_by_its_path() -> None:
+@pytest.mark.parametrize("consume", [False, True])
+def test_a_bad_item_deep_in_a_list_is_named_by_its_path(consume: bool) -> None:
     items: list[Any] = [{"name": f"s{i}", "namespace": "b", "port": 80} for i in range(50)]
     items[37] = {"name": "s37", "namespace": "b", "port": 80, "vip": "240.0.0.300"}
     with pytest.raises(RegistryError) as err:
-        parse_services(items, "upsert")
+        parse_services(list(items), "upsert", consume=consume)
     assert err.value.field == "upsert[37].vip"
     items[37] = {"name": "S37", "namespace": "b", "port": 80}
     with pytest.raises(RegistryError) as err:
-        parse_services(items)
+        parse_services(list(items), consume=consume)
     assert err.value.field == "services[37].name"
+
+
+def test_consuming_parse_frees_the_items_and_parses_the_same() -> None:
+    items: list[Any] = [{"name": f"s{i}", "namespace": "b", "port": 80 + i % 3,
+                         "vip": f"240.0.0.{i + 1}", "hostnames": [f"h{i}.example.com"]}
+                        for i in range(20)] + [{"name": "x", "namespace": "y", "port": 1}]
+    want = parse_services(items)
+    got = parse_services(items, consume=True)
+    assert got == want
+    assert items == [None] * 21

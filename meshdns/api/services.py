@@ -92,12 +92,13 @@ def encode_registry(reg: Registry) -> bytes:
 
 def parse_put(data: bytes, kind: str) -> list[ServiceSpec]:
     doc = object_with(decode(data, kind), ("services",), ("services",))
-    return _core_parse(lambda: parse_services(doc["services"], "services"))
+    return _core_parse(lambda: parse_services(doc["services"], "services", consume=True))
 
 
 def parse_patch(data: bytes, kind: str) -> tuple[list[ServiceSpec], list[ServiceKey]]:
     doc = object_with(decode(data, kind), ("upsert", "delete"))
-    upserts = _core_parse(lambda: parse_services(doc.get("upsert", []), "upsert"))
+    upserts = _core_parse(lambda: parse_services(doc.get("upsert", []), "upsert",
+                                                 consume=True))
     deletes = _core_parse(lambda: parse_deletes(doc.get("delete", []), "delete"))
     return upserts, deletes
 
