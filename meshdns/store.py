@@ -260,7 +260,8 @@ def write_state(path: Path, reg: Registry, mirror: bool = False) -> None:
     Temp file in the same directory, fsync it, rename over the old one (atomic
     on POSIX), then fsync the directory so the rename itself survives a power cut.
     """
-    data = json.dumps(state_document(reg, mirror), separators=(",", ":")).encode()
+    with gc_paused():  # 100k short-lived dicts: nothing for the collector to find
+        data = json.dumps(state_document(reg, mirror), separators=(",", ":")).encode()
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=directory)
     try:

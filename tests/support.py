@@ -87,6 +87,18 @@ def require_family(family: int) -> None:
         pytest.skip("IPv6 loopback ::1 is not available on this host: the ::1 cases cannot run")
 
 
+@contextmanager
+def pinned(cpu: int) -> Iterator[None]:
+    """Run the calling thread on ``cpu`` only, then restore its affinity. On loopback a
+    datagram is received on the CPU that sent it, which is what dns.workers steer by."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():

@@ -8,31 +8,20 @@ received on the sending CPU, so where each datagram lands is exact.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import select
 import socket
-from collections.abc import Iterator
 
 import pytest
 
 from meshdns.dns.reuseport import allowed_cpus, cpu_program, steer_by_cpu
 
+from .support import pinned
+
 linux_only = pytest.mark.skipif(not hasattr(os, "sched_setaffinity")
                                 or not hasattr(socket, "SO_REUSEPORT"),
                                 reason="needs Linux SO_REUSEPORT and sched_setaffinity")
 two_cpus = pytest.mark.skipif(len(allowed_cpus()) < 2, reason="needs 2 CPUs")
-
-
-@contextlib.contextmanager
-def pinned(cpu: int) -> Iterator[None]:
-    """Run the calling thread on ``cpu`` only, then restore its affinity."""
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def group(n: int, family: int = socket.AF_INET) -> list[socket.socket]:

@@ -23,7 +23,7 @@ import yaml
 
 from meshdns.dns.reuseport import allowed_cpus
 
-from .support import DEMO_SERVICES, free_port
+from .support import DEMO_SERVICES, free_port, pinned
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT")
 
@@ -36,16 +36,6 @@ def children(pid: int) -> list[int]:
 
 def ask(port: int, name: str) -> dns.message.Message:
     return dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=3)
-
-
-@contextlib.contextmanager
-def pinned(cpu: int) -> Iterator[None]:
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def from_every_cpu(port: int, name: str, per_cpu: int = 4) -> list[dns.message.Message]:

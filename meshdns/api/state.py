@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..core.registry import Registry
+from ..gcpause import paused
 
 if TYPE_CHECKING:
     from ..server import MeshServer
@@ -120,7 +121,7 @@ class ApiState:
         """The GET body of ``reg``, encoded once per snapshot however many watchers wake."""
         async with self._body_lock:
             if self._body_for is not reg:
-                self._body = await asyncio.to_thread(encode, reg)
+                self._body = await asyncio.to_thread(paused(encode), reg)
                 self._body_for = reg
             return self._body
 
