@@ -177,7 +177,8 @@ class Follower:
         if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
             raise SyncError(f"leader sent a bad revision {revision!r}")
         try:
-            specs = parse_services(doc.get("services"), "services", consume=True)
+            specs = parse_services(doc.get("services"), "services", consume=True,
+                                   known=self.store.registry.services)
             return restore(revision, specs, {}, self.policy, now=self.store.clock())
         except RegistryError as exc:
             raise SyncError(f"leader's registry does not fit this follower: {exc.field}: "

@@ -974,3 +974,38 @@ def test_consuming_parse_frees_the_items_and_parses_the_same() -> None:
     got = parse_services(items, consume=True)
     assert got == want
     assert items == [None] * 21
+
+
+def test_a_service_written_again_unchanged_is_reused_from_the_known_ones() -> None:
+    items: list[Any] = [
+        {"name": "a", "namespace": "b", "port": 80, "vip": "240.0.0.9", "vip6": "fd00:fd00::9"},
+        {"name": "c", "namespace": "b", "port": 80, "vip": "240.0.0.10",
+         "vip6": "fd00:fd00::10", "hostnames": ["c.example.com"]},
+        {"name": "d", "namespace": "b", "port": 80},  # allocated: never reused
+    ]
+    reg = apply_put(Registry.empty(), parse_services(items), RegistryPolicy(), 0.0)
+    known = reg.services
+    again = parse_services(copy_items(items), known=known)
+    assert again[0] is known[("a", "b", 80)] and again[1] is known[("c", "b", 80)]
+    assert again[2] is not known[("d", "b", 80)] and type(again[2]) is ServiceSpec
+    assert apply_put(reg, again, RegistryPolicy(), 0.0).revision == reg.revision
+    # Any difference makes a new object, equal to what parsing without `known` gives.
+    for change in ({"vip": "240.0.0.99"}, {"vip6": "fd00:fd00::99"}, {"hostnames": []},
+                   {"hostnames": ["x.example.com"]}, {"port": 81}):
+        changed = copy_items(items)
+        changed[1].update(change)
+        got = parse_services(copy_items(changed), known=known)
+        assert got[1] is not known.get(got[1].key)
+        assert got == parse_services(changed)
+    # A known service whose VIPs were allocated here is not what a write giving them means.
+    alloc = apply_put(Registry.empty(), parse_services([{"name": "e", "namespace": "b",
+                                                          "port": 80}]), RegistryPolicy(), 0.0)
+    e = alloc.services[("e", "b", 80)]
+    given = parse_services([{"name": "e", "namespace": "b", "port": 80,
+                             "vip": format_ip(e.vip, 4), "vip6": format_ip(e.vip6 or 0, 6)}],
+                           known=alloc.services)
+    assert given[0] is not e and given[0] == Service("e", "b", 80, e.vip, e.vip6, (), True, True)
+
+
+def copy_items(items: list[Any]) -> list[Any]:
+    return [dict(item) for item in items]

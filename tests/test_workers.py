@@ -148,7 +148,10 @@ def test_a_killed_worker_is_restarted_and_the_main_keeps_answering(
     # A datagram in flight to the dying worker's socket dies with it: seen here as one
     # lost query right at the kill, every later one answered. Clients retry such a loss
     # (glibc, dig: several tries), so the first query after the kill may need a second try.
-    wait_for(lambda: _dead(worker))
+    # Dead means its socket has left the port too: the leader thread turns zombie before
+    # the process's other threads are gone, and the file table (the socket) goes with
+    # the last one; until then the kernel may still hand that socket a query.
+    wait_for(lambda: _dead(worker) and _udp_owners(port) == 1)
     assert ask_with_retry(port, "frontend.kong.svc.80.mesh").rcode() == dns.rcode.NOERROR
     for _ in range(20):  # the main process answers meanwhile (its socket stays bound)
         assert ask(port, "frontend.kong.svc.80.mesh").rcode() == dns.rcode.NOERROR

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
@@ -20,6 +20,7 @@ from aiohttp import hdrs, web
 from ..core.registry import (
     Registry,
     RegistryError,
+    Service,
     ServiceKey,
     ServiceSpec,
     apply_patch,
@@ -90,15 +91,19 @@ def encode_registry(reg: Registry) -> bytes:
                       separators=(",", ":")).encode()
 
 
-def parse_put(data: bytes, kind: str) -> list[ServiceSpec]:
+def parse_put(data: bytes, kind: str,
+              known: Mapping[ServiceKey, Service] | None = None) -> list[ServiceSpec]:
+    """The PUT body's services; ``known`` (those served now) lets unchanged ones be reused."""
     doc = object_with(decode(data, kind), ("services",), ("services",))
-    return _core_parse(lambda: parse_services(doc["services"], "services", consume=True))
+    return _core_parse(lambda: parse_services(doc["services"], "services", consume=True,
+                                              known=known))
 
 
-def parse_patch(data: bytes, kind: str) -> tuple[list[ServiceSpec], list[ServiceKey]]:
+def parse_patch(data: bytes, kind: str, known: Mapping[ServiceKey, Service] | None = None
+                ) -> tuple[list[ServiceSpec], list[ServiceKey]]:
     doc = object_with(decode(data, kind), ("upsert", "delete"))
     upserts = _core_parse(lambda: parse_services(doc.get("upsert", []), "upsert",
-                                                 consume=True))
+                                                 consume=True, known=known))
     deletes = _core_parse(lambda: parse_deletes(doc.get("delete", []), "delete"))
     return upserts, deletes
 
@@ -160,7 +165,7 @@ async def put_services(request: web.Request) -> web.Response:
     st = request.app[STATE_KEY]
     refuse_if_follower(st)
     data, kind = await read_body(request, st.server.config.api.max_body_bytes)
-    specs = await asyncio.to_thread(paused(parse_put), data, kind)
+    specs = await asyncio.to_thread(paused(parse_put), data, kind, st.store.registry.services)
     del data
     store = st.store
 
@@ -174,7 +179,8 @@ async def patch_services(request: web.Request) -> web.Response:
     st = request.app[STATE_KEY]
     refuse_if_follower(st)
     data, kind = await read_body(request, st.server.config.api.max_body_bytes)
-    upserts, deletes = await asyncio.to_thread(paused(parse_patch), data, kind)
+    upserts, deletes = await asyncio.to_thread(paused(parse_patch), data, kind,
+                                               st.store.registry.services)
     del data
     store = st.store
 

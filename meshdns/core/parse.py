@@ -14,6 +14,7 @@ from .service import (
     _SERVICE_FIELDS,
     MAX_HOSTNAMES_PER_SERVICE,
     RegistryError,
+    Service,
     ServiceKey,
     ServiceSpec,
     _bad,
@@ -80,10 +81,16 @@ def parse_service(item: Any, path: str) -> ServiceSpec:
     return _parse_service(item, path, {})
 
 
-def _parse_service(item: Any, path: str, namespaces: dict[str, str]) -> ServiceSpec:
+_NO_SERVICES: Mapping[ServiceKey, Service] = {}
+
+
+def _parse_service(item: Any, path: str, namespaces: dict[str, str],
+                   known: Mapping[ServiceKey, Service] = _NO_SERVICES) -> ServiceSpec:
     """``parse_service``; ``namespaces`` holds namespaces already found valid (they repeat),
     and every service of a namespace shares one string object for it (JSON decoding
-    makes one per occurrence: a million services would otherwise hold a million)."""
+    makes one per occurrence: a million services would otherwise hold a million).
+    ``known``: services already served; one written again unchanged, both VIPs given,
+    is returned as that very object (see ``parse_services``)."""
     if type(item) is not dict and not isinstance(item, Mapping):
         raise _bad("must be an object with name, namespace and port", path)
     if not item.keys() <= _SERVICE_FIELDS:
@@ -115,19 +122,29 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str]) -> ServiceS
     if vip is not None and vip6 is not None:
         # Both VIPs given (a control plane that allocates them): already the Service the
         # registry keeps, unless the write is rejected.
+        if known:
+            prev = known.get((name, namespace, port))
+            if (prev is not None and prev.vip == vip and prev.vip6 == vip6
+                    and prev.hostnames == hostnames and prev.vip_given and prev.vip6_given):
+                return prev
         return _make_service(name, namespace, port, vip, vip6, hostnames, True, True)
     return _make_spec(name, namespace, port, vip, vip6, hostnames)
 
 
-def parse_services(value: Any, path: str = "services", *,
-                   consume: bool = False) -> list[ServiceSpec]:
+def parse_services(value: Any, path: str = "services", *, consume: bool = False,
+                   known: Mapping[ServiceKey, Service] | None = None) -> list[ServiceSpec]:
     """The services of a decoded ``value`` (a list), or RegistryError naming the field.
 
     With ``consume``, each item of ``value`` is replaced by None once parsed, so
     the decoded objects (a dict per service, several times the size of what is
     kept) are freed as parsing goes instead of all at the end: the caller's
     document is used up, and the peak memory of a 1M-service write drops.
+
+    ``known`` (the services being served): an item equal to one of them, both VIPs
+    given, comes back as that object. A control plane re-sending its whole snapshot
+    then allocates nothing that lives on, and the write finds it unchanged at once.
     """
+    known = known or _NO_SERVICES
     if not isinstance(value, list):
         raise _bad("must be a list of services", path)
     namespaces: dict[str, str] = {}
@@ -136,7 +153,7 @@ def parse_services(value: Any, path: str = "services", *,
         append = out.append
         for i, item in enumerate(value):
             try:
-                append(_parse_service(item, "", namespaces))
+                append(_parse_service(item, "", namespaces, known))
             except RegistryError:
                 _parse_service(item, f"{path}[{i}]", namespaces)  # raises, with the path
                 raise  # pragma: no cover
@@ -145,7 +162,7 @@ def parse_services(value: Any, path: str = "services", *,
     try:
         # Without the item's path: formatting 100k of them costs more than a bad
         # item's second parse below, which raises the same error with its path.
-        return [_parse_service(item, "", namespaces) for item in value]
+        return [_parse_service(item, "", namespaces, known) for item in value]
     except RegistryError as exc:
         for i, item in enumerate(value):
             _parse_service(item, f"{path}[{i}]", namespaces)
