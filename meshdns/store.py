@@ -392,8 +392,15 @@ def journal_entry(base: Registry, new: Registry) -> dict[str, Any] | None:
     """What ``new`` changes relative to ``base`` (unchanged services cost a compare);
     None when that is a large part of the registry: a snapshot is the better write."""
     old_services, services = base.services, new.services
-    changed = [s for k, s in services.items() if (o := old_services.get(k)) is not s and o != s]
-    delete = [list(k) for k in old_services if k not in services]
+    delta = new._delta
+    if delta is not None and delta[:2] == (base.revision, len(old_services)):
+        # An incremental PATCH of this very snapshot says which keys it touched.
+        written, deleted = delta[2], delta[3]
+    else:
+        written, deleted = services.keys(), old_services.keys()
+    changed = [s for k in written if (s := services.get(k)) is not None
+               and (o := old_services.get(k)) is not s and o != s]
+    delete = [list(k) for k in deleted if k not in services and k in old_services]
     if len(changed) + len(delete) > max(1000, len(services) // 10):
         return None
     upsert = [_record(s) for s in changed]

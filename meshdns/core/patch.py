@@ -117,6 +117,8 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
         ns_ports=ns_ports,
         ports=ports,
         _index=_Index(index.domains, index.range4, index.range6, idx4, idx6),
+        _delta=(reg.revision, len(old_services), tuple(svc.key for svc in written),
+                tuple(deleted)),
     )
 
 

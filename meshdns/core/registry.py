@@ -92,6 +92,9 @@ class _Index:
                 and self.range6 == policy.range6)
 
 
+Delta = tuple[int, int, tuple[ServiceKey, ...], tuple[ServiceKey, ...]]
+
+
 @dataclass(frozen=True, eq=False)
 class Registry:
     """One immutable registry snapshot plus the indexes DNS answers from."""
@@ -109,6 +112,10 @@ class Registry:
     ports: Mapping[int, int]
     # Bookkeeping that lets a PATCH touch only what it names (None: rebuild whole).
     _index: _Index | None = field(default=None, repr=False)
+    # What an incremental PATCH changed relative to the snapshot it was applied to:
+    # (that snapshot's revision and size, keys written, keys deleted); None when not
+    # known. Lets the state journal record a PATCH without comparing every service.
+    _delta: Delta | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls) -> Registry:
