@@ -16,6 +16,7 @@ from .registry import (
     _generated_owner,
     _in_release_order,
     _Index,
+    _registry,
     _top_of,
 )
 from .service import _K, _V, Service, ServiceKey, ServiceSpec
@@ -106,20 +107,10 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
             port_counts[spec.port] = port_counts.get(spec.port, 0) + 1
         ns_ports, ports = ns_counts, port_counts
 
-    return Registry(
-        revision=reg.revision + 1 if changed else reg.revision,
-        services=services,
-        by_vip4=by_vip4,
-        by_vip6=by_vip6,
-        hostnames=hostnames,
-        held4=held4,
-        held6=held6,
-        ns_ports=ns_ports,
-        ports=ports,
-        _index=_Index(index.domains, index.range4, index.range6, idx4, idx6),
-        _delta=(reg.revision, len(old_services), tuple(svc.key for svc in written),
-                tuple(deleted)),
-    )
+    return _registry(reg.revision + 1 if changed else reg.revision, services, by_vip4, by_vip6,
+                     hostnames, held4, held6, policy, idx4, idx6, (ns_ports, ports),
+                     (reg.revision, len(old_services), tuple(svc.key for svc in written),
+                      tuple(deleted)))
 
 
 def _copy(table: Mapping[_K, _V]) -> dict[_K, _V]:

@@ -327,14 +327,15 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
                      None if changed else (reg.ns_ports, reg.ports))
 
 
-def _registry(revision: int, services: dict[ServiceKey, Service], by_vip4: dict[int, ServiceKey],
-              by_vip6: dict[int, ServiceKey], hostnames: dict[str, ServiceKey], held4: Held,
-              held6: Held, policy: RegistryPolicy, fam4: _FamilyIndex,
-              fam6: _FamilyIndex,
-              counts: tuple[Mapping[tuple[str, int], int], Mapping[int, int]] | None = None
-              ) -> Registry:
-    """A snapshot; ``counts`` are the previous snapshot's (ns, port) and port counts when
-    its services are the same ones (a re-PUT of what is there), else they are counted."""
+def _registry(revision: int, services: Mapping[ServiceKey, Service],
+              by_vip4: Mapping[int, ServiceKey], by_vip6: Mapping[int, ServiceKey],
+              hostnames: Mapping[str, ServiceKey], held4: Held, held6: Held,
+              policy: RegistryPolicy, fam4: _FamilyIndex, fam6: _FamilyIndex,
+              counts: tuple[Mapping[tuple[str, int], int], Mapping[int, int]] | None = None,
+              delta: Delta | None = None) -> Registry:
+    """A snapshot; ``counts`` are its (ns, port) and port counts when already known (the
+    previous snapshot's for a re-PUT of what is there, updated ones for a PATCH), else
+    they are counted; ``delta``: what a PATCH changed (see Registry._delta)."""
     if counts is None:
         counts = dict(Counter(map(_NS_PORT, services))), dict(Counter(map(_PORT, services)))
     return Registry(
@@ -348,6 +349,7 @@ def _registry(revision: int, services: dict[ServiceKey, Service], by_vip4: dict[
         ns_ports=counts[0],
         ports=counts[1],
         _index=_Index(policy.domains, policy.range4, policy.range6, fam4, fam6),
+        _delta=delta,
     )
 
 
