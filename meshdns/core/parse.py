@@ -148,25 +148,19 @@ def parse_services(value: Any, path: str = "services", *, consume: bool = False,
     if not isinstance(value, list):
         raise _bad("must be a list of services", path)
     namespaces: dict[str, str] = {}
-    if consume:
-        out: list[ServiceSpec] = []
-        append = out.append
-        for i, item in enumerate(value):
-            try:
-                append(_parse_service(item, "", namespaces, known))
-            except RegistryError:
-                _parse_service(item, f"{path}[{i}]", namespaces)  # raises, with the path
-                raise  # pragma: no cover
-            value[i] = None
-        return out
-    try:
-        # Without the item's path: formatting 100k of them costs more than a bad
-        # item's second parse below, which raises the same error with its path.
-        return [_parse_service(item, "", namespaces, known) for item in value]
-    except RegistryError as exc:
-        for i, item in enumerate(value):
+    out: list[ServiceSpec] = []
+    append = out.append
+    for i, item in enumerate(value):
+        try:
+            # Without the item's path: formatting 100k of them costs more than a bad
+            # item's second parse below, which raises the same error with its path.
+            append(_parse_service(item, "", namespaces, known))
+        except RegistryError:
             _parse_service(item, f"{path}[{i}]", namespaces)
-        raise exc  # pragma: no cover - the failing item fails again, with its path
+            raise  # pragma: no cover - the failing item fails again, with its path
+        if consume:
+            value[i] = None
+    return out
 
 
 def parse_deletes(value: Any, path: str = "delete") -> list[ServiceKey]:
