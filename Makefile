@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/meshdns.yaml
 
-.PHONY: all venv install run test lint bench bench-all bench-quick bench-tools clean
+.PHONY: all venv install install-test run test lint bench bench-all bench-quick bench-tools clean
 
 all: test
 
@@ -12,37 +12,46 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Reinstall whenever the package metadata changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Two tiers, each reinstalled whenever the package metadata changes: `make run` needs
+# the runtime dependencies only; `make test` and `make lint` add the test extra.
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-run
+
+install-test: $(VENV)/.installed-test
 
 run: install
 	$(BIN)/meshdns serve --config $(CONFIG)
 
 # Every test, then the DNS tests again on the portable UDP path (one datagram per
 # callback) that non-Linux systems and MESHDNS_UDP_BATCH=0 use instead of recvmmsg batches.
-test: install
+test: install-test
 	$(BIN)/python -m pytest -q
 	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q tests/test_smoke.py tests/test_dns_answers.py \
 		tests/test_dns_protocol.py tests/test_forward.py
 
-lint: install
+# ruff, mypy --strict on the whole package, and the import-layer contract (pyproject.toml).
+lint: install-test
 	$(BIN)/ruff check meshdns tests bench
-	$(BIN)/mypy meshdns/core
+	$(BIN)/mypy meshdns
+	$(BIN)/lint-imports
 
 # Core micro benchmark: no external tools needed.
-bench: install
+bench: install-test
 	$(BIN)/python bench/bench_core.py
 
 # Every part (micro, macro vs peers, scale, soak, forward, sync): needs `make bench-tools`.
-bench-all: install
+bench-all: install-test
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run_all.py
 
-bench-quick: install
+bench-quick: install-test
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run_all.py --quick
 

@@ -92,8 +92,8 @@ def serve(mode: str, seed: Path, port_file: Path, workers: int) -> None:
     else:
         port_file.write_text(str(port))
 
+    from meshdns.dns.histogram import Histogram
     from meshdns.dns.transport import UdpDnsProtocol, servfail
-    from meshdns.metrics import Histogram
 
     latency = Histogram()
 

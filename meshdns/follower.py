@@ -20,16 +20,18 @@ import json
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
+from prometheus_client.core import GaugeMetricFamily, Metric
 
-from .core.registry import Registry, RegistryError, parse_services, restore
+from .config import RegistryConfig
+from .core.registry import Registry, RegistryError, RegistryPolicy, parse_services, restore
 from .gcpause import gc_paused
-
-if TYPE_CHECKING:
-    from .server import MeshServer
+from .protocol import WORKER_HEADER
+from .store import RegistryStore
 
 log = logging.getLogger("meshdns.follower")
 
@@ -45,18 +47,18 @@ class Follower:
     BACKOFF_FIRST = 0.25
     BACKOFF_MAX = 10.0
 
-    def __init__(self, server: MeshServer) -> None:
-        cfg = server.config.registry
+    def __init__(self, store: RegistryStore, policy: RegistryPolicy, cfg: RegistryConfig,
+                 max_bytes: int, worker_id: str | None = None) -> None:
         assert cfg.follow is not None
-        self.server = server
-        self.store = server.store
+        self.store = store
+        self.worker_id = worker_id  # a dns.workers process following its main process
         self.leader = cfg.follow
         self.url = f"{cfg.follow}/v1/services"
         self.token = cfg.follow_token
-        self.max_bytes = server.config.api.max_body_bytes
+        self.max_bytes = max_bytes
         # Every VIP comes from the leader: never allocate one here, not even a vip6
         # the leader has none for (that would answer AAAA the leader does not).
-        self.policy = replace(server.policy, range6=None)
+        self.policy = replace(policy, range6=None)
         self.started_at = time.time()
         self.last_success: float | None = None  # wall time of the last 200/304 from the leader
         self.connected = False
@@ -86,11 +88,9 @@ class Follower:
 
     async def _run(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        if self.server.worker_id is not None:
+        if self.worker_id is not None:
             # A dns.workers process: its If-None-Match tells the main which revision it serves.
-            from .workers import WORKER_HEADER
-
-            headers[WORKER_HEADER] = self.server.worker_id
+            headers[WORKER_HEADER] = self.worker_id
         timeout = aiohttp.ClientTimeout(total=None, connect=self.CONNECT_TIMEOUT,
                                         sock_read=self.WAIT + self.READ_SLACK)
         async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
@@ -183,3 +183,18 @@ class Follower:
         except RegistryError as exc:
             raise SyncError(f"leader's registry does not fit this follower: {exc.field}: "
                             f"{exc.message}") from None
+
+
+class FollowerCollector:
+    """meshdns_follow_*: when the follower last pulled from its leader."""
+
+    def __init__(self, follower: Follower) -> None:
+        self.follower = follower
+
+    def collect(self) -> Iterator[Metric]:
+        last = self.follower.last_success or 0.0
+        yield GaugeMetricFamily("meshdns_follow_last_sync_timestamp_seconds",
+                                "Wall time of the follower's last successful pull.", value=last)
+        yield GaugeMetricFamily("meshdns_follow_sync_age_seconds",
+                                "Seconds since the follower's last successful pull.",
+                                value=time.time() - last if last else float("inf"))

@@ -11,21 +11,32 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import __version__
+from .api.state import ApiContext
 from .config import Config, HostPort
 from .core.registry import Registry, RegistryPolicy
 from .core.resolver import Resolver
 from .core.vip import VipRange
 from .core.zone import Zone, ZoneSettings
 from .dns import querylog
+from .dns.histogram import Histogram
+from .dns.metrics import DnsCollector
 from .dns.reuseport import steer_by_cpu
-from .dns.transport import BatchedUdp, TcpDnsProtocol, TcpLimits, UdpDnsProtocol
+from .dns.transport import BatchedUdp, Forward, TcpDnsProtocol, TcpLimits, UdpDnsProtocol
 from .gcpause import gc_paused
-from .metrics import Histogram, make_registry
+from .metrics import new_metrics_registry
 from .resolvconf import read_resolv_conf
 from .store import RegistryStore
+from .store_metrics import StoreCollector
+
+if TYPE_CHECKING:  # imported when started: a process that never forwards, follows or
+    # forks workers does not pay for importing them
+    from .api.app import ApiServer
+    from .dns.forwarder import Forwarder
+    from .follower import Follower
+    from .workers import WorkerPool
 
 log = logging.getLogger("meshdns")
 
@@ -34,7 +45,7 @@ UDP_RCVBUF = 4 * 1024 * 1024
 
 @dataclass
 class Listeners:
-    udp: list[Any] = field(default_factory=list)  # DatagramTransport or BatchedUdp
+    udp: list[asyncio.BaseTransport | BatchedUdp] = field(default_factory=list)
     tcp: list[asyncio.AbstractServer] = field(default_factory=list)
     addresses: list[HostPort] = field(default_factory=list)
 
@@ -133,7 +144,7 @@ class MeshServer:
     def __init__(self, config: Config, worker_id: str | None = None) -> None:
         self.config = config
         self.worker_id = worker_id  # set in a dns.workers process (see workers.py)
-        self.workers: Any = None
+        self.workers: WorkerPool | None = None
         self.policy = registry_policy(config)
         self.upstreams, self.loop_refusals = effective_upstreams(config)
         self.settings = zone_settings(config, forwarding=bool(self.upstreams))
@@ -149,12 +160,17 @@ class MeshServer:
         if not self.counting:
             self.resolver.disable_counting()
         if config.log.queries:
-            self.resolver.handle_udp = querylog.wrap(self.resolver.handle_udp, "udp")  # type: ignore[method-assign]
-            self.resolver.handle_tcp = querylog.wrap(self.resolver.handle_tcp, "tcp")  # type: ignore[method-assign]
-        self.metrics = make_registry(self)
-        self.forwarder: Any = None
-        self.api: Any = None
-        self.follower: Any = None
+            self.resolver.handle_udp = querylog.wrap(self.resolver.handle_udp, "udp")  # type: ignore[method-assign,assignment]
+            self.resolver.handle_tcp = querylog.wrap(self.resolver.handle_tcp, "tcp")  # type: ignore[method-assign,assignment]
+        self.metrics = new_metrics_registry()
+        self.dns_metrics = DnsCollector(self.resolver, self.tcp_limits, self.latency)
+        self.metrics.register(self.dns_metrics)
+        self.metrics.register(StoreCollector(self.store, self.policy))
+        self.forwarder: Forwarder | None = None
+        self.api: ApiServer | None = None
+        self.follower: Follower | None = None
+        self.context = ApiContext(config, self.store, self.resolver, self.upstreams,
+                                  self.metrics)
         self.loaded_from = ""
         self._stopped = asyncio.Event()
 
@@ -179,35 +195,36 @@ class MeshServer:
             from .dns.forwarder import Forwarder
 
             self.forwarder = Forwarder(self.upstreams, self.config.dns, self.resolver.tally)
+            self.dns_metrics.forwarder = self.forwarder
             # Cached upstream answers go back synchronously, like local ones.
             self.resolver.forward_cached = self.forwarder.answer_cached
         try:
             if self.worker_id is not None:
                 # A worker answers nothing before its first registry from the main process:
                 # with SO_REUSEPORT the kernel would otherwise hand it queries it gets wrong.
-                from .follower import Follower
-
-                self.follower = Follower(self)
+                self.follower = self._new_follower()
                 self.follower.start()
                 await self.follower.first_sync.wait()
+                self._following(self.follower)
             # Imported before binding: once a socket joins the SO_REUSEPORT group the
             # kernel hands it queries, and a worker busy importing would sit on them.
             from .api.app import ApiServer
 
             for hp in self.config.dns.listen:
                 await self._listen(hp)
-            self.api = ApiServer(self)
+            self.api = ApiServer(self.context)
             await self.api.start()
             if self.config.registry.follow and self.follower is None:
-                from .follower import Follower
-
-                self.follower = Follower(self)
+                self.follower = self._new_follower()
                 self.follower.start()
+                self._following(self.follower)
             if self.config.dns.workers > 1 and self.worker_id is None:
                 from .workers import WorkerPool
 
-                self.workers = WorkerPool(self, self.config.dns.workers)
-                await self.workers.start()
+                assert self.api.address is not None
+                self.workers = WorkerPool(self.config, self.config.dns.workers)
+                await self.workers.start(self.dns_addresses, self.api.address)
+                self.context.workers = self.workers
         except BaseException:
             await self.stop()
             raise
@@ -224,6 +241,18 @@ class MeshServer:
             self.store.revision, self.loaded_from,
             ", ".join(map(str, self.upstreams)) or "none (non-mesh names REFUSED)",
         )
+
+    def _new_follower(self) -> Follower:
+        from .follower import Follower
+
+        return Follower(self.store, self.policy, self.config.registry,
+                        self.config.api.max_body_bytes, self.worker_id)
+
+    def _following(self, follower: Follower) -> None:
+        from .follower import FollowerCollector
+
+        self.context.follower = follower
+        self.metrics.register(FollowerCollector(follower))
 
     async def _listen(self, hp: HostPort) -> None:
         """UDP and TCP on one address; port 0 picks one port free for both."""
@@ -260,7 +289,7 @@ class MeshServer:
                 udp_sock.close()
                 tcp_sock.close()
                 raise
-            transport: Any = None
+            transport: asyncio.BaseTransport | BatchedUdp | None = None
             if os.environ.get("MESHDNS_UDP_BATCH", "1") != "0":
                 with contextlib.suppress(ImportError):  # not Linux: one datagram per callback
                     transport = BatchedUdp(udp_sock, self.resolver, self._forward_fn(),
@@ -295,16 +324,16 @@ class MeshServer:
                      "of the CPU they arrive on" if steered
                      else "the kernel's hash of the client address picks")
 
-    def _forward_fn(self) -> Any:
+    def _forward_fn(self) -> Forward | None:
         return self.forwarder.resolve if self.forwarder is not None else None
 
     async def stop(self) -> None:
         if self.workers is not None:
             await self.workers.stop()
-            self.workers = None
+            self.workers = self.context.workers = None
         if self.follower is not None:
             await self.follower.stop()
-            self.follower = None
+            self.follower = self.context.follower = None
         if self.api is not None:
             await self.api.stop()
             self.api = None

@@ -22,18 +22,18 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .core.patch import apply_patch
 from .core.registry import (
     Registry,
     RegistryError,
     RegistryPolicy,
     ServiceKey,
     ServiceSpec,
-    apply_patch,
     apply_put,
     parse_services,
     restore,
@@ -395,7 +395,8 @@ def journal_entry(base: Registry, new: Registry) -> dict[str, Any] | None:
     delta = new._delta
     if delta is not None and delta[:2] == (base.revision, len(old_services)):
         # An incremental PATCH of this very snapshot says which keys it touched.
-        written, deleted = delta[2], delta[3]
+        written: Collection[ServiceKey] = delta[2]
+        deleted: Collection[ServiceKey] = delta[3]
     else:
         written, deleted = services.keys(), old_services.keys()
     changed = [s for k in written if (s := services.get(k)) is not None

@@ -20,16 +20,11 @@ import os
 import signal
 import sys
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from .config import Config, HostPort, config_to_raw
 
-if TYPE_CHECKING:
-    from .server import MeshServer
-
 log = logging.getLogger("meshdns.workers")
 
-WORKER_HEADER = "X-Meshdns-Worker"
 WORKER_ENV = "MESHDNS_WORKER_CONFIG"
 CATCH_UP_TIMEOUT = 5.0
 RESPAWN_DELAY = 1.0
@@ -86,18 +81,17 @@ class WorkerRevisions:
 class WorkerPool:
     """Starts, watches and stops the worker processes of one main process."""
 
-    def __init__(self, server: MeshServer, count: int) -> None:
-        self.server = server
+    def __init__(self, config: Config, count: int) -> None:
+        self.config = config
         self.count = count
         self.revisions = WorkerRevisions()
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
-    async def start(self) -> None:
-        api = self.server.api_address
-        assert api is not None
-        cfg = worker_config(self.server.config, self.server.dns_addresses, api)
+    async def start(self, dns: list[HostPort], api: HostPort) -> None:
+        """Spawn the workers: they serve ``dns`` (the bound ports) and follow ``api``."""
+        cfg = worker_config(self.config, dns, api)
         self._env = dict(os.environ, **{WORKER_ENV: json.dumps(config_to_raw(cfg))})
         for i in range(1, self.count):
             worker = f"w{i}"
@@ -137,6 +131,9 @@ class WorkerPool:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def report(self, worker: str, revision: int) -> None:
+        self.revisions.report(worker, revision)
 
     async def caught_up(self, revision: int) -> None:
         if not await self.revisions.caught_up(revision):

@@ -632,6 +632,6 @@ def test_sync_requests_are_counted(server: ServerThread) -> None:
     call(server.api_url, "PATCH", "/v1/services", {"upsert": [svc("a")]})
     call(server.api_url, "PUT", "/v1/services", raw=b"x", content_type="text/plain")
     get(server, "/v1/resolve?name=a.mesh")
-    counts = server.mesh.api.sync_requests
+    counts = server.mesh.api.state.sync_requests
     assert counts == {("get", "200"): 1, ("get", "304"): 1, ("watch", "200"): 1,
                       ("patch", "200"): 1, ("put", "415"): 1}

@@ -1,19 +1,19 @@
 """``make_app`` on its own: no MeshServer, no DNS sockets, aiohttp's test client.
 
-The app needs only an object with ``config``, ``store``, ``resolver``,
-``upstreams`` and ``follower``: this is how the API is unit-tested or embedded.
+The app needs only an ``ApiContext`` (config, store, resolver, upstreams):
+this is how the API is unit-tested or embedded.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
 from meshdns.api.app import make_app
+from meshdns.api.state import ApiContext
 from meshdns.config import parse_config
 from meshdns.core.registry import Registry
 from meshdns.core.resolver import Resolver
@@ -22,20 +22,19 @@ from meshdns.server import registry_policy, zone_settings
 from meshdns.store import RegistryStore, read_state
 
 
-def fake_server(state_file: Path | None = None, **api: Any) -> SimpleNamespace:
+def fake_server(state_file: Path | None = None, **api: Any) -> ApiContext:
     raw: dict[str, Any] = {"api": api} if api else {}
     config = parse_config(raw, env={})
     settings = zone_settings(config, forwarding=False)
     resolver = Resolver(Zone(Registry.empty(), settings))
     store = RegistryStore(registry_policy(config), settings, resolver,
                           str(state_file) if state_file else None, clock=lambda: 1000.0)
-    return SimpleNamespace(config=config, store=store, resolver=resolver, upstreams=[],
-                           follower=None, policy=store.policy)
+    return ApiContext(config=config, store=store, resolver=resolver, upstreams=[])
 
 
-def run(server: SimpleNamespace, scenario: Any) -> None:
+def run(server: ApiContext, scenario: Any) -> None:
     async def main() -> None:
-        async with TestClient(TestServer(make_app(server))) as client:  # type: ignore[arg-type]
+        async with TestClient(TestServer(make_app(server))) as client:
             await scenario(client)
 
     asyncio.run(main())

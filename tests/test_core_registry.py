@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from meshdns.core.patch import apply_patch
 from meshdns.core.registry import (
     Registry,
     RegistryError,
     RegistryPolicy,
     ServiceKey,
-    apply_patch,
     apply_put,
     parse_deletes,
     parse_services,

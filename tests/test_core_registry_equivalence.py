@@ -38,6 +38,7 @@ import meshdns.core.registry as registry_module
 import meshdns.core.service as service_module
 import meshdns.core.vip as vip_module
 from meshdns.core.names import canonical_name, is_rfc1123_label, is_subdomain, kuma_name
+from meshdns.core.patch import apply_patch
 from meshdns.core.registry import (
     Held,
     Registry,
@@ -46,7 +47,6 @@ from meshdns.core.registry import (
     Service,
     ServiceKey,
     ServiceSpec,
-    apply_patch,
     apply_put,
     describe,
     parse_services,
@@ -582,21 +582,21 @@ class Run:
         index = before._index
         fits = index is not None and index.fits(policy)
         rebuilds = 0
-        real_rebuild = registry_module._patch_rebuild
+        real_rebuild = patch_module._patch_rebuild
 
         def counting_rebuild(*args: Any, **kwargs: Any) -> Registry:
             nonlocal rebuilds
             rebuilds += 1
             return real_rebuild(*args, **kwargs)
 
-        registry_module._patch_rebuild = counting_rebuild
+        patch_module._patch_rebuild = counting_rebuild
         try:
             ok = self.compare("patch", policy,
                               lambda: apply_patch(before, upserts, deletes, policy, self.now),
                               lambda: legacy_apply_patch(self.ref, upserts, deletes, policy,
                                                          self.now))
         finally:
-            registry_module._patch_rebuild = real_rebuild
+            patch_module._patch_rebuild = real_rebuild
         if ok and fits:
             assert rebuilds == 0, "a PATCH that went through must not need the full rebuild"
             self.stats["patch incremental"] += 1

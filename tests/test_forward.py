@@ -74,8 +74,8 @@ def test_forwards_and_serves_from_cache_with_client_case(tmp_path: Path,
         tally = server.mesh.resolver.tally.responses
         assert tally.get((0, "upstream")) == 1 and tally.get((0, "cache")) == 1
         stats = server.mesh.forwarder.upstream_stats()[fake.address]
-        assert stats.requests == {"ok": 1} and stats.duration_count == 1
-        assert sum(stats.buckets) == 1
+        assert stats.requests == {"ok": 1} and stats.duration.count == 1
+        assert sum(stats.duration.counts) == 1
 
 
 def test_upstream_query_shape(tmp_path: Path, fake: FakeUpstream) -> None:

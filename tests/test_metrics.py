@@ -268,3 +268,47 @@ def test_an_exhausted_vip_range_is_a_507_and_counted(tmp_path: Path) -> None:
         assert server.mesh.store.revision == revision
         assert value(after, "meshdns_registry_services") == 1
         assert value(after, "meshdns_vip_pool_free", family="ipv4") == 5
+
+
+def test_metrics_with_a_real_upstream_count_what_was_forwarded(tmp_path: Path) -> None:
+    """The shipped configs all forward: /metrics must serve (it 500'd) and count upstreams."""
+    from .fake_upstream import Unbound
+
+    with Unbound(tmp_path) as unbound:
+        raw = make_config(tmp_path, {"dns": {"upstreams": [unbound.address]}})
+        with running_server(raw) as server:
+            before = samples(scrape(server))
+            assert query(server, "www.example.test").rcode() == dns.rcode.NOERROR
+            assert query(server, "www.example.test").rcode() == dns.rcode.NOERROR  # cached
+            assert query(server, "nope.example.test").rcode() == dns.rcode.NXDOMAIN
+            text = scrape(server)
+    after = samples(text)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    up = unbound.address
+    assert delta("meshdns_upstream_requests_total", upstream=up, result="ok") == 2
+    assert delta("meshdns_upstream_request_duration_seconds_count", upstream=up) == 2
+    assert delta("meshdns_upstream_request_duration_seconds_bucket", upstream=up,
+                 le="+Inf") == 2
+    assert delta("meshdns_dns_responses_total", rcode="NOERROR", source="upstream") == 1
+    assert delta("meshdns_dns_responses_total", rcode="NOERROR", source="cache") == 1
+    assert delta("meshdns_dns_responses_total", rcode="NXDOMAIN", source="upstream") == 1
+    assert value(after, "meshdns_cache_entries", cache="upstream") == 2
+    assert value(after, "meshdns_upstream_inflight") == 0
+    if shutil.which("promtool"):
+        proc = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
+                              capture_output=True, timeout=30)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_metrics_without_counting_still_serve(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """MESHDNS_BENCH_NO_COUNTING (bench/ measures what counting costs) crashed /metrics."""
+    monkeypatch.setenv("MESHDNS_BENCH_NO_COUNTING", "1")
+    with running_server(make_config(tmp_path)) as server:
+        assert query(server, "frontend.kong.svc.80.mesh").rcode() == dns.rcode.NOERROR
+        snap = samples(scrape(server))
+    assert value(snap, "meshdns_registry_services") == 3
+    assert value(snap, "meshdns_dns_request_duration_seconds_count") == 0

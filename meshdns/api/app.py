@@ -18,21 +18,19 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import hdrs, web
 
 from ..config import HostPort
+from ..metrics import CONTENT_TYPE, render
+from .metrics import ApiCollector
 from .resolve import resolve
 from .services import get_services, patch_services, put_services
-from .state import STATE_KEY, ApiError, ApiState, error_response
-
-if TYPE_CHECKING:
-    from ..server import MeshServer
+from .state import STATE_KEY, ApiContext, ApiError, ApiState, error_response
 
 log = logging.getLogger("meshdns.api")
 
-SERVER_KEY = web.AppKey("meshdns_server", object)
 OPENAPI_RESOURCE = "openapi.yaml"  # canonical copy; docs/openapi.yaml must be identical
 SYNC_OPS = {hdrs.METH_PUT: "put", hdrs.METH_PATCH: "patch"}
 
@@ -124,16 +122,15 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(text=openapi_text(), content_type="application/yaml")
 
 
-def make_app(server: MeshServer) -> web.Application:
-    """The API for ``server`` (anything with .config, .store, .resolver, .upstreams,
-    .follower); testable alone with aiohttp's test client."""
+def make_app(server: ApiContext) -> web.Application:
+    """The API over ``server``'s store and resolver; testable alone with aiohttp's test
+    client."""
     api = server.config.api
     middlewares: list[Any] = [errors_middleware]
     if api.token:
         middlewares.append(_auth_middleware(api.token))
     app = web.Application(client_max_size=api.max_body_bytes, middlewares=middlewares)
     state = ApiState(server)
-    app[SERVER_KEY] = server
     app[STATE_KEY] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -142,12 +139,10 @@ def make_app(server: MeshServer) -> web.Application:
     app.router.add_patch("/v1/services", patch_services)
     app.router.add_get("/v1/resolve", resolve)
     app.router.add_get("/v1/openapi.yaml", openapi)
-    # /metrics: open, like /healthz (the auth middleware only guards /v1). The collector
-    # reads ApiServer.sync_counts {(op, code): n}, the store, follower.last_success and
-    # follower.connected at scrape time.
-    metrics_registry = getattr(server, "metrics", None)
+    # /metrics: open, like /healthz (the auth middleware only guards /v1).
+    metrics_registry = server.metrics
     if metrics_registry is not None:
-        from ..metrics import CONTENT_TYPE, render
+        metrics_registry.register(ApiCollector(state))
 
         async def metrics(request: web.Request) -> web.Response:
             return web.Response(body=render(metrics_registry),
@@ -173,7 +168,7 @@ def make_app(server: MeshServer) -> web.Application:
 
 
 class ApiServer:
-    def __init__(self, server: MeshServer) -> None:
+    def __init__(self, server: ApiContext) -> None:
         self.server = server
         self.app = make_app(server)
         self.state = self.app[STATE_KEY]
@@ -181,13 +176,6 @@ class ApiServer:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                     shutdown_timeout=5.0, handler_cancellation=True)
         self.address: HostPort | None = None
-
-    @property
-    def sync_requests(self) -> dict[tuple[str, str], int]:
-        """sync_requests_total{op,code} as plain ints, for the metrics collector."""
-        return self.state.sync_requests
-
-    sync_counts = sync_requests  # the name meshdns/metrics.py reads
 
     async def start(self) -> None:
         await self.runner.setup()

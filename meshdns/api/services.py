@@ -17,20 +17,20 @@ from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 
+from ..core.patch import apply_patch
 from ..core.registry import (
     Registry,
     RegistryError,
     Service,
     ServiceKey,
     ServiceSpec,
-    apply_patch,
     apply_put,
     parse_deletes,
     parse_services,
 )
 from ..gcpause import paused
+from ..protocol import WORKER_HEADER
 from ..store import fast_ip4, fast_ip6
-from ..workers import WORKER_HEADER
 from .body import decode, object_with, read_body
 from .state import MAX_WAIT_SECONDS, STATE_KEY, ApiError, ApiState, etag
 
@@ -126,13 +126,13 @@ async def get_services(request: web.Request) -> web.Response:
     wait = parse_wait(request.query.get("wait"))
     inm = request.headers.get(hdrs.IF_NONE_MATCH)
     reg = store.registry
-    pool = getattr(st.server, "workers", None)
-    if pool is not None and inm is not None:
-        worker = request.headers.get(WORKER_HEADER)
+    pool = st.server.workers
+    worker = request.headers.get(WORKER_HEADER)
+    if pool is not None and inm is not None and worker:
         tags = _tags(inm)
-        served = tags[0].removeprefix("W/").strip('"') if worker and tags else ""
+        served = tags[0].removeprefix("W/").strip('"') if tags else ""
         if served.isdigit():
-            pool.revisions.report(worker, int(served))
+            pool.report(worker, int(served))
     if not store.loaded:
         # A leader with no registry yet: a follower must not copy "empty" as if it were
         # the truth, so this waits for the first load (or says 503, like /readyz).
@@ -206,7 +206,7 @@ async def _write(request: web.Request, st: ApiState,
         log.error("registry write not persisted, nothing changed: %s", exc)
         raise ApiError(500, f"the state file could not be written ({exc}); nothing "
                        "changed") from None
-    if getattr(st.server, "workers", None) is not None:
+    if st.server.workers is not None:
         await st.server.workers.caught_up(reg.revision)  # every DNS process serves it
     return web.json_response({"revision": reg.revision, "services": len(reg)},
                              headers={"ETag": etag(reg.revision)})

@@ -1,18 +1,21 @@
-"""What the API routes share: the server, the revision watch, counters, error bodies."""
+"""What the API routes share: their context, the revision watch, counters, error bodies."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from ..config import Config, HostPort
 from ..core.registry import Registry
+from ..core.resolver import Resolver
 from ..gcpause import paused
-
-if TYPE_CHECKING:
-    from ..server import MeshServer
+from ..store import RegistryStore
 
 MAX_WAIT_SECONDS = 300.0  # a ?wait= above this is capped, so a watcher is always released
 
@@ -96,10 +99,44 @@ class RevisionWatch:
             self.waiting -= 1
 
 
+class FollowStatus(Protocol):
+    """What /readyz reads of a follower."""
+
+    leader: str
+    connected: bool
+    started_at: float
+    last_success: float | None
+
+
+class WorkerSync(Protocol):
+    """What the registry routes need of ``dns.workers`` processes."""
+
+    def report(self, worker: str, revision: int) -> None: ...
+
+    async def caught_up(self, revision: int) -> None: ...
+
+
+@dataclass
+class ApiContext:
+    """What the API uses of the process it runs in (handed over by the server).
+
+    ``follower`` and ``workers`` start after the API (they talk to it), so the
+    server sets them here once they run.
+    """
+
+    config: Config
+    store: RegistryStore
+    resolver: Resolver
+    upstreams: Sequence[HostPort]
+    metrics: CollectorRegistry | None = None
+    follower: FollowStatus | None = None
+    workers: WorkerSync | None = None
+
+
 class ApiState:
     """Per-app state, reachable from handlers as ``request.app[STATE_KEY]``."""
 
-    def __init__(self, server: MeshServer) -> None:
+    def __init__(self, server: ApiContext) -> None:
         self.server = server
         self.watch = RevisionWatch(server.config.api.max_watchers)
         # sync_requests_total{op,code}: (op, status code as text) -> count. Plain ints,
@@ -110,7 +147,7 @@ class ApiState:
         self._body = b""
 
     @property
-    def store(self) -> Any:
+    def store(self) -> RegistryStore:
         return self.server.store
 
     def count(self, op: str, status: int) -> None:

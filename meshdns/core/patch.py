@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 from .names import (
     canonical_name,
@@ -12,6 +12,7 @@ from .registry import (
     Held,
     Registry,
     RegistryPolicy,
+    _build,
     _FamilyIndex,
     _generated_owner,
     _in_release_order,
@@ -19,8 +20,43 @@ from .registry import (
     _registry,
     _top_of,
 )
-from .service import _K, _V, Service, ServiceKey, ServiceSpec
+from .service import _K, _V, Service, ServiceKey, ServiceSpec, _bad, describe
 from .vip import VipRange, count_in
+
+
+def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable[ServiceKey],
+                policy: RegistryPolicy, now: float) -> Registry:
+    """The registry after upserting and deleting, applied together or not at all.
+
+    Deleting a missing service is a no-op: deletes are idempotent.
+    """
+    deletes = tuple(deletes)
+    seen: dict[ServiceKey, int] = {}
+    for i, spec in enumerate(upserts):
+        key = spec.key
+        if key in seen:
+            raise _bad(f"duplicate service {describe(key)} (also upsert[{seen[key]}])",
+                       f"upsert[{i}]")
+        seen[key] = i
+    index = reg._index
+    if index is not None and index.fits(policy):
+        new = _patch_incremental(reg, index, upserts, deletes, seen, policy, now)
+        if new is not None:
+            return new
+    return _patch_rebuild(reg, upserts, deletes, seen, policy, now)
+
+
+def _patch_rebuild(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey],
+                   seen: Mapping[ServiceKey, int], policy: RegistryPolicy,
+                   now: float) -> Registry:
+    """``apply_patch`` from scratch: every service rewritten, the patched ones in place."""
+    specs = {key: s.to_spec() for key, s in reg.services.items()}
+    for key in deletes:
+        specs.pop(key, None)
+    for spec in upserts:
+        specs[spec.key] = spec
+    return _build(reg, specs, seen, policy, now, "upsert")
+
 
 # ---------------------------------------------------------------- incremental PATCH
 #

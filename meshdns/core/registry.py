@@ -45,7 +45,7 @@ from .vip import VipRange, count_in, format_ip
 
 __all__ = [
     "MAX_HOSTNAMES_PER_SERVICE", "Held", "Registry", "RegistryError", "RegistryPolicy",
-    "Service", "ServiceKey", "ServiceSpec", "apply_patch", "apply_put", "describe",
+    "Service", "ServiceKey", "ServiceSpec", "apply_put", "describe",
     "parse_deletes", "parse_service", "parse_services", "restore",
 ]
 
@@ -217,42 +217,6 @@ class _Positions(Mapping[ServiceKey, int]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._index()
-
-
-def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable[ServiceKey],
-                policy: RegistryPolicy, now: float) -> Registry:
-    """The registry after upserting and deleting, applied together or not at all.
-
-    Deleting a missing service is a no-op: deletes are idempotent.
-    """
-    deletes = tuple(deletes)
-    seen: dict[ServiceKey, int] = {}
-    for i, spec in enumerate(upserts):
-        key = spec.key
-        if key in seen:
-            raise _bad(f"duplicate service {describe(key)} (also upsert[{seen[key]}])",
-                       f"upsert[{i}]")
-        seen[key] = i
-    index = reg._index
-    if index is not None and index.fits(policy):
-        from .patch import _patch_incremental  # patch.py builds on this module
-
-        new = _patch_incremental(reg, index, upserts, deletes, seen, policy, now)
-        if new is not None:
-            return new
-    return _patch_rebuild(reg, upserts, deletes, seen, policy, now)
-
-
-def _patch_rebuild(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey],
-                   seen: Mapping[ServiceKey, int], policy: RegistryPolicy,
-                   now: float) -> Registry:
-    """``apply_patch`` from scratch: every service rewritten, the patched ones in place."""
-    specs = {key: s.to_spec() for key, s in reg.services.items()}
-    for key in deletes:
-        specs.pop(key, None)
-    for spec in upserts:
-        specs[spec.key] = spec
-    return _build(reg, specs, seen, policy, now, "upsert")
 
 
 # ---------------------------------------------------------------- full rebuild

@@ -23,10 +23,18 @@ RCODE_NXDOMAIN = 3
 RCODE_NOTIMP = 4
 RCODE_REFUSED = 5
 RCODE_BADVERS = 16
+RCODE_NAMES = {RCODE_NOERROR: "NOERROR", RCODE_FORMERR: "FORMERR", RCODE_SERVFAIL: "SERVFAIL",
+               RCODE_NXDOMAIN: "NXDOMAIN", RCODE_NOTIMP: "NOTIMP", RCODE_REFUSED: "REFUSED",
+               RCODE_BADVERS: "BADVERS"}
 
 HEADER_LEN = 12
 MAX_WIRE_NAME = 255
 MIN_UDP_PAYLOAD = 512
+
+
+def rcode_name(rcode: int) -> str:
+    """The mnemonic of ``rcode`` (its number for one without a name here)."""
+    return RCODE_NAMES.get(rcode, str(rcode))
 
 
 class WireError(Exception):

@@ -14,11 +14,11 @@ import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from ..core.resolver import ForwardRequest, Resolver
 from ..core.wire import HEADER_LEN, RCODE_SERVFAIL
-from ..metrics import Histogram
+from .histogram import Histogram
 
 log = logging.getLogger("meshdns.dns")
 
@@ -183,15 +183,15 @@ class TcpDnsProtocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
         limits = self.limits
         if limits.open >= limits.max_connections:
             limits.refused += 1
-            transport.abort()
+            self.transport.abort()
             return
         limits.open += 1
         limits.connections.add(self)
-        transport.set_write_buffer_limits(high=256 * 1024)
+        self.transport.set_write_buffer_limits(high=256 * 1024)
         self.last_active = self.loop.time()
         self.timer = self.loop.call_later(limits.idle_timeout, self._check_idle)
 
@@ -241,7 +241,7 @@ class TcpDnsProtocol(asyncio.Protocol):
         if out is None:
             return
         if out.__class__ is bytes:
-            self._send(out)  # type: ignore[arg-type]
+            self._send(out)
         elif isinstance(out, ForwardRequest):
             self.pending += 1
             if self.pending >= MAX_TCP_PENDING:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..config import HostPort
 from ..core.wire import RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL
+from .histogram import Histogram
 from .reply import ParsedReply, ReplyRejected, check_reply, parse_reply
 
 # Results of one attempt, the `result` label of upstream_requests_total.
@@ -37,23 +38,15 @@ Reject = Callable[[str], None]
 class UpstreamStats:
     """Plain counters for the metrics collector to read at scrape time."""
 
-    __slots__ = ("buckets", "duration_count", "duration_sum", "requests")
+    __slots__ = ("duration", "requests")
 
     def __init__(self) -> None:
         self.requests: dict[str, int] = {}  # result -> attempts
-        self.duration_sum = 0.0
-        self.duration_count = 0
-        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative
+        self.duration = Histogram(DURATION_BUCKETS)
 
     def observe(self, result: str, seconds: float) -> None:
         self.requests[result] = self.requests.get(result, 0) + 1
-        self.duration_sum += seconds
-        self.duration_count += 1
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if seconds <= bound:
-                self.buckets[i] += 1
-                return
-        self.buckets[-1] += 1
+        self.duration.observe(seconds)
 
 
 class Upstream:

@@ -1,0 +1,117 @@
+"""The DNS side's metrics: what the transports, the core's tally and the forwarder count.
+
+Nothing here runs per packet. The core and the transports bump plain ints
+(cache-entry hit counts, a Tally, a sampled latency histogram); these
+collectors turn them into metric families only when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from ..core.resolver import QTYPE_INVALID, Resolver
+from ..core.wire import rcode_name
+from ..core.zone import qtype_name
+from .forwarder import Forwarder
+from .histogram import Histogram
+from .transport import TcpLimits
+
+PREFIX = "meshdns_"
+
+
+def _qtype_label(qtype: int) -> str:
+    return "invalid" if qtype == QTYPE_INVALID else qtype_name(qtype)
+
+
+def histogram_family(hist: Histogram, family: HistogramMetricFamily,
+                     labels: tuple[str, ...] = ()) -> HistogramMetricFamily:
+    family.add_metric(list(labels), hist.cumulative(), hist.sum)
+    return family
+
+
+class DnsCollector:
+    """Requests, responses, TCP connections, latency, the caches and the upstreams."""
+
+    def __init__(self, resolver: Resolver, tcp: TcpLimits, latency: Histogram | None) -> None:
+        self.resolver = resolver
+        self.tcp = tcp
+        self.latency = latency  # None: counting switched off to measure its cost (bench/)
+        self.forwarder: Forwarder | None = None  # set once forwarding starts
+
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.resolver.snapshot_counts()
+        requests = CounterMetricFamily(PREFIX + "dns_requests", "DNS requests received.",
+                                       labels=["proto", "qtype"])
+        for (proto, qtype), n in sorted(counts.requests.items()):
+            requests.add_metric([proto, _qtype_label(qtype)], n)
+        yield requests
+
+        responses = CounterMetricFamily(PREFIX + "dns_responses", "DNS responses sent.",
+                                        labels=["rcode", "source"])
+        for (rcode, source), n in sorted(counts.responses.items()):
+            responses.add_metric([rcode_name(rcode), source], n)
+        yield responses
+
+        yield CounterMetricFamily(PREFIX + "dns_dropped", "Messages dropped without a reply "
+                                  "(shorter than a header, or QR=1).", value=counts.dropped)
+        yield CounterMetricFamily(PREFIX + "dns_truncated", "UDP replies sent with TC=1.",
+                                  value=counts.truncated)
+        duration = HistogramMetricFamily(PREFIX + "dns_request_duration_seconds",
+                                         "Time to answer a DNS request (sampled, see README).",
+                                         labels=[])
+        if self.latency is not None:
+            histogram_family(self.latency, duration)
+        yield duration
+
+        yield GaugeMetricFamily(PREFIX + "dns_tcp_connections", "Open DNS TCP connections.",
+                                value=self.tcp.open)
+        yield CounterMetricFamily(PREFIX + "dns_tcp_refused_connections",
+                                  "TCP connections closed at once: over tcp_max_connections.",
+                                  value=self.tcp.refused)
+        entries = GaugeMetricFamily(PREFIX + "cache_entries", "Entries in a cache.",
+                                    labels=["cache"])
+        entries.add_metric(["answers"], self.resolver.cached_answers())
+        if self.forwarder is not None:
+            entries.add_metric(["upstream"], len(self.forwarder.cache))
+        yield entries
+        yield from self._upstream(self.forwarder)
+
+    @staticmethod
+    def _upstream(fwd: Forwarder | None) -> Iterator[Metric]:
+        """Upstream attempts and round trips, rejected replies, the in-flight table
+        (the families are there, empty, when nothing is forwarded)."""
+        stats = sorted(fwd.upstream_stats().items()) if fwd is not None else []
+        requests = CounterMetricFamily(PREFIX + "upstream_requests", "Queries sent upstream.",
+                                       labels=["upstream", "result"])
+        duration = HistogramMetricFamily(PREFIX + "upstream_request_duration_seconds",
+                                         "Upstream round-trip time.", labels=["upstream"])
+        for upstream, st in stats:
+            for result, n in sorted(st.requests.items()):
+                requests.add_metric([upstream, result], n)
+            histogram_family(st.duration, duration, (upstream,))
+        yield requests
+        yield duration
+        if fwd is None:
+            return
+        rejected = CounterMetricFamily(PREFIX + "upstream_rejected_replies",
+                                       "Upstream replies dropped: wrong ID or question, "
+                                       "malformed.", labels=["reason"])
+        for reason, n in sorted(fwd.rejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield CounterMetricFamily(PREFIX + "upstream_overloaded",
+                                  "Queries answered SERVFAIL at once: dns.max_inflight reached.",
+                                  value=fwd.overloaded)
+        yield CounterMetricFamily(PREFIX + "upstream_coalesced",
+                                  "Queries that waited on the same question already in flight.",
+                                  value=fwd.coalesced)
+        yield GaugeMetricFamily(PREFIX + "upstream_inflight", "Distinct questions in flight.",
+                                value=fwd.inflight)

@@ -1,0 +1,11 @@
+"""Names shared by both ends of the follow protocol (GET /v1/services long-polls).
+
+The API serves it; followers and ``dns.workers`` processes speak it. Keeping
+the names here lets both sides import them without importing each other.
+"""
+
+from __future__ import annotations
+
+# A dns.workers process names itself in this header of its long-polls, so the main
+# process learns which revision each worker serves (from its If-None-Match).
+WORKER_HEADER = "X-Meshdns-Worker"

@@ -1,0 +1,47 @@
+"""The registry store's metrics: size, revision, freshness, VIP pool, failed writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .core.registry import Registry, RegistryPolicy
+from .store import RegistryStore
+
+PREFIX = "meshdns_"
+
+
+class StoreCollector:
+    def __init__(self, store: RegistryStore, policy: RegistryPolicy) -> None:
+        self.store = store
+        self.policy = policy
+        self._free_cache: tuple[Registry, dict[str, int]] | None = None
+
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.store
+        reg = store.registry
+        yield GaugeMetricFamily(PREFIX + "registry_services", "Services in the registry.",
+                                value=len(reg))
+        yield GaugeMetricFamily(PREFIX + "registry_revision", "Registry revision served.",
+                                value=reg.revision)
+        yield GaugeMetricFamily(PREFIX + "registry_last_update_timestamp_seconds",
+                                "Wall time of the last registry change (0: none yet).",
+                                value=store.last_update)
+        yield GaugeMetricFamily(PREFIX + "registry_loaded", "1 once a registry is loaded.",
+                                value=1 if store.loaded else 0)
+        free = GaugeMetricFamily(PREFIX + "vip_pool_free", "VIPs still allocatable.",
+                                 labels=["family"])
+        for family, n in self._free(reg).items():
+            free.add_metric([family], n)
+        yield free
+        yield CounterMetricFamily(PREFIX + "vip_pool_exhausted",
+                                  "Writes rejected because a VIP range was exhausted.",
+                                  value=store.exhausted)
+
+    def _free(self, reg: Registry) -> dict[str, int]:
+        # Counting free VIPs walks the registry: do it once per revision, not per scrape.
+        if self._free_cache is None or self._free_cache[0] is not reg:
+            self._free_cache = (reg, reg.free_vips(self.policy))
+        return self._free_cache[1]
