@@ -62,6 +62,8 @@ class RegistryStore:
         self.clock = clock
         self.registry = resolver.zone.registry
         self.loaded = False
+        # Until a registry is loaded DNS must not deny mesh names (SERVFAIL, not NXDOMAIN).
+        resolver.set_zone(Zone(self.registry, settings, loaded=False))
         self.last_update = 0.0  # wall time of the last published change
         self.exhausted = 0  # writes rejected because a VIP range was exhausted
         self.listeners: list[Callable[[Registry], None]] = []
