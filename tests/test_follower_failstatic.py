@@ -221,3 +221,30 @@ def test_a_fresh_follower_with_the_leader_down_answers_servfail_and_forwards(
         finally:
             follower.stop()
             leader.stop()
+
+
+def test_a_follower_with_an_unusable_state_file_starts_without_it(tmp_path: Path) -> None:
+    """A leader refuses to start on a corrupt state file (it holds the only copy); a
+    follower's is a copy of the leader's, so it is moved aside instead: a sidecar in a
+    restart loop would keep its app from starting."""
+    leader = leader_process(tmp_path)  # not started yet
+    follower = follower_process(tmp_path, leader.url)
+    state = tmp_path / "follower" / "state.json"
+    torn = b'{"format": 1, "revision": 7, "services": [{"name": "fro'
+    state.write_bytes(torn)
+    try:
+        follower.start(ready=False)
+        assert readyz(follower)[0] == 503
+        assert dns_query(follower.dns_addr, "frontend.kong.svc.80.mesh").rcode() == \
+            dns.rcode.SERVFAIL
+        assert (tmp_path / "follower" / "state.json.bad").read_bytes() == torn
+        assert not state.exists()
+        assert "is truncated or corrupt" in follower.log() and "moved aside" in follower.log()
+
+        leader.start()
+        wait_for(lambda: a_records(follower.dns_addr, "frontend.kong.svc.80.mesh")
+                 == ["240.0.0.7"], 30, "the first sync")
+        assert state_doc(state)["revision"] == 1 and state_doc(state)["mirror"] is True
+    finally:
+        follower.stop()
+        leader.stop()
