@@ -10,6 +10,16 @@ own state file, then published to DNS.
 While the leader is unreachable the follower keeps serving what it has and
 retries with exponential backoff and jitter (capped at BACKOFF_MAX), so a
 fleet of followers does not stampede a leader that comes back.
+
+Fail static across restarts: with ``registry.state_file`` the server loads the
+last pulled registry at start (``RegistryStore.load_initial``) and answers from
+it at once, revision and all, before this loop has reached the leader. The
+first poll after a start is a full read even so: the leader may have lost its
+registry and reused the revision number meanwhile, so a 304 for the restored
+revision would not prove the copy current. An identical answer is not written
+or published again, so that read costs the transfer only. Without a state file
+(or before its first pull) a follower has no registry: DNS answers SERVFAIL for
+mesh names (``Zone.loaded``) and /readyz says 503 until the leader answers.
 """
 
 from __future__ import annotations
@@ -65,11 +75,24 @@ class Follower:
         self.last_error: str | None = None
         self.adopted = 0  # registries adopted from the leader
         self.failures = 0  # failed polls
+        # The revision this follower restarted with from its state file, before any
+        # contact with the leader; None when it started with no registry.
+        self.restored_revision: int | None = self.store.revision if self.store.loaded \
+            else None
+        # None: the first poll reads in full, even after a restore (see the module doc).
         self._etag: str | None = None
         self._task: asyncio.Task[None] | None = None
         self.first_sync = asyncio.Event()  # set once the first registry is adopted
 
     def start(self) -> None:
+        if self.server.worker_id is None:
+            if self.restored_revision is not None:
+                log.info("follower: serving revision %d (%d services) from %s until %s "
+                         "answers", self.restored_revision, len(self.store.registry),
+                         self.server.loaded_from, self.leader)
+            else:
+                log.info("follower: no registry yet; mesh names get SERVFAIL until %s "
+                         "answers", self.leader)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="meshdns-follower")
 
     async def stop(self) -> None:
@@ -111,8 +134,10 @@ class Follower:
                 # Once per outage, and again whenever the reason changes; the rest at debug.
                 level = logging.WARNING if self.connected or error != self.last_error \
                     else logging.DEBUG
-                log.log(level, "follower: leader %s unavailable (%s); still serving revision %d, "
-                        "retrying with backoff", self.leader, error, self.store.revision)
+                serving = f"still serving revision {self.store.revision}" if self.store.loaded \
+                    else "no registry yet, mesh names get SERVFAIL"
+                log.log(level, "follower: leader %s unavailable (%s); %s, retrying with backoff",
+                        self.leader, error, serving)
                 self.connected = False
                 self.last_error = error
                 self._etag = None  # re-read in full: the leader may have restarted

@@ -186,7 +186,8 @@ class MeshServer:
         for reason in self.loop_refusals:
             log.error("%s", reason)
         with gc_paused():
-            self.loaded_from = self.store.load_initial(self.config.registry.seed_file)
+            self.loaded_from = self.store.load_initial(
+                self.config.registry.seed_file, replica=bool(self.config.registry.follow))
         # The loaded registry is long-lived and acyclic: keep full collections from
         # rescanning it (with many identical followers they would otherwise all pause at
         # once). Objects allocated from here on are collected as usual.

@@ -62,6 +62,8 @@ class RegistryStore:
         self.clock = clock
         self.registry = resolver.zone.registry
         self.loaded = False
+        # Until a registry is loaded DNS must not deny mesh names (SERVFAIL, not NXDOMAIN).
+        resolver.set_zone(Zone(self.registry, settings, loaded=False))
         self.last_update = 0.0  # wall time of the last published change
         self.exhausted = 0  # writes rejected because a VIP range was exhausted
         self.listeners: list[Callable[[Registry], None]] = []
@@ -180,12 +182,23 @@ class RegistryStore:
 
     # ------------------------------------------------------------ start-up
 
-    def load_initial(self, seed_file: str | None) -> str:
-        """State file if present, else the seed file, else empty. Says which."""
+    def load_initial(self, seed_file: str | None, *, replica: bool = False) -> str:
+        """State file if present, else the seed file, else empty. Says which.
+
+        ``replica``: this is a follower, whose state file only copies its leader's
+        registry. One that cannot be used is moved aside and the follower starts with
+        no registry, to pull it again, rather than refusing to start: a sidecar stuck
+        in a restart loop would keep its pod's app from starting.
+        """
         if self.state_file is not None:
             remove_stale_temp_files(self.state_file)
         if self.state_file is not None and self.state_file.exists():
-            reg, self.mirror = read_state_file(self.state_file, self.policy, self.clock())
+            try:
+                reg, self.mirror = read_state_file(self.state_file, self.policy, self.clock())
+            except StateError as exc:
+                if not replica:
+                    raise
+                return self._set_aside(self.state_file, exc)
             if self.journal is not None:
                 self.journal.refresh()
             self.publish(reg)
@@ -203,6 +216,17 @@ class RegistryStore:
             self.publish(reg)
             return f"seed file {seed_file}"
         return "empty registry"
+
+
+    def _set_aside(self, path: Path, exc: StateError) -> str:
+        for part in (path, journal_path(path)):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(part, part.with_name(part.name + ".bad"))
+        if self.journal is not None:
+            self.journal.reset()
+        log.error("%s; it is a follower's copy of the leader's registry: moved aside to "
+                  "%s.bad, starting with no registry until the leader answers", exc, path.name)
+        return f"no registry (state file {path} was unusable, moved aside)"
 
 
 def load_seed(path: str) -> list[ServiceSpec]:

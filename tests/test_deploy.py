@@ -12,6 +12,7 @@ the API schemas, and the cross-reference test checks what a schema cannot
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -20,13 +21,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import dns.message
@@ -441,6 +443,70 @@ def _probe_port(container: dict[str, Any], probe: dict[str, Any]) -> int:
     return int(number)
 
 
+def post_start_command(container: dict[str, Any]) -> list[str] | None:
+    hook = container.get("lifecycle", {}).get("postStart")
+    return None if hook is None else list(hook["exec"]["command"])
+
+
+class _TurnsReady(http.server.BaseHTTPRequestHandler):
+    """/readyz: 503 twice (no registry yet), then 200; every request is recorded."""
+
+    paths: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.paths.append(self.path)
+        self.send_response(200 if len(self.paths) > 2 else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_sidecar_post_start_hook_waits_for_a_registry_and_always_succeeds(
+        tmp_path: Path) -> None:
+    """The hook polls /readyz until 200. A failed postStart hook kills the container (and
+    the app would never start), so it must exit 0 whether meshdns is ready, not ready
+    (leader down, no state file) or not answering at all. Run as written, on this
+    interpreter: the image's HEALTHCHECK shows "python" is on its PATH."""
+    from .apiclient import ServerProcess
+
+    assert healthcheck_command(dockerfile_stages()[-1])[0] == "python"
+    [deployment] = [d for _, d in manifests() if d["kind"] == "Deployment"
+                    and _meshdns_containers(d["spec"]["template"]["spec"])
+                    and d["spec"]["template"]["spec"].get("initContainers")]
+    [container] = _meshdns_containers(deployment["spec"]["template"]["spec"])
+    command = post_start_command(container)
+    assert command is not None and command[0] == "python"
+
+    turns_ready = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TurnsReady)
+    threading.Thread(target=turns_ready.serve_forever, daemon=True).start()
+    # A real follower whose leader does not exist: /readyz stays 503.
+    unready = ServerProcess(tmp_path / "unready", {"registry": {
+        "follow": f"http://127.0.0.1:{free_port()}"}}, name="unready")
+    try:
+        unready.start(ready=False)
+        assert http_status(f"{unready.url}/readyz") == 503
+        hooks = {}
+        for name, url in [("turns-ready", f"http://127.0.0.1:{turns_ready.server_port}"),
+                          ("unready", unready.url),
+                          ("closed", f"http://127.0.0.1:{free_port()}")]:
+            argv = [sys.executable, *command[1:-1],
+                    command[-1].replace("http://127.0.0.1:15080", url)]
+            assert argv[-1] != command[-1]
+            hooks[name] = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True, env=clean_env())
+        for name, proc in hooks.items():
+            out, _ = proc.communicate(timeout=120)  # the hook gives up after 10 s
+            assert (proc.returncode, out) == (0, ""), name
+        # It asked until the first 200, then stopped.
+        assert _TurnsReady.paths == ["/readyz"] * 3
+    finally:
+        turns_ready.shutdown()
+        turns_ready.server_close()
+        unready.stop()
+
+
 def test_manifests_cross_references() -> None:
     """What kubernetes-validate cannot see: each object against the others."""
     configmaps, secrets = _by_kind("ConfigMap"), _by_kind("Secret")
@@ -497,6 +563,22 @@ def test_manifests_cross_references() -> None:
                 service = services[(namespace, name)]
                 assert url.port in [p["port"] for p in service["spec"]["ports"]], where
                 assert "MESHDNS_FOLLOW_TOKEN" in env, where
+                # It keeps what it pulls in a writable emptyDir, so a restart while the
+                # leader is down serves that copy (fail static).
+                assert config.registry.state_file, f"{where}: a follower needs a state_file"
+                state_dir = str(Path(config.registry.state_file).parent)
+                [state_mount] = [m for m in container["volumeMounts"]
+                                 if m["mountPath"] == state_dir]
+                assert not state_mount.get("readOnly"), f"{where}: state mount is read-only"
+                [state_volume] = [v for v in pod["volumes"] if v["name"] == state_mount["name"]]
+                assert "emptyDir" in state_volume, f"{where}: state volume"
+                # Starting never waits for the leader: a startup probe on /readyz would
+                # hold the app back for as long as the leader is down.
+                if "startupProbe" in container:
+                    assert container["startupProbe"]["httpGet"]["path"] == "/healthz", where
+                hook = post_start_command(container)
+                if hook is not None:
+                    assert f"http://127.0.0.1:{config.api.listen.port}/readyz" in hook[-1], where
 
             # A port below 1024 needs the sysctl (the user is not root, has no caps).
             for hp in config.dns.listen:

@@ -26,6 +26,7 @@ from .wire import (
     RCODE_NOERROR,
     RCODE_NXDOMAIN,
     RCODE_REFUSED,
+    RCODE_SERVFAIL,
 )
 
 T_A, T_NS, T_CNAME, T_SOA, T_PTR, T_AAAA, T_SRV = 1, 2, 5, 6, 12, 28, 33
@@ -36,6 +37,7 @@ SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 1200, 604800
 CANONICAL, KUMA, HOSTNAME = "canonical", "kuma", "hostname"
 PTR_RULE, APEX, ENT = "ptr", "apex", "empty-non-terminal"
 NXDOMAIN, SEARCH, FORWARD, REFUSED = "nxdomain", "search", "forward", "refused"
+NOT_LOADED = "not-loaded"
 SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME})
 
 
@@ -120,10 +122,18 @@ def reverse_zones(rng: VipRange | None) -> list[_ReverseZone]:
 
 @dataclass
 class Zone:
-    """One registry snapshot under one set of DNS settings."""
+    """One registry snapshot under one set of DNS settings.
+
+    ``loaded=False`` is the zone of a server that has no registry yet (a follower
+    whose leader has not answered, a leader before its first write): it does not
+    know which mesh names exist, so it must not deny any. Every name it would
+    answer itself gets SERVFAIL (never an authoritative NXDOMAIN a client would
+    cache); names it forwards are forwarded as usual.
+    """
 
     registry: Registry
     settings: ZoneSettings
+    loaded: bool = True
     _domains: tuple[str, ...] = field(init=False)
     _reverse: dict[str, _ReverseZone] = field(init=False)
     _host_ents: frozenset[str] = field(init=False)
@@ -185,6 +195,8 @@ class Zone:
         if domain is not None:
             if qclass != QCLASS_IN:
                 return Decision(RCODE_REFUSED, REFUSED, zone=domain)
+            if not self.loaded:
+                return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain)
             return self._in_domain(DNSLabel(labels), key, domain, qtype)
         svc_key = self.registry.hostnames.get(key)
         if svc_key is not None:
@@ -315,6 +327,8 @@ class Zone:
             return None
         if qclass != QCLASS_IN:
             return Decision(RCODE_REFUSED, REFUSED)
+        if not self.loaded:
+            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=zone.apex)
         depth = len(digits)
         if depth == zone.labels:
             return self._in_domain(DNSLabel(labels), key, zone.apex, qtype) \
@@ -354,6 +368,8 @@ class Zone:
             return None
         if qclass != QCLASS_IN:
             return Decision(RCODE_REFUSED, REFUSED)
+        if not self.loaded:
+            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain)
         inner = self._in_domain(DNSLabel(inner_labels), inner_key, domain, qtype)
         if inner.rule == ENT:
             # Names exist below it: NODATA, not NXDOMAIN (RFC 8020), as for the mesh name.
