@@ -84,12 +84,13 @@ class Follower:
         self._task: asyncio.Task[None] | None = None
         self.first_sync = asyncio.Event()  # set once the first registry is adopted
 
-    def start(self) -> None:
-        if self.server.worker_id is None:
+    def start(self, restored_from: str = "") -> None:
+        """Start following; ``restored_from`` names what the registry was loaded from."""
+        if self.worker_id is None:
             if self.restored_revision is not None:
                 log.info("follower: serving revision %d (%d services) from %s until %s "
                          "answers", self.restored_revision, len(self.store.registry),
-                         self.server.loaded_from, self.leader)
+                         restored_from, self.leader)
             else:
                 log.info("follower: no registry yet; mesh names get SERVFAIL until %s "
                          "answers", self.leader)

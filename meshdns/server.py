@@ -217,7 +217,7 @@ class MeshServer:
             await self.api.start()
             if self.config.registry.follow and self.follower is None:
                 self.follower = self._new_follower()
-                self.follower.start()
+                self.follower.start(self.loaded_from)
                 self._following(self.follower)
             if self.config.dns.workers > 1 and self.worker_id is None:
                 from .workers import WorkerPool
