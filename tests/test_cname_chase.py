@@ -33,6 +33,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
+import yaml
 
 from .apiclient import call
 from .support import ServerThread, free_port, make_config, query, run_tool, running_server
@@ -350,6 +351,11 @@ def test_resolve_explains_the_upstream_cname_then_the_local_target(
     assert [(r["type"], r["data"]) for r in chase["answer"]] == [("A", "240.0.0.7")]
     assert [(r["type"], r["data"]) for r in doc["answer"]] == [
         ("CNAME", "frontend.kong.svc.80.mesh."), ("A", "240.0.0.7")]
+    assert chase["links"] == 1
+    schemas = yaml.safe_load((REPO / "meshdns" / "api" / "openapi.yaml").read_text())
+    explanation = schemas["components"]["schemas"]["Explanation"]
+    assert set(doc) <= set(explanation["properties"])
+    assert set(chase) == set(explanation["properties"]["chase"]["required"])
     plain = call(server.api_url, "GET", "/v1/resolve?name=web.default.svc.cluster.local").json()
     assert plain["rule"] == "forward" and plain["chase"] is None and plain["rcode"] is None
     # The explanation counts no DNS response.
