@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -294,6 +295,65 @@ def test_a_registry_change_shows_up_in_the_cached_chased_answer(server: ServerTh
     patch(server, {"upsert": [FRONTEND]})
     back = query(server, "front.default.svc.cluster.local")
     assert records(back)[-1] == ("frontend.kong.svc.80.mesh.", "A", "240.0.0.7")
+
+
+def test_ttls_count_down_and_a_rebuilt_answer_keeps_the_upstream_age(
+        server: ServerThread) -> None:
+    from .fake_upstream import Clock
+
+    clock = Clock()
+    server.mesh.forwarder.clock = clock
+    first = query(server, "front.default.svc.cluster.local")
+    assert [r.ttl for r in first.answer] == [300, 30]
+    clock.now += 10
+    assert [r.ttl for r in query(server, "front.default.svc.cluster.local").answer] == [290, 20]
+    asked = upstream_queries(server)
+    patch(server, {"upsert": [dict(FRONTEND, vip="240.0.0.78")]})
+    rebuilt = query(server, "front.default.svc.cluster.local")
+    assert [r.ttl for r in rebuilt.answer] == [290, 30]  # the mesh part is new, 30 s again
+    assert records(rebuilt)[-1][2] == "240.0.0.78" and upstream_queries(server) == asked
+    clock.now += 30  # the mesh part ran out: the whole answer is asked for again
+    again = query(server, "front.default.svc.cluster.local")
+    assert [r.ttl for r in again.answer] == [300, 30] and upstream_queries(server) == asked + 1
+
+
+def _reply(answer: bytes, ancount: int) -> tuple[bytes, int]:
+    question = b"\x01a\x00\x00\x01\x00\x01"
+    header = struct.pack("!HHHHHH", 0, 0x8180, 1, ancount, 0, 0)
+    return header + question + answer, 12 + len(question)
+
+
+def _cname(owner: bytes, target: bytes) -> bytes:
+    return owner + struct.pack("!HHIH", 5, 1, 60, len(target)) + target
+
+
+def test_follow_chain_on_hostile_replies_is_bounded() -> None:
+    from meshdns.dns.chase import Chain, follow_chain
+    from meshdns.dns.reply import ReplyRejected
+
+    # Offsets: the question's name at 0x0c, the record's owner at 0x13, its target at 0x1f.
+    # A target pointing back through the owner to the question: "a CNAME a", a loop.
+    wire, qend = _reply(_cname(b"\xc0\x0c", b"\xc0\x13"), 1)
+    assert follow_chain(wire, qend, (b"a",)) == Chain(1, (b"a",), True, False)
+    # Pointers forming a cycle ("b" + pointer back to that "b"), or pointing forwards:
+    # rejected after a bounded number of hops, never followed forever.
+    for target in (b"\x01b\xc0\x1f", b"\xc0\x30"):
+        wire, qend = _reply(_cname(b"\xc0\x0c", target) + b"\x00" * 32, 1)
+        with pytest.raises(ReplyRejected):
+            follow_chain(wire, qend, (b"a",))
+    # 2000 CNAMEs in one loop (a -> n1 -> ... -> n1999 -> a): found, in one pass.
+    names = [b"\x01a\x00"] + [b"\x05n%04d\x00" % i for i in range(1, 2000)]
+    body = b"".join(_cname(names[i], names[(i + 1) % 2000]) for i in range(2000))
+    wire, qend = _reply(body, 2000)
+    chain = follow_chain(wire, qend, (b"A",))
+    assert chain is not None and chain.loop and chain.links == 2000
+    # No CNAME for the question's name: nothing to chase.
+    wire, qend = _reply(_cname(b"\x01x\x00", b"\x01y\x00"), 1)
+    assert follow_chain(wire, qend, (b"a",)) is None
+    # An answer count larger than the records: rejected.
+    wire, qend = _reply(_cname(b"\x01a\x00", b"\x01y\x00"), 3)
+    with pytest.raises(ReplyRejected):
+        follow_chain(wire, qend, (b"a",))
 
 
 def test_a_loop_and_a_nine_link_chain_are_servfail(server: ServerThread,
