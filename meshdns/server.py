@@ -179,7 +179,7 @@ class MeshServer:
             from .dns.forwarder import Forwarder
 
             self.forwarder = Forwarder(self.upstreams, self.config.dns, self.resolver.tally,
-                                       zone=lambda: self.resolver.zone)
+                                       current_zone=lambda: self.resolver.zone)
             # Cached upstream answers go back synchronously, like local ones.
             self.resolver.forward_cached = self.forwarder.answer_cached
         try:

@@ -12,6 +12,11 @@
    TC=1. The first NOERROR/NXDOMAIN wins; when none comes, SERVFAIL (never
    NXDOMAIN), remembered for ``SERVFAIL_TTL`` seconds.
 
+An upstream answer whose CNAME chain ends at a name the current zone answers
+(an ExternalName service pointing at a mesh name) gets our answer for that name
+appended (chase.py). Such an entry is rebuilt from the zone of the moment when
+it is served, so it is never memoised: the memo does not look at the registry.
+
 A query that loops back to us (an upstream forwarding to meshdns) finds its own
 question in flight and waits on it instead of asking again: no query storm.
 
@@ -78,7 +83,7 @@ class Forwarder:
 
     def __init__(self, upstreams: Sequence[HostPort], config: DnsConfig, tally: Tally, *,
                  clock: Callable[[], float] = time.monotonic,
-                 zone: Callable[[], Zone] | None = None) -> None:
+                 current_zone: Callable[[], Zone] | None = None) -> None:
         if not upstreams:
             raise ValueError("a forwarder needs at least one upstream")
         self.upstreams = [Upstream(hp) for hp in dict.fromkeys(upstreams)]
@@ -98,7 +103,7 @@ class Forwarder:
         self._closed = False
         # The current zone (registry snapshot), for chasing CNAMEs into our own names
         # (chase.py); None: answers are passed on as the upstream gave them.
-        self._zone = zone
+        self._zone = current_zone
         self.chased = 0  # upstream answers completed with a local answer
         self.chase_refused: dict[str, int] = {}  # SERVFAIL instead, by reason: loop, too_long
 
