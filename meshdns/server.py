@@ -195,8 +195,9 @@ class MeshServer:
         if self.upstreams:
             from .dns.forwarder import Forwarder
 
-            self.forwarder = Forwarder(self.upstreams, self.config.dns, self.resolver.tally)
-            self.dns_metrics.forwarder = self.forwarder
+            self.forwarder = Forwarder(self.upstreams, self.config.dns, self.resolver.tally,
+                                       current_zone=lambda: self.resolver.zone)
+            self.dns_metrics.forwarder = self.context.forwarder = self.forwarder
             # Cached upstream answers go back synchronously, like local ones.
             self.resolver.forward_cached = self.forwarder.answer_cached
         try:
@@ -351,7 +352,7 @@ class MeshServer:
         self.listeners = Listeners()
         if self.forwarder is not None:
             await self.forwarder.close()
-            self.forwarder = None
+            self.forwarder = self.dns_metrics.forwarder = self.context.forwarder = None
         self._stopped.set()
 
     async def serve_until_signal(self) -> None:

@@ -408,7 +408,7 @@ def manifests() -> list[tuple[Path, dict[str, Any]]]:
 
 def test_manifest_sets_exist() -> None:
     sets = {p.parent.name for p in manifest_files()}
-    assert {"leader", "sidecar", "daemonset"} <= sets
+    assert {"leader", "sidecar", "daemonset", "externalname"} <= sets
 
 
 @pytest.mark.parametrize("version", [MIN_KUBERNETES, None], ids=["min", "latest"])
@@ -599,6 +599,8 @@ def test_manifests_cross_references() -> None:
 
     # Services select a workload and name ports its pod declares.
     for (ns, name), service in services.items():
+        if service["spec"].get("type") == "ExternalName":
+            continue  # a DNS alias, no pods: test_externalname_targets_a_served_mesh_name
         selector = service["spec"]["selector"].items()
         pods = [w["spec"]["template"] for w in workloads if w["metadata"]["namespace"] == ns
                 and selector <= w["spec"]["template"]["metadata"]["labels"].items()]
@@ -608,3 +610,37 @@ def test_manifests_cross_references() -> None:
         for port in service["spec"]["ports"]:
             if isinstance(port["targetPort"], str):
                 assert port["targetPort"] in declared, f"Service {ns}/{name}"
+
+
+def test_externalname_targets_a_served_mesh_name() -> None:
+    """The ExternalName example points at a mesh name (of a domain meshdns serves, in
+    the canonical ``<name>.<namespace>.svc.<port>.<domain>`` form) and lives in a
+    namespace whose pods resolve through a meshdns sidecar, which completes the CNAME."""
+    aliases = [d for d in _by_kind("Service").values()
+               if d["spec"].get("type") == "ExternalName"]
+    assert aliases, "deploy/kubernetes/externalname/ has an ExternalName Service"
+    configmaps = _by_kind("ConfigMap")
+    for alias in aliases:
+        ns, target = alias["metadata"]["namespace"], alias["spec"]["externalName"]
+        served = False
+        for _, workload in manifests():
+            if workload["kind"] != "Deployment" or workload["metadata"]["namespace"] != ns:
+                continue
+            pod = workload["spec"]["template"]["spec"]
+            if pod.get("dnsPolicy") != "None" or not _meshdns_containers(pod):
+                continue
+            [container] = _meshdns_containers(pod)
+            args = container["args"]
+            config_path = Path(args[args.index("--config") + 1])
+            [mount] = [m for m in container["volumeMounts"]
+                       if m["mountPath"] == str(config_path.parent)]
+            [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            data = configmaps[(ns, volume["configMap"]["name"])]["data"][config_path.name]
+            config = parse_config(yaml.safe_load(data), env={})
+            assert config.dns.upstreams, "the sidecar forwards cluster names (and chases)"
+            for domain in config.dns.domains:
+                if target.endswith("." + domain):
+                    _name, _namespace, svc, port = target[: -len(domain) - 1].split(".")
+                    assert svc == "svc" and port.isdigit() and 0 < int(port) < 65536, target
+                    served = True
+        assert served, f"{ns}/{alias['metadata']['name']}: no meshdns sidecar serves {target}"

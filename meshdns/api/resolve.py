@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from dnslib import CLASS, QTYPE, RCODE, RR
+from dnslib import CLASS, QTYPE, RCODE, RR, DNSLabel
 
+from ..core.wire import Query
+from ..dns.chase import ChasedReply
+from ..dns.forwarder import Forwarder
 from .state import STATE_KEY, ApiError
 
 MAX_WIRE_NAME = 255
@@ -80,4 +83,39 @@ async def resolve(request: web.Request) -> web.Response:
     }
     if forwarded:
         out["upstreams"] = [str(hp) for hp in server.upstreams]
+        out["chase"] = None
+        if server.forwarder is not None:
+            await _explain_chase(server.forwarder, labels, qtype, qclass, out)
     return web.json_response(out)
+
+
+async def _explain_chase(forwarder: Forwarder, labels: tuple[bytes, ...], qtype: int, qclass: int,
+                         out: dict[str, Any]) -> None:
+    """A forwarded name whose upstream answer ends at one of our names: the upstream's
+    CNAME chain, then our answer for its target (the forwarder asks the upstream, or its
+    cache, as DNS would; nothing is counted as a DNS response)."""
+    query = Query(id=0, flags=0x0100, labels=labels, qtype=qtype, qclass=qclass, edns=None)
+    entry = await forwarder.entry_for(query)
+    if not isinstance(entry, ChasedReply):
+        return  # not chased: the upstream's answer, as it is, is what clients get
+    part, local = entry.part, entry.decision
+    upstream = [record(rr) for rr in part.answer]
+    mine = {
+        "answer": [record(rr) for rr in local.answer],
+        "authority": [record(rr) for rr in local.authority],
+        "additional": [record(rr) for rr in local.additional],
+    }
+    service = local.service.to_json() if local.service is not None else None
+    out.update(rcode=_mnemonic(RCODE, entry.rcode, "RCODE"), service=service,
+               answer=upstream + mine["answer"], authority=mine["authority"],
+               additional=mine["additional"])
+    out["chase"] = {
+        "upstream": upstream,
+        "links": part.chain.links,
+        "target": str(DNSLabel(part.chain.target)),
+        "rule": local.rule,
+        "rcode": _mnemonic(RCODE, local.rcode, "RCODE"),
+        "zone": local.zone,
+        "service": service,
+        **mine,
+    }

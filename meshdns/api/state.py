@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from ..config import Config, HostPort
 from ..core.registry import Registry
 from ..core.resolver import Resolver
+from ..dns.forwarder import Forwarder
 from ..gcpause import paused
 from ..store import RegistryStore
 
@@ -120,8 +121,8 @@ class WorkerSync(Protocol):
 class ApiContext:
     """What the API uses of the process it runs in (handed over by the server).
 
-    ``follower`` and ``workers`` start after the API (they talk to it), so the
-    server sets them here once they run.
+    ``forwarder``, ``follower`` and ``workers`` start later (the last two talk to
+    the API), so the server sets them here once they run.
     """
 
     config: Config
@@ -129,6 +130,7 @@ class ApiContext:
     resolver: Resolver
     upstreams: Sequence[HostPort]
     metrics: CollectorRegistry | None = None
+    forwarder: Forwarder | None = None  # /v1/resolve asks it, as DNS would
     follower: FollowStatus | None = None
     workers: WorkerSync | None = None
 

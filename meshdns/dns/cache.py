@@ -140,5 +140,8 @@ class ReplyCache:
             entries.popitem(last=False)
             self.evicted += 1
 
+    def discard(self, key: CacheKey) -> None:
+        self._entries.pop(key, None)
+
     def clear(self) -> None:
         self._entries.clear()

@@ -12,6 +12,11 @@
    TC=1. The first NOERROR/NXDOMAIN wins; when none comes, SERVFAIL (never
    NXDOMAIN), remembered for ``SERVFAIL_TTL`` seconds.
 
+An upstream answer whose CNAME chain ends at a name the current zone answers
+(an ExternalName service pointing at a mesh name) gets our answer for that name
+appended (chase.py). Such an entry is rebuilt from the zone of the moment when
+it is served, so it is never memoised: the memo does not look at the registry.
+
 A query that loops back to us (an upstream forwarding to meshdns) finds its own
 question in flight and waits on it instead of asking again: no query storm.
 
@@ -40,8 +45,18 @@ from collections.abc import Callable, Sequence
 from ..config import DnsConfig, HostPort
 from ..core.resolver import ForwardRequest, Tally
 from ..core.wire import RCODE_SERVFAIL, Query
+from ..core.zone import Zone
 from .cache import CachedReply, CacheKey, ReplyCache, Served
-from .reply import ParsedReply, build_query, question_wire
+from .chase import (
+    MAX_LINKS,
+    T_CNAME,
+    ChasedReply,
+    follow_chain,
+    local_decision,
+    total_links,
+    upstream_part,
+)
+from .reply import ParsedReply, ReplyRejected, build_query, question_wire
 from .upstream import (
     DURATION_BUCKETS,
     OK,
@@ -67,7 +82,8 @@ class Forwarder:
     """Asks the upstreams for what the core forwards; one per server."""
 
     def __init__(self, upstreams: Sequence[HostPort], config: DnsConfig, tally: Tally, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 current_zone: Callable[[], Zone] | None = None) -> None:
         if not upstreams:
             raise ValueError("a forwarder needs at least one upstream")
         self.upstreams = [Upstream(hp) for hp in dict.fromkeys(upstreams)]
@@ -85,6 +101,11 @@ class Forwarder:
         self._memo_limit = max(config.cache_size, 16)
         self._ids = random.SystemRandom()
         self._closed = False
+        # The current zone (registry snapshot), for chasing CNAMEs into our own names
+        # (chase.py); None: answers are passed on as the upstream gave them.
+        self._zone = current_zone
+        self.chased = 0  # upstream answers completed with a local answer
+        self.chase_refused: dict[str, int] = {}  # SERVFAIL instead, by reason: loop, too_long
 
     @property
     def inflight(self) -> int:
@@ -166,6 +187,9 @@ class Forwarder:
                                 q.cd), now)
         if entry is None:
             return None
+        if type(entry) is ChasedReply:
+            return self._serve_chased(entry, data, dnssec_ok, edns is not None,
+                                      udp_limit if proto == "udp" else None, now)
         out, truncated = entry.reply_for(data, dnssec_ok, edns is not None,
                                          udp_limit if proto == "udp" else None, now)
         memo = self._served_udp if proto == "udp" else self._served_tcp
@@ -217,7 +241,8 @@ class Forwarder:
             entry = self._servfail(q, now)
             self.cache.put(key, entry)
             return entry
-        entry = CachedReply(parsed, now, parsed.lifetime)
+        entry = self._chase(key, q, parsed, len(question), now) \
+            or CachedReply(parsed, now, parsed.lifetime)
         self.cache.put(key, entry)
         return entry
 
@@ -252,6 +277,92 @@ class Forwarder:
         parsed = ParsedReply(header + question, RCODE_SERVFAIL, 12 + len(question), (), (),
                              0)
         return CachedReply(parsed, now, SERVFAIL_TTL)
+
+    # ---------------------------------------------------------------- CNAME chasing
+
+    def _chase(self, key: CacheKey, q: Query, parsed: ParsedReply, question_len: int,
+               now: float) -> CachedReply | None:
+        """The entry for an answer whose CNAME chain ends at one of our names (or
+        SERVFAIL for a loop or a chain too long); None: cache the reply as it is."""
+        try:
+            chain = follow_chain(parsed.wire, parsed.qend, q.labels)
+        except ReplyRejected:
+            return None  # a name we cannot follow in a reply parse_reply accepted: as is
+        if chain is None or q.qtype == T_CNAME:
+            return None
+        if chain.loop:
+            return self._chase_refused("loop", q, now)
+        if self._zone is None:
+            return None
+        zone = self._zone()
+        decision = local_decision(zone, chain, q.qtype, q.qclass)
+        if decision is None:
+            return None
+        if total_links(chain, decision) > MAX_LINKS:
+            return self._chase_refused("too_long", q, now)
+        part = upstream_part(parsed, question_len, chain, now)
+        if part is None:
+            return None
+        self.chased += 1
+        return ChasedReply(key, part, zone, decision, now)
+
+    def _chase_refused(self, reason: str, q: Query, now: float) -> CachedReply:
+        self.chase_refused[reason] = self.chase_refused.get(reason, 0) + 1
+        log.debug("CNAME chain of %s: %s, SERVFAIL", b".".join(q.labels).decode("latin-1"),
+                  reason)
+        return self._servfail(q, now)
+
+    def _current(self, entry: ChasedReply, now: float) -> ChasedReply | None:
+        """``entry`` as of the current zone: rebuilt from its upstream part when the
+        registry changed since it was built; None when the target is no longer ours
+        (the entry is dropped and the upstream asked again)."""
+        assert self._zone is not None  # a chased entry exists only with a zone
+        zone = self._zone()
+        if entry.current(zone):
+            return entry
+        key, part = entry.key, entry.part
+        decision = local_decision(zone, part.chain, key[1], key[2])
+        fresh = None
+        if decision is not None and total_links(part.chain, decision) <= MAX_LINKS:
+            fresh = ChasedReply(key, part, zone, decision, now)
+        if fresh is None or fresh.expires <= now:
+            self.cache.discard(key)
+            return None
+        self.cache.put(key, fresh)
+        return fresh
+
+    def _serve_chased(self, entry: ChasedReply, data: bytes, dnssec_ok: bool, edns: bool,
+                      limit: int | None, now: float) -> bytes | None:
+        # Never memoised in _served_*: that path does not look at the registry.
+        current = self._current(entry, now)
+        if current is None:
+            return None
+        out, truncated = current.reply_for(data, dnssec_ok, edns, limit, now)
+        self._count(current.rcode, CACHE, truncated)
+        return out
+
+    async def entry_for(self, q: Query) -> CachedReply | None:
+        """What DNS answers ``q`` from: the cache, else one (coalesced) lookup. Counts
+        no response (for /v1/resolve); None while shutting down or overloaded."""
+        edns = q.edns
+        key = (b".".join(q.labels).lower(), q.qtype, q.qclass,
+               edns is not None and edns.dnssec_ok, q.cd)
+        now = self.clock()
+        entry = self.cache.get(key, now)
+        if type(entry) is ChasedReply:
+            entry = self._current(entry, now)
+        if entry is not None:
+            return entry
+        if self._closed:
+            return None
+        task = self._inflight.get(key)
+        if task is None:
+            if len(self._inflight) >= self.max_inflight:
+                return None
+            task = asyncio.ensure_future(self._lookup(key, q))
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._done, key))
+        return await asyncio.shield(task)
 
     # ---------------------------------------------------------------- shutdown
 

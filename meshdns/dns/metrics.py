@@ -115,3 +115,12 @@ class DnsCollector:
                                   value=fwd.coalesced)
         yield GaugeMetricFamily(PREFIX + "upstream_inflight", "Distinct questions in flight.",
                                 value=fwd.inflight)
+        yield CounterMetricFamily(PREFIX + "forward_chased",
+                                  "Upstream CNAME chains completed with a local answer.",
+                                  value=fwd.chased)
+        refused = CounterMetricFamily(PREFIX + "forward_chase_refused",
+                                      "Upstream CNAME chains into a served name answered "
+                                      "SERVFAIL instead.", labels=["reason"])
+        for reason, n in sorted(fwd.chase_refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
