@@ -62,6 +62,9 @@ class ApiConfig:
     token: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     max_watchers: int = 1000  # concurrent ?wait= long-polls
+    # Secure by default: a non-loopback API without a token refuses to start unless this
+    # says the network in front of it is trusted.
+    allow_unauthenticated: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,14 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # None: /metrics is served on api.listen. An address: /metrics, /healthz and /readyz
+    # (all open, read-only) are served there instead, so Prometheus and the kubelet reach
+    # a pod while the registry API stays on loopback (CoreDNS's :9153 convention).
+    listen: HostPort | None = None
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"
@@ -88,6 +99,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -257,6 +269,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "token": _opt_str,
         "max_body_bytes": _int(1024, 1 << 34),
         "max_watchers": _int(1, 1_000_000),
+        "allow_unauthenticated": _bool,
     },
     "registry": {
         "cidr": _cidr(4),
@@ -267,6 +280,9 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "follow": _follow_url,
         "follow_token": _opt_str,
         "follow_max_staleness": _number(1, 86400 * 365),
+    },
+    "metrics": {
+        "listen": lambda p, v: None if v is None else _listen(p, v),
     },
     "log": {
         "level": _choice("debug", "info", "warning", "error"),
@@ -281,7 +297,8 @@ def _fail_none(path: str, value: Any) -> str:
 
 
 _SECTIONS: dict[str, type[Any]] = {
-    "dns": DnsConfig, "api": ApiConfig, "registry": RegistryConfig, "log": LogConfig,
+    "dns": DnsConfig, "api": ApiConfig, "registry": RegistryConfig, "metrics": MetricsConfig,
+    "log": LogConfig,
 }
 
 
@@ -312,10 +329,20 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         cfg = replace(cfg, api=replace(cfg.api, token=env["MESHDNS_API_TOKEN"]))
     if env.get("MESHDNS_FOLLOW_TOKEN"):
         cfg = replace(cfg, registry=replace(cfg.registry, follow_token=env["MESHDNS_FOLLOW_TOKEN"]))
+    api = cfg.api
+    if not api.token and not api.allow_unauthenticated and not is_loopback(api.listen.host):
+        raise ConfigError(f"api.token: is required when api.listen is not a loopback address "
+                          f"({api.listen}); set it or MESHDNS_API_TOKEN (set "
+                          "api.allow_unauthenticated: true to override)")
     if cfg.registry.vip_hold_seconds <= cfg.dns.ttl:
         raise ConfigError(f"registry.vip_hold_seconds: must exceed dns.ttl ({cfg.dns.ttl}), "
                           f"got {_got(cfg.registry.vip_hold_seconds)}")
     return cfg
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8 or ::1 (a wildcard address is not: it reaches every interface)."""
+    return ipaddress.ip_address(host).is_loopback
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:

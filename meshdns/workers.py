@@ -21,7 +21,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from .config import Config, HostPort, config_to_raw
+from .config import Config, HostPort, MetricsConfig, config_to_raw
 
 log = logging.getLogger("meshdns.workers")
 
@@ -40,6 +40,7 @@ def worker_config(main: Config, dns: list[HostPort], api: HostPort) -> Config:
         main,
         dns=replace(main.dns, listen=tuple(dns)),
         api=replace(main.api, listen=HostPort("127.0.0.1", 0)),
+        metrics=MetricsConfig(),  # the main process serves /metrics (and the probes)
         registry=replace(main.registry, state_file=None, seed_file=None,
                          follow=f"http://{url_host}:{api.port}",
                          follow_token=main.api.token),

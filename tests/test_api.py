@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from meshdns.api.app import openapi_text
+from meshdns.config import HostPort
 
 from .apiclient import Reply, as_yaml, call
 from .support import DEMO_SERVICES, ServerThread, make_config, query, running_server
@@ -595,8 +596,7 @@ def test_resolve_bad_input_is_400(server: ServerThread, query_string: str, field
 
 def test_resolve_a_forwarded_name_says_forward(tmp_path: Path) -> None:
     with running_server(make_config(tmp_path, {"dns": {"upstreams": ["127.0.0.1:9"]}})) as srv:
-        if not srv.mesh.upstreams:
-            pytest.skip("forwarding is not built yet (meshdns.dns.forwarder missing)")
+        assert srv.mesh.upstreams == [HostPort("127.0.0.1", 9)]
         doc = get(srv, "/v1/resolve?name=example.com").json()
         assert doc["rule"] == "forward" and doc["rcode"] is None
         assert doc["upstreams"] == ["127.0.0.1:9"]

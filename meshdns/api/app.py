@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import hdrs, web
+from prometheus_client import CollectorRegistry
 
 from ..config import HostPort
 from ..metrics import CONTENT_TYPE, render
@@ -139,16 +140,12 @@ def make_app(server: ApiContext) -> web.Application:
     app.router.add_patch("/v1/services", patch_services)
     app.router.add_get("/v1/resolve", resolve)
     app.router.add_get("/v1/openapi.yaml", openapi)
-    # /metrics: open, like /healthz (the auth middleware only guards /v1).
-    metrics_registry = server.metrics
-    if metrics_registry is not None:
-        metrics_registry.register(ApiCollector(state))
-
-        async def metrics(request: web.Request) -> web.Response:
-            return web.Response(body=render(metrics_registry),
-                                headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
-
-        app.router.add_get("/metrics", metrics)
+    # /metrics: open, like /healthz (the auth middleware only guards /v1); on its own
+    # listener instead when metrics.listen is set.
+    if server.metrics is not None:
+        server.metrics.register(ApiCollector(state))
+        if server.config.metrics.listen is None:
+            app.router.add_get("/metrics", metrics_route(server.metrics))
 
     async def on_startup(app: web.Application) -> None:
         state.watch.bind(asyncio.get_running_loop())
@@ -167,7 +164,38 @@ def make_app(server: ApiContext) -> web.Application:
     return app
 
 
+def metrics_route(registry: CollectorRegistry) -> Handler:
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=render(registry), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
+
+    return metrics
+
+
+def make_metrics_app(state: ApiState, registry: CollectorRegistry) -> web.Application:
+    """metrics.listen: /metrics and the probes, open and read-only, nothing of /v1."""
+    app = web.Application(middlewares=[errors_middleware])
+    app[STATE_KEY] = state
+    app.router.add_get("/metrics", metrics_route(registry))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def _serve(runner: web.AppRunner, hp: HostPort, what: str) -> HostPort:
+    """Bind ``runner`` on ``hp``; the address actually bound (port 0 picks one)."""
+    await runner.setup()
+    site = web.TCPSite(runner, hp.host, hp.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {hp} ({what}): {exc.strerror}") from None
+    sock = site._server.sockets[0]  # type: ignore[union-attr]
+    return HostPort(hp.host, sock.getsockname()[1])
+
+
 class ApiServer:
+    """The registry API on api.listen, and /metrics with the probes on metrics.listen."""
+
     def __init__(self, server: ApiContext) -> None:
         self.server = server
         self.app = make_app(server)
@@ -175,16 +203,23 @@ class ApiServer:
         # handler_cancellation: a watcher that hangs up frees its slot at once.
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                     shutdown_timeout=5.0, handler_cancellation=True)
+        self.metrics_runner: web.AppRunner | None = None
+        if server.metrics is not None and server.config.metrics.listen is not None:
+            self.metrics_runner = web.AppRunner(make_metrics_app(self.state, server.metrics),
+                                                access_log=None, handle_signals=False,
+                                                shutdown_timeout=2.0)
         self.address: HostPort | None = None
+        self.metrics_address: HostPort | None = None
 
     async def start(self) -> None:
-        await self.runner.setup()
-        hp = self.server.config.api.listen
-        site = web.TCPSite(self.runner, hp.host, hp.port, reuse_address=True)
-        await site.start()
-        sock = site._server.sockets[0]  # type: ignore[union-attr]
-        self.address = HostPort(hp.host, sock.getsockname()[1])
+        config = self.server.config
+        self.address = await _serve(self.runner, config.api.listen, "api.listen")
+        if self.metrics_runner is not None and config.metrics.listen is not None:
+            self.metrics_address = await _serve(self.metrics_runner, config.metrics.listen,
+                                                "metrics.listen")
 
     async def stop(self) -> None:
         self.state.watch.close()
         await self.runner.cleanup()
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()

@@ -58,19 +58,6 @@ def is_subdomain(name: str, parent: str) -> bool:
     return name == parent or name.endswith("." + parent)
 
 
-def ancestors_below(name: str, apex: str) -> list[str]:
-    """The names strictly between ``name`` and ``apex`` (exclusive of both)."""
-    out: list[str] = []
-    cut = name.find(".")
-    while cut != -1:
-        parent = name[cut + 1 :]
-        if parent == apex or len(parent) <= len(apex):
-            break
-        out.append(parent)
-        cut = name.find(".", cut + 1)
-    return out
-
-
 def wire_to_key(labels: tuple[bytes, ...]) -> str:
     """Lookup key for wire labels: ASCII-lower-cased, dotted, no trailing dot.
 
