@@ -113,6 +113,9 @@ class MeshCollector:
         yield CounterMetricFamily(PREFIX + "dns_tcp_refused_connections",
                                   "TCP connections closed at once: over tcp_max_connections.",
                                   value=tcp.refused)
+        yield CounterMetricFamily(PREFIX + "dns_tcp_evicted_connections",
+                                  "Idle TCP connections closed to make room for a new one "
+                                  "at tcp_max_connections.", value=tcp.evicted)
 
         store = server.store
         reg = store.registry

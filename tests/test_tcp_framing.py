@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +272,9 @@ def test_eviction_picks_the_least_recently_active_not_the_oldest(tmp_path: Path)
                 c.sendall(frame(query_wire(4)))
                 assert_answered(recv_frame(c), 4)
             assert evicted(server) == 1
+            with urllib.request.urlopen(server.api_url + "/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            assert "meshdns_dns_tcp_evicted_connections_total 1.0" in text.splitlines()
 
 
 # ---------------------------------------------------------------- the per-message deadline
