@@ -13,6 +13,8 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -25,11 +27,20 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from .apiclient import ServerProcess
 from .fake_upstream import wait_until
-from .support import ServerThread, make_config, run_tool, running_server, tool
+from .support import (
+    DEMO_SERVICES,
+    ServerThread,
+    make_config,
+    run_tool,
+    running_server,
+    tool,
+)
 
 F = "frontend.kong.svc.80.mesh."
 VIP = "240.0.0.7"
@@ -204,10 +215,26 @@ def start_trickler(pool: list[Trickler], addr: tuple[str, int], gap: float,
     return t
 
 
-def dig_tcp(server: ServerThread, timeout: int) -> str:
+def dropped(pool: list[Trickler]) -> list[Session]:
+    """Sessions the server ended: "closed" (FIN: evicted) or "reset" (the deadline)."""
+    return [s for t in pool for s in t.ended() if s.ended in ("closed", "reset")]
+
+
+def stop_and_check(pool: list[Trickler], evictions: Any) -> None:
+    """Stop the tricklers: none was ever answered, every drop came before its frame
+    was whole, and more were dropped than evicted: the deadline dropped the rest."""
+    for t in pool:
+        t.stop()
+    sessions = [s for t in pool for s in t.sessions]
+    assert not [s for s in sessions if s.ended in ("answered", "completed")]
+    assert all(s.sent < len(Trickler.FRAME) for s in dropped(pool))
+    assert len(dropped(pool)) > evictions()
+
+
+def dig_tcp(addr: tuple[str, int], timeout: int) -> str:
     digp = tool("dig")
     assert digp, "dig is installed on this machine"
-    host, port = server.dns_addr()
+    host, port = addr
     out = run_tool(digp, "+tcp", f"+time={timeout}", "+tries=1", "+retry=0", "-p", str(port),
                    f"@{host}", F, "A")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -217,8 +244,8 @@ def dig_tcp(server: ServerThread, timeout: int) -> str:
     return out.stdout
 
 
-def dnspython_tcp(server: ServerThread, timeout: float) -> None:
-    host, port = server.dns_addr()
+def dnspython_tcp(addr: tuple[str, int], timeout: float) -> None:
+    host, port = addr
     reply = dns.query.tcp(dns.message.make_query(F, "A"), host, port=port, timeout=timeout)
     assert reply.rcode() == dns.rcode.NOERROR
     assert [r.address for rrset in reply.answer for r in rrset] == [VIP]
@@ -237,7 +264,7 @@ def test_at_the_cap_the_longest_idle_connection_makes_room(
             start_trickler(tricklers, addr, gap=0.5)  # one at a time: a known order
         wait_until(lambda: open_connections(server) == 20, "20 tricklers connected")
 
-        dig_tcp(server, timeout=5)
+        dig_tcp(server.dns_addr(), timeout=5)
         wait_until(lambda: bool(tricklers[0].ended()), "the oldest trickler closed")
         assert tricklers[0].ended()[0].ended in ("closed", "reset")
         assert all(not t.ended() for t in tricklers[1:])  # only the longest idle one went
@@ -246,7 +273,7 @@ def test_at_the_cap_the_longest_idle_connection_makes_room(
         wait_until(lambda: open_connections(server) == 19, "dig's connection closed")
         start_trickler(tricklers, addr, gap=0.5)  # the cap is full again
         wait_until(lambda: open_connections(server) == 20, "cap full again")
-        dnspython_tcp(server, timeout=5)
+        dnspython_tcp(server.dns_addr(), timeout=5)
         wait_until(lambda: bool(tricklers[1].ended()), "the next-oldest trickler closed")
         assert all(not t.ended() for t in tricklers[2:])
         assert evicted(server) == 2
@@ -320,18 +347,55 @@ def test_fresh_clients_are_served_while_reconnecting_tricklers_hold_the_cap(
         for _ in range(20):
             start_trickler(tricklers, addr, gap=0.5, reconnect=True)
         wait_until(lambda: open_connections(server) == 20, "the cap filled")
-        # Past the deadline at least once, so dropped tricklers are back trickling.
-        wait_until(lambda: any(t.ended() for t in tricklers), "a trickler dropped", 15)
+        # Every trickler dropped once (the deadline) and back trickling.
+        wait_until(lambda: len(dropped(tricklers)) >= 20, "every trickler dropped", 30)
         for _ in range(3):
-            dig_tcp(server, timeout=2)
-            dnspython_tcp(server, timeout=2.0)
+            dig_tcp(server.dns_addr(), timeout=2)
+            dnspython_tcp(server.dns_addr(), timeout=2.0)
             assert open_connections(server) <= 20
-        for t in tricklers:
-            t.stop()
-        sessions = [s for t in tricklers for s in t.sessions]
-        assert not [s for s in sessions if s.ended in ("answered", "completed")]
-        dropped = [s for s in sessions if s.ended in ("closed", "reset")]
-        assert len(dropped) >= 20 and all(s.sent < len(Trickler.FRAME) for s in dropped)
+        stop_and_check(tricklers, lambda: evicted(server))
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.split(" ")[0] == name:
+                return float(line.split(" ")[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_same_under_uvloop_in_a_real_meshdns_process(tmp_path: Path,
+                                                     tricklers: list[Trickler]) -> None:
+    """The production event loop (uvloop, `python -m meshdns serve`): at the cap a
+    fresh client evicts the longest-idle trickler; past the 2 s deadline reconnecting
+    tricklers are dropped again and again while fresh clients are served."""
+    seed = tmp_path / "seed.yaml"
+    seed.write_text(yaml.safe_dump({"services": DEMO_SERVICES}))
+    proc = ServerProcess(tmp_path, {"dns": {"tcp_idle_timeout": 2, "tcp_max_connections": 20},
+                                    "registry": {"seed_file": str(seed)}})
+    proc.start()
+    try:
+        assert "uvloop" in subprocess.run(
+            [sys.executable, "-c", "import meshdns.cli as c, asyncio; c._event_loop_policy();"
+             " print(type(asyncio.get_event_loop_policy()).__module__)"],
+            capture_output=True, text=True, check=True).stdout
+        for _ in range(20):
+            start_trickler(tricklers, proc.dns_addr, gap=0.5, reconnect=True)
+        wait_until(lambda: metric(proc.url, "meshdns_dns_tcp_connections") == 20,
+                   "the cap filled")
+        dig_tcp(proc.dns_addr, timeout=2)
+        assert metric(proc.url, "meshdns_dns_tcp_evicted_connections_total") >= 1
+        wait_until(lambda: len(dropped(tricklers)) >= 20, "every trickler dropped", 30)
+        for _ in range(3):
+            dig_tcp(proc.dns_addr, timeout=2)
+            dnspython_tcp(proc.dns_addr, timeout=2.0)
+        assert metric(proc.url, "meshdns_dns_tcp_connections") <= 20
+        stop_and_check(tricklers, lambda: metric(
+            proc.url, "meshdns_dns_tcp_evicted_connections_total"))
+        assert proc.proc is not None and proc.proc.poll() is None
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.log(), proc.log()
 
 
 # ---------------------------------------------------------------- framing fuzz
@@ -400,7 +464,7 @@ def test_fuzz_random_splits_lengths_and_stalls(fuzz_server: ServerThread,
 
 
 def test_fuzz_server_still_answers_afterwards(fuzz_server: ServerThread) -> None:
-    dnspython_tcp(fuzz_server, timeout=5.0)
+    dnspython_tcp(fuzz_server.dns_addr(), timeout=5.0)
     host, port = fuzz_server.dns_addr()
     reply = dns.query.udp(dns.message.make_query(F, "A"), host, port=port, timeout=5)
     assert [r.address for rrset in reply.answer for r in rrset] == [VIP]
