@@ -1,8 +1,9 @@
 """Thin asyncio adapters: datagrams and TCP frames in, core replies out.
 
 All DNS policy lives in :mod:`meshdns.core`; these classes only move bytes,
-enforce the TCP limits (RFC 7766 framing and pipelining, idle timeout,
-connection cap, bounded buffers) and hand forwardable queries to the
+enforce the TCP limits (RFC 7766 framing and pipelining, idle timeout, a
+deadline per message, a connection cap that evicts the longest idle, bounded
+buffers) and hand forwardable queries to the
 forwarder. A bug in the core answers SERVFAIL for that one message and never
 takes the listener down.
 """
@@ -281,13 +282,14 @@ class TcpDnsProtocol(asyncio.Protocol):
         self.timer = self.loop.call_later(max(due - now, 0.05), self._check_idle)
 
     def data_received(self, data: bytes) -> None:
+        now = self.loop.time()
         if not self.buffer:
             # This chunk starts a message: the whole of it must be here by the deadline.
-            self.message_deadline = self.loop.time() + self.limits.idle_timeout
+            self.message_deadline = now + self.limits.idle_timeout
         self.buffer += data
-        self._consume()
+        self._consume(now)
 
-    def _consume(self) -> None:
+    def _consume(self, now: float) -> None:
         buf = self.buffer
         framed = answered = False
         while len(buf) >= 2 and self.transport is not None:
@@ -301,7 +303,6 @@ class TcpDnsProtocol(asyncio.Protocol):
             if self.reading_paused:
                 break
         if framed:
-            now = self.loop.time()
             # What is left begins the next message: its clock starts now.
             self.message_deadline = now + self.limits.idle_timeout if buf else None
             if answered:  # frames we drop unanswered (e.g. empty ones) are not activity
@@ -366,8 +367,9 @@ class TcpDnsProtocol(asyncio.Protocol):
             self.transport.resume_reading()
             if self.buffer:
                 # The head message waited on us, not on the client: a fresh deadline.
-                self.message_deadline = self.loop.time() + self.limits.idle_timeout
-                self._consume()
+                now = self.loop.time()
+                self.message_deadline = now + self.limits.idle_timeout
+                self._consume(now)
 
     # A client that does not read its replies stops being read from.
     def pause_writing(self) -> None:
