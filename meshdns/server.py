@@ -149,7 +149,7 @@ class MeshServer:
         self.upstreams, self.loop_refusals = effective_upstreams(config)
         self.settings = zone_settings(config, forwarding=bool(self.upstreams))
         self.resolver = Resolver(Zone(Registry.empty(), self.settings),
-                                 config.dns.answer_cache_size)
+                                 config.dns.answer_cache_size, config.dns.cache_size)
         self.store = RegistryStore(self.policy, self.settings, self.resolver,
                                    config.registry.state_file)
         self.tcp_limits = TcpLimits(config.dns.tcp_max_connections, config.dns.tcp_idle_timeout)

@@ -20,6 +20,7 @@ from .wire import (
     MIN_UDP_PAYLOAD,
     QTYPE_AXFR,
     QTYPE_IXFR,
+    QTYPE_OPT,
     RCODE_BADVERS,
     RCODE_FORMERR,
     RCODE_NOTIMP,
@@ -162,9 +163,15 @@ def encode(query: Query, decision: Decision, limit: int | None, ra: bool) -> byt
 class Resolver:
     """Turns query bytes into reply bytes for one registry snapshot at a time."""
 
-    def __init__(self, zone: Zone, answer_cache_size: int = DEFAULT_ANSWER_CACHE) -> None:
+    def __init__(self, zone: Zone, answer_cache_size: int = DEFAULT_ANSWER_CACHE,
+                 forward_memo_size: int | None = None) -> None:
         self._state = _State(zone)
         self.cache_limit = answer_cache_size
+        # Forwarded queries remembered per transport: bounded like the forwarder's
+        # cache (dns.cache_size), not like local answers, since every distinct
+        # outside name lands here; 0 remembers none.
+        self.forward_limit = answer_cache_size if forward_memo_size is None \
+            else forward_memo_size
         self.tally = Tally()
         # Set by the forwarder: its cached reply to a forwarded query, synchronously,
         # or None when the transport has to await the upstream.
@@ -267,15 +274,21 @@ class Resolver:
         if query.edns is not None and query.edns.version > 0:
             tally.response(RCODE_BADVERS, "local")
             return encode(query, Decision(RCODE_BADVERS, "badvers"), None, ra)
+        if query.qtype == QTYPE_OPT:
+            # RFC 6891 §6.1.1: OPT is a pseudo-RR, not a type one can ask for; BIND and
+            # unbound answer FORMERR, for our names and for forwarded ones alike.
+            tally.response(RCODE_FORMERR, "local")
+            return encode(query, Decision(RCODE_FORMERR, "formerr"), None, ra)
         if query.qtype in (QTYPE_AXFR, QTYPE_IXFR):
             tally.response(RCODE_REFUSED, "local")
             return encode(query, Decision(RCODE_REFUSED, "refused"), None, ra)
         decision = st.zone.decide(query.labels, query.qtype, query.qclass)
         if decision.rule == FORWARD:
-            if len(forwards) >= self.cache_limit:
+            if len(forwards) >= self.forward_limit:
                 tally.fold_forwards(proto, forwards)
                 forwards.clear()
-            forwards[data[2:]] = _Forward(query, limit)
+            if self.forward_limit:
+                forwards[data[2:]] = _Forward(query, limit)
             hook = self.forward_cached
             if hook is not None:
                 cached = hook(data, query, limit, proto)

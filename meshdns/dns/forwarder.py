@@ -98,7 +98,7 @@ class Forwarder:
         self._inflight: dict[CacheKey, asyncio.Task[CachedReply]] = {}
         self._served_udp: dict[bytes, Served] = {}
         self._served_tcp: dict[bytes, Served] = {}
-        self._memo_limit = max(config.cache_size, 16)
+        self._memo_limit = config.cache_size  # each memo, like the cache it serves from
         self._ids = random.SystemRandom()
         self._closed = False
         # The current zone (registry snapshot), for chasing CNAMEs into our own names

@@ -73,9 +73,9 @@ class DnsCollector:
 
         yield GaugeMetricFamily(PREFIX + "dns_tcp_connections", "Open DNS TCP connections.",
                                 value=self.tcp.open)
-        yield CounterMetricFamily(PREFIX + "dns_tcp_refused_connections",
-                                  "TCP connections closed at once: over tcp_max_connections.",
-                                  value=self.tcp.refused)
+        yield CounterMetricFamily(PREFIX + "dns_tcp_evicted_connections",
+                                  "Idle TCP connections closed to admit a new one at "
+                                  "dns.tcp_max_connections.", value=self.tcp.evicted)
         entries = GaugeMetricFamily(PREFIX + "cache_entries", "Entries in a cache.",
                                     labels=["cache"])
         entries.add_metric(["answers"], self.resolver.cached_answers())

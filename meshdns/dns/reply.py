@@ -76,8 +76,11 @@ def check_reply(reply: bytes, sent: bytes, question: bytes) -> None:
     qdcount = (reply[4] << 8) | reply[5]
     if qdcount == 0 and reply[3] & 0xF not in (RCODE_NOERROR, RCODE_NXDOMAIN):
         return
-    end = HEADER_LEN + len(question)
-    if qdcount != 1 or reply[HEADER_LEN:end].lower() != question.lower():
+    # The name may come back in another case (0x20); type and class must be ours byte
+    # for byte: case-folding them would take type 97 ("a") for 65 ("A", HTTPS).
+    name_end = HEADER_LEN + len(question) - 4
+    if (qdcount != 1 or reply[HEADER_LEN:name_end].lower() != question[:-4].lower()
+            or reply[name_end:name_end + 4] != question[-4:]):
         raise ReplyRejected(WRONG_QUESTION)
 
 

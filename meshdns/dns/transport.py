@@ -1,8 +1,9 @@
 """Thin asyncio adapters: datagrams and TCP frames in, core replies out.
 
 All DNS policy lives in :mod:`meshdns.core`; these classes only move bytes,
-enforce the TCP limits (RFC 7766 framing and pipelining, idle timeout,
-connection cap, bounded buffers) and hand forwardable queries to the
+enforce the TCP limits (RFC 7766 framing and pipelining, idle timeout, a
+deadline per message, a connection cap that evicts the longest idle, bounded
+buffers) and hand forwardable queries to the
 forwarder. A bug in the core answers SERVFAIL for that one message and never
 takes the listener down.
 """
@@ -13,6 +14,7 @@ import asyncio
 import logging
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -153,18 +155,57 @@ class BatchedUdp(UdpDnsProtocol):
 
 
 class TcpLimits:
-    """Shared by every TCP connection of one server: the connection cap."""
+    """Shared by every TCP connection of one server: the connection cap and its evictions.
+
+    ``connections`` is kept in least-recently-active order (a connection moves to
+    the end when a whole message arrives or a forwarded reply leaves), so the
+    connection idle the longest is found at the front without a scan.
+    """
 
     def __init__(self, max_connections: int, idle_timeout: float) -> None:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.open = 0
-        self.refused = 0
-        self.connections: set[TcpDnsProtocol] = set()
+        self.evicted = 0  # idle connections closed to make room for a new one
+        self.connections: OrderedDict[TcpDnsProtocol, None] = OrderedDict()
+
+    def admit(self, conn: TcpDnsProtocol) -> None:
+        """Count ``conn`` in; at the cap, first close the connection idle the longest.
+
+        Like unbound and Knot: refusing the newcomer would let a few slow or idle
+        clients lock every real client out. A connection still waiting on forwarded
+        replies is only chosen when every connection is.
+        """
+        connections = self.connections
+        while self.open >= self.max_connections and connections:
+            victim = next((c for c in connections if c.pending == 0), None)
+            if victim is None:
+                victim = next(iter(connections))
+            self.evicted += 1
+            victim.evict()
+        self.open += 1
+        connections[conn] = None
+
+    def release(self, conn: TcpDnsProtocol) -> None:
+        if conn in self.connections:
+            del self.connections[conn]
+            self.open -= 1
+
+    def touch(self, conn: TcpDnsProtocol) -> None:
+        if conn in self.connections:
+            self.connections.move_to_end(conn)
 
 
 class TcpDnsProtocol(asyncio.Protocol):
-    """RFC 7766: 2-byte length framing, many queries per connection, replies as ready."""
+    """RFC 7766: 2-byte length framing, many queries per connection, replies as ready.
+
+    Two clocks close a connection: ``idle_timeout`` after its last whole message
+    (or forwarded reply) when nothing is in progress, and, once the first byte of a
+    message has arrived, ``idle_timeout`` after that byte even if more keep coming:
+    a client trickling a byte at a time cannot hold a connection slot forever.
+    Unparsed bytes are at most one frame (65537 bytes) plus what arrived while
+    reading was paused, which stops at the kernel's socket buffer.
+    """
 
     def __init__(self, resolver: Resolver, forward: Forward | None, limits: TcpLimits,
                  latency: Histogram | None = None) -> None:
@@ -179,55 +220,96 @@ class TcpDnsProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.eof = False
         self.last_active = 0.0
+        # When the message at the head of the buffer must be complete (None: buffer empty).
+        self.message_deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
         limits = self.limits
-        if limits.open >= limits.max_connections:
-            limits.refused += 1
-            self.transport.abort()
-            return
-        limits.open += 1
-        limits.connections.add(self)
+        limits.admit(self)
         self.transport.set_write_buffer_limits(high=256 * 1024)
         self.last_active = self.loop.time()
         self.timer = self.loop.call_later(limits.idle_timeout, self._check_idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self in self.limits.connections:
-            self.limits.connections.discard(self)
-            self.limits.open -= 1
+        self.limits.release(self)
         if self.timer is not None:
             self.timer.cancel()
         self.transport = None
 
-    def _check_idle(self) -> None:
-        if self.transport is None:
+    def evict(self) -> None:
+        """Closed to make room under the cap (the slot is free at once)."""
+        self.limits.release(self)
+        self._close()
+
+    def _close(self) -> None:
+        """A FIN when nothing is left unsent, else a reset: a client that does not
+        read must not keep the socket open behind a write buffer that never drains."""
+        transport = self.transport
+        if transport is None:
             return
-        idle = self.loop.time() - self.last_active
-        if idle >= self.limits.idle_timeout and self.pending == 0:
-            self.transport.close()
+        if transport.get_write_buffer_size():
+            transport.abort()
         else:
-            wait = max(self.limits.idle_timeout - idle, 0.05)
-            self.timer = self.loop.call_later(wait, self._check_idle)
+            transport.close()
+
+    def _check_idle(self) -> None:
+        self.timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        now = self.loop.time()
+        timeout = self.limits.idle_timeout
+        deadline = self.message_deadline
+        if deadline is not None and not self.reading_paused:
+            # A message has begun and we are reading: it must be whole by its deadline.
+            if now >= deadline:
+                transport.abort()  # a reset: the client is not waiting for anything
+                return
+            due = deadline
+        else:
+            # Nothing half-read, or reads paused by us (pending forwards) or by the
+            # client (not reading its replies): plain idleness decides.
+            due = self.last_active + timeout
+            if now >= due:
+                if self.pending == 0:
+                    self._close()
+                    return
+                due = now + timeout  # a forwarded reply will refresh last_active
+        self.timer = self.loop.call_later(max(due - now, 0.05), self._check_idle)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = self.loop.time()
+        now = self.loop.time()
+        if not self.buffer:
+            # This chunk starts a message: the whole of it must be here by the deadline.
+            self.message_deadline = now + self.limits.idle_timeout
+        self.buffer += data
+        self._consume(now)
+
+    def _consume(self, now: float) -> None:
         buf = self.buffer
-        buf += data
+        framed = answered = False
         while len(buf) >= 2 and self.transport is not None:
             size = (buf[0] << 8) | buf[1]
             if len(buf) < 2 + size:
-                break  # a frame is at most 65537 bytes, so the buffer stays bounded
+                break
             message = bytes(buf[2 : 2 + size])
             del buf[: 2 + size]
-            self._answer(message)
+            framed = True
+            answered |= self._answer(message)
             if self.reading_paused:
                 break
+        if framed:
+            # What is left begins the next message: its clock starts now.
+            self.message_deadline = now + self.limits.idle_timeout if buf else None
+            if answered:  # frames we drop unanswered (e.g. empty ones) are not activity
+                self.last_active = now
+                self.limits.touch(self)
 
-    def _answer(self, message: bytes) -> None:
+    def _answer(self, message: bytes) -> bool:
+        """Answer or forward one framed message; False when it is dropped unanswered."""
         try:
             if self.latency is None:
                 out = self.resolver.handle_tcp(message)
@@ -239,7 +321,7 @@ class TcpDnsProtocol(asyncio.Protocol):
             _Errors.report("tcp")
             out = servfail(message)
         if out is None:
-            return
+            return False
         if out.__class__ is bytes:
             self._send(out)
         elif isinstance(out, ForwardRequest):
@@ -247,6 +329,7 @@ class TcpDnsProtocol(asyncio.Protocol):
             if self.pending >= MAX_TCP_PENDING:
                 self._pause_reading()
             _spawn(self._forward(out))
+        return True
 
     async def _forward(self, req: ForwardRequest) -> None:
         reply: bytes | None
@@ -261,6 +344,8 @@ class TcpDnsProtocol(asyncio.Protocol):
         self.pending -= 1
         if reply is not None:
             self._send(reply)
+            self.last_active = self.loop.time()
+            self.limits.touch(self)
         if self.eof and self.pending == 0 and self.transport is not None:
             self.transport.close()
         elif self.pending < MAX_TCP_PENDING // 2:
@@ -280,7 +365,10 @@ class TcpDnsProtocol(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
             if self.buffer:
-                self.data_received(b"")
+                # The head message waited on us, not on the client: a fresh deadline.
+                now = self.loop.time()
+                self.message_deadline = now + self.limits.idle_timeout
+                self._consume(now)
 
     # A client that does not read its replies stops being read from.
     def pause_writing(self) -> None:
