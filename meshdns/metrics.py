@@ -133,6 +133,10 @@ class MeshCollector:
         yield CounterMetricFamily(PREFIX + "vip_pool_exhausted",
                                   "Writes rejected because a VIP range was exhausted.",
                                   value=store.exhausted)
+        yield CounterMetricFamily(PREFIX + "state_write_failures",
+                                  "Registry writes the state file could not take (rolled back, "
+                                  "answered 507 or 500, never acknowledged).",
+                                  value=store.state_write_failures)
 
         sync = CounterMetricFamily(PREFIX + "sync_requests", "Registry API requests.",
                                    labels=["op", "code"])
