@@ -83,8 +83,8 @@ class RegistryStore:
         self.last_update = 0.0  # wall time of the last published change
         self.exhausted = 0  # writes rejected because a VIP range was exhausted
         self.state_write_failures = 0  # writes the state file could not take (rolled back)
-        # A snapshot write failed after (or perhaps after) its rename: what the state
-        # file holds is uncertain, so the next write replaces it whole.
+        # A snapshot was renamed into place but not made durable: what the state file
+        # holds is uncertain, so the next write replaces it whole.
         self._snapshot_next = False
         self.listeners: list[Callable[[Registry], None]] = []
         # A mirror holds a registry pulled from a leader (follower mode): every VIP
@@ -186,6 +186,10 @@ class RegistryStore:
             self.state_write_failures += 1  # meshdns_state_write_failures_total
             if isinstance(exc, StateWriteError):
                 raise
+            if isinstance(exc, SnapshotNotDurable):
+                raise StateWriteError(exc.errno, f"the state file {self.state_file} could not "
+                                      f"be made durable ({exc.strerror or exc}); the write was "
+                                      "not applied and the next one rewrites the file") from exc
             raise StateWriteError(exc.errno, f"the state file {self.state_file} could not be "
                                   f"written ({exc.strerror or exc}); the write was rolled back "
                                   "and nothing changed") from exc
@@ -204,11 +208,13 @@ class RegistryStore:
             if entry is not None:
                 journal.append(entry)
                 return
-        # Set until the snapshot is whole: a failure before the rename leaves the old
-        # file (a snapshot next time costs only space), one after it leaves a file
-        # newer than what DNS serves, which the next write must replace.
-        self._snapshot_next = True
-        write_state(state_file, reg, mirror)
+        try:
+            write_state(state_file, reg, mirror)
+        except SnapshotNotDurable:
+            # The file may hold this unacknowledged revision: a journal line of the
+            # next write would carry the same revision and be skipped by replay.
+            self._snapshot_next = True
+            raise
         self._snapshot_next = False
         if journal is not None:
             try:
@@ -302,6 +308,10 @@ def state_document(reg: Registry, mirror: bool = False) -> dict[str, Any]:
     return doc
 
 
+class SnapshotNotDurable(OSError):
+    """The new snapshot was renamed into place but its directory could not be fsynced."""
+
+
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
@@ -330,7 +340,10 @@ def write_state(path: Path, reg: Registry, mirror: bool = False) -> None:
         except OSError as exc:  # start-up removes it; the write's own error matters more
             log.warning("could not remove %s after a failed state write (%s)", tmp, exc)
         raise
-    _fsync_dir(path)
+    try:
+        _fsync_dir(path)
+    except OSError as exc:
+        raise SnapshotNotDurable(exc.errno, exc.strerror) from exc
 
 
 def remove_stale_temp_files(path: Path) -> None:
@@ -559,12 +572,7 @@ class Journal:
         if good is None:
             return
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.ftruncate(fd, good)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _truncate(self.path, good)
         except FileNotFoundError:
             pass  # removed by hand: nothing left to cut
         except OSError as exc:
@@ -584,6 +592,15 @@ class Journal:
         self.damaged_at = None
 
 
+def _truncate(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     dir_fd = os.open(directory, os.O_RDONLY)
@@ -597,9 +614,7 @@ def _cut_torn_tail(path: Path, good: int, torn: int) -> None:
     log.warning("dropping a torn last line of %s (%d bytes without a newline: a write that "
                 "was never acknowledged)", path, torn)
     try:
-        with open(path, "r+b") as f:
-            f.truncate(good)
-            os.fsync(f.fileno())
+        _truncate(path, good)
     except OSError as exc:
         # Start-up goes on without the line; the store refuses writes until the cut
         # succeeds (Journal.refresh sees the tail), so nothing is appended onto it.
