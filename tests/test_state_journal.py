@@ -360,7 +360,9 @@ def test_a_journal_that_cannot_be_cut_back_refuses_writes_until_it_can(
     torn = journal.read_bytes()
     assert torn.startswith(on_disk) and len(torn) == len(on_disk) + 25  # the cut failed
     faults.room = None  # space is back, but the torn bytes are still there
-    for write in (lambda: s.patch(specs("e"), []), lambda: s.put(many())):  # append, snapshot
+    writes: list[Callable[[], Registry]] = [lambda: s.patch(specs("e"), []),  # a line
+                                            lambda: s.put(many())]  # a snapshot
+    for write in writes:
         with pytest.raises(StateWriteError) as info:
             write()
         assert info.value.status == 507 and "refusing writes" in info.value.message
