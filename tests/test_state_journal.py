@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from meshdns import store as store_mod
-from meshdns.core.registry import Registry, RegistryPolicy, ServiceSpec, parse_services
+from meshdns.core.registry import (
+    Registry,
+    RegistryError,
+    RegistryPolicy,
+    ServiceSpec,
+    parse_services,
+)
 from meshdns.core.resolver import Resolver
 from meshdns.core.vip import VipRange
 from meshdns.core.zone import Zone, ZoneSettings
@@ -205,7 +211,7 @@ def test_random_patches_journal_exactly_what_changed_and_replay_to_the_same(
         clock.now += rnd.choice([0.0, 10.0, 400.0])
         try:
             new = s.patch(parse_services(ups), dels)
-        except store_mod.RegistryError:
+        except RegistryError:
             continue
         if new is base or new.revision == base.revision:
             continue
