@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -52,6 +53,24 @@ class StateError(RuntimeError):
     """The state file exists but cannot be trusted: start-up stops."""
 
 
+# The storage itself failed (full, over quota, file too large, I/O error): 507, a
+# condition the operator fixes on the volume, unlike a wrong path or mode (500).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+class StateWriteError(OSError):
+    """A write could not be made durable. Nothing changed: what was half-written was
+    rolled back, the write is not acknowledged and DNS keeps the previous registry."""
+
+    def __init__(self, code: int | None, message: str) -> None:
+        super().__init__(code or errno.EIO, message)
+        self.message = message
+
+    @property
+    def status(self) -> int:
+        return 507 if self.errno in STORAGE_ERRNOS else 500
+
+
 class RegistryStore:
     def __init__(self, policy: RegistryPolicy, settings: ZoneSettings, resolver: Resolver,
                  state_file: str | None = None, clock: Callable[[], float] = time.time) -> None:
@@ -66,6 +85,10 @@ class RegistryStore:
         resolver.set_zone(Zone(self.registry, settings, loaded=False))
         self.last_update = 0.0  # wall time of the last published change
         self.exhausted = 0  # writes rejected because a VIP range was exhausted
+        self.state_write_failures = 0  # writes the state file could not take (rolled back)
+        # A snapshot was renamed into place but not made durable: what the state file
+        # holds is uncertain, so the next write replaces it whole.
+        self._snapshot_next = False
         self.listeners: list[Callable[[Registry], None]] = []
         # A mirror holds a registry pulled from a leader (follower mode): every VIP
         # was given by the leader, none is allocated here, not even a missing vip6.
@@ -153,21 +176,57 @@ class RegistryStore:
 
     def persist(self, reg: Registry, mirror: bool = False, base: Registry | None = None) -> None:
         """Make ``reg`` durable: one journal line with what changed since ``base`` when
-        that is small, else (and for a follower's whole-registry pulls) a new snapshot."""
+        that is small, else (and for a follower's whole-registry pulls) a new snapshot.
+
+        On failure (a full disk, EIO) the files are rolled back to what they held
+        before and StateWriteError is raised: the caller must not publish ``reg``.
+        """
         if self.state_file is None:
             return
+        try:
+            self._persist(self.state_file, reg, mirror, base)
+        except OSError as exc:
+            self.state_write_failures += 1  # meshdns_state_write_failures_total
+            if isinstance(exc, StateWriteError):
+                raise
+            if isinstance(exc, SnapshotNotDurable):
+                raise StateWriteError(exc.errno, f"the state file {self.state_file} could not "
+                                      f"be made durable ({exc.strerror or exc}); the write was "
+                                      "not applied and the next one rewrites the file") from exc
+            raise StateWriteError(exc.errno, f"the state file {self.state_file} could not be "
+                                  f"written ({exc.strerror or exc}); the write was rolled back "
+                                  "and nothing changed") from exc
+
+    def _persist(self, state_file: Path, reg: Registry, mirror: bool,
+                 base: Registry | None) -> None:
         journal = self.journal
+        if journal is not None:
+            journal.repair()  # never append onto what an earlier failure left
         # The journal only ever extends a snapshot that exists: without one, replay
         # would have nothing to start from.
         if journal is not None and base is not None and not mirror and not self.mirror \
-                and journal.has_room(len(reg)) and self.state_file.exists():
+                and not self._snapshot_next and journal.has_room(len(reg)) \
+                and state_file.exists():
             entry = journal_entry(base, reg)
             if entry is not None:
                 journal.append(entry)
                 return
-        write_state(self.state_file, reg, mirror)
+        try:
+            write_state(state_file, reg, mirror)
+        except SnapshotNotDurable:
+            # The file may hold this unacknowledged revision: a journal line of the
+            # next write would carry the same revision and be skipped by replay.
+            self._snapshot_next = True
+            raise
+        self._snapshot_next = False
         if journal is not None:
-            journal.reset()  # the snapshot holds everything the journal did
+            try:
+                journal.reset()  # the snapshot holds everything the journal did
+            except OSError as exc:
+                # The write is durable: its snapshot is in place and replay skips
+                # journal lines it already holds, so the lines may stay until next time.
+                log.warning("state journal %s could not be emptied after a snapshot (%s)",
+                            journal.path, exc.strerror or exc)
 
     def publish(self, reg: Registry) -> None:
         self.registry = reg
@@ -200,7 +259,7 @@ class RegistryStore:
                     raise
                 return self._set_aside(self.state_file, exc)
             if self.journal is not None:
-                self.journal.refresh()
+                self.journal.refresh()  # marks it damaged if a torn tail could not be cut
             self.publish(reg)
             return f"state file {self.state_file} (revision {reg.revision})"
         if self.journal is not None:
@@ -274,6 +333,10 @@ def state_document(reg: Registry, mirror: bool = False) -> dict[str, Any]:
     return doc
 
 
+class SnapshotNotDurable(OSError):
+    """The new snapshot was renamed into place but its directory could not be fsynced."""
+
+
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
@@ -295,10 +358,17 @@ def write_state(path: Path, reg: Registry, mirror: bool = False) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # start-up removes it; the write's own error matters more
+            log.warning("could not remove %s after a failed state write (%s)", tmp, exc)
         raise
-    _fsync_dir(path)
+    try:
+        _fsync_dir(path)
+    except OSError as exc:
+        raise SnapshotNotDurable(exc.errno, exc.strerror) from exc
 
 
 def remove_stale_temp_files(path: Path) -> None:
@@ -310,6 +380,22 @@ def remove_stale_temp_files(path: Path) -> None:
             log.info("removed %s, left by an interrupted state write", stale)
     except OSError:
         pass  # an unreadable directory shows up, clearly, when the state file is read
+
+
+def _allocated(path: Path, item: dict[str, Any], field: str, version: int) -> int:
+    """An address this server allocated and saved: it must read back as one. Were it
+    re-allocated instead, the service would silently move to a new VIP."""
+    value = item.get(field)
+    vip = parse_ip(value, version) if isinstance(value, str) else None
+    if vip is None:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise StateError(
+            f"state file {path} is corrupt: service {item.get('name')!r} namespace "
+            f"{item.get('namespace')!r} port {item.get('port')!r}: field {field} must be an "
+            f"IPv{version} address, got {shown}; refusing to start with an empty registry: "
+            "fix or remove it")
+    return vip
 
 
 def read_state(path: Path, policy: RegistryPolicy, now: float) -> Registry:
@@ -355,9 +441,9 @@ def read_state_file(path: Path, policy: RegistryPolicy, now: float) -> tuple[Reg
             entry["vip"] = item["vip"] if item.get("vip_given") else None
             entry["vip6"] = item.get("vip6") if item.get("vip6_given") else None
             plain.append(entry)
-            v4 = None if item.get("vip_given") else parse_ip(item["vip"], 4)
-            v6 = None if item.get("vip6_given") or not item.get("vip6") \
-                else parse_ip(item["vip6"], 6)
+            v4 = None if item.get("vip_given") else _allocated(path, item, "vip", 4)
+            v6 = None if item.get("vip6_given") or item.get("vip6") is None \
+                else _allocated(path, item, "vip6", 6)
             allocated[(item["name"], item["namespace"], item["port"])] = (v4, v6)
         raw.clear()  # the decoded rows: the peak of a 1M-service start-up is lower without
         specs = parse_services(plain, consume=True)
@@ -392,6 +478,12 @@ def read_state_file(path: Path, policy: RegistryPolicy, now: float) -> tuple[Reg
 # lines newer than the snapshot; a torn last line was never acknowledged and is
 # cut off. When the journal grows past JOURNAL_MAX_ENTRIES or half the
 # snapshot's size, the next write is a snapshot and the journal starts empty.
+#
+# An append that fails (ENOSPC, EIO) may have written part of its line: the file
+# is cut back to its length before the append and fsynced, so the next append
+# starts on a line boundary. If even that fails, the journal is marked damaged
+# and every write is refused until the cut succeeds: an append onto a torn line
+# would turn an acknowledged write into a corrupt middle line.
 
 JOURNAL_MAX_ENTRIES = 1000
 
@@ -417,10 +509,11 @@ def journal_entry(base: Registry, new: Registry) -> dict[str, Any] | None:
     None when that is a large part of the registry: a snapshot is the better write."""
     old_services, services = base.services, new.services
     delta = new._delta
+    written: Collection[ServiceKey]
+    deleted: Collection[ServiceKey]
     if delta is not None and delta[:2] == (base.revision, len(old_services)):
         # An incremental PATCH of this very snapshot says which keys it touched.
-        written: Collection[ServiceKey] = delta[2]
-        deleted: Collection[ServiceKey] = delta[3]
+        written, deleted = delta[2], delta[3]
     else:
         written, deleted = services.keys(), old_services.keys()
     changed = [s for k in written if (s := services.get(k)) is not None
@@ -440,6 +533,10 @@ class Journal:
         self.entries = 0
         self.size = 0
         self.snapshot_size = 0
+        # The length to cut the file back to, while a failed append's rollback is
+        # still owed; None when the file ends on a whole line.
+        self.damaged_at: int | None = None
+        self.dir_pending = False  # created, but its directory entry not yet fsynced
 
     def refresh(self) -> None:
         """Count what the journal holds (after start-up replayed it)."""
@@ -448,6 +545,8 @@ class Journal:
         except FileNotFoundError:
             data = b""
         self.entries, self.size = data.count(b"\n"), len(data)
+        if data and not data.endswith(b"\n"):  # replay could not cut its torn tail
+            self.damaged_at = self.size = data.rfind(b"\n") + 1
 
     def has_room(self, services: int) -> bool:
         # Half the snapshot, estimated at ~150 bytes a service, and at least 1 MiB.
@@ -455,16 +554,59 @@ class Journal:
         return self.entries < JOURNAL_MAX_ENTRIES and self.size < limit
 
     def append(self, entry: dict[str, Any]) -> None:
+        """One fsynced line, or OSError with the file as it was before."""
         line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
-        created = not self.path.exists()
-        with open(self.path, "ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        if created:
-            _fsync_dir(self.path)
+        self.repair()
+        new_entry = self.dir_pending or not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            good = os.fstat(fd).st_size  # whole lines only: repair() saw to that
+            try:
+                view = memoryview(line)
+                while view:  # a nearly full disk takes part of a write, then says ENOSPC
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+                if new_entry:
+                    _fsync_dir(self.path)
+            except OSError as exc:
+                self.dir_pending = new_entry
+                self._roll_back(fd, good, exc)
+                raise
+        finally:
+            os.close(fd)
+        self.dir_pending = False
         self.entries += 1
-        self.size += len(line)
+        self.size = good + len(line)
+
+    def _roll_back(self, fd: int, good: int, cause: OSError) -> None:
+        try:
+            os.ftruncate(fd, good)
+            os.fsync(fd)
+        except OSError as exc:
+            self.damaged_at = good
+            log.error("state journal %s: a failed append (%s) could not be rolled back (%s); "
+                      "refusing writes until it can be cut back to %d bytes", self.path,
+                      cause.strerror or cause, exc.strerror or exc, good)
+        else:
+            log.warning("state journal %s: a failed append (%s) was rolled back to %d bytes",
+                        self.path, cause.strerror or cause, good)
+
+    def repair(self) -> None:
+        """Cut off what a failed append left, or StateWriteError: no write may go on."""
+        good = self.damaged_at
+        if good is None:
+            return
+        try:
+            _truncate(self.path, good)
+        except FileNotFoundError:
+            pass  # removed by hand: nothing left to cut
+        except OSError as exc:
+            raise StateWriteError(exc.errno, f"the state journal {self.path} still holds part "
+                                  f"of a failed write and cannot be cut back ({exc.strerror or exc}); "
+                                  "refusing writes until it can, nothing changed") from exc
+        log.info("state journal %s: cut back to %d bytes; writes resume", self.path, good)
+        self.damaged_at = None
+        self.size = good
 
     def reset(self) -> None:
         if self.path.exists():
@@ -472,6 +614,16 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
         self.entries = self.size = 0
+        self.damaged_at = None
+
+
+def _truncate(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -483,12 +635,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(dir_fd)
 
 
+def _cut_torn_tail(path: Path, good: int, torn: int) -> None:
+    log.warning("dropping a torn last line of %s (%d bytes without a newline: a write that "
+                "was never acknowledged)", path, torn)
+    try:
+        _truncate(path, good)
+    except OSError as exc:
+        # Start-up goes on without the line; the store refuses writes until the cut
+        # succeeds (Journal.refresh sees the tail), so nothing is appended onto it.
+        log.error("could not cut the torn last line off %s (%s)", path, exc.strerror or exc)
+
+
 def replay_journal(doc: dict[str, Any], path: Path) -> int:
     """Apply the journal's lines newer than the snapshot to ``doc``; the final revision.
 
-    A last line without its newline, or that does not parse, is a write that was
-    cut short before it was acknowledged: it is dropped and cut off the file so
-    later appends start clean. A bad line anywhere else is corruption: ValueError.
+    A last line without its newline is a write that was cut short before it was
+    acknowledged (even if what it holds parses): it is dropped and cut off the
+    file so later appends start clean. A bad line anywhere else, including a last
+    one with its newline, is corruption: ValueError.
     """
     revision = int(doc["revision"])
     try:
@@ -500,20 +664,15 @@ def replay_journal(doc: dict[str, Any], path: Path) -> int:
     entries: list[dict[str, Any]] = []
     for i, line in enumerate(lines):
         last = i == len(lines) - 1
-        if last and not line:
-            break  # the file ends with a newline: nothing torn
+        if last:
+            if line:
+                _cut_torn_tail(path, good, len(line))
+            break
         try:
             entry = json.loads(line)
             if not isinstance(entry, dict) or not isinstance(entry.get("revision"), int):
                 raise ValueError("not a journal entry")
         except ValueError as exc:
-            if last:
-                log.warning("dropping a torn last line of %s (a write that was never "
-                            "acknowledged)", path)
-                with open(path, "r+b") as f:
-                    f.truncate(good)
-                    os.fsync(f.fileno())
-                break
             raise ValueError(f"journal {path} line {i + 1} is corrupt: {exc}") from None
         entries.append(entry)
         good += len(line) + 1

@@ -39,6 +39,10 @@ class StoreCollector:
         yield CounterMetricFamily(PREFIX + "vip_pool_exhausted",
                                   "Writes rejected because a VIP range was exhausted.",
                                   value=store.exhausted)
+        yield CounterMetricFamily(PREFIX + "state_write_failures",
+                                  "Registry writes refused because the state file could not "
+                                  "be written (disk full, I/O error): rolled back, 507.",
+                                  value=store.state_write_failures)
 
     def _free(self, reg: Registry) -> dict[str, int]:
         # Counting free VIPs walks the registry: do it once per revision, not per scrape.

@@ -30,7 +30,7 @@ from ..core.registry import (
 )
 from ..gcpause import paused
 from ..protocol import WORKER_HEADER
-from ..store import fast_ip4, fast_ip6
+from ..store import StateWriteError, fast_ip4, fast_ip6
 from .body import decode, object_with, read_body
 from .state import MAX_WAIT_SECONDS, STATE_KEY, ApiError, ApiState, etag
 
@@ -202,6 +202,9 @@ async def _write(request: web.Request, st: ApiState,
         reg: Registry = await asyncio.shield(task)
     except RegistryError as exc:
         raise ApiError(exc.status, exc.message, exc.field) from None
+    except StateWriteError as exc:  # rolled back: 507 for a full disk or EIO
+        log.error("registry write not persisted, nothing changed: %s", exc.message)
+        raise ApiError(exc.status, exc.message) from None
     except OSError as exc:
         log.error("registry write not persisted, nothing changed: %s", exc)
         raise ApiError(500, f"the state file could not be written ({exc}); nothing "
