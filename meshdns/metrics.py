@@ -159,11 +159,18 @@ class MeshCollector:
                                     labels=["cache"])
         entries.add_metric(["answers"], server.resolver.cached_answers())
         if forwarder is not None:
-            for (upstream, result), n in sorted(forwarder.upstream_counts().items()):
-                up_req.add_metric([upstream, result], n)
-            for upstream, hist in sorted(forwarder.upstream_latency().items()):
-                hist.family(up_dur.name, up_dur.documentation, {"upstream": upstream}, up_dur)
-            entries.add_metric(["upstream"], forwarder.cache_entries())
+            from .dns.upstream import DURATION_BUCKETS
+
+            for upstream, stats in sorted(forwarder.upstream_stats().items()):
+                for result, n in sorted(stats.requests.items()):
+                    up_req.add_metric([upstream, result], n)
+                cumulative, acc = [], 0
+                for bound, n in zip((*DURATION_BUCKETS, float("inf")), stats.buckets,
+                                    strict=True):
+                    acc += n
+                    cumulative.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+                up_dur.add_metric([upstream], cumulative, stats.duration_sum)
+            entries.add_metric(["upstream"], len(forwarder.cache))
         yield up_req
         yield up_dur
         yield entries
