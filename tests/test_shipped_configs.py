@@ -12,7 +12,8 @@ directory. Nothing is switched off. Then, against each:
   seed file; also ``<mesh name>.<search suffix>`` when a search list applies) and a
   name forwarded to unbound;
 - scrape /metrics, run ``promtool check metrics`` on the body, and check that every
-  metric the Grafana dashboard queries has a sample, and a few values;
+  metric the Grafana dashboard and the alerting rules query has a sample, and a few
+  values;
 - /readyz is 200.
 """
 
@@ -43,6 +44,7 @@ from .test_deploy import copy_sources, dockerfile_stages, exec_form, instruction
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "meshdns.json"
+RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 TOKEN = "shipped-config-test-token"
 FORWARDED = ("www.example.test", "192.0.2.10")  # local-data of tests/fake_upstream.py
@@ -282,9 +284,23 @@ _PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right",
                  "unless", "bool", "offset", "inf", "nan"}
 
 
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: identifiers that are not a function,
+    keyword, label matcher, grouping label, range, number or string."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*(?=\s*(\(?))", text):
+        word = match.group(0)
+        if not match.group(1) and word.lower() not in _PROMQL_WORDS:
+            names.add(word)
+    return names
+
+
 def dashboard_metrics() -> set[str]:
-    """Metric names in the dashboard's ``expr`` fields: identifiers that are not a
-    function, keyword, label matcher, grouping label, range or string."""
+    """Metric names in the Grafana dashboard's ``expr`` fields."""
     exprs: list[str] = []
 
     def walk(node: Any) -> None:
@@ -298,19 +314,14 @@ def dashboard_metrics() -> set[str]:
                 walk(value)
 
     walk(json.loads(DASHBOARD.read_text()))
-    names: set[str] = set()
-    for expr in exprs:
-        text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
-        text = re.sub(r"\{[^}]*\}", " ", text)
-        text = re.sub(r"\[[^\]]*\]", " ", text)
-        text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)",
-                      " ", text)
-        for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*(?=\s*(\(?))", text):
-            word = match.group(0)
-            if match.group(1) or word.lower() in _PROMQL_WORDS:
-                continue  # a function call, or a keyword
-            names.add(word)
-    return names
+    return set().union(*map(promql_metric_names, exprs))
+
+
+def rule_metrics() -> set[str]:
+    """Metric names the alerting rules (deploy/prometheus/rules.yaml) query."""
+    doc = yaml.safe_load(RULES.read_text())
+    return set().union(*(promql_metric_names(rule["expr"]) for group in doc["groups"]
+                         for rule in group["rules"]))
 
 
 def test_dashboard_metric_names_are_parsed() -> None:
@@ -318,6 +329,11 @@ def test_dashboard_metric_names_are_parsed() -> None:
     assert {"meshdns_dns_responses_total", "meshdns_dns_request_duration_seconds_bucket",
             "meshdns_follow_sync_age_seconds", "meshdns_vip_pool_free"} <= names, names
     assert not {"sum", "rate", "histogram_quantile", "le", "upstream", "time"} & names
+    assert promql_metric_names('sum by (a) (rate(x_total{b="c"}[5m])) / on(a) y > 0.5e3') \
+        == {"x_total", "y"}
+    assert {"meshdns_follow_sync_age_seconds", "meshdns_dns_responses_total",
+            "meshdns_upstream_requests_total", "meshdns_vip_pool_free",
+            "meshdns_state_write_failures_total"} == rule_metrics()
 
 
 # ------------------------------------------------------------------ the scrape
@@ -416,12 +432,12 @@ def check_running(shipped: Shipped, running: Running, leader: Running | None,
 
     body, samples = scrape(running)
     promtool_check(body)
-    wanted = dashboard_metrics()
+    wanted = dashboard_metrics() | rule_metrics()
     if not shipped.follows:
         wanted -= FOLLOWER_ONLY
         assert not FOLLOWER_ONLY & samples.keys(), "a leader exports follower metrics"
     missing = sorted(n for n in wanted if not samples.get(n))
-    assert not missing, f"{shipped.source}: dashboard metrics without a sample: {missing}"
+    assert not missing, f"{shipped.source}: metrics the dashboard or alerts query, without a sample: {missing}"
 
     assert value(samples, "meshdns_dns_requests_total", proto="udp", qtype="A") == digs_a
     assert value(samples, "meshdns_dns_responses_total", rcode="NOERROR",
