@@ -175,7 +175,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         config_errors(exc)
         return 2
-    errors = file_errors(config)
+    errors = [] if args.skip_files else file_errors(config)
     for line in errors:
         print(f"meshdns: config error: {line}", file=sys.stderr)
     if errors:
@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check-config", help="check a config file and the files it names")
     check.add_argument("file")
+    check.add_argument("--skip-files", action="store_true",
+                       help="check keys and values only, not the files they name (for a "
+                       "config meant for another machine, e.g. a ConfigMap in CI)")
     check.set_defaults(func=cmd_check_config)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)
