@@ -234,7 +234,11 @@ def serve(shipped: Shipped, tmp: Path, upstream: str, leader: str | None = None
         config = rewrite(shipped.raw, work, upstream, leader)
         path = work / "config.yaml"
         path.write_text(yaml.safe_dump(config))
-        parse_config(config, {})  # a rewrite must stay a valid config
+        # check-config (keys, and the files the config names) agrees that it can serve.
+        checked = subprocess.run([sys.executable, "-m", "meshdns", "check-config", str(path)],
+                                 capture_output=True, text=True, timeout=60, env=_env(),
+                                 cwd=work, check=False)
+        assert checked.returncode == 0, checked.stderr
         log = work / "meshdns.log"
         with log.open("wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
@@ -437,7 +441,8 @@ def check_running(shipped: Shipped, running: Running, leader: Running | None,
         wanted -= FOLLOWER_ONLY
         assert not FOLLOWER_ONLY & samples.keys(), "a leader exports follower metrics"
     missing = sorted(n for n in wanted if not samples.get(n))
-    assert not missing, f"{shipped.source}: metrics the dashboard or alerts query, without a sample: {missing}"
+    assert not missing, \
+        f"{shipped.source}: metrics the dashboard or alerts query, without a sample: {missing}"
 
     assert value(samples, "meshdns_dns_requests_total", proto="udp", qtype="A") == digs_a
     assert value(samples, "meshdns_dns_responses_total", rcode="NOERROR",
