@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from .promql import dashboard_metrics, promql_metric_names, rule_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS / "rules.yaml"
@@ -151,3 +153,17 @@ def test_podmonitor_scrapes_every_shipped_meshdns_pod() -> None:
         scraped = [e["port"] for m in monitors if _selects(m, namespace, labels)
                    for e in m["spec"]["podMetricsEndpoints"] if e["port"] in ports]
         assert len(scraped) == 1, f"{where}: scraped through {scraped} (ports {ports})"
+
+
+# ------------------------------------------------------------------ PromQL metric names
+
+def test_dashboard_metric_names_are_parsed() -> None:
+    names = dashboard_metrics()
+    assert {"meshdns_dns_responses_total", "meshdns_dns_request_duration_seconds_bucket",
+            "meshdns_follow_sync_age_seconds", "meshdns_vip_pool_free"} <= names, names
+    assert not {"sum", "rate", "histogram_quantile", "le", "upstream", "time"} & names
+    assert promql_metric_names('sum by (a) (rate(x_total{b="c"}[5m])) / on(a) y > 0.5e3') \
+        == {"x_total", "y"}
+    assert {"meshdns_follow_sync_age_seconds", "meshdns_dns_responses_total",
+            "meshdns_upstream_requests_total", "meshdns_vip_pool_free",
+            "meshdns_state_write_failures_total"} == rule_metrics()

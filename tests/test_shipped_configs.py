@@ -39,12 +39,11 @@ from meshdns.config import defaults_as_dict, parse_config
 
 from .apiclient import call, wait_for
 from .fake_upstream import Unbound
+from .promql import dashboard_metrics, rule_metrics
 from .support import free_port, have_ipv6_loopback, run_tool
 from .test_deploy import copy_sources, dockerfile_stages, exec_form, instruction
 
 ROOT = Path(__file__).resolve().parents[1]
-DASHBOARD = ROOT / "deploy" / "grafana" / "meshdns.json"
-RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 TOKEN = "shipped-config-test-token"
 FORWARDED = ("www.example.test", "192.0.2.10")  # local-data of tests/fake_upstream.py
@@ -280,64 +279,6 @@ def dig(addr: tuple[str, int], name: str, qtype: str = "A") -> tuple[str, list[s
             if len(fields) == 5 and fields[3] in ("A", "AAAA"):
                 answers.append(fields[4])
     return status.group(1), answers
-
-
-# ------------------------------------------------------------------ the dashboard
-
-_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
-                 "unless", "bool", "offset", "inf", "nan"}
-
-
-def promql_metric_names(expr: str) -> set[str]:
-    """Metric names in a PromQL expression: identifiers that are not a function,
-    keyword, label matcher, grouping label, range, number or string."""
-    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
-    text = re.sub(r"\{[^}]*\}", " ", text)
-    text = re.sub(r"\[[^\]]*\]", " ", text)
-    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
-    names = set()
-    for match in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*(?=\s*(\(?))", text):
-        word = match.group(0)
-        if not match.group(1) and word.lower() not in _PROMQL_WORDS:
-            names.add(word)
-    return names
-
-
-def dashboard_metrics() -> set[str]:
-    """Metric names in the Grafana dashboard's ``expr`` fields."""
-    exprs: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "expr" and isinstance(value, str):
-                    exprs.append(value)
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(json.loads(DASHBOARD.read_text()))
-    return set().union(*map(promql_metric_names, exprs))
-
-
-def rule_metrics() -> set[str]:
-    """Metric names the alerting rules (deploy/prometheus/rules.yaml) query."""
-    doc = yaml.safe_load(RULES.read_text())
-    return set().union(*(promql_metric_names(rule["expr"]) for group in doc["groups"]
-                         for rule in group["rules"]))
-
-
-def test_dashboard_metric_names_are_parsed() -> None:
-    names = dashboard_metrics()
-    assert {"meshdns_dns_responses_total", "meshdns_dns_request_duration_seconds_bucket",
-            "meshdns_follow_sync_age_seconds", "meshdns_vip_pool_free"} <= names, names
-    assert not {"sum", "rate", "histogram_quantile", "le", "upstream", "time"} & names
-    assert promql_metric_names('sum by (a) (rate(x_total{b="c"}[5m])) / on(a) y > 0.5e3') \
-        == {"x_total", "y"}
-    assert {"meshdns_follow_sync_age_seconds", "meshdns_dns_responses_total",
-            "meshdns_upstream_requests_total", "meshdns_vip_pool_free",
-            "meshdns_state_write_failures_total"} == rule_metrics()
 
 
 # ------------------------------------------------------------------ the scrape
