@@ -127,7 +127,8 @@ def _selects(monitor: dict[str, Any], namespace: str, labels: dict[str, str]) ->
         return False
     selector = spec["selector"]
     assert set(selector) <= {"matchLabels"}, "only matchLabels is evaluated here"
-    return selector.get("matchLabels", {}).items() <= labels.items()
+    wanted: dict[str, str] = selector.get("matchLabels", {})
+    return wanted.items() <= labels.items()
 
 
 def test_podmonitor_is_a_prometheus_operator_podmonitor() -> None:

@@ -19,6 +19,7 @@ directory. Nothing is switched off. Then, against each:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -199,7 +200,7 @@ class Running:
 
     @property
     def api(self) -> str:
-        return "http://" + self.config["api"]["listen"]
+        return f"http://{self.config['api']['listen']}"
 
     @property
     def metrics_url(self) -> str:
@@ -245,7 +246,8 @@ def serve(shipped: Shipped, tmp: Path, upstream: str, leader: str | None = None
                                     env=_env(), cwd=work)
         running = Running(config, proc, log)
         try:
-            wait_for(lambda r=running: serving_or_exited(r), 60, f"{shipped.source} to serve")
+            wait_for(functools.partial(serving_or_exited, running), 60,
+                     f"{shipped.source} to serve")
             if proc.poll() is not None:
                 if "in use" in running.output():
                     continue
