@@ -1,4 +1,8 @@
-"""``meshdns serve | check-config | --version``."""
+"""The ``meshdns`` command: the server (serve, check-config, version) and a client of its
+HTTP API (apply, get services, resolve), in the spirit of ``kumactl apply``.
+
+The client commands use only the standard library (urllib): no extra dependency.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,26 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from . import __version__
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, parse_document
+
+DEFAULT_SERVER = "http://127.0.0.1:15080"
+DESCRIPTION = "A sidecar-local DNS resolver for service-mesh names, fed over HTTP."
+EPILOG = (f"apply, get and resolve talk to a running meshdns: --server (env MESHDNS_SERVER, "
+          f"default {DEFAULT_SERVER}), bearer token --token (env MESHDNS_API_TOKEN). "
+          "Run `meshdns COMMAND --help` for a command's options.")
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,6 +66,11 @@ def _event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def config_errors(exc: ConfigError) -> None:
+    for line in exc.errors:
+        print(f"meshdns: config error: {line}", file=sys.stderr)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import MeshServer
     from .store import StateError
@@ -56,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"meshdns: config error: {exc}", file=sys.stderr)
+        config_errors(exc)
         return 2
     setup_logging(config)
     _event_loop_policy()
@@ -109,31 +131,234 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def file_errors(config: Config) -> list[str]:
+    """What check-config finds beyond the keys: files that a running server would need.
+
+    Every ``*_file`` key must name an existing file, except the state file, which is
+    created on the first write (its directory must exist). The seed file must also
+    hold a valid registry for these VIP ranges.
+    """
+    errors: list[str] = []
+    for section in ("dns", "api", "registry", "log"):
+        values = vars(getattr(config, section))
+        for key, value in values.items():
+            if not key.endswith("_file") or value is None:
+                continue
+            path = Path(value)
+            where = f"{section}.{key}: {value}"
+            if key == "state_file":
+                if not path.parent.is_dir():
+                    errors.append(f"{where}: directory {path.parent} does not exist")
+                elif path.exists() and not path.is_file():
+                    errors.append(f"{where}: is not a file")
+            elif not path.is_file():
+                errors.append(f"{where}: " + ("is not a file" if path.exists()
+                                               else "does not exist"))
+    seed = config.registry.seed_file
+    if seed and Path(seed).is_file() and not any("seed_file" in e for e in errors):
+        from .core.registry import Registry, RegistryError, apply_put
+        from .server import registry_policy
+        from .store import StateError, load_seed
+
+        try:
+            apply_put(Registry.empty(), load_seed(seed), registry_policy(config), time.time())
+        except StateError as exc:
+            errors.append(f"registry.seed_file: {exc}")
+        except RegistryError as exc:
+            errors.append(f"registry.seed_file: {seed}: {exc.field or ''}: {exc.message}")
+    return errors
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        load_config(args.file)
+        config = load_config(args.file)
     except ConfigError as exc:
-        print(f"meshdns: config error: {exc}", file=sys.stderr)
+        config_errors(exc)
+        return 2
+    errors = [] if args.skip_files else file_errors(config)
+    for line in errors:
+        print(f"meshdns: config error: {line}", file=sys.stderr)
+    if errors:
         return 2
     print(f"{args.file}: ok")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="meshdns", description=__doc__)
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"meshdns {__version__}")
+    return 0
+
+
+# ---------------------------------------------------------------- API client
+
+
+class ClientError(Exception):
+    """A request that failed: printed as ``meshdns <command>: <message>``, exit 1."""
+
+
+def request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """One API call; the decoded JSON reply, or ClientError with the API's error."""
+    url = args.server.rstrip("/") + path
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if args.token:
+        req.add_header("Authorization", f"Bearer {args.token}")
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise ClientError(api_error(exc.code, exc.read())) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ClientError(f"cannot reach {args.server}: {reason}") from None
+    except ValueError:
+        raise ClientError(f"{url}: the reply is not JSON") from None
+
+
+def api_error(status: int, body: bytes) -> str:
+    """``HTTP 400: upsert[0].port: must be ...``: the field first, as the API names it."""
+    try:
+        doc = json.loads(body)
+        message, field = str(doc["error"]), doc.get("field")
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}: {body[:500].decode('utf-8', 'replace')}"
+    return f"HTTP {status}: {field}: {message}" if field else f"HTTP {status}: {message}"
+
+
+def read_services(path: str) -> list[Any]:
+    """A list of services, or ``{services: [...]}`` (what ``get services -o yaml``
+    prints: its ``revision`` is ignored), from a YAML or JSON file; ``-`` is stdin."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        doc = parse_document(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ClientError(f"{path}: cannot be read: {exc}") from None
+    if isinstance(doc, dict) and set(doc) <= {"services", "revision"} and "services" in doc:
+        doc = doc["services"]
+    if not isinstance(doc, list):
+        raise ClientError(f"{path}: must be a list of services or {{services: [...]}}")
+    return doc
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    services = read_services(args.file)
+    if args.prune:  # the file is the whole registry: what it does not list is deleted
+        reply = request(args, "PUT", "/v1/services", {"services": services})
+    else:
+        reply = request(args, "PATCH", "/v1/services", {"upsert": services})
+    verb = "replaced the registry with" if args.prune else "applied"
+    print(f"{verb} {len(services)} service{'s' * (len(services) != 1)}: "
+          f"revision {reply['revision']}, {reply['services']} in the registry")
+    return 0
+
+
+def cmd_get_services(args: argparse.Namespace) -> int:
+    doc = request(args, "GET", "/v1/services")
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+    else:
+        rows = [("NAMESPACE", "NAME", "PORT", "VIP", "VIP6", "HOSTNAMES")]
+        for s in sorted(doc["services"], key=lambda s: (s["namespace"], s["name"], s["port"])):
+            rows.append((s["namespace"], s["name"], str(s["port"]), s["vip"] or "-",
+                         s.get("vip6") or "-", ",".join(s.get("hostnames") or []) or "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"name": args.name, "type": args.type})
+    doc = request(args, "GET", f"/v1/resolve?{query}")
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+        return 0
+    if doc.get("rcode") is None:
+        upstreams = ", ".join(doc.get("upstreams") or []) or "none"
+        print(f";; {doc['name']} {doc['type']}: forwarded to {upstreams} "
+              f"(rule {doc['rule']}): the upstream's answer")
+    else:
+        flags = ", authoritative" if doc.get("authoritative") else ""
+        print(f";; {doc['name']} {doc['type']}: {doc['rcode']}{flags} (rule {doc['rule']}, "
+              f"zone {doc.get('zone') or '-'}, revision {doc['revision']})")
+    service = doc.get("service")
+    if service:
+        print(f";; service {service['namespace']}/{service['name']} port {service['port']}")
+    for section in ("answer", "authority", "additional"):
+        for rr in doc.get(section) or []:
+            print(f"{rr['name']}\t{rr['ttl']}\t{rr['type']}\t{rr['data']}")
+    return 0
+
+
+# ---------------------------------------------------------------- argument parsing
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", "-s", default=os.environ.get("MESHDNS_SERVER",
+                                                                 DEFAULT_SERVER),
+                        help="meshdns API URL (env MESHDNS_SERVER, default %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("MESHDNS_API_TOKEN"),
+                        help="bearer token for /v1 (env MESHDNS_API_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds to wait for the reply (default %(default)g)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshdns", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"meshdns {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands", help="one of:")
     serve = sub.add_parser("serve", help="serve DNS and the HTTP API")
     serve.add_argument("--config", "-c", help="YAML config file (defaults for every key)")
     serve.set_defaults(func=cmd_serve)
-    check = sub.add_parser("check-config", help="validate a config file without serving")
+    check = sub.add_parser("check-config", help="check a config file and the files it names")
     check.add_argument("file")
+    check.add_argument("--skip-files", action="store_true",
+                       help="check keys and values only, not the files they name (for a "
+                       "config meant for another machine, e.g. a ConfigMap in CI)")
     check.set_defaults(func=cmd_check_config)
-    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
-    worker.add_argument("id")
-    worker.set_defaults(func=cmd_worker)
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=cmd_version)
+
+    apply = sub.add_parser("apply", help="create or update services from a file")
+    apply.add_argument("-f", "--file", required=True,
+                       help="YAML or JSON: a list of services or {services: [...]}; - is stdin")
+    apply.add_argument("--prune", action="store_true",
+                       help="replace the whole registry (PUT): delete services not in the file")
+    _client_options(apply)
+    apply.set_defaults(func=cmd_apply)
+
+    get = sub.add_parser("get", help="list resources (services)")
+    get.add_argument("resource", choices=["services"])
+    get.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    _client_options(get)
+    get.set_defaults(func=cmd_get_services)
+
+    resolve = sub.add_parser("resolve", help="explain how the server answers a name")
+    resolve.add_argument("name")
+    resolve.add_argument("type", nargs="?", default="A", help="record type (default A)")
+    resolve.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    _client_options(resolve)
+    resolve.set_defaults(func=cmd_resolve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:  # internal (dns.workers > 1): kept out of --help
+        worker = argparse.ArgumentParser(prog="meshdns worker")
+        worker.add_argument("id")
+        return cmd_worker(worker.parse_args(argv[1:]))
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ClientError as exc:
+        print(f"meshdns {args.command}: {exc}", file=sys.stderr)
+        return 1
     return result
 
 

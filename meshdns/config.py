@@ -20,7 +20,11 @@ from .core.names import normalize_domain, normalize_hostname
 
 
 class ConfigError(ValueError):
-    """A config key with a bad value, or an unknown key."""
+    """Config keys with a bad value, or unknown keys: ``errors`` has one line each."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or [message]
 
 
 @dataclass(frozen=True, order=True)
@@ -310,20 +314,29 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config: must be a mapping of sections, got {_got(raw)}")
     sections: dict[str, Any] = {}
+    errors: list[str] = []  # every bad key is reported, not just the first one
     for name, value in raw.items():
         if name not in _SECTIONS:
-            raise ConfigError(f"{name}: unknown key (known: {', '.join(_SECTIONS)})")
+            errors.append(f"{name}: unknown key (known: {', '.join(_SECTIONS)})")
+            continue
         if value is None:
             value = {}
         if not isinstance(value, Mapping):
-            raise _fail(name, "must be a mapping", value)
+            errors.append(str(_fail(name, "must be a mapping", value)))
+            continue
         checks = _CHECKS[name]
         kwargs = {}
         for key, item in value.items():
             if key not in checks:
-                raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(checks)})")
-            kwargs[key] = checks[key](f"{name}.{key}", item)
+                errors.append(f"{name}.{key}: unknown key (known: {', '.join(checks)})")
+                continue
+            try:
+                kwargs[key] = checks[key](f"{name}.{key}", item)
+            except ConfigError as exc:
+                errors.extend(exc.errors)
         sections[name] = _SECTIONS[name](**kwargs)
+    if errors:
+        raise ConfigError("; ".join(errors), errors)
     cfg = Config(**sections)
     if env.get("MESHDNS_API_TOKEN"):
         cfg = replace(cfg, api=replace(cfg.api, token=env["MESHDNS_API_TOKEN"]))

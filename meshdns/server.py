@@ -138,6 +138,25 @@ def zone_settings(config: Config, forwarding: bool) -> ZoneSettings:
     )
 
 
+class BindError(OSError):
+    """A listen address that cannot be bound, named: "cannot listen on
+    127.0.0.1:53/udp: [Errno 98] Address already in use" (errno kept)."""
+
+    def __init__(self, hp: HostPort, proto: str, exc: OSError) -> None:
+        super().__init__(exc.errno, exc.strerror)
+        self.text = f"cannot listen on {hp}/{proto}: {exc}"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _bind(sock: socket.socket, hp: HostPort, proto: str) -> None:
+    try:
+        sock.bind((hp.host, hp.port))
+    except OSError as exc:
+        raise BindError(hp, proto, exc) from None
+
+
 class MeshServer:
     """One meshdns process: ``await start()``, serve, ``await stop()``."""
 
@@ -274,10 +293,10 @@ class MeshServer:
                 with contextlib.suppress(OSError):
                     udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
                 tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                udp_sock.bind((hp.host, hp.port))
+                _bind(udp_sock, hp, "udp")
                 port = udp_sock.getsockname()[1]
                 try:
-                    tcp_sock.bind((hp.host, port))
+                    _bind(tcp_sock, HostPort(hp.host, port), "tcp")
                 except OSError:
                     if hp.port != 0:
                         raise

@@ -114,6 +114,8 @@ class ServerProcess:
         self.log_path = self.workdir / f"{self.name}.log"
         self.dns_port = free_port()
         self.api_port = free_port()
+        while self.api_port == self.dns_port:  # both were free, but DNS will take one
+            self.api_port = free_port()
         resolv = self.workdir / "resolv.conf"
         resolv.write_text("# no nameservers\n")
         base = {

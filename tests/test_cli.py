@@ -1,4 +1,5 @@
-"""The command line: ``meshdns --version | check-config FILE | serve [--config FILE]``.
+"""The command line: ``meshdns --version | version | check-config FILE | serve [--config
+FILE]`` (the API client commands are in tests/test_cli_client.py).
 
 Every process is a real subprocess on loopback, with bounded waits, and is
 always killed on the way out.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -244,3 +246,119 @@ def test_serve_with_a_corrupt_seed_file_exits_non_zero_with_a_clear_error(
     assert expected in proc.stderr
     assert str(seed_path) in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- --help, version
+
+
+def test_help_is_clean(tmp_path: Path) -> None:
+    proc = run("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "SUPPRESS" not in out and "``" not in out, out
+    assert "worker" not in out  # internal: started by `serve` with dns.workers > 1
+    for command in ("serve", "check-config", "version", "apply", "get", "resolve"):
+        assert f"    {command}" in out, (command, out)
+        sub = run(command, "--help", cwd=tmp_path)
+        assert sub.returncode == 0 and sub.stdout.startswith(f"usage: meshdns {command}"), \
+            sub.stdout + sub.stderr
+        assert "SUPPRESS" not in sub.stdout
+
+
+def test_version_command(tmp_path: Path) -> None:
+    proc = run("version", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"meshdns {meshdns.__version__}\n"
+
+
+def test_worker_is_still_reachable_but_refuses_without_its_parent(tmp_path: Path) -> None:
+    proc = run("worker", "1", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "started by `meshdns serve`" in proc.stderr
+
+
+# ---------------------------------------------------------------- check-config: all errors
+
+
+def test_check_config_reports_every_error(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text('dns:\n  ttl: "x"\n  listen: ["nowhere"]\n  bogus: 1\n'
+                      "log:\n  level: loud\nextra: {}\n")
+    proc = run("check-config", str(config), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    for expected in ('dns.ttl: must be an integer 0..86400, got "x"', "dns.listen[0]:",
+                     "dns.bogus: unknown key", "log.level: must be one of",
+                     "extra: unknown key"):
+        assert sum(expected in line for line in lines) == 1, (expected, proc.stderr)
+    assert len(lines) == 5, proc.stderr
+    assert all(line.startswith("meshdns: config error: ") for line in lines)
+
+
+def test_serve_also_reports_every_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text('dns:\n  ttl: "x"\napi:\n  listen: 7\n')
+    proc = run("serve", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "dns.ttl:" in proc.stderr and "api.listen:" in proc.stderr
+
+
+def test_check_config_checks_the_files_it_names(tmp_path: Path) -> None:
+    config, _ = write_config(tmp_path, extra={"registry": {
+        "seed_file": str(tmp_path / "missing-seed.yaml"),
+        "state_file": str(tmp_path / "no-such-dir" / "state.json")}}, seed=None)
+    proc = run("check-config", str(config), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout
+    assert f"registry.seed_file: {tmp_path / 'missing-seed.yaml'}: does not exist" \
+        in proc.stderr
+    assert (f"registry.state_file: {tmp_path / 'no-such-dir' / 'state.json'}: directory "
+            f"{tmp_path / 'no-such-dir'} does not exist") in proc.stderr
+    assert "ok" not in proc.stdout
+    proc = run("check-config", "--skip-files", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # keys and values alone are fine
+
+    # A seed file that is there; a state file not written yet, in a directory that is.
+    (tmp_path / "no-such-dir").mkdir()
+    (tmp_path / "missing-seed.yaml").write_text(yaml.safe_dump(SEED))
+    proc = run("check-config", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{config}: ok"
+
+
+def test_check_config_checks_what_the_seed_file_holds(tmp_path: Path) -> None:
+    twice = {"services": [{"name": "a", "namespace": "b", "port": 80, "vip": "240.0.0.1"},
+                          {"name": "c", "namespace": "b", "port": 80, "vip": "240.0.0.1"}]}
+    config, _ = write_config(tmp_path, seed=twice)
+    proc = run("check-config", str(config), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "registry.seed_file:" in proc.stderr and "services[1].vip" in proc.stderr
+    # Valid services, but more than the configured VIP range holds.
+    many = {"services": [{"name": f"s{i}", "namespace": "b", "port": 80} for i in range(8)]}
+    config, _ = write_config(tmp_path, extra={"registry": {"cidr": "240.0.0.0/30",
+                                                           "cidr6": None}}, seed=many)
+    proc = run("check-config", str(config), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "registry.seed_file:" in proc.stderr and "exhausted" in proc.stderr, proc.stderr
+    (tmp_path / "seed.yaml").write_text("services: [ {name: a\n")
+    proc = run("check-config", str(config), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "registry.seed_file: seed file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- bind errors
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_a_taken_dns_port_is_named_in_the_error(tmp_path: Path, proto: str) -> None:
+    kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as taken:
+        taken.bind(("127.0.0.1", 0))
+        if proto == "tcp":
+            taken.listen(1)
+        port = taken.getsockname()[1]
+        config, _ = write_config(tmp_path, extra={"dns": {"listen": [f"127.0.0.1:{port}"]}})
+        proc = run("serve", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert (f"cannot listen on 127.0.0.1:{port}/{proto}: [Errno 98] Address already in use"
+            in proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr

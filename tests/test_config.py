@@ -186,7 +186,8 @@ def test_bad_value_stops_with_the_key_path_and_reason(raw: Any, message: str) ->
     ({"registry": {"cidr4": "10.0.0.0/8"}}, "registry.cidr4"),
     ({"log": {"file": "x"}}, "log.file"),
     ({"bogus": {}}, "bogus"),
-    ({"metrics": {"listen": "127.0.0.1:9"}}, "metrics"),
+    ({"metrics": {"port": 9153}}, "metrics.port"),
+    ({"tracing": {}}, "tracing"),
 ])
 def test_unknown_key_stops_with_its_path(raw: Any, path: str) -> None:
     assert error_of(raw).startswith(f"{path}: unknown key")

@@ -1,0 +1,170 @@
+"""deploy/prometheus: the alerting rules (promtool check + promtool's unit tests) and
+the PodMonitor example (checked against the manifests it is meant to scrape).
+
+That every metric the rules query is exported, with a sample, is checked on each
+shipped configuration by tests/test_shipped_configs.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .promql import dashboard_metrics, promql_metric_names, rule_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+RULES = PROMETHEUS / "rules.yaml"
+RULES_TEST = PROMETHEUS / "rules_test.yaml"
+PODMONITOR = PROMETHEUS / "podmonitor.yaml"
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool not installed")
+
+
+def promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, check=False)
+
+
+def alerts() -> dict[str, dict[str, Any]]:
+    doc = yaml.safe_load(RULES.read_text())
+    return {rule["alert"]: rule for group in doc["groups"] for rule in group["rules"]}
+
+
+@needs_promtool
+def test_rules_pass_promtool_check() -> None:
+    out = promtool("check", "rules", str(RULES))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(alerts())} rules found" in out.stdout
+
+
+@needs_promtool
+def test_rules_unit_tests_pass() -> None:
+    out = promtool("test", "rules", str(RULES_TEST))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
+
+
+@needs_promtool
+def test_rules_unit_tests_can_fail(tmp_path: Path) -> None:
+    """A wrong expectation is caught: promtool compares the rendered annotations too."""
+    shutil.copy(RULES, tmp_path / "rules.yaml")
+    text = RULES_TEST.read_text().replace("9.091% of queries", "9.1% of queries")
+    (tmp_path / "rules_test.yaml").write_text(text)
+    out = promtool("test", "rules", "rules_test.yaml", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "MeshdnsServfailRatioHigh" in out.stdout + out.stderr
+
+
+def test_the_required_alerts_exist() -> None:
+    by_metric = {name: rule["expr"] for name, rule in alerts().items()}
+    wanted = {
+        "MeshdnsFollowerSyncStale": "meshdns_follow_sync_age_seconds",
+        "MeshdnsServfailRatioHigh": 'meshdns_dns_responses_total{rcode="SERVFAIL"}',
+        "MeshdnsUpstreamFailing": "meshdns_upstream_requests_total{result!~",
+        "MeshdnsVipPoolLow": "meshdns_vip_pool_free",
+        "MeshdnsStateWriteFailing": "meshdns_state_write_failures_total",
+    }
+    assert set(by_metric) == set(wanted)
+    for name, fragment in wanted.items():
+        assert fragment in by_metric[name], (name, by_metric[name])
+    for name, rule in alerts().items():
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+
+
+def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
+    doc = yaml.safe_load(RULES_TEST.read_text())
+    assert doc["rule_files"] == ["rules.yaml"]
+    firing: set[str] = set()
+    silent: set[str] = set()
+    for case in doc["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (firing if check["exp_alerts"] else silent).add(check["alertname"])
+            for alert in check["exp_alerts"]:
+                # The expectation names the series that fires: the others must not.
+                assert alert["exp_labels"]["instance"], check
+    assert firing == set(alerts()), set(alerts()) - firing
+    assert silent == set(alerts()), set(alerts()) - silent
+
+
+# ------------------------------------------------------------------ PodMonitor
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _meshdns_pods() -> list[tuple[str, str, dict[str, str], set[str]]]:
+    """(where, namespace, pod labels, names of the meshdns container's ports) for each
+    workload in deploy/kubernetes that runs meshdns."""
+    out = []
+    for path in sorted(KUBERNETES.rglob("*.yaml")):
+        for doc in _docs(path):
+            if doc["kind"] not in ("Deployment", "DaemonSet", "StatefulSet"):
+                continue
+            template = doc["spec"]["template"]
+            pod = template["spec"]
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                if c["image"].split(":")[0].rsplit("/", 1)[-1] == "meshdns":
+                    out.append((f"{path.relative_to(ROOT)} {doc['metadata']['name']}",
+                                doc["metadata"]["namespace"], template["metadata"]["labels"],
+                                {p["name"] for p in c.get("ports", []) if "name" in p}))
+    return out
+
+
+def _selects(monitor: dict[str, Any], namespace: str, labels: dict[str, str]) -> bool:
+    spec = monitor["spec"]
+    ns = spec.get("namespaceSelector", {})
+    if not ns.get("any") and namespace not in ns.get("matchNames", [monitor["metadata"]
+                                                                      ["namespace"]]):
+        return False
+    selector = spec["selector"]
+    assert set(selector) <= {"matchLabels"}, "only matchLabels is evaluated here"
+    wanted: dict[str, str] = selector.get("matchLabels", {})
+    return wanted.items() <= labels.items()
+
+
+def test_podmonitor_is_a_prometheus_operator_podmonitor() -> None:
+    docs = _docs(PODMONITOR)
+    assert docs
+    for doc in docs:
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        assert doc["kind"] == "PodMonitor"
+        assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
+        assert set(doc["spec"]) <= {"namespaceSelector", "selector", "podMetricsEndpoints"}
+        for endpoint in doc["spec"]["podMetricsEndpoints"]:
+            assert endpoint["path"] == "/metrics"
+            assert isinstance(endpoint["port"], str)  # a port name, as the Operator wants
+
+
+def test_podmonitor_scrapes_every_shipped_meshdns_pod() -> None:
+    """Each meshdns workload is selected by a monitor whose endpoint names a port that
+    its meshdns container declares (a missing port name silently scrapes nothing)."""
+    monitors = _docs(PODMONITOR)
+    pods = _meshdns_pods()
+    assert len(pods) >= 3
+    for where, namespace, labels, ports in pods:
+        scraped = [e["port"] for m in monitors if _selects(m, namespace, labels)
+                   for e in m["spec"]["podMetricsEndpoints"] if e["port"] in ports]
+        assert len(scraped) == 1, f"{where}: scraped through {scraped} (ports {ports})"
+
+
+# ------------------------------------------------------------------ PromQL metric names
+
+def test_dashboard_metric_names_are_parsed() -> None:
+    names = dashboard_metrics()
+    assert {"meshdns_dns_responses_total", "meshdns_dns_request_duration_seconds_bucket",
+            "meshdns_follow_sync_age_seconds", "meshdns_vip_pool_free"} <= names, names
+    assert not {"sum", "rate", "histogram_quantile", "le", "upstream", "time"} & names
+    assert promql_metric_names('sum by (a) (rate(x_total{b="c"}[5m])) / on(a) y > 0.5e3') \
+        == {"x_total", "y"}
+    assert {"meshdns_follow_sync_age_seconds", "meshdns_dns_responses_total",
+            "meshdns_upstream_requests_total", "meshdns_vip_pool_free",
+            "meshdns_state_write_failures_total"} == rule_metrics()

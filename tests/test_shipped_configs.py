@@ -1,0 +1,407 @@
+"""Every shipped configuration, started as shipped, end to end.
+
+The configs: ``examples/meshdns.yaml`` (``make run``), the file the Dockerfile bakes
+into the image, and the meshdns config in each ConfigMap under deploy/kubernetes.
+Each runs as a real ``python -m meshdns serve --config FILE`` subprocess. Only
+addresses and paths change (``rewrite``): every ``listen`` moves to a free loopback
+port, ``dns.upstreams`` to a real unbound on loopback, ``registry.follow`` to a
+leader started from the shipped leader ConfigMap, ``*_file`` paths into the test's
+directory. Nothing is switched off. Then, against each:
+
+- ``dig`` a mesh name (pushed through the API; also a seed name when there is a
+  seed file; also ``<mesh name>.<search suffix>`` when a search list applies) and a
+  name forwarded to unbound;
+- scrape /metrics, run ``promtool check metrics`` on the body, and check that every
+  metric the Grafana dashboard and the alerting rules query has a sample, and a few
+  values;
+- /readyz is 200.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshdns.config import defaults_as_dict, parse_config
+
+from .apiclient import call, wait_for
+from .fake_upstream import Unbound
+from .promql import dashboard_metrics, rule_metrics
+from .support import free_port, have_ipv6_loopback, run_tool
+from .test_deploy import copy_sources, dockerfile_stages, exec_form, instruction
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+TOKEN = "shipped-config-test-token"
+FORWARDED = ("www.example.test", "192.0.2.10")  # local-data of tests/fake_upstream.py
+PUSHED = {"name": "shipped-check", "namespace": "e2e", "port": 8080, "vip": "240.0.0.77",
+          "hostnames": []}
+# Exported by a follower only (registry.follow set); absent elsewhere by design.
+FOLLOWER_ONLY = {"meshdns_follow_sync_age_seconds",
+                 "meshdns_follow_last_sync_timestamp_seconds"}
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("unbound") is None, reason="unbound not installed"),
+    pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed"),
+    pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed"),
+]
+
+
+# ------------------------------------------------------------------ the shipped configs
+
+@dataclass(frozen=True)
+class Shipped:
+    name: str  # test id
+    source: str  # where it was read from, for messages
+    raw: dict[str, Any]
+
+    @property
+    def follows(self) -> bool:
+        return bool((self.raw.get("registry") or {}).get("follow"))
+
+
+def container_config() -> Shipped:
+    """The file the image's CMD names, as the Dockerfile COPYs it from the context."""
+    runtime = dockerfile_stages()[-1]
+    cmd = exec_form(instruction(runtime, "CMD").args)
+    entry = exec_form(instruction(runtime, "ENTRYPOINT").args)
+    argv = entry + cmd
+    target = argv[argv.index("--config") + 1]
+    [source] = [srcs[0] for srcs, dest in copy_sources(runtime) if dest == target]
+    return Shipped("container", source, yaml.safe_load((ROOT / source).read_text()) or {})
+
+
+def configmap_configs() -> list[Shipped]:
+    """Each meshdns config inside a ConfigMap (its ``*.yaml`` data entries)."""
+    out = []
+    for path in sorted(KUBERNETES.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if not doc or doc.get("kind") != "ConfigMap":
+                continue
+            for key, text in sorted((doc.get("data") or {}).items()):
+                if key.endswith((".yaml", ".yml")):
+                    rel = path.relative_to(ROOT)
+                    out.append(Shipped(f"k8s-{path.parent.name}", f"{rel}:data.{key}",
+                                       yaml.safe_load(text) or {}))
+    return out
+
+
+def shipped_configs() -> list[Shipped]:
+    example = ROOT / "examples" / "meshdns.yaml"
+    return [Shipped("example", "examples/meshdns.yaml", yaml.safe_load(example.read_text())),
+            container_config(), *configmap_configs()]
+
+
+SHIPPED = shipped_configs()
+
+
+def test_every_shipped_config_is_found() -> None:
+    names = [s.name for s in SHIPPED]
+    assert names[:2] == ["example", "container"]
+    assert {"k8s-leader", "k8s-sidecar", "k8s-daemonset"} <= set(names), names
+    assert len(set(names)) == len(names), names
+    [leader] = leaders()
+    assert leader.name == "k8s-leader"
+
+
+def leaders() -> list[Shipped]:
+    """Kubernetes configs that do not follow: what the followers' follow URL reaches."""
+    return [s for s in SHIPPED if s.name.startswith("k8s-") and not s.follows]
+
+
+# ------------------------------------------------------------------ rewriting
+
+def _listen(value: Any) -> Any:
+    """Each address to a free loopback port of its family (IPv6 dropped without ::1)."""
+    if isinstance(value, str):
+        return f"127.0.0.1:{free_port()}"  # a single address (api.listen): IPv4 loopback
+    assert isinstance(value, list), value
+    out = []
+    for addr in value:
+        if str(addr).startswith("["):
+            if have_ipv6_loopback():
+                out.append(f"[::1]:{free_port()}")
+        else:
+            out.append(f"127.0.0.1:{free_port()}")
+    return out or [f"127.0.0.1:{free_port()}"]
+
+
+def _path(value: Any, tmp: Path) -> Any:
+    """A file path into ``tmp``: a file that ships in the repository is copied along
+    (a seed file); any other gets its directory created, as a mounted volume would."""
+    if not isinstance(value, str):
+        return value
+    shipped = ROOT / value
+    dest = tmp / "files" / Path(value).name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not Path(value).is_absolute() and shipped.is_file():
+        shutil.copyfile(shipped, dest)
+    return str(dest)
+
+
+def rewrite(raw: dict[str, Any], tmp: Path, upstream: str, leader: str | None
+            ) -> dict[str, Any]:
+    """``raw`` with only addresses and paths changed (see the module docstring)."""
+    out: dict[str, Any] = json.loads(json.dumps(raw))
+    defaults = defaults_as_dict()
+    for name in defaults:
+        if out.get(name) is None:
+            out[name] = {}
+        section = out[name]
+        # Defaulted keys too: a default listen address is a fixed port on this host.
+        for key, value in {**defaults[name], **section}.items():
+            if key == "listen" and value is not None:
+                section[key] = _listen(value)
+            elif key.endswith("_file") and value is not None:
+                section[key] = _path(value, tmp)
+    dns = out.setdefault("dns", {})
+    dns["upstreams"] = [upstream]
+    # A pod's resolv.conf: search suffixes of a namespace, and a nameserver that must not
+    # be used (dns.upstreams is set); never the machine's own file.
+    resolv = tmp / "resolv.conf"
+    resolv.write_text("search demo.svc.cluster.local svc.cluster.local cluster.local\n"
+                      "nameserver 127.0.0.1\n")
+    dns["resolv_conf"] = str(resolv)
+    registry = out.get("registry") or {}
+    if registry.get("follow"):
+        assert leader is not None
+        registry["follow"] = leader
+    return out
+
+
+# ------------------------------------------------------------------ processes
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHDNS_")}
+    # As the manifests do from their Secret (and the Dockerfile asks for).
+    env.update(MESHDNS_API_TOKEN=TOKEN, MESHDNS_FOLLOW_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
+    return env
+
+
+@dataclass
+class Running:
+    config: dict[str, Any]
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def api(self) -> str:
+        return f"http://{self.config['api']['listen']}"
+
+    @property
+    def metrics_url(self) -> str:
+        listen = (self.config.get("metrics") or {}).get("listen") or self.config["api"]["listen"]
+        return f"http://{listen}/metrics"
+
+    @property
+    def dns(self) -> tuple[str, int]:
+        host, _, port = self.config["dns"]["listen"][0].rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def serving_or_exited(running: Running) -> bool:
+    if running.proc.poll() is not None:
+        return True
+    return call(running.api, "GET", "/healthz", timeout=2).status == 200
+
+
+@contextmanager
+def serve(shipped: Shipped, tmp: Path, upstream: str, leader: str | None = None
+          ) -> Iterator[Running]:
+    """The rewritten config served by a subprocess, once /healthz answers (/readyz waits
+    for a registry: a config without a seed or state file needs a first write). Three
+    tries: a port picked free can be taken before the server binds it."""
+    for attempt in range(3):
+        work = tmp / f"{shipped.name}-{attempt}"
+        work.mkdir(parents=True)
+        config = rewrite(shipped.raw, work, upstream, leader)
+        path = work / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        # check-config (keys, and the files the config names) agrees that it can serve.
+        checked = subprocess.run([sys.executable, "-m", "meshdns", "check-config", str(path)],
+                                 capture_output=True, text=True, timeout=60, env=_env(),
+                                 cwd=work, check=False)
+        assert checked.returncode == 0, checked.stderr
+        log = work / "meshdns.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
+                                     str(path)], stdout=out, stderr=subprocess.STDOUT,
+                                    env=_env(), cwd=work)
+        running = Running(config, proc, log)
+        try:
+            wait_for(functools.partial(serving_or_exited, running), 60,
+                     f"{shipped.source} to serve")
+            if proc.poll() is not None:
+                if "in use" in running.output():
+                    continue
+                pytest.fail(f"{shipped.source} exited {proc.returncode}:\n{running.output()}")
+            yield running
+            assert proc.poll() is None, f"{shipped.source} died:\n{running.output()}"
+            return
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+    pytest.fail(f"{shipped.source}: no free ports after 3 attempts")
+
+
+def dig(addr: tuple[str, int], name: str, qtype: str = "A") -> tuple[str, list[str]]:
+    """(status, the answer's A/AAAA addresses) from one real dig over UDP."""
+    out = run_tool("dig", f"@{addr[0]}", "-p", str(addr[1]), "+tries=1", "+time=5",
+                   name, qtype)
+    assert out.returncode == 0, out.stdout + out.stderr
+    status = re.search(r"status: (\w+)", out.stdout)
+    assert status, out.stdout
+    answers: list[str] = []
+    _, found, section = out.stdout.partition(";; ANSWER SECTION:\n")
+    if found:
+        for line in section.split("\n\n")[0].splitlines():
+            fields = line.split()  # owner ttl class type data
+            if len(fields) == 5 and fields[3] in ("A", "AAAA"):
+                answers.append(fields[4])
+    return status.group(1), answers
+
+
+# ------------------------------------------------------------------ the scrape
+
+def scrape(running: Running) -> tuple[str, dict[str, list[tuple[dict[str, str], float]]]]:
+    reply = call(running.metrics_url.rsplit("/metrics", 1)[0], "GET", "/metrics")
+    assert reply.status == 200, reply.body[:2000]
+    body = reply.body.decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return body, samples
+
+
+def value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str,
+          **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(v for lbl, v in samples.get(name, []) if labels.items() <= lbl.items())
+
+
+def promtool_check(body: str) -> None:
+    out = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------ the tests
+
+@pytest.fixture
+def unbound(tmp_path: Path) -> Iterator[Unbound]:
+    (tmp_path / "unbound").mkdir()
+    with Unbound(tmp_path / "unbound") as server:
+        yield server
+
+
+def mesh_name(service: dict[str, Any], domain: str) -> str:
+    return f"{service['name']}.{service['namespace']}.svc.{service['port']}.{domain}"
+
+
+@pytest.mark.parametrize("shipped", SHIPPED, ids=[s.name for s in SHIPPED])
+def test_shipped_config_end_to_end(shipped: Shipped, tmp_path: Path, unbound: Unbound) -> None:
+    with ExitStack() as stack:
+        leader: Running | None = None
+        if shipped.follows:
+            [leader_config] = leaders()
+            leader = stack.enter_context(serve(leader_config, tmp_path, unbound.address))
+        running = stack.enter_context(
+            serve(shipped, tmp_path, unbound.address, leader.api if leader else None))
+        check_running(shipped, running, leader, unbound)
+
+
+def check_running(shipped: Shipped, running: Running, leader: Running | None,
+                  unbound: Unbound) -> None:
+    config = parse_config(running.config, {})
+    domain = config.dns.domains[0]
+    writable = leader or running
+
+    # A mesh name pushed through the API (the leader's, for a follower).
+    pushed = call(writable.api, "PATCH", "/v1/services", {"upsert": [PUSHED]}, token=TOKEN)
+    assert pushed.status == 200, pushed.body
+    revision = pushed.json()["revision"]
+    if leader is not None:  # the follower serves it once it pulled that revision
+        wait_for(lambda: call(running.api, "GET", "/readyz").json().get("revision") == revision,
+                 30, f"{shipped.source} to follow revision {revision}")
+    name = mesh_name(PUSHED, domain)
+    assert dig(running.dns, name) == ("NOERROR", [PUSHED["vip"]])
+    digs_a = 1
+    seed_services = []
+    if config.registry.seed_file:
+        seed = yaml.safe_load(Path(config.registry.seed_file).read_text())
+        seed_services = seed["services"]
+        first = seed_services[0]
+        status, answers = dig(running.dns, mesh_name(first, domain))
+        digs_a += 1
+        assert status == "NOERROR" and len(answers) == 1, (status, answers)
+        if first.get("vip"):
+            assert answers == [first["vip"]]
+    search = config.dns.search or ("demo.svc.cluster.local",)  # else: the test resolv.conf's
+    assert dig(running.dns, f"{name}.{search[0]}") == ("NOERROR", [PUSHED["vip"]])
+    digs_a += 1
+    assert dig(running.dns, "no-such-service.e2e.svc.1.mesh")[0] == "NXDOMAIN"
+    digs_a += 1
+
+    # A name forwarded to unbound, twice: the second answer comes from the cache.
+    for _ in range(2):
+        assert dig(running.dns, FORWARDED[0]) == ("NOERROR", [FORWARDED[1]])
+        digs_a += 1
+
+    services = call(running.api, "GET", "/v1/services", token=TOKEN)
+    assert services.status == 200, services.body
+    assert services.json()["revision"] == revision
+    ready = call(running.api, "GET", "/readyz")
+    assert ready.status == 200, ready.body
+    assert ready.json()["services"] == len(seed_services) + 1
+
+    body, samples = scrape(running)
+    promtool_check(body)
+    wanted = dashboard_metrics() | rule_metrics()
+    if not shipped.follows:
+        wanted -= FOLLOWER_ONLY
+        assert not FOLLOWER_ONLY & samples.keys(), "a leader exports follower metrics"
+    missing = sorted(n for n in wanted if not samples.get(n))
+    assert not missing, \
+        f"{shipped.source}: metrics the dashboard or alerts query, without a sample: {missing}"
+
+    assert value(samples, "meshdns_dns_requests_total", proto="udp", qtype="A") == digs_a
+    assert value(samples, "meshdns_dns_responses_total", rcode="NOERROR",
+                 source="upstream") == 1
+    assert value(samples, "meshdns_dns_responses_total", rcode="NOERROR",
+                 source="cache") == 1
+    assert value(samples, "meshdns_dns_responses_total", rcode="NXDOMAIN") == 1
+    assert value(samples, "meshdns_upstream_requests_total", upstream=unbound.address,
+                 result="ok") == 1
+    assert value(samples, "meshdns_upstream_request_duration_seconds_count",
+                 upstream=unbound.address) == 1
+    assert value(samples, "meshdns_registry_services") == len(seed_services) + 1
+    assert value(samples, "meshdns_registry_revision") == revision
+    assert value(samples, "meshdns_registry_loaded") == 1
+    assert value(samples, "meshdns_sync_requests_total", op="get", code="200") == 1
+    assert value(samples, "meshdns_vip_pool_free", family="ipv4") > 0
+    if shipped.follows:
+        age = value(samples, "meshdns_follow_sync_age_seconds")
+        assert 0 <= age < config.registry.follow_max_staleness
