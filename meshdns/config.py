@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import yaml
 
 from .core.names import normalize_domain, normalize_hostname
+from .core.parse import QUOTE_LIMIT, clip, quote
+from .yamlload import load_yaml
 
 
 class ConfigError(ValueError):
@@ -97,10 +99,13 @@ T = TypeVar("T")
 
 
 def _got(value: Any) -> str:
-    try:
+    """The offending value as an error message quotes it: JSON-like, at most
+    QUOTE_LIMIT characters, and bounded work whatever its size."""
+    if isinstance(value, str):
+        return clip(json.dumps(value[:QUOTE_LIMIT]) + ("..." if len(value) > QUOTE_LIMIT else ""))
+    if value is None or isinstance(value, (bool, float)):
         return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
+    return quote(value)
 
 
 def _fail(path: str, reason: str, value: Any) -> ConfigError:
@@ -295,7 +300,8 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
     sections: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in _SECTIONS:
-            raise ConfigError(f"{name}: unknown key (known: {', '.join(_SECTIONS)})")
+            raise ConfigError(f"{clip(str(name))}: unknown key (known: "
+                              f"{', '.join(_SECTIONS)})")
         if value is None:
             value = {}
         if not isinstance(value, Mapping):
@@ -304,7 +310,8 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         kwargs = {}
         for key, item in value.items():
             if key not in checks:
-                raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(checks)})")
+                raise ConfigError(f"{name}.{clip(str(key))}: unknown key (known: "
+                                  f"{', '.join(checks)})")
             kwargs[key] = checks[key](f"{name}.{key}", item)
         sections[name] = _SECTIONS[name](**kwargs)
     cfg = Config(**sections)
@@ -326,14 +333,10 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     try:
-        raw = yaml.load(text, Loader=_SafeLoader)  # _SafeLoader: never constructs objects
+        raw = load_yaml(text)  # plain data only; no anchors/aliases, bounded nesting
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {clip(str(exc), 300)}") from None
     return parse_config(raw, env)
-
-
-# libyaml's loader is ~20x faster on large registries; fall back to the pure one.
-_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def parse_document(text: str | bytes) -> Any:
@@ -345,9 +348,9 @@ def parse_document(text: str | bytes) -> Any:
         except ValueError:
             pass  # not JSON after all: let YAML say what is wrong
     try:
-        return yaml.load(text, Loader=_SafeLoader)  # _SafeLoader: never constructs objects
+        return load_yaml(text)  # plain data only; no anchors/aliases, bounded nesting
     except yaml.YAMLError as exc:
-        raise ValueError(f"not valid YAML or JSON: {exc}") from None
+        raise ValueError(f"not valid YAML or JSON: {clip(str(exc), 300)}") from None
 
 
 def load_document(path: str | Path) -> Any:

@@ -19,8 +19,22 @@ from .registry import (
     _registry,
     _top_of,
 )
-from .service import _K, _V, Service, ServiceKey, ServiceSpec
+from .service import _K, _V, Service, ServiceKey, ServiceSpec, _bad, describe
 from .vip import VipRange, count_in
+
+
+def check_disjoint(upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey]) -> None:
+    """RegistryError (400, naming the delete entry) when a PATCH both upserts and
+    deletes one service: which of the two was meant is a guess, so neither is applied."""
+    if not upserts or not deletes:
+        return
+    where = {spec.key: i for i, spec in enumerate(upserts)}
+    for j, key in enumerate(deletes):
+        i = where.get(key)
+        if i is not None:
+            raise _bad(f"service {describe(key)} is both upserted (upsert[{i}]) and deleted: "
+                       "a PATCH may do one or the other", f"delete[{j}]")
+
 
 # ---------------------------------------------------------------- incremental PATCH
 #
