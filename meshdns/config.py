@@ -99,13 +99,15 @@ T = TypeVar("T")
 
 
 def _got(value: Any) -> str:
-    """The offending value as an error message quotes it: JSON-like, at most
-    QUOTE_LIMIT characters, and bounded work whatever its size."""
-    if isinstance(value, str):
-        return clip(json.dumps(value[:QUOTE_LIMIT]) + ("..." if len(value) > QUOTE_LIMIT else ""))
-    if value is None or isinstance(value, (bool, float)):
-        return json.dumps(value)
-    return quote(value)
+    """The offending value as an error message quotes it: JSON when it is short,
+    else abbreviated; at most QUOTE_LIMIT characters, bounded work at any size."""
+    short = quote(value)  # looks at a few items and characters only
+    if len(short) < QUOTE_LIMIT - 3 and "..." not in short:  # small: JSON is cheap
+        try:
+            return clip(json.dumps(value))
+        except (TypeError, ValueError):
+            pass
+    return short
 
 
 def _fail(path: str, reason: str, value: Any) -> ConfigError:
