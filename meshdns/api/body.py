@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import json.scanner
 import re
 from typing import Any
 
@@ -68,6 +69,8 @@ def decode(data: bytes, kind: str) -> Any:
 
 
 _DECODER = json.JSONDecoder()
+_SCAN: Any = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # typeshed
+_WS = frozenset(" \t\n\r")
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
@@ -112,22 +115,30 @@ def loads_in_steps(text: str) -> Any:
 
 
 def _list_in_steps(text: str, i: int) -> tuple[list[Any], int]:
-    raw = _DECODER.raw_decode
+    scan = _SCAN  # the C scanner raw_decode wraps, without its Python frame per item
     items: list[Any] = []
     append = items.append
     i = _skip(text, i + 1)
     if text[i:i + 1] == "]":
         return items, i + 1
     while True:
-        item, i = raw(text, i)
+        try:
+            item, i = scan(text, i)
+        except StopIteration as err:
+            raise json.JSONDecodeError("Expecting value", text, err.value) from None
         append(item)
-        i = _skip(text, i)
         sep = text[i:i + 1]
+        if sep in _WS:
+            i = _skip(text, i)
+            sep = text[i:i + 1]
+        if sep == ",":
+            i += 1
+            if text[i:i + 1] in _WS:
+                i = _skip(text, i)
+            continue
         if sep == "]":
             return items, i + 1
-        if sep != ",":
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
-        i = _skip(text, i + 1)
+        raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
 
 
 def _skip(text: str, i: int) -> int:
