@@ -23,7 +23,6 @@ import http.client
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,8 +37,8 @@ import dns.query
 import dns.rcode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from datagen import generate, meshdns_body, write_meshdns_seed  # noqa: E402
-from peers import (  # noqa: E402
+from datagen import generate, meshdns_body, write_meshdns_seed
+from peers import (
     LOOPBACK,
     REPO,
     Server,

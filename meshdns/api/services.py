@@ -165,7 +165,6 @@ def bulk_write() -> Iterator[None]:
             sys.setswitchinterval(_switch_interval_before)
 
 
-
 async def get_services(request: web.Request) -> web.Response:
     st = request.app[STATE_KEY]
     store = st.store
