@@ -33,11 +33,11 @@ async def read_body(request: web.Request, limit: int) -> tuple[bytes, str]:
     elif mime in YAML_TYPES:
         kind = "yaml"
     else:
-        raise ApiError(415, f"unsupported Content-Type {mime!r}: send application/json or "
+        raise ApiError(415, f"unsupported Content-Type {clip(repr(mime))}: send application/json or "
                        "application/yaml")
     charset = request.charset
     if charset is not None and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
-        raise ApiError(415, f"unsupported charset {charset!r}: bodies are UTF-8")
+        raise ApiError(415, f"unsupported charset {clip(repr(charset))}: bodies are UTF-8")
     too_big = ApiError(413, f"body larger than {limit} bytes (api.max_body_bytes)")
     length = request.content_length
     if length is not None and length > limit:

@@ -65,7 +65,7 @@ def require_match(header: str, revision: int) -> None:
     current = etag(revision)
     if not any(tag == "*" or (not tag.startswith("W/") and _bare(tag) == current)
                for tag in _tags(header)):
-        raise ApiError(412, f"If-Match {header.strip()!r} does not match the current "
+        raise ApiError(412, f"If-Match {clip(repr(header.strip()))} does not match the current "
                        f"revision {current}: the registry changed, re-read and retry",
                        None, {"ETag": current})
 
@@ -78,7 +78,7 @@ def parse_wait(text: str | None) -> float:
     except ValueError:
         value = -1.0
     if not math.isfinite(value) or value < 0:
-        raise ApiError(400, f"wait must be a number of seconds >= 0, got {text!r}", "wait")
+        raise ApiError(400, f"wait must be a number of seconds >= 0, got {clip(repr(text))}", "wait")
     return min(value, MAX_WAIT_SECONDS)
 
 

@@ -180,7 +180,9 @@ def apply_put(reg: Registry, specs: Sequence[ServiceSpec], policy: RegistryPolic
         # instead of doubling the names a re-PUT of 1M services keeps alive.
         keys = [k if (p := old.get(k)) is None else (p.name, p.namespace, p.port)
                 for k in keys]
-    by_key = dict(zip(keys, specs, strict=True))
+    by_key: dict[ServiceKey, ServiceSpec] = {}
+    for lo in range(0, len(keys), BULK_STEP):  # see BULK_STEP
+        by_key.update(zip(keys[lo:lo + BULK_STEP], specs[lo:lo + BULK_STEP], strict=True))
     if len(by_key) != len(keys):
         seen: dict[ServiceKey, int] = {}
         for i, key in enumerate(keys):
