@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import yaml
 
 from .core.names import normalize_domain, normalize_hostname
+from .core.parse import QUOTE_LIMIT, clip, quote
+from .yamlload import load_yaml
 
 
 class ConfigError(ValueError):
@@ -113,10 +115,15 @@ T = TypeVar("T")
 
 
 def _got(value: Any) -> str:
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
+    """The offending value as an error message quotes it: JSON when it is short,
+    else abbreviated; at most QUOTE_LIMIT characters, bounded work at any size."""
+    short = quote(value)  # looks at a few items and characters only
+    if len(short) < QUOTE_LIMIT - 3 and "..." not in short:  # small: JSON is cheap
+        try:
+            return clip(json.dumps(value))
+        except (TypeError, ValueError):
+            pass
+    return short
 
 
 def _fail(path: str, reason: str, value: Any) -> ConfigError:
@@ -317,7 +324,7 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
     errors: list[str] = []  # every bad key is reported, not just the first one
     for name, value in raw.items():
         if name not in _SECTIONS:
-            errors.append(f"{name}: unknown key (known: {', '.join(_SECTIONS)})")
+            errors.append(f"{clip(str(name))}: unknown key (known: {', '.join(_SECTIONS)})")
             continue
         if value is None:
             value = {}
@@ -328,7 +335,8 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         kwargs = {}
         for key, item in value.items():
             if key not in checks:
-                errors.append(f"{name}.{key}: unknown key (known: {', '.join(checks)})")
+                errors.append(f"{name}.{clip(str(key))}: unknown key (known: "
+                              f"{', '.join(checks)})")
                 continue
             try:
                 kwargs[key] = checks[key](f"{name}.{key}", item)
@@ -366,14 +374,10 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     try:
-        raw = yaml.load(text, Loader=_SafeLoader)  # _SafeLoader: never constructs objects
+        raw = load_yaml(text)  # plain data only; no anchors/aliases, bounded nesting
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {clip(str(exc), 300)}") from None
     return parse_config(raw, env)
-
-
-# libyaml's loader is ~20x faster on large registries; fall back to the pure one.
-_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def parse_document(text: str | bytes) -> Any:
@@ -385,9 +389,9 @@ def parse_document(text: str | bytes) -> Any:
         except ValueError:
             pass  # not JSON after all: let YAML say what is wrong
     try:
-        return yaml.load(text, Loader=_SafeLoader)  # _SafeLoader: never constructs objects
+        return load_yaml(text)  # plain data only; no anchors/aliases, bounded nesting
     except yaml.YAMLError as exc:
-        raise ValueError(f"not valid YAML or JSON: {exc}") from None
+        raise ValueError(f"not valid YAML or JSON: {clip(str(exc), 300)}") from None
 
 
 def load_document(path: str | Path) -> Any:

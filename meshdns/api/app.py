@@ -74,13 +74,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def _auth_middleware(token: str) -> Any:
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == "/v1" or request.path.startswith("/v1/"):
-            given = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "replace")
-            if not hmac.compare_digest(given, expected):
+            # RFC 9110 11.1: the scheme is case-insensitive ("bearer" is "Bearer"), one
+            # or more spaces before the credentials; the token itself is exact.
+            scheme, _, credentials = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+            given = credentials.lstrip(" ").encode("utf-8", "replace")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
                 raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer "
                                "<api.token>)", None, {"WWW-Authenticate": 'Bearer realm="meshdns"'})
         return await handler(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,37 @@ from .service import (
 )
 from .vip import parse_ip, parse_ip4, parse_ip6
 
+# ---------------------------------------------------------------- quoting input
+
+QUOTE_LIMIT = 80  # characters of an offending value an error message quotes at most
+
+
+def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters (marked with "...")."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 3, 3
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = QUOTE_LIMIT
+
+
+def quote(value: Any) -> str:
+    """``repr(value)`` for an error message: at most ``QUOTE_LIMIT`` characters, and
+    bounded work however large ``value`` is (reprlib looks at a few items only)."""
+    if type(value) is int and value.bit_length() > 200:
+        return f"<integer of {value.bit_length()} bits>"  # repr() is quadratic, or refused
+    return clip(_REPR.repr(value))
+
+
+_KEY_SET = frozenset(_KEY_FIELDS)
+
+
+def _unknown_field(item: Mapping[Any, Any], known: frozenset[str], path: str) -> RegistryError:
+    unknown = min(clip(str(k)) for k in item if k not in known)
+    return _bad(f"unknown field {quote(unknown)}", f"{path}.{unknown}")
+
+
 # ---------------------------------------------------------------- input parsing
 
 
@@ -36,13 +68,13 @@ def _parse_key_fields(item: Mapping[str, Any], path: str) -> ServiceKey:
         if not is_rfc1123_label(value):
             raise _bad(
                 f"{fname} must be a lower-case RFC 1123 label (a-z, 0-9, '-', 1..63 chars), "
-                f"got {value!r}",
+                f"got {quote(value)}",
                 f"{path}.{fname}",
             )
     if isinstance(port, str) and port.isascii() and port.isdigit() and port[:1] != "0":
         port = int(port)  # "80" as a string is accepted; "080", "²" are not
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise _bad(f"port must be an integer 1..65535, got {port!r}", f"{path}.port")
+        raise _bad(f"port must be an integer 1..65535, got {quote(port)}", f"{path}.port")
     assert isinstance(name, str) and isinstance(namespace, str)
     return (name, namespace, port)
 
@@ -52,9 +84,14 @@ def _parse_vip(value: Any, version: int, path: str) -> int | None:
         return None
     if not isinstance(value, str):
         raise _bad(f"must be an IPv{version} address string", path)
+    if version == 6 and "%" in value:
+        # ipaddress keeps a scope id (fe80::1%eth0) that a VIP cannot carry: refused
+        # rather than silently dropped.
+        raise _bad(f"must be an IPv6 address without a zone id (%...), got {quote(value)}",
+                   path)
     vip = parse_ip(value, version)
     if vip is None:
-        raise _bad(f"must be an IPv{version} address, got {value!r}", path)
+        raise _bad(f"must be an IPv{version} address, got {quote(value)}", path)
     return vip
 
 
@@ -70,7 +107,7 @@ def _parse_hostnames(raw_hosts: Any, path: str) -> tuple[str, ...]:
     for j, raw in enumerate(raw_hosts):
         host = normalize_hostname(raw) if isinstance(raw, str) else None
         if host is None:
-            raise _bad(f"must be a fully qualified domain name, got {raw!r}",
+            raise _bad(f"must be a fully qualified domain name, got {quote(raw)}",
                        f"{path}.hostnames[{j}]")
         if host not in hostnames:
             hostnames.append(host)
@@ -94,8 +131,7 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str],
     if type(item) is not dict and not isinstance(item, Mapping):
         raise _bad("must be an object with name, namespace and port", path)
     if not item.keys() <= _SERVICE_FIELDS:
-        unknown = sorted(str(k) for k in item if k not in _SERVICE_FIELDS)
-        raise _bad(f"unknown field {unknown[0]!r}", f"{path}.{unknown[0]}")
+        raise _unknown_field(item, _SERVICE_FIELDS, path)
     get = item.get
     name = get("name")
     namespace = get("namespace")
@@ -114,7 +150,7 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str],
             vip = _parse_vip(get("vip"), 4, f"{path}.vip")
     vip6 = get("vip6")
     if vip6 is not None:
-        vip6 = parse_ip6(vip6) if type(vip6) is str else None
+        vip6 = parse_ip6(vip6) if type(vip6) is str and "%" not in vip6 else None
         if vip6 is None:
             vip6 = _parse_vip(get("vip6"), 6, f"{path}.vip6")
     raw_hosts = get("hostnames")
@@ -170,9 +206,8 @@ def parse_deletes(value: Any, path: str = "delete") -> list[ServiceKey]:
     for i, item in enumerate(value):
         if not isinstance(item, Mapping):
             raise _bad("must be an object with name, namespace and port", f"{path}[{i}]")
-        unknown = sorted(str(k) for k in item if k not in _KEY_FIELDS)
-        if unknown:
-            raise _bad(f"unknown field {unknown[0]!r}", f"{path}[{i}].{unknown[0]}")
+        if not item.keys() <= _KEY_SET:
+            raise _unknown_field(item, _KEY_SET, f"{path}[{i}]")
         keys.append(_parse_key_fields(item, f"{path}[{i}]"))
     return keys
 

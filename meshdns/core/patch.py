@@ -56,6 +56,17 @@ def _patch_rebuild(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Seque
     for spec in upserts:
         specs[spec.key] = spec
     return _build(reg, specs, seen, policy, now, "upsert")
+def check_disjoint(upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey]) -> None:
+    """RegistryError (400, naming the delete entry) when a PATCH both upserts and
+    deletes one service: which of the two was meant is a guess, so neither is applied."""
+    if not upserts or not deletes:
+        return
+    where = {spec.key: i for i, spec in enumerate(upserts)}
+    for j, key in enumerate(deletes):
+        i = where.get(key)
+        if i is not None:
+            raise _bad(f"service {describe(key)} is both upserted (upsert[{i}]) and deleted: "
+                       "a PATCH may do one or the other", f"delete[{j}]")
 
 
 # ---------------------------------------------------------------- incremental PATCH
