@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__
+from . import __version__, logs
 from .config import Config, ConfigError, load_config, parse_document
 
 DEFAULT_SERVER = "http://127.0.0.1:15080"
@@ -32,30 +32,8 @@ EPILOG = (f"apply, get and resolve talk to a running meshdns: --server (env MESH
           "Run `meshdns COMMAND --help` for a command's options.")
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
 def setup_logging(config: Config) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if config.log.format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log.level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logs.setup_logging(config.log.level, config.log.format)
 
 
 def _event_loop_policy() -> None:

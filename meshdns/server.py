@@ -20,9 +20,9 @@ from .core.registry import Registry, RegistryPolicy
 from .core.resolver import Resolver
 from .core.vip import VipRange
 from .core.zone import Zone, ZoneSettings
-from .dns import querylog
 from .dns.histogram import Histogram
 from .dns.metrics import DnsCollector
+from .dns.querylog import QueryLog
 from .dns.reuseport import steer_by_cpu
 from .dns.transport import BatchedUdp, Forward, TcpDnsProtocol, TcpLimits, UdpDnsProtocol
 from .gcpause import gc_paused
@@ -178,9 +178,7 @@ class MeshServer:
         self.latency = Histogram() if self.counting else None
         if not self.counting:
             self.resolver.disable_counting()
-        if config.log.queries:
-            self.resolver.handle_udp = querylog.wrap(self.resolver.handle_udp, "udp")  # type: ignore[method-assign,assignment]
-            self.resolver.handle_tcp = querylog.wrap(self.resolver.handle_tcp, "tcp")  # type: ignore[method-assign,assignment]
+        self.qlog = QueryLog() if config.log.queries else None
         self.metrics = new_metrics_registry()
         self.dns_metrics = DnsCollector(self.resolver, self.tcp_limits, self.latency)
         self.metrics.register(self.dns_metrics)
@@ -311,17 +309,19 @@ class MeshServer:
                 tcp_sock.close()
                 raise
             transport: asyncio.BaseTransport | BatchedUdp | None = None
-            if os.environ.get("MESHDNS_UDP_BATCH", "1") != "0":
+            # The query log takes the one-datagram path: batches are not logged.
+            if os.environ.get("MESHDNS_UDP_BATCH", "1") != "0" and self.qlog is None:
                 with contextlib.suppress(ImportError):  # not Linux: one datagram per callback
                     transport = BatchedUdp(udp_sock, self.resolver, self._forward_fn(),
                                            self.latency)
             if transport is None:
                 transport, _ = await loop.create_datagram_endpoint(
-                    lambda: UdpDnsProtocol(self.resolver, self._forward_fn(), self.latency),
+                    lambda: UdpDnsProtocol(self.resolver, self._forward_fn(), self.latency,
+                                           self.qlog),
                     sock=udp_sock)
             server = await loop.create_server(
                 lambda: TcpDnsProtocol(self.resolver, self._forward_fn(), self.tcp_limits,
-                                       self.latency),
+                                       self.latency, self.qlog),
                 sock=tcp_sock)
             self.listeners.udp.append(transport)
             self.listeners.tcp.append(server)

@@ -204,23 +204,6 @@ def test_real_prometheus_scrapes_registry_size(tmp_path: Path) -> None:
                 proc.wait(5)
 
 
-def test_query_log_is_off_by_default_and_one_line_per_query_when_on(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with running_server(make_config(tmp_path)) as server:
-        with caplog.at_level("INFO", logger="meshdns.query"):
-            query(server, "frontend.kong.svc.80.mesh", "A")
-        assert not [r for r in caplog.records if r.name == "meshdns.query"]
-    caplog.clear()
-    with running_server(make_config(tmp_path, {"log": {"queries": True}})) as server:
-        with caplog.at_level("INFO", logger="meshdns.query"):
-            query(server, "frontend.kong.svc.80.mesh", "A")
-            query(server, "nope.mesh", "AAAA", tcp=True)
-        lines = [r.getMessage() for r in caplog.records if r.name == "meshdns.query"]
-    assert len(lines) == 2
-    assert re.fullmatch(r"udp id=\d+ frontend\.kong\.svc\.80\.mesh A -> NOERROR", lines[0])
-    assert re.fullmatch(r"tcp id=\d+ nope\.mesh AAAA -> NXDOMAIN", lines[1])
-
-
 def test_no_log_line_per_packet_at_the_default_level(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = make_config(tmp_path, {"log": {"level": "info"}})

@@ -13,7 +13,9 @@ Every error, including aiohttp's own 404/405, is ``{"error": ..., "field": ...}`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +30,7 @@ from ..metrics import CONTENT_TYPE, render
 from .metrics import ApiCollector
 from .resolve import resolve
 from .services import get_services, patch_services, put_services
-from .state import STATE_KEY, ApiContext, ApiError, ApiState, error_response
+from .state import AUDIT_KEY, STATE_KEY, ApiContext, ApiError, ApiState, error_response
 
 log = logging.getLogger("meshdns.api")
 
@@ -69,8 +71,25 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = error_response(500, "internal error (logged)")
     op = _sync_op(request)
     if op is not None:
-        request.app[STATE_KEY].count(op, response.status)
+        state = request.app[STATE_KEY]
+        state.count(op, response.status)
+        if op in ("put", "patch"):
+            audit(request, response)
     return response
+
+
+def audit(request: web.Request, response: web.StreamResponse) -> None:
+    """One line per registry write, whatever its outcome: who, what, result, revision."""
+    fields: dict[str, Any] = {"remote": request.remote, "method": request.method,
+                              "route": request.path, "status": response.status}
+    fields.update(request.get(AUDIT_KEY, {}))
+    if response.status != 200 and isinstance(response, web.Response) and response.body is not None:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            fields["error"] = json.loads(bytes(response.body))["error"]  # type: ignore[arg-type]
+    log.info("registry write %s %s from %s: %d%s", request.method, request.path,
+             request.remote, response.status,
+             f", revision {fields['revision']}" if "revision" in fields else "",
+             extra={"fields": fields, "fields_in_message": False})
 
 
 def _auth_middleware(token: str) -> Any:

@@ -36,7 +36,7 @@ from ..gcpause import gc_paused
 from ..protocol import WORKER_HEADER
 from ..store import StateWriteError, fast_ip4, fast_ip6
 from .body import decode, object_with, read_body
-from .state import MAX_WAIT_SECONDS, STATE_KEY, ApiError, ApiState, etag
+from .state import AUDIT_KEY, MAX_WAIT_SECONDS, STATE_KEY, ApiError, ApiState, etag
 
 log = logging.getLogger("meshdns.api")
 T = TypeVar("T")
@@ -212,6 +212,7 @@ async def put_services(request: web.Request) -> web.Response:
     with bulk_write():
         specs = await asyncio.to_thread(parse_put, data, kind, st.store.registry.services)
         del data
+        request[AUDIT_KEY] = {"services": len(specs)}
         store = st.store
 
         def compute(base: Registry) -> Registry:
@@ -228,6 +229,7 @@ async def patch_services(request: web.Request) -> web.Response:
         upserts, deletes = await asyncio.to_thread(parse_patch, data, kind,
                                                    st.store.registry.services)
         del data
+        request[AUDIT_KEY] = {"upserted": len(upserts), "deleted": len(deletes)}
         store = st.store
 
         def compute(base: Registry) -> Registry:
@@ -257,6 +259,7 @@ async def _write(request: web.Request, st: ApiState,
                        "changed") from None
     if st.server.workers is not None:
         await st.server.workers.caught_up(reg.revision)  # every DNS process serves it
+    request.setdefault(AUDIT_KEY, {})["revision"] = reg.revision
     return web.json_response({"revision": reg.revision, "services": len(reg)},
                              headers={"ETag": etag(reg.revision)})
 

@@ -21,6 +21,7 @@ from typing import Any, cast
 from ..core.resolver import ForwardRequest, Resolver
 from ..core.wire import HEADER_LEN, RCODE_SERVFAIL
 from .histogram import Histogram
+from .querylog import QueryLog
 
 log = logging.getLogger("meshdns.dns")
 
@@ -60,10 +61,11 @@ class _Errors:
 
 class UdpDnsProtocol(asyncio.DatagramProtocol):
     def __init__(self, resolver: Resolver, forward: Forward | None,
-                 latency: Histogram | None = None) -> None:
+                 latency: Histogram | None = None, qlog: QueryLog | None = None) -> None:
         self.resolver = resolver
         self.forward = forward
         self.latency = latency
+        self.qlog = qlog  # log.queries: every message takes _logged instead
         self.seen = 0
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -71,6 +73,9 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.qlog is not None:
+            self._logged(data, addr, self.qlog)
+            return
         self.seen += 1
         try:
             if self.seen & SAMPLE_MASK or self.latency is None:
@@ -89,7 +94,22 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         elif isinstance(out, ForwardRequest):
             _spawn(self._forward(out, addr))
 
-    async def _forward(self, req: ForwardRequest, addr: Any) -> None:
+    def _logged(self, data: bytes, addr: Any, qlog: QueryLog) -> None:
+        started = time.perf_counter()
+        try:
+            out = self.resolver.handle_udp(data)
+        except Exception:
+            _Errors.report("udp")
+            out = servfail(data)
+        if isinstance(out, ForwardRequest):
+            _spawn(self._forward(out, addr, started))
+            return
+        if out is not None:
+            self.transport.sendto(out, addr)  # type: ignore[union-attr]
+        qlog.exchange("udp", addr, data, out, time.perf_counter() - started)
+
+    async def _forward(self, req: ForwardRequest, addr: Any,
+                       received: float | None = None) -> None:
         reply: bytes | None
         started = time.perf_counter()
         try:
@@ -101,6 +121,9 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
             self.latency.observe(time.perf_counter() - started)
         if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
+        if self.qlog is not None:
+            self.qlog.exchange("udp", addr, req.data, reply,
+                               time.perf_counter() - (received or started), forwarded=True)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors from earlier sends (client port gone): nothing to do.
@@ -208,8 +231,10 @@ class TcpDnsProtocol(asyncio.Protocol):
     """
 
     def __init__(self, resolver: Resolver, forward: Forward | None, limits: TcpLimits,
-                 latency: Histogram | None = None) -> None:
+                 latency: Histogram | None = None, qlog: QueryLog | None = None) -> None:
         self.resolver = resolver
+        self.qlog = qlog
+        self.peer: Any = None  # the client's address, for the query log
         self.forward = forward
         self.limits = limits
         self.latency = latency
@@ -227,6 +252,7 @@ class TcpDnsProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
+        self.peer = transport.get_extra_info("peername")
         limits = self.limits
         limits.admit(self)
         self.transport.set_write_buffer_limits(high=256 * 1024)
@@ -310,28 +336,29 @@ class TcpDnsProtocol(asyncio.Protocol):
 
     def _answer(self, message: bytes) -> bool:
         """Answer or forward one framed message; False when it is dropped unanswered."""
+        started = time.perf_counter()
         try:
             if self.latency is None:
                 out = self.resolver.handle_tcp(message)
             else:
-                started = time.perf_counter()
                 out = self.resolver.handle_tcp(message)
                 self.latency.observe(time.perf_counter() - started)
         except Exception:
             _Errors.report("tcp")
             out = servfail(message)
-        if out is None:
-            return False
-        if out.__class__ is bytes:
-            self._send(out)
-        elif isinstance(out, ForwardRequest):
+        if isinstance(out, ForwardRequest):
             self.pending += 1
             if self.pending >= MAX_TCP_PENDING:
                 self._pause_reading()
-            _spawn(self._forward(out))
-        return True
+            _spawn(self._forward(out, started))
+            return True
+        if out is not None:
+            self._send(out)
+        if self.qlog is not None:
+            self.qlog.exchange("tcp", self.peer, message, out, time.perf_counter() - started)
+        return out is not None
 
-    async def _forward(self, req: ForwardRequest) -> None:
+    async def _forward(self, req: ForwardRequest, received: float) -> None:
         reply: bytes | None
         started = time.perf_counter()
         try:
@@ -346,6 +373,9 @@ class TcpDnsProtocol(asyncio.Protocol):
             self._send(reply)
             self.last_active = self.loop.time()
             self.limits.touch(self)
+        if self.qlog is not None:
+            self.qlog.exchange("tcp", self.peer, req.data, reply,
+                               time.perf_counter() - received, forwarded=True)
         if self.eof and self.pending == 0 and self.transport is not None:
             self.transport.close()
         elif self.pending < MAX_TCP_PENDING // 2:
