@@ -61,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config)
     _event_loop_policy()
     try:
-        asyncio.run(MeshServer(config).serve_until_signal())
+        asyncio.run(MeshServer(config).serve_until_signal(
+            reload=lambda: load_config(args.config)))
     except StateError as exc:
         logging.getLogger("meshdns").error("cannot start: %s", exc)
         return 1

@@ -10,25 +10,33 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, logs
 from .api.state import ApiContext
-from .config import Config, HostPort
-from .core.registry import Registry, RegistryPolicy
-from .core.resolver import Resolver
+from .config import Config, ConfigError, HostPort
+from .core.registry import Registry, RegistryError, RegistryPolicy, apply_put
+from .core.resolver import ForwardRequest, Resolver
 from .core.vip import VipRange
 from .core.zone import Zone, ZoneSettings
 from .dns.histogram import Histogram
 from .dns.metrics import DnsCollector
 from .dns.querylog import QueryLog
 from .dns.reuseport import steer_by_cpu
-from .dns.transport import BatchedUdp, Forward, TcpDnsProtocol, TcpLimits, UdpDnsProtocol
+from .dns.transport import (
+    BatchedUdp,
+    Forward,
+    TcpDnsProtocol,
+    TcpLimits,
+    UdpDnsProtocol,
+    servfail,
+)
 from .gcpause import gc_paused
 from .metrics import new_metrics_registry
 from .resolvconf import read_resolv_conf
-from .store import RegistryStore
+from .store import RegistryStore, StateError, load_seed
 from .store_metrics import StoreCollector
 
 if TYPE_CHECKING:  # imported when started: a process that never forwards, follows or
@@ -210,13 +218,7 @@ class MeshServer:
         # once). Objects allocated from here on are collected as usual.
         gc.freeze()
         if self.upstreams:
-            from .dns.forwarder import Forwarder
-
-            self.forwarder = Forwarder(self.upstreams, self.config.dns, self.resolver.tally,
-                                       current_zone=lambda: self.resolver.zone)
-            self.dns_metrics.forwarder = self.context.forwarder = self.forwarder
-            # Cached upstream answers go back synchronously, like local ones.
-            self.resolver.forward_cached = self.forwarder.answer_cached
+            self._start_forwarder()
         try:
             if self.worker_id is not None:
                 # A worker answers nothing before its first registry from the main process:
@@ -260,6 +262,15 @@ class MeshServer:
             self.store.revision, self.loaded_from,
             ", ".join(map(str, self.upstreams)) or "none (non-mesh names REFUSED)",
         )
+
+    def _start_forwarder(self) -> None:
+        from .dns.forwarder import Forwarder
+
+        self.forwarder = Forwarder(self.upstreams, self.config.dns, self.resolver.tally,
+                                   current_zone=lambda: self.resolver.zone)
+        self.dns_metrics.forwarder = self.context.forwarder = self.forwarder
+        # Cached upstream answers go back synchronously, like local ones.
+        self.resolver.forward_cached = self.forwarder.answer_cached
 
     def _new_follower(self) -> Follower:
         from .follower import Follower
@@ -345,8 +356,16 @@ class MeshServer:
                      "of the CPU they arrive on" if steered
                      else "the kernel's hash of the client address picks")
 
-    def _forward_fn(self) -> Forward | None:
-        return self.forwarder.resolve if self.forwarder is not None else None
+    def _forward_fn(self) -> Forward:
+        return self._forward
+
+    async def _forward(self, req: ForwardRequest, proto: str) -> bytes | None:
+        """What the transports await for a forwarded query: the forwarder of the moment
+        (a SIGHUP may start, change or keep it)."""
+        fwd = self.forwarder
+        if fwd is None:
+            return servfail(req.data)
+        return await fwd.resolve(req, proto)
 
     async def stop(self) -> None:
         if self.workers is not None:
@@ -374,12 +393,107 @@ class MeshServer:
             self.forwarder = self.dns_metrics.forwarder = self.context.forwarder = None
         self._stopped.set()
 
-    async def serve_until_signal(self) -> None:
+    async def serve_until_signal(self, reload: Callable[[], Config] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT; SIGHUP re-reads the config through ``reload``."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(self.reload_from(reload)))
+        else:  # a worker: its main process restarts it with the new config
+            loop.add_signal_handler(signal.SIGHUP, lambda: None)
         await self.start()
         await stop.wait()
         log.info("shutting down")
         await self.stop()
+
+    async def reload_from(self, load: Callable[[], Config]) -> None:
+        """SIGHUP: apply what can change safely; a bad file keeps the running config."""
+        try:
+            await self.reload(load())
+        except (ConfigError, StateError, RegistryError, OSError) as exc:
+            log.error("SIGHUP: config not reloaded, the running one is kept: %s", exc)
+
+    async def reload(self, new: Config) -> list[str]:
+        """Apply ``new``'s log settings, upstreams, search list and (with no state file)
+        seed file while serving; log each change, and each other change as needing a
+        restart. Returns what was applied."""
+        old = self.config
+        applied: list[str] = []
+        # The seed file only seeds a registry nothing else keeps (no state file, not a
+        # follower); read first, so a bad one changes nothing at all.
+        specs = None
+        if (new.registry.seed_file != old.registry.seed_file and old.registry.state_file is None
+                and old.registry.follow is None and new.registry.seed_file is not None):
+            specs = load_seed(new.registry.seed_file)
+        if (new.log.level, new.log.format) != (old.log.level, old.log.format):
+            logs.setup_logging(new.log.level, new.log.format)
+            applied.append(f"log {old.log.level}/{old.log.format} -> "
+                           f"{new.log.level}/{new.log.format}")
+        dns = replace(old.dns, upstreams=new.dns.upstreams, search=new.dns.search,
+                      resolv_conf=new.dns.resolv_conf)
+        candidate = replace(old, dns=dns)
+        upstreams, refusals = effective_upstreams(candidate, self.dns_addresses)
+        settings = zone_settings(candidate, forwarding=bool(upstreams))
+        if upstreams != self.upstreams:
+            for reason in refusals:
+                log.error("%s", reason)
+            applied.append("upstreams " + (", ".join(map(str, self.upstreams)) or "none")
+                           + " -> " + (", ".join(map(str, upstreams)) or "none"))
+            self.upstreams = upstreams
+            self.context.upstreams = upstreams
+            if self.forwarder is not None and upstreams:
+                self.forwarder.set_upstreams(upstreams)
+            elif upstreams:
+                self._start_forwarder()
+            elif self.forwarder is not None:
+                fwd, self.forwarder = self.forwarder, None
+                self.resolver.forward_cached = None
+                self.dns_metrics.forwarder = self.context.forwarder = None
+                await fwd.close()
+        if settings != self.settings:
+            if settings.search != self.settings.search:
+                applied.append("search list " + (" ".join(self.settings.search) or "(none)")
+                               + " -> " + (" ".join(settings.search) or "(none)"))
+            self.settings = settings
+            self.store.reconfigure(settings)
+        registry = old.registry
+        if specs is not None:
+            reg = await self.store.write(lambda base: apply_put(base, specs, self.policy,
+                                                                self.store.clock()))
+            registry = replace(old.registry, seed_file=new.registry.seed_file)
+            applied.append(f"seed file {old.registry.seed_file} -> {new.registry.seed_file} "
+                           f"(revision {reg.revision}, {len(reg)} services)")
+        self.config = replace(old, dns=dns, registry=registry,
+                              log=replace(old.log, level=new.log.level, format=new.log.format))
+        kept = _restart_only_changes(self.config, new)
+        for change in applied:
+            log.info("SIGHUP: %s", change)
+        if kept:
+            log.warning("SIGHUP: not applied, needs a restart: %s", ", ".join(kept))
+        if not applied and not kept:
+            log.info("SIGHUP: config unchanged")
+        if self.workers is not None and applied:
+            await self.workers.reload(self.config)
+        return applied
+
+
+def _restart_only_changes(running: Config, new: Config) -> list[str]:
+    """Keys whose new value differs from the running one after a reload."""
+    out: list[str] = []
+    for section in fields(running):
+        old_sec, new_sec = getattr(running, section.name), getattr(new, section.name)
+        for f in fields(old_sec):
+            if getattr(old_sec, f.name) != getattr(new_sec, f.name):
+                out.append(f"{section.name}.{f.name}")
+    return out
+
+
+def _spawn(coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(coro)
+    _RELOADS.add(task)
+    task.add_done_callback(_RELOADS.discard)
+
+
+_RELOADS: set[asyncio.Future[None]] = set()

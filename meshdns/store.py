@@ -228,6 +228,11 @@ class RegistryStore:
                 log.warning("state journal %s could not be emptied after a snapshot (%s)",
                             journal.path, exc.strerror or exc)
 
+    def reconfigure(self, settings: ZoneSettings) -> None:
+        """Serve the same registry under new zone settings (search list, forwarding)."""
+        self.settings = settings
+        self.resolver.set_zone(Zone(self.registry, settings, loaded=self.loaded))
+
     def publish(self, reg: Registry) -> None:
         self.registry = reg
         self.resolver.set_zone(Zone(reg, self.settings))

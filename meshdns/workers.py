@@ -89,14 +89,36 @@ class WorkerPool:
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._restarting: set[str] = set()
+        self._dns: list[HostPort] = []
+        self._api = HostPort("127.0.0.1", 0)
 
     async def start(self, dns: list[HostPort], api: HostPort) -> None:
         """Spawn the workers: they serve ``dns`` (the bound ports) and follow ``api``."""
+        self._dns, self._api = dns, api
         cfg = worker_config(self.config, dns, api)
         self._env = dict(os.environ, **{WORKER_ENV: json.dumps(config_to_raw(cfg))})
         for i in range(1, self.count):
             worker = f"w{i}"
             self._tasks.append(asyncio.get_running_loop().create_task(self._supervise(worker)))
+
+    async def reload(self, config: Config) -> None:
+        """SIGHUP: workers take their config at spawn, so each is restarted with the new
+        one (one at a time: the others keep answering its share meanwhile)."""
+        self.config = config
+        cfg = worker_config(config, self._dns, self._api)
+        self._env = dict(os.environ, **{WORKER_ENV: json.dumps(config_to_raw(cfg))})
+        for worker, proc in list(self.procs.items()):
+            if proc.returncode is not None:
+                continue
+            self._restarting.add(worker)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + CATCH_UP_TIMEOUT + RESPAWN_DELAY
+            while worker not in self.revisions.live and loop.time() < deadline:
+                await asyncio.sleep(0.05)
 
     async def _supervise(self, worker: str) -> None:
         while not self._stopping:
@@ -110,6 +132,9 @@ class WorkerPool:
             # Not live until it reports again: writes do not wait for a dead worker.
             self.revisions.live.discard(worker)
             self.revisions.revisions.pop(worker, None)
+            if worker in self._restarting:  # a reload: back at once, with the new config
+                self._restarting.discard(worker)
+                continue
             log.error("DNS worker %s exited with %s; restarting it in %.0f s", worker, code,
                       RESPAWN_DELAY)
             await asyncio.sleep(RESPAWN_DELAY)

@@ -168,4 +168,4 @@ class ApiState:
 STATE_KEY = web.AppKey("meshdns_api_state", ApiState)
 # What a registry write did, for its audit line: counts set by the handler once the body
 # is parsed (request[AUDIT_KEY]); the middleware adds the result and logs it.
-AUDIT_KEY = "meshdns_audit"
+AUDIT_KEY = web.RequestKey("meshdns_audit", dict)

@@ -107,6 +107,16 @@ class Forwarder:
         self.chased = 0  # upstream answers completed with a local answer
         self.chase_refused: dict[str, int] = {}  # SERVFAIL instead, by reason: loop, too_long
 
+    def set_upstreams(self, upstreams: Sequence[HostPort]) -> None:
+        """Ask ``upstreams`` from now on (SIGHUP); one kept keeps its health and counters.
+
+        Lookups in flight finish with the upstreams they started with; cached replies
+        stay (they are answers, whoever gave them)."""
+        if not upstreams:
+            raise ValueError("a forwarder needs at least one upstream")
+        known = {up.address: up for up in self.upstreams}
+        self.upstreams = [known.get(hp) or Upstream(hp) for hp in dict.fromkeys(upstreams)]
+
     @property
     def inflight(self) -> int:
         return len(self._inflight)

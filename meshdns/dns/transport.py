@@ -104,9 +104,10 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         if isinstance(out, ForwardRequest):
             _spawn(self._forward(out, addr, started))
             return
+        # Logged before the reply leaves: a client that got it can find its line.
+        qlog.exchange("udp", addr, data, out, time.perf_counter() - started)
         if out is not None:
             self.transport.sendto(out, addr)  # type: ignore[union-attr]
-        qlog.exchange("udp", addr, data, out, time.perf_counter() - started)
 
     async def _forward(self, req: ForwardRequest, addr: Any,
                        received: float | None = None) -> None:
@@ -119,11 +120,11 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
             reply = servfail(req.data)
         if self.latency is not None:
             self.latency.observe(time.perf_counter() - started)
-        if reply is not None and self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(reply, addr)
         if self.qlog is not None:
             self.qlog.exchange("udp", addr, req.data, reply,
                                time.perf_counter() - (received or started), forwarded=True)
+        if reply is not None and self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors from earlier sends (client port gone): nothing to do.
@@ -352,10 +353,10 @@ class TcpDnsProtocol(asyncio.Protocol):
                 self._pause_reading()
             _spawn(self._forward(out, started))
             return True
-        if out is not None:
-            self._send(out)
         if self.qlog is not None:
             self.qlog.exchange("tcp", self.peer, message, out, time.perf_counter() - started)
+        if out is not None:
+            self._send(out)
         return out is not None
 
     async def _forward(self, req: ForwardRequest, received: float) -> None:
@@ -369,13 +370,13 @@ class TcpDnsProtocol(asyncio.Protocol):
         if self.latency is not None:
             self.latency.observe(time.perf_counter() - started)
         self.pending -= 1
+        if self.qlog is not None:
+            self.qlog.exchange("tcp", self.peer, req.data, reply,
+                               time.perf_counter() - received, forwarded=True)
         if reply is not None:
             self._send(reply)
             self.last_active = self.loop.time()
             self.limits.touch(self)
-        if self.qlog is not None:
-            self.qlog.exchange("tcp", self.peer, req.data, reply,
-                               time.perf_counter() - received, forwarded=True)
         if self.eof and self.pending == 0 and self.transport is not None:
             self.transport.close()
         elif self.pending < MAX_TCP_PENDING // 2:
