@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
+from meshdns.config import parse_config
+
 from .promql import dashboard_metrics, promql_metric_names, rule_metrics
+from .test_deploy import config_source, manifest_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -101,9 +104,16 @@ def _docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-def _meshdns_pods() -> list[tuple[str, str, dict[str, str], set[str]]]:
-    """(where, namespace, pod labels, names of the meshdns container's ports) for each
-    workload in deploy/kubernetes that runs meshdns."""
+def _configmaps() -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["metadata"]["namespace"], d["metadata"]["name"]): d
+            for path in sorted(KUBERNETES.rglob("*.yaml")) for d in _docs(path)
+            if d["kind"] == "ConfigMap"}
+
+
+def _meshdns_pods() -> list[tuple[str, str, dict[str, str], dict[str, int], int]]:
+    """(where, namespace, pod labels, the meshdns container's ports by name, the port its
+    config serves /metrics on) for each workload in deploy/kubernetes that runs meshdns."""
+    configmaps = _configmaps()
     out = []
     for path in sorted(KUBERNETES.rglob("*.yaml")):
         for doc in _docs(path):
@@ -112,10 +122,16 @@ def _meshdns_pods() -> list[tuple[str, str, dict[str, str], set[str]]]:
             template = doc["spec"]["template"]
             pod = template["spec"]
             for c in pod.get("initContainers", []) + pod["containers"]:
-                if c["image"].split(":")[0].rsplit("/", 1)[-1] == "meshdns":
-                    out.append((f"{path.relative_to(ROOT)} {doc['metadata']['name']}",
-                                doc["metadata"]["namespace"], template["metadata"]["labels"],
-                                {p["name"] for p in c.get("ports", []) if "name" in p}))
+                if c["image"].split(":")[0].rsplit("/", 1)[-1] != "meshdns":
+                    continue
+                name, key = config_source(pod, c)
+                text = configmaps[(doc["metadata"]["namespace"], name)]["data"][key]
+                config = parse_config(yaml.safe_load(text), env=manifest_env(c))
+                metrics_port = (config.metrics.listen or config.api.listen).port
+                out.append((f"{path.relative_to(ROOT)} {doc['metadata']['name']}",
+                            doc["metadata"]["namespace"], template["metadata"]["labels"],
+                            {p["name"]: p["containerPort"] for p in c.get("ports", [])
+                             if "name" in p}, metrics_port))
     return out
 
 
@@ -146,14 +162,17 @@ def test_podmonitor_is_a_prometheus_operator_podmonitor() -> None:
 
 def test_podmonitor_scrapes_every_shipped_meshdns_pod() -> None:
     """Each meshdns workload is selected by a monitor whose endpoint names a port that
-    its meshdns container declares (a missing port name silently scrapes nothing)."""
+    its meshdns container declares (a missing port name silently scrapes nothing), and
+    that port is where its config serves /metrics (metrics.listen, else api.listen:
+    the API answers 404 for /metrics once metrics.listen is set)."""
     monitors = _docs(PODMONITOR)
     pods = _meshdns_pods()
     assert len(pods) >= 3
-    for where, namespace, labels, ports in pods:
+    for where, namespace, labels, ports, metrics_port in pods:
         scraped = [e["port"] for m in monitors if _selects(m, namespace, labels)
                    for e in m["spec"]["podMetricsEndpoints"] if e["port"] in ports]
         assert len(scraped) == 1, f"{where}: scraped through {scraped} (ports {ports})"
+        assert ports[scraped[0]] == metrics_port, f"{where}: {scraped[0]} is not /metrics"
 
 
 # ------------------------------------------------------------------ PromQL metric names

@@ -3,8 +3,10 @@
 No Docker engine runs in CI, so the image is tested by replaying it: the build
 stage's COPYs and ``pip wheel --no-deps`` in a scratch context, the runtime
 stage's fresh venv + ``pip install <wheel>``, then the image's ENTRYPOINT + CMD
-(read from the Dockerfile) on the baked config moved to loopback ports, until
-/healthz, /readyz and a DNS query answer and SIGTERM stops it with status 0.
+(read from the Dockerfile) on the baked config moved to loopback ports, with the
+token its usage line passes (``docker run -e MESHDNS_API_TOKEN=...``), until
+/healthz, /readyz, /metrics on the metrics port and a DNS query answer and SIGTERM
+stops it with status 0; without the token, the same command exits at once.
 hadolint lints the Dockerfile; kubernetes-validate checks every manifest against
 the API schemas, and the cross-reference test checks what a schema cannot
 (meshdns configs in ConfigMaps, probe ports, Secret keys, the follow URL).
@@ -38,7 +40,7 @@ import pytest
 import yaml
 
 from meshdns import __version__
-from meshdns.config import parse_config
+from meshdns.config import ConfigError, is_loopback, parse_config
 
 from .support import free_port
 
@@ -50,6 +52,8 @@ MANIFESTS = ROOT / "deploy" / "kubernetes"
 # installed kubernetes-validate ships (its default).
 MIN_KUBERNETES = "1.29.0"
 SEED = {"services": [{"name": "frontend", "namespace": "kong", "port": 80, "vip": "240.0.0.7"}]}
+TOKEN = "image-test-token"
+NEEDS_TOKEN = "api.token: is required when api.listen is not a loopback address"
 
 
 # ------------------------------------------------------------------ helpers
@@ -119,6 +123,50 @@ def exec_form(args: str) -> list[str]:
     value = json.loads(args)
     assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
     return value
+
+
+def documented_run() -> list[str]:
+    """The ``docker run`` of the Dockerfile's usage comment (its header), as words."""
+    lines = []
+    for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines).replace("\\ ", " ")
+    start = text.index("docker run ")
+    image = f"meshdns:{__version__}"
+    return shlex.split(text[start : text.index(image, start) + len(image)])
+
+
+def documented_run_env() -> dict[str, str]:
+    """The variables the documented ``docker run`` passes (``-e NAME=VALUE``)."""
+    words = documented_run()
+    pairs = [words[i + 1].partition("=") for i, w in enumerate(words) if w in ("-e", "--env")]
+    return {name: value for name, _, value in pairs}
+
+
+def documented_run_ports() -> set[str]:
+    """The container ports the documented ``docker run`` publishes, as ``PORT/proto``."""
+    words = documented_run()
+    out = set()
+    for i, w in enumerate(words):
+        if w in ("-p", "--publish"):
+            container = words[i + 1].rsplit(":", 1)[-1]
+            out.add(container if "/" in container else f"{container}/tcp")
+    return out
+
+
+def build_time_check(stage: list[Instruction]) -> tuple[dict[str, str], list[str]]:
+    """The runtime stage's ``meshdns check-config`` step: (its variables, its argv)."""
+    steps = [step.strip() for ins in stage if ins.name == "RUN"
+             for step in ins.args.split("&&") if "meshdns check-config" in step]
+    assert len(steps) == 1, steps
+    words = shlex.split(steps[0])
+    env = {}
+    while "=" in words[0] and not words[0].startswith("-"):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    return env, words
 
 
 def healthcheck_command(stage: list[Instruction]) -> list[str]:
@@ -200,16 +248,26 @@ def test_dockerfile_contract() -> None:
     copies = {dest: sources for sources, dest in copy_sources(runtime)}
     assert copies.get(config_path) == ["deploy/container/config.yaml"]
 
-    config = parse_config(yaml.safe_load((ROOT / "deploy/container/config.yaml").read_text()),
-                          env={})
+    raw = yaml.safe_load((ROOT / "deploy/container/config.yaml").read_text())
+    # The API is published, so the token is required, and the documented `docker run`
+    # passes it; it is never baked into the image.
+    with pytest.raises(ConfigError, match=NEEDS_TOKEN):
+        parse_config(raw, env={})
+    assert documented_run_env().keys() == {"MESHDNS_API_TOKEN"}
+    assert not [i for i in runtime if i.name in ("ENV", "ARG") and "MESHDNS_" in i.args]
+    config = parse_config(raw, env=documented_run_env())
     assert all(hp.host == "0.0.0.0" for hp in config.dns.listen)
     assert config.api.listen.host == "0.0.0.0"
+    assert config.metrics.listen is not None and config.metrics.listen.host == "0.0.0.0"
+    assert config.metrics.listen.port == 9153, "CoreDNS's metrics port"
     dns_ports = {hp.port for hp in config.dns.listen}
     exposed = set(instruction(runtime, "EXPOSE").args.split())
     assert exposed == {f"{p}/{proto}" for p in dns_ports for proto in ("udp", "tcp")} | {
-        f"{config.api.listen.port}/tcp"}
+        f"{config.api.listen.port}/tcp", f"{config.metrics.listen.port}/tcp"}
+    assert documented_run_ports() == exposed
     health = healthcheck_command(runtime)
-    assert f"http://127.0.0.1:{config.api.listen.port}/healthz" in health[-1]
+    assert f"'http://127.0.0.1:{config.metrics.listen.port}/healthz'" in health[-1]
+    assert "MESHDNS_HEALTHCHECK_URL" in health[-1]
 
     user = instruction(runtime, "USER").args
     assert re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", user), "USER must be a numeric non-root uid"
@@ -303,26 +361,65 @@ def test_wheel_ships_every_package_file(image_venv: ImageVenv) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_baked_config_passes_check_config(image_venv: ImageVenv) -> None:
-    result = subprocess.run([str(image_venv.bin / "meshdns"), "check-config",
-                             str(ROOT / "deploy/container/config.yaml")],
-                            capture_output=True, text=True, timeout=30, check=False,
-                            cwd=image_venv.work, env=clean_env())
+def test_baked_config_passes_the_build_time_check(image_venv: ImageVenv) -> None:
+    """The runtime stage's check-config step, as written (with its placeholder token)."""
+    runtime = dockerfile_stages()[-1]
+    env, argv = build_time_check(runtime)
+    copies = {dest: sources for sources, dest in copy_sources(runtime)}
+    argv[0] = str(image_venv.bin / argv[0])
+    argv[-1] = str(ROOT / copies[argv[-1]][0])
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False,
+                            cwd=image_venv.work, env=clean_env(**env))
     assert result.returncode == 0, result.stdout + result.stderr
+    # Without the placeholder the same step would fail the build.
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False,
+                            cwd=image_venv.work, env=clean_env())
+    assert result.returncode != 0 and NEEDS_TOKEN in result.stderr, result.stderr
+
+
+def image_argv(image_venv: ImageVenv, config: Path) -> list[str]:
+    """The image's ENTRYPOINT + CMD, run from the replayed venv on ``config``."""
+    runtime = dockerfile_stages()[-1]
+    argv = (exec_form(instruction(runtime, "ENTRYPOINT").args)
+            + exec_form(instruction(runtime, "CMD").args))
+    argv[0] = str(image_venv.bin / argv[0])
+    argv[argv.index("--config") + 1] = str(config)
+    return argv
+
+
+def image_env(image_venv: ImageVenv, **extra: str) -> dict[str, str]:
+    return clean_env(PATH=f"{image_venv.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+                     PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", **extra)
+
+
+@pytest.mark.timeout(300)
+def test_image_without_the_token_exits_at_once_with_the_reason(image_venv: ImageVenv,
+                                                                tmp_path: Path) -> None:
+    """``docker run meshdns`` forgetting ``-e MESHDNS_API_TOKEN``: the baked config, as
+    shipped (its API on 0.0.0.0), refuses to start, naming the missing key."""
+    proc = subprocess.Popen(image_argv(image_venv, ROOT / "deploy/container/config.yaml"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=image_env(image_venv), cwd=tmp_path)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # it served: bound the shipped ports, which it must not
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 2, output
+    assert NEEDS_TOKEN in output, output
+    assert "MESHDNS_API_TOKEN" in output, output
 
 
 @pytest.fixture
 def served_image(image_venv: ImageVenv, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """The image's ENTRYPOINT + CMD, its config moved to free loopback ports."""
-    runtime = dockerfile_stages()[-1]
-    argv = (exec_form(instruction(runtime, "ENTRYPOINT").args)
-            + exec_form(instruction(runtime, "CMD").args))
-    config_path = argv[argv.index("--config") + 1]
-
+    """The image's ENTRYPOINT + CMD, its config moved to free loopback ports, with the
+    environment the documented ``docker run`` gives it (the token)."""
     raw = yaml.safe_load((ROOT / "deploy/container/config.yaml").read_text())
-    dns_port, api_port = free_port(), free_port()
+    dns_port, api_port, metrics_port = free_port(), free_port(), free_port()
     raw["dns"]["listen"] = [f"127.0.0.1:{dns_port}"]
     raw["api"]["listen"] = f"127.0.0.1:{api_port}"
+    raw["metrics"]["listen"] = f"127.0.0.1:{metrics_port}"
     # Tests never read or query the machine's resolver.
     (tmp_path / "resolv.conf").write_text("# no nameservers\n")
     raw["dns"]["resolv_conf"] = str(tmp_path / "resolv.conf")
@@ -331,13 +428,10 @@ def served_image(image_venv: ImageVenv, tmp_path: Path) -> Iterator[dict[str, An
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
 
-    argv[0] = str(image_venv.bin / argv[0])
-    argv[argv.index(config_path)] = str(config)
     stderr = (tmp_path / "stderr.log").open("w+")
-    env = clean_env(PATH=f"{image_venv.bin}{os.pathsep}{os.environ.get('PATH', '')}",
-                    PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.Popen(argv, stdout=stderr, stderr=subprocess.STDOUT, env=env,
-                            cwd=tmp_path)
+    env = image_env(image_venv, **{name: TOKEN for name in documented_run_env()})
+    proc = subprocess.Popen(image_argv(image_venv, config), stdout=stderr,
+                            stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     api = f"http://127.0.0.1:{api_port}"
     try:
         deadline = time.monotonic() + 30
@@ -352,7 +446,8 @@ def served_image(image_venv: ImageVenv, tmp_path: Path) -> Iterator[dict[str, An
                 pass
             assert time.monotonic() < deadline, "/healthz did not answer 200 within 30 s"
             time.sleep(0.1)
-        yield {"proc": proc, "api": api, "dns_port": dns_port, "env": env, "log": stderr}
+        yield {"proc": proc, "api": api, "metrics": f"http://127.0.0.1:{metrics_port}",
+               "dns_port": dns_port, "env": env, "log": stderr}
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -364,7 +459,19 @@ def served_image(image_venv: ImageVenv, tmp_path: Path) -> Iterator[dict[str, An
 def test_image_entrypoint_serves_and_stops_on_sigterm(served_image: dict[str, Any],
                                                       image_venv: ImageVenv) -> None:
     api, port, proc = served_image["api"], served_image["dns_port"], served_image["proc"]
+    metrics = served_image["metrics"]
     assert http_status(f"{api}/readyz") == 200
+    # The token from the environment guards /v1.
+    assert http_status(f"{api}/v1/services") == 401
+    request = urllib.request.Request(f"{api}/v1/services",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert json.load(response)["services"][0]["vip"] == "240.0.0.7"
+    # Metrics and the probes on the metrics port, open; /metrics no longer on the API.
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert http_status(f"{metrics}{path}") == 200, path
+    assert http_status(f"{metrics}/v1/services") == 404
+    assert http_status(f"{api}/metrics") == 404
     for tcp in (False, True):
         query = dns.message.make_query("frontend.kong.svc.80.mesh", "A")
         if tcp:
@@ -377,7 +484,7 @@ def test_image_entrypoint_serves_and_stops_on_sigterm(served_image: dict[str, An
     # The image's HEALTHCHECK, pointed at this server, passes...
     health = healthcheck_command(dockerfile_stages()[-1])
     health[0] = str(image_venv.bin / health[0])
-    env = dict(served_image["env"], MESHDNS_HEALTHCHECK_URL=f"{api}/healthz")
+    env = dict(served_image["env"], MESHDNS_HEALTHCHECK_URL=f"{metrics}/healthz")
     result = subprocess.run(health, capture_output=True, text=True, timeout=10, check=False,
                             env=env, cwd=image_venv.work)
     assert result.returncode == 0, result.stderr
@@ -433,6 +540,44 @@ def _by_kind(kind: str) -> dict[tuple[str, str], dict[str, Any]]:
 def _meshdns_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in pod.get("initContainers", []) + pod["containers"]
             if c["image"].split(":")[0].rsplit("/", 1)[-1] == "meshdns"]
+
+
+def manifest_env(container: dict[str, Any], secret_value: str = "secret-from-manifest"
+                 ) -> dict[str, str]:
+    """The environment a container's manifest gives it: literal values as written, each
+    value taken from a Secret as ``secret_value`` (the shipped Secrets hold one token)."""
+    env = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        elif "secretKeyRef" in item.get("valueFrom", {}):
+            env[item["name"]] = secret_value
+        else:
+            raise AssertionError(f"env {item['name']}: a source this test does not know")
+    return env
+
+
+def config_source(pod: dict[str, Any], container: dict[str, Any]) -> tuple[str, str]:
+    """(ConfigMap name, data key) of the config file that a container's args name."""
+    args = container["args"]
+    config_path = Path(args[args.index("--config") + 1])
+    [mount] = [m for m in container["volumeMounts"]
+               if m["mountPath"] == str(config_path.parent)]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return volume["configMap"]["name"], config_path.name
+
+
+def configmap_consumers() -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """(namespace, ConfigMap, key) -> the meshdns containers that run that config."""
+    out: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for _, doc in manifests():
+        if doc["kind"] not in ("Deployment", "DaemonSet", "StatefulSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for container in _meshdns_containers(pod):
+            name, key = config_source(pod, container)
+            out.setdefault((doc["metadata"]["namespace"], name, key), []).append(container)
+    return out
 
 
 def _probe_port(container: dict[str, Any], probe: dict[str, Any]) -> int:
@@ -527,14 +672,12 @@ def test_manifests_cross_references() -> None:
                 "securityContext", {}).get("runAsUser")
             assert user == uid, f"{where}: runAsUser must be the image's USER {uid}"
 
-            # The config file the args name comes from a ConfigMap mounted there.
-            args = container["args"]
-            config_path = Path(args[args.index("--config") + 1])
-            [mount] = [m for m in container["volumeMounts"]
-                       if m["mountPath"] == str(config_path.parent)]
-            [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-            configmap = configmaps[(ns, volume["configMap"]["name"])]
-            config = parse_config(yaml.safe_load(configmap["data"][config_path.name]), env={})
+            # The config file the args name comes from a ConfigMap mounted there, and
+            # starts with exactly the environment the manifest gives it (a public API
+            # without MESHDNS_API_TOKEN would be refused here).
+            configmap_name, key = config_source(pod, container)
+            raw = yaml.safe_load(configmaps[(ns, configmap_name)]["data"][key])
+            config = parse_config(raw, env=manifest_env(container))
 
             # Tokens come from Secrets that exist, with that key.
             env = {e["name"]: e for e in container.get("env", [])}
@@ -544,16 +687,35 @@ def test_manifests_cross_references() -> None:
                     secret = secrets[(ns, ref["name"])]
                     assert ref["key"] in {**secret.get("data", {}),
                                           **secret.get("stringData", {})}, where
-            assert "MESHDNS_API_TOKEN" in env, f"{where}: the API listens beyond loopback"
+            # Every meshdns gets the token, loopback API or not: the other containers of a
+            # pod share its loopback, and `kubectl exec ... meshdns get services` reads it.
+            assert "secretKeyRef" in env["MESHDNS_API_TOKEN"]["valueFrom"], where
 
-            # Probes: /healthz keeps it alive, /readyz gates traffic, on api.listen.
+            # Metrics and probes on metrics.listen, on the pod IP (CoreDNS's port 9153):
+            # /healthz keeps it alive, /readyz gates traffic.
+            assert config.metrics.listen is not None, f"{where}: metrics.listen"
+            assert config.metrics.listen.host == "0.0.0.0", f"{where}: probes use the pod IP"
+            assert config.metrics.listen.port == 9153, where
             assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", where
             assert container["readinessProbe"]["httpGet"]["path"] == "/readyz", where
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 if probe in container:
                     port = _probe_port(container, container[probe])
-                    assert port == config.api.listen.port, f"{where}: {probe} port"
-            assert config.api.listen.host == "0.0.0.0", f"{where}: probes use the pod IP"
+                    assert port == config.metrics.listen.port, f"{where}: {probe} port"
+            annotations = workload["spec"]["template"]["metadata"].get("annotations", {})
+            assert annotations.get("prometheus.io/port") == str(config.metrics.listen.port)
+            # The metrics port's name: what the PodMonitors select (a pod's containers
+            # share port names, so a sidecar's carries a prefix).
+            metrics_name = "meshdns-metrics" if container in pod.get(
+                "initContainers", []) else "metrics"
+            names = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert names.get(metrics_name) == config.metrics.listen.port, where
+            # No stale port: each declared one is a listener of this config that is not
+            # on loopback.
+            listening = {hp.port for hp in [config.api.listen, config.metrics.listen,
+                                            *config.dns.listen] if not is_loopback(hp.host)}
+            for port in container["ports"]:
+                assert port["containerPort"] in listening, f"{where}: port {port['name']}"
             assert container["resources"]["requests"] and container["resources"]["limits"]
 
             # A follower watches the leader Service, with a token.
@@ -577,7 +739,8 @@ def test_manifests_cross_references() -> None:
                 if "startupProbe" in container:
                     assert container["startupProbe"]["httpGet"]["path"] == "/healthz", where
                 hook = post_start_command(container)
-                if hook is not None:
+                if hook is not None:  # in the pod: the API on loopback (or the pod IP)
+                    assert config.api.listen.host in ("127.0.0.1", "0.0.0.0"), where
                     assert f"http://127.0.0.1:{config.api.listen.port}/readyz" in hook[-1], where
 
             # A port below 1024 needs the sysctl (the user is not root, has no caps).
@@ -630,13 +793,9 @@ def test_externalname_targets_a_served_mesh_name() -> None:
             if pod.get("dnsPolicy") != "None" or not _meshdns_containers(pod):
                 continue
             [container] = _meshdns_containers(pod)
-            args = container["args"]
-            config_path = Path(args[args.index("--config") + 1])
-            [mount] = [m for m in container["volumeMounts"]
-                       if m["mountPath"] == str(config_path.parent)]
-            [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-            data = configmaps[(ns, volume["configMap"]["name"])]["data"][config_path.name]
-            config = parse_config(yaml.safe_load(data), env={})
+            configmap_name, key = config_source(pod, container)
+            data = configmaps[(ns, configmap_name)]["data"][key]
+            config = parse_config(yaml.safe_load(data), env=manifest_env(container))
             assert config.dns.upstreams, "the sidecar forwards cluster names (and chases)"
             for domain in config.dns.domains:
                 if target.endswith("." + domain):

@@ -2,18 +2,25 @@
 
 The configs: ``examples/meshdns.yaml`` (``make run``), the file the Dockerfile bakes
 into the image, and the meshdns config in each ConfigMap under deploy/kubernetes.
-Each runs as a real ``python -m meshdns serve --config FILE`` subprocess. Only
-addresses and paths change (``rewrite``): every ``listen`` moves to a free loopback
-port, ``dns.upstreams`` to a real unbound on loopback, ``registry.follow`` to a
-leader started from the shipped leader ConfigMap, ``*_file`` paths into the test's
-directory. Nothing is switched off. Then, against each:
+Each gets exactly the environment its deployment gives it (``Shipped.env``: the
+variables a manifest sets, from the Secret or literally; those of the documented
+``docker run`` for the image; none for ``make run``), with the Secret's value a test
+token. Unmodified, each must pass ``meshdns check-config --skip-files`` with that
+environment: a config that would refuse to start as deployed (a public API whose
+token the manifest forgets) fails here. Then each runs as a real ``python -m meshdns
+serve --config FILE`` subprocess. Only addresses and paths change (``rewrite``): every
+``listen`` (DNS, API and metrics) moves to a free loopback port, ``dns.upstreams`` to
+a real unbound on loopback, ``registry.follow`` to a leader started from the shipped
+leader ConfigMap, ``*_file`` paths into the test's directory. Nothing is switched off.
+Then, against each:
 
 - ``dig`` a mesh name (pushed through the API; also a seed name when there is a
   seed file; also ``<mesh name>.<search suffix>`` when a search list applies) and a
   name forwarded to unbound;
-- scrape /metrics, run ``promtool check metrics`` on the body, and check that every
-  metric the Grafana dashboard and the alerting rules query has a sample, and a few
-  values;
+- scrape /metrics where Prometheus would (on ``metrics.listen`` when set: then the API
+  answers 404 there, and /healthz and /readyz answer on the metrics port too), run
+  ``promtool check metrics`` on the body, and check that every metric the Grafana
+  dashboard and the alerting rules query has a sample, and a few values;
 - /readyz is 200.
 """
 
@@ -36,13 +43,21 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshdns.config import defaults_as_dict, parse_config
+from meshdns.config import defaults_as_dict, is_loopback, parse_config
 
 from .apiclient import call, wait_for
 from .fake_upstream import Unbound
 from .promql import dashboard_metrics, rule_metrics
 from .support import free_port, have_ipv6_loopback, run_tool
-from .test_deploy import copy_sources, dockerfile_stages, exec_form, instruction
+from .test_deploy import (
+    configmap_consumers,
+    copy_sources,
+    dockerfile_stages,
+    documented_run_env,
+    exec_form,
+    instruction,
+    manifest_env,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -53,6 +68,7 @@ PUSHED = {"name": "shipped-check", "namespace": "e2e", "port": 8080, "vip": "240
 # Exported by a follower only (registry.follow set); absent elsewhere by design.
 FOLLOWER_ONLY = {"meshdns_follow_sync_age_seconds",
                  "meshdns_follow_last_sync_timestamp_seconds"}
+NEEDS_TOKEN = "api.token: is required when api.listen is not a loopback address"
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("unbound") is None, reason="unbound not installed"),
@@ -67,7 +83,14 @@ pytestmark = [
 class Shipped:
     name: str  # test id
     source: str  # where it was read from, for messages
-    raw: dict[str, Any]
+    text: str  # the config file as shipped
+    env: dict[str, str]  # what its deployment sets (MESHDNS_*), Secret values = TOKEN
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        value = yaml.safe_load(self.text) or {}
+        assert isinstance(value, dict), self.source
+        return value
 
     @property
     def follows(self) -> bool:
@@ -82,27 +105,37 @@ def container_config() -> Shipped:
     argv = entry + cmd
     target = argv[argv.index("--config") + 1]
     [source] = [srcs[0] for srcs, dest in copy_sources(runtime) if dest == target]
-    return Shipped("container", source, yaml.safe_load((ROOT / source).read_text()) or {})
+    # The environment of the Dockerfile's documented `docker run -e ...`.
+    env = {name: TOKEN for name in documented_run_env()}
+    return Shipped("container", source, (ROOT / source).read_text(), env)
 
 
 def configmap_configs() -> list[Shipped]:
-    """Each meshdns config inside a ConfigMap (its ``*.yaml`` data entries)."""
+    """Each meshdns config inside a ConfigMap (its ``*.yaml`` data entries), with the
+    environment of the containers that run it."""
+    consumers = configmap_consumers()
     out = []
     for path in sorted(KUBERNETES.rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
             if not doc or doc.get("kind") != "ConfigMap":
                 continue
+            meta = doc["metadata"]
             for key, text in sorted((doc.get("data") or {}).items()):
                 if key.endswith((".yaml", ".yml")):
                     rel = path.relative_to(ROOT)
+                    envs = [manifest_env(c, TOKEN) for c in
+                            consumers.get((meta["namespace"], meta["name"], key), [])]
+                    assert envs, f"{rel}:data.{key}: no meshdns container runs it"
+                    assert all(e == envs[0] for e in envs), f"{rel}:data.{key}: {envs}"
                     out.append(Shipped(f"k8s-{path.parent.name}", f"{rel}:data.{key}",
-                                       yaml.safe_load(text) or {}))
+                                       text, envs[0]))
     return out
 
 
 def shipped_configs() -> list[Shipped]:
     example = ROOT / "examples" / "meshdns.yaml"
-    return [Shipped("example", "examples/meshdns.yaml", yaml.safe_load(example.read_text())),
+    # `make run` passes no MESHDNS_* variable.
+    return [Shipped("example", "examples/meshdns.yaml", example.read_text(), {}),
             container_config(), *configmap_configs()]
 
 
@@ -121,6 +154,53 @@ def test_every_shipped_config_is_found() -> None:
 def leaders() -> list[Shipped]:
     """Kubernetes configs that do not follow: what the followers' follow URL reaches."""
     return [s for s in SHIPPED if s.name.startswith("k8s-") and not s.follows]
+
+
+def check_config(text: str, env: dict[str, str], tmp: Path
+                 ) -> subprocess.CompletedProcess[str]:
+    """``meshdns check-config --skip-files`` on ``text`` with exactly ``env`` (MESHDNS_*)."""
+    path = tmp / "config.yaml"
+    path.write_text(text)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MESHDNS_")}
+    return subprocess.run([sys.executable, "-m", "meshdns", "check-config", "--skip-files",
+                           str(path)], capture_output=True, text=True, timeout=60,
+                          env={**base, **env}, cwd=tmp, check=False)
+
+
+@pytest.mark.parametrize("shipped", SHIPPED, ids=[s.name for s in SHIPPED])
+def test_shipped_config_as_deployed_passes_check_config(shipped: Shipped,
+                                                        tmp_path: Path) -> None:
+    """Unmodified (its own addresses), with the environment its deployment gives it: the
+    config starts where it is deployed. The files it names are on the target machine."""
+    out = check_config(shipped.text, shipped.env, tmp_path)
+    assert out.returncode == 0, f"{shipped.source} with env {sorted(shipped.env)}: {out.stderr}"
+    assert out.stdout.strip().endswith(": ok"), out.stdout
+
+
+def api_host(shipped: Shipped) -> str:
+    listen = (shipped.raw.get("api") or {}).get("listen") or defaults_as_dict()["api"]["listen"]
+    return str(listen).rpartition(":")[0].strip("[]")
+
+
+PUBLIC_API = [s for s in SHIPPED if not is_loopback(api_host(s))]
+
+
+@pytest.mark.parametrize("shipped", PUBLIC_API, ids=[s.name for s in PUBLIC_API])
+def test_a_shipped_public_api_without_its_token_fails_check_config(shipped: Shipped,
+                                                                   tmp_path: Path) -> None:
+    """The token its deployment passes is what lets it start: without it, refused."""
+    assert "MESHDNS_API_TOKEN" in shipped.env, shipped.source
+    env = {k: v for k, v in shipped.env.items() if k != "MESHDNS_API_TOKEN"}
+    out = check_config(shipped.text, env, tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert NEEDS_TOKEN in out.stderr and "MESHDNS_API_TOKEN" in out.stderr, out.stderr
+
+
+def test_the_image_and_the_leader_publish_their_api() -> None:
+    """The negative case above runs at least for the image (`docker run -p 15080`) and
+    the leader (its Service); sidecar and DaemonSet keep the API on loopback."""
+    assert {"container", "k8s-leader"} <= {s.name for s in PUBLIC_API}
+    assert not {"k8s-sidecar", "k8s-daemonset"} & {s.name for s in PUBLIC_API}
 
 
 # ------------------------------------------------------------------ rewriting
@@ -183,12 +263,43 @@ def rewrite(raw: dict[str, Any], tmp: Path, upstream: str, leader: str | None
     return out
 
 
+def listen_addresses(config: dict[str, Any]) -> dict[str, list[str]]:
+    """Every listen address a config sets: dns.listen, api.listen, metrics.listen."""
+    out = {}
+    for name in ("dns", "api", "metrics"):
+        value = (config.get(name) or {}).get("listen")
+        if value is not None:
+            out[name] = value if isinstance(value, list) else [value]
+    return out
+
+
+@pytest.mark.parametrize("shipped", SHIPPED, ids=[s.name for s in SHIPPED])
+def test_rewrite_moves_every_listener_to_loopback_and_keeps_the_rest(
+        shipped: Shipped, tmp_path: Path) -> None:
+    """A shipped listener left on a wildcard or fixed port would make the end-to-end run
+    test something else (or collide); metrics.listen stays set exactly when shipped."""
+    raw = shipped.raw
+    out = rewrite(raw, tmp_path, "127.0.0.1:5", "http://127.0.0.1:6")
+    for name, addrs in listen_addresses(out).items():
+        for addr in addrs:
+            host, _, port = addr.rpartition(":")
+            assert is_loopback(host.strip("[]")), (name, addr)
+            assert int(port) > 0, (name, addr)
+    assert ("metrics" in listen_addresses(out)) == ("metrics" in listen_addresses(raw))
+    # Every other key as shipped.
+    for name, section in raw.items():
+        for key, value in (section or {}).items():
+            if key != "listen" and not key.endswith("_file") and key not in (
+                    "upstreams", "follow"):
+                assert out[name][key] == value, f"{name}.{key}"
+
+
 # ------------------------------------------------------------------ processes
 
-def _env() -> dict[str, str]:
+def _env(shipped: Shipped) -> dict[str, str]:
+    """The deployment's variables (shipped.env) and nothing else of meshdns's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHDNS_")}
-    # As the manifests do from their Secret (and the Dockerfile asks for).
-    env.update(MESHDNS_API_TOKEN=TOKEN, MESHDNS_FOLLOW_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
+    env.update(shipped.env, PYTHONUNBUFFERED="1")
     return env
 
 
@@ -203,9 +314,10 @@ class Running:
         return f"http://{self.config['api']['listen']}"
 
     @property
-    def metrics_url(self) -> str:
-        listen = (self.config.get("metrics") or {}).get("listen") or self.config["api"]["listen"]
-        return f"http://{listen}/metrics"
+    def metrics_listener(self) -> str | None:
+        """http://metrics.listen, when set (then /metrics is served there only)."""
+        listen = (self.config.get("metrics") or {}).get("listen")
+        return f"http://{listen}" if listen else None
 
     @property
     def dns(self) -> tuple[str, int]:
@@ -236,14 +348,15 @@ def serve(shipped: Shipped, tmp: Path, upstream: str, leader: str | None = None
         path.write_text(yaml.safe_dump(config))
         # check-config (keys, and the files the config names) agrees that it can serve.
         checked = subprocess.run([sys.executable, "-m", "meshdns", "check-config", str(path)],
-                                 capture_output=True, text=True, timeout=60, env=_env(),
+                                 capture_output=True, text=True, timeout=60,
+                                 env=_env(shipped),
                                  cwd=work, check=False)
         assert checked.returncode == 0, checked.stderr
         log = work / "meshdns.log"
         with log.open("wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
                                      str(path)], stdout=out, stderr=subprocess.STDOUT,
-                                    env=_env(), cwd=work)
+                                    env=_env(shipped), cwd=work)
         running = Running(config, proc, log)
         try:
             wait_for(functools.partial(serving_or_exited, running), 60,
@@ -286,7 +399,8 @@ def dig(addr: tuple[str, int], name: str, qtype: str = "A") -> tuple[str, list[s
 # ------------------------------------------------------------------ the scrape
 
 def scrape(running: Running) -> tuple[str, dict[str, list[tuple[dict[str, str], float]]]]:
-    reply = call(running.metrics_url.rsplit("/metrics", 1)[0], "GET", "/metrics")
+    """/metrics where Prometheus scrapes it: metrics.listen when set, else api.listen."""
+    reply = call(running.metrics_listener or running.api, "GET", "/metrics")
     assert reply.status == 200, reply.body[:2000]
     body = reply.body.decode()
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}
@@ -376,6 +490,19 @@ def check_running(shipped: Shipped, running: Running, leader: Running | None,
     ready = call(running.api, "GET", "/readyz")
     assert ready.status == 200, ready.body
     assert ready.json()["services"] == len(seed_services) + 1
+    if config.api.token:  # the token its deployment gives it guards /v1
+        assert call(running.api, "GET", "/v1/services").status == 401
+
+    if running.metrics_listener is not None:
+        # The probes of the manifests and the image's HEALTHCHECK ask this port.
+        assert call(running.metrics_listener, "GET", "/healthz").status == 200
+        ready_there = call(running.metrics_listener, "GET", "/readyz")
+        assert ready_there.status == 200, ready_there.body
+        assert ready_there.json()["services"] == len(seed_services) + 1
+        # Open and read-only: nothing of /v1; and /metrics is no longer on the API.
+        assert call(running.metrics_listener, "GET", "/v1/services",
+                    token=TOKEN).status == 404
+        assert call(running.api, "GET", "/metrics").status == 404
 
     body, samples = scrape(running)
     promtool_check(body)
