@@ -62,6 +62,10 @@ class ApiConfig:
     token: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     max_watchers: int = 1000  # concurrent ?wait= long-polls
+    # Follow by deltas (?since=): how many revisions of changes are kept in memory, and
+    # how long a woken long-poll gathers further changes before it answers.
+    follow_history: int = 1000
+    follow_coalesce: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,8 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "token": _opt_str,
         "max_body_bytes": _int(1024, 1 << 34),
         "max_watchers": _int(1, 1_000_000),
+        "follow_history": _int(1, 1_000_000),
+        "follow_coalesce": _number(0, 10),
     },
     "registry": {
         "cidr": _cidr(4),

@@ -42,6 +42,7 @@ from .core.resolver import Resolver
 from .core.vip import format_ip, parse_ip
 from .core.zone import Zone, ZoneSettings
 from .gcpause import gc_paused
+from .history import ChangeHistory
 
 log = logging.getLogger("meshdns.registry")
 
@@ -72,6 +73,8 @@ class RegistryStore:
         self.mirror = False
         self._lock: asyncio.Lock | None = None
         self.journal = Journal(journal_path(self.state_file)) if self.state_file else None
+        # What each published write changed, for followers that sync by deltas.
+        self.history = ChangeHistory()
 
     @property
     def revision(self) -> int:
@@ -159,7 +162,8 @@ class RegistryStore:
         journal = self.journal
         # The journal only ever extends a snapshot that exists: without one, replay
         # would have nothing to start from.
-        if journal is not None and base is not None and not mirror and not self.mirror \
+        # A follower's copy journals its deltas too, once its snapshot is a mirror's.
+        if journal is not None and base is not None and mirror == self.mirror \
                 and journal.has_room(len(reg)) and self.state_file.exists():
             entry = journal_entry(base, reg)
             if entry is not None:
@@ -170,6 +174,8 @@ class RegistryStore:
             journal.reset()  # the snapshot holds everything the journal did
 
     def publish(self, reg: Registry) -> None:
+        previous = self.registry if self.loaded else None
+        self.history.record(previous, reg)  # before the listeners wake long-polls
         self.registry = reg
         self.resolver.set_zone(Zone(reg, self.settings))
         self.loaded = True
