@@ -34,7 +34,7 @@ ENCODE_IN_THREAD = 2000  # deltas with more services than this are encoded off t
 
 
 def parse_since(text: str) -> int:
-    if not text.isdigit() or len(text) > 20:
+    if not (text.isascii() and text.isdigit()) or len(text) > 20:
         raise ApiError(400, f"since must be a revision (an integer >= 0), got {text!r}",
                        "since")
     return int(text)
