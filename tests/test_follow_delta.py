@@ -332,3 +332,49 @@ def test_a_burst_of_1000_patches_reaches_followers_as_a_few_deltas(
         got = metric(f.url, "meshdns_follow_deltas_total") - n
         assert 1 <= got <= bound, (f.name, got, took)
         assert metric(f.url, "meshdns_follow_full_syncs_total") == 1
+
+
+# ---------------------------------------------------------------- the history's bounds
+
+
+def test_history_is_bounded_in_revisions_and_keys() -> None:
+    from meshdns.core.patch import apply_patch
+    from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
+    from meshdns.history import MIN_KEYS, ChangeHistory
+
+    policy = RegistryPolicy()
+
+    def put(base: Registry, names: list[str]) -> Registry:
+        return apply_put(base, parse_services(
+            [{"name": n, "namespace": "ns", "port": 80} for n in names]), policy, 0.0)
+
+    def upsert(base: Registry, name: str) -> Registry:
+        return apply_patch(base, parse_services([{"name": name, "namespace": "ns",
+                                                  "port": 80}]), [], policy, 0.0)
+
+    history = ChangeHistory(depth=4, lineage="L")
+    reg = put(Registry.empty(), ["a", "b"])
+    history.record(None, reg)  # a first load: deltas start here
+    assert history.oldest == reg.revision and history.since(reg.revision, "L") is not None
+    start = reg.revision
+    for i in range(6):
+        new = upsert(reg, f"n{i}")
+        history.record(reg, new)
+        reg = new
+    assert history.revision == start + 6 and history.oldest == start + 2  # 4 revisions kept
+    assert history.since(start + 1) is None and history.since(start + 7) is None
+    changes = history.since(start + 3)
+    assert changes is not None and changes.keys == {("n3", "ns", 80), ("n4", "ns", 80),
+                                                    ("n5", "ns", 80)}
+    assert history.since(start + 3, "other") is None
+    # A write that changes more keys than the registry holds drops what came before.
+    big = put(reg, [f"m{i}" for i in range(MIN_KEYS + 10)])
+    history.record(reg, big)
+    assert history.oldest == big.revision and history.since(reg.revision) is None
+    # A snapshot that does not follow the last one recorded starts over too.
+    history.record(reg, upsert(reg, "gap"))
+    assert history.oldest == history.revision
+    # Adopting another lineage (a relay's leader changed) starts over under it.
+    history.adopt_lineage("M", big)
+    assert history.lineage == "M" and history.since(big.revision, "M") is not None
+    assert history.since(big.revision, "L") is None
