@@ -24,6 +24,7 @@ MAX_WAIT_SECONDS = 300.0  # a ?wait= above this is capped, so a watcher is alway
 GZIP_MIN_BYTES = 1400  # smaller bodies fit one packet as they are: not worth compressing
 GZIP_IN_THREAD_BYTES = 256 * 1024  # compress bigger bodies off the event loop
 DELTA_BODIES = 16  # delta answers kept encoded: followers at one revision share one
+DELTA_BODIES_BYTES = 32 << 20  # ... and at most this much of them (a delta can be big)
 
 
 class ApiError(Exception):
@@ -205,8 +206,10 @@ class ApiState:
 
     def keep_delta_body(self, key: tuple[str, int, int], body: Encoded) -> None:
         self.delta_bodies[key] = body
-        while len(self.delta_bodies) > DELTA_BODIES:
-            self.delta_bodies.popitem(last=False)
+        held = sum(len(b.body) for b in self.delta_bodies.values())
+        while len(self.delta_bodies) > 1 and (len(self.delta_bodies) > DELTA_BODIES
+                                              or held > DELTA_BODIES_BYTES):
+            held -= len(self.delta_bodies.popitem(last=False)[1].body)
 
 
 STATE_KEY = web.AppKey("meshdns_api_state", ApiState)
