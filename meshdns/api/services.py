@@ -138,7 +138,8 @@ async def get_services(request: web.Request) -> web.Response:
             tags[0].removeprefix("W/").strip('"') if tags else ""
         if served.isdigit():
             pool.report(worker, int(served))
-    if not store.loaded:
+    just_loaded = not store.loaded
+    if just_loaded:
         # A leader with no registry yet: a follower must not copy "empty" as if it were
         # the truth, so this waits for the first load (or says 503, like /readyz).
         if wait > 0:
@@ -149,7 +150,7 @@ async def get_services(request: web.Request) -> web.Response:
                            None, {"Retry-After": "1"})
     if since is not None:
         return await get_delta(request, st, since, wait, coalesce=not worker)
-    if inm is not None and none_match(inm, reg.revision):
+    if not just_loaded and inm is not None and none_match(inm, reg.revision):
         if wait > 0:
             seen = reg.revision
             await st.watch.wait_while(lambda: store.revision == seen, wait)
