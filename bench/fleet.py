@@ -9,6 +9,10 @@ follower follows the leader (flat) or one relay (tree, round-robin). Nodes are
 started in batches, each waited for until ``GET /readyz`` is 200 and its DNS
 answers a seeded name with the leader's VIP.
 
+Followers sync by deltas (``GET /v1/services?since=N&lineage=L&wait=30``): after
+a first full read, each change reaches a follower as the few services it
+touched, applied with the incremental PATCH (docs/scaling.md).
+
 Then, ``--changes`` times: PATCH one new service on the leader and poll every
 follower's (and relay's) DNS for the new name concurrently -- one UDP socket
 per node, one query per pending node per round, the round interval chosen so
@@ -19,19 +23,24 @@ with an answer). Reported over all (follower, change) pairs: p50, p99, max.
 
 Measured on the leader during each change window (PATCH sent -> every
 follower answers, plus ``--tail`` s so the followers' re-polls are counted):
-CPU seconds of its process group (/proc/PID/stat, 10 ms ticks), and, before
+CPU seconds of its process group (schedstat), the bytes it sent on its API
+port (``ss -ti`` bytes_sent of each established connection: response headers
+and bodies, TCP payload), and, before
 the change, the open watches: established TCP connections whose local port is
 the leader's API port (/proc/net/tcp; a follower keeps one keep-alive
 connection and parks a ``?wait=30`` GET on it). The sum of the followers' and
-relays' CPU over the window is recorded too (the adoption work).
+relays' CPU over the window is recorded too (the adoption work), and per node
+(follower CPU per change). At the end each follower's /metrics says how many
+deltas, full reads and re-lists (410) it did.
 
 Bounded: ``--time-limit`` for the whole run (SIGALRM backstop), a
 convergence timeout per change, every process killed at the end of each
 topology and on any exit (process groups; bench/peers.py).
 
 Usage:
+  python bench/fleet.py --quick                        # 3 followers, 300 services: a check
   python bench/fleet.py                                # 50 followers, flat and tree
-  python bench/fleet.py --followers 50 200             # both sizes (as in results/fleet.md)
+  python bench/fleet.py --followers 50 200 --services 10000 100000   # issue 15's matrix
   python bench/fleet.py --followers 200 --topology tree --relays 14 --changes 5
 Writes bench/results/fleet.md (+ fleet.json) unless --no-write.
 """
@@ -49,6 +58,7 @@ import selectors
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -229,6 +239,46 @@ def established(port: int) -> int:
     return count
 
 
+def bytes_sent(port: int) -> dict[str, int]:
+    """TCP payload bytes sent so far on each established connection from local ``port``
+    (``ss -ti``: bytes_sent, retransmits included), by peer address."""
+    try:
+        out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    sent: dict[str, int] = {}
+    peer = None
+    for line in out.splitlines():
+        if not line.startswith((" ", "\t")):
+            fields = line.split()
+            peer = fields[-1] if fields else None
+        elif peer is not None:
+            for item in line.split():
+                if item.startswith("bytes_sent:"):
+                    sent[peer] = int(item.split(":", 1)[1])
+    return sent
+
+
+def sent_between(before: dict[str, int], after: dict[str, int]) -> int:
+    """Bytes sent between two ``bytes_sent`` samples (connections opened meanwhile count
+    whole; ones closed meanwhile are lost: followers keep theirs open)."""
+    return sum(n - before.get(peer, 0) for peer, n in after.items())
+
+
+def follow_counts(node: Node) -> dict[str, float]:
+    """How the node synced: deltas applied, full reads, 410 re-lists (its /metrics)."""
+    status, text = http("GET", f"{node.url}/metrics", timeout=10)
+    out = {"deltas": 0.0, "full_syncs": 0.0, "relists": 0.0}
+    if status != 200:
+        return out
+    for line in text.decode(errors="replace").splitlines():
+        for key in out:
+            if line.startswith(f"meshdns_follow_{key}_total "):
+                out[key] = float(line.split()[1])
+    return out
+
+
 # ---------------------------------------------------------------- DNS probe
 
 
@@ -325,8 +375,8 @@ class Fleet:
 
 
 def leader_alone(leader: Node, changes: int, tail: float) -> list[float]:
-    """Leader CPU per PATCH + one GET (+ tail) with nobody watching: the change's own cost
-    and one encode of the new body; what watchers add comes on top of this."""
+    """Leader CPU per PATCH + one delta GET (+ tail) with nobody watching: the change's own
+    cost and one encode of its delta; what watchers add comes on top of this."""
     out = []
     for k in range(changes):
         cpu0 = node_cpu(leader)
@@ -334,7 +384,9 @@ def leader_alone(leader: Node, changes: int, tail: float) -> list[float]:
                             {"upsert": [{"name": f"alone{k}", "namespace": "fleet", "port": 80}]})
         if status != 200:
             raise RuntimeError(f"PATCH failed: {status} {text[:300]!r}")
-        http("GET", f"{leader.url}/v1/services")  # the body encoded once, sent once
+        revision = json.loads(text)["revision"]
+        # The delta encoded once, sent once.
+        http("GET", f"{leader.url}/v1/services?since={revision - 1}")
         time.sleep(tail)
         out.append(node_cpu(leader) - cpu0)
     return out
@@ -416,7 +468,7 @@ def wait_watches(port: int, expected: int, timeout: float) -> int:
 
 
 def measure(fleet: Fleet, topology: str, changes: int, args: argparse.Namespace,
-            deadline: float, run_id: str) -> dict[str, Any]:
+            deadline: float, run_id: str, services: int) -> dict[str, Any]:
     leader = fleet.leader
     n, r = len(fleet.followers), len(fleet.relays)
     expected_leader = r if topology == "tree" else n
@@ -440,6 +492,7 @@ def measure(fleet: Fleet, topology: str, changes: int, args: argparse.Namespace,
         fqdn = f"{name}.fleet.svc.80.mesh"
         cpu_leader0 = node_cpu(leader)
         cpu_rest0 = group_cpu(fleet.relays + fleet.followers)
+        sent0 = bytes_sent(leader.api_port)
         ack: dict[str, Any] = {}
 
         def patch(svc: dict[str, Any] = svc, ack: dict[str, Any] = ack) -> None:
@@ -459,6 +512,7 @@ def measure(fleet: Fleet, topology: str, changes: int, args: argparse.Namespace,
         window = time.perf_counter() - t0
         cpu_leader = node_cpu(leader) - cpu_leader0
         cpu_rest = group_cpu(fleet.relays + fleet.followers) - cpu_rest0
+        leader_sent = sent_between(sent0, bytes_sent(leader.api_port))
         watches_after = established(leader.api_port)
         fol = [g for g in got[:n] if g is not None]
         rel = [g for g in got[n:] if g is not None]
@@ -470,6 +524,7 @@ def measure(fleet: Fleet, topology: str, changes: int, args: argparse.Namespace,
             "first_s": min(fol) if fol else None, "missed": missed,
             "relay_max_s": max(rel) if rel else None,
             "window_s": window, "leader_cpu_s": cpu_leader, "fleet_cpu_s": cpu_rest,
+            "follower_cpu_s": cpu_rest / max(1, n + r), "leader_bytes": leader_sent,
             "leader_watches_before": watches_before, "leader_watches_after": watches_after,
             "relay_watches_before": relay_watches,
         }
@@ -477,15 +532,22 @@ def measure(fleet: Fleet, topology: str, changes: int, args: argparse.Namespace,
         log(f"  {topology} n={n} change {k + 1}/{changes}: PATCH ack {rec['patch_ack_s'] * 1000:.0f} ms, "
             f"followers p50 {ms(rec['p50_s'])} max {ms(rec['max_s'] or float('nan'))}"
             f"{f' ({missed} missed)' if missed else ''}, leader CPU {cpu_leader * 1000:.0f} ms, "
-            f"fleet CPU {cpu_rest:.2f} s, "
+            f"fleet CPU {cpu_rest:.2f} s ({cpu_rest / max(1, n + r) * 1000:.1f} ms/node), "
+            f"leader sent {leader_sent:,} B, "
             f"watches {watches_before}")
         time.sleep(args.settle)
     all_fol = [g for c in per_change for g in c["follower_s"] if g is not None]
     rss = {x.name: x.server.rss_kb() for x in fleet.all()}
     fol_rss = [rss[x.name] for x in fleet.followers]
     leader_cpu = [c["leader_cpu_s"] for c in per_change]
+    sync = [follow_counts(x) for x in fleet.relays + fleet.followers]
+    leader_bytes = statistics.mean(c["leader_bytes"] for c in per_change)
     out = {
-        "topology": topology, "followers": n, "relays": r, "services": args.services,
+        "topology": topology, "followers": n, "relays": r, "services": services,
+        "follower_cpu_per_change_s": statistics.mean(c["follower_cpu_s"] for c in per_change),
+        "leader_bytes_per_change": leader_bytes,
+        "leader_bytes_per_change_per_watch": leader_bytes / max(1, expected_leader),
+        "sync": {k: sum(x[k] for x in sync) for k in ("deltas", "full_syncs", "relists")},
         "body_bytes": body_bytes, "probe_interval_s": interval, "changes": per_change,
         "p50_s": pct(all_fol, 50), "p99_s": pct(all_fol, 99),
         "max_s": max(all_fol) if all_fol else None,
@@ -524,7 +586,7 @@ def run_topology(topology: str, n: int, r: int, services: list[Svc],
         started = time.monotonic() - t0
         try:
             res = measure(fleet, topology, args.changes, args, deadline,
-                          f"{topology[0]}{n}")
+                          f"{topology[0]}{n}s{len(services)}", len(services))
             res["startup_s"] = started
             dead = [x.name for x in fleet.all() if not x.server.alive()]
             if dead:
@@ -547,24 +609,28 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
             rw = res["relay_watches"]
             watches += f" (each relay {min(rw)}-{max(rw)})" if rw else ""
         missed = f" ({res['missed']} missed)" if res["missed"] else ""
-        nodes = res["followers"] + res["relays"]
+        sync = res["sync"]
         rows.append([
-            res["topology"], res["followers"], res["relays"] or "—",
+            res["topology"], f"{res['services']:,}", res["followers"], res["relays"] or "—",
             ms(res["p50_s"]), ms(res["p99_s"]), ms(res["max_s"] or float("nan")) + missed,
+            f"{res['follower_cpu_per_change_s'] * 1000:,.2f} ms",
+            f"{res['leader_bytes_per_change']:,.0f} B "
+            f"({res['leader_bytes_per_change_per_watch']:,.0f} B/watch)",
+            f"{sync['deltas']:,.0f} / {sync['full_syncs']:,.0f} / {sync['relists']:,.0f}",
             f"{res['leader_cpu_per_change_s'] * 1000:,.1f} ms",
             f"{res['leader_alone_cpu_s'] * 1000:,.1f} ms",
             f"{res['leader_cpu_per_watcher_per_change_ms']:.2f} ms",
-            f"{res['fleet_cpu_per_change_s']:.2f} s "
-            f"({res['fleet_cpu_per_change_s'] / nodes * 1000:.0f} ms/node)",
+            f"{res['fleet_cpu_per_change_s']:.2f} s",
             watches,
         ])
-    rss_rows = [[r["topology"], r["followers"], r["relays"] or "—",
+    rss_rows = [[r["topology"], f"{r['services']:,}", r["followers"], r["relays"] or "—",
                  report.fmt_kb(r["rss_kb"]["leader"]),
                  report.fmt_kb(r["rss_kb"]["relay_median"]) if r["relays"] else "—",
                  report.fmt_kb(r["rss_kb"]["follower_median"]),
                  f"{r['rss_kb']['total'] / 1024 / 1024:.1f} GiB", f"{r['startup_s']:.0f} s"]
                 for r in results]
-    body_kib = results[0]["body_bytes"] / 1024 if results else 0
+    bodies = ", ".join(sorted({f"{r['services']:,} services: "
+                               f"{r['body_bytes'] / 1024:,.0f} KiB" for r in results}))
     interval_txt = ", ".join(f"{r['topology']}/{r['followers']}: "
                              f"{r['probe_interval_s'] * 1000:.0f} ms" for r in results)
     idle = ", ".join(f"{r['topology']}/{r['followers']}: {r['leader_idle_cpu_s'] * 1000:.0f} ms "
@@ -591,10 +657,11 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
     for r in results:
         for c in r["changes"]:
             per_change.append([
-                r["topology"], r["followers"], c["change"] + 1,
+                r["topology"], f"{r['services']:,}", r["followers"], c["change"] + 1,
                 f"{c['patch_ack_s'] * 1000:.0f} ms", ms(c["first_s"] or float("nan")),
                 ms(c["p50_s"]), ms(c["max_s"] or float("nan")),
-                f"{c['leader_cpu_s'] * 1000:.0f} ms", f"{c['fleet_cpu_s']:.2f} s",
+                f"{c['leader_cpu_s'] * 1000:.0f} ms", f"{c['leader_bytes']:,} B",
+                f"{c['fleet_cpu_s']:.2f} s",
                 f"{c['window_s']:.2f} s"])
     return "\n".join([
         "## Fleet: one leader, many followers (convergence after a change)",
@@ -604,10 +671,12 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
         machine,
         "",
         "Method: the leader is seeded with "
-        f"{args.services:,} generated services (GET body {body_kib:,.0f} KiB); "
+        f"generated services (full GET body, uncompressed: {bodies}); "
         "a follower has `registry.follow` = the leader (flat) or one relay (tree, "
-        "round-robin), a relay follows the leader; each follower long-polls "
-        "`GET /v1/services?wait=30` with `If-None-Match`. Nodes start in batches of "
+        "round-robin), a relay follows the leader; after one full read each follower "
+        "long-polls for deltas, `GET /v1/services?since=N&lineage=L&wait=30` "
+        "(changes coalesced for `api.follow_coalesce`, default 100 ms, per hop), and "
+        "applies them with the incremental PATCH. Nodes start in batches of "
         f"{args.batch}, each ready when `/readyz` is 200 and its DNS answers a seeded "
         f"name. Then {args.changes} times: PATCH one new service on the leader and "
         "poll every follower's (and relay's) DNS for it over UDP, all nodes concurrently "
@@ -617,39 +686,47 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
         "(follower, change) pairs. Leader CPU = CPU time of the leader process over "
         f"the change window (PATCH sent → every follower answers, + {args.tail:g} s so "
         "the re-polls count), mean per change. *Change alone* = the leader's CPU for the "
-        "same PATCH plus one GET (one encode of the new body) before any follower "
+        "same PATCH plus one delta GET (one encode of the change) before any follower "
         "started; *per watch* = (per change - change alone) ÷ watches on the leader: "
         "what each parked watcher adds to a change (wake it, send it the body, "
         "accept the re-poll). Fleet CPU = the same for all followers and relays together (the "
-        "adoption work: parse the JSON, rebuild the registry, publish). Open watches = "
+        "adoption work: parse the delta, patch the registry, publish); *follower CPU per "
+        "change* is that ÷ followers and relays. *Leader bytes* = TCP payload the leader "
+        "sent on its API port over the window (`ss -ti` bytes_sent per connection: "
+        "headers and bodies), and that ÷ watches on the leader. *Syncs* = deltas "
+        "applied / full reads / 410 re-lists, summed over followers and relays from their "
+        "/metrics at the end (one full read each is the start). Open watches = "
         "established TCP connections on the leader's API port (`/proc/net/tcp`), "
         "before each change.",
         "",
-        report.table(["topology", "followers", "relays", "p50", "p99", "max",
+        report.table(["topology", "services", "followers", "relays", "p50", "p99", "max",
+                      "follower CPU per change", "leader bytes per change",
+                      "syncs (delta / full / 410)",
                       "leader CPU per change", "of which change alone", "leader CPU per watch",
                       "fleet CPU per change", "open watches on leader"], rows,
-                     "lrrrrrrrrrl"),
+                     "lrrrrrrrrrrrrrl"),
         "",
         "Memory (VmRSS after the run) and start-up (all nodes ready):",
         "",
-        report.table(["topology", "followers", "relays", "leader", "relay (median)",
-                      "follower (median)", "all processes", "start-up"], rss_rows,
-                     "lrrrrrrr"),
+        report.table(["topology", "services", "followers", "relays", "leader",
+                      "relay (median)", "follower (median)", "all processes", "start-up"],
+                     rss_rows, "lrrrrrrrr"),
         "",
         f"- Leader CPU with every watch parked and no change (idle): {idle}.",
         *notes,
         "",
         "<details><summary>Per change</summary>",
         "",
-        report.table(["topology", "followers", "change", "PATCH ack", "first follower",
-                      "p50", "max", "leader CPU", "fleet CPU", "window"], per_change,
-                     "lrrrrrrrrr"),
+        report.table(["topology", "services", "followers", "change", "PATCH ack",
+                      "first follower", "p50", "max", "leader CPU", "leader bytes",
+                      "fleet CPU", "window"], per_change, "lrrrrrrrrrrr"),
         "",
         "</details>",
         "",
         "Reading: this is one machine, so every follower's adoption work competes for "
         f"the same {os.cpu_count()} CPUs; the convergence spread here is mostly that "
-        "queue (fleet CPU per change ÷ CPUs), not the network or the leader. In a "
+        "queue (fleet CPU per change ÷ CPUs) plus the coalescing window per hop, not "
+        "the network or the leader. In a "
         "real mesh each sidecar adopts on its own node, in parallel. The leader's own "
         "cost per change is the column to project from; see docs/scaling.md.",
     ])
@@ -666,7 +743,11 @@ def main() -> int:
     ap.add_argument("--topology", choices=("flat", "tree", "both"), default="both")
     ap.add_argument("--relays", type=int, default=0,
                     help="relays in the tree (default round(sqrt(followers)))")
-    ap.add_argument("--services", type=int, default=1000, help="registry size (default 1000)")
+    ap.add_argument("--services", type=int, nargs="+", default=[1000],
+                    help="registry sizes to run (default 1000)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a check that the bench works: 3 followers, 300 services, 2 changes, "
+                         "short pauses, nothing written")
     ap.add_argument("--changes", type=int, default=5, help="PATCHes measured per topology")
     ap.add_argument("--batch", type=int, default=25, help="nodes started at once")
     ap.add_argument("--probe-rate", type=float, default=4000.0,
@@ -681,6 +762,10 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=3600.0, help="whole run, s")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    if args.quick:
+        args.followers, args.services, args.changes, args.relays = [3], [300], 2, 1
+        args.idle, args.settle, args.tail, args.no_write = 0.5, 0.2, 0.3, True
+        args.time_limit = min(args.time_limit, 300.0)
     for n in args.followers:
         if not 1 <= n <= MAX_FOLLOWERS:
             ap.error(f"--followers must be 1..{MAX_FOLLOWERS}, got {n}")
@@ -700,13 +785,15 @@ def main() -> int:
 
     signal.signal(signal.SIGALRM, alarm)
     signal.alarm(int(args.time_limit) + 60)  # backstop for a step stuck past the checks
-    services = generate(args.services)
     results: list[dict[str, Any]] = []
     try:
-        for n in args.followers:
-            for topology in topologies:
-                r = (args.relays or max(1, round(math.sqrt(n)))) if topology == "tree" else 0
-                results.append(run_topology(topology, n, r, services, args, deadline))
+        for size in args.services:
+            services = generate(size)
+            for n in args.followers:
+                for topology in topologies:
+                    r = (args.relays or max(1, round(math.sqrt(n)))) if topology == "tree" \
+                        else 0
+                    results.append(run_topology(topology, n, r, services, args, deadline))
     except (OverTime, KeyboardInterrupt) as exc:
         log(f"stopped: {exc or type(exc).__name__}; writing what was measured")
     finally:
@@ -716,11 +803,17 @@ def main() -> int:
     if not results:
         log("nothing measured")
         return 1
-    rows = [[r["topology"], r["followers"], r["relays"], ms(r["p50_s"]), ms(r["p99_s"]),
-             ms(r["max_s"] or float("nan")), f"{r['leader_cpu_per_change_s'] * 1000:.0f} ms",
+    rows = [[r["topology"], r["services"], r["followers"], r["relays"], ms(r["p50_s"]),
+             ms(r["p99_s"]), ms(r["max_s"] or float("nan")),
+             f"{r['follower_cpu_per_change_s'] * 1000:.2f} ms",
+             f"{r['leader_bytes_per_change_per_watch']:,.0f} B",
+             f"{r['leader_cpu_per_change_s'] * 1000:.0f} ms",
+             "/".join(f"{v:.0f}" for v in r["sync"].values()),
              round(r["leader_watches"])] for r in results]
-    print(report.text_table(["topology", "followers", "relays", "p50", "p99", "max",
-                             "leader CPU/change", "watches"], rows), flush=True)
+    print(report.text_table(["topology", "services", "followers", "relays", "p50", "p99", "max",
+                             "follower CPU/change", "leader B/change/watch",
+                             "leader CPU/change", "delta/full/410", "watches"], rows),
+          flush=True)
     if not args.no_write:
         md = render(results, args, elapsed, machine)
         data = {"machine": report.machine_info(), "command": report.command_line(),

@@ -71,6 +71,10 @@ class ApiConfig:
     # Secure by default: a non-loopback API without a token refuses to start unless this
     # says the network in front of it is trusted.
     allow_unauthenticated: bool = False
+    # Follow by deltas (?since=): how many revisions of changes are kept in memory, and
+    # how long a woken long-poll gathers further changes before it answers.
+    follow_history: int = 1000
+    follow_coalesce: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,8 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "max_body_bytes": _int(1024, 1 << 34),
         "max_watchers": _int(1, 1_000_000),
         "allow_unauthenticated": _bool,
+        "follow_history": _int(1, 1_000_000),
+        "follow_coalesce": _number(0, 10),
     },
     "registry": {
         "cidr": _cidr(4),

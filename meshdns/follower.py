@@ -1,15 +1,27 @@
 """Follower mode: mirror another meshdns's registry by long-polling its HTTP API.
 
-The loop: ``GET <leader>/v1/services?wait=30`` with ``If-None-Match`` set to the
-ETag of the registry last adopted. The leader answers 304 when nothing changed
-within the wait, or 200 with the new registry at once when it changes. A 200 is
+The first sync is a full read: ``GET <leader>/v1/services``. Its answer is
 adopted whole: the leader's VIPs taken as given and its revision kept (so the
-follower's SOA serial and ETag match the leader's), persisted to the follower's
-own state file, then published to DNS.
+follower's SOA serial and ETag match the leader's), persisted to the
+follower's own state file, then published to DNS. The answer names the
+leader's registry lineage (``X-Meshdns-Lineage``).
+
+From then on the follower asks for deltas: ``GET ?since=<revision>&lineage=
+<lineage>&wait=30``. The leader answers what changed after that revision
+(upserts with their VIPs, deletes), at once or when something changes within
+the wait; the follower applies it with the core's incremental PATCH, so a
+one-service change costs O(1) here however big the registry, and takes the
+leader's revision. A 410 (the leader's history no longer reaches back that
+far, or its lineage changed: it restarted or lost its registry) makes the
+follower re-list in full. A leader that sends no lineage (an older meshdns)
+is followed as before: full reads with ``If-None-Match``. A follower's own
+API serves the same deltas to followers of its own (a relay), with the
+leader's revisions and lineage.
 
 While the leader is unreachable the follower keeps serving what it has and
 retries with exponential backoff and jitter (capped at BACKOFF_MAX), so a
-fleet of followers does not stampede a leader that comes back.
+fleet of followers does not stampede a leader that comes back. It then asks
+for a delta again: the lineage tells whether the leader is still the same.
 
 Fail static across restarts: with ``registry.state_file`` the server loads the
 last pulled registry at start (``RegistryStore.load_initial``) and answers from
@@ -35,12 +47,22 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .config import RegistryConfig
-from .core.registry import Registry, RegistryError, RegistryPolicy, parse_services, restore
+from .core.patch import apply_patch
+from .core.registry import (
+    Registry,
+    RegistryError,
+    RegistryPolicy,
+    ServiceKey,
+    ServiceSpec,
+    parse_deletes,
+    parse_services,
+    restore,
+)
 from .gcpause import gc_paused
-from .protocol import WORKER_HEADER
+from .protocol import LINEAGE_HEADER, WORKER_HEADER
 from .store import RegistryStore
 
 log = logging.getLogger("meshdns.follower")
@@ -73,7 +95,9 @@ class Follower:
         self.last_success: float | None = None  # wall time of the last 200/304 from the leader
         self.connected = False
         self.last_error: str | None = None
-        self.adopted = 0  # registries adopted from the leader
+        self.adopted = 0  # whole registries adopted from the leader (full reads)
+        self.deltas = 0  # deltas applied (each a 200 that changed something)
+        self.relists = 0  # 410s: the leader could not answer a delta, so a full read
         self.failures = 0  # failed polls
         # The revision this follower restarted with from its state file, before any
         # contact with the leader; None when it started with no registry.
@@ -81,6 +105,8 @@ class Follower:
             else None
         # None: the first poll reads in full, even after a restore (see the module doc).
         self._etag: str | None = None
+        # (lineage, revision) of the leader's registry held now; None: read in full next.
+        self._since: tuple[str, int] | None = None
         self._task: asyncio.Task[None] | None = None
         self.first_sync = asyncio.Event()  # set once the first registry is adopted
 
@@ -112,6 +138,7 @@ class Follower:
 
     async def _run(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers["Accept-Encoding"] = "gzip"  # a full list is ~10x smaller gzipped
         if self.worker_id is not None:
             # A dns.workers process: its If-None-Match tells the main which revision it serves.
             headers[WORKER_HEADER] = self.worker_id
@@ -128,9 +155,11 @@ class Follower:
                     raise
                 except (aiohttp.ClientError, TimeoutError, OSError, SyncError) as exc:
                     error = str(exc) or type(exc).__name__
+                    exc_seen: Exception = exc
                 except Exception as exc:  # never let the follower die: log, back off, retry
                     log.exception("follower: unexpected error")
                     error = repr(exc)
+                    exc_seen = SyncError(error)
                 self.failures += 1
                 # Once per outage, and again whenever the reason changes; the rest at debug.
                 level = logging.WARNING if self.connected or error != self.last_error \
@@ -142,11 +171,20 @@ class Follower:
                 self.connected = False
                 self.last_error = error
                 self._etag = None  # re-read in full: the leader may have restarted
+                if isinstance(exc_seen, SyncError):
+                    self._since = None  # what it sent did not apply: start over in full
                 await asyncio.sleep(self.backoff(attempt))
                 attempt += 1
 
     async def poll(self, session: aiohttp.ClientSession) -> None:
-        """One long-poll: 304 keeps the registry, 200 adopts the leader's."""
+        """One long-poll: a delta when the leader's lineage is known, else a full read."""
+        if self._since is not None:
+            await self._poll_delta(session, *self._since)
+        else:
+            await self._poll_full(session)
+
+    async def _poll_full(self, session: aiohttp.ClientSession) -> None:
+        """304 keeps the registry, 200 adopts the leader's."""
         headers = {"If-None-Match": self._etag} if self._etag else {}
         async with session.get(self.url, params={"wait": f"{self.WAIT:g}"},
                                headers=headers) as resp:
@@ -154,21 +192,59 @@ class Follower:
                 self._success()
                 return
             if resp.status != 200:
-                text = (await resp.content.read(500)).decode("utf-8", "replace")
-                raise SyncError(f"leader answered HTTP {resp.status}: {text.strip()}")
+                raise SyncError(await self._refusal(resp))
             data = await self._read(resp)
             tag = resp.headers.get("ETag")
+            lineage = resp.headers.get(LINEAGE_HEADER)
         # Shielded: stopping the follower mid-write must not leave the state file ahead
         # of what DNS serves.
         reg: Registry = await asyncio.shield(
             self.store.write(lambda _base: self.adopt(data), mirror=True))
         self._etag = tag or f'"{reg.revision}"'
+        if lineage:
+            self.store.history.adopt_lineage(lineage, reg)  # a relay serves the leader's
+            self._since = (lineage, reg.revision)
         if not self.connected or self.adopted == 0:
             log.info("follower: in sync with %s at revision %d (%d services)", self.leader,
                      reg.revision, len(reg))
         self.adopted += 1
         self._success()
         self.first_sync.set()
+
+    async def _poll_delta(self, session: aiohttp.ClientSession, lineage: str,
+                          since: int) -> None:
+        """200 applies what changed after ``since`` (maybe nothing); 410 re-lists."""
+        params = {"since": str(since), "lineage": lineage, "wait": f"{self.WAIT:g}"}
+        async with session.get(self.url, params=params) as resp:
+            if resp.status == 410:
+                log.info("follower: %s cannot send the changes after revision %d (%s); "
+                         "reading its registry in full", self.leader, since,
+                         (await resp.content.read(300)).decode("utf-8", "replace").strip())
+                self._since = self._etag = None
+                self.relists += 1
+                return
+            if resp.status != 200:
+                raise SyncError(await self._refusal(resp))
+            data = await self._read(resp)
+        if len(data) > 65536:
+            revision, upserts, deletes = await asyncio.to_thread(self.parse_delta, data)
+        else:
+            revision, upserts, deletes = self.parse_delta(data)
+        self._success()
+        if revision == since and not upserts and not deletes:
+            return  # nothing changed within the wait
+        if revision <= since:
+            raise SyncError(f"leader answered revision {revision} to since={since}")
+        reg: Registry = await asyncio.shield(self.store.write(
+            lambda base: self.apply_delta(base, since, revision, upserts, deletes),
+            mirror=True))
+        self._since = (lineage, reg.revision)
+        self._etag = f'"{reg.revision}"'
+        self.deltas += 1
+
+    async def _refusal(self, resp: aiohttp.ClientResponse) -> str:
+        text = (await resp.content.read(500)).decode("utf-8", "replace")
+        return f"leader answered HTTP {resp.status}: {text.strip()}"
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         if resp.content_length is not None and resp.content_length > self.max_bytes:
@@ -211,6 +287,42 @@ class Follower:
                             f"{exc.message}") from None
 
 
+    def parse_delta(self, data: bytes) -> tuple[int, list[ServiceSpec], list[ServiceKey]]:
+        """A delta's revision, upserts (VIPs as the leader gave them) and deletes."""
+        with gc_paused():
+            try:
+                doc: Any = json.loads(data)
+            except (ValueError, RecursionError) as exc:
+                raise SyncError(f"leader sent malformed JSON: {exc}") from None
+            if not isinstance(doc, dict):
+                raise SyncError("leader sent no delta object")
+            revision = doc.get("revision")
+            if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
+                raise SyncError(f"leader sent a bad revision {revision!r}")
+            try:
+                upserts = parse_services(doc.get("upsert"), "upsert", consume=True,
+                                         known=self.store.registry.services)
+                deletes = parse_deletes(doc.get("delete"), "delete")
+            except RegistryError as exc:
+                raise SyncError(f"leader's delta does not parse: {exc.field}: "
+                                f"{exc.message}") from None
+            return revision, upserts, deletes
+
+    def apply_delta(self, base: Registry, since: int, revision: int,
+                    upserts: list[ServiceSpec], deletes: list[ServiceKey]) -> Registry:
+        """``base`` (the leader's ``since``) with the delta applied, at the leader's
+        ``revision`` (pure; runs in a worker thread)."""
+        if base.revision != since:
+            raise SyncError(f"delta from revision {since} does not apply to revision "
+                            f"{base.revision}")
+        try:
+            new = apply_patch(base, upserts, deletes, self.policy, self.store.clock())
+        except RegistryError as exc:
+            raise SyncError(f"leader's delta does not apply here: {exc.field}: "
+                            f"{exc.message}") from None
+        return new if new.revision == revision else replace(new, revision=revision)
+
+
 class FollowerCollector:
     """meshdns_follow_*: when the follower last pulled from its leader."""
 
@@ -224,3 +336,12 @@ class FollowerCollector:
         yield GaugeMetricFamily("meshdns_follow_sync_age_seconds",
                                 "Seconds since the follower's last successful pull.",
                                 value=time.time() - last if last else float("inf"))
+        yield CounterMetricFamily("meshdns_follow_full_syncs",
+                                  "Whole registries adopted from the leader (full reads).",
+                                  value=self.follower.adopted)
+        yield CounterMetricFamily("meshdns_follow_deltas",
+                                  "Deltas from the leader applied (follow by ?since=).",
+                                  value=self.follower.deltas)
+        yield CounterMetricFamily("meshdns_follow_relists",
+                                  "410 Gone answers to a delta request, each followed by a "
+                                  "full read.", value=self.follower.relists)

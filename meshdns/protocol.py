@@ -9,3 +9,8 @@ from __future__ import annotations
 # A dns.workers process names itself in this header of its long-polls, so the main
 # process learns which revision each worker serves (from its If-None-Match).
 WORKER_HEADER = "X-Meshdns-Worker"
+
+# The lineage of the registry a GET /v1/services answer comes from (see
+# meshdns/history.py): a follower sends it back with ?since= so that a leader
+# whose revisions restarted is never asked for a delta it cannot mean.
+LINEAGE_HEADER = "X-Meshdns-Lineage"

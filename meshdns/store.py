@@ -43,6 +43,7 @@ from .core.resolver import Resolver
 from .core.vip import format_ip, parse_ip
 from .core.zone import Zone, ZoneSettings
 from .gcpause import gc_paused
+from .history import ChangeHistory
 
 log = logging.getLogger("meshdns.registry")
 
@@ -95,6 +96,8 @@ class RegistryStore:
         self.mirror = False
         self._lock: asyncio.Lock | None = None
         self.journal = Journal(journal_path(self.state_file)) if self.state_file else None
+        # What each published write changed, for followers that sync by deltas.
+        self.history = ChangeHistory()
 
     @property
     def revision(self) -> int:
@@ -204,7 +207,8 @@ class RegistryStore:
             journal.repair()  # never append onto what an earlier failure left
         # The journal only ever extends a snapshot that exists: without one, replay
         # would have nothing to start from.
-        if journal is not None and base is not None and not mirror and not self.mirror \
+        # A follower's copy journals its deltas too, once its snapshot is a mirror's.
+        if journal is not None and base is not None and mirror == self.mirror \
                 and not self._snapshot_next and journal.has_room(len(reg)) \
                 and state_file.exists():
             entry = journal_entry(base, reg)
@@ -234,6 +238,8 @@ class RegistryStore:
         self.resolver.set_zone(Zone(self.registry, settings, loaded=self.loaded))
 
     def publish(self, reg: Registry) -> None:
+        previous = self.registry if self.loaded else None
+        self.history.record(previous, reg)  # before the listeners wake long-polls
         self.registry = reg
         self.resolver.set_zone(Zone(reg, self.settings))
         self.loaded = True

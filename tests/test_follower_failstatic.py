@@ -28,6 +28,7 @@ from meshdns.core.resolver import ForwardRequest, Resolver
 from meshdns.core.vip import VipRange
 from meshdns.core.wire import RCODE_SERVFAIL
 from meshdns.core.zone import FORWARD, NOT_LOADED, Zone, ZoneSettings
+from meshdns.store import journal_path, replay_journal
 
 from .apiclient import ServerProcess, a_records, call, dns_query, wait_for
 from .fake_upstream import FakeUpstream
@@ -53,7 +54,11 @@ def follower_process(tmp: Path, leader_url: str, **extra: Any) -> ServerProcess:
 
 
 def state_doc(path: Path) -> Any:
-    return json.loads(path.read_bytes())
+    """The state file as start-up reads it: the snapshot with its journal replayed (a
+    follower journals the deltas it applies, like a leader its PATCHes)."""
+    doc = json.loads(path.read_bytes())
+    replay_journal(doc, journal_path(path))
+    return doc
 
 
 def soa_serial(addr: tuple[str, int]) -> int:

@@ -45,6 +45,8 @@ def _sync_op(request: web.Request) -> str | None:
     if request.path != "/v1/services":
         return None
     if request.method == hdrs.METH_GET:
+        if "since" in request.query:
+            return "delta"
         return "watch" if "wait" in request.query else "get"
     return SYNC_OPS.get(request.method)
 

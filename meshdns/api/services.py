@@ -1,4 +1,4 @@
-"""``/v1/services``: read (with ETag, If-None-Match and ``?wait=`` long-poll), PUT, PATCH.
+"""``/v1/services``: read (ETag, If-None-Match, ``?wait=``, ``?since=`` deltas), PUT, PATCH.
 
 A write is validated whole (body, then the core's checks) before anything
 changes; it is answered only once the store made it durable and DNS answers
@@ -33,9 +33,10 @@ from ..core.registry import (
     parse_services,
 )
 from ..gcpause import gc_paused
-from ..protocol import WORKER_HEADER
+from ..protocol import LINEAGE_HEADER, WORKER_HEADER
 from ..store import StateWriteError, fast_ip4, fast_ip6
 from .body import decode, object_with, read_body
+from .follow import encoded_response, get_delta, parse_since
 from .state import AUDIT_KEY, MAX_WAIT_SECONDS, STATE_KEY, ApiError, ApiState, etag
 
 log = logging.getLogger("meshdns.api")
@@ -168,16 +169,21 @@ async def get_services(request: web.Request) -> web.Response:
     st = request.app[STATE_KEY]
     store = st.store
     wait = parse_wait(request.query.get("wait"))
+    since_text = request.query.get("since")
+    since = None if since_text is None else parse_since(since_text)
     inm = request.headers.get(hdrs.IF_NONE_MATCH)
     reg = store.registry
     pool = st.server.workers
     worker = request.headers.get(WORKER_HEADER)
-    if pool is not None and inm is not None and worker:
-        tags = _tags(inm)
-        served = tags[0].removeprefix("W/").strip('"') if tags else ""
+    if pool is not None and worker:
+        # The revision a worker serves: the one its delta starts from, or its ETag.
+        tags = _tags(inm or "")
+        served = str(since) if since is not None else \
+            tags[0].removeprefix("W/").strip('"') if tags else ""
         if served.isdigit():
             pool.report(worker, int(served))
-    if not store.loaded:
+    just_loaded = not store.loaded
+    if just_loaded:
         # A leader with no registry yet: a follower must not copy "empty" as if it were
         # the truth, so this waits for the first load (or says 503, like /readyz).
         if wait > 0:
@@ -186,16 +192,19 @@ async def get_services(request: web.Request) -> web.Response:
         if not store.loaded:
             raise ApiError(503, "no registry loaded yet (no state file, seed file or write)",
                            None, {"Retry-After": "1"})
-    elif inm is not None and none_match(inm, reg.revision):
+    if since is not None:
+        return await get_delta(request, st, since, wait, coalesce=not worker)
+    if not just_loaded and inm is not None and none_match(inm, reg.revision):
         if wait > 0:
             seen = reg.revision
             await st.watch.wait_while(lambda: store.revision == seen, wait)
             reg = store.registry
         if none_match(inm, reg.revision):
             return web.Response(status=304, headers={"ETag": etag(reg.revision)})
+    lineage = store.history.lineage
     body = await st.services_body(reg, encode_registry)
-    return web.Response(body=body, content_type="application/json",
-                        headers={"ETag": etag(reg.revision), "Cache-Control": "no-cache"})
+    return await encoded_response(request, body, {
+        "ETag": etag(reg.revision), "Cache-Control": "no-cache", LINEAGE_HEADER: lineage})
 
 
 def refuse_if_follower(st: ApiState) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,6 +21,10 @@ from ..gcpause import paused
 from ..store import RegistryStore
 
 MAX_WAIT_SECONDS = 300.0  # a ?wait= above this is capped, so a watcher is always released
+GZIP_MIN_BYTES = 1400  # smaller bodies fit one packet as they are: not worth compressing
+GZIP_IN_THREAD_BYTES = 256 * 1024  # compress bigger bodies off the event loop
+DELTA_BODIES = 16  # delta answers kept encoded: followers at one revision share one
+DELTA_BODIES_BYTES = 32 << 20  # ... and at most this much of them (a delta can be big)
 
 
 class ApiError(Exception):
@@ -135,6 +141,29 @@ class ApiContext:
     workers: WorkerSync | None = None
 
 
+class Encoded:
+    """One response body, encoded once, with its gzip form made on first demand."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self._gzip: bytes | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def compressible(self) -> bool:
+        return len(self.body) >= GZIP_MIN_BYTES
+
+    async def gzipped(self) -> bytes:
+        if self._gzip is None:
+            async with self._lock:  # however many followers ask at once, compress once
+                if self._gzip is None:
+                    if len(self.body) >= GZIP_IN_THREAD_BYTES:
+                        self._gzip = await asyncio.to_thread(gzip.compress, self.body, 6)
+                    else:
+                        self._gzip = gzip.compress(self.body, 6)
+        return self._gzip
+
+
 class ApiState:
     """Per-app state, reachable from handlers as ``request.app[STATE_KEY]``."""
 
@@ -146,7 +175,11 @@ class ApiState:
         self.sync_requests: dict[tuple[str, str], int] = {}
         self._body_lock = asyncio.Lock()
         self._body_for: Registry | None = None
-        self._body = b""
+        self._body = Encoded(b"")
+        # Delta answers by (lineage, since, revision): a change wakes every follower at
+        # the same revision, and they all get the one encoding.
+        self.delta_bodies: OrderedDict[tuple[str, int, int], Encoded] = OrderedDict()
+        server.store.history.depth = server.config.api.follow_history
 
     @property
     def store(self) -> RegistryStore:
@@ -156,13 +189,27 @@ class ApiState:
         key = (op, str(status))
         self.sync_requests[key] = self.sync_requests.get(key, 0) + 1
 
-    async def services_body(self, reg: Registry, encode: Any) -> bytes:
-        """The GET body of ``reg``, encoded once per snapshot however many watchers wake."""
+    async def services_body(self, reg: Registry, encode: Any) -> Encoded:
+        """The GET body of ``reg``, encoded once per snapshot however many watchers wake
+        (and gzipped at most once per snapshot)."""
         async with self._body_lock:
             if self._body_for is not reg:
-                self._body = await asyncio.to_thread(paused(encode), reg)
+                self._body = Encoded(await asyncio.to_thread(paused(encode), reg))
                 self._body_for = reg
             return self._body
+
+    def delta_body(self, key: tuple[str, int, int]) -> Encoded | None:
+        body = self.delta_bodies.get(key)
+        if body is not None:
+            self.delta_bodies.move_to_end(key)
+        return body
+
+    def keep_delta_body(self, key: tuple[str, int, int], body: Encoded) -> None:
+        self.delta_bodies[key] = body
+        held = sum(len(b.body) for b in self.delta_bodies.values())
+        while len(self.delta_bodies) > 1 and (len(self.delta_bodies) > DELTA_BODIES
+                                              or held > DELTA_BODIES_BYTES):
+            held -= len(self.delta_bodies.popitem(last=False)[1].body)
 
 
 STATE_KEY = web.AppKey("meshdns_api_state", ApiState)
