@@ -2,7 +2,7 @@
 
 Each subsystem exports its own families (as each CoreDNS plugin has its
 metrics.go): ``dns/metrics.py`` (requests, responses, latency, caches,
-upstreams), ``store_metrics.py`` (registry, VIP pool, state writes),
+upstreams), ``store/metrics.py`` (registry, VIP pool, state writes),
 ``api/metrics.py`` (sync requests), ``follower.py`` (sync age). Here: the
 registry they are added to, build information and the process collector.
 """

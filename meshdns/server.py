@@ -37,7 +37,7 @@ from .gcpause import gc_paused
 from .metrics import new_metrics_registry
 from .resolvconf import read_resolv_conf
 from .store import RegistryStore, StateError, load_seed
-from .store_metrics import StoreCollector
+from .store.metrics import StoreCollector
 
 if TYPE_CHECKING:  # imported when started: a process that never forwards, follows or
     # forks workers does not pay for importing them

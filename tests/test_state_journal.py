@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from meshdns import store as store_mod
+from meshdns.store import journal as journal_mod
 from meshdns.core.registry import (
     Registry,
     RegistryError,
@@ -125,7 +126,7 @@ def test_a_corrupt_line_before_the_last_stops_start_up(tmp_path: Path) -> None:
 
 def test_the_journal_is_compacted_into_a_new_snapshot(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_mod, "JOURNAL_MAX_ENTRIES", 3)
+    monkeypatch.setattr(journal_mod, "JOURNAL_MAX_ENTRIES", 3)
     state = tmp_path / "state.json"
     s = new_store(state)
     s.load_initial(None)

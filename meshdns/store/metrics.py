@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .core.registry import Registry, RegistryPolicy
+from ..core.registry import Registry, RegistryPolicy
 from .store import RegistryStore
 
 PREFIX = "meshdns_"
