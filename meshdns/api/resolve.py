@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from dnslib import CLASS, QTYPE, RCODE, RR, DNSLabel
+from dnslib import CLASS, QTYPE, RR, DNSLabel
 
-from ..core.wire import Query
+from ..core.wire import Query, rcode_name
 from ..dns.chase import ChasedReply
 from ..dns.forwarder import Forwarder
 from .state import STATE_KEY, ApiError
@@ -73,7 +73,7 @@ async def resolve(request: web.Request) -> web.Response:
         "revision": revision,
         "rule": decision.rule,
         # A forwarded name's rcode is the upstream's, unknown until it is asked.
-        "rcode": None if forwarded else _mnemonic(RCODE, decision.rcode, "RCODE"),
+        "rcode": None if forwarded else rcode_name(decision.rcode),
         "authoritative": decision.aa,
         "zone": decision.zone,
         "service": decision.service.to_json() if decision.service is not None else None,
@@ -106,7 +106,7 @@ async def _explain_chase(forwarder: Forwarder, labels: tuple[bytes, ...], qtype:
         "additional": [record(rr) for rr in local.additional],
     }
     service = local.service.to_json() if local.service is not None else None
-    out.update(rcode=_mnemonic(RCODE, entry.rcode, "RCODE"), service=service,
+    out.update(rcode=rcode_name(entry.rcode), service=service,
                answer=upstream + mine["answer"], authority=mine["authority"],
                additional=mine["additional"])
     out["chase"] = {
@@ -114,7 +114,7 @@ async def _explain_chase(forwarder: Forwarder, labels: tuple[bytes, ...], qtype:
         "links": part.chain.links,
         "target": str(DNSLabel(part.chain.target)),
         "rule": local.rule,
-        "rcode": _mnemonic(RCODE, local.rcode, "RCODE"),
+        "rcode": rcode_name(local.rcode),
         "zone": local.zone,
         "service": service,
         **mine,

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from ..core.resolver import ForwardRequest, Resolver
-from ..core.wire import HEADER_LEN, RCODE_SERVFAIL
+from ..core.wire import HEADER_LEN, RCODE_SERVFAIL, error_reply
 from .histogram import Histogram
 from .querylog import QueryLog
 
@@ -43,8 +43,7 @@ def servfail(data: bytes) -> bytes | None:
     """SERVFAIL echoing ID, opcode, RD and CD; None when there is no header to echo."""
     if len(data) < HEADER_LEN or data[2] & 0x80:
         return None
-    return data[:2] + bytes((0x80 | (data[2] & 0x79), (data[3] & 0x10) | RCODE_SERVFAIL)) \
-        + b"\x00" * 8
+    return error_reply(data, RCODE_SERVFAIL, echo_question=False)
 
 
 class _Errors:
