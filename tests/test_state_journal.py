@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from meshdns import store as store_mod
-from meshdns.store import journal as journal_mod
 from meshdns.core.registry import (
     Registry,
     RegistryError,
@@ -25,6 +24,7 @@ from meshdns.core.resolver import Resolver
 from meshdns.core.vip import VipRange
 from meshdns.core.zone import Zone, ZoneSettings
 from meshdns.store import RegistryStore, StateError, StateWriteError, journal_path, read_state
+from meshdns.store import journal as journal_mod
 
 POLICY = RegistryPolicy(range4=VipRange.from_cidr("240.0.0.0/24"), hold_seconds=300.0)
 
