@@ -4,17 +4,29 @@ The hot path is one dict lookup. A reply is a pure function of the query bytes
 after the 2-byte ID (flags, question in its exact case, EDNS shape), the
 transport (UDP truncates, TCP does not) and the registry snapshot. So the
 encoded reply minus its ID is cached under the query minus its ID, and a hit
-costs a slice, a lookup and a concatenation: no parse, no encode. A new
-snapshot comes with new, empty caches, swapped in by one assignment.
+costs a slice, a lookup and a concatenation: no parse, no encode.
+
+A miss takes the wire fast path (fastpath.py: no dnslib objects) for the common
+questions and the dnslib path (``Zone.decide`` + ``encode``) for the rest.
+
+A registry change keeps the cached replies it cannot have changed: each entry is
+indexed by the name whose owner decides it, and a PATCH (which says which
+services it touched) drops only the entries of those services' names plus every
+negative answer (their SOA serial is the registry revision). Anything else (a
+full PUT, new settings) starts from empty caches. Either way the new state is
+built aside and swapped in by one assignment.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
+from .fastpath import SERVER_UDP_PAYLOAD, FastPath
+from .names import wire_to_key
 from .wire import (
     HEADER_LEN,
     MIN_UDP_PAYLOAD,
@@ -29,10 +41,12 @@ from .wire import (
     error_reply,
     parse_query,
 )
-from .zone import FORWARD, Decision, Zone
+from .zone import APEX, FORWARD, NOT_LOADED, SEARCH, Decision, Zone
 
-SERVER_UDP_PAYLOAD = 1232  # DNS flag day 2020: no fragmentation on common paths
 DEFAULT_ANSWER_CACHE = 100_000
+# A PATCH touching more services than this empties the caches instead: working out
+# what it outdated would cost more than answering the names again.
+SELECTIVE_DROP_LIMIT = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +136,64 @@ class _Forward:
         self.hits = 0
 
 
+class _Index:
+    """Which cache keys a registry change can outdate: by name, and the negative ones."""
+
+    __slots__ = ("names", "negative")
+
+    def __init__(self) -> None:
+        self.names: dict[str, list[bytes]] = {}  # lower-case name -> cache keys
+        self.negative: list[bytes] = []  # replies carrying the SOA (serial = revision)
+
+    def add(self, key: bytes, name: str | None) -> None:
+        if name is None:
+            self.negative.append(key)
+            return
+        keys = self.names.get(name)
+        if keys is None:
+            self.names[name] = [key]
+        else:
+            keys.append(key)
+
+    def copy(self) -> _Index:
+        out = _Index()
+        out.names = {name: list(keys) for name, keys in self.names.items()}
+        out.negative = list(self.negative)
+        return out
+
+    def take(self, names: set[str]) -> list[bytes]:
+        """Remove and return the keys of ``names`` and every negative answer's."""
+        out = self.negative
+        self.negative = []
+        for name in names:
+            keys = self.names.pop(name, None)
+            if keys is not None:
+                out += keys
+        return out
+
+
 @dataclass
 class _State:
     zone: Zone
+    fast: FastPath
     udp: dict[bytes, _Entry] = field(default_factory=dict)
     tcp: dict[bytes, _Entry] = field(default_factory=dict)
     fwd_udp: dict[bytes, _Forward] = field(default_factory=dict)
     fwd_tcp: dict[bytes, _Forward] = field(default_factory=dict)
+    index: dict[str, _Index] = field(
+        default_factory=lambda: {k: _Index() for k in ("udp", "tcp", "fwd_udp", "fwd_tcp")})
+
+
+def decision_name(key: str, decision: Decision) -> str | None:
+    """The name whose owner decides a cached dnslib-path reply (None: a negative answer).
+
+    A search-list answer is decided by the mesh name its CNAME points at.
+    """
+    if decision.authority or decision.rule in (APEX, NOT_LOADED):
+        return None
+    if decision.rule == SEARCH and decision.answer:
+        return wire_to_key(tuple(decision.answer[0].rdata.label.label))
+    return key
 
 
 def udp_limit(query: Query) -> int:
@@ -163,7 +228,7 @@ class Resolver:
     """Turns query bytes into reply bytes for one registry snapshot at a time."""
 
     def __init__(self, zone: Zone, answer_cache_size: int = DEFAULT_ANSWER_CACHE) -> None:
-        self._state = _State(zone)
+        self._state = _State(zone, FastPath(zone))
         self.cache_limit = answer_cache_size
         self.tally = Tally()
         # Set by the forwarder: its cached reply to a forwarded query, synchronously,
@@ -175,8 +240,21 @@ class Resolver:
         return self._state.zone
 
     def set_zone(self, zone: Zone) -> None:
-        """Serve from ``zone`` from now on; cached replies of the old one are dropped."""
-        old, self._state = self._state, _State(zone)
+        """Serve from ``zone`` from now on, with the cached replies it leaves as they were."""
+        old = self._state
+        new = _State(zone, FastPath(zone))
+        names = outdated_names(old.zone, zone)
+        if names is not None:
+            # Into copies: a miss still running on the old state (another thread) may
+            # yet add a reply of the old zone to its caches, never to these.
+            for kind in ("udp", "tcp", "fwd_udp", "fwd_tcp"):
+                entries: dict[bytes, Any] = getattr(old, kind).copy()
+                index = new.index[kind] = old.index[kind]
+                for key in index.take(names):
+                    entries.pop(key, None)
+                setattr(new, kind, entries)
+        self._state = new
+        # Every hit so far moves to the totals, kept entries' included (they count on).
         self.tally.fold("udp", old.udp)
         self.tally.fold("tcp", old.tcp)
         self.tally.fold_forwards("udp", old.fwd_udp)
@@ -248,6 +326,13 @@ class Resolver:
             tally.dropped += 1  # no header to echo, or a response: never answer those
             tally.request(proto, QTYPE_INVALID)
             return None
+        fast = st.fast.answer(data, proto == "udp")
+        if fast is not None:
+            wire, qtype, rcode, name = fast
+            tally.request(proto, qtype)
+            tally.response(rcode, "local")
+            self._store(st, proto, data, wire, qtype, rcode, name)
+            return wire
         ra = st.zone.settings.forwarding
         try:
             query = parse_query(data)
@@ -271,11 +356,15 @@ class Resolver:
             tally.response(RCODE_REFUSED, "local")
             return encode(query, Decision(RCODE_REFUSED, "refused"), None, ra)
         decision = st.zone.decide(query.labels, query.qtype, query.qclass)
+        key = wire_to_key(query.labels)
         if decision.rule == FORWARD:
+            kind = "fwd_" + proto
             if len(forwards) >= self.cache_limit:
                 tally.fold_forwards(proto, forwards)
                 forwards.clear()
+                st.index[kind] = _Index()
             forwards[data[2:]] = _Forward(query, limit)
+            st.index[kind].add(data[2:], key)
             hook = self.forward_cached
             if hook is not None:
                 cached = hook(data, query, limit, proto)
@@ -284,15 +373,51 @@ class Resolver:
             return ForwardRequest(query, data, limit)  # the forwarder counts its reply
         wire = encode(query, decision, limit if proto == "udp" else None, ra)
         tally.response(decision.rcode, "local")
+        self._store(st, proto, data, wire, query.qtype, decision.rcode,
+                    decision_name(key, decision))
+        return wire
+
+    def _store(self, st: _State, proto: str, data: bytes, wire: bytes, qtype: int, rcode: int,
+               name: str | None) -> None:
+        """Cache a local reply, indexed by the name that decides it (None: negative)."""
         if wire[2] & 0x02:
-            tally.truncated += 1
+            self.tally.truncated += 1
         cache = st.udp if proto == "udp" else st.tcp
         if len(cache) >= self.cache_limit:
             self.tally.fold(proto, cache)
             cache.clear()  # bounded: a flood of distinct names cannot grow memory
-        cache[data[2:]] = _Entry(wire[2:], query.qtype, decision.rcode)
-        return wire
+            st.index[proto] = _Index()
+        cache[data[2:]] = _Entry(wire[2:], qtype, rcode)
+        st.index[proto].add(data[2:], name)
 
     def explain(self, labels: tuple[bytes, ...], qtype: int, qclass: int = 1) -> Decision:
         """The decision for a question, by the same code that answers DNS."""
         return self._state.zone.decide(labels, qtype, qclass)
+
+
+def outdated_names(old: Zone, new: Zone) -> set[str] | None:
+    """The names whose cached replies ``new`` may answer differently from ``old``
+    (negative answers aside: those always go), or None when that is not known.
+
+    Known only for an incremental PATCH of the very snapshot ``old`` serves, under
+    the same settings: it says which services it wrote or deleted. Every name such
+    a service owned or owns (in every domain, host names, reverse names) can have a
+    new answer, a new owner, or none; no other name can.
+    """
+    if old.settings != new.settings or old.loaded != new.loaded:
+        return None
+    base, reg = old.registry, new.registry
+    if reg is base:
+        return set()
+    delta = reg._delta
+    if delta is None or delta[:2] != (base.revision, len(base.services)):
+        return None
+    keys = (*delta[2], *delta[3])
+    if len(keys) > SELECTIVE_DROP_LIMIT:
+        return None
+    names: set[str] = set()
+    for key in keys:
+        for svc in (base.services.get(key), reg.services.get(key)):
+            if svc is not None:
+                names.update(new.names_of(svc))
+    return names

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
-from .names import canonical_name, is_subdomain, key_to_labels, wire_to_key
+from .names import canonical_name, is_subdomain, key_to_labels, kuma_name, wire_to_key
 from .registry import Registry, Service
 from .vip import VipRange, format_ip
 from .wire import (
@@ -76,7 +76,7 @@ class _ReverseZone:
     labels: int  # address labels (octets or nibbles) the apex holds
 
 
-def _octet(label: str) -> int | None:
+def octet_label(label: str) -> int | None:
     if label.isascii() and label.isdigit() and (label == "0" or label[0] != "0"):
         value = int(label)
         if value <= 255:
@@ -191,7 +191,7 @@ class Zone:
     def decide(self, labels: tuple[bytes, ...], qtype: int, qclass: int) -> Decision:
         """The answer to one question; ``labels`` keep the question's case."""
         key = wire_to_key(labels)
-        domain = self._served_domain(key)
+        domain = self.served_domain(key)
         if domain is not None:
             if qclass != QCLASS_IN:
                 return Decision(RCODE_REFUSED, REFUSED, zone=domain)
@@ -219,7 +219,7 @@ class Zone:
             return Decision(RCODE_NOERROR, FORWARD)
         return Decision(RCODE_REFUSED, REFUSED)
 
-    def _served_domain(self, key: str) -> str | None:
+    def served_domain(self, key: str) -> str | None:
         for domain in self._domains:
             if key == domain or key.endswith("." + domain):
                 return domain
@@ -249,7 +249,22 @@ class Zone:
             return reg.services[host_owner], HOSTNAME
         return None
 
-    def _is_ent(self, key: str, domain: str) -> bool:
+    def names_of(self, svc: Service) -> list[str]:
+        """Every name whose answer ``svc`` decides or could take over: its two forms in
+        each served domain, its host names, the reverse names of its VIPs."""
+        out = list(svc.hostnames)
+        for domain in self.settings.domains:
+            out.append(canonical_name(svc.name, svc.namespace, svc.port, domain))
+            kuma = kuma_name(svc.name, svc.namespace, svc.port, domain)
+            if kuma is not None:
+                out.append(kuma)
+        out.append(".".join(str((svc.vip >> shift) & 0xFF) for shift in (0, 8, 16, 24))
+                   + ".in-addr.arpa")
+        if svc.vip6 is not None:
+            out.append(".".join(reversed(f"{svc.vip6:032x}")) + ".ip6.arpa")
+        return out
+
+    def is_ent(self, key: str, domain: str) -> bool:
         reg = self.registry
         rest = key[: -len(domain) - 1].split(".")
         if len(rest) == 3 and rest[1] == "svc":
@@ -275,7 +290,7 @@ class Zone:
         found = self.find_service(key, domain)
         if found is not None:
             return self._service_records(owner, found[0], qtype, found[1], domain, domain)
-        if self._is_ent(key, domain):
+        if self.is_ent(key, domain):
             return self._nodata(ENT, domain)
         return Decision(RCODE_NXDOMAIN, NXDOMAIN, True, (), (self.soa(domain),), zone=domain)
 
@@ -292,7 +307,7 @@ class Zone:
         if not v4 and not key.endswith(".ip6.arpa"):
             return None
         parts = key.split(".")[:-2]
-        full, step, parse = (4, 8, _octet) if v4 else (32, 4, _nibble)
+        full, step, parse = (4, 8, octet_label) if v4 else (32, 4, _nibble)
         digits = [parse(p) for p in reversed(parts)]  # most significant first
         zone = None
         for depth in range(1, min(len(digits), full) + 1):
@@ -363,7 +378,7 @@ class Zone:
         """``<mesh name>.<search suffix>``: answered here, never forwarded."""
         inner_labels = labels[: len(labels) - len(key_to_labels(suffix))]
         inner_key = key[: -len(suffix) - 1]
-        domain = self._served_domain(inner_key)
+        domain = self.served_domain(inner_key)
         if domain is None or inner_key == domain:
             return None
         if qclass != QCLASS_IN:

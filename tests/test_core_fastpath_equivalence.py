@@ -1,0 +1,392 @@
+"""The wire fast path answers exactly as the dnslib path it shortcuts.
+
+``FastPath`` (meshdns/core/fastpath.py) writes replies straight to wire for the
+common questions; the reference is what every miss did before it: the strict
+parser, ``Zone.decide`` and dnslib's encoder (``resolver.encode``). For random
+registries and settings, every answer row of SPEC section 4 is asked in random
+letter case, with and without EDNS (sizes, DO bit, an option), over UDP and
+TCP. The replies must be the same bytes; they are also parsed with dnspython
+to check the fields a client reads. Rows the fast path is meant to take must
+be taken by it (else the comparison would prove nothing).
+
+Then the caches across a registry change: after a random PATCH, a resolver that
+kept its cached replies (dropping only what the change outdated) answers every
+question exactly as a fresh resolver of the new snapshot does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dns.message
+import dns.rdatatype
+from dnslib import EDNS0, DNSRecord, EDNSOption
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshdns.core.fastpath import FastPath
+from meshdns.core.names import canonical_name, kuma_name
+from meshdns.core.patch import apply_patch
+from meshdns.core.registry import Registry, RegistryPolicy, ServiceSpec, apply_put
+from meshdns.core.resolver import ForwardRequest, Resolver, encode, udp_limit
+from meshdns.core.vip import VipRange
+from meshdns.core.wire import QTYPE_AXFR, QTYPE_IXFR, FormatError, parse_query
+from meshdns.core.zone import Zone, ZoneSettings
+
+RANGE4 = VipRange.from_cidr("240.0.0.0/4")
+RANGE6 = VipRange.from_cidr("fd00:fd00::/64")
+NAMES = ("web", "api", "db", "front-end", "x1", "svc", "a")
+NAMESPACES = ("kong", "default", "ns-2", "b")
+PORTS = (80, 443, 8080, 53, 65535)
+OUTSIDE = ("httpbin.org", "api.example.com", "_x.tags.example.net", "deep.a.b.example")
+SEARCH = ("corp.example", "svc.cluster.local")
+TYPES = ("A", "AAAA", "SRV", "ANY", "TXT", "PTR", "CNAME", "MX", "SOA", "NS")
+
+
+# ---------------------------------------------------------------- the reference
+
+
+def reference(zone: Zone, data: bytes, udp: bool) -> bytes | str | None:
+    """What a miss answered before the fast path: strict parse, decide, dnslib encode."""
+    try:
+        query = parse_query(data)
+    except FormatError:
+        return "formerr"
+    ra = zone.settings.forwarding
+    if query.opcode or (query.edns is not None and query.edns.version > 0) \
+            or query.qtype in (QTYPE_AXFR, QTYPE_IXFR):
+        return "error"
+    decision = zone.decide(query.labels, query.qtype, query.qclass)
+    if decision.forward:
+        return "forward"
+    return encode(query, decision, udp_limit(query) if udp else None, ra)
+
+
+# ---------------------------------------------------------------- random registries
+
+
+@dataclass(frozen=True)
+class World:
+    zone: Zone
+    policy: RegistryPolicy
+    questions: list[tuple[str, str, bool]]  # (name, type, the fast path must take it)
+
+
+def service_items(draw: Any) -> list[dict[str, Any]]:
+    keys = draw(st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(NAMESPACES),
+                                   st.sampled_from(PORTS)), min_size=1, max_size=8, unique=True))
+    taken_hosts: set[str] = set()
+    items = []
+    for i, (name, ns, port) in enumerate(keys):
+        item: dict[str, Any] = {"name": name, "namespace": ns, "port": port}
+        if draw(st.booleans()):
+            # Distinct modulo 16, so never two alike.
+            item["vip"] = str(ipaddress.IPv4Address(int(RANGE4.network.network_address) + 1
+                                                    + i + 16 * draw(st.integers(0, 70000))))
+        if draw(st.booleans()):
+            item["vip6"] = f"fd00:fd00::{i + 1:x}"
+        hosts = [h for h in draw(st.lists(st.sampled_from(
+            (*OUTSIDE, "frontend.mesh", "deep.x.y.mesh", "alias.mesh.local",
+             f"{name}.{ns}.svc.{port}.mesh")), max_size=2, unique=True))
+            if h not in taken_hosts]
+        taken_hosts.update(hosts)
+        item["hostnames"] = hosts
+        items.append(item)
+    return items
+
+
+@st.composite
+def worlds(draw: Any) -> World:
+    domains = draw(st.sampled_from((("mesh",), ("mesh", "mesh.local"), ("mesh.local", "mesh"))))
+    # Without an IPv6 range, only services given a vip6 have one.
+    policy = RegistryPolicy(domains=domains, range4=RANGE4,
+                            range6=draw(st.sampled_from((RANGE6, None))))
+    items = service_items(draw)
+    from meshdns.core.registry import parse_services
+
+    reg = apply_put(Registry.empty(), parse_services(items), policy, 0.0)
+    if draw(st.booleans()):  # a later revision: the SOA serial is not always 1
+        reg = apply_put(reg, parse_services(items[:-1]), policy, 1.0)
+    zs = ZoneSettings(domains=domains, ttl=draw(st.sampled_from((0, 30, 86400))),
+                      negative_ttl=draw(st.sampled_from((0, 5, 3600))),
+                      search=draw(st.sampled_from(((), SEARCH))),
+                      range4=RANGE4, range6=RANGE6, forwarding=draw(st.booleans()))
+    zone = Zone(reg, zs)
+    return World(zone, policy, questions_for(zone))
+
+
+def reverse(vip: int, family: int) -> str:
+    addr = ipaddress.IPv4Address(vip) if family == 4 else ipaddress.IPv6Address(vip)
+    return addr.reverse_pointer
+
+
+def questions_for(zone: Zone) -> list[tuple[str, str, bool]]:
+    """Every row of SPEC section 4, for this registry: (name, type, fast path expected)."""
+    out: list[tuple[str, str, bool]] = []
+    reg, domains = zone.registry, zone.settings.domains
+    for svc in reg.services.values():
+        names = list(svc.hostnames)
+        for d in domains:
+            names.append(canonical_name(svc.name, svc.namespace, svc.port, d))
+            kuma = kuma_name(svc.name, svc.namespace, svc.port, d)
+            if kuma is not None:
+                names.append(kuma)
+        for name in names:
+            for t in TYPES:
+                served = any(name == d or name.endswith("." + d) for d in domains)
+                owner = zone.find_service(name, zone.served_domain(name) or "") \
+                    if served else None
+                # Service names answer on the fast path, apart from apex-like cases.
+                out.append((name, t, owner is not None or not served))
+            for suffix in zone.settings.search:
+                out.append((f"{name}.{suffix}", "A", False))  # search list: dnslib path
+        out.append((reverse(svc.vip, 4), "PTR", True))
+        out.append((reverse(svc.vip, 4), "ANY", True))
+        out.append((reverse(svc.vip, 4), "A", False))  # NODATA of a reverse name
+        if svc.vip6 is not None:
+            out.append((reverse(svc.vip6, 6), "PTR", True))
+        out.append((f"{svc.namespace}.svc.{svc.port}.{domains[0]}", "A", True))  # ENT
+        out.append((f"svc.{svc.port}.{domains[-1]}", "AAAA", True))  # ENT
+        out.append((f"{svc.port}.{domains[0]}", "TXT", True))  # ENT
+        out.append((f"nope.{svc.namespace}.svc.{svc.port}.{domains[0]}", "A", True))  # NX
+    for d in domains:
+        for t in ("SOA", "NS", "A", "ANY"):
+            out.append((d, t, False))  # apex: dnslib path
+        out.append((f"missing.{d}", "A", True))
+        out.append((f"missing.{d}", "SRV", True))
+        out.append((f"a.b.c.d.e.{d}", "AAAA", True))
+        out.append((f"web.kong.svc.080.{d}", "A", True))  # not a port label: NXDOMAIN
+    out += [("250.1.2.3.in-addr.arpa", "PTR", False), ("240.in-addr.arpa", "SOA", False),
+            ("1.0.0.240.in-addr.arpa", "PTR", False), ("example.org", "A", False),
+            ("d.f.ip6.arpa", "PTR", False), ("x.httpbin.org", "A", False)]
+    return out
+
+
+def random_case(name: str, rng: random.Random) -> str:
+    return "".join(c.upper() if rng.random() < 0.5 else c for c in name)
+
+
+def packet(name: str, rdtype: str, rng: random.Random, edns: int) -> bytes:
+    q = DNSRecord.question(name, rdtype)
+    q.header.id = rng.randrange(65536)
+    q.header.rd = rng.random() < 0.8
+    q.header.cd = rng.random() < 0.2
+    if edns == 1:
+        q.add_ar(EDNS0(udp_len=rng.choice((0, 512, 1232, 4096))))
+    elif edns == 2:
+        q.add_ar(EDNS0(udp_len=rng.choice((1232, 1400)), flags="do",
+                       opts=[EDNSOption(10, bytes(rng.randrange(256) for _ in range(8)))]))
+    return bytes(q.pack())
+
+
+def check_same(world: World, seed: int, edns: int) -> int:
+    """Ask every question; return how many the fast path took."""
+    rng = random.Random(seed)
+    zone = world.zone
+    fast = FastPath(zone)
+    taken = 0
+    for name, rdtype, expected in world.questions:
+        asked = random_case(name, rng)
+        data = packet(asked, rdtype, rng, edns)
+        for udp in (True, False):
+            want = reference(zone, data, udp)
+            got = fast.answer(data, udp)
+            if got is None:
+                # Not for the fast path: the reference must be a case it leaves to dnslib
+                # (or a reply over the UDP limit, which dnslib truncates).
+                assert not (expected and isinstance(want, bytes) and not want[2] & 0x02), \
+                    (name, rdtype, edns, udp)
+                continue
+            taken += 1
+            assert isinstance(want, bytes), (name, rdtype, want)
+            assert got[0] == want, (name, rdtype, edns, udp, got[0].hex(), want.hex())
+            assert got[1] == dns.rdatatype.from_text(rdtype)
+            assert got[2] == want[3] & 0x0F
+            parsed_got = dns.message.from_wire(got[0])
+            parsed_want = dns.message.from_wire(want)
+            assert parsed_got == parsed_want
+            assert parsed_got.question[0].name.to_text() == asked + "."  # case echoed
+            # Through the resolver (a miss, then a hit): the same bytes again.
+            resolver = Resolver(zone)
+            handle = resolver.handle_udp if udp else resolver.handle_tcp
+            assert handle(data) == want
+            assert handle(data) == want
+    return taken
+
+
+# ---------------------------------------------------------------- the tests
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(worlds(), st.integers(0, 2**32), st.sampled_from((0, 1, 2)))
+def test_fast_path_replies_are_the_dnslib_replies(world: World, seed: int, edns: int) -> None:
+    taken = check_same(world, seed, edns)
+    assert taken > 0
+
+
+def demo_world(domains: tuple[str, ...] = ("mesh", "mesh.local")) -> World:
+    policy = RegistryPolicy(domains=domains, range4=RANGE4, range6=None)
+    from meshdns.core.registry import parse_services
+
+    items = [{"name": "frontend", "namespace": "kong", "port": 80, "vip": "240.0.0.7",
+              "vip6": "fd00:fd00::7", "hostnames": ["frontend.mesh", "httpbin.org"]},
+             {"name": "backend", "namespace": "kong", "port": 8080, "vip": "240.0.0.8"}]
+    reg = apply_put(Registry.empty(), parse_services(items), policy, 0.0)
+    zone = Zone(reg, ZoneSettings(domains=domains, ttl=30, negative_ttl=5, search=SEARCH,
+                                  range4=RANGE4, range6=RANGE6, forwarding=True))
+    return World(zone, policy, questions_for(zone))
+
+
+def test_every_fast_row_is_taken_in_every_case_and_edns_shape() -> None:
+    world = demo_world()
+    for edns in (0, 1, 2):
+        for seed in range(5):
+            assert check_same(world, seed, edns) > 100
+
+
+def test_rows_keep_their_contract_answers() -> None:
+    """Values, not just sameness: what the fast path says for the main rows."""
+    fast = FastPath(demo_world().zone)
+    rng = random.Random(1)
+
+    def ask(name: str, rdtype: str) -> dns.message.Message:
+        out = fast.answer(packet(name, rdtype, rng, 0), True)
+        assert out is not None, (name, rdtype)
+        return dns.message.from_wire(out[0])
+
+    a = ask("FrontEnd.Kong.svc.80.MESH", "A")
+    assert [r.to_text() for r in a.answer[0]] == ["240.0.0.7"]
+    assert a.answer[0].name.to_text() == "FrontEnd.Kong.svc.80.MESH."
+    assert a.answer[0].ttl == 30 and a.flags & 0x0400  # AA
+    aaaa = ask("backend_kong_svc_8080.mesh", "AAAA")
+    assert aaaa.rcode() == 0 and not aaaa.answer
+    assert aaaa.authority[0].to_text().split()[4:7] == ["mesh.", "nobody.invalid.", "1"]
+    srv = ask("frontend.kong.svc.80.Mesh.Local", "SRV")
+    assert srv.answer[0][0].to_text() == "0 100 80 frontend.kong.svc.80.mesh.local."
+    assert sorted(r.to_text().split()[-1] for r in srv.additional) == ["240.0.0.7",
+                                                                       "fd00:fd00::7"]
+    nx = ask("nope.MESH", "A")
+    assert nx.rcode() == 3 and nx.authority[0].name.to_text() == "mesh."
+    ent = ask("kong.svc.80.mesh", "A")
+    assert ent.rcode() == 0 and ent.authority[0].ttl == 5
+    ptr = ask("7.0.0.240.IN-ADDR.arpa", "PTR")
+    assert ptr.answer[0][0].to_text() == "frontend.kong.svc.80.mesh."
+    host = ask("HttpBin.org", "TXT")
+    assert host.authority[0].name.to_text() == "httpbin.org."
+
+
+def test_odd_messages_are_left_to_the_strict_path() -> None:
+    fast = FastPath(demo_world().zone)
+    good = packet("frontend.kong.svc.80.mesh", "A", random.Random(0), 1)
+    assert fast.answer(good, True) is not None
+    for bad in (good[:-1], good + b"\x00", good[:2] + b"\x08" + good[3:],  # opcode
+                good[:4] + b"\x00\x02" + good[6:],  # two questions
+                good[:-5] + b"\x01" + good[-4:],  # EDNS version 1
+                packet("frontend.kong.svc.80.mesh", "AXFR", random.Random(0), 0),
+                packet("mesh", "SOA", random.Random(0), 0),
+                packet("frontend.kong.svc.80.mesh.corp.example", "A", random.Random(0), 0)):
+        assert fast.answer(bad, True) is None
+
+
+# ---------------------------------------------------------------- caches across a change
+
+
+def patch_specs(draw: Any, world: World) -> tuple[list[ServiceSpec], list[tuple[str, str, int]]]:
+    reg = world.zone.registry
+    keys = sorted(reg.services)
+    deletes = draw(st.lists(st.sampled_from(keys), max_size=2, unique=True)) if keys else []
+    upserts = []
+    for i in range(draw(st.integers(0, 3))):
+        if keys and draw(st.booleans()):
+            name, ns, port = draw(st.sampled_from(keys))
+        else:
+            name, ns, port = (draw(st.sampled_from(NAMES)), draw(st.sampled_from(NAMESPACES)),
+                              draw(st.sampled_from(PORTS)))
+        if (name, ns, port) in deletes or any(u.key == (name, ns, port) for u in upserts):
+            continue
+        hosts = tuple(draw(st.lists(st.sampled_from((*OUTSIDE, "frontend.mesh")), max_size=1)))
+        vip = None if draw(st.booleans()) else int(RANGE4.network.network_address) + 9000 + i
+        upserts.append(ServiceSpec(name, ns, port, vip, None, hosts))
+    return upserts, deletes
+
+
+@st.composite
+def changes(draw: Any) -> tuple[World, list[ServiceSpec], list[tuple[str, str, int]]]:
+    world = draw(worlds())
+    upserts, deletes = patch_specs(draw, world)
+    return world, upserts, deletes
+
+
+def ask_all(resolver: Resolver, packets: Sequence[bytes]) -> list[Any]:
+    out: list[Any] = []
+    for data in packets:
+        for reply in (resolver.handle_udp(data), resolver.handle_tcp(data)):
+            out.append(reply.query.labels if isinstance(reply, ForwardRequest) else reply)
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes(), st.integers(0, 2**32))
+def test_a_change_keeps_only_replies_it_did_not_change(
+        change: tuple[World, list[ServiceSpec], list[tuple[str, str, int]]], seed: int) -> None:
+    world, upserts, deletes = change
+    from meshdns.core.registry import RegistryError
+
+    try:
+        reg = apply_patch(world.zone.registry, upserts, deletes, world.policy, 2.0)
+    except RegistryError:
+        return  # a conflicting patch changes nothing
+    rng = random.Random(seed)
+    packets = [packet(random_case(n, rng), t, rng, rng.choice((0, 1)))
+               for n, t, _ in world.questions]
+    # Names the patch brings in, asked before it (cached as NXDOMAIN or forwarded).
+    for spec in upserts:
+        for name in (canonical_name(spec.name, spec.namespace, spec.port, "mesh"),
+                     *spec.hostnames):
+            packets.append(packet(name, "A", rng, 0))
+    warm = Resolver(world.zone)
+    ask_all(warm, packets)
+    ask_all(warm, packets)  # the second round is served from the cache
+    new_zone = Zone(reg, world.zone.settings)
+    kept_before = warm.cached_answers()
+    warm.set_zone(new_zone)
+    assert warm.cached_answers() <= kept_before
+    assert ask_all(warm, packets) == ask_all(Resolver(new_zone), packets)
+
+
+def test_a_one_service_patch_keeps_the_other_services_replies() -> None:
+    world = demo_world(("mesh",))
+    resolver = Resolver(world.zone)
+    rng = random.Random(3)
+    front = packet("FrontEnd.kong.svc.80.mesh", "A", rng, 0)
+    back = packet("backend.KONG.svc.8080.mesh", "A", rng, 0)
+    back_ptr = packet("8.0.0.240.in-addr.arpa", "PTR", rng, 0)
+    nx = packet("nope.mesh", "A", rng, 0)
+    for data in (front, back, back_ptr, nx):
+        resolver.handle_udp(data)
+    assert resolver.cached_answers() == 4
+    reg = apply_patch(world.zone.registry,
+                      [ServiceSpec("frontend", "kong", 80, int(ipaddress.IPv4Address("240.0.0.9")),
+                                   None, ())], [], world.policy, 1.0)
+    assert reg._delta is not None
+    resolver.set_zone(Zone(reg, world.zone.settings))
+    # Kept: backend's A and PTR. Dropped: frontend's A (new VIP) and the NXDOMAIN (serial).
+    assert resolver.cached_answers() == 2
+    out = resolver.handle_udp(front)
+    assert isinstance(out, bytes)
+    assert [r.to_text() for r in dns.message.from_wire(out).answer[0]] == ["240.0.0.9"]
+    out = resolver.handle_udp(nx)
+    assert isinstance(out, bytes)
+    assert dns.message.from_wire(out).authority[0][0].serial == reg.revision
+    hits = resolver.snapshot_counts().responses
+    resolver.handle_udp(back)
+    assert resolver.snapshot_counts().responses[(0, "local")] == hits[(0, "local")] + 1
+    assert resolver.cached_answers() == 4
+    # A full PUT (no delta) empties the caches.
+    full = apply_put(reg, [s.to_spec() for s in reg.services.values()][:1], world.policy, 2.0)
+    resolver.set_zone(Zone(full, world.zone.settings))
+    assert resolver.cached_answers() == 0
