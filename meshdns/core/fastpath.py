@@ -25,9 +25,8 @@ odd labels). The caller then takes the dnslib path, which stays the reference.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from .names import canonical_name
 from .registry import Service
 from .wire import QTYPE_ANY, RCODE_NOERROR, RCODE_NXDOMAIN, WireError, check_options
 from .zone import (
@@ -40,19 +39,22 @@ from .zone import (
     T_PTR,
     T_SRV,
     Zone,
-    octet_label,
 )
 
 SERVER_UDP_PAYLOAD = 1232  # the UDP size this server advertises in its OPT record
 _QUESTION_ONLY = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # QD=1, AN=NS=AR=0
 _QUESTION_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"  # QD=1, AR=1 (the OPT record)
-_OPT_TYPE = b"\x00\x29"
+# Section counts of the replies (QD is always 1).
+_AN1, _AN1_AR1 = b"\x00\x01\x00\x01\x00\x00\x00\x00", b"\x00\x01\x00\x01\x00\x00\x00\x01"
+_AN2, _AN2_AR1 = b"\x00\x01\x00\x02\x00\x00\x00\x00", b"\x00\x01\x00\x02\x00\x00\x00\x01"
+_NS1, _NS1_AR1 = b"\x00\x01\x00\x00\x00\x01\x00\x00", b"\x00\x01\x00\x00\x00\x01\x00\x01"
+# The OPT record this server answers with (RFC 6891): UDP size 1232, the DO bit echoed.
+_OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
+_OPT_DO = b"\x00\x00\x29\x04\xd0\x00\x00\x80\x00\x00\x00"
 _HEX = "0123456789abcdef"
-_TYPE_CLASS = struct.Struct(">HH").pack
-_HEADER = struct.Struct(">2sBBHHHH").pack  # ID, flags, QD, AN, NS, AR
+_OCTETS = {str(i): i for i in range(256)}  # what Zone reads as an octet label, no more
+_MAX_TARGETS = 1 << 20  # encoded targets kept across snapshots before starting over
 _PTR_TO_QNAME = b"\xc0\x0c"
-
-_Reply = tuple[bytes, int, str | None]  # reply, rcode, name (see Fast)
 
 # What ``answer`` returns: the reply, its qtype and rcode, and the name whose owner
 # decides it (lower case; None for a negative answer: its SOA serial is the registry
@@ -61,19 +63,20 @@ Fast = tuple[bytes, int, int, str | None]
 
 
 class _Name:
-    """A name the reply writes, pre-encoded: labels, wire form, prefix lengths."""
+    """A name the reply writes, pre-encoded: its labels and its wire form."""
 
-    __slots__ = ("cut", "labels", "wire")
+    __slots__ = ("labels", "wire")
 
-    def __init__(self, text: str) -> None:
-        self.labels = tuple(text.encode("ascii").split(b"."))
-        self.wire = b"".join(bytes((len(label),)) + label for label in self.labels) + b"\x00"
-        cut = [0]
-        for label in self.labels:
-            cut.append(cut[-1] + 1 + len(label))
-        self.cut = tuple(cut)  # cut[i]: bytes of the first i labels
+    def __init__(self, labels: tuple[bytes, ...], wire: bytes) -> None:
+        self.labels = labels
+        self.wire = wire
 
-    def after_question(self, qlabels: Sequence[bytes], qoffsets: Sequence[int]) -> tuple[bytes, int]:
+    @classmethod
+    def of(cls, text: str) -> _Name:
+        labels = tuple(text.encode("ascii").split(b"."))
+        return cls(labels, b"".join([bytes((len(label),)) + label for label in labels]) + b"\x00")
+
+    def after_question(self, qlabels: Sequence[bytes]) -> tuple[bytes, int]:
         """This name, written when only the question's name precedes it.
 
         As dnslib's compressor: the longest suffix equal (byte for byte, so in
@@ -87,11 +90,12 @@ class _Name:
             k += 1
         if k == 0:
             return self.wire, -1
-        at = qoffsets[m - k]
+        at = 12 + (m - k) + sum(map(len, qlabels[: m - k]))  # that suffix, in the question
         pointer = (0xC000 | at).to_bytes(2, "big")
         if k == n:
             return pointer, at
-        return self.wire[: self.cut[n - k]] + pointer, -1
+        head = (n - k) + sum(map(len, labels[: n - k]))
+        return self.wire[:head] + pointer, -1
 
 
 class _Soa:
@@ -100,8 +104,8 @@ class _Soa:
     __slots__ = ("name", "rest", "tail")
 
     def __init__(self, apex: str, serial: int, negative_ttl: int) -> None:
-        self.name = _Name(apex)
-        rname = _Name(SOA_RNAME).wire
+        self.name = _Name.of(apex)
+        rname = _Name.of(SOA_RNAME).wire
         rdata_len = 2 + len(rname) + 20  # MNAME as a pointer, RNAME, five numbers
         self.rest = (b"\x00\x06\x00\x01" + negative_ttl.to_bytes(4, "big")
                      + rdata_len.to_bytes(2, "big"))
@@ -114,9 +118,12 @@ class _Target:
 
     __slots__ = ("name", "srv")
 
-    def __init__(self, svc: Service, domain: str) -> None:
-        self.name = _Name(canonical_name(svc.name, svc.namespace, svc.port, domain))
-        wire = self.name.wire
+    def __init__(self, svc: Service, domain: _Name) -> None:
+        # canonical_name(svc.name, svc.namespace, svc.port, domain), as labels.
+        name, ns = svc.name.encode("ascii"), svc.namespace.encode("ascii")
+        port = b"%d" % svc.port
+        wire = b"%c%s%c%s\x03svc%c%s" % (len(name), name, len(ns), ns, len(port), port) + domain.wire
+        self.name = _Name((name, ns, b"svc", port, *domain.labels), wire)
         # SRV 0 100 <port> <target>; dnslib writes the target uncompressed (RFC 2782).
         rdata = b"\x00\x00\x00\x64" + svc.port.to_bytes(2, "big") + wire
         self.srv = len(rdata).to_bytes(2, "big") + rdata
@@ -125,15 +132,16 @@ class _Target:
 class FastPath:
     """Wire replies for the common questions of one zone (one registry snapshot)."""
 
-    __slots__ = ("_a", "_aaaa", "_ptr_head", "_ra", "_serial", "_served", "_soa", "_soa_ttl",
+    __slots__ = ("_a", "_aaaa", "_domains", "_names", "_ptr_head", "_ra", "_serial", "_soa", "_soa_ttl",
                  "_srv_head", "_targets", "zone")
 
     def __init__(self, zone: Zone) -> None:
         s = zone.settings
         self.zone = zone
         ttl = s.ttl.to_bytes(4, "big")
-        self._a = b"\x00\x01\x00\x01" + ttl + b"\x00\x04"
-        self._aaaa = b"\x00\x1c\x00\x01" + ttl + b"\x00\x10"
+        # A and AAAA records owned by the question's name, up to their RDATA.
+        self._a = _PTR_TO_QNAME + b"\x00\x01\x00\x01" + ttl + b"\x00\x04"
+        self._aaaa = _PTR_TO_QNAME + b"\x00\x1c\x00\x01" + ttl + b"\x00\x10"
         self._srv_head = _PTR_TO_QNAME + b"\x00\x21\x00\x01" + ttl
         self._ptr_head = _PTR_TO_QNAME + b"\x00\x0c\x00\x01" + ttl
         self._ra = 0x80 if s.forwarding else 0
@@ -141,12 +149,15 @@ class FastPath:
         self._soa_ttl = s.negative_ttl
         self._soa: dict[str, _Soa | None] = {}
         self._targets: dict[tuple[str, str, int, str], _Target] = {}
-        self._served: Callable[[str], str | None] = zone.served_domain
-
-    # ------------------------------------------------------------ entry point
+        self._names: dict[str, _Name] = {}  # the served domains, encoded
+        # Longest first, as Zone.served_domain tries them.
+        self._domains = tuple((d, "." + d) for d in sorted(s.domains, key=len, reverse=True))
 
     def answer(self, data: bytes, udp: bool) -> Fast | None:
-        """The reply to query ``data`` (a header already known to be a query's), or None."""
+        """The reply to query ``data`` (a header already known to be a query's), or None.
+
+        One flat function on purpose: on this path every Python call costs.
+        """
         counts = data[4:12]
         if counts == _QUESTION_ONLY:
             opt = False
@@ -158,7 +169,6 @@ class FastPath:
             return None  # an opcode other than QUERY
         end = len(data)
         labels: list[bytes] = []
-        offsets: list[int] = []
         pos = 12
         while True:
             if pos >= end:
@@ -168,7 +178,6 @@ class FastPath:
                 break
             if length > 63:
                 return None  # a pointer or an unknown label type: the strict parser decides
-            offsets.append(pos)
             labels.append(data[pos + 1 : pos + 1 + length])
             pos += 1 + length
         if pos > 12 + 254 or not labels:
@@ -177,13 +186,12 @@ class FastPath:
         if qend > end:
             return None
         qtype = (data[pos + 1] << 8) | data[pos + 2]
-        if data[pos + 3 : qend] != b"\x00\x01" or qtype in (251, 252):
+        if data[pos + 3] or data[pos + 4] != 1 or qtype == 251 or qtype == 252:
             return None  # not class IN, or AXFR/IXFR
-        limit = 512
         if opt:
             rdata = qend + 11
-            if (rdata > end or data[qend] != 0 or data[qend + 1 : qend + 3] != _OPT_TYPE
-                    or data[qend + 6] != 0):
+            if (rdata > end or data[qend] or data[qend + 1] or data[qend + 2] != 41
+                    or data[qend + 6]):
                 return None  # not an OPT owned by the root, or EDNS version > 0 (BADVERS)
             if (data[qend + 9] << 8) | data[qend + 10] != end - rdata:
                 return None
@@ -193,95 +201,100 @@ class FastPath:
                 except WireError:
                     return None
             size = (data[qend + 3] << 8) | data[qend + 4]
-            limit = max(512, min(size, SERVER_UDP_PAYLOAD))
-            tail = (b"\x00\x00\x29\x04\xd0\x00\x00\x80\x00\x00\x00" if data[qend + 7] & 0x80
-                    else b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00")
+            limit = 512 if size < 512 else min(size, SERVER_UDP_PAYLOAD)
+            tail = _OPT_DO if data[qend + 7] & 0x80 else _OPT
         elif qend != end:
             return None
         else:
             tail = b""
+            limit = 512
         joined = b".".join(labels)
         if b"\\" in joined or joined.count(b".") != len(labels) - 1:
             return None  # a label holding a dot: wire_to_key escapes it, leave it to decide()
         key = joined.lower().decode("latin-1")
-        out = self._decide(data, labels, offsets, qend, qtype, key, tail)
-        if out is None or (udp and len(out[0]) > limit):
-            return None  # the dnslib path truncates, the same way
-        return out[0], qtype, out[1], out[2]
-
-    # ------------------------------------------------------------ policy (Zone's order)
-
-    def _decide(self, data: bytes, labels: list[bytes], offsets: list[int], qend: int,
-                qtype: int, key: str, tail: bytes) -> _Reply | None:
         zone = self.zone
-        domain = self._served(key)
-        if domain is not None:
-            if key == domain or not zone.loaded:
+        # Zone.decide's order: served domains, host names, reverse names; the rest
+        # (apex, search list, forwarded) is the dnslib path's.
+        for domain, dotted in self._domains:
+            if key.endswith(dotted):
+                if not zone.loaded:
+                    return None
+                found = zone.find_service(key, domain)
+                if found is None:
+                    rcode = RCODE_NOERROR if zone.is_ent(key, domain) else RCODE_NXDOMAIN
+                    out = self._negative(data, labels, qend, domain, rcode, tail)
+                    return None if out is None else (out, qtype, rcode, None)
+                svc = found[0]
+                apex = target_domain = domain
+                break
+            if key == domain:
                 return None
-            found = zone.find_service(key, domain)
-            if found is not None:
-                return self._service(data, labels, offsets, qend, qtype, key, found[0],
-                                     domain, domain, tail)
-            rcode = RCODE_NOERROR if zone.is_ent(key, domain) else RCODE_NXDOMAIN
-            return self._negative(data, labels, offsets, qend, domain, rcode, tail)
-        reg = zone.registry
-        svc_key = reg.hostnames.get(key)
-        if svc_key is not None:
+        else:
+            reg = zone.registry
+            svc_key = reg.hostnames.get(key)
+            if svc_key is None:
+                if qtype in (T_PTR, QTYPE_ANY):
+                    if key.endswith(".in-addr.arpa"):
+                        wire = self._ptr(data, labels, qend, _ipv4(key), True, tail)
+                    elif key.endswith(".ip6.arpa"):
+                        wire = self._ptr(data, labels, qend, _ipv6(key), False, tail)
+                    else:
+                        return None
+                    if wire is None or (udp and len(wire) > limit):
+                        return None
+                    return wire, qtype, RCODE_NOERROR, key
+                return None
             # A host name outside the served domains is its own tiny zone.
-            return self._service(data, labels, offsets, qend, qtype, key,
-                                 reg.services[svc_key], key, zone.settings.domains[0], tail)
-        if qtype in (T_PTR, QTYPE_ANY):
-            if key.endswith(".in-addr.arpa"):
-                return self._ptr(data, labels, offsets, qend, key, _ipv4(key), True, tail)
-            if key.endswith(".ip6.arpa"):
-                return self._ptr(data, labels, offsets, qend, key, _ipv6(key), False, tail)
-        return None
-
-    # ------------------------------------------------------------ replies
-
-    def _header(self, data: bytes, rcode: int, an: int, ns: int, ar: int) -> bytes:
-        # QR, AA, RD copied; RA when forwarding; CD copied; opcode is QUERY (0).
-        return _HEADER(data[:2], 0x84 | (data[2] & 0x01), self._ra | (data[3] & 0x10) | rcode,
-                       1, an, ns, ar)
-
-    def _service(self, data: bytes, labels: list[bytes], offsets: list[int], qend: int,
-                 qtype: int, key: str, svc: Service, apex: str, domain: str,
-                 tail: bytes) -> _Reply | None:
-        ar = 1 if tail else 0
+            svc = reg.services[svc_key]
+            apex, target_domain = key, zone.settings.domains[0]
+        # Header: ID; QR, AA, RD copied (opcode QUERY); RA when forwarding, CD copied.
+        flags = bytes((0x84 | (data[2] & 0x01), self._ra | (data[3] & 0x10)))
         if qtype == T_A:
-            return (b"".join((self._header(data, 0, 1, 0, ar), data[12:qend], _PTR_TO_QNAME,
-                              self._a, svc.vip.to_bytes(4, "big"), tail)), 0, key)
-        vip6 = svc.vip6
-        if qtype == T_AAAA and vip6 is not None:
-            return (b"".join((self._header(data, 0, 1, 0, ar), data[12:qend], _PTR_TO_QNAME,
-                              self._aaaa, vip6.to_bytes(16, "big"), tail)), 0, key)
-        if qtype == QTYPE_ANY:
-            if vip6 is None:
-                return (b"".join((self._header(data, 0, 1, 0, ar), data[12:qend],
-                                  _PTR_TO_QNAME, self._a, svc.vip.to_bytes(4, "big"), tail)),
-                        0, key)
-            return (b"".join((self._header(data, 0, 2, 0, ar), data[12:qend], _PTR_TO_QNAME,
-                              self._a, svc.vip.to_bytes(4, "big"), _PTR_TO_QNAME, self._aaaa,
-                              vip6.to_bytes(16, "big"), tail)), 0, key)
-        if qtype == T_SRV:
-            target = self._target(svc, domain)
-            # The additional records are owned by the target: the first written as
-            # dnslib compresses it against the question, the second pointing at it.
-            owner, at = target.name.after_question(labels, offsets)
-            if at < 0:
-                # Where the first additional record starts: right after the SRV record.
-                at = qend + len(self._srv_head) + len(target.srv)
-            parts = [self._header(data, 0, 1, 0, (2 if vip6 is not None else 1) + ar),
-                     data[12:qend], self._srv_head, target.srv, owner, self._a,
-                     svc.vip.to_bytes(4, "big")]
-            if vip6 is not None:
-                parts += ((0xC000 | at).to_bytes(2, "big"), self._aaaa, vip6.to_bytes(16, "big"))
-            parts.append(tail)
-            return b"".join(parts), 0, key
-        return self._negative(data, labels, offsets, qend, apex, RCODE_NOERROR, tail)
+            wire = b"".join((data[:2], flags, _AN1_AR1 if tail else _AN1, data[12:qend], self._a,
+                             svc.vip.to_bytes(4, "big"), tail))
+        elif qtype == T_AAAA and svc.vip6 is not None:
+            wire = b"".join((data[:2], flags, _AN1_AR1 if tail else _AN1, data[12:qend],
+                             self._aaaa, svc.vip6.to_bytes(16, "big"), tail))
+        elif qtype == QTYPE_ANY:
+            if svc.vip6 is None:
+                wire = b"".join((data[:2], flags, _AN1_AR1 if tail else _AN1, data[12:qend],
+                                 self._a, svc.vip.to_bytes(4, "big"), tail))
+            else:
+                wire = b"".join((data[:2], flags, _AN2_AR1 if tail else _AN2, data[12:qend],
+                                 self._a, svc.vip.to_bytes(4, "big"), self._aaaa,
+                                 svc.vip6.to_bytes(16, "big"), tail))
+        elif qtype == T_SRV:
+            wire = self._srv(data, flags, labels, qend, svc, target_domain, tail)
+        else:
+            out = self._negative(data, labels, qend, apex, RCODE_NOERROR, tail)
+            return None if out is None else (out, qtype, RCODE_NOERROR, None)
+        if udp and len(wire) > limit:
+            return None  # the dnslib path truncates, the same way
+        return wire, qtype, RCODE_NOERROR, key
 
-    def _negative(self, data: bytes, labels: list[bytes], offsets: list[int], qend: int,
-                  apex: str, rcode: int, tail: bytes) -> _Reply | None:
+    # ------------------------------------------------------------ the rarer replies
+
+    def _srv(self, data: bytes, flags: bytes, labels: list[bytes], qend: int, svc: Service,
+             domain: str, tail: bytes) -> bytes:
+        target = self._target(svc, domain)
+        # The additional records are owned by the target: the first written as
+        # dnslib compresses it against the question, the second pointing at it.
+        owner, at = target.name.after_question(labels)
+        if at < 0:
+            at = qend + len(self._srv_head) + len(target.srv)  # right after the SRV record
+        ar = (1 if svc.vip6 is None else 2) + (1 if tail else 0)
+        parts = [data[:2], flags, b"\x00\x01\x00\x01\x00\x00", ar.to_bytes(2, "big"),
+                 data[12:qend], self._srv_head, target.srv, owner, self._a[2:],
+                 svc.vip.to_bytes(4, "big")]
+        if svc.vip6 is not None:
+            parts += ((0xC000 | at).to_bytes(2, "big"), self._aaaa[2:],
+                      svc.vip6.to_bytes(16, "big"))
+        parts.append(tail)
+        return b"".join(parts)
+
+    def _negative(self, data: bytes, labels: list[bytes], qend: int, apex: str, rcode: int,
+                  tail: bytes) -> bytes | None:
+        """NXDOMAIN or NODATA: the SOA of ``apex`` in the authority section."""
         if apex in self._soa:
             soa = self._soa[apex]
         else:
@@ -291,15 +304,17 @@ class FastPath:
             self._soa[apex] = soa
         if soa is None:
             return None
-        owner, at = soa.name.after_question(labels, offsets)
+        owner, at = soa.name.after_question(labels)
         if at < 0:
             at = qend
-        return (b"".join((self._header(data, rcode, 0, 1, 1 if tail else 0), data[12:qend],
-                          owner, soa.rest, (0xC000 | at).to_bytes(2, "big"), soa.tail, tail)),
-                rcode, None)
+        return b"".join((data[:2], bytes((0x84 | (data[2] & 0x01),
+                                          self._ra | (data[3] & 0x10) | rcode)),
+                         _NS1_AR1 if tail else _NS1, data[12:qend], owner, soa.rest,
+                         (0xC000 | at).to_bytes(2, "big"), soa.tail, tail))
 
-    def _ptr(self, data: bytes, labels: list[bytes], offsets: list[int], qend: int, key: str,
-             address: int | None, v4: bool, tail: bytes) -> _Reply | None:
+    def _ptr(self, data: bytes, labels: list[bytes], qend: int, address: int | None, v4: bool,
+             tail: bytes) -> bytes | None:
+        """The PTR of a VIP (only: other reverse names are the dnslib path's)."""
         if address is None:
             return None
         reg = self.zone.registry
@@ -307,30 +322,40 @@ class FastPath:
         if svc_key is None:
             return None
         target = self._target(reg.services[svc_key], self.zone.settings.domains[0])
-        name, _ = target.name.after_question(labels, offsets)
-        return (b"".join((self._header(data, 0, 1, 0, 1 if tail else 0), data[12:qend],
-                          self._ptr_head, len(name).to_bytes(2, "big"), name, tail)), 0, key)
+        name, _ = target.name.after_question(labels)
+        return b"".join((data[:2], bytes((0x84 | (data[2] & 0x01), self._ra | (data[3] & 0x10))),
+                         _AN1_AR1 if tail else _AN1, data[12:qend], self._ptr_head,
+                         len(name).to_bytes(2, "big"), name, tail))
 
     def _target(self, svc: Service, domain: str) -> _Target:
         tkey = (svc.name, svc.namespace, svc.port, domain)
         target = self._targets.get(tkey)
         if target is None:
-            target = self._targets[tkey] = _Target(svc, domain)
+            if len(self._targets) > _MAX_TARGETS:
+                self._targets.clear()
+            dname = self._names.get(domain)
+            if dname is None:
+                dname = self._names[domain] = _Name.of(domain)
+            target = self._targets[tkey] = _Target(svc, dname)
         return target
+
+    def inherit(self, old: FastPath) -> None:
+        """Take over ``old``'s encoded targets: a target is the canonical name and port,
+        which no registry change alters (only new settings would)."""
+        if old.zone.settings.domains == self.zone.settings.domains:
+            self._targets = old._targets
 
 
 def _ipv4(key: str) -> int | None:
-    """The address of ``d.c.b.a.in-addr.arpa`` (strict octets, as Zone reads them)."""
+    """The address of ``d.c.b.a.in-addr.arpa`` (strict octets, as zone.octet_label reads them)."""
     parts = key.split(".")
     if len(parts) != 6:
         return None
-    address = 0
-    for part in parts[3::-1]:
-        octet = octet_label(part)
-        if octet is None:
-            return None
-        address = (address << 8) | octet
-    return address
+    get = _OCTETS.get
+    a, b, c, d = get(parts[0]), get(parts[1]), get(parts[2]), get(parts[3])
+    if a is None or b is None or c is None or d is None:
+        return None
+    return (d << 24) | (c << 16) | (b << 8) | a
 
 
 def _ipv6(key: str) -> int | None:

@@ -243,6 +243,7 @@ class Resolver:
         """Serve from ``zone`` from now on, with the cached replies it leaves as they were."""
         old = self._state
         new = _State(zone, FastPath(zone))
+        new.fast.inherit(old.fast)
         names = outdated_names(old.zone, zone)
         if names is not None:
             # Into copies: a miss still running on the old state (another thread) may
@@ -329,9 +330,23 @@ class Resolver:
         fast = st.fast.answer(data, proto == "udp")
         if fast is not None:
             wire, qtype, rcode, name = fast
-            tally.request(proto, qtype)
-            tally.response(rcode, "local")
-            self._store(st, proto, data, wire, qtype, rcode, name)
+            udp = proto == "udp"
+            cache = st.udp if udp else st.tcp
+            if len(cache) >= self.cache_limit:
+                self._clear(st, proto)
+            tail = data[2:]
+            entry = cache[tail] = _Entry(wire[2:], qtype, rcode)
+            # Counted as a hit: folded into the request and response totals like one.
+            entry.hits = 1
+            index = st.index[proto]
+            if name is None:
+                index.negative.append(tail)
+            else:
+                keys = index.names.get(name)
+                if keys is None:
+                    index.names[name] = [tail]
+                else:
+                    keys.append(tail)
             return wire
         ra = st.zone.settings.forwarding
         try:
@@ -384,11 +399,16 @@ class Resolver:
             self.tally.truncated += 1
         cache = st.udp if proto == "udp" else st.tcp
         if len(cache) >= self.cache_limit:
-            self.tally.fold(proto, cache)
-            cache.clear()  # bounded: a flood of distinct names cannot grow memory
-            st.index[proto] = _Index()
+            self._clear(st, proto)
         cache[data[2:]] = _Entry(wire[2:], qtype, rcode)
         st.index[proto].add(data[2:], name)
+
+    def _clear(self, st: _State, proto: str) -> None:
+        """Empty a full reply cache: a flood of distinct names cannot grow memory."""
+        cache = st.udp if proto == "udp" else st.tcp
+        self.tally.fold(proto, cache)
+        cache.clear()
+        st.index[proto] = _Index()
 
     def explain(self, labels: tuple[bytes, ...], qtype: int, qclass: int = 1) -> Decision:
         """The decision for a question, by the same code that answers DNS."""
