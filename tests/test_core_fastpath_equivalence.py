@@ -390,3 +390,21 @@ def test_a_one_service_patch_keeps_the_other_services_replies() -> None:
     full = apply_put(reg, [s.to_spec() for s in reg.services.values()][:1], world.policy, 2.0)
     resolver.set_zone(Zone(full, world.zone.settings))
     assert resolver.cached_answers() == 0
+
+
+def test_reverse_name_reading_matches_the_zone() -> None:
+    """The fast path's octet and nibble readers accept exactly what Zone accepts."""
+    from meshdns.core import fastpath
+    from meshdns.core.zone import octet_label
+
+    labels = [str(i) for i in range(300)] + ["00", "01", "007", "-1", "+1", " 1", "1 ", "²",
+                                              "٣", "1e2", "0x1", ""]
+    for label in labels:
+        key = f"{label}.0.0.240.in-addr.arpa"
+        want = octet_label(label)
+        got = fastpath._ipv4(key)
+        assert got == (None if want is None else (240 << 24) | want), label
+    six = ipaddress.IPv6Address("fd00:fd00::7").reverse_pointer
+    assert fastpath._ipv6(six) == int(ipaddress.IPv6Address("fd00:fd00::7"))
+    for bad in ("A", "g", "_", "77", "٣"):
+        assert fastpath._ipv6(bad + six[1:]) is None

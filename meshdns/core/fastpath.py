@@ -25,7 +25,6 @@ odd labels). The caller then takes the dnslib path, which stays the reference.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 
 from .registry import Service
 from .wire import QTYPE_ANY, RCODE_NOERROR, RCODE_NXDOMAIN, WireError, check_options
@@ -44,16 +43,16 @@ from .zone import (
 SERVER_UDP_PAYLOAD = 1232  # the UDP size this server advertises in its OPT record
 _QUESTION_ONLY = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # QD=1, AN=NS=AR=0
 _QUESTION_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"  # QD=1, AR=1 (the OPT record)
-# Section counts of the replies (QD is always 1).
-_AN1, _AN1_AR1 = b"\x00\x01\x00\x01\x00\x00\x00\x00", b"\x00\x01\x00\x01\x00\x00\x00\x01"
-_AN2, _AN2_AR1 = b"\x00\x01\x00\x02\x00\x00\x00\x00", b"\x00\x01\x00\x02\x00\x00\x00\x01"
-_NS1, _NS1_AR1 = b"\x00\x01\x00\x00\x00\x01\x00\x00", b"\x00\x01\x00\x00\x00\x01\x00\x01"
 # The OPT record this server answers with (RFC 6891): UDP size 1232, the DO bit echoed.
 _OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 _OPT_DO = b"\x00\x00\x29\x04\xd0\x00\x00\x80\x00\x00\x00"
 _HEX = "0123456789abcdef"
+# Wire name to lookup key: length bytes of labels under 45 bytes to ".", A-Z to a-z.
+# A backslash becomes a dot too: wire_to_key would escape it, so it must not match.
+_DOTTED_LOWER = bytes.maketrans(bytes(range(1, 45)) + b"\\" + bytes(range(65, 91)),
+                                b"." * 45 + bytes(range(97, 123)))
 _OCTETS = {str(i): i for i in range(256)}  # what Zone reads as an octet label, no more
-_MAX_TARGETS = 1 << 20  # encoded targets kept across snapshots before starting over
+_MAX_TARGETS = 1 << 17  # encoded targets kept across snapshots before starting over
 _PTR_TO_QNAME = b"\xc0\x0c"
 
 # What ``answer`` returns: the reply, its qtype and rcode, and the name whose owner
@@ -76,13 +75,19 @@ class _Name:
         labels = tuple(text.encode("ascii").split(b"."))
         return cls(labels, b"".join([bytes((len(label),)) + label for label in labels]) + b"\x00")
 
-    def after_question(self, qlabels: Sequence[bytes]) -> tuple[bytes, int]:
+    def after_question(self, data: bytes, qend: int) -> tuple[bytes, int]:
         """This name, written when only the question's name precedes it.
 
         As dnslib's compressor: the longest suffix equal (byte for byte, so in
         the question's case) to a suffix of the question becomes a pointer. Also
         says where the whole name can then be pointed at (-1: where it is written).
         """
+        if data[12 : qend - 4] == self.wire:
+            return _PTR_TO_QNAME, 12  # the question's name itself, in the same case
+        last = self.labels[-1]
+        if data[qend - 5 - len(last) : qend - 5] != last:
+            return self.wire, -1  # the last labels differ: nothing in common
+        qlabels = _labels(data)
         labels = self.labels
         n, m = len(labels), len(qlabels)
         k = 0
@@ -97,20 +102,54 @@ class _Name:
         head = (n - k) + sum(map(len, labels[: n - k]))
         return self.wire[:head] + pointer, -1
 
+    def suffixes(self) -> list[tuple[bytes, int]]:
+        """(wire form of each suffix, bytes before it), longest first."""
+        out = []
+        head = 0
+        for label in self.labels:
+            out.append((self.wire[head:], head))
+            head += 1 + len(label)
+        return out
+
+
+def _labels(data: bytes) -> list[bytes]:
+    """The labels of the question's name (a name the caller already walked)."""
+    labels = []
+    pos = 12
+    length = data[pos]
+    while length:
+        labels.append(data[pos + 1 : pos + 1 + length])
+        pos += 1 + length
+        length = data[pos]
+    return labels
+
 
 class _Soa:
     """The SOA of one apex for a negative answer, minus its owner and MNAME."""
 
-    __slots__ = ("name", "rest", "tail")
+    __slots__ = ("name", "rest", "suffixes", "tail")
 
     def __init__(self, apex: str, serial: int, negative_ttl: int) -> None:
         self.name = _Name.of(apex)
+        self.suffixes = self.name.suffixes()
         rname = _Name.of(SOA_RNAME).wire
         rdata_len = 2 + len(rname) + 20  # MNAME as a pointer, RNAME, five numbers
         self.rest = (b"\x00\x06\x00\x01" + negative_ttl.to_bytes(4, "big")
                      + rdata_len.to_bytes(2, "big"))
         self.tail = rname + struct.pack(">IIIII", serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE,
                                         negative_ttl)
+
+    def owner(self, data: bytes, qend: int) -> tuple[bytes, int]:
+        """The apex as ``_Name.after_question`` writes it. The question's name ends in
+        the apex, letter case aside, so its last labels have the apex's lengths:
+        comparing the bytes at its end with an apex suffix compares whole labels."""
+        qname_end = qend - 4
+        for suffix, head in self.suffixes:
+            if data.startswith(suffix, qname_end - len(suffix)):
+                at = qname_end - len(suffix)
+                pointer = (0xC000 | at).to_bytes(2, "big")
+                return (pointer, at) if head == 0 else (self.name.wire[:head] + pointer, -1)
+        return self.name.wire, -1
 
 
 class _Target:
@@ -132,24 +171,34 @@ class _Target:
 class FastPath:
     """Wire replies for the common questions of one zone (one registry snapshot)."""
 
-    __slots__ = ("_a", "_aaaa", "_domains", "_names", "_ptr_head", "_ra", "_serial", "_soa", "_soa_ttl",
-                 "_srv_head", "_targets", "zone")
+    __slots__ = ("_a", "_a_rr", "_aaaa", "_aaaa_rr", "_domains", "_names", "_nodata",
+                 "_nxdomain", "_one", "_ptr_head", "_ra", "_serial", "_soa", "_soa_ttl",
+                 "_srv_head", "_targets", "_two", "zone")
 
     def __init__(self, zone: Zone) -> None:
         s = zone.settings
         self.zone = zone
         ttl = s.ttl.to_bytes(4, "big")
         # A and AAAA records owned by the question's name, up to their RDATA.
-        self._a = _PTR_TO_QNAME + b"\x00\x01\x00\x01" + ttl + b"\x00\x04"
-        self._aaaa = _PTR_TO_QNAME + b"\x00\x1c\x00\x01" + ttl + b"\x00\x10"
+        self._a_rr = b"\x00\x01\x00\x01" + ttl + b"\x00\x04"  # type, class, TTL, length
+        self._aaaa_rr = b"\x00\x1c\x00\x01" + ttl + b"\x00\x10"
+        self._a = _PTR_TO_QNAME + self._a_rr
+        self._aaaa = _PTR_TO_QNAME + self._aaaa_rr
         self._srv_head = _PTR_TO_QNAME + b"\x00\x21\x00\x01" + ttl
         self._ptr_head = _PTR_TO_QNAME + b"\x00\x0c\x00\x01" + ttl
         self._ra = 0x80 if s.forwarding else 0
         self._serial = zone.registry.revision & 0xFFFFFFFF
         self._soa_ttl = s.negative_ttl
         self._soa: dict[str, _Soa | None] = {}
-        self._targets: dict[tuple[str, str, int, str], _Target] = {}
+        # The snapshot's encoded SRV targets / PTR names, by (name, namespace, port, domain).
+        self._targets: dict[tuple[str, str, int, str], _Target] = zone.encoded
         self._names: dict[str, _Name] = {}  # the served domains, encoded
+        # Flags and counts after the ID, by shape (RD bit | CD bit | 2 with an OPT):
+        # QR, AA, RD copied, opcode QUERY; RA when forwarding, CD copied; QD=1.
+        self._one = _headers(self._ra, RCODE_NOERROR, 1, 0)
+        self._two = _headers(self._ra, RCODE_NOERROR, 2, 0)
+        self._nodata = _headers(self._ra, RCODE_NOERROR, 0, 1)
+        self._nxdomain = _headers(self._ra, RCODE_NXDOMAIN, 0, 1)
         # Longest first, as Zone.served_domain tries them.
         self._domains = tuple((d, "." + d) for d in sorted(s.domains, key=len, reverse=True))
 
@@ -168,7 +217,8 @@ class FastPath:
         if data[2] & 0x78:
             return None  # an opcode other than QUERY
         end = len(data)
-        labels: list[bytes] = []
+        count = 0
+        long_label = False
         pos = 12
         while True:
             if pos >= end:
@@ -176,11 +226,13 @@ class FastPath:
             length = data[pos]
             if length == 0:
                 break
-            if length > 63:
-                return None  # a pointer or an unknown label type: the strict parser decides
-            labels.append(data[pos + 1 : pos + 1 + length])
+            if length > 44:
+                if length > 63:
+                    return None  # a pointer or an unknown label type: the strict parser's
+                long_label = True
             pos += 1 + length
-        if pos > 12 + 254 or not labels:
+            count += 1
+        if pos > 12 + 254 or not count:
             return None  # over 255 bytes (FORMERR), or the root
         qend = pos + 5
         if qend > end:
@@ -208,21 +260,30 @@ class FastPath:
         else:
             tail = b""
             limit = 512
-        joined = b".".join(labels)
-        if b"\\" in joined or joined.count(b".") != len(labels) - 1:
-            return None  # a label holding a dot: wire_to_key escapes it, leave it to decide()
-        key = joined.lower().decode("latin-1")
+        # The lookup key (as names.wire_to_key): length bytes to dots, letters to lower
+        # case, in one translate. With every label under 45 bytes, every length byte
+        # is one the translate turns into a dot, so one dot too many means a label
+        # holds an odd byte, a dot or a backslash: then the labels one by one.
+        dotted = b""
+        if not long_label:
+            dotted = data[13:pos].translate(_DOTTED_LOWER)
+        if long_label or dotted.count(b".") != count - 1:
+            dotted = b".".join(_labels(data))
+            if b"\\" in dotted or dotted.count(b".") != count - 1:
+                return None  # a label holding a dot: wire_to_key escapes it, decide() then
+            dotted = dotted.lower()
+        key = dotted.decode("latin-1")
         zone = self.zone
         # Zone.decide's order: served domains, host names, reverse names; the rest
         # (apex, search list, forwarded) is the dnslib path's.
-        for domain, dotted in self._domains:
-            if key.endswith(dotted):
+        for domain, dot_domain in self._domains:
+            if key.endswith(dot_domain):
                 if not zone.loaded:
                     return None
                 found = zone.find_service(key, domain)
                 if found is None:
                     rcode = RCODE_NOERROR if zone.is_ent(key, domain) else RCODE_NXDOMAIN
-                    out = self._negative(data, labels, qend, domain, rcode, tail)
+                    out = self._negative(data, qend, domain, rcode, tail)
                     return None if out is None else (out, qtype, rcode, None)
                 svc = found[0]
                 apex = target_domain = domain
@@ -235,9 +296,9 @@ class FastPath:
             if svc_key is None:
                 if qtype in (T_PTR, QTYPE_ANY):
                     if key.endswith(".in-addr.arpa"):
-                        wire = self._ptr(data, labels, qend, _ipv4(key), True, tail)
+                        wire = self._ptr(data, qend, _ipv4(key), True, tail)
                     elif key.endswith(".ip6.arpa"):
-                        wire = self._ptr(data, labels, qend, _ipv6(key), False, tail)
+                        wire = self._ptr(data, qend, _ipv6(key), False, tail)
                     else:
                         return None
                     if wire is None or (udp and len(wire) > limit):
@@ -247,26 +308,27 @@ class FastPath:
             # A host name outside the served domains is its own tiny zone.
             svc = reg.services[svc_key]
             apex, target_domain = key, zone.settings.domains[0]
-        # Header: ID; QR, AA, RD copied (opcode QUERY); RA when forwarding, CD copied.
-        flags = bytes((0x84 | (data[2] & 0x01), self._ra | (data[3] & 0x10)))
+        # Header after the ID: flags and counts, by the RD and CD bits and the OPT.
+        shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if opt else 0)
         if qtype == T_A:
-            wire = b"".join((data[:2], flags, _AN1_AR1 if tail else _AN1, data[12:qend], self._a,
+            wire = b"".join((data[:2], self._one[shape], data[12:qend], self._a,
                              svc.vip.to_bytes(4, "big"), tail))
         elif qtype == T_AAAA and svc.vip6 is not None:
-            wire = b"".join((data[:2], flags, _AN1_AR1 if tail else _AN1, data[12:qend],
-                             self._aaaa, svc.vip6.to_bytes(16, "big"), tail))
+            wire = b"".join((data[:2], self._one[shape], data[12:qend], self._aaaa,
+                             svc.vip6.to_bytes(16, "big"), tail))
         elif qtype == QTYPE_ANY:
             if svc.vip6 is None:
-                wire = b"".join((data[:2], flags, _AN1_AR1 if tail else _AN1, data[12:qend],
-                                 self._a, svc.vip.to_bytes(4, "big"), tail))
+                wire = b"".join((data[:2], self._one[shape], data[12:qend], self._a,
+                                 svc.vip.to_bytes(4, "big"), tail))
             else:
-                wire = b"".join((data[:2], flags, _AN2_AR1 if tail else _AN2, data[12:qend],
-                                 self._a, svc.vip.to_bytes(4, "big"), self._aaaa,
+                wire = b"".join((data[:2], self._two[shape], data[12:qend], self._a,
+                                 svc.vip.to_bytes(4, "big"), self._aaaa,
                                  svc.vip6.to_bytes(16, "big"), tail))
         elif qtype == T_SRV:
-            wire = self._srv(data, flags, labels, qend, svc, target_domain, tail)
+            flags = self._one[shape][:2]
+            wire = self._srv(data, flags, qend, svc, target_domain, tail)
         else:
-            out = self._negative(data, labels, qend, apex, RCODE_NOERROR, tail)
+            out = self._negative(data, qend, apex, RCODE_NOERROR, tail)
             return None if out is None else (out, qtype, RCODE_NOERROR, None)
         if udp and len(wire) > limit:
             return None  # the dnslib path truncates, the same way
@@ -274,25 +336,25 @@ class FastPath:
 
     # ------------------------------------------------------------ the rarer replies
 
-    def _srv(self, data: bytes, flags: bytes, labels: list[bytes], qend: int, svc: Service,
+    def _srv(self, data: bytes, flags: bytes, qend: int, svc: Service,
              domain: str, tail: bytes) -> bytes:
         target = self._target(svc, domain)
         # The additional records are owned by the target: the first written as
         # dnslib compresses it against the question, the second pointing at it.
-        owner, at = target.name.after_question(labels)
+        owner, at = target.name.after_question(data, qend)
         if at < 0:
             at = qend + len(self._srv_head) + len(target.srv)  # right after the SRV record
         ar = (1 if svc.vip6 is None else 2) + (1 if tail else 0)
         parts = [data[:2], flags, b"\x00\x01\x00\x01\x00\x00", ar.to_bytes(2, "big"),
-                 data[12:qend], self._srv_head, target.srv, owner, self._a[2:],
+                 data[12:qend], self._srv_head, target.srv, owner, self._a_rr,
                  svc.vip.to_bytes(4, "big")]
         if svc.vip6 is not None:
-            parts += ((0xC000 | at).to_bytes(2, "big"), self._aaaa[2:],
+            parts += ((0xC000 | at).to_bytes(2, "big"), self._aaaa_rr,
                       svc.vip6.to_bytes(16, "big"))
         parts.append(tail)
         return b"".join(parts)
 
-    def _negative(self, data: bytes, labels: list[bytes], qend: int, apex: str, rcode: int,
+    def _negative(self, data: bytes, qend: int, apex: str, rcode: int,
                   tail: bytes) -> bytes | None:
         """NXDOMAIN or NODATA: the SOA of ``apex`` in the authority section."""
         if apex in self._soa:
@@ -304,15 +366,15 @@ class FastPath:
             self._soa[apex] = soa
         if soa is None:
             return None
-        owner, at = soa.name.after_question(labels)
+        owner, at = soa.owner(data, qend)
         if at < 0:
             at = qend
-        return b"".join((data[:2], bytes((0x84 | (data[2] & 0x01),
-                                          self._ra | (data[3] & 0x10) | rcode)),
-                         _NS1_AR1 if tail else _NS1, data[12:qend], owner, soa.rest,
-                         (0xC000 | at).to_bytes(2, "big"), soa.tail, tail))
+        shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if tail else 0)
+        return b"".join((data[:2], (self._nxdomain if rcode else self._nodata)[shape],
+                         data[12:qend], owner, soa.rest, (0xC000 | at).to_bytes(2, "big"),
+                         soa.tail, tail))
 
-    def _ptr(self, data: bytes, labels: list[bytes], qend: int, address: int | None, v4: bool,
+    def _ptr(self, data: bytes, qend: int, address: int | None, v4: bool,
              tail: bytes) -> bytes | None:
         """The PTR of a VIP (only: other reverse names are the dnslib path's)."""
         if address is None:
@@ -322,9 +384,9 @@ class FastPath:
         if svc_key is None:
             return None
         target = self._target(reg.services[svc_key], self.zone.settings.domains[0])
-        name, _ = target.name.after_question(labels)
-        return b"".join((data[:2], bytes((0x84 | (data[2] & 0x01), self._ra | (data[3] & 0x10))),
-                         _AN1_AR1 if tail else _AN1, data[12:qend], self._ptr_head,
+        name, _ = target.name.after_question(data, qend)
+        shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if tail else 0)
+        return b"".join((data[:2], self._one[shape], data[12:qend], self._ptr_head,
                          len(name).to_bytes(2, "big"), name, tail))
 
     def _target(self, svc: Service, domain: str) -> _Target:
@@ -342,8 +404,16 @@ class FastPath:
     def inherit(self, old: FastPath) -> None:
         """Take over ``old``'s encoded targets: a target is the canonical name and port,
         which no registry change alters (only new settings would)."""
-        if old.zone.settings.domains == self.zone.settings.domains:
-            self._targets = old._targets
+        if old.zone.settings.domains == self.zone.settings.domains and not self._targets:
+            self._targets = self.zone.encoded = old._targets
+
+
+def _headers(ra: int, rcode: int, an: int, ns: int) -> list[bytes]:
+    out = []
+    for shape in range(32):
+        rd, opt, cd = shape & 0x01, (shape >> 1) & 1, shape & 0x10
+        out.append(bytes((0x84 | rd, ra | cd | rcode, 0, 1, 0, an, 0, ns, 0, opt)))
+    return out
 
 
 def _ipv4(key: str) -> int | None:

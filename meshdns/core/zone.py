@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
@@ -90,10 +91,14 @@ def _nibble(label: str) -> int | None:
     return None
 
 
+_PORT_LABELS: dict[str, int] = {}  # valid port labels seen so far (at most 65535)
+
+
 def _port(label: str) -> int | None:
     if label.isascii() and label.isdigit() and label[0] != "0" and len(label) <= 5:
         value = int(label)
         if value <= 65535:
+            _PORT_LABELS[label] = value
             return value
     return None
 
@@ -139,6 +144,10 @@ class Zone:
     _host_ents: frozenset[str] = field(init=False)
     _sorted4: list[int] | None = field(init=False, default=None)
     _sorted6: list[int] | None = field(init=False, default=None)
+    # Names the wire fast path (fastpath.py) encoded for this snapshot, filled as
+    # asked; handed on to the next snapshot under the same domains.
+    encoded: dict[Any, Any] = field(init=False, default_factory=dict, repr=False,
+                                    compare=False)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -232,7 +241,7 @@ class Zone:
         svc_key: tuple[str, str, int] | None = None
         rule = CANONICAL
         if len(rest) == 4 and rest[2] == "svc":
-            port = _port(rest[3])
+            port = _PORT_LABELS.get(rest[3]) or _port(rest[3])
             if port is not None:
                 svc_key = (rest[0], rest[1], port)
         elif len(rest) == 1 and rest[0].count("_") == 3:
