@@ -373,9 +373,15 @@ def test_a_one_service_patch_keeps_the_other_services_replies() -> None:
                       [ServiceSpec("frontend", "kong", 80, int(ipaddress.IPv4Address("240.0.0.9")),
                                    None, ())], [], world.policy, 1.0)
     assert reg._delta is not None
+    resolver.handle_udp(back)  # a hit, counted on its (kept) entry
+    resolver.handle_udp(nx)  # a hit, counted on its (dropped) entry
+    before = resolver.snapshot_counts()
     resolver.set_zone(Zone(reg, world.zone.settings))
     # Kept: backend's A and PTR. Dropped: frontend's A (new VIP) and the NXDOMAIN (serial).
     assert resolver.cached_answers() == 2
+    after = resolver.snapshot_counts()  # no request lost or counted twice
+    assert (after.requests, after.responses) == (before.requests, before.responses)
+    assert before.requests[("udp", 1)] == 5 and before.responses[(3, "local")] == 2
     out = resolver.handle_udp(front)
     assert isinstance(out, bytes)
     assert [r.to_text() for r in dns.message.from_wire(out).answer[0]] == ["240.0.0.9"]

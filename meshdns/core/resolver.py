@@ -245,21 +245,32 @@ class Resolver:
         new = _State(zone, FastPath(zone))
         new.fast.inherit(old.fast)
         names = outdated_names(old.zone, zone)
-        if names is not None:
-            # Into copies: a miss still running on the old state (another thread) may
-            # yet add a reply of the old zone to its caches, never to these.
-            for kind in ("udp", "tcp", "fwd_udp", "fwd_tcp"):
-                entries: dict[bytes, Any] = getattr(old, kind).copy()
-                index = new.index[kind] = old.index[kind]
-                for key in index.take(names):
-                    entries.pop(key, None)
-                setattr(new, kind, entries)
+        if names is None:
+            self._state = new
+            # The old caches go: their hits move to the totals, so none is lost.
+            self.tally.fold("udp", old.udp)
+            self.tally.fold("tcp", old.tcp)
+            self.tally.fold_forwards("udp", old.fwd_udp)
+            self.tally.fold_forwards("tcp", old.fwd_tcp)
+            return
+        # Into copies: a miss still running on the old state (another thread) may yet
+        # add a reply of the old zone to its caches, never to these. Kept entries go on
+        # counting their hits; only the dropped ones are folded into the totals.
+        dropped: dict[str, dict[bytes, Any]] = {}
+        for kind in ("udp", "tcp", "fwd_udp", "fwd_tcp"):
+            entries: dict[bytes, Any] = getattr(old, kind).copy()
+            index = new.index[kind] = old.index[kind]
+            gone = dropped[kind] = {}
+            for key in index.take(names):
+                entry = entries.pop(key, None)
+                if entry is not None:
+                    gone[key] = entry
+            setattr(new, kind, entries)
         self._state = new
-        # Every hit so far moves to the totals, kept entries' included (they count on).
-        self.tally.fold("udp", old.udp)
-        self.tally.fold("tcp", old.tcp)
-        self.tally.fold_forwards("udp", old.fwd_udp)
-        self.tally.fold_forwards("tcp", old.fwd_tcp)
+        self.tally.fold("udp", dropped["udp"])
+        self.tally.fold("tcp", dropped["tcp"])
+        self.tally.fold_forwards("udp", dropped["fwd_udp"])
+        self.tally.fold_forwards("tcp", dropped["fwd_tcp"])
 
     def disable_counting(self) -> None:
         """Serve hits without counting them (only to measure what counting costs)."""
