@@ -44,7 +44,8 @@ NAMESPACES = ("kong", "default", "ns-2", "b")
 PORTS = (80, 443, 8080, 53, 65535)
 OUTSIDE = ("httpbin.org", "api.example.com", "_x.tags.example.net", "deep.a.b.example")
 SEARCH = ("corp.example", "svc.cluster.local")
-TYPES = ("A", "AAAA", "SRV", "ANY", "TXT", "PTR", "CNAME", "MX", "SOA", "NS")
+TYPES: tuple[str | int, ...] = ("A", "AAAA", "SRV", "ANY", "TXT", "PTR", "CNAME", "MX",
+                                 "SOA", "NS", 0, 41, 99, 65535)
 
 
 # ---------------------------------------------------------------- the reference
@@ -73,7 +74,7 @@ def reference(zone: Zone, data: bytes, udp: bool) -> bytes | str | None:
 class World:
     zone: Zone
     policy: RegistryPolicy
-    questions: list[tuple[str, str, bool]]  # (name, type, the fast path must take it)
+    questions: list[tuple[str, str | int, bool]]  # (name, type, the fast path must take it)
 
 
 def service_items(draw: Any) -> list[dict[str, Any]]:
@@ -124,9 +125,9 @@ def reverse(vip: int, family: int) -> str:
     return addr.reverse_pointer
 
 
-def questions_for(zone: Zone) -> list[tuple[str, str, bool]]:
+def questions_for(zone: Zone) -> list[tuple[str, str | int, bool]]:
     """Every row of SPEC section 4, for this registry: (name, type, fast path expected)."""
-    out: list[tuple[str, str, bool]] = []
+    out: list[tuple[str, str | int, bool]] = []
     reg, domains = zone.registry, zone.settings.domains
     for svc in reg.services.values():
         names = list(svc.hostnames)
@@ -170,8 +171,10 @@ def random_case(name: str, rng: random.Random) -> str:
     return "".join(c.upper() if rng.random() < 0.5 else c for c in name)
 
 
-def packet(name: str, rdtype: str, rng: random.Random, edns: int) -> bytes:
-    q = DNSRecord.question(name, rdtype)
+def packet(name: str, rdtype: str | int, rng: random.Random, edns: int) -> bytes:
+    q = DNSRecord.question(name, rdtype if isinstance(rdtype, str) else "A")
+    if isinstance(rdtype, int):
+        q.q.qtype = rdtype
     q.header.id = rng.randrange(65536)
     q.header.rd = rng.random() < 0.8
     q.header.cd = rng.random() < 0.2
@@ -180,7 +183,11 @@ def packet(name: str, rdtype: str, rng: random.Random, edns: int) -> bytes:
     elif edns == 2:
         q.add_ar(EDNS0(udp_len=rng.choice((1232, 1400)), flags="do",
                        opts=[EDNSOption(10, bytes(rng.randrange(256) for _ in range(8)))]))
-    return bytes(q.pack())
+    data = bytearray(q.pack())
+    if rng.random() < 0.3:  # flag bits a query should not carry (AA, TC; RA, Z, AD)
+        data[2] |= rng.choice((0x04, 0x02, 0x06))
+        data[3] |= rng.choice((0x80, 0x40, 0x20, 0xE0))
+    return bytes(data)
 
 
 def check_same(world: World, seed: int, edns: int) -> int:
@@ -204,7 +211,8 @@ def check_same(world: World, seed: int, edns: int) -> int:
             taken += 1
             assert isinstance(want, bytes), (name, rdtype, want)
             assert got[0] == want, (name, rdtype, edns, udp, got[0].hex(), want.hex())
-            assert got[1] == dns.rdatatype.from_text(rdtype)
+            assert got[1] == (rdtype if isinstance(rdtype, int)
+                              else dns.rdatatype.from_text(rdtype))
             assert got[2] == want[3] & 0x0F
             parsed_got = dns.message.from_wire(got[0])
             parsed_want = dns.message.from_wire(want)
@@ -288,7 +296,8 @@ def test_odd_messages_are_left_to_the_strict_path() -> None:
                 good[:-5] + b"\x01" + good[-4:],  # EDNS version 1
                 packet("frontend.kong.svc.80.mesh", "AXFR", random.Random(0), 0),
                 packet("mesh", "SOA", random.Random(0), 0),
-                packet("frontend.kong.svc.80.mesh.corp.example", "A", random.Random(0), 0)):
+                packet("frontend.kong.svc.80.mesh.corp.example", "A", random.Random(0), 0),
+                good[:-13] + b"\x00\x03" + good[-11:]):  # class CH
         assert fast.answer(bad, True) is None
 
 
