@@ -308,7 +308,7 @@ def patch_specs(draw: Any, world: World) -> tuple[list[ServiceSpec], list[tuple[
     reg = world.zone.registry
     keys = sorted(reg.services)
     deletes = draw(st.lists(st.sampled_from(keys), max_size=2, unique=True)) if keys else []
-    upserts = []
+    upserts: list[ServiceSpec] = []
     for i in range(draw(st.integers(0, 3))):
         if keys and draw(st.booleans()):
             name, ns, port = draw(st.sampled_from(keys))
