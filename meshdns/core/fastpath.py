@@ -13,7 +13,8 @@ here from a light parse, a few dict lookups and a bytes join:
   question's suffixes, byte for byte, including their case), so the reply is
   the very bytes ``resolver.encode`` produces for ``Zone.decide``'s decision.
   ``tests/test_core_fastpath_equivalence.py`` holds it to that;
-- names and SOA RDATA are encoded once per snapshot, lazily, when first asked.
+- SOA records are encoded once per snapshot, SRV targets and PTR names once per
+  service (``Zone.encoded``, handed on from snapshot to snapshot), when first asked.
 
 The policy stays ``Zone``'s: this module calls the same lookups ``Zone.decide``
 does, in the same order, and hands back None for anything it does not handle
@@ -161,7 +162,8 @@ class _Target:
         # canonical_name(svc.name, svc.namespace, svc.port, domain), as labels.
         name, ns = svc.name.encode("ascii"), svc.namespace.encode("ascii")
         port = b"%d" % svc.port
-        wire = b"%c%s%c%s\x03svc%c%s" % (len(name), name, len(ns), ns, len(port), port) + domain.wire
+        wire = (b"%c%s%c%s\x03svc%c%s" % (len(name), name, len(ns), ns, len(port), port)
+                + domain.wire)
         self.name = _Name((name, ns, b"svc", port, *domain.labels), wire)
         # SRV 0 100 <port> <target>; dnslib writes the target uncompressed (RFC 2782).
         rdata = b"\x00\x00\x00\x64" + svc.port.to_bytes(2, "big") + wire
