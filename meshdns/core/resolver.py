@@ -137,29 +137,27 @@ class _Forward:
 
 
 class _Index:
-    """Which cache keys a registry change can outdate: by name, and the negative ones."""
+    """Which cache keys a registry change can outdate: by name, and the negative ones.
+
+    A name asked one way only (the common case) maps to its one key, not a list.
+    """
 
     __slots__ = ("names", "negative")
 
     def __init__(self) -> None:
-        self.names: dict[str, list[bytes]] = {}  # lower-case name -> cache keys
+        self.names: dict[str, bytes | list[bytes]] = {}  # lower-case name -> cache key(s)
         self.negative: list[bytes] = []  # replies carrying the SOA (serial = revision)
 
     def add(self, key: bytes, name: str | None) -> None:
         if name is None:
             self.negative.append(key)
             return
-        keys = self.names.get(name)
-        if keys is None:
-            self.names[name] = [key]
-        else:
-            keys.append(key)
-
-    def copy(self) -> _Index:
-        out = _Index()
-        out.names = {name: list(keys) for name, keys in self.names.items()}
-        out.negative = list(self.negative)
-        return out
+        keys = self.names.setdefault(name, key)
+        if keys is not key:
+            if isinstance(keys, bytes):
+                self.names[name] = [keys, key]
+            else:
+                keys.append(key)
 
     def take(self, names: set[str]) -> list[bytes]:
         """Remove and return the keys of ``names`` and every negative answer's."""
@@ -167,7 +165,9 @@ class _Index:
         self.negative = []
         for name in names:
             keys = self.names.pop(name, None)
-            if keys is not None:
+            if isinstance(keys, bytes):
+                out.append(keys)
+            elif keys is not None:
                 out += keys
         return out
 
@@ -349,15 +349,7 @@ class Resolver:
             entry = cache[tail] = _Entry(wire[2:], qtype, rcode)
             # Counted as a hit: folded into the request and response totals like one.
             entry.hits = 1
-            index = st.index[proto]
-            if name is None:
-                index.negative.append(tail)
-            else:
-                keys = index.names.get(name)
-                if keys is None:
-                    index.names[name] = [tail]
-                else:
-                    keys.append(tail)
+            st.index[proto].add(tail, name)
             return wire
         ra = st.zone.settings.forwarding
         try:
