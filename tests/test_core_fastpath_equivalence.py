@@ -423,3 +423,31 @@ def test_reverse_name_reading_matches_the_zone() -> None:
     assert fastpath._ipv6(six) == int(ipaddress.IPv6Address("fd00:fd00::7"))
     for bad in ("A", "g", "_", "77", "٣"):
         assert fastpath._ipv6(bad + six[1:]) is None
+
+
+def test_a_reply_over_the_udp_limit_is_truncated_by_the_dnslib_path() -> None:
+    """Long names: the fast path declines over UDP, so TC=1 comes out as before; over TCP
+    (no limit) it answers in full, the same bytes as dnslib."""
+    from meshdns.core.registry import parse_services
+
+    long_host = ".".join(["h" * 60, "i" * 60, "j" * 60, "k" * 60, "example"])  # 253 chars
+    name, ns = "n" * 63, "s" * 63
+    policy = RegistryPolicy(domains=("mesh",), range4=RANGE4, range6=RANGE6)
+    reg = apply_put(Registry.empty(), parse_services(
+        [{"name": name, "namespace": ns, "port": 8080, "hostnames": [long_host]}]), policy, 0.0)
+    zone = Zone(reg, ZoneSettings(domains=("mesh",), range4=RANGE4, range6=RANGE6))
+    fast = FastPath(zone)
+    rng = random.Random(5)
+    for edns in (0, 1):
+        data = packet(random_case(long_host, rng), "SRV", rng, edns)
+        want_udp, want_tcp = reference(zone, data, True), reference(zone, data, False)
+        assert isinstance(want_udp, bytes) and isinstance(want_tcp, bytes)
+        assert len(want_tcp) > 512
+        got_tcp = fast.answer(data, False)
+        assert got_tcp is not None and got_tcp[0] == want_tcp
+        if len(want_tcp) > udp_limit(parse_query(data)):
+            assert want_udp[2] & 0x02  # TC=1, question (and OPT) only
+            assert fast.answer(data, True) is None
+            assert Resolver(zone).handle_udp(data) == want_udp
+        else:
+            assert fast.answer(data, True) == got_tcp
