@@ -45,6 +45,7 @@ SERVER_UDP_PAYLOAD = 1232  # the UDP size this server advertises in its OPT reco
 _QUESTION_ONLY = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # QD=1, AN=NS=AR=0
 _QUESTION_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"  # QD=1, AR=1 (the OPT record)
 # The OPT record this server answers with (RFC 6891): UDP size 1232, the DO bit echoed.
+_OPT_HEAD = b"\x00\x00\x29"  # owner: the root; type OPT
 _OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 _OPT_DO = b"\x00\x00\x29\x04\xd0\x00\x00\x80\x00\x00\x00"
 _HEX = "0123456789abcdef"
@@ -244,12 +245,11 @@ class FastPath:
             return None  # not class IN, or AXFR/IXFR
         if opt:
             rdata = qend + 11
-            if (rdata > end or data[qend] or data[qend + 1] or data[qend + 2] != 41
-                    or data[qend + 6]):
+            if rdata > end or data[qend : qend + 3] != _OPT_HEAD or data[qend + 6]:
                 return None  # not an OPT owned by the root, or EDNS version > 0 (BADVERS)
-            if (data[qend + 9] << 8) | data[qend + 10] != end - rdata:
-                return None
-            if rdata != end:
+            if end != rdata or data[qend + 9] or data[qend + 10]:  # options, or junk
+                if (data[qend + 9] << 8) | data[qend + 10] != end - rdata:
+                    return None
                 try:
                     check_options(data, rdata, end)
                 except WireError:
