@@ -25,27 +25,16 @@ odd labels). The caller then takes the dnslib path, which stays the reference.
 
 from __future__ import annotations
 
-import struct
-
 from .registry import Service
 from .wire import QTYPE_ANY, RCODE_NOERROR, RCODE_NXDOMAIN, WireError, check_options
-from .zone import (
-    SOA_EXPIRE,
-    SOA_REFRESH,
-    SOA_RETRY,
-    SOA_RNAME,
-    T_A,
-    T_AAAA,
-    T_PTR,
-    T_SRV,
-    Zone,
-)
+from .wirenames import PTR_TO_QNAME, EncodedName, NegativeSoa, Target, question_labels
+from .zone import T_A, T_AAAA, T_PTR, T_SRV, Zone
 
 SERVER_UDP_PAYLOAD = 1232  # the UDP size this server advertises in its OPT record
 _QUESTION_ONLY = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # QD=1, AN=NS=AR=0
 _QUESTION_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"  # QD=1, AR=1 (the OPT record)
-# The OPT record this server answers with (RFC 6891): UDP size 1232, the DO bit echoed.
 _OPT_HEAD = b"\x00\x00\x29"  # owner: the root; type OPT
+# The OPT record this server answers with (RFC 6891): UDP size 1232, the DO bit echoed.
 _OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 _OPT_DO = b"\x00\x00\x29\x04\xd0\x00\x00\x80\x00\x00\x00"
 _HEX = "0123456789abcdef"
@@ -55,120 +44,11 @@ _DOTTED_LOWER = bytes.maketrans(bytes(range(1, 45)) + b"\\" + bytes(range(65, 91
                                 b"." * 45 + bytes(range(97, 123)))
 _OCTETS = {str(i): i for i in range(256)}  # what Zone reads as an octet label, no more
 _MAX_TARGETS = 1 << 17  # encoded targets kept across snapshots before starting over
-_PTR_TO_QNAME = b"\xc0\x0c"
 
 # What ``answer`` returns: the reply, its qtype and rcode, and the name whose owner
 # decides it (lower case; None for a negative answer: its SOA serial is the registry
 # revision, so any change outdates it).
 Fast = tuple[bytes, int, int, str | None]
-
-
-class _Name:
-    """A name the reply writes, pre-encoded: its labels and its wire form."""
-
-    __slots__ = ("labels", "wire")
-
-    def __init__(self, labels: tuple[bytes, ...], wire: bytes) -> None:
-        self.labels = labels
-        self.wire = wire
-
-    @classmethod
-    def of(cls, text: str) -> _Name:
-        labels = tuple(text.encode("ascii").split(b"."))
-        return cls(labels, b"".join([bytes((len(label),)) + label for label in labels]) + b"\x00")
-
-    def after_question(self, data: bytes, qend: int) -> tuple[bytes, int]:
-        """This name, written when only the question's name precedes it.
-
-        As dnslib's compressor: the longest suffix equal (byte for byte, so in
-        the question's case) to a suffix of the question becomes a pointer. Also
-        says where the whole name can then be pointed at (-1: where it is written).
-        """
-        if data[12 : qend - 4] == self.wire:
-            return _PTR_TO_QNAME, 12  # the question's name itself, in the same case
-        last = self.labels[-1]
-        if data[qend - 5 - len(last) : qend - 5] != last:
-            return self.wire, -1  # the last labels differ: nothing in common
-        qlabels = _labels(data)
-        labels = self.labels
-        n, m = len(labels), len(qlabels)
-        k = 0
-        while k < n and k < m and labels[n - 1 - k] == qlabels[m - 1 - k]:
-            k += 1
-        if k == 0:
-            return self.wire, -1
-        at = 12 + (m - k) + sum(map(len, qlabels[: m - k]))  # that suffix, in the question
-        pointer = (0xC000 | at).to_bytes(2, "big")
-        if k == n:
-            return pointer, at
-        head = (n - k) + sum(map(len, labels[: n - k]))
-        return self.wire[:head] + pointer, -1
-
-    def suffixes(self) -> list[tuple[bytes, int]]:
-        """(wire form of each suffix, bytes before it), longest first."""
-        out = []
-        head = 0
-        for label in self.labels:
-            out.append((self.wire[head:], head))
-            head += 1 + len(label)
-        return out
-
-
-def _labels(data: bytes) -> list[bytes]:
-    """The labels of the question's name (a name the caller already walked)."""
-    labels = []
-    pos = 12
-    length = data[pos]
-    while length:
-        labels.append(data[pos + 1 : pos + 1 + length])
-        pos += 1 + length
-        length = data[pos]
-    return labels
-
-
-class _Soa:
-    """The SOA of one apex for a negative answer, minus its owner and MNAME."""
-
-    __slots__ = ("name", "rest", "suffixes", "tail")
-
-    def __init__(self, apex: str, serial: int, negative_ttl: int) -> None:
-        self.name = _Name.of(apex)
-        self.suffixes = self.name.suffixes()
-        rname = _Name.of(SOA_RNAME).wire
-        rdata_len = 2 + len(rname) + 20  # MNAME as a pointer, RNAME, five numbers
-        self.rest = (b"\x00\x06\x00\x01" + negative_ttl.to_bytes(4, "big")
-                     + rdata_len.to_bytes(2, "big"))
-        self.tail = rname + struct.pack(">IIIII", serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE,
-                                        negative_ttl)
-
-    def owner(self, data: bytes, qend: int) -> tuple[bytes, int]:
-        """The apex as ``_Name.after_question`` writes it. The question's name ends in
-        the apex, letter case aside, so its last labels have the apex's lengths:
-        comparing the bytes at its end with an apex suffix compares whole labels."""
-        qname_end = qend - 4
-        for suffix, head in self.suffixes:
-            if data.startswith(suffix, qname_end - len(suffix)):
-                at = qname_end - len(suffix)
-                pointer = (0xC000 | at).to_bytes(2, "big")
-                return (pointer, at) if head == 0 else (self.name.wire[:head] + pointer, -1)
-        return self.name.wire, -1
-
-
-class _Target:
-    """A service's canonical name in one domain: the SRV target and the PTR name."""
-
-    __slots__ = ("name", "srv")
-
-    def __init__(self, svc: Service, domain: _Name) -> None:
-        # canonical_name(svc.name, svc.namespace, svc.port, domain), as labels.
-        name, ns = svc.name.encode("ascii"), svc.namespace.encode("ascii")
-        port = b"%d" % svc.port
-        wire = (b"%c%s%c%s\x03svc%c%s" % (len(name), name, len(ns), ns, len(port), port)
-                + domain.wire)
-        self.name = _Name((name, ns, b"svc", port, *domain.labels), wire)
-        # SRV 0 100 <port> <target>; dnslib writes the target uncompressed (RFC 2782).
-        rdata = b"\x00\x00\x00\x64" + svc.port.to_bytes(2, "big") + wire
-        self.srv = len(rdata).to_bytes(2, "big") + rdata
 
 
 class FastPath:
@@ -185,17 +65,17 @@ class FastPath:
         # A and AAAA records owned by the question's name, up to their RDATA.
         self._a_rr = b"\x00\x01\x00\x01" + ttl + b"\x00\x04"  # type, class, TTL, length
         self._aaaa_rr = b"\x00\x1c\x00\x01" + ttl + b"\x00\x10"
-        self._a = _PTR_TO_QNAME + self._a_rr
-        self._aaaa = _PTR_TO_QNAME + self._aaaa_rr
-        self._srv_head = _PTR_TO_QNAME + b"\x00\x21\x00\x01" + ttl
-        self._ptr_head = _PTR_TO_QNAME + b"\x00\x0c\x00\x01" + ttl
+        self._a = PTR_TO_QNAME + self._a_rr
+        self._aaaa = PTR_TO_QNAME + self._aaaa_rr
+        self._srv_head = PTR_TO_QNAME + b"\x00\x21\x00\x01" + ttl
+        self._ptr_head = PTR_TO_QNAME + b"\x00\x0c\x00\x01" + ttl
         self._ra = 0x80 if s.forwarding else 0
         self._serial = zone.registry.revision & 0xFFFFFFFF
         self._soa_ttl = s.negative_ttl
-        self._soa: dict[str, _Soa | None] = {}
+        self._soa: dict[str, NegativeSoa | None] = {}
         # The snapshot's encoded SRV targets / PTR names, by (name, namespace, port, domain).
-        self._targets: dict[tuple[str, str, int, str], _Target] = zone.encoded
-        self._names: dict[str, _Name] = {}  # the served domains, encoded
+        self._targets: dict[tuple[str, str, int, str], Target] = zone.encoded
+        self._names: dict[str, EncodedName] = {}  # the served domains, encoded
         # Flags and counts after the ID, by shape (RD bit | CD bit | 2 with an OPT):
         # QR, AA, RD copied, opcode QUERY; RA when forwarding, CD copied; QD=1.
         self._one = _headers(self._ra, RCODE_NOERROR, 1, 0)
@@ -270,7 +150,7 @@ class FastPath:
         if not long_label:
             dotted = data[13:pos].translate(_DOTTED_LOWER)
         if long_label or dotted.count(b".") != count - 1:
-            dotted = b".".join(_labels(data))
+            dotted = b".".join(question_labels(data))
             if b"\\" in dotted or dotted.count(b".") != count - 1:
                 return None  # a label holding a dot: wire_to_key escapes it, decide() then
             dotted = dotted.lower()
@@ -364,7 +244,7 @@ class FastPath:
         else:
             # An apex ending in the RNAME's last label would share it: left to dnslib.
             soa = None if apex.rsplit(".", 1)[-1] == "invalid" else \
-                _Soa(apex, self._serial, self._soa_ttl)
+                NegativeSoa(apex, self._serial, self._soa_ttl)
             self._soa[apex] = soa
         if soa is None:
             return None
@@ -391,7 +271,7 @@ class FastPath:
         return b"".join((data[:2], self._one[shape], data[12:qend], self._ptr_head,
                          len(name).to_bytes(2, "big"), name, tail))
 
-    def _target(self, svc: Service, domain: str) -> _Target:
+    def _target(self, svc: Service, domain: str) -> Target:
         tkey = (svc.name, svc.namespace, svc.port, domain)
         target = self._targets.get(tkey)
         if target is None:
@@ -399,8 +279,8 @@ class FastPath:
                 self._targets.clear()
             dname = self._names.get(domain)
             if dname is None:
-                dname = self._names[domain] = _Name.of(domain)
-            target = self._targets[tkey] = _Target(svc, dname)
+                dname = self._names[domain] = EncodedName.of(domain)
+            target = self._targets[tkey] = Target(svc, dname)
         return target
 
     def inherit(self, old: FastPath) -> None:

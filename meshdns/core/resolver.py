@@ -27,6 +27,7 @@ from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
 from .fastpath import SERVER_UDP_PAYLOAD, FastPath
 from .names import wire_to_key
+from .outdated import CacheIndex, decision_name, outdated_names
 from .wire import (
     HEADER_LEN,
     MIN_UDP_PAYLOAD,
@@ -41,12 +42,9 @@ from .wire import (
     error_reply,
     parse_query,
 )
-from .zone import APEX, FORWARD, NOT_LOADED, SEARCH, Decision, Zone
+from .zone import FORWARD, Decision, Zone
 
 DEFAULT_ANSWER_CACHE = 100_000
-# A PATCH touching more services than this empties the caches instead: working out
-# what it outdated would cost more than answering the names again.
-SELECTIVE_DROP_LIMIT = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,42 +134,6 @@ class _Forward:
         self.hits = 0
 
 
-class _Index:
-    """Which cache keys a registry change can outdate: by name, and the negative ones.
-
-    A name asked one way only (the common case) maps to its one key, not a list.
-    """
-
-    __slots__ = ("names", "negative")
-
-    def __init__(self) -> None:
-        self.names: dict[str, bytes | list[bytes]] = {}  # lower-case name -> cache key(s)
-        self.negative: list[bytes] = []  # replies carrying the SOA (serial = revision)
-
-    def add(self, key: bytes, name: str | None) -> None:
-        if name is None:
-            self.negative.append(key)
-            return
-        keys = self.names.setdefault(name, key)
-        if keys is not key:
-            if isinstance(keys, bytes):
-                self.names[name] = [keys, key]
-            else:
-                keys.append(key)
-
-    def take(self, names: set[str]) -> list[bytes]:
-        """Remove and return the keys of ``names`` and every negative answer's."""
-        out = self.negative
-        self.negative = []
-        for name in names:
-            keys = self.names.pop(name, None)
-            if isinstance(keys, bytes):
-                out.append(keys)
-            elif keys is not None:
-                out += keys
-        return out
-
-
 @dataclass
 class _State:
     zone: Zone
@@ -180,20 +142,8 @@ class _State:
     tcp: dict[bytes, _Entry] = field(default_factory=dict)
     fwd_udp: dict[bytes, _Forward] = field(default_factory=dict)
     fwd_tcp: dict[bytes, _Forward] = field(default_factory=dict)
-    index: dict[str, _Index] = field(
-        default_factory=lambda: {k: _Index() for k in ("udp", "tcp", "fwd_udp", "fwd_tcp")})
-
-
-def decision_name(key: str, decision: Decision) -> str | None:
-    """The name whose owner decides a cached dnslib-path reply (None: a negative answer).
-
-    A search-list answer is decided by the mesh name its CNAME points at.
-    """
-    if decision.authority or decision.rule in (APEX, NOT_LOADED):
-        return None
-    if decision.rule == SEARCH and decision.answer:
-        return wire_to_key(tuple(decision.answer[0].rdata.label.label))
-    return key
+    index: dict[str, CacheIndex] = field(
+        default_factory=lambda: {k: CacheIndex() for k in ("udp", "tcp", "fwd_udp", "fwd_tcp")})
 
 
 def udp_limit(query: Query) -> int:
@@ -380,7 +330,7 @@ class Resolver:
             if len(forwards) >= self.cache_limit:
                 tally.fold_forwards(proto, forwards)
                 forwards.clear()
-                st.index[kind] = _Index()
+                st.index[kind] = CacheIndex()
             forwards[data[2:]] = _Forward(query, limit)
             st.index[kind].add(data[2:], key)
             hook = self.forward_cached
@@ -411,36 +361,8 @@ class Resolver:
         cache = st.udp if proto == "udp" else st.tcp
         self.tally.fold(proto, cache)
         cache.clear()
-        st.index[proto] = _Index()
+        st.index[proto] = CacheIndex()
 
     def explain(self, labels: tuple[bytes, ...], qtype: int, qclass: int = 1) -> Decision:
         """The decision for a question, by the same code that answers DNS."""
         return self._state.zone.decide(labels, qtype, qclass)
-
-
-def outdated_names(old: Zone, new: Zone) -> set[str] | None:
-    """The names whose cached replies ``new`` may answer differently from ``old``
-    (negative answers aside: those always go), or None when that is not known.
-
-    Known only for an incremental PATCH of the very snapshot ``old`` serves, under
-    the same settings: it says which services it wrote or deleted. Every name such
-    a service owned or owns (in every domain, host names, reverse names) can have a
-    new answer, a new owner, or none; no other name can.
-    """
-    if old.settings != new.settings or old.loaded != new.loaded:
-        return None
-    base, reg = old.registry, new.registry
-    if reg is base:
-        return set()
-    delta = reg._delta
-    if delta is None or delta[:2] != (base.revision, len(base.services)):
-        return None
-    keys = (*delta[2], *delta[3])
-    if len(keys) > SELECTIVE_DROP_LIMIT:
-        return None
-    names: set[str] = set()
-    for key in keys:
-        for svc in (base.services.get(key), reg.services.get(key)):
-            if svc is not None:
-                names.update(new.names_of(svc))
-    return names

@@ -18,7 +18,7 @@ from typing import Any
 
 from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
-from .names import canonical_name, is_subdomain, key_to_labels, kuma_name, wire_to_key
+from .names import canonical_name, is_subdomain, key_to_labels, wire_to_key
 from .registry import Registry, Service
 from .vip import VipRange, format_ip
 from .wire import (
@@ -257,21 +257,6 @@ class Zone:
         if host_owner is not None:
             return reg.services[host_owner], HOSTNAME
         return None
-
-    def names_of(self, svc: Service) -> list[str]:
-        """Every name whose answer ``svc`` decides or could take over: its two forms in
-        each served domain, its host names, the reverse names of its VIPs."""
-        out = list(svc.hostnames)
-        for domain in self.settings.domains:
-            out.append(canonical_name(svc.name, svc.namespace, svc.port, domain))
-            kuma = kuma_name(svc.name, svc.namespace, svc.port, domain)
-            if kuma is not None:
-                out.append(kuma)
-        out.append(".".join(str((svc.vip >> shift) & 0xFF) for shift in (0, 8, 16, 24))
-                   + ".in-addr.arpa")
-        if svc.vip6 is not None:
-            out.append(".".join(reversed(f"{svc.vip6:032x}")) + ".ip6.arpa")
-        return out
 
     def is_ent(self, key: str, domain: str) -> bool:
         reg = self.registry
