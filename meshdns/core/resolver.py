@@ -4,17 +4,30 @@ The hot path is one dict lookup. A reply is a pure function of the query bytes
 after the 2-byte ID (flags, question in its exact case, EDNS shape), the
 transport (UDP truncates, TCP does not) and the registry snapshot. So the
 encoded reply minus its ID is cached under the query minus its ID, and a hit
-costs a slice, a lookup and a concatenation: no parse, no encode. A new
-snapshot comes with new, empty caches, swapped in by one assignment.
+costs a slice, a lookup and a concatenation: no parse, no encode.
+
+A miss takes the wire fast path (fastpath.py: no dnslib objects) for the common
+questions and the dnslib path (``Zone.decide`` + ``encode``) for the rest.
+
+A registry change keeps the cached replies it cannot have changed: each entry is
+indexed by the name whose owner decides it, and a PATCH (which says which
+services it touched) drops only the entries of those services' names plus every
+negative answer (their SOA serial is the registry revision). Anything else (a
+full PUT, new settings) starts from empty caches. Either way the new state is
+built aside and swapped in by one assignment.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
+from .fastpath import SERVER_UDP_PAYLOAD, FastPath
+from .names import wire_to_key
+from .outdated import CacheIndex, decision_name, outdated_names
 from .wire import (
     HEADER_LEN,
     MIN_UDP_PAYLOAD,
@@ -32,7 +45,6 @@ from .wire import (
 )
 from .zone import FORWARD, Decision, Zone
 
-SERVER_UDP_PAYLOAD = 1232  # DNS flag day 2020: no fragmentation on common paths
 DEFAULT_ANSWER_CACHE = 100_000
 
 
@@ -126,10 +138,13 @@ class _Forward:
 @dataclass
 class _State:
     zone: Zone
+    fast: FastPath
     udp: dict[bytes, _Entry] = field(default_factory=dict)
     tcp: dict[bytes, _Entry] = field(default_factory=dict)
     fwd_udp: dict[bytes, _Forward] = field(default_factory=dict)
     fwd_tcp: dict[bytes, _Forward] = field(default_factory=dict)
+    index: dict[str, CacheIndex] = field(
+        default_factory=lambda: {k: CacheIndex() for k in ("udp", "tcp", "fwd_udp", "fwd_tcp")})
 
 
 def udp_limit(query: Query) -> int:
@@ -165,7 +180,7 @@ class Resolver:
 
     def __init__(self, zone: Zone, answer_cache_size: int = DEFAULT_ANSWER_CACHE,
                  forward_memo_size: int | None = None) -> None:
-        self._state = _State(zone)
+        self._state = _State(zone, FastPath(zone))
         self.cache_limit = answer_cache_size
         # Forwarded queries remembered per transport: bounded like the forwarder's
         # cache (dns.cache_size), not like local answers, since every distinct
@@ -182,12 +197,37 @@ class Resolver:
         return self._state.zone
 
     def set_zone(self, zone: Zone) -> None:
-        """Serve from ``zone`` from now on; cached replies of the old one are dropped."""
-        old, self._state = self._state, _State(zone)
-        self.tally.fold("udp", old.udp)
-        self.tally.fold("tcp", old.tcp)
-        self.tally.fold_forwards("udp", old.fwd_udp)
-        self.tally.fold_forwards("tcp", old.fwd_tcp)
+        """Serve from ``zone`` from now on, with the cached replies it leaves as they were."""
+        old = self._state
+        new = _State(zone, FastPath(zone))
+        new.fast.inherit(old.fast)
+        names = outdated_names(old.zone, zone)
+        if names is None:
+            self._state = new
+            # The old caches go: their hits move to the totals, so none is lost.
+            self.tally.fold("udp", old.udp)
+            self.tally.fold("tcp", old.tcp)
+            self.tally.fold_forwards("udp", old.fwd_udp)
+            self.tally.fold_forwards("tcp", old.fwd_tcp)
+            return
+        # Into copies: a miss still running on the old state (another thread) may yet
+        # add a reply of the old zone to its caches, never to these. Kept entries go on
+        # counting their hits; only the dropped ones are folded into the totals.
+        dropped: dict[str, dict[bytes, Any]] = {}
+        for kind in ("udp", "tcp", "fwd_udp", "fwd_tcp"):
+            entries: dict[bytes, Any] = getattr(old, kind).copy()
+            index = new.index[kind] = old.index[kind]
+            gone = dropped[kind] = {}
+            for key in index.take(names):
+                entry = entries.pop(key, None)
+                if entry is not None:
+                    gone[key] = entry
+            setattr(new, kind, entries)
+        self._state = new
+        self.tally.fold("udp", dropped["udp"])
+        self.tally.fold("tcp", dropped["tcp"])
+        self.tally.fold_forwards("udp", dropped["fwd_udp"])
+        self.tally.fold_forwards("tcp", dropped["fwd_tcp"])
 
     def disable_counting(self) -> None:
         """Serve hits without counting them (only to measure what counting costs)."""
@@ -255,6 +295,19 @@ class Resolver:
             tally.dropped += 1  # no header to echo, or a response: never answer those
             tally.request(proto, QTYPE_INVALID)
             return None
+        fast = st.fast.answer(data, proto == "udp")
+        if fast is not None:
+            wire, qtype, rcode, name = fast
+            udp = proto == "udp"
+            cache = st.udp if udp else st.tcp
+            if len(cache) >= self.cache_limit:
+                self._clear(st, proto)
+            tail = data[2:]
+            entry = cache[tail] = _Entry(wire[2:], qtype, rcode)
+            # Counted as a hit: folded into the request and response totals like one.
+            entry.hits = 1
+            st.index[proto].add(tail, name)
+            return wire
         ra = st.zone.settings.forwarding
         try:
             query = parse_query(data)
@@ -283,12 +336,16 @@ class Resolver:
             tally.response(RCODE_REFUSED, "local")
             return encode(query, Decision(RCODE_REFUSED, "refused"), None, ra)
         decision = st.zone.decide(query.labels, query.qtype, query.qclass)
+        key = wire_to_key(query.labels)
         if decision.rule == FORWARD:
+            kind = "fwd_" + proto
             if len(forwards) >= self.forward_limit:
                 tally.fold_forwards(proto, forwards)
                 forwards.clear()
+                st.index[kind] = CacheIndex()
             if self.forward_limit:
                 forwards[data[2:]] = _Forward(query, limit)
+                st.index[kind].add(data[2:], key)
             hook = self.forward_cached
             if hook is not None:
                 cached = hook(data, query, limit, proto)
@@ -297,14 +354,27 @@ class Resolver:
             return ForwardRequest(query, data, limit)  # the forwarder counts its reply
         wire = encode(query, decision, limit if proto == "udp" else None, ra)
         tally.response(decision.rcode, "local")
+        self._store(st, proto, data, wire, query.qtype, decision.rcode,
+                    decision_name(key, decision))
+        return wire
+
+    def _store(self, st: _State, proto: str, data: bytes, wire: bytes, qtype: int, rcode: int,
+               name: str | None) -> None:
+        """Cache a local reply, indexed by the name that decides it (None: negative)."""
         if wire[2] & 0x02:
-            tally.truncated += 1
+            self.tally.truncated += 1
         cache = st.udp if proto == "udp" else st.tcp
         if len(cache) >= self.cache_limit:
-            self.tally.fold(proto, cache)
-            cache.clear()  # bounded: a flood of distinct names cannot grow memory
-        cache[data[2:]] = _Entry(wire[2:], query.qtype, decision.rcode)
-        return wire
+            self._clear(st, proto)
+        cache[data[2:]] = _Entry(wire[2:], qtype, rcode)
+        st.index[proto].add(data[2:], name)
+
+    def _clear(self, st: _State, proto: str) -> None:
+        """Empty a full reply cache: a flood of distinct names cannot grow memory."""
+        cache = st.udp if proto == "udp" else st.tcp
+        self.tally.fold(proto, cache)
+        cache.clear()
+        st.index[proto] = CacheIndex()
 
     def explain(self, labels: tuple[bytes, ...], qtype: int, qclass: int = 1) -> Decision:
         """The decision for a question, by the same code that answers DNS."""

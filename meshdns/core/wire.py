@@ -166,7 +166,7 @@ def parse_query(data: bytes) -> Query:
                 continue
             if section != 2 or edns is not None or owner or pos - rdlen - 10 != owner_at + 1:
                 raise BadEDNS("OPT must be one record, owned by the root, in the additional section")
-            _check_options(data, rdata_at, pos)
+            check_options(data, rdata_at, pos)
             edns = Edns(
                 udp_size=max(rclass, MIN_UDP_PAYLOAD),
                 version=data[rdata_at - 5],
@@ -177,7 +177,8 @@ def parse_query(data: bytes) -> Query:
     return Query(qid, flags, labels, qtype, qclass, edns)
 
 
-def _check_options(data: bytes, pos: int, end: int) -> None:
+def check_options(data: bytes, pos: int, end: int) -> None:
+    """Raise BadEDNS unless the OPT RDATA in data[pos:end] is a clean run of options."""
     while pos < end:
         if pos + 4 > end:
             raise BadEDNS("EDNS option header cut short")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
@@ -76,7 +77,7 @@ class _ReverseZone:
     labels: int  # address labels (octets or nibbles) the apex holds
 
 
-def _octet(label: str) -> int | None:
+def octet_label(label: str) -> int | None:
     if label.isascii() and label.isdigit() and (label == "0" or label[0] != "0"):
         value = int(label)
         if value <= 255:
@@ -90,10 +91,14 @@ def _nibble(label: str) -> int | None:
     return None
 
 
+_PORT_LABELS: dict[str, int] = {}  # valid port labels seen so far (at most 65535)
+
+
 def _port(label: str) -> int | None:
     if label.isascii() and label.isdigit() and label[0] != "0" and len(label) <= 5:
         value = int(label)
         if value <= 65535:
+            _PORT_LABELS[label] = value
             return value
     return None
 
@@ -139,6 +144,10 @@ class Zone:
     _host_ents: frozenset[str] = field(init=False)
     _sorted4: list[int] | None = field(init=False, default=None)
     _sorted6: list[int] | None = field(init=False, default=None)
+    # Names the wire fast path (fastpath.py) encoded for this snapshot, filled as
+    # asked; handed on to the next snapshot under the same domains.
+    encoded: dict[Any, Any] = field(init=False, default_factory=dict, repr=False,
+                                    compare=False)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -191,7 +200,7 @@ class Zone:
     def decide(self, labels: tuple[bytes, ...], qtype: int, qclass: int) -> Decision:
         """The answer to one question; ``labels`` keep the question's case."""
         key = wire_to_key(labels)
-        domain = self._served_domain(key)
+        domain = self.served_domain(key)
         if domain is not None:
             if qclass != QCLASS_IN:
                 return Decision(RCODE_REFUSED, REFUSED, zone=domain)
@@ -219,7 +228,7 @@ class Zone:
             return Decision(RCODE_NOERROR, FORWARD)
         return Decision(RCODE_REFUSED, REFUSED)
 
-    def _served_domain(self, key: str) -> str | None:
+    def served_domain(self, key: str) -> str | None:
         for domain in self._domains:
             if key == domain or key.endswith("." + domain):
                 return domain
@@ -232,7 +241,7 @@ class Zone:
         svc_key: tuple[str, str, int] | None = None
         rule = CANONICAL
         if len(rest) == 4 and rest[2] == "svc":
-            port = _port(rest[3])
+            port = _PORT_LABELS.get(rest[3]) or _port(rest[3])
             if port is not None:
                 svc_key = (rest[0], rest[1], port)
         elif len(rest) == 1 and rest[0].count("_") == 3:
@@ -249,7 +258,7 @@ class Zone:
             return reg.services[host_owner], HOSTNAME
         return None
 
-    def _is_ent(self, key: str, domain: str) -> bool:
+    def is_ent(self, key: str, domain: str) -> bool:
         reg = self.registry
         rest = key[: -len(domain) - 1].split(".")
         if len(rest) == 3 and rest[1] == "svc":
@@ -275,7 +284,7 @@ class Zone:
         found = self.find_service(key, domain)
         if found is not None:
             return self._service_records(owner, found[0], qtype, found[1], domain, domain)
-        if self._is_ent(key, domain):
+        if self.is_ent(key, domain):
             return self._nodata(ENT, domain)
         return Decision(RCODE_NXDOMAIN, NXDOMAIN, True, (), (self.soa(domain),), zone=domain)
 
@@ -292,7 +301,7 @@ class Zone:
         if not v4 and not key.endswith(".ip6.arpa"):
             return None
         parts = key.split(".")[:-2]
-        full, step, parse = (4, 8, _octet) if v4 else (32, 4, _nibble)
+        full, step, parse = (4, 8, octet_label) if v4 else (32, 4, _nibble)
         digits = [parse(p) for p in reversed(parts)]  # most significant first
         zone = None
         for depth in range(1, min(len(digits), full) + 1):
@@ -363,7 +372,7 @@ class Zone:
         """``<mesh name>.<search suffix>``: answered here, never forwarded."""
         inner_labels = labels[: len(labels) - len(key_to_labels(suffix))]
         inner_key = key[: -len(suffix) - 1]
-        domain = self._served_domain(inner_key)
+        domain = self.served_domain(inner_key)
         if domain is None or inner_key == domain:
             return None
         if qclass != QCLASS_IN:

@@ -1,0 +1,323 @@
+"""The common answers straight to wire: no dnslib objects on the miss path.
+
+A first-time query (a reply-cache miss) used to build dnslib RR and DNSLabel
+objects and pack them: ~50-150 µs. The questions a mesh sidecar gets almost all
+the time (A, AAAA, SRV, ANY or another type of a service name; an unknown name
+or an empty non-terminal under a served domain; the PTR of a VIP) are answered
+here from a light parse, a few dict lookups and a bytes join:
+
+- the header and the question are copied from the query (the question keeps
+  its exact case, 0x20);
+- an owner name that is the question's is a compression pointer to offset 12;
+- every other name is written as dnslib writes it (compressed against the
+  question's suffixes, byte for byte, including their case), so the reply is
+  the very bytes ``resolver.encode`` produces for ``Zone.decide``'s decision.
+  ``tests/test_core_fastpath_equivalence.py`` holds it to that;
+- SOA records are encoded once per snapshot, SRV targets and PTR names once per
+  service (``Zone.encoded``, handed on from snapshot to snapshot), when first asked.
+
+The policy stays ``Zone``'s: this module calls the same lookups ``Zone.decide``
+does, in the same order, and hands back None for anything it does not handle
+(apex, search-list and forwarded names, other classes, a zone not loaded yet,
+malformed or unusual messages, a UDP reply over the client's limit, names with
+odd labels). The caller then takes the dnslib path, which stays the reference.
+"""
+
+from __future__ import annotations
+
+from .registry import Service
+from .wire import QTYPE_ANY, RCODE_NOERROR, RCODE_NXDOMAIN, WireError, check_options
+from .wirenames import PTR_TO_QNAME, EncodedName, NegativeSoa, Target, question_labels
+from .zone import T_A, T_AAAA, T_PTR, T_SRV, Zone
+
+SERVER_UDP_PAYLOAD = 1232  # the UDP size this server advertises in its OPT record
+_QUESTION_ONLY = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # QD=1, AN=NS=AR=0
+_QUESTION_OPT = b"\x00\x01\x00\x00\x00\x00\x00\x01"  # QD=1, AR=1 (the OPT record)
+_OPT_HEAD = b"\x00\x00\x29"  # owner: the root; type OPT
+# The OPT record this server answers with (RFC 6891): UDP size 1232, the DO bit echoed.
+_OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
+_OPT_DO = b"\x00\x00\x29\x04\xd0\x00\x00\x80\x00\x00\x00"
+_HEX = "0123456789abcdef"
+# Wire name to lookup key: length bytes of labels under 45 bytes to ".", A-Z to a-z.
+# A backslash becomes a dot too: wire_to_key would escape it, so it must not match.
+_DOTTED_LOWER = bytes.maketrans(bytes(range(1, 45)) + b"\\" + bytes(range(65, 91)),
+                                b"." * 45 + bytes(range(97, 123)))
+_OCTETS = {str(i): i for i in range(256)}  # what Zone reads as an octet label, no more
+_MAX_TARGETS = 1 << 17  # encoded targets kept across snapshots before starting over
+
+_SLOW_QTYPES = frozenset({41, 251, 252})  # OPT (FORMERR), IXFR, AXFR (REFUSED)
+
+# What ``answer`` returns: the reply, its qtype and rcode, and the name whose owner
+# decides it (lower case; None for a negative answer: its SOA serial is the registry
+# revision, so any change outdates it).
+Fast = tuple[bytes, int, int, str | None]
+
+
+class FastPath:
+    """Wire replies for the common questions of one zone (one registry snapshot)."""
+
+    __slots__ = ("_a", "_a_rr", "_aaaa", "_aaaa_rr", "_domains", "_names", "_nodata",
+                 "_nxdomain", "_one", "_ptr_head", "_ra", "_serial", "_soa", "_soa_ttl",
+                 "_srv_head", "_targets", "_two", "zone")
+
+    def __init__(self, zone: Zone) -> None:
+        s = zone.settings
+        self.zone = zone
+        ttl = s.ttl.to_bytes(4, "big")
+        # A and AAAA records owned by the question's name, up to their RDATA.
+        self._a_rr = b"\x00\x01\x00\x01" + ttl + b"\x00\x04"  # type, class, TTL, length
+        self._aaaa_rr = b"\x00\x1c\x00\x01" + ttl + b"\x00\x10"
+        self._a = PTR_TO_QNAME + self._a_rr
+        self._aaaa = PTR_TO_QNAME + self._aaaa_rr
+        self._srv_head = PTR_TO_QNAME + b"\x00\x21\x00\x01" + ttl
+        self._ptr_head = PTR_TO_QNAME + b"\x00\x0c\x00\x01" + ttl
+        self._ra = 0x80 if s.forwarding else 0
+        self._serial = zone.registry.revision & 0xFFFFFFFF
+        self._soa_ttl = s.negative_ttl
+        self._soa: dict[str, NegativeSoa | None] = {}
+        # The snapshot's encoded SRV targets / PTR names, by (name, namespace, port, domain).
+        self._targets: dict[tuple[str, str, int, str], Target] = zone.encoded
+        self._names: dict[str, EncodedName] = {}  # the served domains, encoded
+        # Flags and counts after the ID, by shape (RD bit | CD bit | 2 with an OPT):
+        # QR, AA, RD copied, opcode QUERY; RA when forwarding, CD copied; QD=1.
+        self._one = _headers(self._ra, RCODE_NOERROR, 1, 0)
+        self._two = _headers(self._ra, RCODE_NOERROR, 2, 0)
+        self._nodata = _headers(self._ra, RCODE_NOERROR, 0, 1)
+        self._nxdomain = _headers(self._ra, RCODE_NXDOMAIN, 0, 1)
+        # Longest first, as Zone.served_domain tries them.
+        self._domains = tuple((d, "." + d) for d in sorted(s.domains, key=len, reverse=True))
+
+    def answer(self, data: bytes, udp: bool) -> Fast | None:
+        """The reply to query ``data`` (a header already known to be a query's), or None.
+
+        One flat function on purpose: on this path every Python call costs.
+        """
+        counts = data[4:12]
+        if counts == _QUESTION_ONLY:
+            opt = False
+        elif counts == _QUESTION_OPT:
+            opt = True
+        else:
+            return None
+        if data[2] & 0x78:
+            return None  # an opcode other than QUERY
+        end = len(data)
+        count = 0
+        long_label = False
+        pos = 12
+        while True:
+            if pos >= end:
+                return None
+            length = data[pos]
+            if length == 0:
+                break
+            if length > 44:
+                if length > 63:
+                    return None  # a pointer or an unknown label type: the strict parser's
+                long_label = True
+            pos += 1 + length
+            count += 1
+        if pos > 12 + 254 or not count:
+            return None  # over 255 bytes (FORMERR), or the root
+        qend = pos + 5
+        if qend > end:
+            return None
+        qtype = (data[pos + 1] << 8) | data[pos + 2]
+        if data[pos + 3] or data[pos + 4] != 1 or qtype in _SLOW_QTYPES:
+            return None  # not class IN, or AXFR/IXFR/OPT (the strict path refuses those)
+        if opt:
+            rdata = qend + 11
+            if rdata > end or data[qend : qend + 3] != _OPT_HEAD or data[qend + 6]:
+                return None  # not an OPT owned by the root, or EDNS version > 0 (BADVERS)
+            if end != rdata or data[qend + 9] or data[qend + 10]:  # options, or junk
+                if (data[qend + 9] << 8) | data[qend + 10] != end - rdata:
+                    return None
+                try:
+                    check_options(data, rdata, end)
+                except WireError:
+                    return None
+            size = (data[qend + 3] << 8) | data[qend + 4]
+            limit = 512 if size < 512 else min(size, SERVER_UDP_PAYLOAD)
+            tail = _OPT_DO if data[qend + 7] & 0x80 else _OPT
+        elif qend != end:
+            return None
+        else:
+            tail = b""
+            limit = 512
+        # The lookup key (as names.wire_to_key): length bytes to dots, letters to lower
+        # case, in one translate. With every label under 45 bytes, every length byte
+        # is one the translate turns into a dot, so one dot too many means a label
+        # holds an odd byte, a dot or a backslash: then the labels one by one.
+        dotted = b""
+        if not long_label:
+            dotted = data[13:pos].translate(_DOTTED_LOWER)
+        if long_label or dotted.count(b".") != count - 1:
+            dotted = b".".join(question_labels(data))
+            if b"\\" in dotted or dotted.count(b".") != count - 1:
+                return None  # a label holding a dot: wire_to_key escapes it, decide() then
+            dotted = dotted.lower()
+        key = dotted.decode("latin-1")
+        zone = self.zone
+        # Zone.decide's order: served domains, host names, reverse names; the rest
+        # (apex, search list, forwarded) is the dnslib path's.
+        for domain, dot_domain in self._domains:
+            if key.endswith(dot_domain):
+                if not zone.loaded:
+                    return None
+                found = zone.find_service(key, domain)
+                if found is None:
+                    rcode = RCODE_NOERROR if zone.is_ent(key, domain) else RCODE_NXDOMAIN
+                    out = self._negative(data, qend, domain, rcode, tail)
+                    return None if out is None else (out, qtype, rcode, None)
+                svc = found[0]
+                apex = target_domain = domain
+                break
+            if key == domain:
+                return None
+        else:
+            reg = zone.registry
+            svc_key = reg.hostnames.get(key)
+            if svc_key is None:
+                if qtype in (T_PTR, QTYPE_ANY):
+                    if key.endswith(".in-addr.arpa"):
+                        wire = self._ptr(data, qend, _ipv4(key), True, tail)
+                    elif key.endswith(".ip6.arpa"):
+                        wire = self._ptr(data, qend, _ipv6(key), False, tail)
+                    else:
+                        return None
+                    if wire is None or (udp and len(wire) > limit):
+                        return None
+                    return wire, qtype, RCODE_NOERROR, key
+                return None
+            # A host name outside the served domains is its own tiny zone.
+            svc = reg.services[svc_key]
+            apex, target_domain = key, zone.settings.domains[0]
+        # Header after the ID: flags and counts, by the RD and CD bits and the OPT.
+        shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if opt else 0)
+        if qtype == T_A:
+            wire = b"".join((data[:2], self._one[shape], data[12:qend], self._a,
+                             svc.vip.to_bytes(4, "big"), tail))
+        elif qtype == T_AAAA and svc.vip6 is not None:
+            wire = b"".join((data[:2], self._one[shape], data[12:qend], self._aaaa,
+                             svc.vip6.to_bytes(16, "big"), tail))
+        elif qtype == QTYPE_ANY:
+            if svc.vip6 is None:
+                wire = b"".join((data[:2], self._one[shape], data[12:qend], self._a,
+                                 svc.vip.to_bytes(4, "big"), tail))
+            else:
+                wire = b"".join((data[:2], self._two[shape], data[12:qend], self._a,
+                                 svc.vip.to_bytes(4, "big"), self._aaaa,
+                                 svc.vip6.to_bytes(16, "big"), tail))
+        elif qtype == T_SRV:
+            flags = self._one[shape][:2]
+            wire = self._srv(data, flags, qend, svc, target_domain, tail)
+        else:
+            out = self._negative(data, qend, apex, RCODE_NOERROR, tail)
+            return None if out is None else (out, qtype, RCODE_NOERROR, None)
+        if udp and len(wire) > limit:
+            return None  # the dnslib path truncates, the same way
+        return wire, qtype, RCODE_NOERROR, key
+
+    # ------------------------------------------------------------ the rarer replies
+
+    def _srv(self, data: bytes, flags: bytes, qend: int, svc: Service,
+             domain: str, tail: bytes) -> bytes:
+        target = self._target(svc, domain)
+        # The additional records are owned by the target: the first written as
+        # dnslib compresses it against the question, the second pointing at it.
+        owner, at = target.name.after_question(data, qend)
+        if at < 0:
+            at = qend + len(self._srv_head) + len(target.srv)  # right after the SRV record
+        ar = (1 if svc.vip6 is None else 2) + (1 if tail else 0)
+        parts = [data[:2], flags, b"\x00\x01\x00\x01\x00\x00", ar.to_bytes(2, "big"),
+                 data[12:qend], self._srv_head, target.srv, owner, self._a_rr,
+                 svc.vip.to_bytes(4, "big")]
+        if svc.vip6 is not None:
+            parts += ((0xC000 | at).to_bytes(2, "big"), self._aaaa_rr,
+                      svc.vip6.to_bytes(16, "big"))
+        parts.append(tail)
+        return b"".join(parts)
+
+    def _negative(self, data: bytes, qend: int, apex: str, rcode: int,
+                  tail: bytes) -> bytes | None:
+        """NXDOMAIN or NODATA: the SOA of ``apex`` in the authority section."""
+        if apex in self._soa:
+            soa = self._soa[apex]
+        else:
+            # An apex ending in the RNAME's last label would share it: left to dnslib.
+            soa = None if apex.rsplit(".", 1)[-1] == "invalid" else \
+                NegativeSoa(apex, self._serial, self._soa_ttl)
+            self._soa[apex] = soa
+        if soa is None:
+            return None
+        owner, at = soa.owner(data, qend)
+        if at < 0:
+            at = qend
+        shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if tail else 0)
+        return b"".join((data[:2], (self._nxdomain if rcode else self._nodata)[shape],
+                         data[12:qend], owner, soa.rest, (0xC000 | at).to_bytes(2, "big"),
+                         soa.tail, tail))
+
+    def _ptr(self, data: bytes, qend: int, address: int | None, v4: bool,
+             tail: bytes) -> bytes | None:
+        """The PTR of a VIP (only: other reverse names are the dnslib path's)."""
+        if address is None:
+            return None
+        reg = self.zone.registry
+        svc_key = (reg.by_vip4 if v4 else reg.by_vip6).get(address)
+        if svc_key is None:
+            return None
+        target = self._target(reg.services[svc_key], self.zone.settings.domains[0])
+        name, _ = target.name.after_question(data, qend)
+        shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if tail else 0)
+        return b"".join((data[:2], self._one[shape], data[12:qend], self._ptr_head,
+                         len(name).to_bytes(2, "big"), name, tail))
+
+    def _target(self, svc: Service, domain: str) -> Target:
+        tkey = (svc.name, svc.namespace, svc.port, domain)
+        target = self._targets.get(tkey)
+        if target is None:
+            if len(self._targets) > _MAX_TARGETS:
+                self._targets.clear()
+            dname = self._names.get(domain)
+            if dname is None:
+                dname = self._names[domain] = EncodedName.of(domain)
+            target = self._targets[tkey] = Target(svc, dname)
+        return target
+
+    def inherit(self, old: FastPath) -> None:
+        """Take over ``old``'s encoded targets: a target is the canonical name and port,
+        which no registry change alters (only new settings would)."""
+        if old.zone.settings.domains == self.zone.settings.domains and not self._targets:
+            self._targets = self.zone.encoded = old._targets
+
+
+def _headers(ra: int, rcode: int, an: int, ns: int) -> list[bytes]:
+    out = []
+    for shape in range(32):
+        rd, opt, cd = shape & 0x01, (shape >> 1) & 1, shape & 0x10
+        out.append(bytes((0x84 | rd, ra | cd | rcode, 0, 1, 0, an, 0, ns, 0, opt)))
+    return out
+
+
+def _ipv4(key: str) -> int | None:
+    """The address of ``d.c.b.a.in-addr.arpa`` (strict octets, as zone.octet_label reads them)."""
+    parts = key.split(".")
+    if len(parts) != 6:
+        return None
+    get = _OCTETS.get
+    a, b, c, d = get(parts[0]), get(parts[1]), get(parts[2]), get(parts[3])
+    if a is None or b is None or c is None or d is None:
+        return None
+    return (d << 24) | (c << 16) | (b << 8) | a
+
+
+def _ipv6(key: str) -> int | None:
+    """The address of a full 32-nibble ``….ip6.arpa`` name."""
+    parts = key.split(".")
+    if len(parts) != 34:
+        return None
+    digits = "".join(parts[31::-1])
+    if len(digits) != 32 or digits.strip(_HEX):
+        return None  # a label longer than one character, or not a lower-case hex digit
+    return int(digits, 16)

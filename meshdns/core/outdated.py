@@ -1,0 +1,111 @@
+"""What a registry change outdates in the reply caches (see resolver.py).
+
+Every cached reply is indexed by the name whose owner decides it, or listed as
+negative (it carries the SOA, whose serial is the registry revision). A PATCH
+says which services it wrote or deleted; only the names those services owned or
+own can have a new answer, so only their replies and the negative ones go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .names import canonical_name, kuma_name, wire_to_key
+from .registry import Service
+from .zone import APEX, NOT_LOADED, SEARCH, Decision, Zone
+
+# A PATCH touching more services than this empties the caches instead: working out
+# what it outdated would cost more than answering the names again.
+SELECTIVE_DROP_LIMIT = 1000
+
+
+class CacheIndex:
+    """Which cache keys a registry change can outdate: by name, and the negative ones.
+
+    A name asked one way only (the common case) maps to its one key, not a list.
+    """
+
+    __slots__ = ("names", "negative")
+
+    def __init__(self) -> None:
+        self.names: dict[str, bytes | list[bytes]] = {}  # lower-case name -> cache key(s)
+        self.negative: list[bytes] = []  # replies carrying the SOA (serial = revision)
+
+    def add(self, key: bytes, name: str | None) -> None:
+        if name is None:
+            self.negative.append(key)
+            return
+        keys = self.names.setdefault(name, key)
+        if keys is not key:
+            if isinstance(keys, bytes):
+                self.names[name] = [keys, key]
+            else:
+                keys.append(key)
+
+    def take(self, names: set[str]) -> list[bytes]:
+        """Remove and return the keys of ``names`` and every negative answer's."""
+        out = self.negative
+        self.negative = []
+        for name in names:
+            keys = self.names.pop(name, None)
+            if isinstance(keys, bytes):
+                out.append(keys)
+            elif keys is not None:
+                out += keys
+        return out
+
+
+def decision_name(key: str, decision: Decision) -> str | None:
+    """The name whose owner decides a cached dnslib-path reply (None: a negative answer).
+
+    A search-list answer is decided by the mesh name its CNAME points at.
+    """
+    if decision.authority or decision.rule in (APEX, NOT_LOADED):
+        return None
+    if decision.rule == SEARCH and decision.answer:
+        return wire_to_key(tuple(decision.answer[0].rdata.label.label))
+    return key
+
+
+def service_names(svc: Service, domains: Iterable[str]) -> list[str]:
+    """Every name whose answer ``svc`` decides or could take over: its two forms in
+    each served domain, its host names, the reverse names of its VIPs."""
+    out = list(svc.hostnames)
+    for domain in domains:
+        out.append(canonical_name(svc.name, svc.namespace, svc.port, domain))
+        kuma = kuma_name(svc.name, svc.namespace, svc.port, domain)
+        if kuma is not None:
+            out.append(kuma)
+    out.append(".".join(str((svc.vip >> shift) & 0xFF) for shift in (0, 8, 16, 24))
+               + ".in-addr.arpa")
+    if svc.vip6 is not None:
+        out.append(".".join(reversed(f"{svc.vip6:032x}")) + ".ip6.arpa")
+    return out
+
+
+def outdated_names(old: Zone, new: Zone) -> set[str] | None:
+    """The names whose cached replies ``new`` may answer differently from ``old``
+    (negative answers aside: those always go), or None when that is not known.
+
+    Known only for an incremental PATCH of the very snapshot ``old`` serves, under
+    the same settings: it says which services it wrote or deleted. Every name such
+    a service owned or owns (in every domain, host names, reverse names) can have a
+    new answer, a new owner, or none; no other name can.
+    """
+    if old.settings != new.settings or old.loaded != new.loaded:
+        return None
+    base, reg = old.registry, new.registry
+    if reg is base:
+        return set()
+    delta = reg._delta
+    if delta is None or delta[:2] != (base.revision, len(base.services)):
+        return None
+    keys = (*delta[2], *delta[3])
+    if len(keys) > SELECTIVE_DROP_LIMIT:
+        return None
+    names: set[str] = set()
+    for key in keys:
+        for svc in (base.services.get(key), reg.services.get(key)):
+            if svc is not None:
+                names.update(service_names(svc, new.settings.domains))
+    return names

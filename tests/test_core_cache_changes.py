@@ -1,0 +1,151 @@
+"""A registry change keeps the cached replies it did not change (resolver.py, outdated.py).
+
+After a random PATCH of a random registry (worlds and questions as in
+test_core_fastpath_equivalence.py), a resolver that kept its cached replies,
+dropping only what the change outdated, answers every question exactly as a
+fresh resolver of the new snapshot does; and a one-service PATCH keeps the
+other services' replies, with every hit still counted once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import dns.message
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshdns.core.names import canonical_name
+from meshdns.core.outdated import service_names
+from meshdns.core.patch import apply_patch
+from meshdns.core.registry import RegistryError, ServiceSpec, apply_put
+from meshdns.core.resolver import ForwardRequest, Resolver
+from meshdns.core.zone import Zone
+
+from .test_core_fastpath_equivalence import (
+    NAMES,
+    NAMESPACES,
+    OUTSIDE,
+    PORTS,
+    RANGE4,
+    World,
+    demo_world,
+    packet,
+    random_case,
+    worlds,
+)
+
+
+def patch_specs(draw: Any, world: World) -> tuple[list[ServiceSpec], list[tuple[str, str, int]]]:
+    reg = world.zone.registry
+    keys = sorted(reg.services)
+    deletes = draw(st.lists(st.sampled_from(keys), max_size=2, unique=True)) if keys else []
+    upserts: list[ServiceSpec] = []
+    for i in range(draw(st.integers(0, 3))):
+        if keys and draw(st.booleans()):
+            name, ns, port = draw(st.sampled_from(keys))
+        else:
+            name, ns, port = (draw(st.sampled_from(NAMES)), draw(st.sampled_from(NAMESPACES)),
+                              draw(st.sampled_from(PORTS)))
+        if (name, ns, port) in deletes or any(u.key == (name, ns, port) for u in upserts):
+            continue
+        hosts = tuple(draw(st.lists(st.sampled_from((*OUTSIDE, "frontend.mesh")), max_size=1)))
+        vip = None if draw(st.booleans()) else int(RANGE4.network.network_address) + 9000 + i
+        upserts.append(ServiceSpec(name, ns, port, vip, None, hosts))
+    return upserts, deletes
+
+
+@st.composite
+def changes(draw: Any) -> tuple[World, list[ServiceSpec], list[tuple[str, str, int]]]:
+    world = draw(worlds())
+    upserts, deletes = patch_specs(draw, world)
+    return world, upserts, deletes
+
+
+def ask_all(resolver: Resolver, packets: Sequence[bytes]) -> list[Any]:
+    out: list[Any] = []
+    for data in packets:
+        for reply in (resolver.handle_udp(data), resolver.handle_tcp(data)):
+            out.append(reply.query.labels if isinstance(reply, ForwardRequest) else reply)
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes(), st.integers(0, 2**32))
+def test_a_change_keeps_only_replies_it_did_not_change(
+        change: tuple[World, list[ServiceSpec], list[tuple[str, str, int]]], seed: int) -> None:
+    world, upserts, deletes = change
+    try:
+        reg = apply_patch(world.zone.registry, upserts, deletes, world.policy, 2.0)
+    except RegistryError:
+        return  # a conflicting patch changes nothing
+    rng = random.Random(seed)
+    packets = [packet(random_case(n, rng), t, rng, rng.choice((0, 1)))
+               for n, t, _ in world.questions]
+    # Names the patch brings in, asked before it (cached as NXDOMAIN or forwarded).
+    for spec in upserts:
+        for name in (canonical_name(spec.name, spec.namespace, spec.port, "mesh"),
+                     *spec.hostnames):
+            packets.append(packet(name, "A", rng, 0))
+    warm = Resolver(world.zone)
+    ask_all(warm, packets)
+    ask_all(warm, packets)  # the second round is served from the cache
+    new_zone = Zone(reg, world.zone.settings)
+    kept_before = warm.cached_answers()
+    warm.set_zone(new_zone)
+    assert warm.cached_answers() <= kept_before
+    assert ask_all(warm, packets) == ask_all(Resolver(new_zone), packets)
+
+
+def test_a_one_service_patch_keeps_the_other_services_replies() -> None:
+    world = demo_world(("mesh",))
+    resolver = Resolver(world.zone)
+    rng = random.Random(3)
+    front = packet("FrontEnd.kong.svc.80.mesh", "A", rng, 0)
+    back = packet("backend.KONG.svc.8080.mesh", "A", rng, 0)
+    back_ptr = packet("8.0.0.240.in-addr.arpa", "PTR", rng, 0)
+    nx = packet("nope.mesh", "A", rng, 0)
+    for data in (front, back, back_ptr, nx):
+        resolver.handle_udp(data)
+    assert resolver.cached_answers() == 4
+    reg = apply_patch(world.zone.registry,
+                      [ServiceSpec("frontend", "kong", 80, int(ipaddress.IPv4Address("240.0.0.9")),
+                                   None, ())], [], world.policy, 1.0)
+    assert reg._delta is not None
+    resolver.handle_udp(back)  # a hit, counted on its (kept) entry
+    resolver.handle_udp(nx)  # a hit, counted on its (dropped) entry
+    before = resolver.snapshot_counts()
+    resolver.set_zone(Zone(reg, world.zone.settings))
+    # Kept: backend's A and PTR. Dropped: frontend's A (new VIP) and the NXDOMAIN (serial).
+    assert resolver.cached_answers() == 2
+    after = resolver.snapshot_counts()  # no request lost or counted twice
+    assert (after.requests, after.responses) == (before.requests, before.responses)
+    assert before.requests[("udp", 1)] == 5 and before.responses[(3, "local")] == 2
+    out = resolver.handle_udp(front)
+    assert isinstance(out, bytes)
+    assert [r.to_text() for r in dns.message.from_wire(out).answer[0]] == ["240.0.0.9"]
+    out = resolver.handle_udp(nx)
+    assert isinstance(out, bytes)
+    assert dns.message.from_wire(out).authority[0][0].serial == reg.revision
+    hits = resolver.snapshot_counts().responses
+    resolver.handle_udp(back)
+    assert resolver.snapshot_counts().responses[(0, "local")] == hits[(0, "local")] + 1
+    assert resolver.cached_answers() == 4
+    # A full PUT (no delta) empties the caches.
+    full = apply_put(reg, [s.to_spec() for s in reg.services.values()][:1], world.policy, 2.0)
+    resolver.set_zone(Zone(full, world.zone.settings))
+    assert resolver.cached_answers() == 0
+
+
+def test_service_names_are_the_names_it_answers() -> None:
+    world = demo_world()
+    svc = world.zone.registry.services[("frontend", "kong", 80)]
+    names = service_names(svc, ("mesh", "mesh.local"))
+    assert set(names) == {
+        "frontend.mesh", "httpbin.org", "frontend.kong.svc.80.mesh", "frontend_kong_svc_80.mesh",
+        "frontend.kong.svc.80.mesh.local", "frontend_kong_svc_80.mesh.local",
+        ipaddress.IPv4Address("240.0.0.7").reverse_pointer,
+        ipaddress.IPv6Address("fd00:fd00::7").reverse_pointer}
