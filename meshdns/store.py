@@ -40,6 +40,7 @@ from .core.registry import (
     restore,
 )
 from .core.resolver import Resolver
+from .core.service import add_meta
 from .core.vip import format_ip, parse_ip
 from .core.zone import Zone, ZoneSettings
 from .gcpause import gc_paused
@@ -449,6 +450,9 @@ def read_state_file(path: Path, policy: RegistryPolicy, now: float) -> tuple[Reg
         plain = []
         for item in raw:
             entry = {k: item.get(k) for k in ("name", "namespace", "port", "hostnames")}
+            for k in ("labels", "mesh", "zone"):  # only in the records that have them
+                if k in item:
+                    entry[k] = item[k]
             entry["vip"] = item["vip"] if item.get("vip_given") else None
             entry["vip6"] = item.get("vip6") if item.get("vip6_given") else None
             plain.append(entry)
@@ -504,10 +508,11 @@ def journal_path(state_file: Path) -> Path:
 
 
 def _record(s: Any) -> dict[str, Any]:
-    return {"name": s.name, "namespace": s.namespace, "port": s.port, "vip": fast_ip4(s.vip),
+    out = {"name": s.name, "namespace": s.namespace, "port": s.port, "vip": fast_ip4(s.vip),
             "vip6": None if s.vip6 is None else fast_ip6(s.vip6),
             "hostnames": list(s.hostnames), "vip_given": s.vip_given,
             "vip6_given": s.vip6_given}
+    return add_meta(out, s)  # labels, mesh, zone: only when set
 
 
 def _held_diff(old: Any, new: Any, fmt: Callable[[int], str]) -> dict[str, Any]:

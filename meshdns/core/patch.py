@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Mapping, Sequence
 
 from .names import (
+    DEFAULT_HOSTNAME_TEMPLATES,
     canonical_name,
     kuma_name,
 )
@@ -39,7 +40,10 @@ def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable
                        f"upsert[{i}]")
         seen[key] = i
     index = reg._index
-    if index is not None and index.fits(policy):
+    # Rendered names and a selector are rebuilt whole (their tables are not patched
+    # in place): a PATCH costs in the registry's size then, but means exactly the same.
+    if index is not None and index.fits(policy) and reg.names.is_default \
+            and policy.templates == DEFAULT_HOSTNAME_TEMPLATES and not policy.select:
         new = _patch_incremental(reg, index, upserts, deletes, seen, policy, now)
         if new is not None:
             return new
@@ -117,7 +121,8 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
         key = spec.key
         svc = spec if isinstance(spec, Service) else Service(
             spec.name, spec.namespace, spec.port, vip4[key], vip6.get(key), spec.hostnames,
-            spec.vip is not None, spec.vip6 is not None)
+            spec.vip is not None, spec.vip6 is not None, labels=spec.labels, mesh=spec.mesh,
+            zone=spec.zone)
         prev = old_services.get(key)
         if prev is not None and prev == svc:
             svc = prev
