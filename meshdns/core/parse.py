@@ -50,7 +50,6 @@ def quote(value: Any) -> str:
 
 
 _KEY_SET = frozenset(_KEY_FIELDS)
-_PLAIN_FIELDS = _SERVICE_FIELDS - {"labels", "mesh", "zone"}
 
 
 def _unknown_field(item: Mapping[Any, Any], known: frozenset[str], path: str) -> RegistryError:
@@ -208,7 +207,7 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str],
     hostnames = () if raw_hosts is None else _parse_hostnames(raw_hosts, path)
     labels: Labels = ()
     mesh = zone = None
-    if len(item) > 3 and not item.keys() <= _PLAIN_FIELDS:  # labels, mesh or zone given
+    if len(item) > 3 and ("labels" in item or "mesh" in item or "zone" in item):
         labels = _parse_labels(get("labels"), f"{path}.labels")
         mesh = _parse_mesh_or_zone(get("mesh"), f"{path}.mesh")
         zone = _parse_mesh_or_zone(get("zone"), f"{path}.zone")

@@ -273,7 +273,8 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
             prev = old_services.get(key)
             if (prev is not None and prev.vip == spec.vip and prev.vip6 == spec.vip6
                     and prev.hostnames == spec.hostnames and prev.vip_given
-                    and prev.vip6_given and prev.same_meta(spec)):
+                    and prev.vip6_given and prev.labels == spec.labels
+                    and prev.mesh == spec.mesh and prev.zone == spec.zone):
                 services[key] = prev
                 kept += 1
             else:
@@ -286,7 +287,8 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
         prev = old_services.get(key)
         if (prev is not None and prev.vip == v4 and prev.vip6 == v6
                 and prev.hostnames == spec.hostnames and prev.vip_given == given4
-                and prev.vip6_given == given6 and prev.same_meta(spec)):
+                and prev.vip6_given == given6 and prev.labels == spec.labels
+                and prev.mesh == spec.mesh and prev.zone == spec.zone):
             services[key] = prev  # equal as it is: no new object, and a cheap comparison
             kept += 1
         else:

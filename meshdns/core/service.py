@@ -58,11 +58,6 @@ class ServiceSpec:
     def key(self) -> ServiceKey:
         return (self.name, self.namespace, self.port)
 
-    def same_meta(self, other: ServiceSpec) -> bool:
-        """Equal labels, mesh and zone (what templates and selectors read)."""
-        return (self.labels == other.labels and self.mesh == other.mesh
-                and self.zone == other.zone)
-
     def label(self, key: str) -> str | None:
         for k, v in self.labels:
             if k == key:
