@@ -1035,20 +1035,33 @@ TEMPLATE_POLICY = RegistryPolicy(
 
 
 @pytest.mark.parametrize("seed", range(1, 6))
-def test_patches_under_templates_and_a_selector_match_the_full_put(seed: int) -> None:
+def test_patches_under_templates_and_a_selector_match_the_full_put(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rendered names, what the selector hides and the counts behind its empty
     non-terminals are those of a PUT of the full list the PATCH amounts to."""
     ch = RandomChooser(seed)
     reg = Registry.empty()
     accepted = rejected = rendered = hidden = 0
+    rebuilds: list[int] = []
+    real_rebuild = patch_module._patch_rebuild
+
+    def counting_rebuild(*args: Any, **kwargs: Any) -> Registry:
+        rebuilds.append(1)
+        return real_rebuild(*args, **kwargs)
+
+    monkeypatch.setattr(patch_module, "_patch_rebuild", counting_rebuild)
     for step in range(150):
         upserts = [spec for spec in random_specs(ch, reg, ch.number(0, 4))
                    if spec.vip is None or spec.vip in TEMPLATE_POLICY.range4]
         if len({s.key for s in upserts}) < len(upserts):
             continue
         deletes = [k for k in random_deletes(ch, reg) if k not in {s.key for s in upserts}]
+        rebuilds.clear()
         new, error = attempt(functools.partial(apply_patch, reg, upserts, deletes,
                                                TEMPLATE_POLICY, float(step)))
+        if error is None and reg._index is not None:
+            # Incremental: the name table is patched, not rebuilt.
+            assert not rebuilds, "an accepted PATCH under templates was rebuilt whole"
         full = equivalent_put(reg, upserts, deletes)
         put, put_error = attempt(functools.partial(apply_put, reg, full, TEMPLATE_POLICY,
                                                    float(step)))

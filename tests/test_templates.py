@@ -7,6 +7,7 @@ state file.
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 from pathlib import Path
 from typing import Any
@@ -287,3 +288,28 @@ def test_dig_kuma_names_labels_over_api_and_state(tmp_path: Path, kuma_server: A
                    if s["name"] == "web")
         assert web["labels"] == {"app": "web"} and web["zone"] == "north"
         assert dig(server, "web.shop.svc.north.mesh.local") == ("NOERROR", ["240.0.0.10"])
+
+
+def test_a_patch_is_checked_against_the_names_templates_gave_others() -> None:
+    """The incremental PATCH (no full rebuild) rejects a new host name or a new
+    service's own canonical name that another service's template already gave out."""
+    p = policy([*DEFAULT_TEMPLATES, "{name}.svc.mesh.local", "{label:alias}.{domain}"])
+    base = apply_put(Registry.empty(), parse_services(
+        [*SERVICES, {"name": "a", "namespace": "n", "port": 80,
+                     "labels": {"alias": "x.n.svc.80"}}]), p, 0.0)
+    assert base.names.generated["x.n.svc.80.mesh"][0] == ("a", "n", 80)
+    for item, other in [
+        ({"name": "new", "namespace": "n", "port": 1, "hostnames": ["web.svc.mesh.local"]},
+         "web.shop:80"),
+        ({"name": "x", "namespace": "n", "port": 80}, "a.n:80"),  # its canonical name
+    ]:
+        with pytest.raises(RegistryError) as err:
+            apply_patch(base, parse_services([item], "upsert"), [], p, 1.0)
+        assert err.value.status == 409 and other in err.value.message, err.value.message
+    # Freed by a delete in the same PATCH: then it may be taken.
+    reg = apply_patch(base, parse_services([{"name": "x", "namespace": "n", "port": 80}],
+                                           "upsert"), [("a", "n", 80)], p, 1.0)
+    assert "x.n.svc.80.mesh" not in reg.names.generated
+    r = resolver(reg)
+    assert addrs(ask(r, "x.n.svc.80.mesh")) == [
+        str(ipaddress.ip_address(reg.services[("x", "n", 80)].vip))]

@@ -10,8 +10,9 @@ nothing to build: the table is empty and costs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .names import (
     DEFAULT_HOSTNAME_TEMPLATES,
@@ -25,6 +26,7 @@ from .service import RegistryError, ServiceKey, ServiceSpec, describe
 
 Selector = tuple[tuple[str, str], ...]  # matchLabels, sorted; "mesh"/"zone" match the fields
 Counts = tuple[Mapping[tuple[str, int], int], Mapping[int, int]]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,8 +37,9 @@ class NameTable:
     select: Selector = ()
     # Rendered names -> (owner, index of the template that first produced it).
     generated: Mapping[str, tuple[ServiceKey, int]] = field(default_factory=dict)
-    # Empty non-terminals above the generated names of visible services.
-    ents: frozenset[str] = frozenset()
+    # Empty non-terminals above the generated names of visible services, each with
+    # how many names lie below it (so a PATCH can update them in place).
+    ents: Mapping[str, int] = field(default_factory=dict)
     hidden: frozenset[ServiceKey] = frozenset()  # services dns.select leaves out
     # (ns, port) and port counts of the visible services; None: all are visible.
     visible_counts: Counts | None = None
@@ -93,6 +96,45 @@ def _conflict(message: str, path: str, index: int) -> RegistryError:
     return RegistryError(409, message, f"{path}[{index}]" if index >= 0 else None)
 
 
+Rendered = Sequence[tuple[int, HostnameTemplate]]
+
+
+def _rendered(templates: tuple[HostnameTemplate, ...]) -> list[tuple[int, HostnameTemplate]]:
+    return [(i, t) for i, t in enumerate(templates) if t.builtin is None]
+
+
+def _names_of(spec: ServiceSpec, rendered: Rendered, domains: tuple[str, ...]
+              ) -> Iterator[tuple[str, int, HostnameTemplate]]:
+    """(name, template index, template) for every name the templates give ``spec``."""
+    values = {"name": spec.name, "namespace": spec.namespace, "port": str(spec.port),
+              "mesh": spec.mesh, "zone": spec.zone}
+    labels = dict(spec.labels)
+    for i, template in rendered:
+        for domain in domains if template.uses_domain else domains[:1]:
+            name = template.render(values, labels, domain)
+            if name is not None:  # None: a field it uses is not set for this service
+                yield name, i, template
+
+
+def _ents_above(name: str, domains: tuple[str, ...]) -> Iterator[str]:
+    """The names between ``name`` and the served domain it lies in (none if outside)."""
+    for domain in domains:
+        if is_subdomain(name, domain):
+            cut = name.find(".")
+            while cut != -1 and name[cut + 1:] != domain:
+                yield name[cut + 1:]
+                cut = name.find(".", cut + 1)
+            return
+
+
+def _count(counts: dict[_T, int], item: _T, step: int) -> None:
+    n = counts.get(item, 0) + step
+    if n:
+        counts[item] = n
+    else:
+        del counts[item]
+
+
 def build_names(specs: Mapping[ServiceKey, ServiceSpec],
                 stored_first: Iterable[tuple[ServiceKey, ServiceSpec]],
                 where: Mapping[ServiceKey, int], hostnames: Mapping[str, ServiceKey],
@@ -100,7 +142,7 @@ def build_names(specs: Mapping[ServiceKey, ServiceSpec],
                 domains: tuple[str, ...], path: str) -> NameTable:
     """The name table of the registry holding ``specs``; RegistryError 409 naming the
     service (and the other owner) when a rendered name is invalid or taken."""
-    rendered = [(i, t) for i, t in enumerate(templates) if t.builtin is None]
+    rendered = _rendered(templates)
     if not rendered and not select:
         return DEFAULT_NAMES if templates == DEFAULT_HOSTNAME_TEMPLATES else \
             NameTable(templates)
@@ -109,43 +151,30 @@ def build_names(specs: Mapping[ServiceKey, ServiceSpec],
     builtins = frozenset(t.builtin for t in templates if t.builtin is not None)
     generated: dict[str, tuple[ServiceKey, int]] = {}
     for key, spec in stored_first if rendered else ():
-        values = {"name": spec.name, "namespace": spec.namespace, "port": str(spec.port),
-                  "mesh": spec.mesh, "zone": spec.zone}
-        labels = dict(spec.labels)
-        for i, template in rendered:
-            for domain in domains if template.uses_domain else domains[:1]:
-                name = template.render(values, labels, domain)
-                if name is None:
-                    continue  # a field it uses is not set for this service: no name
-                if not is_valid_generated(name) or name in domains:
-                    raise _conflict(
-                        f"hostname template {template.text!r} gives {describe(key)} the name "
-                        f"{name[:80]!r}, which is not a valid DNS name (RFC 1123 subdomain, "
-                        "not a served domain apex)", path, where.get(key, -1))
-                owner = generated.get(name)
-                other = owner[0] if owner is not None else hostnames.get(name) or \
-                    builtin_owner(name, specs, domains, builtins)
-                if other is not None and other != key:
-                    raise _conflict(
-                        f"hostname template {template.text!r} gives {describe(key)} the name "
-                        f"{name!r}, which is already a name of {describe(other)}",
-                        path, where.get(key, -1) if where.get(key, -1) >= 0
-                        else where.get(other, -1))
-                if owner is None:
-                    generated[name] = (key, i)
-    ents: set[str] = set()
+        for name, i, template in _names_of(spec, rendered, domains):
+            if not is_valid_generated(name) or name in domains:
+                raise _conflict(
+                    f"hostname template {template.text!r} gives {describe(key)} the name "
+                    f"{name[:80]!r}, which is not a valid DNS name (RFC 1123 subdomain, "
+                    "not a served domain apex)", path, where.get(key, -1))
+            owner = generated.get(name)
+            other = owner[0] if owner is not None else hostnames.get(name) or \
+                builtin_owner(name, specs, domains, builtins)
+            if other is not None and other != key:
+                raise _conflict(
+                    f"hostname template {template.text!r} gives {describe(key)} the name "
+                    f"{name!r}, which is already a name of {describe(other)}",
+                    path, where.get(key, -1) if where.get(key, -1) >= 0
+                    else where.get(other, -1))
+            if owner is None:
+                generated[name] = (key, i)
+    ents: dict[str, int] = {}
     for name, (key, _) in generated.items():
-        if key in hidden:
-            continue
-        for domain in domains:
-            if is_subdomain(name, domain):
-                cut = name.find(".")
-                while cut != -1 and name[cut + 1:] != domain:
-                    ents.add(name[cut + 1:])
-                    cut = name.find(".", cut + 1)
-                break
+        if key not in hidden:
+            for ent in _ents_above(name, domains):
+                ents[ent] = ents.get(ent, 0) + 1
     visible: Counts | None = None
-    if hidden:
+    if select:
         ns_ports: dict[tuple[str, int], int] = {}
         ports: dict[int, int] = {}
         for key in specs:
@@ -153,7 +182,80 @@ def build_names(specs: Mapping[ServiceKey, ServiceSpec],
                 ns_ports[key[1], key[2]] = ns_ports.get((key[1], key[2]), 0) + 1
                 ports[key[2]] = ports.get(key[2], 0) + 1
         visible = (ns_ports, ports)
-    return NameTable(templates, select, generated, frozenset(ents), hidden, visible)
+    return NameTable(templates, select, generated, ents, hidden, visible)
+
+
+def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequence[ServiceSpec],
+                services: Container[ServiceKey], hostnames: Mapping[str, ServiceKey],
+                domains: tuple[str, ...]) -> NameTable | None:
+    """``build_names`` for a PATCH: ``old`` less what ``removed`` (deleted or rewritten
+    services) had, plus the ``upserts``; None when a name is invalid or taken (the full
+    rebuild then names the error). Costs a copy of the tables it changes, and in the
+    size of the patch otherwise."""
+    templates, select = old.templates, old.select
+    rendered = _rendered(templates)
+    if not rendered and not select:
+        return old
+    hidden = old.hidden
+    if select:
+        still = set(hidden)
+        still.difference_update(svc.key for svc in removed)
+        still.update(spec.key for spec in upserts if not selects(spec, select))
+        hidden = frozenset(still)
+    generated = old.generated
+    ents = old.ents
+    if rendered:
+        generated, ents = dict(old.generated), dict(old.ents)
+        for svc in removed:
+            for name, _, _ in _names_of(svc, rendered, domains):
+                owner = generated.get(name)
+                if owner is not None and owner[0] == svc.key:
+                    del generated[name]
+                    if svc.key not in old.hidden:
+                        for ent in _ents_above(name, domains):
+                            _count(ents, ent, -1)
+        builtins = old.builtins
+        for spec in upserts:
+            key = spec.key
+            for name, i, _ in _names_of(spec, rendered, domains):
+                if not is_valid_generated(name) or name in domains:
+                    return None
+                owner = generated.get(name)
+                other = owner[0] if owner is not None else hostnames.get(name) or \
+                    builtin_owner(name, services, domains, builtins)
+                if other is not None and other != key:
+                    return None
+                if owner is None:
+                    generated[name] = (key, i)
+                    if key not in hidden:
+                        for ent in _ents_above(name, domains):
+                            _count(ents, ent, 1)
+        for spec in upserts:  # its other names against the names others were given
+            key = spec.key
+            own: list[str | None] = list(spec.hostnames)
+            for domain in domains:
+                if "canonical" in builtins:
+                    own.append(canonical_name(*key, domain))
+                if "kuma" in builtins:
+                    own.append(kuma_name(*key, domain))
+            for alias in own:
+                owner = None if alias is None else generated.get(alias)
+                if owner is not None and owner[0] != key:
+                    return None
+    visible = old.visible_counts
+    if select:
+        assert visible is not None
+        ns_ports, ports = dict(visible[0]), dict(visible[1])
+        for svc in removed:
+            if svc.key not in old.hidden:
+                _count(ns_ports, (svc.namespace, svc.port), -1)
+                _count(ports, svc.port, -1)
+        for spec in upserts:
+            if spec.key not in hidden:
+                _count(ns_ports, (spec.namespace, spec.port), 1)
+                _count(ports, spec.port, 1)
+        visible = (ns_ports, ports)
+    return NameTable(templates, select, generated, ents, hidden, visible)
 
 
 def primary_name(spec: ServiceSpec, templates: Sequence[HostnameTemplate],

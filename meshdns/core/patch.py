@@ -5,17 +5,16 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Mapping, Sequence
 
 from .names import (
-    DEFAULT_HOSTNAME_TEMPLATES,
     canonical_name,
     kuma_name,
 )
+from .naming import builtin_owner, patch_names
 from .registry import (
     Held,
     Registry,
     RegistryPolicy,
     _build,
     _FamilyIndex,
-    _generated_owner,
     _in_release_order,
     _Index,
     _registry,
@@ -40,10 +39,8 @@ def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable
                        f"upsert[{i}]")
         seen[key] = i
     index = reg._index
-    # Rendered names and a selector are rebuilt whole (their tables are not patched
-    # in place): a PATCH costs in the registry's size then, but means exactly the same.
-    if index is not None and index.fits(policy) and reg.names.is_default \
-            and policy.templates == DEFAULT_HOSTNAME_TEMPLATES and not policy.select:
+    if index is not None and index.fits(policy) and reg.names.templates == policy.templates \
+            and reg.names.select == policy.select:
         new = _patch_incremental(reg, index, upserts, deletes, seen, policy, now)
         if new is not None:
             return new
@@ -142,8 +139,12 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
     else:
         services = old_services
 
-    hostnames = _patch_hostnames(reg, removed, upserts, services, policy.domains)
+    builtins = reg.names.builtins
+    hostnames = _patch_hostnames(reg, removed, upserts, services, policy.domains, builtins)
     if hostnames is None:
+        return None
+    names = patch_names(reg.names, removed, upserts, services, hostnames, policy.domains)
+    if names is None:
         return None
 
     ns_ports, ports = reg.ns_ports, reg.ports
@@ -162,7 +163,7 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
     return _registry(reg.revision + 1 if changed else reg.revision, services, by_vip4, by_vip6,
                      hostnames, held4, held6, policy, idx4, idx6, (ns_ports, ports),
                      (reg.revision, len(old_services), tuple(svc.key for svc in written),
-                      tuple(deleted)))
+                      tuple(deleted)), names)
 
 
 def _copy(table: Mapping[_K, _V]) -> dict[_K, _V]:
@@ -374,8 +375,8 @@ def _next_top(old_top: int | None, assigned: Mapping[ServiceKey, int], in_use: C
 
 
 def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequence[ServiceSpec],
-                     services: Mapping[ServiceKey, Service],
-                     domains: tuple[str, ...]) -> Mapping[str, ServiceKey] | None:
+                     services: Mapping[ServiceKey, Service], domains: tuple[str, ...],
+                     builtins: frozenset[str]) -> Mapping[str, ServiceKey] | None:
     """``_check_hostnames`` for a patch: the host name table, None if rejected."""
     old = reg.hostnames
     freed = {host: svc.key for svc in removed for host in svc.hostnames}
@@ -394,7 +395,7 @@ def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequenc
             if owner is None:
                 if host in domains:
                     return None  # an apex: 400
-                owner = _generated_owner(host, services, domains)
+                owner = builtin_owner(host, services, domains, builtins)
                 if owner is not None and owner != key:
                     return None  # another service's own name: 409
                 claimed[host] = key
@@ -406,7 +407,8 @@ def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequenc
         if key in old_services:
             continue  # its own names were never anybody's host name
         for domain in domains:
-            for name in (canonical_name(*key, domain), kuma_name(*key, domain)):
+            for name in (canonical_name(*key, domain) if "canonical" in builtins else None,
+                         kuma_name(*key, domain) if "kuma" in builtins else None):
                 owner = None if name is None else owner_of(name)
                 if owner is not None and owner != key:
                     return None  # a new service whose name another one lists: 409

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Collection, Container, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any
@@ -366,16 +366,6 @@ def _check_hostnames(specs: Mapping[ServiceKey, ServiceSpec],
 
 def _host_field(path: str, i: int, j: int) -> str | None:
     return f"{path}[{i}].hostnames[{j}]" if i >= 0 else None
-
-
-def _generated_owner(host: str, keys: Container[ServiceKey],
-                     domains: Sequence[str]) -> ServiceKey | None:
-    """The service whose canonical or Kuma name ``host`` is, if it exists (the default
-    templates: only an incremental PATCH asks, and only under those)."""
-    return builtin_owner(host, keys, domains, _DEFAULT_BUILTINS)
-
-
-_DEFAULT_BUILTINS = frozenset({"canonical", "kuma"})
 
 
 _AssignResult = tuple[dict[ServiceKey, int], dict[int, ServiceKey],
