@@ -6,7 +6,9 @@
 
 Names are parsed structurally rather than looked up in a table of every name:
 ``<name>.<ns>.svc.<port>.<domain>`` is split into the service key, so a
-registry swap never has to build per-name strings for every service.
+registry swap never has to build per-name strings for every service. Names from
+other ``dns.hostname_templates`` come from the snapshot's name table (naming.py,
+rendered when the snapshot was built); services ``dns.select`` hides are absent.
 """
 
 from __future__ import annotations
