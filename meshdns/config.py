@@ -16,8 +16,14 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .core.names import normalize_domain, normalize_hostname
-from .core.parse import QUOTE_LIMIT, clip, quote
+from .core.names import (
+    DEFAULT_TEMPLATES,
+    TemplateError,
+    normalize_domain,
+    normalize_hostname,
+    parse_templates,
+)
+from .core.parse import QUOTE_LIMIT, clip, label_key_error, quote
 from .yamlload import load_yaml
 
 
@@ -60,6 +66,13 @@ class DnsConfig:
     answer_cache_size: int = 100_000  # pre-encoded local replies, per transport
     max_inflight: int = 1000  # upstream queries in flight; past it, SERVFAIL
     worker_steering: str = "auto"  # dns.workers UDP: "cpu", "hash" or auto (cpu on loopback)
+    # Names each service answers to (issue 16); the default is the canonical and Kuma forms.
+    hostname_templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    # matchLabels ("mesh"/"zone" match those fields): only these services are answered.
+    select: tuple[tuple[str, str], ...] = ()
+    # RFC 8767: an expired forwarded answer is served (TTL 30) for this long when every
+    # upstream fails; 0 disables.
+    serve_stale: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -253,6 +266,46 @@ def _cidr(version: int) -> Callable[[str, Any], str | None]:
     return check
 
 
+def _templates(path: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _fail(path, "must be a non-empty list of templates", value)
+    for i, text in enumerate(value):
+        if not isinstance(text, str):
+            raise _fail(f"{path}[{i}]", "must be a string", text)
+    if len(set(value)) != len(value):
+        raise _fail(path, "must not repeat an entry", value)
+    try:
+        parse_templates(value)
+    except TemplateError as exc:
+        text = str(exc)
+        if text.startswith("["):
+            index, _, reason = text.partition(": ")
+            raise ConfigError(f"{path}{index}: {reason}, got "
+                              f"{_got(value[int(index[1:-1])])}") from None
+        raise _fail(path, text, value) from None
+    return tuple(value)
+
+
+def _select(path: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if value is None or value == {}:
+        return ()
+    if not isinstance(value, Mapping) or set(value) != {"matchLabels"}:
+        raise _fail(path, "must be a mapping with one key, matchLabels", value)
+    labels = value["matchLabels"]
+    if not isinstance(labels, Mapping):
+        raise _fail(f"{path}.matchLabels", "must be a mapping of label keys to values", labels)
+    out = []
+    for key, item in labels.items():
+        where = f"{path}.matchLabels.{clip(str(key))}"
+        if not isinstance(key, str) or label_key_error(key) is not None:
+            raise _fail(where, "must be a Kubernetes label key (mesh and zone match "
+                        "those fields)", key)
+        if not isinstance(item, str):
+            raise _fail(where, "must be a string", item)
+        out.append((key, item))
+    return tuple(sorted(out))
+
+
 def _follow_url(path: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -278,6 +331,9 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "answer_cache_size": _int(16, 10_000_000),
         "max_inflight": _int(1, 1_000_000),
         "worker_steering": _choice("auto", "cpu", "hash"),
+        "hostname_templates": _templates,
+        "select": _select,
+        "serve_stale": _number(0, 86400 * 7),
     },
     "api": {
         "listen": _listen,
@@ -413,7 +469,9 @@ def config_to_raw(cfg: Config) -> dict[str, dict[str, Any]]:
         out[name] = {}
         for f in fields(section):
             value = getattr(section, f.name)
-            if isinstance(value, HostPort):
+            if f.name == "select":
+                value = {"matchLabels": dict(value)} if value else {}
+            elif isinstance(value, HostPort):
                 value = str(value)
             elif isinstance(value, tuple):
                 value = [str(v) if isinstance(v, HostPort) else v for v in value]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, logs
 from .api.state import ApiContext
 from .config import Config, ConfigError, HostPort
+from .core.names import parse_templates
 from .core.registry import Registry, RegistryError, RegistryPolicy, apply_put
 from .core.resolver import ForwardRequest, Resolver
 from .core.vip import VipRange
@@ -65,6 +66,8 @@ def registry_policy(config: Config) -> RegistryPolicy:
         range4=VipRange.from_cidr(reg.cidr),
         range6=VipRange.from_cidr(reg.cidr6) if reg.cidr6 else None,
         hold_seconds=reg.vip_hold_seconds,
+        templates=parse_templates(config.dns.hostname_templates),
+        select=config.dns.select,
     )
 
 

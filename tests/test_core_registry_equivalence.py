@@ -18,6 +18,7 @@ executed in the core) does not grow with the registry.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import re
@@ -269,7 +270,8 @@ def legacy_build(reg: Any, indexed: Mapping[ServiceKey, tuple[int, ServiceSpec]]
     for key, (_, spec) in indexed.items():
         services[key] = Service(spec.name, spec.namespace, spec.port, vip4[key],
                                 vip6.get(key), spec.hostnames,
-                                spec.vip is not None, spec.vip6 is not None)
+                                spec.vip is not None, spec.vip6 is not None,
+                                labels=spec.labels, mesh=spec.mesh, zone=spec.zone)
     held4 = legacy_next_held(reg.held4, reg.by_vip4, by_vip4, policy, now)
     held6 = legacy_next_held(reg.held6, reg.by_vip6, by_vip6, policy, now)
     changed = services != reg.services
@@ -417,9 +419,20 @@ def random_hosts(ch: Chooser) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+def random_meta(ch: Chooser) -> dict[str, Any]:
+    """Labels, mesh and zone now and then: a PATCH that changes only them changes the
+    service (and a rewrite with the same ones does not)."""
+    if not chance(ch, 30):
+        return {}
+    labels = (("app", ch.pick(("a", "b"))),) if chance(ch, 60) else ()
+    return {"labels": labels, "mesh": ch.pick((None, "m1", "m2")),
+            "zone": ch.pick((None, "z1"))}
+
+
 def random_spec(ch: Chooser, reg: Registry, key: ServiceKey | None = None) -> ServiceSpec:
     key = key or random_key(ch)
-    return ServiceSpec(*key, random_vip(ch, reg, 4), random_vip(ch, reg, 6), random_hosts(ch))
+    return ServiceSpec(*key, random_vip(ch, reg, 4), random_vip(ch, reg, 6), random_hosts(ch),
+                       **random_meta(ch))
 
 
 def random_specs(ch: Chooser, reg: Registry, count: int) -> list[ServiceSpec]:
@@ -1009,3 +1022,69 @@ def test_a_service_written_again_unchanged_is_reused_from_the_known_ones() -> No
 
 def copy_items(items: list[Any]) -> list[Any]:
     return [dict(item) for item in items]
+
+
+# ---------------------------------------------------------------- templates and selectors
+
+TEMPLATE_POLICY = RegistryPolicy(
+    domains=("mesh", "cluster.local"), range4=VipRange.from_cidr("240.0.0.0/24"), range6=None,
+    templates=names_module.parse_templates(
+        [*names_module.DEFAULT_TEMPLATES, "{name}.svc.{mesh}.{domain}",
+         "{label:app}.{namespace}.mesh"]),
+    select=(("mesh", "m1"),))
+
+
+@pytest.mark.parametrize("seed", range(1, 6))
+def test_patches_under_templates_and_a_selector_match_the_full_put(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rendered names, what the selector hides and the counts behind its empty
+    non-terminals are those of a PUT of the full list the PATCH amounts to."""
+    ch = RandomChooser(seed)
+    reg = Registry.empty()
+    accepted = rejected = rendered = hidden = 0
+    rebuilds: list[int] = []
+    real_rebuild = patch_module._patch_rebuild
+
+    def counting_rebuild(*args: Any, **kwargs: Any) -> Registry:
+        rebuilds.append(1)
+        return real_rebuild(*args, **kwargs)
+
+    monkeypatch.setattr(patch_module, "_patch_rebuild", counting_rebuild)
+    for step in range(150):
+        upserts = [spec for spec in random_specs(ch, reg, ch.number(0, 4))
+                   if spec.vip is None or spec.vip in TEMPLATE_POLICY.range4]
+        if len({s.key for s in upserts}) < len(upserts):
+            continue
+        deletes = [k for k in random_deletes(ch, reg) if k not in {s.key for s in upserts}]
+        rebuilds.clear()
+        new, error = attempt(functools.partial(apply_patch, reg, upserts, deletes,
+                                               TEMPLATE_POLICY, float(step)))
+        if error is None and reg._index is not None:
+            # Incremental: the name table is patched, not rebuilt.
+            assert not rebuilds, "an accepted PATCH under templates was rebuilt whole"
+        full = equivalent_put(reg, upserts, deletes)
+        put, put_error = attempt(functools.partial(apply_put, reg, full, TEMPLATE_POLICY,
+                                                   float(step)))
+        if error is not None:
+            assert put_error is not None and put_error.status == error.status
+            rejected += 1
+            continue
+        assert put is not None and new is not None, put_error
+        assert new.services == put.services
+        a, b = new.names, put.names
+        assert dict(a.generated) == dict(b.generated)
+        assert (a.ents, a.hidden, a.visible_counts) == (b.ents, b.hidden, b.visible_counts)
+        assert a.hidden == {k for k, svc in new.services.items() if svc.mesh != "m1"}
+        for name, (key, index) in a.generated.items():
+            svc = new.services[key]
+            template = TEMPLATE_POLICY.templates[index]
+            assert name in {template.render(
+                {"name": svc.name, "namespace": svc.namespace, "port": str(svc.port),
+                 "mesh": svc.mesh, "zone": svc.zone}, dict(svc.labels), d)
+                for d in TEMPLATE_POLICY.domains}
+        reg = new
+        accepted += 1
+        rendered = max(rendered, len(a.generated))
+        hidden = max(hidden, len(a.hidden))
+    assert accepted > 30 and rejected > 3
+    assert rendered > 3 and hidden > 3  # the templates and the selector did something

@@ -211,8 +211,9 @@ def test_cached_answers_survive_every_upstream_going_down(tmp_path: Path) -> Non
     upstream = FakeUpstream().start()
     upstream.rule("kept.example.test", ttl=60)
     try:
-        with running_server(forwarding(tmp_path, [upstream.address],
-                                       upstream_timeout=0.5)) as server:
+        # serve_stale 0: an expired answer is not served stale (test_serve_stale.py).
+        with running_server(forwarding(tmp_path, [upstream.address], upstream_timeout=0.5,
+                                       serve_stale=0)) as server:
             server.mesh.forwarder.clock = clock
             assert addresses(ask(server, "kept.example.test")) == ["192.0.2.1"]
             upstream.stop()

@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 from dnslib import CLASS, QTYPE, RR, DNSLabel
 
+from ..core.explain import explain_names
 from ..core.wire import Query, rcode_name
 from ..dns.chase import ChasedReply
 from ..dns.forwarder import Forwarder
@@ -81,6 +82,8 @@ async def resolve(request: web.Request) -> web.Response:
         "authority": [record(rr) for rr in decision.authority],
         "additional": [record(rr) for rr in decision.additional],
     }
+    # Which hostname template named the service, or which dns.select hid it.
+    out.update(explain_names(resolver.zone, labels, decision))
     if forwarded:
         out["upstreams"] = [str(hp) for hp in server.upstreams]
         out["chase"] = None

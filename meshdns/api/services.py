@@ -32,6 +32,7 @@ from ..core.registry import (
     parse_deletes,
     parse_services,
 )
+from ..core.service import add_meta
 from ..gcpause import gc_paused
 from ..protocol import LINEAGE_HEADER, WORKER_HEADER
 from ..store import StateWriteError, fast_ip4, fast_ip6
@@ -88,8 +89,9 @@ def parse_wait(text: str | None) -> float:
 def encode_registry(reg: Registry) -> bytes:
     """The GET body; the same shape as ``Registry.to_json``, built ~5x faster."""
     services = [
-        {"name": s.name, "namespace": s.namespace, "port": s.port, "vip": fast_ip4(s.vip),
-         "vip6": None if s.vip6 is None else fast_ip6(s.vip6), "hostnames": list(s.hostnames)}
+        add_meta({"name": s.name, "namespace": s.namespace, "port": s.port,
+                  "vip": fast_ip4(s.vip), "vip6": None if s.vip6 is None else fast_ip6(s.vip6),
+                  "hostnames": list(s.hostnames)}, s)
         for s in reg.services.values()
     ]
     return json.dumps({"revision": reg.revision, "services": services},

@@ -57,12 +57,16 @@ class FastPath:
     """Wire replies for the common questions of one zone (one registry snapshot)."""
 
     __slots__ = ("_a", "_a_rr", "_aaaa", "_aaaa_rr", "_domains", "_names", "_nodata",
-                 "_nxdomain", "_one", "_ptr_head", "_ra", "_serial", "_soa", "_soa_ttl",
+                 "_nxdomain", "_off", "_one", "_ptr_head", "_ra", "_serial", "_soa", "_soa_ttl",
                  "_srv_head", "_targets", "_two", "zone")
 
     def __init__(self, zone: Zone) -> None:
         s = zone.settings
         self.zone = zone
+        # Custom hostname templates or dns.select: SRV/PTR targets are the first
+        # template's name and some services are hidden, which this path does not
+        # model; every miss then takes the strict (dnslib) path.
+        self._off = not zone.registry.names.is_default
         ttl = s.ttl.to_bytes(4, "big")
         # A and AAAA records owned by the question's name, up to their RDATA.
         self._a_rr = b"\x00\x01\x00\x01" + ttl + b"\x00\x04"  # type, class, TTL, length
@@ -92,6 +96,8 @@ class FastPath:
 
         One flat function on purpose: on this path every Python call costs.
         """
+        if self._off:
+            return None
         counts = data[4:12]
         if counts == _QUESTION_ONLY:
             opt = False

@@ -97,6 +97,10 @@ def outdated_names(old: Zone, new: Zone) -> set[str] | None:
     base, reg = old.registry, new.registry
     if reg is base:
         return set()
+    if not (base.names.is_default and reg.names.is_default):
+        # Rendered template names and dns.select are not listed per service here:
+        # empty everything (correct, if slower to warm again).
+        return None
     delta = reg._delta
     if delta is None or delta[:2] != (base.revision, len(base.services)):
         return None

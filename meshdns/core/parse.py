@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import reprlib
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +15,7 @@ from .service import (
     _KEY_FIELDS,
     _SERVICE_FIELDS,
     MAX_HOSTNAMES_PER_SERVICE,
+    Labels,
     RegistryError,
     Service,
     ServiceKey,
@@ -114,6 +116,54 @@ def _parse_hostnames(raw_hosts: Any, path: str) -> tuple[str, ...]:
     return tuple(hostnames)
 
 
+# Kubernetes label syntax: a key is an optional DNS-subdomain prefix and "/" and a
+# name; a name and a value are up to 63 characters of [A-Za-z0-9._-], starting and
+# ending alphanumeric (a value may be empty).
+_LABEL_NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+_LABEL_PREFIX_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+MAX_LABELS_PER_SERVICE = 64
+
+
+def label_key_error(key: str) -> str | None:
+    """Why ``key`` is not a Kubernetes label key, or None when it is one."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > 253 or not _LABEL_PREFIX_RE.fullmatch(prefix)):
+        return f"label key prefix must be a DNS subdomain, got {quote(key)}"
+    if not _LABEL_NAME_RE.fullmatch(name):
+        return ("label key must be [prefix/]name, the name 1..63 characters of "
+                f"[A-Za-z0-9._-] starting and ending alphanumeric, got {quote(key)}")
+    return None
+
+
+def _parse_labels(raw: Any, path: str) -> Labels:
+    if raw is None:
+        return ()
+    if type(raw) is not dict and not isinstance(raw, Mapping):
+        raise _bad("must be an object of string label keys to string values", path)
+    if len(raw) > MAX_LABELS_PER_SERVICE:
+        raise _bad(f"at most {MAX_LABELS_PER_SERVICE} labels per service", path)
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise _bad(f"label keys must be strings, got {quote(key)}", path)
+        why = label_key_error(key)
+        if why is not None:
+            raise _bad(why, f"{path}.{clip(key)}")
+        if not isinstance(value, str) or (value and not _LABEL_NAME_RE.fullmatch(value)):
+            raise _bad("label value must be a string of up to 63 characters of "
+                       f"[A-Za-z0-9._-] starting and ending alphanumeric, got {quote(value)}",
+                       f"{path}.{clip(key)}")
+    return tuple(sorted(raw.items()))
+
+
+def _parse_mesh_or_zone(raw: Any, path: str) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not is_rfc1123_label(raw):
+        raise _bad("must be a lower-case RFC 1123 label (a-z, 0-9, '-', 1..63 chars), "
+                   f"got {quote(raw)}", path)
+    return raw
+
+
 def parse_service(item: Any, path: str) -> ServiceSpec:
     return _parse_service(item, path, {})
 
@@ -155,16 +205,24 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str],
             vip6 = _parse_vip(get("vip6"), 6, f"{path}.vip6")
     raw_hosts = get("hostnames")
     hostnames = () if raw_hosts is None else _parse_hostnames(raw_hosts, path)
+    labels: Labels = ()
+    mesh = zone = None
+    if len(item) > 3 and ("labels" in item or "mesh" in item or "zone" in item):
+        labels = _parse_labels(get("labels"), f"{path}.labels")
+        mesh = _parse_mesh_or_zone(get("mesh"), f"{path}.mesh")
+        zone = _parse_mesh_or_zone(get("zone"), f"{path}.zone")
     if vip is not None and vip6 is not None:
         # Both VIPs given (a control plane that allocates them): already the Service the
         # registry keeps, unless the write is rejected.
         if known:
             prev = known.get((name, namespace, port))
             if (prev is not None and prev.vip == vip and prev.vip6 == vip6
-                    and prev.hostnames == hostnames and prev.vip_given and prev.vip6_given):
+                    and prev.hostnames == hostnames and prev.vip_given and prev.vip6_given
+                    and prev.labels == labels and prev.mesh == mesh and prev.zone == zone):
                 return prev
-        return _make_service(name, namespace, port, vip, vip6, hostnames, True, True)
-    return _make_spec(name, namespace, port, vip, vip6, hostnames)
+        return _make_service(name, namespace, port, vip, vip6, hostnames, True, True,
+                             labels, mesh, zone)
+    return _make_spec(name, namespace, port, vip, vip6, hostnames, labels, mesh, zone)
 
 
 def parse_services(value: Any, path: str = "services", *, consume: bool = False,

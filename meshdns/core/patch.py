@@ -8,13 +8,13 @@ from .names import (
     canonical_name,
     kuma_name,
 )
+from .naming import builtin_owner, patch_names
 from .registry import (
     Held,
     Registry,
     RegistryPolicy,
     _build,
     _FamilyIndex,
-    _generated_owner,
     _in_release_order,
     _Index,
     _registry,
@@ -39,7 +39,8 @@ def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable
                        f"upsert[{i}]")
         seen[key] = i
     index = reg._index
-    if index is not None and index.fits(policy):
+    if index is not None and index.fits(policy) and reg.names.templates == policy.templates \
+            and reg.names.select == policy.select:
         new = _patch_incremental(reg, index, upserts, deletes, seen, policy, now)
         if new is not None:
             return new
@@ -117,7 +118,8 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
         key = spec.key
         svc = spec if isinstance(spec, Service) else Service(
             spec.name, spec.namespace, spec.port, vip4[key], vip6.get(key), spec.hostnames,
-            spec.vip is not None, spec.vip6 is not None)
+            spec.vip is not None, spec.vip6 is not None, labels=spec.labels, mesh=spec.mesh,
+            zone=spec.zone)
         prev = old_services.get(key)
         if prev is not None and prev == svc:
             svc = prev
@@ -137,8 +139,12 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
     else:
         services = old_services
 
-    hostnames = _patch_hostnames(reg, removed, upserts, services, policy.domains)
+    builtins = reg.names.builtins
+    hostnames = _patch_hostnames(reg, removed, upserts, services, policy.domains, builtins)
     if hostnames is None:
+        return None
+    names = patch_names(reg.names, removed, upserts, services, hostnames, policy.domains)
+    if names is None:
         return None
 
     ns_ports, ports = reg.ns_ports, reg.ports
@@ -157,7 +163,7 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
     return _registry(reg.revision + 1 if changed else reg.revision, services, by_vip4, by_vip6,
                      hostnames, held4, held6, policy, idx4, idx6, (ns_ports, ports),
                      (reg.revision, len(old_services), tuple(svc.key for svc in written),
-                      tuple(deleted)))
+                      tuple(deleted)), names)
 
 
 def _copy(table: Mapping[_K, _V]) -> dict[_K, _V]:
@@ -369,8 +375,8 @@ def _next_top(old_top: int | None, assigned: Mapping[ServiceKey, int], in_use: C
 
 
 def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequence[ServiceSpec],
-                     services: Mapping[ServiceKey, Service],
-                     domains: tuple[str, ...]) -> Mapping[str, ServiceKey] | None:
+                     services: Mapping[ServiceKey, Service], domains: tuple[str, ...],
+                     builtins: frozenset[str]) -> Mapping[str, ServiceKey] | None:
     """``_check_hostnames`` for a patch: the host name table, None if rejected."""
     old = reg.hostnames
     freed = {host: svc.key for svc in removed for host in svc.hostnames}
@@ -389,7 +395,7 @@ def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequenc
             if owner is None:
                 if host in domains:
                     return None  # an apex: 400
-                owner = _generated_owner(host, services, domains)
+                owner = builtin_owner(host, services, domains, builtins)
                 if owner is not None and owner != key:
                     return None  # another service's own name: 409
                 claimed[host] = key
@@ -401,7 +407,8 @@ def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequenc
         if key in old_services:
             continue  # its own names were never anybody's host name
         for domain in domains:
-            for name in (canonical_name(*key, domain), kuma_name(*key, domain)):
+            for name in (canonical_name(*key, domain) if "canonical" in builtins else None,
+                         kuma_name(*key, domain) if "kuma" in builtins else None):
                 owner = None if name is None else owner_of(name)
                 if owner is not None and owner != key:
                     return None  # a new service whose name another one lists: 409

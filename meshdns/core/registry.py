@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Collection, Container, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any
 
-from .names import (
-    canonical_name,
-    is_subdomain,
-    kuma_name,
-)
+from .names import DEFAULT_HOSTNAME_TEMPLATES, HostnameTemplate
+from .naming import DEFAULT_NAMES, NameTable, Selector, build_names, builtin_owner
 from .parse import parse_deletes, parse_service, parse_services
 from .service import (
     _NS_PORT,
@@ -62,6 +59,8 @@ class RegistryPolicy:
     range6: VipRange | None = field(
         default_factory=lambda: VipRange.from_cidr("fd00:fd00::/64"))
     hold_seconds: float = 300.0
+    templates: tuple[HostnameTemplate, ...] = DEFAULT_HOSTNAME_TEMPLATES
+    select: Selector = ()  # dns.select matchLabels: the services this instance answers for
 
 
 Held = Mapping[int, tuple[float, ServiceKey]]  # vip -> (release time, last owner)
@@ -117,6 +116,8 @@ class Registry:
     # (that snapshot's revision and size, keys written, keys deleted); None when not
     # known. Lets the state journal record a PATCH without comparing every service.
     _delta: Delta | None = field(default=None, repr=False)
+    # Template-rendered names and what dns.select hides (see naming.py).
+    names: NameTable = field(default=DEFAULT_NAMES, repr=False)
 
     @classmethod
     def empty(cls) -> Registry:
@@ -245,6 +246,8 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
         stored_first = ([item for item in specs.items() if item[0] not in where]
                         + [item for item in specs.items() if item[0] in where])
     hostnames = _check_hostnames(specs, stored_first, where, policy, path)
+    names = build_names(specs, stored_first, where, hostnames, policy.templates,
+                        policy.select, policy.domains, path)
     vip4, by_vip4, held4, fam4 = _assign(4, reg, specs, stored_first, where, policy.range4,
                                          policy.hold_seconds, now, path)
     vip6, by_vip6, held6, fam6 = _assign(6, reg, specs, stored_first, where, policy.range6,
@@ -258,10 +261,11 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
                         spec.name, spec.namespace, spec.port,
                         vip4[key] if spec.vip is None else spec.vip,
                         vip6.get(key) if spec.vip6 is None else spec.vip6,
-                        spec.hostnames, spec.vip is not None, spec.vip6 is not None)
+                        spec.hostnames, spec.vip is not None, spec.vip6 is not None,
+                        spec.labels, spec.mesh, spec.zone)
                     for key, spec in specs.items()}
         return _registry(reg.revision + 1 if services else reg.revision, services, by_vip4,
-                         by_vip6, hostnames, held4, held6, policy, fam4, fam6)
+                         by_vip6, hostnames, held4, held6, policy, fam4, fam6, names=names)
     services = {}
     kept = 0
     for key, spec in specs.items():
@@ -269,7 +273,8 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
             prev = old_services.get(key)
             if (prev is not None and prev.vip == spec.vip and prev.vip6 == spec.vip6
                     and prev.hostnames == spec.hostnames and prev.vip_given
-                    and prev.vip6_given):
+                    and prev.vip6_given and prev.labels == spec.labels
+                    and prev.mesh == spec.mesh and prev.zone == spec.zone):
                 services[key] = prev
                 kept += 1
             else:
@@ -282,16 +287,18 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
         prev = old_services.get(key)
         if (prev is not None and prev.vip == v4 and prev.vip6 == v6
                 and prev.hostnames == spec.hostnames and prev.vip_given == given4
-                and prev.vip6_given == given6):
+                and prev.vip6_given == given6 and prev.labels == spec.labels
+                and prev.mesh == spec.mesh and prev.zone == spec.zone):
             services[key] = prev  # equal as it is: no new object, and a cheap comparison
             kept += 1
         else:
             services[key] = _make_service(spec.name, spec.namespace, spec.port, v4, v6,
-                                          spec.hostnames, given4, given6)
+                                          spec.hostnames, given4, given6, spec.labels,
+                                          spec.mesh, spec.zone)
     changed = not kept == len(services) == len(old_services)
     return _registry(reg.revision + 1 if changed else reg.revision, services, by_vip4, by_vip6,
                      hostnames, held4, held6, policy, fam4, fam6,
-                     None if changed else (reg.ns_ports, reg.ports))
+                     None if changed else (reg.ns_ports, reg.ports), names=names)
 
 
 # A bulk C-level call (dict.update, Counter over a map) holds the GIL until it
@@ -306,7 +313,7 @@ def _registry(revision: int, services: Mapping[ServiceKey, Service],
               hostnames: Mapping[str, ServiceKey], held4: Held, held6: Held,
               policy: RegistryPolicy, fam4: _FamilyIndex, fam6: _FamilyIndex,
               counts: tuple[Mapping[tuple[str, int], int], Mapping[int, int]] | None = None,
-              delta: Delta | None = None) -> Registry:
+              delta: Delta | None = None, names: NameTable = DEFAULT_NAMES) -> Registry:
     """A snapshot; ``counts`` are its (ns, port) and port counts when already known (the
     previous snapshot's for a re-PUT of what is there, updated ones for a PATCH), else
     they are counted; ``delta``: what a PATCH changed (see Registry._delta)."""
@@ -330,6 +337,7 @@ def _registry(revision: int, services: Mapping[ServiceKey, Service],
         ports=counts[1],
         _index=_Index(policy.domains, policy.range4, policy.range6, fam4, fam6),
         _delta=delta,
+        names=names,
     )
 
 
@@ -339,6 +347,7 @@ def _check_hostnames(specs: Mapping[ServiceKey, ServiceSpec],
                      path: str) -> dict[str, ServiceKey]:
     owners: dict[str, ServiceKey] = {}
     domains = policy.domains
+    builtins = frozenset(t.builtin for t in policy.templates if t.builtin is not None)
     for key, spec in stored_first:
         if not spec.hostnames:
             continue
@@ -347,7 +356,7 @@ def _check_hostnames(specs: Mapping[ServiceKey, ServiceSpec],
             if host in domains:
                 raise _bad(f"{host!r} is a served domain apex, not a service name",
                            _host_field(path, i, j) or path)
-            owner = owners.get(host) or _generated_owner(host, specs, domains)
+            owner = owners.get(host) or builtin_owner(host, specs, domains, builtins)
             if owner is not None and owner != key:
                 raise RegistryError(409, f"host name {host!r} of {describe(key)} is already "
                                     f"owned by {describe(owner)}", _host_field(path, i, j))
@@ -357,27 +366,6 @@ def _check_hostnames(specs: Mapping[ServiceKey, ServiceSpec],
 
 def _host_field(path: str, i: int, j: int) -> str | None:
     return f"{path}[{i}].hostnames[{j}]" if i >= 0 else None
-
-
-def _generated_owner(host: str, keys: Container[ServiceKey],
-                     domains: Sequence[str]) -> ServiceKey | None:
-    """The service whose canonical or Kuma name ``host`` is, if it exists."""
-    for domain in domains:
-        if not is_subdomain(host, domain) or host == domain:
-            continue
-        rest = host[: -len(domain) - 1].split(".")
-        key: ServiceKey | None = None
-        if len(rest) == 4 and rest[2] == "svc" and rest[3].isdigit():
-            key = (rest[0], rest[1], int(rest[3]))
-        elif len(rest) == 1 and rest[0].count("_") == 3:
-            n, ns, svc, port = rest[0].split("_")
-            if svc == "svc" and port.isdigit():
-                key = (n, ns, int(port))
-        if key is not None and key in keys and (
-            canonical_name(*key, domain) == host or kuma_name(*key, domain) == host
-        ):
-            return key
-    return None
 
 
 _AssignResult = tuple[dict[ServiceKey, int], dict[int, ServiceKey],
@@ -533,5 +521,4 @@ def restore(revision: int, specs: Sequence[ServiceSpec],
     by_vip6 = {v6: key for key, (_, v6) in allocated.items() if v6 is not None}
     base = Registry(revision, {}, by_vip4, by_vip6, {}, held4 or {}, held6 or {}, {}, {})
     reg = apply_put(base, specs, policy, now)
-    return Registry(revision, reg.services, reg.by_vip4, reg.by_vip6, reg.hostnames,
-                    reg.held4, reg.held6, reg.ns_ports, reg.ports, reg._index)
+    return replace(reg, revision=revision, _delta=None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, TypeVar
 
@@ -13,7 +13,9 @@ _K = TypeVar("_K")
 _V = TypeVar("_V")
 
 MAX_HOSTNAMES_PER_SERVICE = 256
-_SERVICE_FIELDS = frozenset({"name", "namespace", "port", "vip", "vip6", "hostnames"})
+_SERVICE_FIELDS = frozenset({"name", "namespace", "port", "vip", "vip6", "hostnames",
+                             "labels", "mesh", "zone"})
+Labels = tuple[tuple[str, str], ...]  # (key, value) pairs sorted by key: hashable, comparable
 _KEY_FIELDS = ("name", "namespace", "port")
 _NS_PORT = itemgetter(1, 2)  # key -> (namespace, port)
 _PORT = itemgetter(2)
@@ -46,10 +48,21 @@ class ServiceSpec:
     vip: int | None = None
     vip6: int | None = None
     hostnames: tuple[str, ...] = ()
+    # Keyword-only so that they come last in __init__: positional construction
+    # (name, namespace, port, vip, vip6, hostnames[, vip_given, vip6_given]) stays.
+    labels: Labels = field(default=(), kw_only=True)
+    mesh: str | None = field(default=None, kw_only=True)
+    zone: str | None = field(default=None, kw_only=True)
 
     @property
     def key(self) -> ServiceKey:
         return (self.name, self.namespace, self.port)
+
+    def label(self, key: str) -> str | None:
+        for k, v in self.labels:
+            if k == key:
+                return v
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +83,11 @@ class Service(ServiceSpec):
         """The write that would reproduce this service, allocated VIPs left open."""
         return ServiceSpec(self.name, self.namespace, self.port,
                            self.vip if self.vip_given else None,
-                           self.vip6 if self.vip6_given else None, self.hostnames)
+                           self.vip6 if self.vip6_given else None, self.hostnames,
+                           labels=self.labels, mesh=self.mesh, zone=self.zone)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "namespace": self.namespace,
             "port": self.port,
@@ -81,6 +95,20 @@ class Service(ServiceSpec):
             "vip6": None if self.vip6 is None else format_ip(self.vip6, 6),
             "hostnames": list(self.hostnames),
         }
+        add_meta(out, self)
+        return out
+
+
+def add_meta(out: dict[str, Any], s: ServiceSpec) -> dict[str, Any]:
+    """Labels, mesh and zone into a service's JSON record, each only when set: the
+    records of services without them stay exactly as they were."""
+    if s.labels:
+        out["labels"] = dict(s.labels)
+    if s.mesh is not None:
+        out["mesh"] = s.mesh
+    if s.zone is not None:
+        out["zone"] = s.zone
+    return out
 
 
 # Building a frozen dataclass runs object.__setattr__ once per field; filling the
@@ -88,31 +116,39 @@ class Service(ServiceSpec):
 # which counts when a write builds 100k of them. Only for the hot paths below.
 _new_object = object.__new__
 _SPEC_SLOTS = tuple(getattr(ServiceSpec, f).__set__ for f in (
-    "name", "namespace", "port", "vip", "vip6", "hostnames"))
+    "name", "namespace", "port", "vip", "vip6", "hostnames", "labels", "mesh", "zone"))
 _SERVICE_SLOTS = tuple(getattr(Service, f).__set__ for f in (
-    "name", "namespace", "port", "vip", "vip6", "hostnames", "vip_given", "vip6_given"))
+    "name", "namespace", "port", "vip", "vip6", "hostnames", "vip_given", "vip6_given",
+    "labels", "mesh", "zone"))
 
 
 def _make_spec(name: str, namespace: str, port: int, vip: int | None, vip6: int | None,
-               hostnames: tuple[str, ...]) -> ServiceSpec:
+               hostnames: tuple[str, ...], labels: Labels = (), mesh: str | None = None,
+               zone: str | None = None) -> ServiceSpec:
     """``ServiceSpec(...)``, faster."""
     spec: ServiceSpec = _new_object(ServiceSpec)
-    s_name, s_namespace, s_port, s_vip, s_vip6, s_hostnames = _SPEC_SLOTS
+    (s_name, s_namespace, s_port, s_vip, s_vip6, s_hostnames, s_labels, s_mesh,
+     s_zone) = _SPEC_SLOTS
     s_name(spec, name)
     s_namespace(spec, namespace)
     s_port(spec, port)
     s_vip(spec, vip)
     s_vip6(spec, vip6)
     s_hostnames(spec, hostnames)
+    s_labels(spec, labels)
+    s_mesh(spec, mesh)
+    s_zone(spec, zone)
     return spec
 
 
 def _make_service(name: str, namespace: str, port: int, vip: int, vip6: int | None,
-                  hostnames: tuple[str, ...], vip_given: bool, vip6_given: bool) -> Service:
+                  hostnames: tuple[str, ...], vip_given: bool, vip6_given: bool,
+                  labels: Labels = (), mesh: str | None = None,
+                  zone: str | None = None) -> Service:
     """``Service(...)``, faster."""
     svc: Service = _new_object(Service)
     (s_name, s_namespace, s_port, s_vip, s_vip6, s_hostnames, s_given,
-     s_given6) = _SERVICE_SLOTS
+     s_given6, s_labels, s_mesh, s_zone) = _SERVICE_SLOTS
     s_name(svc, name)
     s_namespace(svc, namespace)
     s_port(svc, port)
@@ -121,6 +157,9 @@ def _make_service(name: str, namespace: str, port: int, vip: int, vip6: int | No
     s_hostnames(svc, hostnames)
     s_given(svc, vip_given)
     s_given6(svc, vip6_given)
+    s_labels(svc, labels)
+    s_mesh(svc, mesh)
+    s_zone(svc, zone)
     return svc
 
 

@@ -6,7 +6,9 @@
 
 Names are parsed structurally rather than looked up in a table of every name:
 ``<name>.<ns>.svc.<port>.<domain>`` is split into the service key, so a
-registry swap never has to build per-name strings for every service.
+registry swap never has to build per-name strings for every service. Names from
+other ``dns.hostname_templates`` come from the snapshot's name table (naming.py,
+rendered when the snapshot was built); services ``dns.select`` hides are absent.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 
 from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
-from .names import canonical_name, is_subdomain, key_to_labels, wire_to_key
+from .names import is_subdomain, key_to_labels, wire_to_key
+from .naming import primary_name
 from .registry import Registry, Service
 from .vip import VipRange, format_ip
 from .wire import (
@@ -35,11 +38,11 @@ SOA_RNAME = "nobody.invalid"  # RFC 6303 locally served zones
 SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 1200, 604800
 
 # Decision rules, as shown by /v1/resolve.
-CANONICAL, KUMA, HOSTNAME = "canonical", "kuma", "hostname"
+CANONICAL, KUMA, HOSTNAME, TEMPLATE = "canonical", "kuma", "hostname", "template"
 PTR_RULE, APEX, ENT = "ptr", "apex", "empty-non-terminal"
 NXDOMAIN, SEARCH, FORWARD, REFUSED = "nxdomain", "search", "forward", "refused"
 NOT_LOADED = "not-loaded"
-SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME})
+SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME, TEMPLATE})
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class Zone:
     _domains: tuple[str, ...] = field(init=False)
     _reverse: dict[str, _ReverseZone] = field(init=False)
     _host_ents: frozenset[str] = field(init=False)
+    _builtins: frozenset[str] = field(init=False)
     _sorted4: list[int] | None = field(init=False, default=None)
     _sorted6: list[int] | None = field(init=False, default=None)
     # Names the wire fast path (fastpath.py) encoded for this snapshot, filled as
@@ -153,8 +157,12 @@ class Zone:
         s = self.settings
         self._domains = tuple(sorted(s.domains, key=len, reverse=True))  # longest match wins
         self._reverse = {z.apex: z for z in reverse_zones(s.range4) + reverse_zones(s.range6)}
+        self._builtins = self.registry.names.builtins
+        hidden = self.registry.names.hidden
         ents: set[str] = set()
-        for host in self.registry.hostnames:
+        for host, owner in self.registry.hostnames.items():
+            if owner in hidden:
+                continue
             for domain in self._domains:
                 if is_subdomain(host, domain):
                     cut = host.find(".")
@@ -186,7 +194,7 @@ class Zone:
         if qtype in (T_AAAA, QTYPE_ANY) and svc.vip6 is not None:
             answer.append(RR(owner, T_AAAA, ttl=ttl, rdata=AAAA(format_ip(svc.vip6, 6))))
         if qtype == T_SRV:
-            target = canonical_name(svc.name, svc.namespace, svc.port, domain) + "."
+            target = primary_name(svc, self.registry.names.templates, domain) + "."
             answer.append(RR(owner, T_SRV, ttl=ttl, rdata=SRV(0, 100, svc.port, target)))
             additional.append(RR(target, T_A, ttl=ttl, rdata=A(format_ip(svc.vip, 4))))
             if svc.vip6 is not None:
@@ -207,13 +215,12 @@ class Zone:
             if not self.loaded:
                 return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain)
             return self._in_domain(DNSLabel(labels), key, domain, qtype)
-        svc_key = self.registry.hostnames.get(key)
-        if svc_key is not None:
+        outside = self._outside_name(key)
+        if outside is not None:
             if qclass != QCLASS_IN:
                 return Decision(RCODE_REFUSED, REFUSED)
-            svc = self.registry.services[svc_key]
             # A host name outside the served domains is its own tiny zone.
-            return self._service_records(DNSLabel(labels), svc, qtype, HOSTNAME, key,
+            return self._service_records(DNSLabel(labels), outside[0], qtype, outside[1], key,
                                          self.settings.domains[0])
         if key.endswith(".arpa"):
             reverse = self._in_reverse(labels, key, qtype, qclass)
@@ -234,42 +241,65 @@ class Zone:
                 return domain
         return None
 
-    def find_service(self, key: str, domain: str) -> tuple[Service, str] | None:
-        """The service that owns ``key`` (a name under ``domain``) and by which rule."""
+    def _outside_name(self, key: str) -> tuple[Service, str] | None:
+        """A host name or rendered name outside the served domains, and its rule."""
         reg = self.registry
+        svc_key = reg.hostnames.get(key)
+        rule = HOSTNAME
+        if svc_key is None:
+            generated = reg.names.generated.get(key)
+            if generated is None:
+                return None
+            svc_key, rule = generated[0], TEMPLATE
+        if svc_key in reg.names.hidden:
+            return None
+        return reg.services[svc_key], rule
+
+    def find_service(self, key: str, domain: str,
+                     include_hidden: bool = False) -> tuple[Service, str] | None:
+        """The service that owns ``key`` (a name under ``domain``) and by which rule;
+        a service ``dns.select`` hides is absent unless ``include_hidden``."""
+        reg = self.registry
+        hidden = reg.names.hidden if not include_hidden else ()
         rest = key[: -len(domain) - 1].split(".")
         svc_key: tuple[str, str, int] | None = None
         rule = CANONICAL
-        if len(rest) == 4 and rest[2] == "svc":
+        if len(rest) == 4 and rest[2] == "svc" and "canonical" in self._builtins:
             port = _PORT_LABELS.get(rest[3]) or _port(rest[3])
             if port is not None:
                 svc_key = (rest[0], rest[1], port)
-        elif len(rest) == 1 and rest[0].count("_") == 3:
+        elif len(rest) == 1 and rest[0].count("_") == 3 and "kuma" in self._builtins:
             name, ns, svc_label, port_label = rest[0].split("_")
             port = _port(port_label)
             if svc_label == "svc" and port is not None:
                 svc_key, rule = (name, ns, port), KUMA
         if svc_key is not None:
             svc = reg.services.get(svc_key)
-            if svc is not None:
+            if svc is not None and svc_key not in hidden:
                 return svc, rule
         host_owner = reg.hostnames.get(key)
         if host_owner is not None:
-            return reg.services[host_owner], HOSTNAME
+            return None if host_owner in hidden else (reg.services[host_owner], HOSTNAME)
+        generated = reg.names.generated.get(key)
+        if generated is not None and generated[0] not in hidden:
+            return reg.services[generated[0]], TEMPLATE
         return None
 
     def is_ent(self, key: str, domain: str) -> bool:
         reg = self.registry
+        ns_ports, ports = reg.names.visible_counts or (reg.ns_ports, reg.ports)
         rest = key[: -len(domain) - 1].split(".")
-        if len(rest) == 3 and rest[1] == "svc":
+        if "canonical" not in self._builtins:
+            pass  # the <ns>.svc.<port> nodes exist only above canonical names
+        elif len(rest) == 3 and rest[1] == "svc":
             port = _port(rest[2])
-            if port is not None and (rest[0], port) in reg.ns_ports:
+            if port is not None and (rest[0], port) in ns_ports:
                 return True
         elif (len(rest) == 2 and rest[0] == "svc") or len(rest) == 1:
             port = _port(rest[-1])
-            if port is not None and port in reg.ports:
+            if port is not None and port in ports:
                 return True
-        return key in self._host_ents
+        return key in self._host_ents or key in reg.names.ents
 
     def _in_domain(self, owner: DNSLabel, key: str, domain: str, qtype: int) -> Decision:
         if key == domain:
@@ -320,14 +350,14 @@ class Zone:
                 address = (address << step) | d
             by_vip = self.registry.by_vip4 if v4 else self.registry.by_vip6
             svc_key = by_vip.get(address)
-            if svc_key is not None:
+            if svc_key is not None and svc_key not in self.registry.names.hidden:
                 if qclass != QCLASS_IN:
                     return Decision(RCODE_REFUSED, REFUSED)
                 svc = self.registry.services[svc_key]
                 if qtype not in (T_PTR, QTYPE_ANY):
                     return self._nodata(PTR_RULE, zone.apex if zone else key, svc)
-                target = canonical_name(svc.name, svc.namespace, svc.port,
-                                        self.settings.domains[0]) + "."
+                target = primary_name(svc, self.registry.names.templates,
+                                      self.settings.domains[0]) + "."
                 return Decision(RCODE_NOERROR, PTR_RULE, True,
                                 (RR(DNSLabel(labels), T_PTR, ttl=self.settings.ttl,
                                     rdata=PTR(target)),), service=svc,
@@ -357,12 +387,17 @@ class Zone:
         return Decision(RCODE_NXDOMAIN, NXDOMAIN, True, (), (self.soa(zone.apex),), zone=zone.apex)
 
     def _sorted_vips(self, v4: bool) -> list[int]:
+        hidden = self.registry.names.hidden
         if v4:
             if self._sorted4 is None:
-                self._sorted4 = sorted(self.registry.by_vip4)
+                self._sorted4 = sorted(v for v, k in self.registry.by_vip4.items()
+                                       if k not in hidden) if hidden \
+                    else sorted(self.registry.by_vip4)
             return self._sorted4
         if self._sorted6 is None:
-            self._sorted6 = sorted(self.registry.by_vip6)
+            self._sorted6 = sorted(v for v, k in self.registry.by_vip6.items()
+                                   if k not in hidden) if hidden \
+                else sorted(self.registry.by_vip6)
         return self._sorted6
 
     # ------------------------------------------------------------ search list

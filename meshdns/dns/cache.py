@@ -8,7 +8,10 @@ one bytearray copy and a few slice assignments: no parse, no encode.
 
 Keys are ``(lower-cased name, qtype, qclass, DO, CD)``: the bits that change
 what an upstream returns. Bounded by ``dns.cache_size`` (least recently used
-entry evicted first); an expired entry is dropped when it is next looked up.
+entry evicted first); an expired entry is dropped when it is next looked up,
+unless serve-stale (RFC 8767, ``dns.serve_stale``) keeps it: a NOERROR or
+NXDOMAIN answer stays until that long after it expired, not served as a hit
+but there for ``get_stale`` when every upstream fails (see :class:`StaleReply`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class CachedReply:
     """One upstream reply, ready to be served to any client asking the same question."""
 
     __slots__ = ("ad", "age", "base", "expires", "offsets", "qend", "rcode", "rendered",
-                 "stored", "ttls")
+                 "stale_until", "stored", "ttls")
 
     def __init__(self, parsed: ParsedReply, stored: float, lifetime: float) -> None:
         self.base = parsed.wire
@@ -42,6 +45,7 @@ class CachedReply:
         self.ad = parsed.wire[3] & 0x20
         self.stored = stored
         self.expires = stored + lifetime
+        self.stale_until = self.expires  # kept (not served) until then: see ReplyCache.put
         self.age = -1
         self.rendered = parsed.wire
         self.render(0)
@@ -89,6 +93,33 @@ class CachedReply:
         return bytes(short), True
 
 
+STALE_TTL = 30  # RFC 8767 §4: the TTL of a stale answer
+STALE_REFRESH = 30.0  # the upstream is asked again at most this often per name
+_STALE_RCODES = (0, 3)  # NOERROR, NXDOMAIN: answers worth serving stale
+
+
+class StaleReply(CachedReply):
+    """An expired answer served again because every upstream failed (RFC 8767).
+
+    Every TTL is ``STALE_TTL`` and stays so (it does not count down). It is a cache
+    hit for ``STALE_REFRESH`` seconds (the upstreams are not asked in that time);
+    afterwards it is answered at once while the upstreams are asked in the background.
+    It lives no longer than ``dns.serve_stale`` after the original answer expired.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, expired: CachedReply, now: float) -> None:
+        ttls = (STALE_TTL,) * len(expired.ttls)
+        super().__init__(ParsedReply(expired.base, expired.rcode, expired.qend,
+                                     expired.offsets, ttls, STALE_TTL), now, STALE_REFRESH)
+        self.ad = expired.ad
+        self.stale_until = expired.stale_until
+
+    def render(self, age: int) -> bytes:
+        return super().render(0) if self.age != 0 else self.rendered
+
+
 class Served:
     """A reply as served to one exact query (minus its ID), valid until ``until``.
 
@@ -109,8 +140,9 @@ class Served:
 class ReplyCache:
     """LRU map of CacheKey -> CachedReply, bounded by entry count; callers pass the time."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, stale: float = 0.0) -> None:
         self.size = size
+        self.stale = stale  # dns.serve_stale seconds; 0: an expired entry is dropped
         self._entries: OrderedDict[CacheKey, CachedReply] = OrderedDict()
         self.evicted = 0
         self.expired = 0
@@ -124,15 +156,25 @@ class ReplyCache:
         if entry is None:
             return None
         if now >= entry.expires:
-            del entries[key]
-            self.expired += 1
+            if now >= entry.stale_until:
+                del entries[key]
+                self.expired += 1
             return None
         entries.move_to_end(key)
+        return entry
+
+    def get_stale(self, key: CacheKey, now: float) -> CachedReply | None:
+        """An expired entry still within ``dns.serve_stale``, else None."""
+        entry = self._entries.get(key)
+        if entry is None or now < entry.expires or now >= entry.stale_until:
+            return None
         return entry
 
     def put(self, key: CacheKey, entry: CachedReply) -> None:
         if self.size <= 0 or entry.expires <= entry.stored:
             return
+        if self.stale > 0 and type(entry) is CachedReply and entry.rcode in _STALE_RCODES:
+            entry.stale_until = entry.expires + self.stale
         entries = self._entries
         entries[key] = entry
         entries.move_to_end(key)

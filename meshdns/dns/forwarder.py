@@ -46,7 +46,7 @@ from ..config import DnsConfig, HostPort
 from ..core.resolver import ForwardRequest, Tally
 from ..core.wire import RCODE_SERVFAIL, Query
 from ..core.zone import Zone
-from .cache import CachedReply, CacheKey, ReplyCache, Served
+from .cache import CachedReply, CacheKey, ReplyCache, Served, StaleReply
 from .chase import (
     MAX_LINKS,
     T_CNAME,
@@ -91,7 +91,8 @@ class Forwarder:
         self.max_inflight = config.max_inflight
         self.tally = tally
         self.clock = clock  # the cache's clock (tests move it instead of sleeping)
-        self.cache = ReplyCache(config.cache_size)
+        self.cache = ReplyCache(config.cache_size, config.serve_stale)
+        self.stale_answers = 0  # answers served stale (RFC 8767)
         self.rejected: dict[str, int] = {}
         self.overloaded = 0
         self.coalesced = 0
@@ -168,6 +169,8 @@ class Forwarder:
             raise
         out, truncated = entry.reply_for(req.data, dnssec_ok, edns is not None, limit,
                                          self.clock())
+        if type(entry) is StaleReply:
+            self.stale_answers += 1
         self._count(entry.rcode, UPSTREAM, truncated)
         return out
 
@@ -193,10 +196,11 @@ class Forwarder:
         now = self.clock()
         edns = q.edns
         dnssec_ok = edns is not None and edns.dnssec_ok
-        entry = self.cache.get((b".".join(q.labels).lower(), q.qtype, q.qclass, dnssec_ok,
-                                q.cd), now)
-        if entry is None:
-            return None
+        key = (b".".join(q.labels).lower(), q.qtype, q.qclass, dnssec_ok, q.cd)
+        entry = self.cache.get(key, now)
+        if entry is None or type(entry) is StaleReply:
+            return self._serve_stale(key, q, data, dnssec_ok, edns is not None,
+                                     udp_limit if proto == "udp" else None, now, entry)
         if type(entry) is ChasedReply:
             return self._serve_chased(entry, data, dnssec_ok, edns is not None,
                                       udp_limit if proto == "udp" else None, now)
@@ -210,6 +214,32 @@ class Forwarder:
         memo[data[2:]] = Served(until, out[2:], (entry.rcode, CACHE), truncated)
         self._count(entry.rcode, CACHE, truncated)
         return out
+
+    def _serve_stale(self, key: CacheKey, q: Query, data: bytes, dnssec_ok: bool,
+                     edns: bool, limit: int | None, now: float,
+                     entry: CachedReply | None) -> bytes | None:
+        """A stale answer (RFC 8767) when the upstreams are known to fail, else None.
+
+        ``entry``: a stale answer within its refresh period (answered, the upstreams
+        left alone), or None: an expired stale answer is answered at once and the
+        upstreams asked in the background. Never memoised: each answer is counted."""
+        if entry is None:
+            entry = self.cache.get_stale(key, now)
+            if type(entry) is not StaleReply:
+                return None  # no stale answer, or one never tried again: ask first
+            self._refresh(key, q)
+        out, truncated = entry.reply_for(data, dnssec_ok, edns, limit, now)
+        self.stale_answers += 1
+        self._count(entry.rcode, CACHE, truncated)
+        return out
+
+    def _refresh(self, key: CacheKey, q: Query) -> None:
+        """Ask the upstreams for ``key`` in the background (one lookup at a time)."""
+        if key in self._inflight or len(self._inflight) >= self.max_inflight or self._closed:
+            return
+        task = asyncio.ensure_future(self._lookup(key, q))
+        self._inflight[key] = task
+        task.add_done_callback(functools.partial(self._done, key))
 
     def _count(self, rcode: int, source: str, truncated: bool) -> None:
         self.tally.response(rcode, source)
@@ -248,7 +278,10 @@ class Forwarder:
                 break
         now = self.clock()
         if parsed is None:
-            entry = self._servfail(q, now)
+            expired = self.cache.get_stale(key, now)
+            # Every upstream failed: an expired answer within dns.serve_stale, TTL 30.
+            entry = StaleReply(expired, now) if expired is not None else \
+                self._servfail(q, now)
             self.cache.put(key, entry)
             return entry
         entry = self._chase(key, q, parsed, len(question), now) \

@@ -113,6 +113,10 @@ class DnsCollector:
         yield CounterMetricFamily(PREFIX + "upstream_coalesced",
                                   "Queries that waited on the same question already in flight.",
                                   value=fwd.coalesced)
+        yield CounterMetricFamily(PREFIX + "stale_answers",
+                                  "Forwarded questions answered from an expired cache entry "
+                                  "(TTL 30) because every upstream failed (RFC 8767).",
+                                  value=fwd.stale_answers)
         yield GaugeMetricFamily(PREFIX + "upstream_inflight", "Distinct questions in flight.",
                                 value=fwd.inflight)
         yield CounterMetricFamily(PREFIX + "forward_chased",

@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ..core.service import add_meta
 from ..core.vip import format_ip
 
 STATE_FORMAT = 1
@@ -53,10 +54,11 @@ def fast_ip6(vip: int) -> str:
 
 
 def service_record(s: Any) -> dict[str, Any]:
-    return {"name": s.name, "namespace": s.namespace, "port": s.port, "vip": fast_ip4(s.vip),
-            "vip6": None if s.vip6 is None else fast_ip6(s.vip6),
-            "hostnames": list(s.hostnames), "vip_given": s.vip_given,
-            "vip6_given": s.vip6_given}
+    out = {"name": s.name, "namespace": s.namespace, "port": s.port, "vip": fast_ip4(s.vip),
+           "vip6": None if s.vip6 is None else fast_ip6(s.vip6),
+           "hostnames": list(s.hostnames), "vip_given": s.vip_given,
+           "vip6_given": s.vip6_given}
+    return add_meta(out, s)  # labels, mesh, zone: only when set
 
 
 def fsync_dir(path: Path) -> None:

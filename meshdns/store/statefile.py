@@ -162,6 +162,9 @@ def read_state_file(path: Path, policy: RegistryPolicy, now: float) -> tuple[Reg
         plain = []
         for item in raw:
             entry = {k: item.get(k) for k in ("name", "namespace", "port", "hostnames")}
+            for k in ("labels", "mesh", "zone"):  # only in the records that have them
+                if k in item:
+                    entry[k] = item[k]
             entry["vip"] = item["vip"] if item.get("vip_given") else None
             entry["vip6"] = item.get("vip6") if item.get("vip6_given") else None
             plain.append(entry)
