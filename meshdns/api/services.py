@@ -196,7 +196,7 @@ async def _write(request: web.Request, st: ApiState,
     check = None if if_match is None else lambda base: require_match(if_match, base.revision)
     # Shielded: a client hanging up mid-write must not leave the state file ahead of
     # what DNS serves. The write completes (or fails) whatever the client does.
-    task = asyncio.ensure_future(st.store.write(compute, check=check))
+    task = asyncio.ensure_future(st.server.registry_writer.write(compute, check=check))
     task.add_done_callback(_retrieve)
     try:
         reg: Registry = await asyncio.shield(task)

@@ -1,0 +1,317 @@
+"""The local copy of the registry in etcd: list the prefix at revision R, watch from R+1.
+
+Every instance answers DNS and GET /v1/services from its own copy (the store),
+never from etcd per query. A watch response is applied in O(change) with the
+core's incremental PATCH, VIPs as stored (nothing is allocated here). When the
+watch reports that etcd compacted the revisions it still needed, the prefix is
+listed again and the copy replaced: nothing is lost, only re-read.
+
+Fail static: while etcd is unreachable the copy stays as it is and keeps being
+served; ``last_success`` (a heartbeat that found etcd answering and the watch
+caught up) tells /readyz and the metrics how old it is, and the log says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from ..core.registry import Registry, RegistryError, RegistryPolicy
+from ..core.vip import parse_ip
+from ..store import RegistryStore
+from .client import EtcdClient, EtcdError, EtcdUnavailable, num, prefix_end, unb64
+from .layout import (
+    REVISION,
+    SERVICES,
+    VIPS,
+    Delta,
+    LayoutError,
+    Listing,
+    apply_delta,
+    build_snapshot,
+    decode_claim,
+    decode_service,
+    parse_service_path,
+)
+
+log = logging.getLogger("meshdns.etcd")
+
+
+class SyncError(Exception):
+    """The watch ended or etcd sent something that cannot be applied: list again."""
+
+
+class EtcdMirror:
+    PAGE = 2000  # keys per range request while listing
+    HEARTBEAT = 2.0  # seconds between checks that etcd answers and the copy is current
+    BACKOFF_FIRST = 0.1
+    BACKOFF_MAX = 5.0
+    OUTAGE_LOG_EVERY = 60.0
+
+    def __init__(self, store: RegistryStore, policy: RegistryPolicy, client: EtcdClient,
+                 prefix: str) -> None:
+        self.store = store
+        self.policy = policy
+        self.client = client
+        self.prefix = prefix
+        self.revision_key = prefix + REVISION
+        self.leader = "etcd " + ",".join(client.endpoints)  # FollowStatus, for /readyz
+        self.started_at = time.time()
+        self.last_success: float | None = None
+        self.connected = False
+        # What writes are computed against, set together once a listing was applied:
+        # the registry, the revision key's mod_revision, and every claim's mod_revision.
+        self.state: tuple[Registry, int, dict[str, int]] | None = None
+        self.applied = 0  # every event under the prefix up to this etcd revision is applied
+        self.relists = 0
+        self.apply_errors = 0
+        self.bad_keys = 0
+        self._watching = False
+        self._need_list = True
+        self._behind: int | None = None  # revision key seen by the last heartbeat, unapplied
+        self._event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def write_revision(self) -> int:
+        return self.state[1] if self.state is not None else 0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(), name="meshdns-etcd-watch"),
+                       loop.create_task(self._heartbeat(), name="meshdns-etcd-heartbeat")]
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ------------------------------------------------------------ waiting
+
+    def _notify(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``done()`` (checked after every applied change); False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._event.wait(), remaining)
+        return True
+
+    async def wait_applied(self, revision: int, timeout: float) -> bool:
+        """Until the watch applied every change up to ``revision`` (read-your-writes)."""
+        return await self.wait_until(lambda: self.applied >= revision, timeout)
+
+    async def wait_newer(self, state: object, write_revision: int, timeout: float) -> bool:
+        """Until the copy moved on from ``state`` to at least ``write_revision``."""
+        return await self.wait_until(
+            lambda: self.state is not state and self.write_revision >= write_revision, timeout)
+
+    # ------------------------------------------------------------ loop
+
+    async def _run(self) -> None:
+        attempt = 0
+        error: str | None = None
+        last_log = 0.0
+        while True:
+            try:
+                if self._need_list:
+                    await self.relist()
+                attempt = 0
+                await self._watch()
+                continue  # compacted: list again at once
+            except asyncio.CancelledError:
+                raise
+            except (EtcdUnavailable, EtcdError, SyncError, aiohttp.ClientError, TimeoutError,
+                    OSError, ValueError) as exc:
+                reason = str(exc) or type(exc).__name__
+            self._watching = self.connected = False
+            now = time.time()
+            if reason != error or now - last_log > self.OUTAGE_LOG_EVERY:
+                last_log = now
+                age = f"{now - self.last_success:.0f} s old" if self.last_success \
+                    else "not synced with etcd since start"
+                serving = f"still serving revision {self.store.revision} " \
+                    f"({len(self.store.registry)} services, copy {age})" if self.store.loaded \
+                    else "no registry yet, mesh names get SERVFAIL"
+                log.warning("etcd: %s; %s; retrying", reason, serving)
+            error = reason
+            step = min(self.BACKOFF_MAX, self.BACKOFF_FIRST * 2.0 ** min(attempt, 20))
+            await asyncio.sleep(step / 2 + random.uniform(0, step / 2))
+            attempt += 1
+
+    async def relist(self) -> None:
+        """Read the whole prefix at one revision and replace the copy with it."""
+        start, end = self.prefix.encode(), prefix_end(self.prefix.encode())
+        revision = 0
+        listing = Listing()
+        claims: dict[str, int] = {}
+        write_rev = 0
+        while True:
+            doc = await self.client.range(start, end, revision=revision, limit=self.PAGE)
+            if not revision:
+                revision = num(doc.get("header", {}).get("revision"))
+            kvs = doc.get("kvs", [])
+            for kv in kvs:
+                key = unb64(kv.get("key")).decode("utf-8", "replace")
+                mod = num(kv.get("mod_revision"))
+                rel = key[len(self.prefix):]
+                try:
+                    if rel.startswith(SERVICES):
+                        listing.services.append(
+                            decode_service(rel[len(SERVICES):], unb64(kv.get("value"))))
+                        listing.revision = max(listing.revision, mod)
+                    elif rel.startswith(VIPS):
+                        listing.claims.append(decode_claim(rel[len(VIPS):],
+                                                           unb64(kv.get("value"))))
+                        claims[key] = mod
+                    elif key == self.revision_key:
+                        write_rev = mod
+                        listing.revision = max(listing.revision, mod)
+                except LayoutError as exc:
+                    listing.bad.append(str(exc))
+            if not doc.get("more") or not kvs:
+                break
+            start = unb64(kvs[-1]["key"]) + b"\0"
+        for bad in listing.bad[:10]:
+            log.warning("etcd: skipping %s%s", self.prefix, bad)
+        self.bad_keys += len(listing.bad)
+        now = self.store.clock()
+        try:
+            reg = await asyncio.to_thread(build_snapshot, listing, self.policy, now)
+        except RegistryError as exc:
+            self.apply_errors += 1
+            raise SyncError(f"the registry in etcd does not fit this instance's config: "
+                            f"{exc.field}: {exc.message}") from None
+        reg = await self.store.write(lambda _base: reg)
+        self.state = (reg, write_rev, claims)
+        self.applied = revision
+        self._need_list = False
+        self.relists += 1
+        self._synced()
+        log.info("etcd: listed %s at revision %d: %d services (registry revision %d)",
+                 self.prefix, revision, len(reg), reg.revision)
+
+    async def _watch(self) -> None:
+        end = prefix_end(self.prefix.encode())
+        async for result in self.client.watch(self.prefix.encode(), end, self.applied + 1):
+            compacted = num(result.get("compact_revision"))
+            if compacted:
+                log.warning("etcd: revision %d was compacted away (the watch needed %d on); "
+                            "listing %s again", compacted, self.applied + 1, self.prefix)
+                self._need_list = True
+                return
+            if result.get("canceled"):
+                raise SyncError(f"watch canceled: {result.get('cancel_reason', '')}")
+            if result.get("created"):
+                self._watching = self.connected = True
+                continue
+            events = result.get("events")
+            if events:
+                await self._apply(events)
+            else:  # a progress notification: nothing up to this revision is missing
+                self.applied = max(self.applied, num(result.get("header", {}).get("revision")))
+            self._notify()
+        raise SyncError("the watch stream ended")
+
+    async def _apply(self, events: list[dict[str, Any]]) -> None:
+        assert self.state is not None
+        _, write_rev, claims = self.state
+        delta = Delta()
+        claim_changes: dict[str, int | None] = {}
+        top = self.applied
+        for event in events:
+            kv = event.get("kv", {})
+            key = unb64(kv.get("key")).decode("utf-8", "replace")
+            mod = num(kv.get("mod_revision"))
+            top = max(top, mod)
+            deleted = event.get("type") == "DELETE"
+            rel = key[len(self.prefix):]
+            try:
+                if rel.startswith(SERVICES):
+                    path = rel[len(SERVICES):]
+                    if deleted:
+                        delta.delete(parse_service_path(path))
+                    else:
+                        delta.service(decode_service(path, unb64(kv.get("value"))))
+                    delta.revision = max(delta.revision, mod)
+                elif rel.startswith(VIPS):
+                    text = rel[len(VIPS):]
+                    claim_changes[key] = None if deleted else mod
+                    if deleted:
+                        family = 6 if ":" in text else 4
+                        vip = parse_ip(text, family)
+                        if vip is not None:
+                            delta.held[(family, vip)] = None
+                    else:
+                        claim = decode_claim(text, unb64(kv.get("value")))
+                        delta.held[(claim.family, claim.vip)] = claim.owner if claim.held \
+                            else None
+                elif key == self.revision_key:
+                    write_rev = 0 if deleted else mod
+                    delta.revision = max(delta.revision, mod)
+            except LayoutError as exc:
+                self.bad_keys += 1
+                log.warning("etcd: skipping %s%s", self.prefix, exc)
+        policy = self.policy
+        try:
+            reg = await self.store.write(
+                lambda base: apply_delta(base, delta, policy, self.store.clock()))
+        except RegistryError as exc:
+            self.apply_errors += 1
+            self._need_list = True
+            raise SyncError(f"a change in etcd does not apply to the local copy ({exc.field}: "
+                            f"{exc.message})") from None
+        claims = dict(claims) if claim_changes else claims
+        for key, mod_or_none in claim_changes.items():
+            if mod_or_none is None:
+                claims.pop(key, None)
+            else:
+                claims[key] = mod_or_none
+        self.state = (reg, write_rev, claims)
+        self.applied = top
+
+    def _synced(self) -> None:
+        self.connected = True
+        self.last_success = time.time()
+        self._notify()
+
+    async def _heartbeat(self) -> None:
+        """Every HEARTBEAT: a linearizable read of the revision key. The copy counts as
+        current when the watch is up and has applied what etcd had one heartbeat ago."""
+        while True:
+            await asyncio.sleep(self.HEARTBEAT)
+            try:
+                doc = await self.client.range(self.revision_key.encode())
+            except (EtcdUnavailable, EtcdError, aiohttp.ClientError, TimeoutError, OSError,
+                    ValueError):
+                self.connected = False
+                continue
+            kvs = doc.get("kvs") or []
+            latest = num(kvs[0].get("mod_revision")) if kvs else 0
+            if not self._watching or self.state is None:
+                self.connected = False
+                continue
+            if self._behind is not None and self.write_revision < self._behind:
+                self.connected = False  # the watch has not delivered a whole heartbeat's worth
+                log.warning("etcd: the watch is behind (revision %d applied, etcd had %d)",
+                            self.write_revision, self._behind)
+            else:
+                self._synced()
+            self._behind = latest if latest > self.write_revision else None
