@@ -1,0 +1,168 @@
+"""A real etcd cluster on loopback for tests and benches: N members, free ports, data
+dirs under a given directory; members can be killed and restarted one by one."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .support import free_port
+
+# A 1000-service PUT is one transaction of a few thousand operations and about 1 MB:
+# etcd's defaults (128 operations, 1.5 MiB) would refuse it. Deployments set the same.
+MAX_TXN_OPS = 50000
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+def etcd_binary() -> str:
+    path = shutil.which("etcd")
+    if path is None:
+        raise RuntimeError("etcd is not installed (apt-get install etcd-server)")
+    return path
+
+
+@dataclass
+class Member:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class EtcdCluster:
+    root: Path
+    size: int = 3
+    members: list[Member] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for i in range(self.size):
+            name = f"m{i}"
+            self.members.append(Member(name, free_port(), free_port(), self.root / name,
+                                       self.root / f"{name}.log"))
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    def _initial(self) -> str:
+        return ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+
+    def start_member(self, m: Member) -> None:
+        args = [etcd_binary(), "--name", m.name, "--data-dir", str(m.data_dir),
+                "--listen-client-urls", m.url, "--advertise-client-urls", m.url,
+                "--listen-peer-urls", f"http://127.0.0.1:{m.peer_port}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{m.peer_port}",
+                "--initial-cluster", self._initial(), "--initial-cluster-state", "new",
+                "--initial-cluster-token", f"meshdns-test-{self.members[0].peer_port}",
+                "--max-txn-ops", str(MAX_TXN_OPS),
+                "--max-request-bytes", str(MAX_REQUEST_BYTES),
+                "--heartbeat-interval", "100", "--election-timeout", "1000",
+                "--snapshot-count", "100000", "--logger", "zap", "--log-level", "warn"]
+        with open(m.log_path, "ab") as log:
+            m.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+
+    def start(self, timeout: float = 30.0) -> EtcdCluster:
+        for m in self.members:
+            self.start_member(m)
+        self.wait_healthy(timeout)
+        return self
+
+    def restart(self, timeout: float = 30.0) -> None:
+        for m in self.members:
+            if not m.alive:
+                self.start_member(m)
+        self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until a member answers a linearizable read (the cluster has a leader)."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            for m in self.members:
+                if not m.alive:
+                    continue
+                try:
+                    self.request(m, "/v3/kv/range", {"key": base64.b64encode(b"x").decode()})
+                    return
+                except (OSError, ValueError) as exc:
+                    last = exc
+            time.sleep(0.1)
+        raise AssertionError(f"etcd cluster not healthy after {timeout} s: {last!r}\n"
+                             + "\n".join(m.log_path.read_text(errors="replace")[-2000:]
+                                         for m in self.members if m.log_path.exists()))
+
+    def request(self, m: Member, path: str, body: dict[str, Any],
+                timeout: float = 5.0) -> dict[str, Any]:
+        req = urllib.request.Request(m.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            doc: dict[str, Any] = json.loads(resp.read())
+        return doc
+
+    def any_request(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        last: Exception | None = None
+        for m in self.members:
+            if m.alive:
+                try:
+                    return self.request(m, path, body)
+                except (OSError, ValueError) as exc:
+                    last = exc
+        raise AssertionError(f"no etcd member answered {path}: {last!r}")
+
+    def leader(self) -> Member:
+        for m in self.members:
+            if not m.alive:
+                continue
+            with_status = self.request(m, "/v3/maintenance/status", {})
+            leader_id = with_status.get("leader")
+            for other in self.members:
+                if other.alive and self.request(other, "/v3/maintenance/status", {}).get(
+                        "header", {}).get("member_id") == leader_id:
+                    return other
+        raise AssertionError("no etcd leader")
+
+    def kill(self, m: Member) -> None:
+        if m.proc is not None and m.proc.poll() is None:
+            m.proc.send_signal(signal.SIGKILL)
+            m.proc.wait(10)
+
+    def stop(self) -> None:
+        for m in self.members:
+            self.kill(m)
+
+    def revision(self) -> int:
+        doc = self.any_request("/v3/kv/range", {"key": base64.b64encode(b"x").decode()})
+        return int(doc["header"]["revision"])
+
+    def compact(self, revision: int) -> None:
+        self.any_request("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+    def keys(self, prefix: str) -> dict[str, bytes]:
+        start = prefix.encode()
+        end = start[:-1] + bytes([start[-1] + 1])
+        doc = self.any_request("/v3/kv/range", {"key": base64.b64encode(start).decode(),
+                                                "range_end": base64.b64encode(end).decode()})
+        return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
+                for kv in doc.get("kvs", [])}

@@ -1,0 +1,361 @@
+"""The registry in etcd, end to end: a real 3-member etcd cluster on loopback, meshdns
+instances as real processes, DNS asked with dnspython, the API over HTTP.
+
+What must hold (issue #14): writes through any instance are etcd transactions and
+are answered by every instance; concurrent writers never give one VIP twice; a lost
+etcd leader costs an election, not writes; with all of etcd gone DNS keeps answering
+from each instance's copy (and from the state file after a restart) and writes get
+503; a compaction past the watch's revision costs a re-list and loses nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .apiclient import ServerProcess, a_records, call, wait_for
+from .etcd_cluster import EtcdCluster
+from .support import free_port
+
+PREFIX = "/meshdns/"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    c = EtcdCluster(tmp_path / "etcd", 3)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def instance(tmp_path: Path, name: str, endpoints: list[str], **registry: Any
+             ) -> ServerProcess:
+    etcd = {"endpoints": endpoints, "request_timeout": 3.0, "dial_timeout": 0.5}
+    etcd.update(registry.pop("etcd", {}))
+    cfg = {"registry": {"etcd": etcd, "state_file": str(tmp_path / name / "state.json"),
+                        **registry},
+           "log": {"level": "info"}}
+    return ServerProcess(tmp_path / name, cfg, name=name)
+
+
+@pytest.fixture
+def pair(tmp_path: Path, cluster: EtcdCluster) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    a = instance(tmp_path, "a", cluster.endpoints)
+    b = instance(tmp_path, "b", list(reversed(cluster.endpoints)))
+    try:
+        a.start()
+        b.start()
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+def svc(i: int, ns: str = "shop", **extra: Any) -> dict[str, Any]:
+    return {"name": f"s{i}", "namespace": ns, "port": 80, **extra}
+
+
+def name_of(s: dict[str, Any]) -> str:
+    return f"{s['name']}.{s['namespace']}.svc.{s['port']}.mesh"
+
+
+def vips(server: ServerProcess) -> dict[tuple[str, str, int], tuple[str, str | None]]:
+    reply = call(server.url, "GET", "/v1/services")
+    assert reply.status == 200, reply.body
+    return {(s["name"], s["namespace"], s["port"]): (s["vip"], s["vip6"])
+            for s in reply.json()["services"]}
+
+
+def patch(server: ServerProcess, upsert: list[dict[str, Any]] | None = None,
+          delete: list[dict[str, Any]] | None = None, timeout: float = 60.0) -> Any:
+    return call(server.url, "PATCH", "/v1/services",
+                {"upsert": upsert or [], "delete": delete or []}, timeout=timeout)
+
+
+def answers(server: ServerProcess, name: str) -> list[str]:
+    return a_records(server.dns_addr, name)
+
+
+# ------------------------------------------------------------------ writes and reads
+
+
+def test_put_through_one_is_answered_by_the_other_with_the_same_vips(
+        pair: tuple[ServerProcess, ServerProcess], cluster: EtcdCluster) -> None:
+    a, b = pair
+    services = [svc(i) for i in range(1000)]
+    reply = call(a.url, "PUT", "/v1/services", {"services": services}, timeout=60)
+    assert reply.status == 200, reply.body
+    revision = reply.json()["revision"]
+    assert reply.etag == f'"{revision}"'
+    # Read-your-writes on the instance that took the write: answered at once.
+    on_a = vips(a)
+    assert len(on_a) == 1000
+    assert answers(a, name_of(services[999])) == [on_a[("s999", "shop", 80)][0]]
+    # The other instance: the same registry, revision and VIPs, soon.
+    wait_for(lambda: call(b.url, "GET", "/v1/services").etag == f'"{revision}"', 10,
+             "b to apply the PUT")
+    assert vips(b) == on_a
+    for i in (0, 500, 999):
+        assert answers(b, name_of(services[i])) == [on_a[(f"s{i}", "shop", 80)][0]]
+    # One key per service, one claim per VIP, in etcd itself.
+    keys = cluster.keys(PREFIX)
+    assert len([k for k in keys if k.startswith(PREFIX + "services/")]) == 1000
+    stored = json.loads(keys[PREFIX + "services/shop/s7/80"])
+    assert (stored["vip"], stored["vip6"]) == on_a[("s7", "shop", 80)]
+    claim = json.loads(keys[PREFIX + "vips/" + stored["vip"]])
+    assert claim == {"owner": ["s7", "shop", 80]}
+    # A PUT of the same registry changes nothing, and says so with the same revision.
+    again = call(b.url, "PUT", "/v1/services", {"services": services}, timeout=60)
+    assert again.status == 200 and again.json()["revision"] == revision
+
+
+def test_delete_holds_the_vip_on_a_lease_and_if_match_is_the_registry_revision(
+        pair: tuple[ServerProcess, ServerProcess], cluster: EtcdCluster) -> None:
+    a, b = pair
+    assert patch(a, [svc(1), svc(2)]).status == 200
+    before = vips(a)
+    first = call(a.url, "GET", "/v1/services").etag
+    assert first is not None
+    deleted = patch(b, delete=[{"name": "s1", "namespace": "shop", "port": 80}],
+                    )
+    assert deleted.status == 200, deleted.body
+    vip = before[("s1", "shop", 80)][0]
+    claim = json.loads(cluster.keys(PREFIX + "vips/")[PREFIX + "vips/" + vip])
+    assert claim == {"owner": ["s1", "shop", 80], "held": True}
+    # A newcomer (through the other instance) does not get the held VIP ...
+    wait_for(lambda: ("s1", "shop", 80) not in vips(a), 10, "a to apply the delete")
+    assert patch(a, [svc(3)]).status == 200
+    assert vips(a)[("s3", "shop", 80)][0] != vip
+    # ... but the deleted identity coming back gets it again.
+    assert patch(b, [svc(1)]).status == 200
+    assert vips(b)[("s1", "shop", 80)][0] == vip
+    # If-Match with a revision that is no longer current: 412, nothing written.
+    stale = call(a.url, "PATCH", "/v1/services", {"upsert": [svc(9)]},
+                 headers={"If-Match": first})
+    assert stale.status == 412, stale.body
+    assert ("s9", "shop", 80) not in vips(a)
+    current = call(b.url, "GET", "/v1/services").etag
+    assert current is not None
+    wait_for(lambda: call(a.url, "GET", "/v1/services").etag == current, 10, "a in sync")
+    ok = call(a.url, "PATCH", "/v1/services", {"upsert": [svc(9)]},
+              headers={"If-Match": current})
+    assert ok.status == 200, ok.body
+
+
+def test_conflicts_and_exhaustion_answer_as_without_etcd(
+        tmp_path: Path, cluster: EtcdCluster) -> None:
+    a = instance(tmp_path, "small", cluster.endpoints, cidr="10.9.0.0/29", cidr6=None)
+    try:
+        a.start()
+        assert patch(a, [svc(1, vip="10.9.0.1")]).status == 200
+        taken = patch(a, [svc(2, vip="10.9.0.1")])
+        assert taken.status == 409 and taken.json()["field"] == "upsert[0].vip"
+        # 6 usable addresses in a /29: 5 more fit, a 7th does not.
+        assert patch(a, [svc(i) for i in range(2, 7)]).status == 200
+        full = patch(a, [svc(7)])
+        assert full.status == 507, full.body
+        assert len(vips(a)) == 6
+        assert sorted(v for v, _ in vips(a).values()) == [f"10.9.0.{i}" for i in range(1, 7)]
+    finally:
+        a.stop()
+
+
+def test_concurrent_creates_through_both_instances_never_share_a_vip(
+        pair: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = pair
+
+    def create(i: int) -> int:
+        return patch(a if i % 2 else b, [svc(i, ns="race")], timeout=120).status
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(create, range(200)))
+    assert statuses == [200] * 200
+    on_a = vips(a)
+    wait_for(lambda: vips(b) == on_a, 10, "both instances to agree")
+    assert len(on_a) == 200
+    v4 = [v for v, _ in on_a.values()]
+    v6 = [v for _, v in on_a.values()]
+    assert len(set(v4)) == 200 and len(set(v6)) == 200
+    for i in (0, 1, 199):
+        expected = [on_a[(f"s{i}", "race", 80)][0]]
+        assert answers(a, name_of(svc(i, ns="race"))) == expected
+        assert answers(b, name_of(svc(i, ns="race"))) == expected
+
+
+# ------------------------------------------------------------------ etcd faults
+
+
+def test_killing_the_etcd_leader_costs_an_election_not_writes(
+        pair: tuple[ServerProcess, ServerProcess], cluster: EtcdCluster) -> None:
+    a, b = pair
+    assert patch(a, [svc(1)]).status == 200
+    cluster.kill(cluster.leader())
+    for writer, reader, i in ((a, b, 2), (b, a, 3)):
+        t0 = time.monotonic()
+        reply = patch(writer, [svc(i)], timeout=30)
+        while reply.status == 503 and time.monotonic() - t0 < 5:
+            reply = patch(writer, [svc(i)], timeout=30)
+        assert reply.status == 200, reply.body
+        assert time.monotonic() - t0 < 10  # generous: the bound is etcd's election
+        vip = vips(writer)[(f"s{i}", "shop", 80)][0]
+        wait_for(lambda i=i, vip=vip: answers(reader, name_of(svc(i))) == [vip], 10,
+                 f"the other instance to answer s{i}")
+
+
+def test_without_etcd_dns_keeps_answering_writes_get_503_and_state_file_restarts(
+        pair: tuple[ServerProcess, ServerProcess], cluster: EtcdCluster) -> None:
+    a, b = pair
+    assert patch(a, [svc(1), svc(2)]).status == 200
+    vip1 = vips(a)[("s1", "shop", 80)][0]
+    wait_for(lambda: answers(b, name_of(svc(1))) == [vip1], 10, "b to answer s1")
+    cluster.stop()
+    # DNS keeps answering from each copy; /readyz stays 200 (the copy is young).
+    for server in (a, b):
+        assert answers(server, name_of(svc(1))) == [vip1]
+        assert call(server.url, "GET", "/readyz").status == 200
+    # Writes: 503, nothing acknowledged, nothing changed.
+    refused = patch(a, [svc(3)], timeout=30)
+    assert refused.status == 503, refused.body
+    assert "etcd" in refused.json()["error"]
+    assert ("s3", "shop", 80) not in vips(a)
+    # A restarted instance serves its last copy from its state file at once.
+    b.kill()
+    b.start(ready=True)
+    assert answers(b, name_of(svc(1))) == [vip1]
+    assert ("s2", "shop", 80) in vips(b)
+    metrics = call(b.url, "GET", "/metrics").body.decode()
+    assert "meshdns_etcd_connected 0.0" in metrics
+    # etcd comes back: writes succeed and reach the other instance.
+    cluster.restart()
+    reply = patch(b, [svc(3)], timeout=30)
+    while reply.status == 503:
+        time.sleep(0.2)
+        reply = patch(b, [svc(3)], timeout=30)
+    assert reply.status == 200, reply.body
+    vip3 = vips(b)[("s3", "shop", 80)][0]
+    wait_for(lambda: answers(a, name_of(svc(3))) == [vip3], 20, "a to answer s3")
+    assert vips(a) == vips(b)
+
+
+# ------------------------------------------------------------------ compaction
+
+
+class CuttableProxy:
+    """A TCP forwarder to one etcd member that the test can cut and restore: a watch
+    through it breaks and cannot reconnect until restored."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener.settimeout(0.2)
+        self.open = True
+        self.running = True
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while self.running:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                continue
+            if not self.open:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=2)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self.open = False
+        with self.lock:
+            for s in self.conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self.conns = []
+
+    def restore(self) -> None:
+        self.open = True
+
+    def close(self) -> None:
+        self.running = False
+        self.cut()
+        self.listener.close()
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    for line in call(server.url, "GET", "/metrics").body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name}")
+
+
+def test_compaction_past_the_watch_relists_and_loses_nothing(
+        tmp_path: Path, cluster: EtcdCluster) -> None:
+    proxy = CuttableProxy(cluster.members[0].client_port)
+    writer = instance(tmp_path, "w", cluster.endpoints)
+    watcher = instance(tmp_path, "r", [f"http://127.0.0.1:{proxy.port}"])
+    try:
+        writer.start()
+        watcher.start()
+        assert patch(writer, [svc(i) for i in range(20)]).status == 200
+        wait_for(lambda: len(vips(watcher)) == 20, 10, "the watcher to apply 20 services")
+        relists = metric(watcher, "meshdns_etcd_relists_total")
+        proxy.cut()
+        # Meanwhile: new services, changed ones, deleted ones; then etcd compacts them away.
+        assert patch(writer, [svc(i) for i in range(20, 40)],
+                     [{"name": f"s{i}", "namespace": "shop", "port": 80}
+                      for i in range(5)]).status == 200
+        assert patch(writer, [svc(7, hostnames=["seven.example.com"])]).status == 200
+        cluster.compact(cluster.revision())
+        proxy.restore()
+        expected = vips(writer)
+        wait_for(lambda: vips(watcher) == expected, 20, "the watcher to re-list")
+        assert metric(watcher, "meshdns_etcd_relists_total") > relists
+        assert "compacted" in watcher.log()
+        assert answers(watcher, "seven.example.com") == [expected[("s7", "shop", 80)][0]]
+        assert answers(watcher, name_of(svc(39))) == [expected[("s39", "shop", 80)][0]]
+        assert answers(watcher, name_of(svc(0))) == []
+        # And it keeps following by watch afterwards.
+        assert patch(writer, [svc(40)]).status == 200
+        wait_for(lambda: ("s40", "shop", 80) in vips(watcher), 10, "the watch to resume")
+    finally:
+        writer.stop()
+        watcher.stop()
+        proxy.close()
