@@ -171,7 +171,7 @@ def test_conflicts_and_exhaustion_answer_as_without_etcd(
 
 
 def test_concurrent_creates_through_both_instances_never_share_a_vip(
-        pair: tuple[ServerProcess, ServerProcess]) -> None:
+        pair: tuple[ServerProcess, ServerProcess], cluster: EtcdCluster) -> None:
     a, b = pair
 
     def create(i: int) -> int:
@@ -186,6 +186,12 @@ def test_concurrent_creates_through_both_instances_never_share_a_vip(
     v4 = [v for v, _ in on_a.values()]
     v6 = [v for _, v in on_a.values()]
     assert len(set(v4)) == 200 and len(set(v6)) == 200
+    # In etcd: exactly one claim per VIP, owned by the service that has it.
+    claims = {k.removeprefix(PREFIX + "vips/"): json.loads(v)["owner"]
+              for k, v in cluster.keys(PREFIX + "vips/").items()}
+    assert len(claims) == 400
+    for (name, ns, port), (v4, v6) in on_a.items():
+        assert claims[v4] == claims[v6] == [name, ns, port]
     for i in (0, 1, 199):
         expected = [on_a[(f"s{i}", "race", 80)][0]]
         assert answers(a, name_of(svc(i, ns="race"))) == expected
@@ -245,6 +251,25 @@ def test_without_etcd_dns_keeps_answering_writes_get_503_and_state_file_restarts
     vip3 = vips(b)[("s3", "shop", 80)][0]
     wait_for(lambda: answers(a, name_of(svc(3))) == [vip3], 20, "a to answer s3")
     assert vips(a) == vips(b)
+
+
+def test_a_copy_older_than_follow_max_staleness_is_not_ready_but_still_answers(
+        tmp_path: Path, cluster: EtcdCluster) -> None:
+    a = instance(tmp_path, "stale", cluster.endpoints, follow_max_staleness=3)
+    try:
+        a.start()
+        assert patch(a, [svc(1)]).status == 200
+        vip = vips(a)[("s1", "shop", 80)][0]
+        cluster.stop()
+        wait_for(lambda: call(a.url, "GET", "/readyz").status == 503, 20,
+                 "/readyz to say the copy is too old")
+        body = call(a.url, "GET", "/readyz").json()
+        assert "registry.follow_max_staleness 3" in body["reason"]
+        assert metric(a, "meshdns_etcd_sync_age_seconds") > 3
+        assert answers(a, name_of(svc(1))) == [vip]  # fail static: still answered
+        assert "still serving revision" in a.log()
+    finally:
+        a.stop()
 
 
 # ------------------------------------------------------------------ compaction
