@@ -177,6 +177,51 @@ class Delta:
         self.deletes.add(key)
 
 
+@dataclass
+class Changes:
+    """One watch response decoded: the registry delta plus the bookkeeping writes need."""
+
+    delta: Delta = field(default_factory=Delta)
+    claims: dict[str, int | None] = field(default_factory=dict)  # key -> mod_revision/None
+    write_revision: int | None = None  # the revision key's new mod_revision (0: deleted)
+    top: int = 0  # highest mod_revision in the response
+    bad: list[str] = field(default_factory=list)
+
+
+def decode_events(prefix: str, events: Iterable[tuple[str, bytes | None, int]]) -> Changes:
+    """``(key, value or None for a delete, mod_revision)`` in etcd's order, collapsed."""
+    out = Changes()
+    delta = out.delta
+    for key, value, mod in events:
+        out.top = max(out.top, mod)
+        rel = key[len(prefix):] if key.startswith(prefix) else ""
+        try:
+            if rel.startswith(SERVICES):
+                path = rel[len(SERVICES):]
+                if value is None:
+                    delta.delete(parse_service_path(path))
+                else:
+                    delta.service(decode_service(path, value))
+                delta.revision = max(delta.revision, mod)
+            elif rel.startswith(VIPS):
+                text = rel[len(VIPS):]
+                out.claims[key] = None if value is None else mod
+                if value is None:
+                    family = 6 if ":" in text else 4
+                    vip = parse_ip(text, family)
+                    if vip is not None:
+                        delta.held[(family, vip)] = None
+                else:
+                    claim = decode_claim(text, value)
+                    delta.held[(claim.family, claim.vip)] = claim.owner if claim.held else None
+            elif rel == REVISION:
+                out.write_revision = 0 if value is None else mod
+                delta.revision = max(delta.revision, mod)
+        except LayoutError as exc:
+            out.bad.append(str(exc))
+    return out
+
+
 def apply_delta(base: Registry, delta: Delta, policy: RegistryPolicy, now: float) -> Registry:
     """``base`` plus a watch response, in O(change) (the core's incremental PATCH; the
     services come with their VIPs, so nothing is allocated here)."""

@@ -24,21 +24,19 @@ from typing import Any
 import aiohttp
 
 from ..core.registry import Registry, RegistryError, RegistryPolicy
-from ..core.vip import parse_ip
 from ..store import RegistryStore
 from .client import EtcdClient, EtcdError, EtcdUnavailable, num, prefix_end, unb64
 from .layout import (
     REVISION,
     SERVICES,
     VIPS,
-    Delta,
     LayoutError,
     Listing,
     apply_delta,
     build_snapshot,
     decode_claim,
+    decode_events,
     decode_service,
-    parse_service_path,
 )
 
 log = logging.getLogger("meshdns.etcd")
@@ -233,43 +231,15 @@ class EtcdMirror:
     async def _apply(self, events: list[dict[str, Any]]) -> None:
         assert self.state is not None
         _, write_rev, claims = self.state
-        delta = Delta()
-        claim_changes: dict[str, int | None] = {}
-        top = self.applied
-        for event in events:
-            kv = event.get("kv", {})
-            key = unb64(kv.get("key")).decode("utf-8", "replace")
-            mod = num(kv.get("mod_revision"))
-            top = max(top, mod)
-            deleted = event.get("type") == "DELETE"
-            rel = key[len(self.prefix):]
-            try:
-                if rel.startswith(SERVICES):
-                    path = rel[len(SERVICES):]
-                    if deleted:
-                        delta.delete(parse_service_path(path))
-                    else:
-                        delta.service(decode_service(path, unb64(kv.get("value"))))
-                    delta.revision = max(delta.revision, mod)
-                elif rel.startswith(VIPS):
-                    text = rel[len(VIPS):]
-                    claim_changes[key] = None if deleted else mod
-                    if deleted:
-                        family = 6 if ":" in text else 4
-                        vip = parse_ip(text, family)
-                        if vip is not None:
-                            delta.held[(family, vip)] = None
-                    else:
-                        claim = decode_claim(text, unb64(kv.get("value")))
-                        delta.held[(claim.family, claim.vip)] = claim.owner if claim.held \
-                            else None
-                elif key == self.revision_key:
-                    write_rev = 0 if deleted else mod
-                    delta.revision = max(delta.revision, mod)
-            except LayoutError as exc:
-                self.bad_keys += 1
-                log.warning("etcd: skipping %s%s", self.prefix, exc)
-        policy = self.policy
+        changes = decode_events(self.prefix, (
+            (unb64(kv.get("key")).decode("utf-8", "replace"),
+             None if event.get("type") == "DELETE" else unb64(kv.get("value")),
+             num(kv.get("mod_revision")))
+            for event in events if (kv := event.get("kv", {})) is not None))
+        for bad in changes.bad:
+            log.warning("etcd: skipping %s%s", self.prefix, bad)
+        self.bad_keys += len(changes.bad)
+        delta, policy = changes.delta, self.policy
         try:
             reg = await self.store.write(
                 lambda base: apply_delta(base, delta, policy, self.store.clock()))
@@ -278,14 +248,17 @@ class EtcdMirror:
             self._need_list = True
             raise SyncError(f"a change in etcd does not apply to the local copy ({exc.field}: "
                             f"{exc.message})") from None
-        claims = dict(claims) if claim_changes else claims
-        for key, mod_or_none in claim_changes.items():
-            if mod_or_none is None:
-                claims.pop(key, None)
-            else:
-                claims[key] = mod_or_none
+        if changes.claims:
+            claims = dict(claims)
+            for key, mod in changes.claims.items():
+                if mod is None:
+                    claims.pop(key, None)
+                else:
+                    claims[key] = mod
+        if changes.write_revision is not None:
+            write_rev = changes.write_revision
         self.state = (reg, write_rev, claims)
-        self.applied = top
+        self.applied = max(self.applied, changes.top)
 
     def _synced(self) -> None:
         self.connected = True
