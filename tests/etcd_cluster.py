@@ -7,6 +7,7 @@ import base64
 import json
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -30,6 +31,41 @@ def etcd_binary() -> str:
     return path
 
 
+@dataclass(frozen=True)
+class Tls:
+    """Client TLS for the members: a CA, the server's pair, a client's pair (PEM files)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls(directory: Path) -> Tls:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate. The
+    server one is a client certificate too: etcd's JSON gateway dials its own gRPC port
+    with it."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True,
+                       timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.crt", "-days", "2", "-subj", "/CN=meshdns-test-ca")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                f"{name}.csr", "-subj", f"/CN=meshdns-test-{name}")
+        (directory / f"{name}.ext").write_text(ext + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile",
+                f"{name}.ext")
+    return Tls(directory / "ca.crt", directory / "server.crt", directory / "server.key",
+               directory / "client.crt", directory / "client.key")
+
+
 @dataclass
 class Member:
     name: str
@@ -38,10 +74,11 @@ class Member:
     data_dir: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def alive(self) -> bool:
@@ -52,6 +89,7 @@ class Member:
 class EtcdCluster:
     root: Path
     size: int = 3
+    tls: Tls | None = None  # clients must use TLS and present a certificate of its CA
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -59,7 +97,12 @@ class EtcdCluster:
         for i in range(self.size):
             name = f"m{i}"
             self.members.append(Member(name, free_port(), free_port(), self.root / name,
-                                       self.root / f"{name}.log"))
+                                       self.root / f"{name}.log",
+                                       scheme="https" if self.tls else "http"))
+        self._ssl: ssl.SSLContext | None = None
+        if self.tls is not None:
+            self._ssl = ssl.create_default_context(cafile=str(self.tls.ca))
+            self._ssl.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
 
     @property
     def endpoints(self) -> list[str]:
@@ -79,6 +122,10 @@ class EtcdCluster:
                 "--max-request-bytes", str(MAX_REQUEST_BYTES),
                 "--heartbeat-interval", "100", "--election-timeout", "1000",
                 "--snapshot-count", "100000", "--logger", "zap", "--log-level", "warn"]
+        if self.tls is not None:
+            args += ["--cert-file", str(self.tls.server_cert),
+                     "--key-file", str(self.tls.server_key),
+                     "--trusted-ca-file", str(self.tls.ca), "--client-cert-auth"]
         with open(m.log_path, "ab") as log:
             m.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
@@ -117,7 +164,7 @@ class EtcdCluster:
                 timeout: float = 5.0) -> dict[str, Any]:
         req = urllib.request.Request(m.url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=self._ssl) as resp:
             doc: dict[str, Any] = json.loads(resp.read())
         return doc
 

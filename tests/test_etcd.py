@@ -13,7 +13,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from typing import Any
 import pytest
 
 from .apiclient import ServerProcess, a_records, call, wait_for
-from .etcd_cluster import EtcdCluster
+from .etcd_cluster import EtcdCluster, make_tls
 from .support import free_port
 
 PREFIX = "/meshdns/"
@@ -386,3 +388,64 @@ def test_compaction_past_the_watch_relists_and_loses_nothing(
         writer.stop()
         watcher.stop()
         proxy.close()
+
+
+# ------------------------------------------------------------------ TLS and authentication
+
+
+def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path / "pki")
+    c = EtcdCluster(tmp_path / "etcd-tls", 1, tls=tls)
+    ok = instance(tmp_path, "tls", c.endpoints, etcd={
+        "ca_file": str(tls.ca), "cert_file": str(tls.client_cert),
+        "key_file": str(tls.client_key)})
+    no_cert = instance(tmp_path, "nocert", c.endpoints, etcd={"ca_file": str(tls.ca)})
+    try:
+        c.start()
+        assert c.endpoints[0].startswith("https://")
+        ok.start()
+        assert patch(ok, [svc(1)]).status == 200
+        vip = vips(ok)[("s1", "shop", 80)][0]
+        assert answers(ok, name_of(svc(1))) == [vip]
+        assert json.loads(c.keys(PREFIX + "services/")[PREFIX + "services/shop/s1/80"])[
+            "vip"] == vip
+        # etcd requires a client certificate: without one nothing is read or written.
+        no_cert.start(ready=False)
+        wait_for(lambda: "etcd:" in no_cert.log(), 20, "the refused connection to be logged")
+        assert call(no_cert.url, "GET", "/readyz").status == 503
+        assert patch(no_cert, [svc(2)], timeout=30).status == 503
+    finally:
+        ok.stop()
+        no_cert.stop()
+        c.stop()
+
+
+def test_username_and_password(tmp_path: Path) -> None:
+    c = EtcdCluster(tmp_path / "etcd-auth", 1)
+    good = instance(tmp_path, "good", c.endpoints,
+                    etcd={"username": "meshdns", "password": "s3cret"})
+    bad = instance(tmp_path, "bad", c.endpoints,
+                   etcd={"username": "meshdns", "password": "wrong"})
+    try:
+        c.start()
+        etcdctl = ["etcdctl", "--endpoints", c.endpoints[0]]
+        for args in (["user", "add", "root", "--new-user-password", "rootpw"],
+                     ["user", "grant-role", "root", "root"],
+                     ["user", "add", "meshdns", "--new-user-password", "s3cret"],
+                     ["role", "add", "meshdns"],
+                     ["role", "grant-permission", "meshdns", "readwrite", PREFIX,
+                      "--prefix=true"],
+                     ["user", "grant-role", "meshdns", "meshdns"],
+                     ["auth", "enable"]):
+            subprocess.run(etcdctl + args, check=True, capture_output=True, timeout=30,
+                           env={**os.environ, "ETCDCTL_API": "3"})
+        good.start()
+        assert patch(good, [svc(1)]).status == 200
+        assert answers(good, name_of(svc(1))) == [vips(good)[("s1", "shop", 80)][0]]
+        bad.start(ready=False)
+        wait_for(lambda: "authentication failed" in bad.log(), 20, "the refusal to be logged")
+        assert call(bad.url, "GET", "/readyz").status == 503
+    finally:
+        good.stop()
+        bad.stop()
+        c.stop()

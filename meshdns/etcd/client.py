@@ -222,8 +222,10 @@ class EtcdClient:
                     doc = json.loads(line)
                     if "error" in doc:
                         err = doc["error"]
-                        raise EtcdError(int(err.get("grpc_code", err.get("code", 14))),
-                                        str(err.get("message", err)))
+                        code = int(err.get("grpc_code", err.get("code", 14)))
+                        if code == _UNAUTHENTICATED:
+                            self._token = None  # expired: the next attempt authenticates
+                        raise EtcdError(code, str(err.get("message", err)))
                     yield doc.get("result", {})
             finally:
                 resp.release()
