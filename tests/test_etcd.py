@@ -155,6 +155,28 @@ def test_delete_holds_the_vip_on_a_lease_and_if_match_is_the_registry_revision(
     assert ok.status == 200, ok.body
 
 
+def test_a_follower_of_an_instance_gets_etcds_registry_and_metrics_pass_promtool(
+        tmp_path: Path, pair: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = pair
+    follower = ServerProcess(tmp_path / "f", {"registry": {"follow": b.url}}, name="f")
+    try:
+        follower.start(ready=False)
+        assert patch(a, [svc(1, hostnames=["one.example.com"])]).status == 200
+        reg = call(a.url, "GET", "/v1/services")
+        wait_for(lambda: call(follower.url, "GET", "/v1/services").etag == reg.etag, 20,
+                 "the follower to adopt etcd's registry through b")
+        assert vips(follower) == vips(a)
+        assert answers(follower, "one.example.com") == [vips(a)[("s1", "shop", 80)][0]]
+        text = call(a.url, "GET", "/metrics").body.decode()
+        assert "meshdns_etcd_write_commits_total 1.0" in text
+        assert "meshdns_etcd_connected 1.0" in text
+        proc = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
+                              capture_output=True, timeout=30, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        follower.stop()
+
+
 def test_conflicts_and_exhaustion_answer_as_without_etcd(
         tmp_path: Path, cluster: EtcdCluster) -> None:
     a = instance(tmp_path, "small", cluster.endpoints, cidr="10.9.0.0/29", cidr6=None)

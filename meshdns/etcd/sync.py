@@ -197,7 +197,15 @@ class EtcdMirror:
             self.apply_errors += 1
             raise SyncError(f"the registry in etcd does not fit this instance's config: "
                             f"{exc.field}: {exc.message}") from None
-        reg = await self.store.write(lambda _base: reg)
+        store = self.store
+        if not store.loaded or reg.revision != store.revision or \
+                reg.services != store.registry.services:
+            # A new snapshot on disk, never a journal line: etcd may have been rebuilt
+            # with lower revisions, and the journal replays only newer ones.
+            await asyncio.to_thread(store.persist, reg)
+            store.publish(reg)
+        else:
+            store.registry = reg  # the same registry; the claims (held VIPs) may differ
         self.state = (reg, write_rev, claims)
         self.applied = revision
         self._need_list = False
