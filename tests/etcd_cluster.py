@@ -4,11 +4,14 @@ dirs under a given directory; members can be killed and restarted one by one."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -213,3 +216,68 @@ class EtcdCluster:
                                                 "range_end": base64.b64encode(end).decode()})
         return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
                 for kv in doc.get("kvs", [])}
+
+
+class CuttableProxy:
+    """A TCP forwarder to one etcd member that the test can cut and restore: a watch
+    through it breaks and cannot reconnect until restored."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener.settimeout(0.2)
+        self.open = True
+        self.running = True
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while self.running:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                continue
+            if not self.open:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=2)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.open = False
+        with self.lock:
+            for s in self.conns:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self.conns = []
+
+    def restore(self) -> None:
+        self.open = True
+
+    def close(self) -> None:
+        self.running = False
+        self.cut()
+        self.listener.close()

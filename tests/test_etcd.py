@@ -11,12 +11,9 @@ from each instance's copy (and from the state file after a restart) and writes g
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import os
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +22,7 @@ from typing import Any
 import pytest
 
 from .apiclient import ServerProcess, a_records, call, wait_for
-from .etcd_cluster import EtcdCluster, make_tls
-from .support import free_port
+from .etcd_cluster import CuttableProxy, EtcdCluster, make_tls
 
 PREFIX = "/meshdns/"
 
@@ -303,71 +299,6 @@ def test_a_copy_older_than_follow_max_staleness_is_not_ready_but_still_answers(
 
 
 # ------------------------------------------------------------------ compaction
-
-
-class CuttableProxy:
-    """A TCP forwarder to one etcd member that the test can cut and restore: a watch
-    through it breaks and cannot reconnect until restored."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.port = free_port()
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        self.listener.settimeout(0.2)
-        self.open = True
-        self.running = True
-        self.conns: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while self.running:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                continue
-            if not self.open:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=2)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.conns += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self.open = False
-        with self.lock:
-            for s in self.conns:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            self.conns = []
-
-    def restore(self) -> None:
-        self.open = True
-
-    def close(self) -> None:
-        self.running = False
-        self.cut()
-        self.listener.close()
 
 
 def metric(server: ServerProcess, name: str) -> float:
