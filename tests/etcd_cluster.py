@@ -93,6 +93,7 @@ class EtcdCluster:
     root: Path
     size: int = 3
     tls: Tls | None = None  # clients must use TLS and present a certificate of its CA
+    max_txn_ops: int = MAX_TXN_OPS
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -121,7 +122,7 @@ class EtcdCluster:
                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{m.peer_port}",
                 "--initial-cluster", self._initial(), "--initial-cluster-state", "new",
                 "--initial-cluster-token", f"meshdns-test-{self.members[0].peer_port}",
-                "--max-txn-ops", str(MAX_TXN_OPS),
+                "--max-txn-ops", str(self.max_txn_ops),
                 "--max-request-bytes", str(MAX_REQUEST_BYTES),
                 "--heartbeat-interval", "100", "--election-timeout", "1000",
                 "--snapshot-count", "100000", "--logger", "zap", "--log-level", "warn"]

@@ -151,6 +151,23 @@ def test_delete_holds_the_vip_on_a_lease_and_if_match_is_the_registry_revision(
     assert ok.status == 200, ok.body
 
 
+def test_a_write_larger_than_etcd_takes_in_one_transaction_is_413(tmp_path: Path) -> None:
+    c = EtcdCluster(tmp_path / "etcd-small", 1, max_txn_ops=128)  # etcd's default
+    a = instance(tmp_path, "small-txn", c.endpoints)
+    try:
+        c.start()
+        a.start()
+        assert patch(a, [svc(i) for i in range(10)]).status == 200  # ~30 operations
+        big = call(a.url, "PUT", "/v1/services", {"services": [svc(i) for i in range(100)]})
+        assert big.status == 413, big.body
+        assert "--max-txn-ops" in big.json()["error"]
+        assert len(vips(a)) == 10  # nothing of it was written
+        assert len([k for k in c.keys(PREFIX) if "/services/" in k]) == 10
+    finally:
+        a.stop()
+        c.stop()
+
+
 def test_a_follower_of_an_instance_gets_etcds_registry_and_metrics_pass_promtool(
         tmp_path: Path, pair: tuple[ServerProcess, ServerProcess]) -> None:
     a, b = pair
