@@ -22,13 +22,15 @@ node per round). Reported:
 Usage:
   python bench/etcd_fleet.py                 # 10,000 services, 20 instances, 20 changes
   python bench/etcd_fleet.py --quick         # 300 services, 4 instances, 3 changes (~20 s)
-Writes bench/results/etcd_fleet.md (+ .json) unless --quick or --no-write.
+Writes bench/results/etcd_fleet.md (+ .json) unless --no-write.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fleet
 import peers
+import report
 from datagen import Svc, generate
 
 from tests.etcd_cluster import EtcdCluster
@@ -160,6 +163,8 @@ def render(r: dict[str, Any]) -> str:
         f"# etcd fleet: {r['services']:,} services, {r['instances']} meshdns instances, "
         f"{r['members']}-member etcd, {r['changes']} one-service changes",
         "",
+        f"`{r['command']}` on {r['machine']}",
+        "",
         "| | value |",
         "|---|---:|",
         f"| seeding PUT (one transaction) | {r['put_seconds']:.2f} s |",
@@ -194,9 +199,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.services, args.instances, args.changes = 300, 4, 3
-        args.no_write = True
     with tempfile.TemporaryDirectory(prefix="meshdns-etcd-fleet-") as tmp:
         result = run(args, Path(tmp))
+    result["command"] = "python bench/etcd_fleet.py " + shlex.join(sys.argv[1:])
+    result["machine"] = f"{report.cpu_model()} ({os.cpu_count()} CPUs, shared)"
     text = render(result)
     print(text)
     if not args.no_write:
