@@ -294,6 +294,8 @@ def test_without_etcd_dns_keeps_answering_writes_get_503_and_state_file_restarts
     vip3 = vips(b)[("s3", "shop", 80)][0]
     wait_for(lambda: answers(a, name_of(svc(3))) == [vip3], 20, "a to answer s3")
     assert vips(a) == vips(b)
+    assert "etcd: watching /meshdns/ again from revision" in a.log()
+    assert "still serving revision" in a.log()
 
 
 def test_a_copy_older_than_follow_max_staleness_is_not_ready_but_still_answers(

@@ -74,6 +74,7 @@ class EtcdMirror:
         self._watching = False
         self._need_list = True
         self._behind: int | None = None  # revision key seen by the last heartbeat, unapplied
+        self._outage_since: float | None = None  # wall time the watch last broke
         self._event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -141,6 +142,8 @@ class EtcdMirror:
                 reason = str(exc) or type(exc).__name__
             self._watching = self.connected = False
             now = time.time()
+            if self._outage_since is None:
+                self._outage_since = now
             if reason != error or now - last_log > self.OUTAGE_LOG_EVERY:
                 last_log = now
                 age = f"{now - self.last_success:.0f} s old" if self.last_success \
@@ -227,6 +230,11 @@ class EtcdMirror:
                 raise SyncError(f"watch canceled: {result.get('cancel_reason', '')}")
             if result.get("created"):
                 self._watching = self.connected = True
+                if self._outage_since is not None:
+                    log.info("etcd: watching %s again from revision %d (%.0f s after it "
+                             "broke)", self.prefix, self.applied + 1,
+                             time.time() - self._outage_since)
+                    self._outage_since = None
                 continue
             events = result.get("events")
             if events:
