@@ -31,7 +31,9 @@ from .sync import EtcdMirror
 
 log = logging.getLogger("meshdns.etcd")
 
-MAX_CONFLICTS = 100  # failed compares in one write before giving up (503)
+# Failed compares in one write before giving up (503). Each one is another writer's
+# commit, so the fleet always progresses; this bounds how long one write may lose.
+MAX_CONFLICTS = 100
 
 
 class EtcdRegistry:
@@ -109,6 +111,7 @@ class EtcdRegistry:
                      check: Callable[[Registry], None] | None) -> Registry:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.write_timeout
+        give_up = loop.time() + 10 * self.write_timeout  # whatever happens
         conflicts = 0
         while True:
             state = self.mirror.state
@@ -155,13 +158,15 @@ class EtcdRegistry:
                 return self.store.registry
             self.conflicts += 1
             conflicts += 1
-            if conflicts >= MAX_CONFLICTS or loop.time() > deadline:
+            if conflicts >= MAX_CONFLICTS or loop.time() > give_up:
                 self.unavailable += 1
                 raise RegistryError(503, f"gave up after {conflicts} conflicting concurrent "
                                     "writes; retry")
+            # Another instance wrote first (progress, and etcd answers): compute again
+            # once the watch brought that write here, with a fresh time budget.
+            deadline = min(loop.time() + self.write_timeout, give_up)
             seen = _failure_revision(answer)
-            # Another instance wrote first: compute again once the watch brought it here.
-            await self.mirror.wait_newer(state, seen, max(deadline - loop.time(), 0.5))
+            await self.mirror.wait_newer(state, seen, self.write_timeout)
 
     async def _commit(self, plan: Plan, write_rev: int) -> dict[str, Any]:
         lease = await self.client.lease_grant(self.hold_ttl) if plan.held else 0
