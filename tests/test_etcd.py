@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -259,6 +260,37 @@ def test_killing_the_etcd_leader_costs_an_election_not_writes(
             return answers(r, name) == [want]
 
         wait_for(seen, 10, f"the other instance to answer s{i}")
+
+
+def test_a_watch_on_a_member_that_stopped_answering_moves_to_another(
+        tmp_path: Path, cluster: EtcdCluster) -> None:
+    """A member cut off from the others (here: SIGSTOP) keeps its TCP connections open
+    and sends nothing: the watch on it is silently stuck, not broken. The heartbeat
+    reads from the next member, sees the copy fall behind, and restarts the watch there."""
+    m0, m1, m2 = cluster.members
+    reader = instance(tmp_path, "reader", [m0.url, m1.url])
+    writer = instance(tmp_path, "writer", [m1.url, m2.url])
+    try:
+        reader.start()
+        writer.start()
+        assert patch(writer, [svc(1)]).status == 200
+        wait_for(lambda: ("s1", "shop", 80) in vips(reader), 10, "the reader to see s1")
+        assert m0.proc is not None
+        m0.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        reply = patch(writer, [svc(2)], timeout=30)
+        while reply.status == 503 and time.monotonic() - t0 < 20:  # m0 may have led
+            reply = patch(writer, [svc(2)], timeout=30)
+        assert reply.status == 200, reply.body
+        vip = vips(writer)[("s2", "shop", 80)][0]
+        wait_for(lambda: answers(reader, name_of(svc(2))) == [vip], 40,
+                 "the reader to get s2 through another member")
+        assert "the watch is behind" in reader.log()
+    finally:
+        if m0.proc is not None and m0.proc.poll() is None:
+            m0.proc.send_signal(signal.SIGCONT)
+        reader.stop()
+        writer.stop()
 
 
 def test_without_etcd_dns_keeps_answering_writes_get_503_and_state_file_restarts(

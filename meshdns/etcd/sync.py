@@ -75,6 +75,7 @@ class EtcdMirror:
         self._need_list = True
         self._behind: int | None = None  # revision key seen by the last heartbeat, unapplied
         self._outage_since: float | None = None  # wall time the watch last broke
+        self._applying = False  # a watch response is being applied (maybe a big one)
         self._event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -256,14 +257,18 @@ class EtcdMirror:
             log.warning("etcd: skipping %s%s", self.prefix, bad)
         self.bad_keys += len(changes.bad)
         delta, policy = changes.delta, self.policy
+        self._applying = True
         try:
-            reg = await self.store.write(
-                lambda base: apply_delta(base, delta, policy, self.store.clock()))
+            # Shielded: a restarted watch must not leave the state file ahead of DNS.
+            reg = await asyncio.shield(self.store.write(
+                lambda base: apply_delta(base, delta, policy, self.store.clock())))
         except RegistryError as exc:
             self.apply_errors += 1
             self._need_list = True
             raise SyncError(f"a change in etcd does not apply to the local copy ({exc.field}: "
                             f"{exc.message})") from None
+        finally:
+            self._applying = False
         if changes.claims:
             claims = dict(claims)
             for key, mod in changes.claims.items():
@@ -282,8 +287,12 @@ class EtcdMirror:
         self._notify()
 
     async def _heartbeat(self) -> None:
-        """Every HEARTBEAT: a linearizable read of the revision key. The copy counts as
-        current when the watch is up and has applied what etcd had one heartbeat ago."""
+        """Every HEARTBEAT: a linearizable read of the revision key (from whichever member
+        answers). The copy counts as current when the watch is up and has applied what
+        etcd had one heartbeat earlier. A watch that stays behind (its member cut off
+        from the others keeps the stream open but sends nothing) is restarted, on the
+        member that answered the heartbeat."""
+        lagging = 0
         while True:
             await asyncio.sleep(self.HEARTBEAT)
             try:
@@ -294,13 +303,26 @@ class EtcdMirror:
                 continue
             kvs = doc.get("kvs") or []
             latest = num(kvs[0].get("mod_revision")) if kvs else 0
-            if not self._watching or self.state is None:
-                self.connected = False
+            if not self._watching or self.state is None or self._applying:
+                self._behind = None
                 continue
             if self._behind is not None and self.write_revision < self._behind:
                 self.connected = False  # the watch has not delivered a whole heartbeat's worth
-                log.warning("etcd: the watch is behind (revision %d applied, etcd had %d)",
-                            self.write_revision, self._behind)
+                lagging += 1
+                if lagging >= 2:
+                    log.warning("etcd: the watch is behind (revision %d applied, etcd had "
+                                "%d); restarting it", self.write_revision, self._behind)
+                    self._restart_watch()
+                    lagging = 0
             else:
+                lagging = 0
                 self._synced()
             self._behind = latest if latest > self.write_revision else None
+
+    def _restart_watch(self) -> None:
+        if not self._tasks:
+            return
+        self._tasks[0].cancel()
+        self._watching = False
+        self._tasks[0] = asyncio.get_running_loop().create_task(self._run(),
+                                                                name="meshdns-etcd-watch")
