@@ -453,3 +453,69 @@ def test_username_and_password(tmp_path: Path) -> None:
         good.stop()
         bad.stop()
         c.stop()
+
+
+# ------------------------------------------------------------------ in-process: If-Match
+
+
+def test_if_match_with_an_etag_from_another_instance_waits_for_this_copy(
+        tmp_path: Path, cluster: EtcdCluster) -> None:
+    """An ETag read from instance B names a revision instance A's copy may not have
+    yet. A catches up with etcd before judging If-Match, so that ETag is not a 412.
+    A's watch is slowed down on purpose (each response applied 1.5 s late)."""
+    import asyncio
+
+    from meshdns.config import parse_config
+    from meshdns.core.patch import apply_patch
+    from meshdns.core.registry import Registry, ServiceSpec
+    from meshdns.core.resolver import Resolver
+    from meshdns.core.zone import Zone
+    from meshdns.etcd.backend import EtcdRegistry
+    from meshdns.server import registry_policy, zone_settings
+    from meshdns.store import RegistryStore
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("")
+    cfg = parse_config({"dns": {"resolv_conf": str(resolv)}, "registry": {"etcd": {
+        "endpoints": cluster.endpoints, "request_timeout": 5}}}, env={})
+    policy = registry_policy(cfg)
+
+    def backend() -> EtcdRegistry:
+        settings = zone_settings(cfg, forwarding=False)
+        store = RegistryStore(policy, settings, Resolver(Zone(Registry.empty(), settings)))
+        return EtcdRegistry(store, policy, cfg.registry)
+
+    def add(name: str) -> object:
+        return lambda base: apply_patch(base, [ServiceSpec(name, "ns", 80)], [], policy, 0.0)
+
+    async def scenario() -> tuple[int, int, list[str]]:
+        a, b = backend(), backend()
+        a.start()
+        b.start()
+        try:
+            assert await a.mirror.wait_until(lambda: a.mirror.state is not None, 10)
+            assert await b.mirror.wait_until(lambda: b.mirror.state is not None, 10)
+            applied = a.mirror._apply
+
+            async def late(events: list[dict[str, Any]]) -> None:
+                await asyncio.sleep(1.5)
+                await applied(events)
+
+            a.mirror._apply = late  # type: ignore[method-assign]
+            written = await b.write(add("from-b"))  # type: ignore[arg-type]
+            want = written.revision
+            assert a.store.revision < want  # A has not seen it yet
+
+            def if_match(base: Registry) -> None:
+                if base.revision != want:
+                    raise ValueError(f"412: {base.revision} != {want}")
+
+            result = await a.write(add("from-a"), check=if_match)  # type: ignore[arg-type]
+            return want, result.revision, sorted(k[0] for k in result.services)
+        finally:
+            await a.stop()
+            await b.stop()
+
+    want, revision, names = asyncio.run(scenario())
+    assert revision > want
+    assert names == ["from-a", "from-b"]

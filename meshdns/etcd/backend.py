@@ -113,6 +113,7 @@ class EtcdRegistry:
         deadline = loop.time() + self.write_timeout
         give_up = loop.time() + 10 * self.write_timeout  # whatever happens
         conflicts = 0
+        caught_up = False
         while True:
             state = self.mirror.state
             if state is None:
@@ -124,7 +125,15 @@ class EtcdRegistry:
                 continue
             base, write_rev, claims = state
             if check is not None:
-                check(base)
+                try:
+                    check(base)
+                except Exception:
+                    # If-Match may name a revision another instance already serves: catch
+                    # up with etcd once before saying 412, so an ETag read anywhere works.
+                    if caught_up or not await self._catch_up(state, write_rev, deadline):
+                        raise
+                    caught_up = True
+                    continue
             new = await asyncio.to_thread(self.store._compute, compute, base)
             plan = await asyncio.to_thread(plan_write, self.prefix, base, new, claims)
             if not plan:
@@ -167,6 +176,19 @@ class EtcdRegistry:
             deadline = min(loop.time() + self.write_timeout, give_up)
             seen = _failure_revision(answer)
             await self.mirror.wait_newer(state, seen, self.write_timeout)
+
+    async def _catch_up(self, state: object, write_rev: int, deadline: float) -> bool:
+        """Whether etcd holds a newer write than ``write_rev`` and the copy now has it."""
+        try:
+            doc = await self.client.range(self.mirror.revision_key.encode())
+        except (EtcdUnavailable, EtcdError):
+            return False
+        kvs = doc.get("kvs") or []
+        latest = num(kvs[0].get("mod_revision")) if kvs else 0
+        if latest <= write_rev:
+            return False
+        timeout = max(deadline - asyncio.get_running_loop().time(), 1.0)
+        return await self.mirror.wait_newer(state, latest, timeout)
 
     async def _commit(self, plan: Plan, write_rev: int) -> dict[str, Any]:
         lease = await self.client.lease_grant(self.hold_ttl) if plan.held else 0
