@@ -405,9 +405,6 @@ def _check_etcd_combinations(cfg: Config) -> None:
     if cfg.registry.seed_file:
         raise ConfigError("registry.seed_file: cannot be set with registry.etcd.endpoints: "
                           "the registry is etcd's; load it with PUT /v1/services instead")
-    if cfg.dns.workers > 1:
-        raise ConfigError(f"dns.workers: must be 1 with registry.etcd.endpoints, got "
-                          f"{cfg.dns.workers} (run more instances, each watching etcd)")
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:

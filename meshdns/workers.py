@@ -21,7 +21,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from .config import Config, HostPort, config_to_raw
+from .config import Config, EtcdConfig, HostPort, config_to_raw
 
 log = logging.getLogger("meshdns.workers")
 
@@ -42,7 +42,8 @@ def worker_config(main: Config, dns: list[HostPort], api: HostPort) -> Config:
         api=replace(main.api, listen=HostPort("127.0.0.1", 0)),
         registry=replace(main.registry, state_file=None, seed_file=None,
                          follow=f"http://{url_host}:{api.port}",
-                         follow_token=main.api.token),
+                         follow_token=main.api.token,
+                         etcd=EtcdConfig()),  # the main process watches etcd, not workers
     )
 
 

@@ -344,9 +344,6 @@ ETCD = {"endpoints": ["http://127.0.0.1:2379"]}
     ({"registry": {"etcd": {**ETCD}, "seed_file": "seed.yaml"}},
      "registry.seed_file: cannot be set with registry.etcd.endpoints: the registry is "
      "etcd's; load it with PUT /v1/services instead"),
-    ({"registry": {"etcd": {**ETCD}}, "dns": {"workers": 2}},
-     "dns.workers: must be 1 with registry.etcd.endpoints, got 2 (run more instances, each "
-     "watching etcd)"),
 ])
 def test_bad_etcd_settings_name_their_key(raw: Any, message: str) -> None:
     assert error_of(raw) == message

@@ -38,13 +38,13 @@ def cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
         c.stop()
 
 
-def instance(tmp_path: Path, name: str, endpoints: list[str], **registry: Any
-             ) -> ServerProcess:
+def instance(tmp_path: Path, name: str, endpoints: list[str], *,
+             dns: dict[str, Any] | None = None, **registry: Any) -> ServerProcess:
     etcd = {"endpoints": endpoints, "request_timeout": 3.0, "dial_timeout": 0.5}
     etcd.update(registry.pop("etcd", {}))
     cfg = {"registry": {"etcd": etcd, "state_file": str(tmp_path / name / "state.json"),
                         **registry},
-           "log": {"level": "info"}}
+           "dns": dns or {}, "log": {"level": "info"}}
     return ServerProcess(tmp_path / name, cfg, name=name)
 
 
@@ -150,6 +150,28 @@ def test_delete_holds_the_vip_on_a_lease_and_if_match_is_the_registry_revision(
     ok = call(a.url, "PATCH", "/v1/services", {"upsert": [svc(9)]},
               headers={"If-Match": current})
     assert ok.status == 200, ok.body
+
+
+def test_dns_workers_answer_from_the_main_process_copy(
+        tmp_path: Path, cluster: EtcdCluster) -> None:
+    """With dns.workers the main process watches etcd and its workers follow it (as
+    without etcd): a write is answered once every DNS process serves it."""
+    from .test_workers import _udp_owners, from_every_cpu
+
+    a = instance(tmp_path, "workers", cluster.endpoints, dns={"workers": 2})
+    try:
+        a.start()
+        wait_for(lambda: _udp_owners(a.dns_port) == 2, 30, "the worker to bind the port")
+        for i in range(10):
+            assert patch(a, [svc(i)]).status == 200
+            vip = vips(a)[(f"s{i}", "shop", 80)][0]
+            # Read-your-writes in every process (queries sent from every CPU, so both
+            # the main process and the worker are asked), right after the 200.
+            for reply in from_every_cpu(a.dns_port, name_of(svc(i))):
+                assert [rr.address for rrset in reply.answer for rr in rrset] == [vip]
+        assert "exited" not in a.log()
+    finally:
+        a.stop()
 
 
 def test_a_write_larger_than_etcd_takes_in_one_transaction_is_413(tmp_path: Path) -> None:
