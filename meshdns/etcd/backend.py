@@ -124,21 +124,30 @@ class EtcdRegistry:
                                         f"unreachable: {self.mirror.leader}); nothing written")
                 continue
             base, write_rev, claims = state
-            if check is not None:
-                try:
-                    check(base)
-                except Exception:
-                    # If-Match may name a revision another instance already serves: catch
-                    # up with etcd once before saying 412, so an ETag read anywhere works.
-                    if caught_up or not await self._catch_up(state, write_rev, deadline):
-                        raise
-                    caught_up = True
-                    continue
-            new = await asyncio.to_thread(self.store._compute, compute, base)
-            plan = await asyncio.to_thread(plan_write, self.prefix, base, new, claims)
-            if not plan:
-                return base  # nothing to change: already what the write asks for
             try:
+                # A refusal (If-Match 412, the core's 409/507) is only answered from a copy
+                # as new as etcd: the copy may lag a write made through another instance
+                # (an ETag read there, a service deleted there). Catch up once, then judge.
+                if check is not None:
+                    check(base)
+                new = await asyncio.to_thread(self.store._compute, compute, base)
+            except Exception:
+                if caught_up or not await self._catch_up(state, write_rev, deadline):
+                    raise
+                caught_up = True
+                continue
+            plan = await asyncio.to_thread(plan_write, self.prefix, base, new, claims)
+            try:
+                if not plan:
+                    # Nothing to change in this copy, if it is as new as etcd (a delete of
+                    # a service just created through another instance must not be lost).
+                    latest = await self._latest_write_revision()
+                    if latest <= write_rev:
+                        return base
+                    if loop.time() > give_up:
+                        raise EtcdUnavailable("this instance's copy stays behind etcd")
+                    await self.mirror.wait_newer(state, latest, self.write_timeout)
+                    continue
                 answer = await self._commit(plan, write_rev)
             except EtcdUnavailable as exc:
                 if loop.time() < deadline:
@@ -177,14 +186,18 @@ class EtcdRegistry:
             seen = _failure_revision(answer)
             await self.mirror.wait_newer(state, seen, self.write_timeout)
 
+    async def _latest_write_revision(self) -> int:
+        """The revision key's mod_revision in etcd now (a linearizable read)."""
+        doc = await self.client.range(self.mirror.revision_key.encode())
+        kvs = doc.get("kvs") or []
+        return num(kvs[0].get("mod_revision")) if kvs else 0
+
     async def _catch_up(self, state: object, write_rev: int, deadline: float) -> bool:
         """Whether etcd holds a newer write than ``write_rev`` and the copy now has it."""
         try:
-            doc = await self.client.range(self.mirror.revision_key.encode())
+            latest = await self._latest_write_revision()
         except (EtcdUnavailable, EtcdError):
             return False
-        kvs = doc.get("kvs") or []
-        latest = num(kvs[0].get("mod_revision")) if kvs else 0
         if latest <= write_rev:
             return False
         timeout = max(deadline - asyncio.get_running_loop().time(), 1.0)
