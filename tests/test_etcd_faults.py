@@ -127,6 +127,10 @@ def test_without_etcd_dns_keeps_answering_writes_get_503_and_state_file_restarts
     vip3 = vips(b)[("s3", "shop", 80)][0]
     wait_for(lambda: answers(a, name_of(svc(3))) == [vip3], 20, "a to answer s3")
     assert vips(a) == vips(b)
+    # The restarted instance follows writes made elsewhere again, too.
+    assert patch(a, [svc(4)], timeout=30).status == 200
+    vip4 = vips(a)[("s4", "shop", 80)][0]
+    wait_for(lambda: answers(b, name_of(svc(4))) == [vip4], 20, "b to answer s4")
     assert "etcd: watching /meshdns/ again from revision" in a.log()
     assert "still serving revision" in a.log()
 
