@@ -30,6 +30,7 @@ from meshdns.etcd.layout import (
     build_snapshot,
     decode_claim,
     decode_events,
+    decode_listing,
     decode_service,
     encode_service,
     plan_write,
@@ -82,22 +83,7 @@ class Kv:
         return [(key, None, self.revision)]
 
     def listing(self) -> tuple[Listing, dict[str, int], int]:
-        listing = Listing()
-        claims: dict[str, int] = {}
-        write_rev = 0
-        for key in sorted(self.data):
-            value, mod, _ = self.data[key]
-            rel = key[len(P):]
-            if rel.startswith(SERVICES):
-                listing.services.append(decode_service(rel[len(SERVICES):], value))
-                listing.revision = max(listing.revision, mod)
-            elif rel.startswith(VIPS):
-                listing.claims.append(decode_claim(rel[len(VIPS):], value))
-                claims[key] = mod
-            elif rel == REVISION:
-                write_rev = mod
-                listing.revision = max(listing.revision, mod)
-        return listing, claims, write_rev
+        return decode_listing(P, ((k, v, mod) for k, (v, mod, _) in sorted(self.data.items())))
 
 
 def same(a: Registry, b: Registry) -> None:
@@ -204,6 +190,17 @@ def test_keys_meshdns_did_not_write_are_reported_not_applied() -> None:
         (P + "unrelated", b"x", 5),
     ])
     assert len(changes.bad) == 4
+    listing, claims, write_rev = decode_listing(P, [
+        (P + SERVICES + "ns/a/80", b"{not json", 5),
+        (P + SERVICES + "ns/b/80", b'{"name":"b","namespace":"ns","port":80,"vip":"10.0.0.2",'
+         b'"vip_given":true}', 6),
+        (P + VIPS + "10.0.0.2", b'{"owner":["b","ns",80]}', 6),
+        (P + REVISION, b"", 6),
+    ])
+    assert [s.key for s in listing.services] == [("b", "ns", 80)]
+    assert listing.services[0].vip_given and not listing.services[0].vip6_given
+    assert (len(listing.bad), claims, write_rev, listing.revision) == (
+        1, {P + VIPS + "10.0.0.2": 6}, 6, 6)
     assert not changes.delta.upserts and not changes.delta.deletes
     assert changes.top == 5
     with pytest.raises(LayoutError, match="holds ns/a/80"):

@@ -143,6 +143,30 @@ class Listing:
     bad: list[str] = field(default_factory=list)  # keys skipped, with why
 
 
+def decode_listing(prefix: str, entries: Iterable[tuple[str, bytes, int]]
+                   ) -> tuple[Listing, dict[str, int], int]:
+    """``(key, value, mod_revision)`` of a full read of the prefix: the listing, every
+    claim's mod_revision, and the revision key's (0: none). Bad keys are listed."""
+    listing = Listing()
+    claims: dict[str, int] = {}
+    write_rev = 0
+    for key, value, mod in entries:
+        rel = key[len(prefix):] if key.startswith(prefix) else ""
+        try:
+            if rel.startswith(SERVICES):
+                listing.services.append(decode_service(rel[len(SERVICES):], value))
+                listing.revision = max(listing.revision, mod)
+            elif rel.startswith(VIPS):
+                listing.claims.append(decode_claim(rel[len(VIPS):], value))
+                claims[key] = mod
+            elif rel == REVISION:
+                write_rev = mod
+                listing.revision = max(listing.revision, mod)
+        except LayoutError as exc:
+            listing.bad.append(str(exc))
+    return listing, claims, write_rev
+
+
 def build_snapshot(listing: Listing, policy: RegistryPolicy, now: float) -> Registry:
     """The registry a listing holds, VIPs as stored (O(n): start-up and re-lists)."""
     specs: list[ServiceSpec] = []

@@ -28,15 +28,11 @@ from ..store import RegistryStore
 from .client import EtcdClient, EtcdError, EtcdUnavailable, num, prefix_end, unb64
 from .layout import (
     REVISION,
-    SERVICES,
-    VIPS,
-    LayoutError,
     Listing,
     apply_delta,
     build_snapshot,
-    decode_claim,
     decode_events,
-    decode_service,
+    decode_listing,
 )
 
 log = logging.getLogger("meshdns.etcd")
@@ -162,45 +158,35 @@ class EtcdMirror:
         """Read the whole prefix at one revision and replace the copy with it."""
         start, end = self.prefix.encode(), prefix_end(self.prefix.encode())
         revision = 0
-        listing = Listing()
-        claims: dict[str, int] = {}
-        write_rev = 0
+        pages: list[list[dict[str, Any]]] = []
         while True:
             doc = await self.client.range(start, end, revision=revision, limit=self.PAGE)
             if not revision:
                 revision = num(doc.get("header", {}).get("revision"))
             kvs = doc.get("kvs", [])
-            for kv in kvs:
-                key = unb64(kv.get("key")).decode("utf-8", "replace")
-                mod = num(kv.get("mod_revision"))
-                rel = key[len(self.prefix):]
-                try:
-                    if rel.startswith(SERVICES):
-                        listing.services.append(
-                            decode_service(rel[len(SERVICES):], unb64(kv.get("value"))))
-                        listing.revision = max(listing.revision, mod)
-                    elif rel.startswith(VIPS):
-                        listing.claims.append(decode_claim(rel[len(VIPS):],
-                                                           unb64(kv.get("value"))))
-                        claims[key] = mod
-                    elif key == self.revision_key:
-                        write_rev = mod
-                        listing.revision = max(listing.revision, mod)
-                except LayoutError as exc:
-                    listing.bad.append(str(exc))
+            pages.append(kvs)
             if not doc.get("more") or not kvs:
                 break
             start = unb64(kvs[-1]["key"]) + b"\0"
-        for bad in listing.bad[:10]:
-            log.warning("etcd: skipping %s%s", self.prefix, bad)
-        self.bad_keys += len(listing.bad)
-        now = self.store.clock()
+        prefix, policy, now = self.prefix, self.policy, self.store.clock()
+
+        def build() -> tuple[Registry, Listing, dict[str, int], int]:
+            # Decoding and building run in a thread: 100k services must not stop DNS.
+            entries = ((unb64(kv.get("key")).decode("utf-8", "replace"),
+                        unb64(kv.get("value")), num(kv.get("mod_revision")))
+                       for kvs in pages for kv in kvs)
+            listing, claims, write_rev = decode_listing(prefix, entries)
+            return build_snapshot(listing, policy, now), listing, claims, write_rev
+
         try:
-            reg = await asyncio.to_thread(build_snapshot, listing, self.policy, now)
+            reg, listing, claims, write_rev = await asyncio.to_thread(build)
         except RegistryError as exc:
             self.apply_errors += 1
             raise SyncError(f"the registry in etcd does not fit this instance's config: "
                             f"{exc.field}: {exc.message}") from None
+        for bad in listing.bad[:10]:
+            log.warning("etcd: skipping %s%s", self.prefix, bad)
+        self.bad_keys += len(listing.bad)
         store = self.store
         if not store.loaded or reg.revision != store.revision or \
                 reg.services != store.registry.services:
