@@ -28,6 +28,7 @@ from ..store import RegistryStore
 from .client import EtcdClient, EtcdError, EtcdUnavailable, num, prefix_end, unb64
 from .layout import (
     REVISION,
+    Changes,
     Listing,
     apply_delta,
     build_snapshot,
@@ -234,11 +235,17 @@ class EtcdMirror:
     async def _apply(self, events: list[dict[str, Any]]) -> None:
         assert self.state is not None
         _, write_rev, claims = self.state
-        changes = decode_events(self.prefix, (
-            (unb64(kv.get("key")).decode("utf-8", "replace"),
-             None if event.get("type") == "DELETE" else unb64(kv.get("value")),
-             num(kv.get("mod_revision")))
-            for event in events if (kv := event.get("kv", {})) is not None))
+        prefix = self.prefix
+
+        def decode() -> Changes:
+            return decode_events(prefix, (
+                (unb64(kv.get("key")).decode("utf-8", "replace"),
+                 None if event.get("type") == "DELETE" else unb64(kv.get("value")),
+                 num(kv.get("mod_revision")))
+                for event in events if (kv := event.get("kv", {})) is not None))
+
+        # A big transaction (a PUT of thousands) is decoded off the event loop.
+        changes = decode() if len(events) <= 64 else await asyncio.to_thread(decode)
         for bad in changes.bad:
             log.warning("etcd: skipping %s%s", self.prefix, bad)
         self.bad_keys += len(changes.bad)
