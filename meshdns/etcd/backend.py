@@ -167,8 +167,8 @@ class EtcdRegistry:
             revision = num(answer.get("header", {}).get("revision"))
             if answer.get("succeeded"):
                 self.commits += 1
-                if not await self.mirror.wait_applied(revision,
-                                                      max(deadline - loop.time(), 2.0)):
+                # Committed: worth a whole request_timeout for the watch to bring it.
+                if not await self.mirror.wait_applied(revision, self.write_timeout):
                     self.unavailable += 1
                     raise RegistryError(503, f"committed to etcd at revision {revision}, but "
                                         "this instance has not applied it yet; retry "

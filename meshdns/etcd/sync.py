@@ -206,16 +206,53 @@ class EtcdMirror:
                  self.prefix, revision, len(reg), reg.revision)
 
     async def _watch(self) -> None:
-        end = prefix_end(self.prefix.encode())
-        async for result in self.client.watch(self.prefix.encode(), end, self.applied + 1):
+        """Read the watch stream in one task, apply in this one: whatever arrived while
+        a change was being applied is applied next as one change (one state-file
+        write), so a copy that fell behind a burst of writes catches up in a few steps."""
+        queue: asyncio.Queue[dict[str, Any] | Exception] = asyncio.Queue(maxsize=1024)
+        start = self.applied + 1
+
+        async def read() -> None:
+            try:
+                end = prefix_end(self.prefix.encode())
+                async for result in self.client.watch(self.prefix.encode(), end, start):
+                    await queue.put(result)
+                await queue.put(SyncError("the watch stream ended"))
+            except Exception as exc:  # handed to the applier, which decides
+                await queue.put(exc)
+
+        reader = asyncio.get_running_loop().create_task(read(), name="meshdns-etcd-read")
+        try:
+            while True:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                if await self._apply_batch(batch):
+                    return
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _apply_batch(self, batch: list[dict[str, Any] | Exception]) -> bool:
+        """Apply the events of ``batch`` as one change; True when a re-list is due."""
+        events: list[dict[str, Any]] = []
+        progress = 0
+        stop: Exception | None = None
+        relist = False
+        for result in batch:
+            if isinstance(result, Exception):
+                stop = result
+                break
             compacted = num(result.get("compact_revision"))
             if compacted:
                 log.warning("etcd: revision %d was compacted away (the watch needed %d on); "
                             "listing %s again", compacted, self.applied + 1, self.prefix)
-                self._need_list = True
-                return
+                self._need_list = relist = True
+                break
             if result.get("canceled"):
-                raise SyncError(f"watch canceled: {result.get('cancel_reason', '')}")
+                stop = SyncError(f"watch canceled: {result.get('cancel_reason', '')}")
+                break
             if result.get("created"):
                 self._watching = self.connected = True
                 if self._outage_since is not None:
@@ -223,14 +260,17 @@ class EtcdMirror:
                              "broke)", self.prefix, self.applied + 1,
                              time.time() - self._outage_since)
                     self._outage_since = None
-                continue
-            events = result.get("events")
-            if events:
-                await self._apply(events)
+            elif result.get("events"):
+                events += result["events"]
             else:  # a progress notification: nothing up to this revision is missing
-                self.applied = max(self.applied, num(result.get("header", {}).get("revision")))
-            self._notify()
-        raise SyncError("the watch stream ended")
+                progress = max(progress, num(result.get("header", {}).get("revision")))
+        if events:
+            await self._apply(events)
+        self.applied = max(self.applied, progress)
+        self._notify()
+        if stop is not None:
+            raise stop
+        return relist
 
     async def _apply(self, events: list[dict[str, Any]]) -> None:
         assert self.state is not None
