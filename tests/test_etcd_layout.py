@@ -116,6 +116,8 @@ def test_deltas_listing_and_writer_agree_through_random_writes(seed: int) -> Non
     now = 1000.0
     listing, claims, write_rev = kv.listing()
     copy = build_snapshot(listing, POLICY, now)
+    # Another instance whose watch delivers several transactions in one batch.
+    lagging, pending = copy, []
     applied = rejected = expired = 0
     for _ in range(300):
         now += 1
@@ -139,6 +141,11 @@ def test_deltas_listing_and_writer_agree_through_random_writes(seed: int) -> Non
         changes = decode_events(P, events)
         assert not changes.bad
         copy = apply_delta(copy, changes.delta, POLICY, now)
+        pending += events
+        if rng.random() < 0.3:
+            lagging = apply_delta(lagging, decode_events(P, pending).delta, POLICY, now)
+            pending = []
+            same(lagging, copy)
         for key, mod in changes.claims.items():
             if mod is None:
                 claims.pop(key, None)
@@ -157,6 +164,8 @@ def test_deltas_listing_and_writer_agree_through_random_writes(seed: int) -> Non
                 claim = decode_claim(*_claim_of(kv, family, vip))
                 assert (claim.owner, claim.held) == (owner, False)
         assert all(t == HELD_UNTIL_DELETED for t, _ in copy.held4.values())
+    lagging = apply_delta(lagging, decode_events(P, pending).delta, POLICY, now)
+    same(lagging, copy)
     assert applied > 100 and rejected > 0 and expired > 5
 
 
