@@ -90,6 +90,7 @@ class EtcdClient:
         self.username = username
         self.password = password
         self.current = 0  # index of the endpoint that answered last
+        self.watching: str | None = None  # the endpoint of the open watch stream
         self._token: str | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -217,6 +218,7 @@ class EtcdClient:
                 resp.release()
                 continue
             self.current = self.endpoints.index(endpoint)
+            self.watching = endpoint
             try:
                 async for line in _lines(resp.content):
                     doc = json.loads(line)
@@ -228,6 +230,7 @@ class EtcdClient:
                         raise EtcdError(code, str(err.get("message", err)))
                     yield doc.get("result", {})
             finally:
+                self.watching = None
                 resp.release()
             return
         raise EtcdUnavailable("watch: " + "; ".join(errors))

@@ -255,11 +255,12 @@ class EtcdMirror:
                 break
             if result.get("created"):
                 self._watching = self.connected = True
-                if self._outage_since is not None:
-                    log.info("etcd: watching %s again from revision %d (%.0f s after it "
-                             "broke)", self.prefix, self.applied + 1,
-                             time.time() - self._outage_since)
-                    self._outage_since = None
+                after = "" if self._outage_since is None else \
+                    f" ({time.time() - self._outage_since:.0f} s after it broke)"
+                log.info("etcd: watching %s %sfrom revision %d on %s%s", self.prefix,
+                         "again " if after else "", self.applied + 1, self.client.watching,
+                         after)
+                self._outage_since = None
             elif result.get("events"):
                 events += result["events"]
             else:  # a progress notification: nothing up to this revision is missing
