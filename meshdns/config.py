@@ -91,6 +91,21 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class EtcdConfig:
+    """registry.etcd: where the registry lives when it lives in etcd (endpoints set)."""
+
+    endpoints: tuple[str, ...] = ()  # http(s)://host:port of etcd members; () = not in etcd
+    prefix: str = "/meshdns/"
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None  # env MESHDNS_ETCD_PASSWORD overrides
+    dial_timeout: float = 2.0  # connecting to one member, before trying the next
+    request_timeout: float = 5.0  # one request to one member
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     cidr: str = "240.0.0.0/4"
     cidr6: str | None = "fd00:fd00::/64"
@@ -100,6 +115,7 @@ class RegistryConfig:
     follow: str | None = None
     follow_token: str | None = None
     follow_max_staleness: float = 300.0  # /readyz 503 once the last sync is older
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
 
 
 @dataclass(frozen=True)
@@ -314,6 +330,62 @@ def _follow_url(path: str, value: Any) -> str | None:
     return value.rstrip("/")
 
 
+def _etcd_endpoint(path: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")) \
+            or "://" not in value or not value.split("://", 1)[1].strip("/"):
+        raise _fail(path, "must be an http:// or https:// URL of an etcd member", value)
+    return value.rstrip("/")
+
+
+def _etcd_prefix(path: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or not value.endswith("/") \
+            or len(value) < 2 or not value.isascii() or not value.isprintable():
+        raise _fail(path, "must be a key prefix starting and ending with \"/\", like "
+                    "\"/meshdns/\"", value)
+    return value
+
+
+def _readable_file(path: str, value: Any) -> str | None:
+    name = _opt_str(path, value)
+    if name is not None and not os.access(name, os.R_OK):
+        raise _fail(path, "must be a readable file", value)
+    return name
+
+
+_ETCD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "endpoints": _list_of(_etcd_endpoint),
+    "prefix": _etcd_prefix,
+    "ca_file": _readable_file,
+    "cert_file": _readable_file,
+    "key_file": _readable_file,
+    "username": _opt_str,
+    "password": _opt_str,
+    "dial_timeout": _number(0.05, 600),
+    "request_timeout": _number(0.05, 600),
+}
+
+
+def _etcd(path: str, value: Any) -> EtcdConfig:
+    if value is None:
+        return EtcdConfig()
+    if not isinstance(value, Mapping):
+        raise _fail(path, "must be a mapping", value)
+    kwargs = {}
+    for key, item in value.items():
+        if key not in _ETCD_CHECKS:
+            raise ConfigError(f"{path}.{key}: unknown key (known: {', '.join(_ETCD_CHECKS)})")
+        kwargs[key] = _ETCD_CHECKS[key](f"{path}.{key}", item)
+    cfg = EtcdConfig(**kwargs)
+    if (cfg.cert_file is None) != (cfg.key_file is None):
+        missing = "key_file" if cfg.key_file is None else "cert_file"
+        raise ConfigError(f"{path}.{missing}: cert_file and key_file go together (a client "
+                          "certificate needs its key)")
+    if (cfg.username is None) != (cfg.password is None):
+        missing = "password" if cfg.password is None else "username"
+        raise ConfigError(f"{path}.{missing}: username and password go together")
+    return cfg
+
+
 _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "dns": {
         "listen": _list_of(_listen, allow_empty=False),
@@ -353,6 +425,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "follow": _follow_url,
         "follow_token": _opt_str,
         "follow_max_staleness": _number(1, 86400 * 365),
+        "etcd": _etcd,
     },
     "metrics": {
         "listen": lambda p, v: None if v is None else _listen(p, v),
@@ -412,6 +485,10 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         cfg = replace(cfg, api=replace(cfg.api, token=env["MESHDNS_API_TOKEN"]))
     if env.get("MESHDNS_FOLLOW_TOKEN"):
         cfg = replace(cfg, registry=replace(cfg.registry, follow_token=env["MESHDNS_FOLLOW_TOKEN"]))
+    if env.get("MESHDNS_ETCD_PASSWORD") and cfg.registry.etcd.username:
+        etcd = replace(cfg.registry.etcd, password=env["MESHDNS_ETCD_PASSWORD"])
+        cfg = replace(cfg, registry=replace(cfg.registry, etcd=etcd))
+    _check_etcd_combinations(cfg)
     api = cfg.api
     if not api.token and not api.allow_unauthenticated and not is_loopback(api.listen.host):
         raise ConfigError(f"api.token: is required when api.listen is not a loopback address "
@@ -426,6 +503,18 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8 or ::1 (a wildcard address is not: it reaches every interface)."""
     return ipaddress.ip_address(host).is_loopback
+
+
+def _check_etcd_combinations(cfg: Config) -> None:
+    """What a registry in etcd cannot be combined with, said with the key to change."""
+    if not cfg.registry.etcd.endpoints:
+        return
+    if cfg.registry.follow:
+        raise ConfigError("registry.follow: cannot be set with registry.etcd.endpoints: an "
+                          "instance either watches etcd or follows another meshdns, not both")
+    if cfg.registry.seed_file:
+        raise ConfigError("registry.seed_file: cannot be set with registry.etcd.endpoints: "
+                          "the registry is etcd's; load it with PUT /v1/services instead")
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
@@ -473,6 +562,9 @@ def config_to_raw(cfg: Config) -> dict[str, dict[str, Any]]:
                 value = {"matchLabels": dict(value)} if value else {}
             elif isinstance(value, HostPort):
                 value = str(value)
+            elif isinstance(value, EtcdConfig):
+                value = {f2.name: list(v) if isinstance(v := getattr(value, f2.name), tuple)
+                         else v for f2 in fields(value)}
             elif isinstance(value, tuple):
                 value = [str(v) if isinstance(v, HostPort) else v for v in value]
             out[name][f.name] = value

@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # imported when started: a process that never forwards, follo
     # forks workers does not pay for importing them
     from .api.app import ApiServer
     from .dns.forwarder import Forwarder
+    from .etcd.backend import EtcdRegistry
     from .follower import Follower
     from .workers import WorkerPool
 
@@ -197,6 +198,7 @@ class MeshServer:
         self.forwarder: Forwarder | None = None
         self.api: ApiServer | None = None
         self.follower: Follower | None = None
+        self.etcd: EtcdRegistry | None = None
         self.context = ApiContext(config, self.store, self.resolver, self.upstreams,
                                   self.metrics)
         self.loaded_from = ""
@@ -215,7 +217,8 @@ class MeshServer:
             log.error("%s", reason)
         with gc_paused():
             self.loaded_from = self.store.load_initial(
-                self.config.registry.seed_file, replica=bool(self.config.registry.follow))
+                self.config.registry.seed_file,
+                replica=bool(self.config.registry.follow or self.config.registry.etcd.endpoints))
         # The loaded registry is long-lived and acyclic: keep full collections from
         # rescanning it (with many identical followers they would otherwise all pause at
         # once). Objects allocated from here on are collected as usual.
@@ -242,6 +245,8 @@ class MeshServer:
                 self.follower = self._new_follower()
                 self.follower.start(self.loaded_from)
                 self._following(self.follower)
+            if self.config.registry.etcd.endpoints and self.worker_id is None:
+                self._start_etcd()
             if self.config.dns.workers > 1 and self.worker_id is None:
                 from .workers import WorkerPool
 
@@ -280,6 +285,16 @@ class MeshServer:
 
         return Follower(self.store, self.policy, self.config.registry,
                         self.config.api.max_body_bytes, self.worker_id)
+
+    def _start_etcd(self) -> None:
+        """The registry lives in etcd: watch it into the store, send writes to it."""
+        from .etcd.backend import EtcdCollector, EtcdRegistry
+
+        self.etcd = EtcdRegistry(self.store, self.policy, self.config.registry)
+        self.etcd.start(self.loaded_from)
+        self.context.writer = self.etcd
+        self.context.follower = self.etcd.mirror  # /readyz: how old the copy is
+        self.metrics.register(EtcdCollector(self.etcd))
 
     def _following(self, follower: Follower) -> None:
         from .follower import FollowerCollector
@@ -377,6 +392,9 @@ class MeshServer:
         if self.follower is not None:
             await self.follower.stop()
             self.follower = self.context.follower = None
+        if self.etcd is not None:
+            await self.etcd.stop()
+            self.etcd = self.context.follower = self.context.writer = None
         if self.api is not None:
             await self.api.stop()
             self.api = None

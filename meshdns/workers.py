@@ -21,7 +21,7 @@ import signal
 import sys
 from dataclasses import replace
 
-from .config import Config, HostPort, MetricsConfig, config_to_raw
+from .config import Config, EtcdConfig, HostPort, MetricsConfig, config_to_raw
 
 log = logging.getLogger("meshdns.workers")
 
@@ -43,7 +43,8 @@ def worker_config(main: Config, dns: list[HostPort], api: HostPort) -> Config:
         metrics=MetricsConfig(),  # the main process serves /metrics (and the probes)
         registry=replace(main.registry, state_file=None, seed_file=None,
                          follow=f"http://{url_host}:{api.port}",
-                         follow_token=main.api.token),
+                         follow_token=main.api.token,
+                         etcd=EtcdConfig()),  # the main process watches etcd, not workers
     )
 
 

@@ -282,3 +282,81 @@ def test_invalid_yaml_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
         load_config(path, env={})
     assert str(path) in str(info.value)
     assert "YAML" in str(info.value)
+
+
+# ---------------------------------------------------------------- registry.etcd
+
+
+def test_etcd_defaults_and_a_full_section(tmp_path: Path) -> None:
+    assert parse(None).registry.etcd.endpoints == ()  # not in etcd unless endpoints are set
+    assert parse(None).registry.etcd.prefix == "/meshdns/"
+    ca, cert, key = (tmp_path / n for n in ("ca.pem", "c.pem", "k.pem"))
+    for f in (ca, cert, key):
+        f.write_text("x")
+    cfg = parse({"registry": {"etcd": {
+        "endpoints": ["https://10.0.0.1:2379/", "https://10.0.0.2:2379"],
+        "prefix": "/prod/mesh/", "ca_file": str(ca), "cert_file": str(cert),
+        "key_file": str(key), "username": "meshdns", "password": "pw",
+        "dial_timeout": 1, "request_timeout": 3.5}}})
+    etcd = cfg.registry.etcd
+    assert etcd.endpoints == ("https://10.0.0.1:2379", "https://10.0.0.2:2379")
+    assert (etcd.prefix, etcd.ca_file, etcd.username) == ("/prod/mesh/", str(ca), "meshdns")
+    assert (etcd.dial_timeout, etcd.request_timeout) == (1.0, 3.5)
+    # The round trip dns.workers processes rely on (config_to_raw -> parse_config).
+    from meshdns.config import config_to_raw
+    assert parse(config_to_raw(cfg)) == cfg
+
+
+def test_etcd_password_env_overrides_the_file() -> None:
+    raw = {"registry": {"etcd": {"endpoints": ["http://127.0.0.1:2379"],
+                                 "username": "u", "password": "file"}}}
+    assert parse(raw, {"MESHDNS_ETCD_PASSWORD": "env"}).registry.etcd.password == "env"
+    assert parse(raw).registry.etcd.password == "file"
+
+
+ETCD = {"endpoints": ["http://127.0.0.1:2379"]}
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"registry": {"etcd": {"endpoints": ["127.0.0.1:2379"]}}},
+     'registry.etcd.endpoints[0]: must be an http:// or https:// URL of an etcd member, '
+     'got "127.0.0.1:2379"'),
+    ({"registry": {"etcd": {"endpoints": "http://127.0.0.1:2379"}}},
+     'registry.etcd.endpoints: must be a list, got "http://127.0.0.1:2379"'),
+    ({"registry": {"etcd": {"endpoints": ["http://"]}}},
+     'registry.etcd.endpoints[0]: must be an http:// or https:// URL of an etcd member, '
+     'got "http://"'),
+    ({"registry": {"etcd": {"prefix": "meshdns"}}},
+     'registry.etcd.prefix: must be a key prefix starting and ending with "/", like '
+     '"/meshdns/", got "meshdns"'),
+    ({"registry": {"etcd": {"prefix": "/"}}},
+     'registry.etcd.prefix: must be a key prefix starting and ending with "/", like '
+     '"/meshdns/", got "/"'),
+    ({"registry": {"etcd": {"request_timeout": 0}}},
+     "registry.etcd.request_timeout: must be a number 0.05..600, got 0"),
+    ({"registry": {"etcd": {"ca_file": "/nonexistent/ca.pem"}}},
+     'registry.etcd.ca_file: must be a readable file, got "/nonexistent/ca.pem"'),
+    ({"registry": {"etcd": [1]}}, "registry.etcd: must be a mapping, got [1]"),
+    ({"registry": {"etcd": {**ETCD, "username": "u"}}},
+     "registry.etcd.password: username and password go together"),
+    ({"registry": {"etcd": {**ETCD}, "follow": "http://10.0.0.5:15080"}},
+     "registry.follow: cannot be set with registry.etcd.endpoints: an instance either "
+     "watches etcd or follows another meshdns, not both"),
+    ({"registry": {"etcd": {**ETCD}, "seed_file": "seed.yaml"}},
+     "registry.seed_file: cannot be set with registry.etcd.endpoints: the registry is "
+     "etcd's; load it with PUT /v1/services instead"),
+])
+def test_bad_etcd_settings_name_their_key(raw: Any, message: str) -> None:
+    assert error_of(raw) == message
+
+
+def test_unknown_etcd_key_names_its_path() -> None:
+    assert error_of({"registry": {"etcd": {"endpoint": ["http://x:1"]}}}).startswith(
+        "registry.etcd.endpoint: unknown key")
+
+
+def test_etcd_client_certificate_needs_its_key(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    assert error_of({"registry": {"etcd": {"cert_file": str(cert)}}}).startswith(
+        "registry.etcd.key_file: cert_file and key_file go together")

@@ -515,7 +515,7 @@ def manifests() -> list[tuple[Path, dict[str, Any]]]:
 
 def test_manifest_sets_exist() -> None:
     sets = {p.parent.name for p in manifest_files()}
-    assert {"leader", "sidecar", "daemonset", "externalname"} <= sets
+    assert {"leader", "sidecar", "daemonset", "externalname", "etcd"} <= sets
 
 
 @pytest.mark.parametrize("version", [MIN_KUBERNETES, None], ids=["min", "latest"])
@@ -657,7 +657,8 @@ def test_manifests_cross_references() -> None:
     configmaps, secrets = _by_kind("ConfigMap"), _by_kind("Secret")
     services = _by_kind("Service")
     uid = int(instruction(dockerfile_stages()[-1], "USER").args.split(":")[0])
-    workloads = [d for _, d in manifests() if d["kind"] in ("Deployment", "DaemonSet")]
+    workloads = [d for _, d in manifests()
+                 if d["kind"] in ("Deployment", "DaemonSet", "StatefulSet")]
     seen = 0
     for workload in workloads:
         ns = workload["metadata"]["namespace"]
@@ -743,6 +744,9 @@ def test_manifests_cross_references() -> None:
                     assert config.api.listen.host in ("127.0.0.1", "0.0.0.0"), where
                     assert f"http://127.0.0.1:{config.api.listen.port}/readyz" in hook[-1], where
 
+            if config.registry.etcd.endpoints:
+                _check_etcd_backed(where, config, services, container, pod, workloads)
+
             # A port below 1024 needs the sysctl (the user is not root, has no caps).
             for hp in config.dns.listen:
                 if hp.port < 1024:
@@ -773,6 +777,59 @@ def test_manifests_cross_references() -> None:
         for port in service["spec"]["ports"]:
             if isinstance(port["targetPort"], str):
                 assert port["targetPort"] in declared, f"Service {ns}/{name}"
+
+
+def _check_etcd_backed(where: str, config: Any, services: dict[tuple[str, str], Any],
+                       container: dict[str, Any], pod: dict[str, Any],
+                       workloads: list[dict[str, Any]]) -> None:
+    """An instance watching etcd: every endpoint is a member of an etcd StatefulSet in
+    these manifests, on a port its Service has; etcd accepts a whole PUT as one
+    transaction; the copy is kept in a writable emptyDir (fail static across restarts)."""
+    assert not config.registry.follow, where
+    for endpoint in config.registry.etcd.endpoints:
+        url = urlsplit(endpoint)
+        pod_name, service_name, namespace = (url.hostname or "").split(".")[:3]
+        service = services[(namespace, service_name)]
+        assert url.port in [p["port"] for p in service["spec"]["ports"]], where
+        [statefulset] = [w for w in workloads if w["kind"] == "StatefulSet"
+                         and w["metadata"]["namespace"] == namespace
+                         and w["spec"]["serviceName"] == service_name]
+        ordinal = int(pod_name.rsplit("-", 1)[1])
+        assert pod_name.rsplit("-", 1)[0] == statefulset["metadata"]["name"], where
+        assert ordinal < statefulset["spec"]["replicas"], f"{where}: {endpoint}: no such member"
+        [etcd] = statefulset["spec"]["template"]["spec"]["containers"]
+        flags = dict(a.removeprefix("--").split("=", 1) for a in etcd["args"])
+        assert int(flags["max-txn-ops"]) >= 3000, "a 1000-service PUT is one transaction"
+        assert int(flags["max-request-bytes"]) >= 4 << 20, where
+    assert statefulset["spec"]["replicas"] >= 3, "etcd survives losing a member"
+    assert config.registry.state_file, f"{where}: an etcd-backed instance needs a state_file"
+    state_dir = str(Path(config.registry.state_file).parent)
+    [state_mount] = [m for m in container["volumeMounts"] if m["mountPath"] == state_dir]
+    assert not state_mount.get("readOnly"), where
+    [state_volume] = [v for v in pod["volumes"] if v["name"] == state_mount["name"]]
+    assert "emptyDir" in state_volume, f"{where}: state volume"
+
+
+def test_etcd_variant_has_no_leader_and_every_instance_watches_etcd() -> None:
+    variant = [d for p, d in manifests() if p.parent.name == "etcd"]
+    pods = [d["spec"]["template"]["spec"] for d in variant if d["kind"] == "Deployment"]
+    meshdns = [c for pod in pods for c in _meshdns_containers(pod)]
+    assert meshdns, "the etcd variant runs meshdns"
+    configmaps = {d["metadata"]["name"]: d for d in variant if d["kind"] == "ConfigMap"}
+    for deployment in (d for d in variant if d["kind"] == "Deployment"):
+        assert deployment["spec"]["replicas"] >= 2, "no single meshdns to lose"
+        [volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"]
+                    if "configMap" in v]
+        raw = yaml.safe_load(configmaps[volume["configMap"]["name"]]["data"]["config.yaml"])
+        # Every instance takes writes on the pod IP: the token comes from the Secret.
+        [container] = _meshdns_containers(deployment["spec"]["template"]["spec"])
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert "secretKeyRef" in env["MESHDNS_API_TOKEN"]["valueFrom"]
+        config = parse_config(raw, env={"MESHDNS_API_TOKEN": "from-the-secret"})
+        assert config.metrics.listen is not None
+        assert config.registry.etcd.endpoints and config.registry.follow is None
+        assert config.registry.state_file
+    assert not [d for d in variant if "leader" in d["metadata"]["name"]]
 
 
 def test_externalname_targets_a_served_mesh_name() -> None:

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from aiohttp import hdrs, web
 
 from ..core.registry import Service, ServiceKey
-from ..core.service import add_meta
+from ..core.service import service_json
 from ..gcpause import paused
 from ..history import Changes
 from ..protocol import LINEAGE_HEADER
@@ -66,11 +66,7 @@ async def encoded_response(request: web.Request, body: Encoded,
 
 
 def _record(s: Service) -> dict[str, object]:
-    # The full GET's encoding of one service (services.encode_registry inlines it).
-    return add_meta({"name": s.name, "namespace": s.namespace, "port": s.port,
-                     "vip": fast_ip4(s.vip),
-                     "vip6": None if s.vip6 is None else fast_ip6(s.vip6),
-                     "hostnames": list(s.hostnames)}, s)
+    return service_json(s, fast_ip4, fast_ip6)  # as the full GET encodes it
 
 
 def encode_delta(changes: Changes, keys: Iterable[ServiceKey]) -> bytes:

@@ -32,7 +32,7 @@ from ..core.registry import (
     parse_deletes,
     parse_services,
 )
-from ..core.service import add_meta
+from ..core.service import service_json
 from ..gcpause import gc_paused
 from ..protocol import LINEAGE_HEADER, WORKER_HEADER
 from ..store import StateWriteError, fast_ip4, fast_ip6
@@ -87,13 +87,9 @@ def parse_wait(text: str | None) -> float:
 
 
 def encode_registry(reg: Registry) -> bytes:
-    """The GET body; the same shape as ``Registry.to_json``, built ~5x faster."""
-    services = [
-        add_meta({"name": s.name, "namespace": s.namespace, "port": s.port,
-                  "vip": fast_ip4(s.vip), "vip6": None if s.vip6 is None else fast_ip6(s.vip6),
-                  "hostnames": list(s.hostnames)}, s)
-        for s in reg.services.values()
-    ]
+    """The GET body; the same shape as ``Registry.to_json``, built ~5x faster (socket's
+    address formatting instead of ipaddress's)."""
+    services = [service_json(s, fast_ip4, fast_ip6) for s in reg.services.values()]
     return json.dumps({"revision": reg.revision, "services": services},
                       separators=(",", ":")).encode()
 
@@ -255,7 +251,7 @@ async def _write(request: web.Request, st: ApiState,
     check = None if if_match is None else lambda base: require_match(if_match, base.revision)
     # Shielded: a client hanging up mid-write must not leave the state file ahead of
     # what DNS serves. The write completes (or fails) whatever the client does.
-    task = asyncio.ensure_future(st.store.write(compute, check=check))
+    task = asyncio.ensure_future(st.server.registry_writer.write(compute, check=check))
     task.add_done_callback(_retrieve)
     try:
         reg: Registry = await asyncio.shield(task)

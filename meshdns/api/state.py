@@ -6,7 +6,7 @@ import asyncio
 import gzip
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -115,6 +115,15 @@ class FollowStatus(Protocol):
     last_success: float | None
 
 
+class RegistryWriter(Protocol):
+    """Where PUT and PATCH go: the local store, or a shared backend (etcd) that commits
+    the write elsewhere and returns once this process serves it. RegistryError
+    carries the status to answer (the core's 400/409/507; 503 when unreachable)."""
+
+    async def write(self, compute: Callable[[Registry], Registry], *,
+                    check: Callable[[Registry], None] | None = None) -> Registry: ...
+
+
 class WorkerSync(Protocol):
     """What the registry routes need of ``dns.workers`` processes."""
 
@@ -139,6 +148,11 @@ class ApiContext:
     forwarder: Forwarder | None = None  # /v1/resolve asks it, as DNS would
     follower: FollowStatus | None = None
     workers: WorkerSync | None = None
+    writer: RegistryWriter | None = None  # None: writes go to the store
+
+    @property
+    def registry_writer(self) -> RegistryWriter:
+        return self.writer if self.writer is not None else self.store
 
 
 class Encoded:

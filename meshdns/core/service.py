@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, TypeVar
@@ -87,16 +88,29 @@ class Service(ServiceSpec):
                            labels=self.labels, mesh=self.mesh, zone=self.zone)
 
     def to_json(self) -> dict[str, Any]:
-        out = {
-            "name": self.name,
-            "namespace": self.namespace,
-            "port": self.port,
-            "vip": format_ip(self.vip, 4),
-            "vip6": None if self.vip6 is None else format_ip(self.vip6, 6),
-            "hostnames": list(self.hostnames),
-        }
-        add_meta(out, self)
-        return out
+        return service_json(self, _ip4, _ip6)
+
+
+def _ip4(vip: int) -> str:
+    return format_ip(vip, 4)
+
+
+def _ip6(vip: int) -> str:
+    return format_ip(vip, 6)
+
+
+def service_json(s: Service, ip4: Callable[[int], str], ip6: Callable[[int], str], *,
+                 given: bool = False) -> dict[str, Any]:
+    """A service as every JSON document carries it (the API, follow deltas, the state
+    file, etcd): the address formatters are the caller's (the IO layers use faster
+    socket-based ones); ``given`` adds whether each VIP was given or allocated."""
+    out: dict[str, Any] = {
+        "name": s.name, "namespace": s.namespace, "port": s.port, "vip": ip4(s.vip),
+        "vip6": None if s.vip6 is None else ip6(s.vip6), "hostnames": list(s.hostnames)}
+    if given:
+        out["vip_given"] = s.vip_given
+        out["vip6_given"] = s.vip6_given
+    return add_meta(out, s)
 
 
 def add_meta(out: dict[str, Any], s: ServiceSpec) -> dict[str, Any]:

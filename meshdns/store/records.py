@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..core.service import add_meta
+from ..core.service import service_json
 from ..core.vip import format_ip
 
 STATE_FORMAT = 1
@@ -54,11 +54,9 @@ def fast_ip6(vip: int) -> str:
 
 
 def service_record(s: Any) -> dict[str, Any]:
-    out = {"name": s.name, "namespace": s.namespace, "port": s.port, "vip": fast_ip4(s.vip),
-           "vip6": None if s.vip6 is None else fast_ip6(s.vip6),
-           "hostnames": list(s.hostnames), "vip_given": s.vip_given,
-           "vip6_given": s.vip6_given}
-    return add_meta(out, s)  # labels, mesh, zone: only when set
+    """A service in the state file, the journal and etcd: with whether each VIP was
+    given (kept as given) or allocated (re-checked against the range on load)."""
+    return service_json(s, fast_ip4, fast_ip6, given=True)
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,0 +1,356 @@
+"""How the registry is laid out in etcd, and turning keys into snapshots and back (no IO).
+
+Under the prefix (default ``/meshdns/``):
+
+``services/<namespace>/<name>/<port>``
+    one key per service, a JSON object: name, namespace, port, vip, vip6,
+    hostnames, and whether each VIP was given by the control plane (``vip_given``,
+    ``vip6_given``: a given VIP is kept as it is, an allocated one moves when the
+    CIDR does; what the state file keeps too).
+``vips/<ip>``
+    the claim on one VIP, ``{"owner": [name, namespace, port]}``. It is created
+    (``create_revision == 0`` compare) in the transaction that gives the VIP out,
+    so two writers can never hold one VIP. A freed VIP's claim becomes
+    ``{"owner": ..., "held": true}`` on a lease of ``registry.vip_hold_seconds``:
+    while it exists, the VIP is held from newcomers on every instance; etcd
+    deletes it when the lease runs out.
+``revision``
+    touched by every meshdns write. Its mod_revision is what a write is computed
+    against: the transaction compares it, so any write that committed in between
+    fails the compare, and the writer re-syncs and computes again.
+
+The registry revision (ETag, If-Match, SOA serial) is the etcd revision of the
+newest write: the same number on every instance that applied it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..core.patch import apply_patch
+from ..core.registry import (
+    Held,
+    Registry,
+    RegistryError,
+    RegistryPolicy,
+    Service,
+    ServiceKey,
+    ServiceSpec,
+    _in_release_order,  # the index a held table is kept with
+    parse_service,
+    restore,
+)
+from ..core.vip import count_in, parse_ip
+from ..store import fast_ip4, fast_ip6, service_record
+
+SERVICES = "services/"
+VIPS = "vips/"
+REVISION = "revision"
+# A held VIP stays held on every instance until etcd deletes its claim (lease expiry),
+# not until a local clock says so: local clocks and etcd's lease timing differ.
+HELD_UNTIL_DELETED = 1e12
+
+
+class LayoutError(ValueError):
+    """A key or value under the prefix that meshdns did not write (or cannot read)."""
+
+
+def service_key(prefix: str, key: ServiceKey) -> str:
+    name, namespace, port = key
+    return f"{prefix}{SERVICES}{namespace}/{name}/{port}"
+
+
+def claim_key(prefix: str, family: int, vip: int) -> str:
+    return f"{prefix}{VIPS}{fast_ip4(vip) if family == 4 else fast_ip6(vip)}"
+
+
+def encode_service(s: Service) -> bytes:
+    return json.dumps(service_record(s), separators=(",", ":")).encode()
+
+
+def decode_service(rel: str, data: bytes) -> Service:
+    """The service stored under ``services/<rel>``; LayoutError if it is not one."""
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+        given = bool(doc.pop("vip_given", False)), bool(doc.pop("vip6_given", False))
+        spec = parse_service(doc, "value")
+    except (ValueError, RegistryError) as exc:
+        raise LayoutError(f"services/{rel}: {exc}") from None
+    if spec.vip is None:
+        raise LayoutError(f"services/{rel}: no vip")
+    if f"{spec.namespace}/{spec.name}/{spec.port}" != rel:
+        raise LayoutError(f"services/{rel}: holds {spec.namespace}/{spec.name}/{spec.port}")
+    return Service(spec.name, spec.namespace, spec.port, spec.vip, spec.vip6, spec.hostnames,
+                   given[0], given[1], labels=spec.labels, mesh=spec.mesh, zone=spec.zone)
+
+
+def parse_service_path(rel: str) -> ServiceKey:
+    parts = rel.split("/")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise LayoutError(f"services/{rel}: not <namespace>/<name>/<port>")
+    return (parts[1], parts[0], int(parts[2]))
+
+
+def encode_claim(owner: ServiceKey, held: bool) -> bytes:
+    doc: dict[str, Any] = {"owner": list(owner)}
+    if held:
+        doc["held"] = True
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Claim:
+    family: int
+    vip: int
+    owner: ServiceKey
+    held: bool
+
+
+def decode_claim(rel: str, data: bytes) -> Claim:
+    family = 6 if ":" in rel else 4
+    vip = parse_ip(rel, family)
+    try:
+        doc = json.loads(data)
+        owner = doc["owner"]
+        key = (str(owner[0]), str(owner[1]), int(owner[2]))
+        held = doc.get("held") is True
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise LayoutError(f"vips/{rel}: {exc!r}") from None
+    if vip is None:
+        raise LayoutError(f"vips/{rel}: not an IP address")
+    return Claim(family, vip, key, held)
+
+
+# ---------------------------------------------------------------- etcd -> snapshot
+
+
+@dataclass
+class Listing:
+    """What one full read of the prefix found."""
+
+    services: list[Service] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
+    revision: int = 0  # of the newest service or revision-key write
+    bad: list[str] = field(default_factory=list)  # keys skipped, with why
+
+
+def decode_listing(prefix: str, entries: Iterable[tuple[str, bytes, int]]
+                   ) -> tuple[Listing, dict[str, int], int]:
+    """``(key, value, mod_revision)`` of a full read of the prefix: the listing, every
+    claim's mod_revision, and the revision key's (0: none). Bad keys are listed."""
+    listing = Listing()
+    claims: dict[str, int] = {}
+    write_rev = 0
+    for key, value, mod in entries:
+        rel = key[len(prefix):] if key.startswith(prefix) else ""
+        try:
+            if rel.startswith(SERVICES):
+                listing.services.append(decode_service(rel[len(SERVICES):], value))
+                listing.revision = max(listing.revision, mod)
+            elif rel.startswith(VIPS):
+                listing.claims.append(decode_claim(rel[len(VIPS):], value))
+                claims[key] = mod
+            elif rel == REVISION:
+                write_rev = mod
+                listing.revision = max(listing.revision, mod)
+        except LayoutError as exc:
+            listing.bad.append(str(exc))
+    return listing, claims, write_rev
+
+
+def build_snapshot(listing: Listing, policy: RegistryPolicy, now: float) -> Registry:
+    """The registry a listing holds, VIPs as stored (O(n): start-up and re-lists)."""
+    specs: list[ServiceSpec] = []
+    allocated: dict[ServiceKey, tuple[int | None, int | None]] = {}
+    for s in listing.services:
+        specs.append(s.to_spec())
+        allocated[s.key] = (None if s.vip_given else s.vip,
+                            None if s.vip6_given else s.vip6)
+    held4 = {c.vip: (HELD_UNTIL_DELETED, c.owner) for c in listing.claims
+             if c.held and c.family == 4}
+    held6 = {c.vip: (HELD_UNTIL_DELETED, c.owner) for c in listing.claims
+             if c.held and c.family == 6}
+    return restore(listing.revision, specs, allocated, policy, held4, held6, now)
+
+
+@dataclass
+class Delta:
+    """Events of one watch response, collapsed to the last one per key."""
+
+    upserts: dict[ServiceKey, Service] = field(default_factory=dict)
+    deletes: set[ServiceKey] = field(default_factory=set)
+    held: dict[tuple[int, int], ServiceKey | None] = field(default_factory=dict)  # None: unheld
+    revision: int = 0  # newest service or revision-key write in it (0: none)
+
+    def service(self, svc: Service) -> None:
+        self.deletes.discard(svc.key)
+        self.upserts[svc.key] = svc
+
+    def delete(self, key: ServiceKey) -> None:
+        self.upserts.pop(key, None)
+        self.deletes.add(key)
+
+
+@dataclass
+class Changes:
+    """One watch response decoded: the registry delta plus the bookkeeping writes need."""
+
+    delta: Delta = field(default_factory=Delta)
+    claims: dict[str, int | None] = field(default_factory=dict)  # key -> mod_revision/None
+    write_revision: int | None = None  # the revision key's new mod_revision (0: deleted)
+    top: int = 0  # highest mod_revision in the response
+    bad: list[str] = field(default_factory=list)
+
+
+def decode_events(prefix: str, events: Iterable[tuple[str, bytes | None, int]]) -> Changes:
+    """``(key, value or None for a delete, mod_revision)`` in etcd's order, collapsed."""
+    out = Changes()
+    delta = out.delta
+    for key, value, mod in events:
+        out.top = max(out.top, mod)
+        rel = key[len(prefix):] if key.startswith(prefix) else ""
+        try:
+            if rel.startswith(SERVICES):
+                path = rel[len(SERVICES):]
+                if value is None:
+                    delta.delete(parse_service_path(path))
+                else:
+                    delta.service(decode_service(path, value))
+                delta.revision = max(delta.revision, mod)
+            elif rel.startswith(VIPS):
+                text = rel[len(VIPS):]
+                out.claims[key] = None if value is None else mod
+                if value is None:
+                    family = 6 if ":" in text else 4
+                    vip = parse_ip(text, family)
+                    if vip is not None:
+                        delta.held[(family, vip)] = None
+                else:
+                    claim = decode_claim(text, value)
+                    delta.held[(claim.family, claim.vip)] = claim.owner if claim.held else None
+            elif rel == REVISION:
+                out.write_revision = 0 if value is None else mod
+                delta.revision = max(delta.revision, mod)
+        except LayoutError as exc:
+            out.bad.append(str(exc))
+    return out
+
+
+def apply_delta(base: Registry, delta: Delta, policy: RegistryPolicy, now: float) -> Registry:
+    """``base`` plus a watch response, in O(change) (the core's incremental PATCH; the
+    services come with their VIPs, so nothing is allocated here)."""
+    new = base
+    if delta.upserts or delta.deletes:
+        new = apply_patch(base, list(delta.upserts.values()), sorted(delta.deletes), policy,
+                          now)
+    held4 = _held(new.held4, new.by_vip4, delta, 4, base.held4)
+    held6 = _held(new.held6, new.by_vip6, delta, 6, base.held6)
+    if held4 is not None or held6 is not None:
+        new = with_held(new, policy, held4, held6)
+    revision = max(base.revision, delta.revision)
+    return new if new.revision == revision else replace(new, revision=revision)
+
+
+def _held(core: Held, in_use: Mapping[int, ServiceKey], delta: Delta, family: int,
+          before: Held) -> dict[int, tuple[float, ServiceKey]] | None:
+    """The held table etcd's claims say (the core's guess replaced); None: unchanged."""
+    changes = [(vip, owner) for (fam, vip), owner in delta.held.items() if fam == family]
+    if not changes and core is before:
+        return None
+    # The core's own entries (a VIP this delta freed, at now + hold) stand until the
+    # claim's event says otherwise; it comes in the same transaction.
+    table = dict(core)
+    for vip, owner in changes:
+        if owner is None or vip in in_use:
+            table.pop(vip, None)
+        else:
+            table[vip] = (HELD_UNTIL_DELETED, owner)
+    return table
+
+
+def with_held(reg: Registry, policy: RegistryPolicy,
+              held4: dict[int, tuple[float, ServiceKey]] | None,
+              held6: dict[int, tuple[float, ServiceKey]] | None) -> Registry:
+    """``reg`` with other held tables, its per-family counts kept right."""
+    idx = reg._index
+    if idx is None:
+        return replace(reg, held4=reg.held4 if held4 is None else held4,
+                       held6=reg.held6 if held6 is None else held6)
+    fam4, fam6 = idx.fam4, idx.fam6
+    if held4 is not None:
+        fam4 = replace(fam4, held_in_range=count_in(held4, policy.range4.first,
+                                                    policy.range4.last),
+                       held_sorted=_in_release_order(held4))
+    if held6 is not None:
+        r6 = policy.range6
+        fam6 = replace(fam6, held_in_range=0 if r6 is None else count_in(held6, r6.first,
+                                                                         r6.last),
+                       held_sorted=_in_release_order(held6))
+    return replace(reg, held4=reg.held4 if held4 is None else held4,
+                   held6=reg.held6 if held6 is None else held6,
+                   _index=replace(idx, fam4=fam4, fam6=fam6))
+
+
+# ---------------------------------------------------------------- snapshot -> txn
+
+
+@dataclass
+class Plan:
+    """One write as etcd operations: puts, deletes, claims to create or re-take."""
+
+    puts: list[tuple[str, bytes]] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
+    held: list[tuple[str, bytes]] = field(default_factory=list)  # on a hold lease
+    must_not_exist: list[str] = field(default_factory=list)
+    must_be: list[tuple[str, int]] = field(default_factory=list)  # (key, mod_revision)
+
+    def __bool__(self) -> bool:
+        return bool(self.puts or self.deletes or self.held)
+
+
+def plan_write(prefix: str, base: Registry, new: Registry, claim_revisions: Mapping[str, int],
+               ) -> Plan:
+    """The etcd operations that turn ``base`` into ``new`` (O(change) for a PATCH)."""
+    plan = Plan()
+    delta = new._delta
+    touched: Iterable[ServiceKey]
+    if delta is not None and delta[:2] == (base.revision, len(base.services)):
+        touched = set(delta[2]) | set(delta[3])
+    else:
+        touched = set(base.services) | set(new.services)
+    old_services, services = base.services, new.services
+    vips: set[tuple[int, int]] = set()
+    for key in touched:
+        old, svc = old_services.get(key), services.get(key)
+        if old == svc:
+            continue
+        for s in (old, svc):
+            if s is not None:
+                vips.add((4, s.vip))
+                if s.vip6 is not None:
+                    vips.add((6, s.vip6))
+        if svc is None:
+            plan.deletes.append(service_key(prefix, key))
+        else:
+            plan.puts.append((service_key(prefix, key), encode_service(svc)))
+    for family, vip in vips:
+        before = (base.by_vip4 if family == 4 else base.by_vip6).get(vip)
+        after = (new.by_vip4 if family == 4 else new.by_vip6).get(vip)
+        if before == after:
+            continue
+        ckey = claim_key(prefix, family, vip)
+        if before is not None and after is None:
+            plan.held.append((ckey, encode_claim(before, held=True)))
+        if after is not None:
+            plan.puts.append((ckey, encode_claim(after, held=False)))
+        known = claim_revisions.get(ckey)
+        if known is None:
+            plan.must_not_exist.append(ckey)  # a VIP nobody holds: create its claim
+        else:
+            plan.must_be.append((ckey, known))  # held (or moved): exactly as we saw it
+    return plan
