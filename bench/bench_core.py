@@ -1,9 +1,9 @@
 """Micro benchmark of the pure core: no sockets, no event loop.
 
-Times ``Resolver.handle_udp(bytes)`` per query kind, in the steady state (a hit
+Times ``MessageHandler.handle_udp(bytes)`` per query kind, in the steady state (a hit
 of the pre-encoded reply cache) and on the miss path (first-time: the wire fast
 path, or parse, decide and dnslib encode for the rarer questions), plus the cost of building and swapping in a whole registry snapshot
-(``parse_services`` + ``apply_put`` + ``Zone`` + ``Resolver.set_zone``).
+(``parse_services`` + ``apply_put`` + ``Zone`` + ``MessageHandler.set_zone``).
 
 Method: ``time.perf_counter_ns`` around a loop over a list of distinct query
 packets; each figure is the median of several repeats. Hit figures include the
@@ -26,9 +26,9 @@ import datagen
 import report
 from dnslib import DNSRecord
 
+from meshdns.core.handler import MessageHandler
 from meshdns.core.names import CANONICAL_TEMPLATE, parse_templates
 from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.resolver import Resolver
 from meshdns.core.vip import VipRange
 from meshdns.core.zone import Zone, ZoneSettings
 from meshdns.gcpause import gc_paused
@@ -117,7 +117,7 @@ def noop(data: bytes) -> None:
     return None
 
 
-def expect_rcode(resolver: Resolver, packets: Sequence[bytes], kind: str) -> str:
+def expect_rcode(resolver: MessageHandler, packets: Sequence[bytes], kind: str) -> str:
     out = resolver.handle_udp(packets[0])
     if not isinstance(out, bytes):
         raise SystemExit(f"{kind}: expected a local reply, got {out!r}")
@@ -126,7 +126,7 @@ def expect_rcode(resolver: Resolver, packets: Sequence[bytes], kind: str) -> str
     return f"{RCODE[reply.header.rcode]}, {len(reply.rr)} answer(s), {len(out)} B"
 
 
-def bench_hits(resolver: Resolver, sets: dict[str, list[bytes]], repeats: int,
+def bench_hits(resolver: MessageHandler, sets: dict[str, list[bytes]], repeats: int,
                passes: int) -> list[dict[str, Any]]:
     shapes = {}
     for kind, packets in sets.items():
@@ -149,7 +149,7 @@ def bench_hits(resolver: Resolver, sets: dict[str, list[bytes]], repeats: int,
 
 
 def bench_misses(zone: Zone, sets: dict[str, list[bytes]], repeats: int) -> list[dict[str, Any]]:
-    """Each packet once through a fresh Resolver (an empty reply cache).
+    """Each packet once through a fresh MessageHandler (an empty reply cache).
 
     The snapshot's encoded SRV targets and PTR names (``Zone.encoded``) are
     computed once per service and carried from snapshot to snapshot, so they are
@@ -165,7 +165,7 @@ def bench_misses(zone: Zone, sets: dict[str, list[bytes]], repeats: int) -> list
         samples = []
         for _ in range(repeats):
             z = Zone(zone.registry, zone.settings) if fresh else zone
-            resolver = Resolver(z)  # empty reply cache: every packet is a first time
+            resolver = MessageHandler(z)  # empty reply cache: every packet is a first time
             gc.collect()
             samples.append(time_loop(resolver.handle_udp, packets, 1))
         label = kind.replace(" hit", "") + " miss" + (", new snapshot" if fresh else "")
@@ -208,7 +208,7 @@ def bench_change(services: Sequence[datagen.Svc], repeats: int) -> list[dict[str
         swap: list[float] = []
         again: list[float] = []
         for _ in range(repeats):
-            resolver = Resolver(zone)
+            resolver = MessageHandler(zone)
             for p in packets:
                 resolver.handle_udp(p)
             new_zone = Zone(new_reg, zone.settings)
@@ -236,7 +236,7 @@ def bench_build(n: int, repeats: int, allocate: bool = False,
             item.pop("vip6")
     policy = policy or RegistryPolicy()
     zs = settings()
-    resolver = Resolver(Zone(Registry.empty(), zs))
+    resolver = MessageHandler(Zone(Registry.empty(), zs))
     parts: dict[str, list[float]] = {"parse": [], "apply_put": [], "zone": [], "swap": [],
                                      "total": []}
     for _ in range(repeats):
@@ -278,13 +278,13 @@ def main() -> int:
 
     services = datagen.generate(args.services)
     zone = Zone(build(services, RegistryPolicy()), settings())
-    resolver = Resolver(zone)
+    resolver = MessageHandler(zone)
     sets = query_sets(services)
     print(f"\ntiming handle_udp: {args.repeats} repeats x {args.passes} passes x "
           f"{DISTINCT} distinct packets per kind ...", flush=True)
     hits = bench_hits(resolver, sets, args.repeats, args.passes)
     # The hit path with 3 templates: the same cached-reply lookup, whatever named it.
-    t_resolver = Resolver(Zone(build(services, TEMPLATE_POLICY), settings()))
+    t_resolver = MessageHandler(Zone(build(services, TEMPLATE_POLICY), settings()))
     t_sets = {"A hit": sets["A hit"],
               "A hit, rendered name": [packet(template_name(s), "A")
                                        for s in services[:DISTINCT]]}
@@ -339,13 +339,13 @@ def main() -> int:
         "",
         "## Method",
         "",
-        f"`Resolver.handle_udp(bytes)` called in a Python loop over {DISTINCT} distinct query "
+        f"`MessageHandler.handle_udp(bytes)` called in a Python loop over {DISTINCT} distinct query "
         f"packets per kind (names from a generated {args.services:,}-service registry, "
         "`bench/datagen.py`), timed with `time.perf_counter_ns`; "
         f"{args.passes} passes per repeat, median of {args.repeats} repeats, the repeats of all hit kinds interleaved so a slow spell of the shared machine lands on every row alike. "
         "*Cached* rows are the steady state: every packet was answered once before, so the "
         "reply comes from the pre-encoded cache (slice + dict lookup + concatenation). "
-        "*Miss* rows run each packet once through a fresh `Resolver` (empty cache, nothing "
+        "*Miss* rows run each packet once through a fresh `MessageHandler` (empty cache, nothing "
         "encoded yet for the snapshot): the wire fast path (`meshdns/core/fastpath.py`: light "
         "parse, the zone's lookups, a bytes join), cache insert. \"CPU minus loop\" subtracts the empty "
         "loop (calling a no-op function per packet). queries/s = 1e9 / ns: an upper bound for one "
@@ -371,7 +371,7 @@ def main() -> int:
         "Time to turn a full snapshot of N service dicts (as a PUT body or seed file "
         "would hold them, after JSON decoding) into what DNS answers from: "
         "`parse_services` (validation), `apply_put` onto an empty registry (indexes, VIP "
-        "checks or allocation), `Zone(registry, settings)` and `Resolver.set_zone` "
+        "checks or allocation), `Zone(registry, settings)` and `MessageHandler.set_zone` "
         "(the swap, which drops the reply caches). The first two run with the cyclic "
         "garbage collector paused, as the server runs them (`meshdns/gcpause.py`). "
         "Median of the repeats shown. The \"3 templates\" row builds under "

@@ -2,7 +2,7 @@
 
 Two measurements, each alternating the two query sets over several rounds:
 
-1. in-process, through the entry point the transports use: ``Resolver.handle_udp``
+1. in-process, through the entry point the transports use: ``MessageHandler.handle_udp``
    for both sets, plus ``await forwarder.resolve(request, "udp")`` for the
    forwarded ones (a cache hit: the coroutine never suspends). No sockets.
    Also shown: ``forwarder.resolve`` alone on prebuilt requests (the forwarder's
@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from meshdns.config import parse_config  # noqa: E402
-from meshdns.core.resolver import ForwardRequest  # noqa: E402
+from meshdns.core.handler import ForwardRequest  # noqa: E402
 from meshdns.dns.forwarder import Forwarder  # noqa: E402
 from meshdns.server import MeshServer  # noqa: E402
 from tests.fake_upstream import FakeUpstream, Unbound  # noqa: E402
@@ -123,7 +123,7 @@ async def in_process(config_path: Path, n: int, iterations: int, rounds: int
     config = parse_config(yaml.safe_load(config_path.read_text()), {})
     server = MeshServer(config)
     server.store.load_initial(config.registry.seed_file)
-    resolver = server.resolver
+    resolver = server.handler
     forwarder = Forwarder(server.upstreams, config.dns, resolver.tally)
     handle = resolver.handle_udp
     local = [wire(name, 0x1000 + i) for i, name in enumerate(local_names(n))]
@@ -378,7 +378,7 @@ def write_report(command: str, upstream: str, args: argparse.Namespace,
         "## In-process (no sockets)",
         "",
         f"{args.iterations:,} queries per round, {args.rounds} rounds alternating. local: "
-        "`Resolver.handle_udp(data)`; forwarded: `await forwarder.resolve(handle_udp(data), "
+        "`MessageHandler.handle_udp(data)`; forwarded: `await forwarder.resolve(handle_udp(data), "
         "\"udp\")` (what the UDP transport runs, minus its task); resolve only: "
         "`await forwarder.resolve(request, \"udp\")` on prebuilt requests.",
         "",
@@ -393,7 +393,7 @@ def write_report(command: str, upstream: str, args: argparse.Namespace,
         "(median of per-round ratios)",
         "",
         "Where the time goes: a local name is one dict hit on the query bytes in "
-        "`Resolver.handle_udp`. A forwarded name misses that cache every time (the core "
+        "`MessageHandler.handle_udp`. A forwarded name misses that cache every time (the core "
         "does not cache forward decisions), so each query pays `parse_query` + "
         "`Zone.decide` + a `ForwardRequest` (the \"core alone\" row), and over UDP the "
         "transport then creates a task per query to await the forwarder. The forwarder's "

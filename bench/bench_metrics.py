@@ -4,7 +4,7 @@ Method: two meshdns processes serve the same generated registry on loopback,
 one normal, one started with MESHDNS_BENCH_NO_COUNTING=1 (hits not counted,
 latency not sampled: the build the metrics are compared against). dnsperf
 runs against them in alternating rounds; the median per-round ratio is the
-cost. The in-process part times Resolver.handle_udp with and without counting
+cost. The in-process part times MessageHandler.handle_udp with and without counting
 on a cached A answer. Writes bench/results/metrics.md.
 
     python bench/bench_metrics.py [--rounds 5] [--seconds 5] [--services 10000]
@@ -27,8 +27,8 @@ import report
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from meshdns.core.handler import MessageHandler  # noqa: E402
 from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services  # noqa: E402
-from meshdns.core.resolver import Resolver  # noqa: E402
 from meshdns.core.zone import Zone, ZoneSettings  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def in_process(services: int, loops: int, repeats: int) -> tuple[float, float]:
     wire = dns.message.make_query(f"{s.name}.{s.namespace}.svc.{s.port}.mesh", "A").to_wire()
     out = []
     for counting in (True, False):
-        r = Resolver(Zone(reg, ZoneSettings(range4=policy.range4, range6=policy.range6)))
+        r = MessageHandler(Zone(reg, ZoneSettings(range4=policy.range4, range6=policy.range6)))
         if not counting:
             r.disable_counting()
         handle = r.handle_udp
@@ -121,7 +121,7 @@ def main() -> int:
         f"**Median on/off: {med:.3f}, i.e. counting costs {cost:.1f}% of throughput "
         "(goal: at most 5%).**",
         "",
-        f"In-process, one cached A answer through `Resolver.handle_udp`: counted "
+        f"In-process, one cached A answer through `MessageHandler.handle_udp`: counted "
         f"{counted_ns:.0f} ns, uncounted {uncounted_ns:.0f} ns.",
         "",
         report.machine_md(),

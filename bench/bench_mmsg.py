@@ -1,6 +1,6 @@
 """Does batching UDP with recvmmsg/sendmmsg (meshdns.dns.mmsg) close the gap to unbound?
 
-The same core ``Resolver`` (the generated services, answer cache warm) behind:
+The same core ``MessageHandler`` (the generated services, answer cache warm) behind:
 
   asyncio  the current ``UdpDnsProtocol`` on uvloop (one recvfrom + sendto per query)
   reader   ``BatchUdpServer.serve_ready`` as a uvloop ``add_reader`` callback
@@ -53,15 +53,15 @@ QUERY_LINES = 10_000
 
 
 def build_resolver(seed: Path) -> Any:
+    from meshdns.core.handler import MessageHandler
     from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-    from meshdns.core.resolver import Resolver
     from meshdns.core.zone import Zone, ZoneSettings
 
     policy = RegistryPolicy()
     specs = parse_services(json.loads(seed.read_text())["services"])
     registry = apply_put(Registry.empty(), specs, policy, 0)
     settings = ZoneSettings(range4=policy.range4, range6=policy.range6)
-    return Resolver(Zone(registry, settings))
+    return MessageHandler(Zone(registry, settings))
 
 
 def bind_udp(port: int, reuse_port: bool) -> socket.socket:
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "## Method",
             "",
-            f"{args.services:,} generated services (`bench/datagen.py`), one core `Resolver` "
+            f"{args.services:,} generated services (`bench/datagen.py`), one core `MessageHandler` "
             "per process (reply cache on, counting on, latency sampled as in meshdns), "
             "served by: **asyncio** = `UdpDnsProtocol` on uvloop; **reader** = "
             "`BatchUdpServer.serve_ready` as a uvloop `add_reader` callback; **thread** = "

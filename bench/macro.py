@@ -220,7 +220,7 @@ def categorize(frames: list[str]) -> str:
         if any(n in leaf for n in needles):
             return name
     if "meshdns/core/" in leaf:
-        return "meshdns core, Python (Resolver.handle_udp, ...)"
+        return "meshdns core, Python (MessageHandler.handle_udp, ...)"
     if "meshdns/" in leaf:
         return "meshdns transport, Python (datagram_received)"
     if any("meshdns/core/" in f for f in frames):

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, logs
 from .api.state import ApiContext
 from .config import Config, ConfigError, HostPort
+from .core.handler import ForwardRequest, MessageHandler
 from .core.names import parse_templates
 from .core.registry import Registry, RegistryError, RegistryPolicy, apply_put
-from .core.resolver import ForwardRequest, Resolver
 from .core.vip import VipRange
 from .core.zone import Zone, ZoneSettings
 from .dns.histogram import Histogram
@@ -179,9 +179,9 @@ class MeshServer:
         self.policy = registry_policy(config)
         self.upstreams, self.loop_refusals = effective_upstreams(config)
         self.settings = zone_settings(config, forwarding=bool(self.upstreams))
-        self.resolver = Resolver(Zone(Registry.empty(), self.settings),
+        self.handler = MessageHandler(Zone(Registry.empty(), self.settings),
                                  config.dns.answer_cache_size, config.dns.cache_size)
-        self.store = RegistryStore(self.policy, self.settings, self.resolver,
+        self.store = RegistryStore(self.policy, self.settings, self.handler,
                                    config.registry.state_file)
         self.tcp_limits = TcpLimits(config.dns.tcp_max_connections, config.dns.tcp_idle_timeout)
         self.listeners = Listeners()
@@ -189,17 +189,17 @@ class MeshServer:
         self.counting = os.environ.get("MESHDNS_BENCH_NO_COUNTING") != "1"
         self.latency = Histogram() if self.counting else None
         if not self.counting:
-            self.resolver.disable_counting()
+            self.handler.disable_counting()
         self.qlog = QueryLog() if config.log.queries else None
         self.metrics = new_metrics_registry()
-        self.dns_metrics = DnsCollector(self.resolver, self.tcp_limits, self.latency)
+        self.dns_metrics = DnsCollector(self.handler, self.tcp_limits, self.latency)
         self.metrics.register(self.dns_metrics)
         self.metrics.register(StoreCollector(self.store, self.policy))
         self.forwarder: Forwarder | None = None
         self.api: ApiServer | None = None
         self.follower: Follower | None = None
         self.etcd: EtcdRegistry | None = None
-        self.context = ApiContext(config, self.store, self.resolver, self.upstreams,
+        self.context = ApiContext(config, self.store, self.handler, self.upstreams,
                                   self.metrics)
         self.loaded_from = ""
         self._stopped = asyncio.Event()
@@ -274,11 +274,11 @@ class MeshServer:
     def _start_forwarder(self) -> None:
         from .dns.forwarder import Forwarder
 
-        self.forwarder = Forwarder(self.upstreams, self.config.dns, self.resolver.tally,
-                                   current_zone=lambda: self.resolver.zone)
+        self.forwarder = Forwarder(self.upstreams, self.config.dns, self.handler.tally,
+                                   current_zone=lambda: self.handler.zone)
         self.dns_metrics.forwarder = self.context.forwarder = self.forwarder
         # Cached upstream answers go back synchronously, like local ones.
-        self.resolver.forward_cached = self.forwarder.answer_cached
+        self.handler.forward_cached = self.forwarder.answer_cached
 
     def _new_follower(self) -> Follower:
         from .follower import Follower
@@ -341,15 +341,15 @@ class MeshServer:
             # The query log takes the one-datagram path: batches are not logged.
             if os.environ.get("MESHDNS_UDP_BATCH", "1") != "0" and self.qlog is None:
                 with contextlib.suppress(ImportError):  # not Linux: one datagram per callback
-                    transport = BatchedUdp(udp_sock, self.resolver, self._forward_fn(),
+                    transport = BatchedUdp(udp_sock, self.handler, self._forward_fn(),
                                            self.latency)
             if transport is None:
                 transport, _ = await loop.create_datagram_endpoint(
-                    lambda: UdpDnsProtocol(self.resolver, self._forward_fn(), self.latency,
+                    lambda: UdpDnsProtocol(self.handler, self._forward_fn(), self.latency,
                                            self.qlog),
                     sock=udp_sock)
             server = await loop.create_server(
-                lambda: TcpDnsProtocol(self.resolver, self._forward_fn(), self.tcp_limits,
+                lambda: TcpDnsProtocol(self.handler, self._forward_fn(), self.tcp_limits,
                                        self.latency, self.qlog),
                 sock=tcp_sock)
             self.listeners.udp.append(transport)
@@ -470,7 +470,7 @@ class MeshServer:
                 self._start_forwarder()
             elif self.forwarder is not None:
                 fwd, self.forwarder = self.forwarder, None
-                self.resolver.forward_cached = None
+                self.handler.forward_cached = None
                 self.dns_metrics.forwarder = self.context.forwarder = None
                 await fwd.close()
         if settings != self.settings:

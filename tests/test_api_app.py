@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from meshdns.api.app import make_app
 from meshdns.api.state import ApiContext
 from meshdns.config import parse_config
+from meshdns.core.handler import MessageHandler
 from meshdns.core.registry import Registry
-from meshdns.core.resolver import Resolver
 from meshdns.core.zone import Zone
 from meshdns.server import registry_policy, zone_settings
 from meshdns.store import RegistryStore, read_state
@@ -26,10 +26,10 @@ def fake_server(state_file: Path | None = None, **api: Any) -> ApiContext:
     raw: dict[str, Any] = {"api": api} if api else {}
     config = parse_config(raw, env={})
     settings = zone_settings(config, forwarding=False)
-    resolver = Resolver(Zone(Registry.empty(), settings))
+    resolver = MessageHandler(Zone(Registry.empty(), settings))
     store = RegistryStore(registry_policy(config), settings, resolver,
                           str(state_file) if state_file else None, clock=lambda: 1000.0)
-    return ApiContext(config=config, store=store, resolver=resolver, upstreams=[])
+    return ApiContext(config=config, store=store, handler=resolver, upstreams=[])
 
 
 def run(server: ApiContext, scenario: Any) -> None:

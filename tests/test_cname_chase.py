@@ -424,7 +424,7 @@ def test_resolve_explains_the_upstream_cname_then_the_local_target(
     plain = call(server.api_url, "GET", "/v1/resolve?name=web.default.svc.cluster.local").json()
     assert plain["rule"] == "forward" and plain["chase"] is None and plain["rcode"] is None
     # The explanation counts no DNS response.
-    assert server.mesh.resolver.tally.responses == {}
+    assert server.mesh.handler.tally.responses == {}
 
 
 # ---------------------------------------------------------------- zone-forwarding mode
@@ -449,7 +449,7 @@ def test_zone_forwarding_mode_through_unbound_forward_zone(tmp_path: Path) -> No
             assert records(web) == [("web.default.svc.cluster.local.", "A", "10.96.0.10")]
             # Only mesh names reached meshdns: it forwards nothing and has no upstream.
             assert mesh.mesh.forwarder is None
-            asked = mesh.mesh.resolver.snapshot_counts().requests
+            asked = mesh.mesh.handler.snapshot_counts().requests
             assert sum(asked.values()) >= 3
         finally:
             resolver.stop()

@@ -18,11 +18,11 @@ import dns.message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshdns.core.handler import ForwardRequest, MessageHandler
 from meshdns.core.names import canonical_name
 from meshdns.core.outdated import service_names
 from meshdns.core.patch import apply_patch
 from meshdns.core.registry import RegistryError, ServiceSpec, apply_put
-from meshdns.core.resolver import ForwardRequest, Resolver
 from meshdns.core.zone import Zone
 
 from .test_core_fastpath_equivalence import (
@@ -65,7 +65,7 @@ def changes(draw: Any) -> tuple[World, list[ServiceSpec], list[tuple[str, str, i
     return world, upserts, deletes
 
 
-def ask_all(resolver: Resolver, packets: Sequence[bytes]) -> list[Any]:
+def ask_all(resolver: MessageHandler, packets: Sequence[bytes]) -> list[Any]:
     out: list[Any] = []
     for data in packets:
         for reply in (resolver.handle_udp(data), resolver.handle_tcp(data)):
@@ -90,19 +90,19 @@ def test_a_change_keeps_only_replies_it_did_not_change(
         for name in (canonical_name(spec.name, spec.namespace, spec.port, "mesh"),
                      *spec.hostnames):
             packets.append(packet(name, "A", rng, 0))
-    warm = Resolver(world.zone)
+    warm = MessageHandler(world.zone)
     ask_all(warm, packets)
     ask_all(warm, packets)  # the second round is served from the cache
     new_zone = Zone(reg, world.zone.settings)
     kept_before = warm.cached_answers()
     warm.set_zone(new_zone)
     assert warm.cached_answers() <= kept_before
-    assert ask_all(warm, packets) == ask_all(Resolver(new_zone), packets)
+    assert ask_all(warm, packets) == ask_all(MessageHandler(new_zone), packets)
 
 
 def test_a_one_service_patch_keeps_the_other_services_replies() -> None:
     world = demo_world(("mesh",))
-    resolver = Resolver(world.zone)
+    resolver = MessageHandler(world.zone)
     rng = random.Random(3)
     front = packet("FrontEnd.kong.svc.80.mesh", "A", rng, 0)
     back = packet("backend.KONG.svc.8080.mesh", "A", rng, 0)

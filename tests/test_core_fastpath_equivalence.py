@@ -2,7 +2,7 @@
 
 ``FastPath`` (meshdns/core/fastpath.py) writes replies straight to wire for the
 common questions; the reference is what every miss did before it: the strict
-parser, ``Zone.decide`` and dnslib's encoder (``resolver.encode``). For random
+parser, ``Zone.decide`` and dnslib's encoder (``handler.encode``). For random
 registries and settings, every answer row of SPEC section 4 is asked in random
 letter case, with and without EDNS (sizes, DO bit, an option), over UDP and
 TCP. The replies must be the same bytes; they are also parsed with dnspython
@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshdns.core.fastpath import FastPath
+from meshdns.core.handler import MessageHandler, encode, udp_limit
 from meshdns.core.names import canonical_name, kuma_name
 from meshdns.core.registry import Registry, RegistryPolicy, apply_put
-from meshdns.core.resolver import Resolver, encode, udp_limit
 from meshdns.core.vip import VipRange
 from meshdns.core.wire import QTYPE_AXFR, QTYPE_IXFR, FormatError, parse_query
 from meshdns.core.zone import Zone, ZoneSettings
@@ -216,7 +216,7 @@ def check_same(world: World, seed: int, edns: int) -> int:
             assert parsed_got == parsed_want
             assert parsed_got.question[0].name.to_text() == asked + "."  # case echoed
             # Through the resolver (a miss, then a hit): the same bytes again.
-            resolver = Resolver(zone)
+            resolver = MessageHandler(zone)
             handle = resolver.handle_udp if udp else resolver.handle_tcp
             assert handle(data) == want
             assert handle(data) == want
@@ -339,7 +339,7 @@ def test_a_reply_over_the_udp_limit_is_truncated_by_the_dnslib_path() -> None:
         if len(want_tcp) > udp_limit(parse_query(data)):
             assert want_udp[2] & 0x02  # TC=1, question (and OPT) only
             assert fast.answer(data, True) is None
-            assert Resolver(zone).handle_udp(data) == want_udp
+            assert MessageHandler(zone).handle_udp(data) == want_udp
         else:
             assert fast.answer(data, True) == got_tcp
 

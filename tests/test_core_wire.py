@@ -1,4 +1,4 @@
-"""Wire protocol in the pure core: the strict query parser and Resolver.handle_udp/tcp.
+"""Wire protocol in the pure core: the strict query parser and MessageHandler.handle_udp/tcp.
 
 No sockets: queries are built with dnspython (or by hand where dnspython would
 refuse to build them), fed as bytes, and the replies decoded with
@@ -19,8 +19,8 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
+from meshdns.core.handler import ForwardRequest, MessageHandler
 from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.resolver import ForwardRequest, Resolver
 from meshdns.core.wire import (
     HEADER_LEN,
     RCODE_FORMERR,
@@ -61,8 +61,8 @@ def settings(**kw: Any) -> ZoneSettings:
     return ZoneSettings(**base)
 
 
-def resolver(items: list[dict[str, Any]] = DEMO, cache: int = 100_000, **kw: Any) -> Resolver:
-    return Resolver(Zone(registry([*items, BIG]), settings(**kw)), cache)
+def resolver(items: list[dict[str, Any]] = DEMO, cache: int = 100_000, **kw: Any) -> MessageHandler:
+    return MessageHandler(Zone(registry([*items, BIG]), settings(**kw)), cache)
 
 
 def wire(name: str, rdtype: str | int = "A", *, qid: int = 0x1234, edns: int = -1,

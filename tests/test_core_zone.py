@@ -1,4 +1,4 @@
-"""Answer policy (SPEC §4), through ``Zone.decide`` and ``Resolver.handle_udp``.
+"""Answer policy (SPEC §4), through ``Zone.decide`` and ``MessageHandler.handle_udp``.
 
 No sockets: replies are decoded with dnspython.
 """
@@ -17,9 +17,9 @@ import dns.reversename
 import pytest
 
 from meshdns.core import zone as zone_mod
+from meshdns.core.handler import ForwardRequest, MessageHandler
 from meshdns.core.names import key_to_labels
 from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.resolver import ForwardRequest, Resolver
 from meshdns.core.vip import VipRange
 from meshdns.core.zone import Zone, ZoneSettings, qtype_name, reverse_zones
 
@@ -53,9 +53,9 @@ def make_zone(reg: Registry | None = None, **kw: Any) -> Zone:
     return Zone(registry() if reg is None else reg, ZoneSettings(**base))
 
 
-def ask(z: Zone | Resolver, name: str, rdtype: str = "A", *, edns: int = -1
+def ask(z: Zone | MessageHandler, name: str, rdtype: str = "A", *, edns: int = -1
         ) -> dns.message.Message:
-    r = z if isinstance(z, Resolver) else Resolver(z)
+    r = z if isinstance(z, MessageHandler) else MessageHandler(z)
     q = dns.message.make_query(name, rdtype, use_edns=edns)
     out = r.handle_udp(q.to_wire())
     assert isinstance(out, bytes), out
@@ -275,7 +275,7 @@ def test_any_other_name_under_a_served_domain_is_nxdomain(z: Zone, name: str, ap
 
 def test_served_domain_names_are_never_forwarded() -> None:
     z = make_zone(forwarding=True)
-    r = Resolver(z)
+    r = MessageHandler(z)
     for name in ("nope.mesh", "kong.svc.80.mesh", "mesh", "frontend.kong.svc.80.mesh"):
         assert isinstance(r.handle_udp(dns.message.make_query(name, "A").to_wire()), bytes)
 
@@ -397,7 +397,7 @@ def test_reverse_zones_follow_the_configured_ranges() -> None:
 @pytest.mark.parametrize("suffix", ["corp.example", "svc.cluster.local"])
 def test_search_suffix_answers_cname_plus_address_locally(suffix: str) -> None:
     z = make_zone(search=("corp.example", "svc.cluster.local"), forwarding=True)
-    r = Resolver(z)
+    r = MessageHandler(z)
     for name, rdtype, target, addr in [
         ("frontend.kong.svc.80.mesh", "A", "frontend.kong.svc.80.mesh.", "240.0.0.7"),
         ("frontend.kong.svc.80.mesh", "AAAA", "frontend.kong.svc.80.mesh.", "fd00:fd00::7"),
@@ -418,7 +418,7 @@ def test_search_suffix_answers_cname_plus_address_locally(suffix: str) -> None:
 
 def test_search_suffix_nodata_and_nxdomain() -> None:
     z = make_zone(search=("corp.example",), forwarding=True)
-    r = Resolver(z)
+    r = MessageHandler(z)
     # A known service with no vip6: the CNAME, and the mesh zone's SOA for the NODATA.
     msg = ask(r, "backend.kong.svc.8080.mesh.corp.example", "AAAA")
     assert msg.rcode() == dns.rcode.NOERROR
@@ -442,7 +442,7 @@ def test_search_suffix_nodata_and_nxdomain() -> None:
 def test_search_suffix_for_non_mesh_names_is_forwarded_or_refused() -> None:
     for forwarding in (True, False):
         z = make_zone(search=("corp.example",), forwarding=forwarding)
-        r = Resolver(z)
+        r = MessageHandler(z)
         for name in ("www.corp.example", "corp.example", "mesh.corp.example",
                      "example.com.corp.example"):
             out = r.handle_udp(dns.message.make_query(name, "A").to_wire())
@@ -467,7 +467,7 @@ def test_without_search_suffixes_the_long_name_is_not_ours() -> None:
                                   "239.in-addr.arpa", "ip6.arpa", "local", "mesh.example.com",
                                   "meshx", "xmesh"])
 def test_anything_else_is_forwarded_or_refused(name: str) -> None:
-    on = Resolver(make_zone(forwarding=True))
+    on = MessageHandler(make_zone(forwarding=True))
     q = dns.message.make_query(name, "A")
     out = on.handle_udp(q.to_wire())
     assert isinstance(out, ForwardRequest)
@@ -482,7 +482,7 @@ def test_anything_else_is_forwarded_or_refused(name: str) -> None:
 
 def test_a_hostname_shadows_the_upstream_answer() -> None:
     z = make_zone(forwarding=True)
-    r = Resolver(z)
+    r = MessageHandler(z)
     msg = ask(r, "httpbin.org")
     assert addresses(msg) == ["240.0.0.7"]
     assert msg.flags & dns.flags.RA  # an upstream exists

@@ -143,7 +143,7 @@ CACHE_SIZE = 40
 def forward_sizes(server: ServerThread) -> dict[str, int]:
     def read() -> dict[str, int]:
         mesh = server.mesh
-        state = mesh.resolver._state
+        state = mesh.handler._state
         fwd = mesh.forwarder
         return {"resolver.fwd_udp": len(state.fwd_udp), "resolver.fwd_tcp": len(state.fwd_tcp),
                 "forwarder.cache": len(fwd.cache), "forwarder.served_udp": len(fwd._served_udp),

@@ -289,8 +289,8 @@ def lagging_pair(tmp_path: Path, endpoints: list[str]) -> Any:
     """Two EtcdRegistry backends in this process (each with its own store) and the
     registry policy; call ``slow(a)`` to delay a's watch."""
     from meshdns.config import parse_config
+    from meshdns.core.handler import MessageHandler
     from meshdns.core.registry import Registry
-    from meshdns.core.resolver import Resolver
     from meshdns.core.zone import Zone
     from meshdns.etcd.backend import EtcdRegistry
     from meshdns.server import registry_policy, zone_settings
@@ -304,7 +304,7 @@ def lagging_pair(tmp_path: Path, endpoints: list[str]) -> Any:
 
     def backend() -> EtcdRegistry:
         settings = zone_settings(cfg, forwarding=False)
-        store = RegistryStore(policy, settings, Resolver(Zone(Registry.empty(), settings)))
+        store = RegistryStore(policy, settings, MessageHandler(Zone(Registry.empty(), settings)))
         return EtcdRegistry(store, policy, cfg.registry)
 
     return backend(), backend(), policy

@@ -22,9 +22,9 @@ import dns.rdatatype
 import dns.reversename
 import yaml
 
+from meshdns.core.handler import ForwardRequest, MessageHandler
 from meshdns.core.names import key_to_labels
 from meshdns.core.registry import Registry
-from meshdns.core.resolver import ForwardRequest, Resolver
 from meshdns.core.vip import VipRange
 from meshdns.core.wire import RCODE_SERVFAIL
 from meshdns.core.zone import FORWARD, NOT_LOADED, Zone, ZoneSettings
@@ -94,7 +94,7 @@ def test_a_zone_with_no_registry_denies_nothing() -> None:
     assert (decision.rcode, decision.aa) == (dns.rcode.NXDOMAIN, True)
 
     # Through the resolver: the SERVFAIL is not kept past the swap to a loaded zone.
-    resolver = Resolver(unloaded)
+    resolver = MessageHandler(unloaded)
     query = dns.message.make_query("nope.mesh", "A").to_wire()
     reply = resolver.handle_udp(query)
     assert isinstance(reply, bytes)

@@ -71,7 +71,7 @@ def test_forwards_and_serves_from_cache_with_client_case(tmp_path: Path,
         assert again.question[0].name.to_text() == "WwW.ExAmPlE.TeSt."  # 0x20 echoed
         assert again.answer[0].name.to_text() == "WwW.ExAmPlE.TeSt."
         assert fake.count("www.example.test") == 1
-        tally = server.mesh.resolver.tally.responses
+        tally = server.mesh.handler.tally.responses
         assert tally.get((0, "upstream")) == 1 and tally.get((0, "cache")) == 1
         stats = server.mesh.forwarder.upstream_stats()[fake.address]
         assert stats.requests == {"ok": 1} and stats.duration.count == 1
@@ -159,7 +159,7 @@ def test_servfail_never_nxdomain_when_every_upstream_fails(tmp_path: Path, fake:
         assert reply.rcode() == dns.rcode.SERVFAIL
         assert reply.rcode() != dns.rcode.NXDOMAIN
         assert fake.count() >= 1 and fake2.count() >= 1  # every upstream got its try
-        assert server.mesh.resolver.tally.responses.get((2, "upstream")) == 1
+        assert server.mesh.handler.tally.responses.get((2, "upstream")) == 1
 
 
 def test_servfail_is_remembered_briefly(tmp_path: Path, fake: FakeUpstream) -> None:
@@ -259,7 +259,7 @@ def test_negative_answers_cached_for_soa_minimum(tmp_path: Path, fake: FakeUpstr
         again = ask(server, "neg.example.test")
         assert again.rcode() == rcode and again.authority[0].ttl == 30
         assert fake.count() == 1
-        assert server.mesh.resolver.tally.responses.get((rcode, "cache")) == 1
+        assert server.mesh.handler.tally.responses.get((rcode, "cache")) == 1
         clock.now += 30
         assert ask(server, "neg.example.test").rcode() == rcode
         assert fake.count() == 2
@@ -287,7 +287,7 @@ def test_client_edns_size_respected(tmp_path: Path, fake: FakeUpstream) -> None:
         over_tcp = ask(server, "big.example.test", edns=False, tcp=True)
         assert len(addresses(over_tcp)) == 40 and over_tcp.edns == -1
         assert fake.count() == 1  # one upstream fetch served every shape
-        assert server.mesh.resolver.tally.truncated == 2
+        assert server.mesh.handler.tally.truncated == 2
 
 
 # ---------------------------------------------------------------- concurrency and bounds

@@ -109,7 +109,7 @@ def test_loop_is_refused_with_a_log_line_and_no_storm(tmp_path: Path,
         assert server.mesh.forwarder is None
         reply = query(server, "www.example.test", timeout=3.0)
         assert reply.rcode() == dns.rcode.REFUSED  # no upstream left: SPEC §4
-        assert server.mesh.resolver.snapshot_counts().requests.get(("udp", 1)) == 1  # one query, no echo
+        assert server.mesh.handler.snapshot_counts().requests.get(("udp", 1)) == 1  # one query, no echo
     assert any(f"127.0.0.1:{port}" in r.getMessage() and "loop" in r.getMessage()
                for r in caplog.records)
 
@@ -148,5 +148,5 @@ def test_undetectable_loop_between_two_servers_is_bounded(tmp_path: Path) -> Non
         wait_until(lambda: attempts(b) == 1, "B's attempt to finish")
         assert attempts(a) == 1
         # The client's query at A, A's at B, B's back at A (which joined the first): 3.
-        assert a.mesh.resolver.snapshot_counts().requests.get(("udp", 1), 0) == 2
-        assert b.mesh.resolver.snapshot_counts().requests.get(("udp", 1), 0) == 1
+        assert a.mesh.handler.snapshot_counts().requests.get(("udp", 1), 0) == 2
+        assert b.mesh.handler.snapshot_counts().requests.get(("udp", 1), 0) == 1

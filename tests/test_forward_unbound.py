@@ -56,7 +56,7 @@ def test_second_answer_is_from_cache_with_ttl_counted_down(server: ServerThread)
     assert query(server, "api.example.test").answer[0].ttl == 300
     clock.now += 42
     assert query(server, "api.example.test").answer[0].ttl == 258
-    tally = server.mesh.resolver.tally.responses
+    tally = server.mesh.handler.tally.responses
     assert tally.get((0, "upstream")) == 1 and tally.get((0, "cache")) == 1
 
 
@@ -69,7 +69,7 @@ def test_nxdomain_and_nodata_are_negative_cached(server: ServerThread) -> None:
         assert nodata.rcode() == dns.rcode.NOERROR and not nodata.answer
     stats = server.mesh.forwarder.upstream_stats()
     assert sum(sum(s.requests.values()) for s in stats.values()) == 2
-    tally = server.mesh.resolver.tally.responses
+    tally = server.mesh.handler.tally.responses
     assert tally.get((3, "cache")) == 2 and tally.get((0, "cache")) == 2
 
 

@@ -14,7 +14,7 @@ import pytest
 from dnslib import EDNS0, QTYPE, RR, SOA, A, DNSRecord
 
 from meshdns.config import DnsConfig, HostPort
-from meshdns.core.resolver import ForwardRequest, Tally, udp_limit
+from meshdns.core.handler import ForwardRequest, Tally, udp_limit
 from meshdns.core.wire import parse_query
 from meshdns.dns.cache import CachedReply, ReplyCache
 from meshdns.dns.forwarder import Forwarder

@@ -1,7 +1,7 @@
 """Malformed input: a seeded mutator and hypothesis against the core, then the live server.
 
 Invariants for every packet (SPEC §4 protocol rules):
-- no exception escapes ``Resolver.handle_udp`` / ``handle_tcp``;
+- no exception escapes ``MessageHandler.handle_udp`` / ``handle_tcp``;
 - no reply only when the packet is shorter than 12 bytes or has QR=1;
 - every reply parses with dnspython, has QR=1 and carries the query's ID;
 - a reply to a query that parses echoes its question in the exact case;
@@ -29,8 +29,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshdns.core.handler import ForwardRequest, MessageHandler
 from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.resolver import ForwardRequest, Resolver
 from meshdns.core.vip import VipRange
 from meshdns.core.wire import FormatError, Query, parse_query
 from meshdns.core.zone import Zone, ZoneSettings
@@ -64,13 +64,13 @@ TYPES = ["A", "AAAA", "SRV", "PTR", "SOA", "NS", "TXT", "ANY", "CNAME", "AXFR", 
          65280]
 
 
-def build_resolver(forwarding: bool, cache: int = 256) -> Resolver:
+def build_resolver(forwarding: bool, cache: int = 256) -> MessageHandler:
     policy = RegistryPolicy(domains=("mesh", "mesh.local"))
     reg = apply_put(Registry.empty(), parse_services(SERVICES), policy, 0.0)
     zs = ZoneSettings(domains=("mesh", "mesh.local"), search=("corp.example",),
                       range4=VipRange.from_cidr("240.0.0.0/4"),
                       range6=VipRange.from_cidr("fd00:fd00::/64"), forwarding=forwarding)
-    return Resolver(Zone(reg, zs), cache)
+    return MessageHandler(Zone(reg, zs), cache)
 
 
 def build_corpus() -> list[bytes]:
@@ -218,7 +218,7 @@ def check(handle: Callable[[bytes], Any], packet: bytes, udp: bool) -> None:
         assert labels == q.labels, packet
 
 
-def feed(resolvers: list[Resolver], packet: bytes, i: int = 0) -> None:
+def feed(resolvers: list[MessageHandler], packet: bytes, i: int = 0) -> None:
     """UDP to the no-upstream resolver always; TCP to it or UDP to the forwarding one."""
     local, other = resolvers
     check(local.handle_udp, packet, True)

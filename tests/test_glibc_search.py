@@ -132,7 +132,7 @@ def inside(directory: Path) -> int:
         assert mesh.settings.search == (SEARCH,), mesh.settings.search
 
         def received() -> int:
-            return sum(mesh.resolver.snapshot_counts().requests.values())
+            return sum(mesh.handler.snapshot_counts().requests.values())
 
         def forwarded() -> int:
             stats = mesh.forwarder.upstream_stats().values()

@@ -1,6 +1,6 @@
 """recvmmsg/sendmmsg batching (meshdns.dns.mmsg) over real loopback sockets.
 
-Every test drives a real ``Resolver`` (or a stub handler) through a
+Every test drives a real ``MessageHandler`` (or a stub handler) through a
 ``BatchUdpServer`` and checks what the clients receive: each reply reaches the
 socket its query came from with the query's ID, over IPv4, IPv6 and
 v4-mapped addresses, across batches; oversized, short and unanswerable
@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from meshdns.core.handler import MessageHandler
 from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.resolver import Resolver
 from meshdns.core.zone import Zone, ZoneSettings
 from meshdns.dns.transport import servfail
 
@@ -44,12 +44,12 @@ def name(i: int) -> str:
     return f"svc{i}.ns0.svc.80.mesh"
 
 
-def make_resolver() -> Resolver:
+def make_resolver() -> MessageHandler:
     items = [{"name": f"svc{i}", "namespace": "ns0", "port": 80, "vip": vip(i)}
              for i in range(N_SERVICES)]
     policy = RegistryPolicy()
     reg = apply_put(Registry.empty(), parse_services(items), policy, 0.0)
-    return Resolver(Zone(reg, ZoneSettings(range4=policy.range4, range6=policy.range6)))
+    return MessageHandler(Zone(reg, ZoneSettings(range4=policy.range4, range6=policy.range6)))
 
 
 def query(i: int, qid: int) -> bytes:

@@ -15,9 +15,9 @@ import dns.message
 import pytest
 
 from meshdns.config import ConfigError, parse_config
+from meshdns.core.handler import MessageHandler
 from meshdns.core.names import DEFAULT_TEMPLATES, parse_templates
 from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.resolver import Resolver
 from meshdns.core.vip import VipRange
 from meshdns.core.zone import Zone, ZoneSettings
 
@@ -55,11 +55,11 @@ QUESTIONS = [
 ]
 
 
-def resolver(items: list[dict[str, Any]], select: tuple[tuple[str, str], ...]) -> Resolver:
+def resolver(items: list[dict[str, Any]], select: tuple[tuple[str, str], ...]) -> MessageHandler:
     policy = RegistryPolicy(domains=DOMAINS, range4=RANGE4, range6=RANGE6,
                             templates=parse_templates(TEMPLATES), select=select)
     reg = apply_put(Registry.empty(), parse_services(items), policy, 0.0)
-    return Resolver(Zone(reg, ZoneSettings(domains=DOMAINS, ttl=30, negative_ttl=5,
+    return MessageHandler(Zone(reg, ZoneSettings(domains=DOMAINS, ttl=30, negative_ttl=5,
                                            search=("corp.example",), range4=RANGE4,
                                            range6=RANGE6)))
 

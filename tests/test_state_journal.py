@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from meshdns import store as store_mod
+from meshdns.core.handler import MessageHandler
 from meshdns.core.registry import (
     Registry,
     RegistryError,
@@ -20,7 +21,6 @@ from meshdns.core.registry import (
     ServiceSpec,
     parse_services,
 )
-from meshdns.core.resolver import Resolver
 from meshdns.core.vip import VipRange
 from meshdns.core.zone import Zone, ZoneSettings
 from meshdns.store import RegistryStore, StateError, StateWriteError, journal_path, read_state
@@ -39,7 +39,7 @@ class Clock:
 
 def new_store(state: Path, clock: Clock | None = None) -> RegistryStore:
     settings = ZoneSettings(range4=POLICY.range4, range6=POLICY.range6)
-    resolver = Resolver(Zone(Registry.empty(), settings))
+    resolver = MessageHandler(Zone(Registry.empty(), settings))
     return RegistryStore(POLICY, settings, resolver, str(state), clock=clock or Clock())
 
 
@@ -307,7 +307,7 @@ def many() -> list[ServiceSpec]:
 def assert_not_applied(s: RegistryStore, before: Registry) -> None:
     """A failed write changed nothing: the store and what DNS answers from are as before."""
     assert s.registry is before
-    assert s.resolver.zone.registry is before
+    assert s.handler.zone.registry is before
 
 
 def test_a_short_write_then_enospc_is_cut_back_and_the_next_write_is_whole(
@@ -516,7 +516,7 @@ def test_a_corrupt_allocated_vip6_stops_start_up(tmp_path: Path) -> None:
     policy6 = RegistryPolicy(range4=POLICY.range4, range6=VipRange.from_cidr("fd00::/120"))
     state = tmp_path / "state.json"
     settings = ZoneSettings(range4=policy6.range4, range6=policy6.range6)
-    s = RegistryStore(policy6, settings, Resolver(Zone(Registry.empty(), settings)), str(state))
+    s = RegistryStore(policy6, settings, MessageHandler(Zone(Registry.empty(), settings)), str(state))
     s.put(specs("a"))
     doc = json.loads(state.read_bytes())
     assert doc["services"][0]["vip6"] and not doc["services"][0]["vip6_given"]

@@ -17,6 +17,7 @@ import dns.rdatatype
 import pytest
 
 from meshdns.config import ConfigError, parse_config
+from meshdns.core.handler import MessageHandler
 from meshdns.core.names import DEFAULT_TEMPLATES, parse_templates
 from meshdns.core.patch import apply_patch
 from meshdns.core.registry import (
@@ -26,7 +27,6 @@ from meshdns.core.registry import (
     apply_put,
     parse_services,
 )
-from meshdns.core.resolver import Resolver
 from meshdns.core.vip import VipRange
 from meshdns.core.zone import Zone, ZoneSettings
 
@@ -56,12 +56,12 @@ def build(items: list[dict[str, Any]], templates: list[str]) -> Registry:
     return apply_put(Registry.empty(), parse_services(items), policy(templates), 0.0)
 
 
-def resolver(reg: Registry) -> Resolver:
-    return Resolver(Zone(reg, ZoneSettings(domains=DOMAINS, ttl=30, negative_ttl=5,
+def resolver(reg: Registry) -> MessageHandler:
+    return MessageHandler(Zone(reg, ZoneSettings(domains=DOMAINS, ttl=30, negative_ttl=5,
                                            range4=RANGE4)))
 
 
-def ask(r: Resolver, name: str, rdtype: str = "A") -> dns.message.Message:
+def ask(r: MessageHandler, name: str, rdtype: str = "A") -> dns.message.Message:
     q = dns.message.make_query(name, rdtype)
     out = r.handle_udp(q.to_wire())
     assert isinstance(out, bytes)
@@ -217,7 +217,7 @@ def test_default_templates_answer_exactly_as_before_byte_for_byte() -> None:
     plain = [{k: v for k, v in s.items() if k not in ("labels", "zone", "mesh")}
              for s in SERVICES]
     with_defaults = resolver(build(SERVICES, list(DEFAULT_TEMPLATES)))
-    before = Resolver(Zone(apply_put(Registry.empty(), parse_services(plain),
+    before = MessageHandler(Zone(apply_put(Registry.empty(), parse_services(plain),
                                      RegistryPolicy(domains=DOMAINS, range4=RANGE4,
                                                     range6=None), 0.0),
                            ZoneSettings(domains=DOMAINS, ttl=30, negative_ttl=5,

@@ -148,7 +148,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def make_app(server: ApiContext) -> web.Application:
-    """The API over ``server``'s store and resolver; testable alone with aiohttp's test
+    """The API over ``server``'s store and message handler; testable alone with aiohttp's test
     client."""
     api = server.config.api
     middlewares: list[Any] = [errors_middleware]

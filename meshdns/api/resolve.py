@@ -63,9 +63,9 @@ async def resolve(request: web.Request) -> web.Response:
     labels = parse_name(request.query.get("name"))
     qtype = parse_code(request.query.get("type", "A"), QTYPE, "TYPE", "type")
     qclass = parse_code(request.query.get("class", "IN"), CLASS, "CLASS", "class")
-    resolver = server.resolver
-    revision = resolver.zone.registry.revision
-    decision = resolver.explain(labels, qtype, qclass)
+    handler = server.handler
+    revision = handler.zone.registry.revision
+    decision = handler.explain(labels, qtype, qclass)
     forwarded = decision.forward
     out: dict[str, Any] = {
         "name": request.query["name"],
@@ -83,7 +83,7 @@ async def resolve(request: web.Request) -> web.Response:
         "additional": [record(rr) for rr in decision.additional],
     }
     # Which hostname template named the service, or which dns.select hid it.
-    out.update(explain_names(resolver.zone, labels, decision))
+    out.update(explain_names(handler.zone, labels, decision))
     if forwarded:
         out["upstreams"] = [str(hp) for hp in server.upstreams]
         out["chase"] = None

@@ -14,8 +14,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from ..config import Config, HostPort
+from ..core.handler import MessageHandler
 from ..core.registry import Registry
-from ..core.resolver import Resolver
 from ..dns.forwarder import Forwarder
 from ..gcpause import paused
 from ..store import RegistryStore
@@ -142,7 +142,7 @@ class ApiContext:
 
     config: Config
     store: RegistryStore
-    resolver: Resolver
+    handler: MessageHandler
     upstreams: Sequence[HostPort]
     metrics: CollectorRegistry | None = None
     forwarder: Forwarder | None = None  # /v1/resolve asks it, as DNS would

@@ -1,4 +1,4 @@
-"""What a registry change outdates in the reply caches (see resolver.py).
+"""What a registry change outdates in the reply caches (see handler.py).
 
 Every cached reply is indexed by the name whose owner decides it, or listed as
 negative (it carries the SOA, whose serial is the registry revision). A PATCH

@@ -1,7 +1,7 @@
 """Sidecar mode: every name the core does not own is asked upstream, cached, coalesced.
 
 ``Forwarder.resolve(request, proto)`` is what the transports await for a
-:class:`~meshdns.core.resolver.ForwardRequest`. In order:
+:class:`~meshdns.core.handler.ForwardRequest`. In order:
 
 1. cache hit → the cached reply, TTLs counted down, the client's ID, case, RD,
    CD and EDNS shape patched in (no await, no parse: the benchmarked path);
@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..config import DnsConfig, HostPort
-from ..core.resolver import ForwardRequest, Tally
+from ..core.handler import ForwardRequest, Tally
 from ..core.wire import RCODE_SERVFAIL, Query
 from ..core.zone import Zone
 from .cache import CachedReply, CacheKey, ReplyCache, Served, StaleReply

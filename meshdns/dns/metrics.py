@@ -16,7 +16,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from ..core.resolver import QTYPE_INVALID, Resolver
+from ..core.handler import QTYPE_INVALID, MessageHandler
 from ..core.wire import rcode_name
 from ..core.zone import qtype_name
 from .forwarder import Forwarder
@@ -39,15 +39,15 @@ def histogram_family(hist: Histogram, family: HistogramMetricFamily,
 class DnsCollector:
     """Requests, responses, TCP connections, latency, the caches and the upstreams."""
 
-    def __init__(self, resolver: Resolver, tcp: TcpLimits, latency: Histogram | None) -> None:
-        self.resolver = resolver
+    def __init__(self, handler: MessageHandler, tcp: TcpLimits, latency: Histogram | None) -> None:
+        self.handler = handler
         self.tcp = tcp
         self.latency = latency  # None: counting switched off to measure its cost (bench/)
         self.forwarder: Forwarder | None = None  # set once forwarding starts
 
 
     def collect(self) -> Iterator[Metric]:
-        counts = self.resolver.snapshot_counts()
+        counts = self.handler.snapshot_counts()
         requests = CounterMetricFamily(PREFIX + "dns_requests", "DNS requests received.",
                                        labels=["proto", "qtype"])
         for (proto, qtype), n in sorted(counts.requests.items()):
@@ -78,7 +78,7 @@ class DnsCollector:
                                   "dns.tcp_max_connections.", value=self.tcp.evicted)
         entries = GaugeMetricFamily(PREFIX + "cache_entries", "Entries in a cache.",
                                     labels=["cache"])
-        entries.add_metric(["answers"], self.resolver.cached_answers())
+        entries.add_metric(["answers"], self.handler.cached_answers())
         if self.forwarder is not None:
             entries.add_metric(["upstream"], len(self.forwarder.cache))
         yield entries

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from ..core.resolver import ForwardRequest, Resolver
+from ..core.handler import ForwardRequest, MessageHandler
 from ..core.wire import HEADER_LEN, RCODE_SERVFAIL, error_reply
 from .histogram import Histogram
 from .querylog import QueryLog
@@ -59,9 +59,9 @@ class _Errors:
 
 
 class UdpDnsProtocol(asyncio.DatagramProtocol):
-    def __init__(self, resolver: Resolver, forward: Forward | None,
+    def __init__(self, handler: MessageHandler, forward: Forward | None,
                  latency: Histogram | None = None, qlog: QueryLog | None = None) -> None:
-        self.resolver = resolver
+        self.handler = handler
         self.forward = forward
         self.latency = latency
         self.qlog = qlog  # log.queries: every message takes _logged instead
@@ -78,10 +78,10 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         self.seen += 1
         try:
             if self.seen & SAMPLE_MASK or self.latency is None:
-                out = self.resolver.handle_udp(data)
+                out = self.handler.handle_udp(data)
             else:
                 started = time.perf_counter()
-                out = self.resolver.handle_udp(data)
+                out = self.handler.handle_udp(data)
                 self.latency.observe(time.perf_counter() - started)
         except Exception:
             _Errors.report("udp")
@@ -96,7 +96,7 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
     def _logged(self, data: bytes, addr: Any, qlog: QueryLog) -> None:
         started = time.perf_counter()
         try:
-            out = self.resolver.handle_udp(data)
+            out = self.handler.handle_udp(data)
         except Exception:
             _Errors.report("udp")
             out = servfail(data)
@@ -153,15 +153,15 @@ class BatchedUdp(UdpDnsProtocol):
     batching is unavailable, so the caller falls back to the datagram endpoint.
     """
 
-    def __init__(self, sock: Any, resolver: Resolver, forward: Forward | None,
+    def __init__(self, sock: Any, handler: MessageHandler, forward: Forward | None,
                  latency: Histogram | None = None) -> None:
         from .mmsg import BatchUdpServer
 
-        super().__init__(resolver, forward, latency)
+        super().__init__(handler, forward, latency)
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.batch = BatchUdpServer(
-            sock, resolver.handle_udp, self._on_forward, on_error=servfail,
+            sock, handler.handle_udp, self._on_forward, on_error=servfail,
             observe=latency.observe if latency is not None else None)
         self.transport = _BatchTransport(self.batch)  # type: ignore[assignment]
         self.loop.add_reader(sock.fileno(), self.batch.serve_ready)
@@ -230,9 +230,9 @@ class TcpDnsProtocol(asyncio.Protocol):
     reading was paused, which stops at the kernel's socket buffer.
     """
 
-    def __init__(self, resolver: Resolver, forward: Forward | None, limits: TcpLimits,
+    def __init__(self, handler: MessageHandler, forward: Forward | None, limits: TcpLimits,
                  latency: Histogram | None = None, qlog: QueryLog | None = None) -> None:
-        self.resolver = resolver
+        self.handler = handler
         self.qlog = qlog
         self.peer: Any = None  # the client's address, for the query log
         self.forward = forward
@@ -339,9 +339,9 @@ class TcpDnsProtocol(asyncio.Protocol):
         started = time.perf_counter()
         try:
             if self.latency is None:
-                out = self.resolver.handle_tcp(message)
+                out = self.handler.handle_tcp(message)
             else:
-                out = self.resolver.handle_tcp(message)
+                out = self.handler.handle_tcp(message)
                 self.latency.observe(time.perf_counter() - started)
         except Exception:
             _Errors.report("tcp")

@@ -2,7 +2,7 @@
 
 Order of a write: compute the new snapshot (pure core; may reject), make it
 durable (state file: temp, fsync, rename, fsync dir), then publish it (new
-Zone into the resolver, listeners called). The caller acknowledges only after
+Zone into the handler, listeners called). The caller acknowledges only after
 ``put``/``patch`` (or ``write``) returned, so an acknowledged write is both
 durable and what DNS already answers from (read-your-writes).
 
@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from ..core.handler import MessageHandler
 from ..core.patch import apply_patch
 from ..core.registry import (
     Registry,
@@ -32,7 +33,6 @@ from ..core.registry import (
     ServiceSpec,
     apply_put,
 )
-from ..core.resolver import Resolver
 from ..core.zone import Zone, ZoneSettings
 from ..gcpause import gc_paused
 from ..history import ChangeHistory
@@ -50,17 +50,17 @@ log = logging.getLogger("meshdns.registry")
 
 
 class RegistryStore:
-    def __init__(self, policy: RegistryPolicy, settings: ZoneSettings, resolver: Resolver,
+    def __init__(self, policy: RegistryPolicy, settings: ZoneSettings, handler: MessageHandler,
                  state_file: str | None = None, clock: Callable[[], float] = time.time) -> None:
         self.policy = policy
         self.settings = settings
-        self.resolver = resolver
+        self.handler = handler
         self.state_file = Path(state_file) if state_file else None
         self.clock = clock
-        self.registry = resolver.zone.registry
+        self.registry = handler.zone.registry
         self.loaded = False
         # Until a registry is loaded DNS must not deny mesh names (SERVFAIL, not NXDOMAIN).
-        resolver.set_zone(Zone(self.registry, settings, loaded=False))
+        handler.set_zone(Zone(self.registry, settings, loaded=False))
         self.last_update = 0.0  # wall time of the last published change
         self.exhausted = 0  # writes rejected because a VIP range was exhausted
         self.state_write_failures = 0  # writes the state file could not take (rolled back)
@@ -212,13 +212,13 @@ class RegistryStore:
     def reconfigure(self, settings: ZoneSettings) -> None:
         """Serve the same registry under new zone settings (search list, forwarding)."""
         self.settings = settings
-        self.resolver.set_zone(Zone(self.registry, settings, loaded=self.loaded))
+        self.handler.set_zone(Zone(self.registry, settings, loaded=self.loaded))
 
     def publish(self, reg: Registry) -> None:
         previous = self.registry if self.loaded else None
         self.history.record(previous, reg)  # before the listeners wake long-polls
         self.registry = reg
-        self.resolver.set_zone(Zone(reg, self.settings))
+        self.handler.set_zone(Zone(reg, self.settings))
         self.loaded = True
         self.last_update = time.time()
         for listener in list(self.listeners):

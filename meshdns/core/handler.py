@@ -175,7 +175,7 @@ def encode(query: Query, decision: Decision, limit: int | None, ra: bool) -> byt
     return bytes(short.pack())
 
 
-class Resolver:
+class MessageHandler:
     """Turns query bytes into reply bytes for one registry snapshot at a time."""
 
     def __init__(self, zone: Zone, answer_cache_size: int = DEFAULT_ANSWER_CACHE,
