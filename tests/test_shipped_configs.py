@@ -320,6 +320,10 @@ def test_rewrite_moves_every_listener_to_loopback_and_keeps_the_rest(
         expected = ["http://127.0.0.1:7"] if key == "endpoints" else value
         assert out["registry"]["etcd"][key] == expected, f"registry.etcd.{key}"
     assert bool(etcd) == shipped.in_etcd
+    for name, section in out.items():  # the state file (a volume) moves into the test's
+        for key, value in (section or {}).items():
+            if key.endswith("_file") and value is not None:
+                assert Path(value).is_relative_to(tmp_path), f"{name}.{key}: {value}"
 
 
 # ------------------------------------------------------------------ processes
@@ -543,6 +547,9 @@ def check_running(shipped: Shipped, running: Running, writer: Running | None,
                     token=TOKEN).status == 404
         assert call(running.api, "GET", "/metrics").status == 404
 
+    if shipped.in_etcd:  # a heartbeat (every 2 s) that saw the write already applied
+        wait_for(lambda: value(scrape(running)[1], "meshdns_etcd_connected") == 1, 30,
+                 f"{shipped.source} to report its copy of etcd current")
     body, samples = scrape(running)
     promtool_check(body)
     wanted = dashboard_metrics() | rule_metrics()
