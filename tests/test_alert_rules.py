@@ -70,6 +70,7 @@ def test_the_required_alerts_exist() -> None:
     by_metric = {name: rule["expr"] for name, rule in alerts().items()}
     wanted = {
         "MeshdnsFollowerSyncStale": "meshdns_follow_sync_age_seconds",
+        "MeshdnsEtcdSyncStale": "meshdns_etcd_sync_age_seconds",
         "MeshdnsServfailRatioHigh": 'meshdns_dns_responses_total{rcode="SERVFAIL"}',
         "MeshdnsUpstreamFailing": "meshdns_upstream_requests_total{result!~",
         "MeshdnsVipPoolLow": "meshdns_vip_pool_free",
@@ -184,6 +185,6 @@ def test_dashboard_metric_names_are_parsed() -> None:
     assert not {"sum", "rate", "histogram_quantile", "le", "upstream", "time"} & names
     assert promql_metric_names('sum by (a) (rate(x_total{b="c"}[5m])) / on(a) y > 0.5e3') \
         == {"x_total", "y"}
-    assert {"meshdns_follow_sync_age_seconds", "meshdns_dns_responses_total",
-            "meshdns_upstream_requests_total", "meshdns_vip_pool_free",
+    assert {"meshdns_follow_sync_age_seconds", "meshdns_etcd_sync_age_seconds",
+            "meshdns_dns_responses_total", "meshdns_upstream_requests_total", "meshdns_vip_pool_free",
             "meshdns_state_write_failures_total"} == rule_metrics()

@@ -11,7 +11,11 @@ token the manifest forgets) fails here. Then each runs as a real ``python -m mes
 serve --config FILE`` subprocess. Only addresses and paths change (``rewrite``): every
 ``listen`` (DNS, API and metrics) moves to a free loopback port, ``dns.upstreams`` to
 a real unbound on loopback, ``registry.follow`` to a leader started from the shipped
-leader ConfigMap, ``*_file`` paths into the test's directory. Nothing is switched off.
+leader ConfigMap, ``registry.etcd.endpoints`` to a real etcd started on loopback,
+``*_file`` paths into the test's directory. Nothing is switched off. A config whose
+registry lives in etcd is its own kind (it neither follows nor is the followers'
+leader): its Deployment runs replicas that all write, so two instances of it run on
+the one etcd, the service is written through one and asked of the other.
 Then, against each:
 
 - ``dig`` a mesh name (pushed through the API; also a seed name when there is a
@@ -46,6 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshdns.config import defaults_as_dict, is_loopback, parse_config
 
 from .apiclient import call, wait_for
+from .etcd_cluster import EtcdCluster
 from .fake_upstream import Unbound
 from .promql import dashboard_metrics, rule_metrics
 from .support import free_port, have_ipv6_loopback, run_tool
@@ -68,6 +73,12 @@ PUSHED = {"name": "shipped-check", "namespace": "e2e", "port": 8080, "vip": "240
 # Exported by a follower only (registry.follow set); absent elsewhere by design.
 FOLLOWER_ONLY = {"meshdns_follow_sync_age_seconds",
                  "meshdns_follow_last_sync_timestamp_seconds"}
+# Exported by an instance whose registry lives in etcd only (meshdns/etcd/backend.py).
+ETCD_ONLY = {"meshdns_etcd_connected", "meshdns_etcd_last_sync_timestamp_seconds",
+             "meshdns_etcd_sync_age_seconds", "meshdns_etcd_applied_revision",
+             "meshdns_etcd_relists_total", "meshdns_etcd_write_commits_total",
+             "meshdns_etcd_write_conflicts_total", "meshdns_etcd_write_unavailable_total",
+             "meshdns_etcd_bad_keys_total"}
 NEEDS_TOKEN = "api.token: is required when api.listen is not a loopback address"
 
 pytestmark = [
@@ -95,6 +106,11 @@ class Shipped:
     @property
     def follows(self) -> bool:
         return bool((self.raw.get("registry") or {}).get("follow"))
+
+    @property
+    def in_etcd(self) -> bool:
+        """Its registry lives in etcd (registry.etcd.endpoints): every instance writes."""
+        return bool(((self.raw.get("registry") or {}).get("etcd") or {}).get("endpoints"))
 
 
 def container_config() -> Shipped:
@@ -145,15 +161,19 @@ SHIPPED = shipped_configs()
 def test_every_shipped_config_is_found() -> None:
     names = [s.name for s in SHIPPED]
     assert names[:2] == ["example", "container"]
-    assert {"k8s-leader", "k8s-sidecar", "k8s-daemonset"} <= set(names), names
+    assert {"k8s-leader", "k8s-sidecar", "k8s-daemonset", "k8s-etcd"} <= set(names), names
     assert len(set(names)) == len(names), names
     [leader] = leaders()
     assert leader.name == "k8s-leader"
+    [in_etcd] = [s for s in SHIPPED if s.in_etcd]
+    assert in_etcd.name == "k8s-etcd" and not in_etcd.follows
 
 
 def leaders() -> list[Shipped]:
-    """Kubernetes configs that do not follow: what the followers' follow URL reaches."""
-    return [s for s in SHIPPED if s.name.startswith("k8s-") and not s.follows]
+    """Kubernetes configs that neither follow nor keep the registry in etcd: what the
+    followers' follow URL reaches."""
+    return [s for s in SHIPPED
+            if s.name.startswith("k8s-") and not s.follows and not s.in_etcd]
 
 
 def check_config(text: str, env: dict[str, str], tmp: Path
@@ -233,8 +253,8 @@ def _path(value: Any, tmp: Path) -> Any:
     return str(dest)
 
 
-def rewrite(raw: dict[str, Any], tmp: Path, upstream: str, leader: str | None
-            ) -> dict[str, Any]:
+def rewrite(raw: dict[str, Any], tmp: Path, upstream: str, leader: str | None,
+            etcd: list[str] | None = None) -> dict[str, Any]:
     """``raw`` with only addresses and paths changed (see the module docstring)."""
     out: dict[str, Any] = json.loads(json.dumps(raw))
     defaults = defaults_as_dict()
@@ -260,6 +280,9 @@ def rewrite(raw: dict[str, Any], tmp: Path, upstream: str, leader: str | None
     if registry.get("follow"):
         assert leader is not None
         registry["follow"] = leader
+    if (registry.get("etcd") or {}).get("endpoints"):
+        assert etcd, "a config in etcd needs the test's etcd endpoints"
+        registry["etcd"]["endpoints"] = list(etcd)
     return out
 
 
@@ -279,19 +302,28 @@ def test_rewrite_moves_every_listener_to_loopback_and_keeps_the_rest(
     """A shipped listener left on a wildcard or fixed port would make the end-to-end run
     test something else (or collide); metrics.listen stays set exactly when shipped."""
     raw = shipped.raw
-    out = rewrite(raw, tmp_path, "127.0.0.1:5", "http://127.0.0.1:6")
+    out = rewrite(raw, tmp_path, "127.0.0.1:5", "http://127.0.0.1:6", ["http://127.0.0.1:7"])
     for name, addrs in listen_addresses(out).items():
         for addr in addrs:
             host, _, port = addr.rpartition(":")
             assert is_loopback(host.strip("[]")), (name, addr)
             assert int(port) > 0, (name, addr)
     assert ("metrics" in listen_addresses(out)) == ("metrics" in listen_addresses(raw))
-    # Every other key as shipped.
+    # Every other key as shipped; of registry.etcd, all but the endpoints.
     for name, section in raw.items():
         for key, value in (section or {}).items():
             if key != "listen" and not key.endswith("_file") and key not in (
-                    "upstreams", "follow"):
+                    "upstreams", "follow", "etcd"):
                 assert out[name][key] == value, f"{name}.{key}"
+    etcd = (raw.get("registry") or {}).get("etcd") or {}
+    for key, value in etcd.items():
+        expected = ["http://127.0.0.1:7"] if key == "endpoints" else value
+        assert out["registry"]["etcd"][key] == expected, f"registry.etcd.{key}"
+    assert bool(etcd) == shipped.in_etcd
+    for name, section in out.items():  # the state file (a volume) moves into the test's
+        for key, value in (section or {}).items():
+            if key.endswith("_file") and value is not None:
+                assert Path(value).is_relative_to(tmp_path), f"{name}.{key}: {value}"
 
 
 # ------------------------------------------------------------------ processes
@@ -335,15 +367,16 @@ def serving_or_exited(running: Running) -> bool:
 
 
 @contextmanager
-def serve(shipped: Shipped, tmp: Path, upstream: str, leader: str | None = None
-          ) -> Iterator[Running]:
+def serve(shipped: Shipped, tmp: Path, upstream: str, leader: str | None = None,
+          etcd: list[str] | None = None, instance: str = "") -> Iterator[Running]:
     """The rewritten config served by a subprocess, once /healthz answers (/readyz waits
     for a registry: a config without a seed or state file needs a first write). Three
-    tries: a port picked free can be taken before the server binds it."""
+    tries: a port picked free can be taken before the server binds it. ``instance``
+    tells replicas of one config apart (their directories, state files)."""
     for attempt in range(3):
-        work = tmp / f"{shipped.name}-{attempt}"
+        work = tmp / f"{shipped.name}{instance}-{attempt}"
         work.mkdir(parents=True)
-        config = rewrite(shipped.raw, work, upstream, leader)
+        config = rewrite(shipped.raw, work, upstream, leader, etcd)
         path = work / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         # check-config (keys, and the files the config names) agrees that it can serve.
@@ -438,28 +471,38 @@ def mesh_name(service: dict[str, Any], domain: str) -> str:
 @pytest.mark.parametrize("shipped", SHIPPED, ids=[s.name for s in SHIPPED])
 def test_shipped_config_end_to_end(shipped: Shipped, tmp_path: Path, unbound: Unbound) -> None:
     with ExitStack() as stack:
-        leader: Running | None = None
+        writer: Running | None = None  # where the service is written, when not `running`
+        etcd: list[str] | None = None
         if shipped.follows:
             [leader_config] = leaders()
-            leader = stack.enter_context(serve(leader_config, tmp_path, unbound.address))
+            writer = stack.enter_context(serve(leader_config, tmp_path, unbound.address))
+        if shipped.in_etcd:  # one member is enough; its replicas: two instances
+            cluster = EtcdCluster(tmp_path / "etcd", 1)
+            stack.callback(cluster.stop)
+            etcd = cluster.start().endpoints
+            writer = stack.enter_context(serve(shipped, tmp_path, unbound.address, etcd=etcd,
+                                               instance="-writer"))
         running = stack.enter_context(
-            serve(shipped, tmp_path, unbound.address, leader.api if leader else None))
-        check_running(shipped, running, leader, unbound)
+            serve(shipped, tmp_path, unbound.address,
+                  writer.api if writer and shipped.follows else None, etcd))
+        check_running(shipped, running, writer, unbound)
 
 
-def check_running(shipped: Shipped, running: Running, leader: Running | None,
+def check_running(shipped: Shipped, running: Running, writer: Running | None,
                   unbound: Unbound) -> None:
+    """``writer``: the follower's leader, or another replica of a config in etcd."""
     config = parse_config(running.config, {})
     domain = config.dns.domains[0]
-    writable = leader or running
 
-    # A mesh name pushed through the API (the leader's, for a follower).
-    pushed = call(writable.api, "PATCH", "/v1/services", {"upsert": [PUSHED]}, token=TOKEN)
+    # A mesh name pushed through the API (the leader's for a follower, the other
+    # replica's for a config in etcd).
+    pushed = call((writer or running).api, "PATCH", "/v1/services", {"upsert": [PUSHED]},
+                  token=TOKEN)
     assert pushed.status == 200, pushed.body
     revision = pushed.json()["revision"]
-    if leader is not None:  # the follower serves it once it pulled that revision
+    if writer is not None:  # served here once pulled from the leader / watched in etcd
         wait_for(lambda: call(running.api, "GET", "/readyz").json().get("revision") == revision,
-                 30, f"{shipped.source} to follow revision {revision}")
+                 30, f"{shipped.source} to serve revision {revision} written elsewhere")
     name = mesh_name(PUSHED, domain)
     assert dig(running.dns, name) == ("NOERROR", [PUSHED["vip"]])
     digs_a = 1
@@ -504,12 +547,20 @@ def check_running(shipped: Shipped, running: Running, leader: Running | None,
                     token=TOKEN).status == 404
         assert call(running.api, "GET", "/metrics").status == 404
 
+    if shipped.in_etcd:  # a heartbeat (every 2 s) that saw the write already applied
+        wait_for(lambda: value(scrape(running)[1], "meshdns_etcd_connected") == 1, 30,
+                 f"{shipped.source} to report its copy of etcd current")
     body, samples = scrape(running)
     promtool_check(body)
     wanted = dashboard_metrics() | rule_metrics()
     if not shipped.follows:
         wanted -= FOLLOWER_ONLY
-        assert not FOLLOWER_ONLY & samples.keys(), "a leader exports follower metrics"
+        assert not FOLLOWER_ONLY & samples.keys(), "a non-follower exports follower metrics"
+    if shipped.in_etcd:
+        wanted |= ETCD_ONLY
+    else:
+        wanted -= ETCD_ONLY
+        assert not ETCD_ONLY & samples.keys(), "a registry not in etcd exports etcd metrics"
     missing = sorted(n for n in wanted if not samples.get(n))
     assert not missing, \
         f"{shipped.source}: metrics the dashboard or alerts query, without a sample: {missing}"
@@ -532,3 +583,22 @@ def check_running(shipped: Shipped, running: Running, leader: Running | None,
     if shipped.follows:
         age = value(samples, "meshdns_follow_sync_age_seconds")
         assert 0 <= age < config.registry.follow_max_staleness
+    if shipped.in_etcd:
+        check_etcd_metrics(samples, config.registry.follow_max_staleness)
+        assert writer is not None
+        _, written = scrape(writer)  # the write was one transaction, by the other replica
+        assert value(written, "meshdns_etcd_write_commits_total") == 1
+        assert value(written, "meshdns_etcd_applied_revision") == value(
+            samples, "meshdns_etcd_applied_revision")
+
+
+def check_etcd_metrics(samples: dict[str, list[tuple[dict[str, str], float]]],
+                       max_staleness: float) -> None:
+    """The replica that did not take the write: watching, current, nothing of its own
+    committed or refused."""
+    assert value(samples, "meshdns_etcd_connected") == 1
+    assert 0 <= value(samples, "meshdns_etcd_sync_age_seconds") < max_staleness
+    assert value(samples, "meshdns_etcd_applied_revision") > 0
+    assert value(samples, "meshdns_etcd_write_commits_total") == 0
+    assert value(samples, "meshdns_etcd_write_unavailable_total") == 0
+    assert value(samples, "meshdns_etcd_bad_keys_total") == 0
