@@ -118,10 +118,15 @@ class FollowStatus(Protocol):
 class RegistryWriter(Protocol):
     """Where PUT and PATCH go: the local store, or a shared backend (etcd) that commits
     the write elsewhere and returns once this process serves it. RegistryError
-    carries the status to answer (the core's 400/409/507; 503 when unreachable)."""
+    carries the status to answer (the core's 400/409/507; 503 when unreachable).
+    ``quick``: a cheaper form of ``compute`` (an incremental PATCH of a few services)
+    that may run on the event loop, sparing the thread hops a busy DNS loop delays;
+    it returns None when the full computation is needed."""
 
     async def write(self, compute: Callable[[Registry], Registry], *,
-                    check: Callable[[Registry], None] | None = None) -> Registry: ...
+                    check: Callable[[Registry], None] | None = None,
+                    quick: Callable[[Registry], Registry | None] | None = None
+                    ) -> Registry: ...
 
 
 class WorkerSync(Protocol):

@@ -31,6 +31,28 @@ def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable
     Deleting a missing service is a no-op: deletes are idempotent.
     """
     deletes = tuple(deletes)
+    new = patch_incremental(reg, upserts, deletes, policy, now)
+    if new is not None:
+        return new
+    return _patch_rebuild(reg, upserts, deletes, _positions(upserts), policy, now)
+
+
+def patch_incremental(reg: Registry, upserts: Sequence[ServiceSpec],
+                      deletes: Sequence[ServiceKey], policy: RegistryPolicy,
+                      now: float) -> Registry | None:
+    """``apply_patch`` when it can touch only the services it names (O(change)); None
+    when it takes a full rebuild instead (a rejected patch, whose error the rebuild
+    names, or a snapshot built under another policy)."""
+    seen = _positions(upserts)
+    index = reg._index
+    if index is not None and index.fits(policy) and reg.names.templates == policy.templates \
+            and reg.names.select == policy.select:
+        return _patch_incremental(reg, index, upserts, deletes, seen, policy, now)
+    return None
+
+
+def _positions(upserts: Sequence[ServiceSpec]) -> dict[ServiceKey, int]:
+    """Each upsert's index; RegistryError (400) for a service upserted twice."""
     seen: dict[ServiceKey, int] = {}
     for i, spec in enumerate(upserts):
         key = spec.key
@@ -38,13 +60,7 @@ def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable
             raise _bad(f"duplicate service {describe(key)} (also upsert[{seen[key]}])",
                        f"upsert[{i}]")
         seen[key] = i
-    index = reg._index
-    if index is not None and index.fits(policy) and reg.names.templates == policy.templates \
-            and reg.names.select == policy.select:
-        new = _patch_incremental(reg, index, upserts, deletes, seen, policy, now)
-        if new is not None:
-            return new
-    return _patch_rebuild(reg, upserts, deletes, seen, policy, now)
+    return seen
 
 
 def _patch_rebuild(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey],

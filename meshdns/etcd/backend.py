@@ -96,7 +96,9 @@ class EtcdRegistry:
     # writes -------------------------------------------------------------------
 
     async def write(self, compute: Callable[[Registry], Registry], *,
-                    check: Callable[[Registry], None] | None = None) -> Registry:
+                    check: Callable[[Registry], None] | None = None,
+                    quick: Callable[[Registry], Registry | None] | None = None
+                    ) -> Registry:
         """Compute ``compute(copy)``, commit it to etcd, return it once served here.
 
         RegistryError carries the status: the core's 400/409/507, 503 when etcd

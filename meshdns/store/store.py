@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from ..core.handler import MessageHandler
 from ..core.patch import apply_patch
@@ -47,6 +48,7 @@ from .statefile import (
 )
 
 log = logging.getLogger("meshdns.registry")
+R = TypeVar("R", Registry, Registry | None)
 
 
 class RegistryStore:
@@ -91,7 +93,7 @@ class RegistryStore:
             lambda base: apply_patch(base, upserts, deletes, self.policy, self.clock()),
             self.registry))
 
-    def _compute(self, compute: Callable[[Registry], Registry], base: Registry) -> Registry:
+    def _compute(self, compute: Callable[[Registry], R], base: Registry) -> R:
         """Every write's computation goes through here, so rejections can be counted."""
         try:
             with gc_paused():
@@ -125,11 +127,14 @@ class RegistryStore:
         return new.revision != base.revision
 
     async def write(self, compute: Callable[[Registry], Registry], *, mirror: bool = False,
-                    check: Callable[[Registry], None] | None = None) -> Registry:
+                    check: Callable[[Registry], None] | None = None,
+                    quick: Callable[[Registry], Registry | None] | None = None) -> Registry:
         """Compute, persist and publish one write without blocking the event loop.
 
         ``compute(base)`` is pure (it may raise RegistryError, nothing changes
-        then) and runs in a worker thread, as does the state file write. Writes
+        then) and runs in a worker thread, as does the state file write;
+        ``quick(base)``, when given, is tried first on the loop (O(change) work, or
+        None to take the thread). Writes
         through here are serialised; ``check(base)`` runs under the lock first
         (the API's If-Match). Should a synchronous ``put``/``patch`` slip in
         meanwhile, the write is recomputed on top of it, so none is lost.
@@ -141,13 +146,19 @@ class RegistryStore:
                 base = self.registry
                 if check is not None:
                     check(base)
-                new = await asyncio.to_thread(self._compute, compute, base)
+                # A quick computation (a small incremental PATCH) runs on the loop: a
+                # thread hop would cost more there behind a busy DNS load. When it
+                # cannot be quick (None), the full one goes to a thread as usual.
+                new = None if quick is None else self._compute(quick, base)
+                if new is None:
+                    new = await asyncio.to_thread(self._compute, compute, base)
                 if self.registry is not base:
                     continue
                 if not self._changes(base, new, mirror):
                     self.registry = new
                     return new
-                await asyncio.to_thread(self.persist, new, mirror, base)
+                if self.state_file is not None:  # disk IO stays off the loop
+                    await asyncio.to_thread(self.persist, new, mirror, base)
                 if self.registry is not base:
                     continue  # pragma: no cover - a synchronous writer raced the fsync
                 self.mirror = mirror
