@@ -53,7 +53,7 @@ MSG_WAITFORONE = 0x10000
 DEFAULT_BATCH = 64
 DEFAULT_BUFSIZE = 4096  # a DNS query is < 512 bytes in practice; larger datagrams are dropped
 NAME_SLOT = 32  # >= sizeof(struct sockaddr_in6) == 28
-MAX_BATCHES_PER_WAKEUP = 16  # then yield to the event loop (TCP, API) even under load
+MAX_BATCHES_PER_WAKEUP = 4  # then yield to the event loop (TCP, API) even under load
 _BLOCKED = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
