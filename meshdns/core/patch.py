@@ -4,23 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping, Sequence
 
+from .allocate import _in_release_order, _top_of
 from .names import (
     canonical_name,
     kuma_name,
 )
 from .naming import builtin_owner, patch_names
-from .registry import (
-    Held,
-    Registry,
-    RegistryPolicy,
-    _build,
-    _FamilyIndex,
-    _in_release_order,
-    _Index,
-    _registry,
-    _top_of,
-)
+from .registry import _build, _registry
 from .service import _K, _V, Service, ServiceKey, ServiceSpec, _bad, describe
+from .snapshot import Held, Registry, RegistryPolicy, _FamilyIndex, _Index
 from .vip import VipRange, count_in
 
 

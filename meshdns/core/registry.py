@@ -17,15 +17,13 @@ The core reads no clock: every call that deals with hold-downs takes ``now``.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from itertools import islice
-from typing import Any
 
-from .names import DEFAULT_HOSTNAME_TEMPLATES, HostnameTemplate
-from .naming import DEFAULT_NAMES, NameTable, Selector, build_names, builtin_owner
+from .allocate import BULK_STEP, _assign
+from .naming import DEFAULT_NAMES, NameTable, build_names, builtin_owner
 from .parse import parse_deletes, parse_service, parse_services
 from .service import (
     _NS_PORT,
@@ -39,119 +37,13 @@ from .service import (
     _make_service,
     describe,
 )
-from .vip import VipRange, count_in, format_ip
+from .snapshot import Delta, Held, Registry, RegistryPolicy, _FamilyIndex, _Index
 
 __all__ = [
     "MAX_HOSTNAMES_PER_SERVICE", "Held", "Registry", "RegistryError", "RegistryPolicy",
     "Service", "ServiceKey", "ServiceSpec", "apply_put", "describe",
     "parse_deletes", "parse_service", "parse_services", "restore",
 ]
-
-# ---------------------------------------------------------------- snapshots
-
-
-@dataclass(frozen=True)
-class RegistryPolicy:
-    """What a write is checked against: served domains, VIP ranges, hold-down."""
-
-    domains: tuple[str, ...] = ("mesh",)
-    range4: VipRange = field(default_factory=lambda: VipRange.from_cidr("240.0.0.0/4"))
-    range6: VipRange | None = field(
-        default_factory=lambda: VipRange.from_cidr("fd00:fd00::/64"))
-    hold_seconds: float = 300.0
-    templates: tuple[HostnameTemplate, ...] = DEFAULT_HOSTNAME_TEMPLATES
-    select: Selector = ()  # dns.select matchLabels: the services this instance answers for
-
-
-Held = Mapping[int, tuple[float, ServiceKey]]  # vip -> (release time, last owner)
-
-
-@dataclass(slots=True)
-class _FamilyIndex:
-    """Counts over one address family of a snapshot, so a PATCH need not scan it."""
-
-    in_range: int  # VIPs in use inside the policy range
-    held_in_range: int  # held VIPs inside the policy range
-    held_sorted: bool  # held table in release-time order: expiry pops a prefix
-    # Highest VIP in use inside the range (first - 1: none); None: not known yet.
-    top: int | None = None
-
-
-@dataclass(slots=True)
-class _Index:
-    """What a snapshot was built under, and its per-family counts."""
-
-    domains: tuple[str, ...]
-    range4: VipRange
-    range6: VipRange | None
-    fam4: _FamilyIndex
-    fam6: _FamilyIndex
-
-    def fits(self, policy: RegistryPolicy) -> bool:
-        return (self.domains == policy.domains and self.range4 == policy.range4
-                and self.range6 == policy.range6)
-
-
-Delta = tuple[int, int, tuple[ServiceKey, ...], tuple[ServiceKey, ...]]
-
-
-@dataclass(frozen=True, eq=False)
-class Registry:
-    """One immutable registry snapshot plus the indexes DNS answers from."""
-
-    revision: int
-    services: Mapping[ServiceKey, Service]
-    by_vip4: Mapping[int, ServiceKey]
-    by_vip6: Mapping[int, ServiceKey]
-    hostnames: Mapping[str, ServiceKey]
-    held4: Held
-    held6: Held
-    # Empty non-terminals below each domain, "<ns>.svc.<port>" and "<port>", each
-    # with how many services lie below it (so a PATCH can update them in place).
-    ns_ports: Mapping[tuple[str, int], int]
-    ports: Mapping[int, int]
-    # Bookkeeping that lets a PATCH touch only what it names (None: rebuild whole).
-    _index: _Index | None = field(default=None, repr=False)
-    # What an incremental PATCH changed relative to the snapshot it was applied to:
-    # (that snapshot's revision and size, keys written, keys deleted); None when not
-    # known. Lets the state journal record a PATCH without comparing every service.
-    _delta: Delta | None = field(default=None, repr=False)
-    # Template-rendered names and what dns.select hides (see naming.py).
-    names: NameTable = field(default=DEFAULT_NAMES, repr=False)
-
-    @classmethod
-    def empty(cls) -> Registry:
-        return cls(0, {}, {}, {}, {}, {}, {}, {}, {})
-
-    def __len__(self) -> int:
-        return len(self.services)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "revision": self.revision,
-            "services": [s.to_json() for s in self.services.values()],
-        }
-
-    def free_vips(self, policy: RegistryPolicy) -> dict[str, int]:
-        """Addresses still allocatable per family (``ipv4``/``ipv6``)."""
-        idx = self._index
-        if idx is not None and idx.range4 == policy.range4:
-            out = {"ipv4": policy.range4.size - idx.fam4.in_range - idx.fam4.held_in_range}
-        else:
-            out = {"ipv4": _free(policy.range4, self.by_vip4, self.held4)}
-        if policy.range6 is not None:
-            if idx is not None and idx.range6 == policy.range6:
-                out["ipv6"] = (policy.range6.size - idx.fam6.in_range
-                               - idx.fam6.held_in_range)
-            else:
-                out["ipv6"] = _free(policy.range6, self.by_vip6, self.held6)
-        return out
-
-
-def _free(rng: VipRange, taken: Mapping[int, Any], held: Held) -> int:
-    used = sum(1 for v in taken if v in rng) + sum(1 for v in held if v in rng and v not in taken)
-    return rng.size - used
-
 
 # ---------------------------------------------------------------- writes
 #
@@ -226,10 +118,6 @@ class _Positions(Mapping[ServiceKey, int]):
 # ---------------------------------------------------------------- full rebuild
 
 
-def _field(path: str, index: int, name: str) -> str | None:
-    return f"{path}[{index}].{name}" if index >= 0 else None
-
-
 def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[ServiceKey, int],
            policy: RegistryPolicy, now: float, path: str) -> Registry:
     """The registry holding exactly ``specs`` (in that order).
@@ -301,11 +189,6 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
                      None if changed else (reg.ns_ports, reg.ports), names=names)
 
 
-# A bulk C-level call (dict.update, Counter over a map) holds the GIL until it
-# returns: ~50-150 ms for 100k items on a busy host. Writes are built in a worker
-# thread while the event loop answers DNS; in steps of this many items the
-# interpreter can hand the GIL to the DNS thread in between.
-BULK_STEP = 4096
 
 
 def _registry(revision: int, services: Mapping[ServiceKey, Service],
@@ -366,142 +249,6 @@ def _check_hostnames(specs: Mapping[ServiceKey, ServiceSpec],
 
 def _host_field(path: str, i: int, j: int) -> str | None:
     return f"{path}[{i}].hostnames[{j}]" if i >= 0 else None
-
-
-_AssignResult = tuple[dict[ServiceKey, int], dict[int, ServiceKey],
-                      dict[int, tuple[float, ServiceKey]], _FamilyIndex]
-
-
-def _assign(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
-            stored_first: Iterable[tuple[ServiceKey, ServiceSpec]],
-            where: Mapping[ServiceKey, int], rng: VipRange | None, hold_seconds: float,
-            now: float, path: str) -> _AssignResult:
-    """VIPs of one family: the ones chosen here (a given VIP is not repeated: it is its
-    spec's own), the VIP -> service index, and what is held afterwards."""
-    v4 = family == 4
-    attr = "vip" if v4 else "vip6"
-    old_by_vip = reg.by_vip4 if v4 else reg.by_vip6
-    old_held = reg.held4 if v4 else reg.held6
-    first, last = (rng.first, rng.last) if rng is not None else (1, 0)
-
-    # 1. Explicit VIPs: the control plane is authoritative, but they must be unique.
-    # (Two parallel lists rather than pairs: 100k fewer objects for the collector.)
-    if v4:
-        given_keys = [key for key, spec in stored_first if spec.vip is not None]
-        given = [vip for _, spec in stored_first if (vip := spec.vip) is not None]
-    else:
-        given_keys = [key for key, spec in stored_first if spec.vip6 is not None]
-        given = [vip for _, spec in stored_first if (vip := spec.vip6) is not None]
-    by_vip: dict[int, ServiceKey] = dict(zip(given, given_keys, strict=True))
-    if len(by_vip) < len(given):  # an address given twice: name the second claimant
-        by_vip = {}
-        for key, vip in zip(given_keys, given, strict=True):
-            other = by_vip.setdefault(vip, key)
-            if other is not key:
-                raise RegistryError(409, f"{attr} {format_ip(vip, family)} is given to both "
-                                    f"{describe(other)} and {describe(key)}",
-                                    _field(path, where.get(key, -1), attr))
-    # The VIPs chosen here (kept, held back, new): a given one is its spec's own.
-    assigned: dict[ServiceKey, int] = {}
-    in_range = count_in(by_vip, first, last)
-    # 2. Kept VIPs: an identity keeps its address while it exists and it is in range.
-    pending: list[ServiceKey] = []
-    if rng is not None and len(given) < len(specs):
-        if not given:
-            unassigned = list(specs)
-        elif v4:
-            unassigned = [key for key, spec in specs.items() if spec.vip is None]
-        else:
-            unassigned = [key for key, spec in specs.items() if spec.vip6 is None]
-        if not old_by_vip:  # a first load: nothing to keep
-            pending = unassigned
-        else:
-            old_vip = {key: vip for vip, key in old_by_vip.items()}
-            for key in unassigned:
-                kept = old_vip.get(key)
-                if kept is not None and first <= kept <= last:
-                    other = by_vip.setdefault(kept, key)
-                    if other is not key:
-                        raise RegistryError(409, f"{attr} {format_ip(kept, family)} belongs "
-                                            f"to {describe(key)}",
-                                            _field(path, where.get(other, -1), attr)
-                                            or _field(path, where.get(key, -1), attr))
-                    assigned[key] = kept
-                    in_range += 1
-                else:
-                    pending.append(key)
-    held = {v: h for v, h in old_held.items() if h[0] > now and v not in by_vip}
-    if pending:
-        assert rng is not None
-        # 3. A recently deleted identity coming back gets its held address again.
-        held_by_key = {owner: v for v, (_, owner) in held.items()}
-        fresh: list[ServiceKey] = [] if held_by_key else pending
-        for key in pending if held_by_key else ():
-            back = held_by_key.get(key)
-            if back is not None and first <= back <= last:
-                by_vip[back] = key
-                assigned[key] = back
-                del held[back]
-                in_range += 1
-            else:
-                fresh.append(key)
-        # 4. New addresses, skipping taken and held ones, continuing after the last allocated.
-        # An address this write frees is held from newcomers already, in this very write
-        # (SPEC §3), so it counts as unavailable too.
-        if fresh:
-            freed = {v: (0.0, k) for v, k in old_by_vip.items() if v not in by_vip}
-            blocked = {**held, **freed} if freed else held
-            busy = in_range + count_in(blocked, first, last)
-            if rng.size - busy < len(fresh):
-                raise _exhausted(family, rng, len(fresh), busy)
-            cursor = _top_of(old_by_vip, first, last) + 1
-            start = cursor if first <= cursor <= last else first
-            end = start + len(fresh) - 1
-            vips: Sequence[int] | None
-            if end <= last and not any(start <= v <= end for v in by_vip) \
-                    and not any(start <= v <= end for v in blocked):
-                vips = range(start, end + 1)  # a free run after the last one: the usual case
-            else:
-                vips = rng.allocate_many(cursor, len(fresh), by_vip, blocked)
-            if vips is None:  # pragma: no cover - guarded by the count above
-                raise RegistryError(507, f"IPv{family} VIP range {rng.network} is exhausted")
-            for lo in range(0, len(fresh), BULK_STEP):  # see BULK_STEP
-                keys, addrs = fresh[lo:lo + BULK_STEP], vips[lo:lo + BULK_STEP]
-                by_vip.update(zip(addrs, keys, strict=True))
-                assigned.update(zip(keys, addrs, strict=True))
-            in_range += len(fresh)
-    # Addresses no longer in use are held from newcomers.
-    release = now + hold_seconds
-    for vip, key in old_by_vip.items():
-        if vip not in by_vip:
-            held[vip] = (release, key)
-    held_in_range = count_in(held, first, last)
-    return assigned, by_vip, held, _FamilyIndex(in_range, held_in_range, _in_release_order(held))
-
-
-def _exhausted(family: int, rng: VipRange, wanted: int, busy: int) -> RegistryError:
-    return RegistryError(
-        507, f"IPv{family} VIP range {rng.network} is exhausted: {wanted} new "
-        f"services need an address, {max(rng.size - busy, 0)} free", None)
-
-
-def _top_of(by_vip: Collection[int], first: int, last: int) -> int:
-    """The highest address in use inside ``first..last``; ``first - 1`` if none."""
-    top = max(by_vip, default=None)
-    if top is None:
-        return first - 1
-    if first <= top <= last:
-        return top
-    return max((v for v in by_vip if first <= v <= last), default=first - 1)
-
-
-def _in_release_order(held: Held) -> bool:
-    prev = -math.inf
-    for release, _ in held.values():
-        if release < prev:
-            return False
-        prev = release
-    return True
 
 
 # ---------------------------------------------------------------- restore

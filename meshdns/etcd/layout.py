@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..core.allocate import _in_release_order  # the index a held table is kept with
 from ..core.patch import apply_patch
 from ..core.registry import (
     Held,
@@ -39,7 +40,6 @@ from ..core.registry import (
     Service,
     ServiceKey,
     ServiceSpec,
-    _in_release_order,  # the index a held table is kept with
     parse_service,
     restore,
 )

@@ -1,0 +1,122 @@
+"""A registry snapshot: the services, their VIP indexes, the policy writes follow.
+
+Snapshots are immutable: a write makes a new one (registry.py: full rebuilds;
+patch.py: incremental PATCH), so whoever holds one sees one consistent registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .names import DEFAULT_HOSTNAME_TEMPLATES, HostnameTemplate
+from .naming import DEFAULT_NAMES, NameTable, Selector
+from .service import (
+    Service,
+    ServiceKey,
+)
+from .vip import VipRange
+
+
+@dataclass(frozen=True)
+class RegistryPolicy:
+    """What a write is checked against: served domains, VIP ranges, hold-down."""
+
+    domains: tuple[str, ...] = ("mesh",)
+    range4: VipRange = field(default_factory=lambda: VipRange.from_cidr("240.0.0.0/4"))
+    range6: VipRange | None = field(
+        default_factory=lambda: VipRange.from_cidr("fd00:fd00::/64"))
+    hold_seconds: float = 300.0
+    templates: tuple[HostnameTemplate, ...] = DEFAULT_HOSTNAME_TEMPLATES
+    select: Selector = ()  # dns.select matchLabels: the services this instance answers for
+
+
+Held = Mapping[int, tuple[float, ServiceKey]]  # vip -> (release time, last owner)
+
+
+@dataclass(slots=True)
+class _FamilyIndex:
+    """Counts over one address family of a snapshot, so a PATCH need not scan it."""
+
+    in_range: int  # VIPs in use inside the policy range
+    held_in_range: int  # held VIPs inside the policy range
+    held_sorted: bool  # held table in release-time order: expiry pops a prefix
+    # Highest VIP in use inside the range (first - 1: none); None: not known yet.
+    top: int | None = None
+
+
+@dataclass(slots=True)
+class _Index:
+    """What a snapshot was built under, and its per-family counts."""
+
+    domains: tuple[str, ...]
+    range4: VipRange
+    range6: VipRange | None
+    fam4: _FamilyIndex
+    fam6: _FamilyIndex
+
+    def fits(self, policy: RegistryPolicy) -> bool:
+        return (self.domains == policy.domains and self.range4 == policy.range4
+                and self.range6 == policy.range6)
+
+
+Delta = tuple[int, int, tuple[ServiceKey, ...], tuple[ServiceKey, ...]]
+
+
+@dataclass(frozen=True, eq=False)
+class Registry:
+    """One immutable registry snapshot plus the indexes DNS answers from."""
+
+    revision: int
+    services: Mapping[ServiceKey, Service]
+    by_vip4: Mapping[int, ServiceKey]
+    by_vip6: Mapping[int, ServiceKey]
+    hostnames: Mapping[str, ServiceKey]
+    held4: Held
+    held6: Held
+    # Empty non-terminals below each domain, "<ns>.svc.<port>" and "<port>", each
+    # with how many services lie below it (so a PATCH can update them in place).
+    ns_ports: Mapping[tuple[str, int], int]
+    ports: Mapping[int, int]
+    # Bookkeeping that lets a PATCH touch only what it names (None: rebuild whole).
+    _index: _Index | None = field(default=None, repr=False)
+    # What an incremental PATCH changed relative to the snapshot it was applied to:
+    # (that snapshot's revision and size, keys written, keys deleted); None when not
+    # known. Lets the state journal record a PATCH without comparing every service.
+    _delta: Delta | None = field(default=None, repr=False)
+    # Template-rendered names and what dns.select hides (see naming.py).
+    names: NameTable = field(default=DEFAULT_NAMES, repr=False)
+
+    @classmethod
+    def empty(cls) -> Registry:
+        return cls(0, {}, {}, {}, {}, {}, {}, {}, {})
+
+    def __len__(self) -> int:
+        return len(self.services)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "revision": self.revision,
+            "services": [s.to_json() for s in self.services.values()],
+        }
+
+    def free_vips(self, policy: RegistryPolicy) -> dict[str, int]:
+        """Addresses still allocatable per family (``ipv4``/``ipv6``)."""
+        idx = self._index
+        if idx is not None and idx.range4 == policy.range4:
+            out = {"ipv4": policy.range4.size - idx.fam4.in_range - idx.fam4.held_in_range}
+        else:
+            out = {"ipv4": _free(policy.range4, self.by_vip4, self.held4)}
+        if policy.range6 is not None:
+            if idx is not None and idx.range6 == policy.range6:
+                out["ipv6"] = (policy.range6.size - idx.fam6.in_range
+                               - idx.fam6.held_in_range)
+            else:
+                out["ipv6"] = _free(policy.range6, self.by_vip6, self.held6)
+        return out
+
+
+def _free(rng: VipRange, taken: Mapping[int, Any], held: Held) -> int:
+    used = sum(1 for v in taken if v in rng) + sum(1 for v in held if v in rng and v not in taken)
+    return rng.size - used
