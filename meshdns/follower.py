@@ -47,7 +47,7 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from .config import RegistryConfig
 from .core.patch import apply_patch
@@ -62,6 +62,7 @@ from .core.registry import (
     restore,
 )
 from .gcpause import gc_paused
+from .metrics import sync_age_families
 from .protocol import LINEAGE_HEADER, WORKER_HEADER
 from .store import RegistryStore
 
@@ -330,12 +331,8 @@ class FollowerCollector:
         self.follower = follower
 
     def collect(self) -> Iterator[Metric]:
-        last = self.follower.last_success or 0.0
-        yield GaugeMetricFamily("meshdns_follow_last_sync_timestamp_seconds",
-                                "Wall time of the follower's last successful pull.", value=last)
-        yield GaugeMetricFamily("meshdns_follow_sync_age_seconds",
-                                "Seconds since the follower's last successful pull.",
-                                value=time.time() - last if last else float("inf"))
+        yield from sync_age_families("meshdns_follow", self.follower.last_success,
+                                     "of the follower's last successful pull")
         yield CounterMetricFamily("meshdns_follow_full_syncs",
                                   "Whole registries adopted from the leader (full reads).",
                                   value=self.follower.adopted)

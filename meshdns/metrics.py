@@ -10,6 +10,7 @@ registry they are added to, build information and the process collector.
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,6 +28,16 @@ class BuildInfo:
                                  labels=["version", "python"])
         info.add_metric([__version__, platform.python_version()], 1)
         yield info
+
+
+def sync_age_families(prefix: str, last: float | None, what: str) -> Iterator[Metric]:
+    """``<prefix>_last_sync_timestamp_seconds`` and ``<prefix>_sync_age_seconds`` for a
+    copy of the registry kept current from elsewhere (+Inf age before the first sync)."""
+    stamp = last or 0.0
+    yield GaugeMetricFamily(f"{prefix}_last_sync_timestamp_seconds",
+                            f"Wall time {what}.", value=stamp)
+    yield GaugeMetricFamily(f"{prefix}_sync_age_seconds", f"Seconds since {what}.",
+                            value=time.time() - stamp if stamp else float("inf"))
 
 
 def new_metrics_registry() -> CollectorRegistry:

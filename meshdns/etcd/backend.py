@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ..config import RegistryConfig
 from ..core.registry import Registry, RegistryError, RegistryPolicy
+from ..metrics import sync_age_families
 from ..store import RegistryStore
 from .client import EtcdClient, EtcdError, EtcdUnavailable, b64, num, ssl_context
 from .layout import Plan, plan_write
@@ -242,15 +242,11 @@ class EtcdCollector:
 
     def collect(self) -> Iterator[Metric]:
         mirror = self.backend.mirror
-        last = mirror.last_success or 0.0
         yield GaugeMetricFamily("meshdns_etcd_connected",
                                 "1 while the watch on etcd is up and current.",
                                 value=1.0 if mirror.connected else 0.0)
-        yield GaugeMetricFamily("meshdns_etcd_last_sync_timestamp_seconds",
-                                "Wall time the local copy was last known current.", value=last)
-        yield GaugeMetricFamily("meshdns_etcd_sync_age_seconds",
-                                "Seconds since the local copy was last known current.",
-                                value=time.time() - last if last else float("inf"))
+        yield from sync_age_families("meshdns_etcd", mirror.last_success,
+                                     "the local copy was last known current")
         yield GaugeMetricFamily("meshdns_etcd_applied_revision",
                                 "etcd revision up to which changes are applied locally.",
                                 value=mirror.applied)
