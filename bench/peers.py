@@ -283,7 +283,9 @@ def answers_probe(port: int, svc: Svc) -> Callable[[], bool]:
 def soa_probe(port: int, apex: str = "mesh") -> Callable[[], bool]:
     def probe() -> bool:
         got = dns_query(port, apex, "SOA", timeout=0.5)
-        return got is not None and got[0] == "NOERROR"
+        # A meshdns with no registry yet (started empty, before its first PUT) answers
+        # SERVFAIL, not an authoritative answer: it is up, it only has nothing to serve.
+        return got is not None and got[0] in ("NOERROR", "SERVFAIL")
     return probe
 
 
