@@ -60,24 +60,7 @@ def start_unbound_control(workdir: Path, services: Sequence[datagen.Svc]) -> tup
     port = peers.free_port()
     d = workdir / f"unbound-{port}"
     d.mkdir()
-    lines = [
-        "server:",
-        f"  interface: {peers.LOOPBACK}@{port}",
-        f"  port: {port}",
-        "  num-threads: 1",
-        "  do-daemonize: no",
-        '  username: ""',
-        '  chroot: ""',
-        f'  directory: "{d}"',
-        '  pidfile: ""',
-        "  use-syslog: no",
-        "  verbosity: 0",
-        "  do-ip6: no",
-        "  access-control: 127.0.0.0/8 allow",
-        '  module-config: "iterator"',
-        "  outgoing-range: 64",
-    ]
-    lines += [f"  {line}" for line in datagen.unbound_local_data(services)]
+    lines = peers.unbound_server_lines(port, d, services)
     lines += ["remote-control:", "  control-enable: yes",
               f'  control-interface: "{d / "control.sock"}"', "  control-use-cert: no"]
     conf = datagen.write_lines(d / "unbound.conf", lines)

@@ -332,11 +332,10 @@ def start_meshdns(workdir: Path, services: Sequence[Svc] | None, *, workers: int
     return srv
 
 
-def start_unbound(workdir: Path, services: Sequence[Svc], *, threads: int = 1,
-                  ready_timeout: float = 120.0) -> Server:
-    port = free_port()
-    d = workdir / f"unbound-{port}"
-    d.mkdir()
+def unbound_server_lines(port: int, d: Path, services: Sequence[Svc],
+                         threads: int = 1) -> list[str]:
+    """unbound's ``server:`` clause for the benches: loopback, foreground, the services
+    as static local data (the caller adds its ``remote-control:`` clause)."""
     lines = [
         "server:",
         f"  interface: {LOOPBACK}@{port}",
@@ -355,7 +354,15 @@ def start_unbound(workdir: Path, services: Sequence[Svc], *, threads: int = 1,
         '  module-config: "iterator"',
         "  outgoing-range: 64",
     ]
-    lines += [f"  {line}" for line in unbound_local_data(services)]
+    return lines + [f"  {line}" for line in unbound_local_data(services)]
+
+
+def start_unbound(workdir: Path, services: Sequence[Svc], *, threads: int = 1,
+                  ready_timeout: float = 120.0) -> Server:
+    port = free_port()
+    d = workdir / f"unbound-{port}"
+    d.mkdir()
+    lines = unbound_server_lines(port, d, services, threads)
     lines += ["remote-control:", "  control-enable: no"]
     conf = write_lines(d / "unbound.conf", lines)
     check = subprocess.run(["unbound-checkconf", str(conf)], capture_output=True, text=True,
