@@ -38,6 +38,7 @@ from .support import (
     ServerThread,
     Via,
     make_config,
+    recv_exact,
     require_family,
     run_tool,
     running_server,
@@ -73,16 +74,6 @@ BL = "backend.kong.svc.8080.mesh.local."
 # ---------------------------------------------------------------- transport paths
 
 
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def exchange(server: ServerThread, wire: bytes, via: Via, timeout: float = 3.0) -> bytes:

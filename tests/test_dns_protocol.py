@@ -27,6 +27,7 @@ from .support import (
     ServerThread,
     Via,
     make_config,
+    recv_exact,
     require_family,
     run_tool,
     running_server,
@@ -54,16 +55,6 @@ def family(request: pytest.FixtureRequest) -> int:
     fam: int = request.param
     require_family(fam)
     return fam
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def frame(wire: bytes) -> bytes:

@@ -37,6 +37,7 @@ from .support import (
     DEMO_SERVICES,
     ServerThread,
     make_config,
+    recv_exact,
     run_tool,
     running_server,
     tool,
@@ -68,16 +69,6 @@ def query_wire(qid: int, padding: int | None = None) -> bytes:
 
 QUERY_OVERHEAD = len(query_wire(0, 0))  # a padded query with 0 bytes of padding
 MAX_PADDING = 65535 - QUERY_OVERHEAD  # the padded query is then exactly 65535 bytes
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def recv_frame(sock: socket.socket) -> bytes:
