@@ -56,9 +56,9 @@ Fast = tuple[bytes, int, int, str | None]
 class FastPath:
     """Wire replies for the common questions of one zone (one registry snapshot)."""
 
-    __slots__ = ("_a", "_a_rr", "_aaaa", "_aaaa_rr", "_domains", "_names", "_nodata",
-                 "_nxdomain", "_off", "_one", "_ptr_head", "_ra", "_serial", "_soa", "_soa_ttl",
-                 "_srv_head", "_targets", "_two", "zone")
+    __slots__ = ("_a", "_a_rr", "_aaaa", "_aaaa_rr", "_domain0", "_domains", "_names",
+                 "_nodata", "_nxdomain", "_off", "_one", "_ptr_head", "_ra", "_serial", "_soa",
+                 "_soa_ttl", "_srv_a", "_srv_aaaa", "_srv_head", "_targets", "_two", "zone")
 
     def __init__(self, zone: Zone) -> None:
         s = zone.settings
@@ -88,6 +88,9 @@ class FastPath:
         self._two = _headers(self._ra, RCODE_NOERROR, 2, 0)
         self._nodata = _headers(self._ra, RCODE_NOERROR, 0, 1)
         self._nxdomain = _headers(self._ra, RCODE_NXDOMAIN, 0, 1)
+        self._srv_a = _headers(self._ra, RCODE_NOERROR, 1, 0, 1)
+        self._srv_aaaa = _headers(self._ra, RCODE_NOERROR, 1, 0, 2)
+        self._domain0 = s.domains[0]
         # Longest first, as Zone.served_domain tries them.
         self._domains = tuple((d, "." + d) for d in sorted(s.domains, key=len, reverse=True))
 
@@ -215,8 +218,7 @@ class FastPath:
                                  svc.vip.to_bytes(4, "big"), self._aaaa,
                                  svc.vip6.to_bytes(16, "big"), tail))
         elif qtype == T_SRV:
-            flags = self._one[shape][:2]
-            wire = self._srv(data, flags, qend, svc, target_domain, tail)
+            wire = self._srv(data, shape, qend, svc, target_domain, tail)
         else:
             out = self._negative(data, qend, apex, RCODE_NOERROR, tail)
             return None if out is None else (out, qtype, RCODE_NOERROR, None)
@@ -226,23 +228,23 @@ class FastPath:
 
     # ------------------------------------------------------------ the rarer replies
 
-    def _srv(self, data: bytes, flags: bytes, qend: int, svc: Service,
+    def _srv(self, data: bytes, shape: int, qend: int, svc: Service,
              domain: str, tail: bytes) -> bytes:
         target = self._target(svc, domain)
         # The additional records are owned by the target: the first written as
         # dnslib compresses it against the question, the second pointing at it.
         owner, at = target.name.after_question(data, qend)
+        # Header after the ID: AN=1, AR = A (+ AAAA) (+ OPT); shape has the OPT bit.
+        if svc.vip6 is None:
+            return b"".join((data[:2], self._srv_a[shape], data[12:qend], self._srv_head,
+                             target.srv, owner, self._a_rr, svc.vip.to_bytes(4, "big"),
+                             tail))
         if at < 0:
             at = qend + len(self._srv_head) + len(target.srv)  # right after the SRV record
-        ar = (1 if svc.vip6 is None else 2) + (1 if tail else 0)
-        parts = [data[:2], flags, b"\x00\x01\x00\x01\x00\x00", ar.to_bytes(2, "big"),
-                 data[12:qend], self._srv_head, target.srv, owner, self._a_rr,
-                 svc.vip.to_bytes(4, "big")]
-        if svc.vip6 is not None:
-            parts += ((0xC000 | at).to_bytes(2, "big"), self._aaaa_rr,
-                      svc.vip6.to_bytes(16, "big"))
-        parts.append(tail)
-        return b"".join(parts)
+        return b"".join((data[:2], self._srv_aaaa[shape], data[12:qend], self._srv_head,
+                         target.srv, owner, self._a_rr, svc.vip.to_bytes(4, "big"),
+                         (0xC000 | at).to_bytes(2, "big"), self._aaaa_rr,
+                         svc.vip6.to_bytes(16, "big"), tail))
 
     def _negative(self, data: bytes, qend: int, apex: str, rcode: int,
                   tail: bytes) -> bytes | None:
@@ -273,11 +275,12 @@ class FastPath:
         svc_key = (reg.by_vip4 if v4 else reg.by_vip6).get(address)
         if svc_key is None:
             return None
-        target = self._target(reg.services[svc_key], self.zone.settings.domains[0])
+        target = self._target(reg.services[svc_key], self._domain0)
         name, _ = target.name.after_question(data, qend)
+        rdata = target.ptr if name is target.name.wire else len(name).to_bytes(2, "big") + name
         shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if tail else 0)
-        return b"".join((data[:2], self._one[shape], data[12:qend], self._ptr_head,
-                         len(name).to_bytes(2, "big"), name, tail))
+        return b"".join((data[:2], self._one[shape], data[12:qend], self._ptr_head, rdata,
+                         tail))
 
     def _target(self, svc: Service, domain: str) -> Target:
         tkey = (svc.name, svc.namespace, svc.port, domain)
@@ -298,11 +301,12 @@ class FastPath:
             self._targets = self.zone.encoded = old._targets
 
 
-def _headers(ra: int, rcode: int, an: int, ns: int) -> list[bytes]:
+def _headers(ra: int, rcode: int, an: int, ns: int, ar: int = 0) -> list[bytes]:
+    """Flags and counts after the ID by shape; ``ar`` additional records plus the OPT."""
     out = []
     for shape in range(32):
         rd, opt, cd = shape & 0x01, (shape >> 1) & 1, shape & 0x10
-        out.append(bytes((0x84 | rd, ra | cd | rcode, 0, 1, 0, an, 0, ns, 0, opt)))
+        out.append(bytes((0x84 | rd, ra | cd | rcode, 0, 1, 0, an, 0, ns, 0, ar + opt)))
     return out
 
 

@@ -46,6 +46,11 @@ from .wire import (
 from .zone import FORWARD, Decision, Zone
 
 DEFAULT_ANSWER_CACHE = 100_000
+# Sampled admission (MessageHandler._clear): a full UDP cache of at least
+# MIN_SAMPLED_CACHE replies of which under 1/REUSE_SHARE were asked twice turns it on.
+ADMIT_ONE_IN = 8  # a power of two
+REUSE_SHARE = 20
+MIN_SAMPLED_CACHE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,15 +96,20 @@ class Tally:
         out.dropped, out.truncated = self.dropped, self.truncated
         return out
 
-    def fold(self, proto: str, entries: dict[bytes, _Entry], reset: bool = True) -> None:
-        """Add the entries' hits; ``reset=False`` leaves them counted there too."""
+    def fold(self, proto: str, entries: dict[bytes, _Entry], reset: bool = True) -> int:
+        """Add the entries' hits; ``reset=False`` leaves them counted there too.
+        Returns how many entries were served more than once (reused)."""
+        reused = 0
         for e in list(entries.values()):
             if e.hits:
+                if e.hits > 1:
+                    reused += 1
                 key = (proto, e.qtype)
                 self.requests[key] = self.requests.get(key, 0) + e.hits
                 self.response(e.rcode, "local", e.hits)
                 if reset:
                     e.hits = 0
+        return reused
 
     def fold_forwards(self, proto: str, entries: dict[bytes, _Forward],
                       reset: bool = True) -> None:
@@ -188,6 +198,10 @@ class MessageHandler:
         self.forward_limit = answer_cache_size if forward_memo_size is None \
             else forward_memo_size
         self.tally = Tally()
+        # Admission: every wire-path reply is cached unless the last full UDP cache
+        # showed that almost none was asked twice (see _clear).
+        self.sampling = False
+        self.skipped = 0
         # Set by the forwarder: its cached reply to a forwarded query, synchronously,
         # or None when the transport has to await the upstream.
         self.forward_cached: Callable[[bytes, Query, int, str], bytes | None] | None = None
@@ -233,16 +247,18 @@ class MessageHandler:
         """Serve hits without counting them (only to measure what counting costs)."""
 
         def udp(data: bytes) -> bytes | ForwardRequest | None:
-            entry = self._state.udp.get(data[2:])
+            tail = data[2:]
+            entry = self._state.udp.get(tail)
             if entry is not None:
                 return data[:2] + entry.tail
-            return self._miss(data, "udp")
+            return self._miss(data, tail, "udp")
 
         def tcp(data: bytes) -> bytes | ForwardRequest | None:
-            entry = self._state.tcp.get(data[2:])
+            tail = data[2:]
+            entry = self._state.tcp.get(tail)
             if entry is not None:
                 return data[:2] + entry.tail
-            return self._miss(data, "tcp")
+            return self._miss(data, tail, "tcp")
 
         self.handle_udp = udp  # type: ignore[method-assign]
         self.handle_tcp = tcp  # type: ignore[method-assign]
@@ -264,23 +280,26 @@ class MessageHandler:
     # The two entry points the transports call, per datagram / per framed message.
 
     def handle_udp(self, data: bytes) -> bytes | ForwardRequest | None:
-        entry = self._state.udp.get(data[2:])
+        tail = data[2:]
+        entry = self._state.udp.get(tail)
         if entry is not None:
             entry.hits += 1
             return data[:2] + entry.tail
-        return self._miss(data, "udp")
+        return self._miss(data, tail, "udp")
 
     def handle_tcp(self, data: bytes) -> bytes | ForwardRequest | None:
-        entry = self._state.tcp.get(data[2:])
+        tail = data[2:]
+        entry = self._state.tcp.get(tail)
         if entry is not None:
             entry.hits += 1
             return data[:2] + entry.tail
-        return self._miss(data, "tcp")
+        return self._miss(data, tail, "tcp")
 
-    def _miss(self, data: bytes, proto: str) -> bytes | ForwardRequest | None:
+    def _miss(self, data: bytes, tail: bytes, proto: str) -> bytes | ForwardRequest | None:
+        # ``tail`` is data[2:], the cache key: one object, so its hash is computed once.
         st = self._state
         forwards = st.fwd_udp if proto == "udp" else st.fwd_tcp
-        fwd = forwards.get(data[2:])
+        fwd = forwards.get(tail)
         if fwd is not None:
             # Seen before and forwarded: no parse, no policy; maybe the forwarder's cache.
             fwd.hits += 1
@@ -298,11 +317,15 @@ class MessageHandler:
         fast = st.fast.answer(data, proto == "udp")
         if fast is not None:
             wire, qtype, rcode, name = fast
-            udp = proto == "udp"
-            cache = st.udp if udp else st.tcp
+            if self.sampling and proto == "udp":
+                self.skipped += 1
+                if self.skipped & (ADMIT_ONE_IN - 1):
+                    tally.request(proto, qtype)
+                    tally.response(rcode, "local")
+                    return wire
+            cache = st.udp if proto == "udp" else st.tcp
             if len(cache) >= self.cache_limit:
                 self._clear(st, proto)
-            tail = data[2:]
             entry = cache[tail] = _Entry(wire[2:], qtype, rcode)
             # Counted as a hit: folded into the request and response totals like one.
             entry.hits = 1
@@ -344,8 +367,8 @@ class MessageHandler:
                 forwards.clear()
                 st.index[kind] = CacheIndex()
             if self.forward_limit:
-                forwards[data[2:]] = _Forward(query, limit)
-                st.index[kind].add(data[2:], key)
+                forwards[tail] = _Forward(query, limit)
+                st.index[kind].add(tail, key)
             hook = self.forward_cached
             if hook is not None:
                 cached = hook(data, query, limit, proto)
@@ -354,11 +377,11 @@ class MessageHandler:
             return ForwardRequest(query, data, limit)  # the forwarder counts its reply
         wire = encode(query, decision, limit if proto == "udp" else None, ra)
         tally.response(decision.rcode, "local")
-        self._store(st, proto, data, wire, query.qtype, decision.rcode,
+        self._store(st, proto, tail, wire, query.qtype, decision.rcode,
                     decision_name(key, decision))
         return wire
 
-    def _store(self, st: _State, proto: str, data: bytes, wire: bytes, qtype: int, rcode: int,
+    def _store(self, st: _State, proto: str, tail: bytes, wire: bytes, qtype: int, rcode: int,
                name: str | None) -> None:
         """Cache a local reply, indexed by the name that decides it (None: negative)."""
         if wire[2] & 0x02:
@@ -366,13 +389,22 @@ class MessageHandler:
         cache = st.udp if proto == "udp" else st.tcp
         if len(cache) >= self.cache_limit:
             self._clear(st, proto)
-        cache[data[2:]] = _Entry(wire[2:], qtype, rcode)
-        st.index[proto].add(data[2:], name)
+        cache[tail] = _Entry(wire[2:], qtype, rcode)
+        st.index[proto].add(tail, name)
 
     def _clear(self, st: _State, proto: str) -> None:
-        """Empty a full reply cache: a flood of distinct names cannot grow memory."""
+        """Empty a full reply cache: a flood of distinct names cannot grow memory.
+
+        A cache that filled up with replies hardly ever asked again (a scan over
+        more names than it holds, or 0x20-randomized letter case) was all cost:
+        until the next one fills, only one wire-path reply in ADMIT_ONE_IN goes in.
+        A name asked again and again still gets in after a few misses, and the
+        next full cache, full of such names, switches admission back to all.
+        """
         cache = st.udp if proto == "udp" else st.tcp
-        self.tally.fold(proto, cache)
+        reused = self.tally.fold(proto, cache)
+        if proto == "udp" and len(cache) >= MIN_SAMPLED_CACHE:
+            self.sampling = reused * REUSE_SHARE < len(cache)
         cache.clear()
         st.index[proto] = CacheIndex()
 

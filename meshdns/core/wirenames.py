@@ -112,7 +112,7 @@ class NegativeSoa:
 class Target:
     """A service's canonical name in one domain: the SRV target and the PTR name."""
 
-    __slots__ = ("name", "srv")
+    __slots__ = ("name", "ptr", "srv")
 
     def __init__(self, svc: Service, domain: EncodedName) -> None:
         # canonical_name(svc.name, svc.namespace, svc.port, domain), as labels.
@@ -124,3 +124,5 @@ class Target:
         # SRV 0 100 <port> <target>; dnslib writes the target uncompressed (RFC 2782).
         rdata = b"\x00\x00\x00\x64" + svc.port.to_bytes(2, "big") + wire
         self.srv = len(rdata).to_bytes(2, "big") + rdata
+        # PTR RDATA (length + name) when nothing of it compresses against the question.
+        self.ptr = len(wire).to_bytes(2, "big") + wire
