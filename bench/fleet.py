@@ -41,6 +41,8 @@ Usage:
   python bench/fleet.py --quick                        # 3 followers, 300 services: a check
   python bench/fleet.py                                # 50 followers, flat and tree
   python bench/fleet.py --followers 50 200 --services 10000 100000   # issue 15's matrix
+      (a size whose nodes would not fit in MemAvailable is skipped and listed as such)
+  python bench/fleet.py --followers 50 --services 100000 --out fleet_100k
   python bench/fleet.py --followers 200 --topology tree --relays 14 --changes 5
 Writes bench/results/fleet.md (+ fleet.json) unless --no-write.
 """
@@ -735,6 +737,24 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, elapsed: flo
 # ---------------------------------------------------------------- main
 
 
+# VmRSS of one node (measured, bench/results/fleet.md and sync.md): ~45 MiB empty plus
+# ~1.7 KiB per service (a follower's delta history and parse buffers included).
+NODE_BASE_BYTES = 45 << 20
+NODE_PER_SERVICE_BYTES = 1700
+
+
+def fleet_memory(services: int, nodes: int) -> int:
+    """What ``nodes`` meshdns processes of ``services`` services take, with 10% headroom."""
+    return int(nodes * (NODE_BASE_BYTES + services * NODE_PER_SERVICE_BYTES) * 1.1)
+
+
+def available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62  # pragma: no cover - not Linux
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -761,6 +781,8 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=3.0, help="s of idle leader CPU sampled")
     ap.add_argument("--time-limit", type=float, default=3600.0, help="whole run, s")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--out", default="fleet",
+                    help="result name: bench/results/OUT.md and OUT.json (default fleet)")
     args = ap.parse_args()
     if args.quick:
         args.followers, args.services, args.changes, args.relays = [3], [300], 2, 1
@@ -786,6 +808,7 @@ def main() -> int:
     signal.signal(signal.SIGALRM, alarm)
     signal.alarm(int(args.time_limit) + 60)  # backstop for a step stuck past the checks
     results: list[dict[str, Any]] = []
+    skipped: list[str] = []
     try:
         for size in args.services:
             services = generate(size)
@@ -793,6 +816,14 @@ def main() -> int:
                 for topology in topologies:
                     r = (args.relays or max(1, round(math.sqrt(n)))) if topology == "tree" \
                         else 0
+                    need, have = fleet_memory(size, n + r + 1), available_memory()
+                    if need > have:
+                        skipped.append(f"{topology}/{n} followers at {size:,} services: needs "
+                                       f"~{need / 2**30:.1f} GiB (every node holds the whole "
+                                       f"registry), this machine has {have / 2**30:.1f} GiB "
+                                       "available")
+                        log(f"skipped {skipped[-1]}")
+                        continue
                     results.append(run_topology(topology, n, r, services, args, deadline))
     except (OverTime, KeyboardInterrupt) as exc:
         log(f"stopped: {exc or type(exc).__name__}; writing what was measured")
@@ -816,9 +847,11 @@ def main() -> int:
           flush=True)
     if not args.no_write:
         md = render(results, args, elapsed, machine)
+        if skipped:
+            md += "\nNot run (memory):\n\n" + "".join(f"- {line}\n" for line in skipped)
         data = {"machine": report.machine_info(), "command": report.command_line(),
                 "args": vars(args), "elapsed_s": elapsed, "results": results}
-        path = report.write_result("fleet", md, data)
+        path = report.write_result(args.out, md, data)
         log(f"wrote {path}")
     return 0
 
