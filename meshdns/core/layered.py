@@ -146,12 +146,13 @@ class _Values(ValuesView[V]):
 
 
 def evolve(table: Mapping[K, V], deleted: Iterable[K], written: Iterable[tuple[K, V]],
-           min_layer: int = MIN_LAYER, share: int = LAYER_SHARE) -> Mapping[K, V]:
+           min_layer: int | None = None, share: int | None = None) -> Mapping[K, V]:
     """``table`` after ``del`` of each of ``deleted`` (KeyError if absent), then
     setting each of ``written``, as a new mapping; ``table`` stays as it is.
 
     Copies only the layers of ``table`` (not its base), unless they outgrow
-    ``max(min_layer, len(base) // share)``: then the result is a fresh plain dict.
+    ``max(min_layer, len(base) // share)`` (default: MIN_LAYER, LAYER_SHARE, read
+    at each call): then the result is a fresh plain dict.
     """
     if isinstance(table, LayeredMap):
         base: dict[K, V] = table._base
@@ -187,7 +188,9 @@ def evolve(table: Mapping[K, V], deleted: Iterable[K], written: Iterable[tuple[K
         top[key] = value
     if not top:
         return base
-    if len(top) + len(gone) > max(min_layer, len(base) // share):
+    bound = max(MIN_LAYER if min_layer is None else min_layer,
+                len(base) // (LAYER_SHARE if share is None else share))
+    if len(top) + len(gone) > bound:
         return _fold(base, top, gone)
     return LayeredMap(base, top, gone, length)  # the layers, like the base, stay as they are
 
