@@ -1,7 +1,7 @@
 """PATCH applied incrementally means exactly what the full rebuild means.
 
-``apply_patch`` touches only the services a patch names (plus a few O(n) dict
-copies). These tests hold it, and the faster full rebuild behind ``apply_put``
+``apply_patch`` touches only the services a patch names (its big tables evolve
+as layered maps; a few small ones are copied). These tests hold it, and the faster full rebuild behind ``apply_put``
 and ``restore``, to the semantics the registry had before: the ``legacy_*``
 functions below are that code, verbatim but for building a plain ``Snap``
 record instead of a ``Registry``. Random sequences of writes (PATCHes with and
