@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -47,6 +48,8 @@ def check_same(m: Mapping[int, str], model: dict[int, str]) -> None:
     assert len(m) == len(model)
     assert m == model and model == m
     assert (m != model) is False
+    assert m == MappingProxyType(model)
+    assert m != [*model] and m != None  # noqa: E711 - not a mapping: unequal, no error
     assert dict(m) == model
     for key in KEYS + ABSENT_KEYS:
         assert (key in m) is (key in model)
@@ -102,6 +105,7 @@ def test_evolve_is_a_copied_and_edited_dict(initial: list[tuple[int, str]],
             new_model[key] = value
         new = evolve(table, deletes, writes, min_layer, share)
         check_same(new, new_model)
+        assert (new == table) is (table == new) is (new_model == model)
         versions.append((new, new_model))
     for table, model in versions:  # none changed since it was made
         check_same(table, model)
@@ -142,6 +146,20 @@ def test_a_layered_map_shares_its_base_and_copies_only_the_layers() -> None:
     assert 5000 in one and 5000 not in two
     assert two[4] == -4 and list(two).index(4) == 3  # overwritten in place (3 moved)
     assert evolve(base, [], []) is base  # nothing written: the plain dict itself
+
+
+def test_equality_is_by_contents_across_bases_and_orders() -> None:
+    a = evolve({1: "a", 2: "b", 3: "c"}, [1], [(1, "a")])  # order 2, 3, 1
+    b = evolve({3: "c", 9: "z"}, [9], [(2, "b"), (1, "a")])
+    assert isinstance(a, LayeredMap) and isinstance(b, LayeredMap)
+    assert list(a) == [2, 3, 1] and list(b) == [3, 2, 1]  # order is not part of equality
+    assert a == b and b == a and a == {1: "a", 2: "b", 3: "c"}
+    c = evolve(b, [], [(3, "C")])
+    assert c != b and c != {1: "a", 2: "b", 3: "c"} and c == {1: "a", 2: "b", 3: "C"}
+    d = evolve(b, [3], [])
+    assert d != b and len(d) == 2
+    with pytest.raises(TypeError):
+        hash(a)
 
 
 def test_a_delete_of_a_missing_key_raises_and_changes_nothing() -> None:

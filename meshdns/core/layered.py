@@ -115,6 +115,20 @@ class LayeredMap(Mapping[K, V]):
     def values(self) -> ValuesView[V]:
         return _Values(self)
 
+    def __eq__(self, other: object) -> bool:
+        # Mapping's own builds dict(self.items()) key by key; a fold is C-level steps.
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        if len(other) != self._len:
+            return False
+        if isinstance(other, LayeredMap):
+            other = _fold(other._base, other._top, other._gone)
+        elif not isinstance(other, dict):
+            other = dict(other.items())
+        return _fold(self._base, self._top, self._gone) == other
+
+    __hash__ = None  # type: ignore[assignment]  # as dict: equal by contents, mutable kin
+
     def __repr__(self) -> str:
         return f"LayeredMap({dict(self._items())!r})"
 
@@ -195,7 +209,7 @@ def evolve(table: Mapping[K, V], deleted: Iterable[K], written: Iterable[tuple[K
     return LayeredMap(base, top, gone, length)  # the layers, like the base, stay as they are
 
 
-def _fold(base: dict[K, V], top: dict[K, V], gone: set[K]) -> dict[K, V]:
+def _fold(base: dict[K, V], top: dict[K, V], gone: Iterable[K]) -> dict[K, V]:
     """The layers folded into a fresh dict, in the same order: C-level bulk steps."""
     out = base.copy()
     for key in gone:
