@@ -29,8 +29,9 @@ _ABSENT: Any = object()  # not in ``top``: look in the base
 _TOMB: Any = object()  # in ``top``: a base key deleted (and not written again)
 
 # Layers fold into a fresh dict past max(MIN_LAYER, len(base) // LAYER_SHARE) entries:
-# a fold costs a base copy (~1 ms at 100k) once per that many changes, an evolve
-# copies the layers (~0.2 us an entry), and the old base is freed after a fold.
+# a fold costs a base copy (timeit: ~1.7 ms at 100k) once per that many changes (3,125
+# at 100k), an evolve copies the layers (~4 ns an entry: 12 us for 3,000), and the old
+# base is freed once no snapshot refers to it.
 MIN_LAYER = 1024
 LAYER_SHARE = 32
 
