@@ -1,7 +1,7 @@
 """PATCH applied incrementally means exactly what the full rebuild means.
 
-``apply_patch`` touches only the services a patch names (plus a few O(n) dict
-copies). These tests hold it, and the faster full rebuild behind ``apply_put``
+``apply_patch`` touches only the services a patch names (its big tables evolve
+as layered maps; a few small ones are copied). These tests hold it, and the faster full rebuild behind ``apply_put``
 and ``restore``, to the semantics the registry had before: the ``legacy_*``
 functions below are that code, verbatim but for building a plain ``Snap``
 record instead of a ``Registry``. Random sequences of writes (PATCHes with and
@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import meshdns.core.layered as layered_module
 import meshdns.core.names as names_module
 import meshdns.core.parse as parse_module
 import meshdns.core.patch as patch_module
@@ -687,6 +688,20 @@ def test_random_writes_match_the_full_rebuild(seed: int) -> None:
     assert run.stats["put"] > 5
     assert run.stats["restore"] > 3
     assert any(reg.held4 for reg, _ in run.seen)
+
+
+@pytest.mark.parametrize("seed", range(1, 5))
+def test_random_writes_match_the_full_rebuild_with_tiny_layers(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The PATCHed tables are layered maps (layered.py) folding into a plain dict past
+    # a bound: here a tiny one, so both layers and folds happen within these runs.
+    monkeypatch.setattr(layered_module, "MIN_LAYER", 2)
+    monkeypatch.setattr(layered_module, "LAYER_SHARE", 8)
+    run = Run(RandomChooser(seed))
+    run.run(400)
+    assert run.stats["patch incremental"] > 60
+    kinds = Counter(type(reg.services).__name__ for reg, _ in run.seen)
+    assert kinds["LayeredMap"] > 20 and kinds["dict"] > 20
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Mapping, Sequence
 
 from .allocate import _in_release_order, _top_of
+from .layered import evolve
 from .names import (
     canonical_name,
     kuma_name,
@@ -83,8 +84,10 @@ def check_disjoint(upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey]
 # Each index of the new snapshot is the old one plus a delta: what the patch
 # frees (the deleted and the rewritten services) and what it claims (the
 # upserts). An index the patch leaves as it was is shared with the old
-# snapshot (snapshots are never mutated), any other one is copied once and
-# the delta applied to the copy.
+# snapshot (snapshots are never mutated); the big ones (services, the VIP
+# tables) evolve as layered maps sharing the old snapshot's dict (layered.py:
+# O(change), not O(registry)), the others are copied once and the delta
+# applied to the copy.
 
 
 def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSpec],
@@ -139,11 +142,8 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
     services: Mapping[ServiceKey, Service]
     if changed or dropped or readded:
         changed = changed or bool(dropped)
-        services = _copy(old_services)
-        for key in deleted:
-            del services[key]
-        for svc in written:
-            services[svc.key] = svc  # in place if it stays, else appended, as the rebuild orders
+        # In place if it stays, else appended, as the rebuild orders.
+        services = evolve(old_services, deleted, [(svc.key, svc) for svc in written])
     else:
         services = old_services
 
@@ -301,11 +301,7 @@ def _patch_family(family: int, reg: Registry, fam: _FamilyIndex, rng: VipRange |
     # The new tables: shared with the old snapshot when the patch leaves them as they are.
     by_vip: Mapping[int, ServiceKey] = old_by_vip
     if len(gone) != len(taken) or any(taken.get(v) != k for v, k in gone.items()):
-        by_vip_new = _copy(old_by_vip)
-        for vip in gone:
-            del by_vip_new[vip]
-        by_vip_new.update(taken)
-        by_vip = by_vip_new
+        by_vip = evolve(old_by_vip, gone, taken.items())
     released = [(vip, key) for vip, key in gone.items() if vip not in taken]
     if unheld or released:
         held_new = _copy(held) if unexpired is None else unexpired
@@ -422,6 +418,8 @@ def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequenc
                     return None  # a new service whose name another one lists: 409
     if len(freed) == len(claimed) and all(claimed.get(h) == k for h, k in freed.items()):
         return old
+    # A plain dict, copied: Zone() iterates every host name of each new snapshot,
+    # which is several times slower over a layered map than the copy it saves.
     hostnames = _copy(old)
     for host in freed:
         del hostnames[host]

@@ -7,9 +7,10 @@ reader) sees one consistent registry, and swapping the current snapshot is a
 single reference assignment.
 
 A PATCH costs in the size of the patch, not of the registry: it starts from
-the current snapshot's tables (shared when it leaves them alone, else copied
-once) and touches only the services it names, with exactly the meaning of a
-full rebuild (see "writes" below).
+the current snapshot's tables (shared when it leaves them alone; the services
+and VIP tables evolved as layered maps over the old dicts, layered.py; the
+others copied once) and touches only the services it names, with exactly the
+meaning of a full rebuild (see "writes" below).
 
 The core reads no clock: every call that deals with hold-downs takes ``now``.
 """
@@ -50,7 +51,7 @@ __all__ = [
 # Both writes mean the same thing: the registry that the full list of services
 # (for a PATCH: the current ones with the upserts and deletes applied) yields.
 # ``_build`` computes that from scratch; a PATCH goes through
-# ``_patch_incremental``, which starts from copies of the current indexes and
+# ``_patch_incremental``, which starts from the current indexes (layered or copied) and
 # touches only the services the patch names, and falls back to ``_build`` when
 # the patch is rejected (so the error is found and named exactly as ``_build``
 # would) or when the policy changed since the snapshot was built.
