@@ -56,7 +56,7 @@ Fast = tuple[bytes, int, int, str | None]
 class FastPath:
     """Wire replies for the common questions of one zone (one registry snapshot)."""
 
-    __slots__ = ("_a", "_a_rr", "_aaaa", "_aaaa_rr", "_domain0", "_domains", "_names",
+    __slots__ = ("_a", "_a_rr", "_aaaa", "_aaaa_rr", "_domain0", "_domains", "_known", "_known_cap", "_names",
                  "_nodata", "_nxdomain", "_off", "_one", "_ptr_head", "_ra", "_serial", "_soa",
                  "_soa_ttl", "_srv_a", "_srv_aaaa", "_srv_head", "_targets", "_two", "zone")
 
@@ -91,6 +91,11 @@ class FastPath:
         self._srv_a = _headers(self._ra, RCODE_NOERROR, 1, 0, 1)
         self._srv_aaaa = _headers(self._ra, RCODE_NOERROR, 1, 0, 2)
         self._domain0 = s.domains[0]
+        # Names that found their service in this snapshot (positive answers only, so at
+        # most every name the registry serves: bounded by its size, not by the queries).
+        self._known: dict[str, tuple[Service, str, str]] = {}
+        reg = zone.registry
+        self._known_cap = 2 * len(s.domains) * len(reg.services) + len(reg.hostnames) + 64
         # Longest first, as Zone.served_domain tries them.
         self._domains = tuple((d, "." + d) for d in sorted(s.domains, key=len, reverse=True))
 
@@ -167,40 +172,48 @@ class FastPath:
             dotted = dotted.lower()
         key = dotted.decode("latin-1")
         zone = self.zone
-        # Zone.decide's order: served domains, host names, reverse names; the rest
-        # (apex, search list, forwarded) is the dnslib path's.
-        for domain, dot_domain in self._domains:
-            if key.endswith(dot_domain):
-                if not zone.loaded:
-                    return None
-                found = zone.find_service(key, domain)
-                if found is None:
-                    rcode = RCODE_NOERROR if zone.is_ent(key, domain) else RCODE_NXDOMAIN
-                    out = self._negative(data, qend, domain, rcode, tail)
-                    return None if out is None else (out, qtype, rcode, None)
-                svc = found[0]
-                apex = target_domain = domain
-                break
-            if key == domain:
-                return None
+        # A name that found its service before, in this snapshot, skips the walk below:
+        # one lookup by the name instead of splitting it and looking up its parts.
+        known = self._known.get(key)
+        if known is not None:
+            svc, apex, target_domain = known
         else:
-            reg = zone.registry
-            svc_key = reg.hostnames.get(key)
-            if svc_key is None:
-                if qtype in (T_PTR, QTYPE_ANY):
-                    if key.endswith(".in-addr.arpa"):
-                        wire = self._ptr(data, qend, _ipv4(key), True, tail)
-                    elif key.endswith(".ip6.arpa"):
-                        wire = self._ptr(data, qend, _ipv6(key), False, tail)
-                    else:
+            # Zone.decide's order: served domains, host names, reverse names; the rest
+            # (apex, search list, forwarded) is the dnslib path's.
+            for domain, dot_domain in self._domains:
+                if key.endswith(dot_domain):
+                    if not zone.loaded:
                         return None
-                    if wire is None or (udp and len(wire) > limit):
-                        return None
-                    return wire, qtype, RCODE_NOERROR, key
-                return None
-            # A host name outside the served domains is its own tiny zone.
-            svc = reg.services[svc_key]
-            apex, target_domain = key, zone.settings.domains[0]
+                    found = zone.find_service(key, domain)
+                    if found is None:
+                        rcode = RCODE_NOERROR if zone.is_ent(key, domain) else RCODE_NXDOMAIN
+                        out = self._negative(data, qend, domain, rcode, tail)
+                        return None if out is None else (out, qtype, rcode, None)
+                    svc = found[0]
+                    apex = target_domain = domain
+                    break
+                if key == domain:
+                    return None
+            else:
+                reg = zone.registry
+                svc_key = reg.hostnames.get(key)
+                if svc_key is None:
+                    if qtype in (T_PTR, QTYPE_ANY):
+                        if key.endswith(".in-addr.arpa"):
+                            wire = self._ptr(data, qend, _ipv4(key), True, tail)
+                        elif key.endswith(".ip6.arpa"):
+                            wire = self._ptr(data, qend, _ipv6(key), False, tail)
+                        else:
+                            return None
+                        if wire is None or (udp and len(wire) > limit):
+                            return None
+                        return wire, qtype, RCODE_NOERROR, key
+                    return None
+                # A host name outside the served domains is its own tiny zone.
+                svc = reg.services[svc_key]
+                apex, target_domain = key, zone.settings.domains[0]
+            if len(self._known) < self._known_cap:
+                self._known[key] = (svc, apex, target_domain)
         # Header after the ID: flags and counts, by the RD and CD bits and the OPT.
         shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if opt else 0)
         if qtype == T_A:

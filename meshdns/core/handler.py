@@ -81,9 +81,9 @@ class Tally:
         self.dropped = 0
         self.truncated = 0
 
-    def request(self, proto: str, qtype: int) -> None:
+    def request(self, proto: str, qtype: int, n: int = 1) -> None:
         key = (proto, qtype)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        self.requests[key] = self.requests.get(key, 0) + n
 
     def response(self, rcode: int, source: str, n: int = 1) -> None:
         key = (rcode, source)
@@ -202,6 +202,7 @@ class MessageHandler:
         # showed that almost none was asked twice (see _clear).
         self.sampling = False
         self.skipped = 0
+        self.unadmitted: dict[tuple[int, int], int] = {}  # (qtype, rcode) -> UDP replies
         # Set by the forwarder: its cached reply to a forwarded query, synchronously,
         # or None when the transport has to await the upstream.
         self.forward_cached: Callable[[bytes, Query, int, str], bytes | None] | None = None
@@ -271,6 +272,9 @@ class MessageHandler:
         """Totals including hits not yet folded (for a scrape; the cache is untouched)."""
         st = self._state
         out = self.tally.copy()
+        for (qtype, rcode), n in self.unadmitted.items():
+            out.request("udp", qtype, n)
+            out.response(rcode, "local", n)
         out.fold("udp", st.udp, reset=False)
         out.fold("tcp", st.tcp, reset=False)
         out.fold_forwards("udp", st.fwd_udp, reset=False)
@@ -320,8 +324,8 @@ class MessageHandler:
             if self.sampling and proto == "udp":
                 self.skipped += 1
                 if self.skipped & (ADMIT_ONE_IN - 1):
-                    tally.request(proto, qtype)
-                    tally.response(rcode, "local")
+                    counts = self.unadmitted  # one count for request and reply
+                    counts[qtype, rcode] = counts.get((qtype, rcode), 0) + 1
                     return wire
             cache = st.udp if proto == "udp" else st.tcp
             if len(cache) >= self.cache_limit:
