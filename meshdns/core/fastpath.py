@@ -93,7 +93,8 @@ class FastPath:
         self._domain0 = s.domains[0]
         # Names that found their service in this snapshot (positive answers only, so at
         # most every name the registry serves: bounded by its size, not by the queries).
-        self._known: dict[str, tuple[Service, str, str]] = {}
+        # The A RDATA comes first: the most asked, read without touching the service.
+        self._known: dict[str, tuple[bytes, Service, str, str]] = {}
         reg = zone.registry
         self._known_cap = 2 * len(s.domains) * len(reg.services) + len(reg.hostnames) + 64
         # Longest first, as Zone.served_domain tries them.
@@ -176,7 +177,7 @@ class FastPath:
         # one lookup by the name instead of splitting it and looking up its parts.
         known = self._known.get(key)
         if known is not None:
-            svc, apex, target_domain = known
+            a_rdata, svc, apex, target_domain = known
         else:
             # Zone.decide's order: served domains, host names, reverse names; the rest
             # (apex, search list, forwarded) is the dnslib path's.
@@ -212,13 +213,14 @@ class FastPath:
                 # A host name outside the served domains is its own tiny zone.
                 svc = reg.services[svc_key]
                 apex, target_domain = key, zone.settings.domains[0]
+            a_rdata = svc.vip.to_bytes(4, "big")
             if len(self._known) < self._known_cap:
-                self._known[key] = (svc, apex, target_domain)
+                self._known[key] = (a_rdata, svc, apex, target_domain)
         # Header after the ID: flags and counts, by the RD and CD bits and the OPT.
         shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if opt else 0)
         if qtype == T_A:
-            wire = b"".join((data[:2], self._one[shape], data[12:qend], self._a,
-                             svc.vip.to_bytes(4, "big"), tail))
+            wire = b"".join((data[:2], self._one[shape], data[12:qend], self._a, a_rdata,
+                             tail))
         elif qtype == T_AAAA and svc.vip6 is not None:
             wire = b"".join((data[:2], self._one[shape], data[12:qend], self._aaaa,
                              svc.vip6.to_bytes(16, "big"), tail))
