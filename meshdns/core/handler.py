@@ -101,14 +101,15 @@ class Tally:
         Returns how many entries were served more than once (reused)."""
         reused = 0
         for e in list(entries.values()):
-            if e.hits:
-                if e.hits > 1:
+            hits = e[1]
+            if hits:
+                if hits > 1:
                     reused += 1
-                key = (proto, e.qtype)
-                self.requests[key] = self.requests.get(key, 0) + e.hits
-                self.response(e.rcode, "local", e.hits)
+                key = (proto, e[2])
+                self.requests[key] = self.requests.get(key, 0) + hits
+                self.response(e[3], "local", hits)
                 if reset:
-                    e.hits = 0
+                    e[1] = 0
         return reused
 
     def fold_forwards(self, proto: str, entries: dict[bytes, _Forward],
@@ -122,16 +123,14 @@ class Tally:
                     f.hits = 0
 
 
-class _Entry:
-    """A pre-encoded reply (minus its ID) and how often it was served from cache."""
+# A cached reply: [reply minus its ID, times served, qtype, rcode]. A list, not a
+# slots class: a miss makes one, and a list literal costs ~35 ns against ~140 ns for
+# a class with an __init__; a hit reads [0] and bumps [1].
+_Entry = list[Any]
 
-    __slots__ = ("hits", "qtype", "rcode", "tail")
 
-    def __init__(self, tail: bytes, qtype: int, rcode: int) -> None:
-        self.tail = tail
-        self.hits = 0
-        self.qtype = qtype
-        self.rcode = rcode
+def _entry(tail: bytes, qtype: int, rcode: int) -> _Entry:
+    return [tail, 0, qtype, rcode]
 
 
 class _Forward:
@@ -251,14 +250,16 @@ class MessageHandler:
             tail = data[2:]
             entry = self._state.udp.get(tail)
             if entry is not None:
-                return data[:2] + entry.tail
+                cached: bytes = entry[0]
+                return data[:2] + cached
             return self._miss(data, tail, "udp")
 
         def tcp(data: bytes) -> bytes | ForwardRequest | None:
             tail = data[2:]
             entry = self._state.tcp.get(tail)
             if entry is not None:
-                return data[:2] + entry.tail
+                cached: bytes = entry[0]
+                return data[:2] + cached
             return self._miss(data, tail, "tcp")
 
         self.handle_udp = udp  # type: ignore[method-assign]
@@ -287,16 +288,18 @@ class MessageHandler:
         tail = data[2:]
         entry = self._state.udp.get(tail)
         if entry is not None:
-            entry.hits += 1
-            return data[:2] + entry.tail
+            entry[1] += 1
+            cached: bytes = entry[0]
+            return data[:2] + cached
         return self._miss(data, tail, "udp")
 
     def handle_tcp(self, data: bytes) -> bytes | ForwardRequest | None:
         tail = data[2:]
         entry = self._state.tcp.get(tail)
         if entry is not None:
-            entry.hits += 1
-            return data[:2] + entry.tail
+            entry[1] += 1
+            cached: bytes = entry[0]
+            return data[:2] + cached
         return self._miss(data, tail, "tcp")
 
     def _miss(self, data: bytes, tail: bytes, proto: str) -> bytes | ForwardRequest | None:
@@ -330,9 +333,8 @@ class MessageHandler:
             cache = st.udp if proto == "udp" else st.tcp
             if len(cache) >= self.cache_limit:
                 self._clear(st, proto)
-            entry = cache[tail] = _Entry(wire[2:], qtype, rcode)
             # Counted as a hit: folded into the request and response totals like one.
-            entry.hits = 1
+            cache[tail] = [wire[2:], 1, qtype, rcode]
             st.index[proto].add(tail, name)
             return wire
         ra = st.zone.settings.forwarding
@@ -393,7 +395,7 @@ class MessageHandler:
         cache = st.udp if proto == "udp" else st.tcp
         if len(cache) >= self.cache_limit:
             self._clear(st, proto)
-        cache[tail] = _Entry(wire[2:], qtype, rcode)
+        cache[tail] = _entry(wire[2:], qtype, rcode)
         st.index[proto].add(tail, name)
 
     def _clear(self, st: _State, proto: str) -> None:
