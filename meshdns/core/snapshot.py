@@ -117,6 +117,51 @@ class Registry:
         return out
 
 
+# free_vips_after compares held tables entry by entry up to this size (VIPs released by
+# deletes are held for a while); larger ones are counted in full instead.
+HELD_DIFF_LIMIT = 4096
+
+
+def free_vips_after(base: Registry, base_free: Mapping[str, int], reg: Registry,
+                    policy: RegistryPolicy) -> dict[str, int] | None:
+    """``reg.free_vips(policy)`` from ``base``'s, in O(change) when ``reg`` is one PATCH
+    on ``base`` (a follower's delta, say); None when it cannot tell that cheaply.
+
+    ``free_vips`` itself is O(1) when a snapshot's index was built under ``policy``;
+    a follower's is built without an IPv6 range (it allocates nothing), so without
+    this every scrape after a change would count the whole IPv6 table again. Only
+    addresses the patch touched can change state: the VIPs of the services it wrote
+    or deleted, and the held ones it added or dropped.
+    """
+    delta = reg._delta
+    if delta is None or delta[:2] != (base.revision, len(base.services)):
+        return None
+    out = dict(base_free)
+    families = [("ipv4", policy.range4, base.by_vip4, base.held4, reg.by_vip4, reg.held4)]
+    if policy.range6 is not None:
+        families.append(("ipv6", policy.range6, base.by_vip6, base.held6, reg.by_vip6,
+                         reg.held6))
+    keys = {*delta[2], *delta[3]}
+    for i, (family, rng, used0, held0, used1, held1) in enumerate(families):
+        if family not in out:
+            return None
+        touched: set[int] = set()
+        for key in keys:
+            for svc in (base.services.get(key), reg.services.get(key)):
+                vip = None if svc is None else svc.vip6 if i else svc.vip
+                if vip is not None:
+                    touched.add(vip)
+        if held0 is not held1:
+            if len(held0) + len(held1) > HELD_DIFF_LIMIT:
+                return None
+            touched.update(v for v in held0 if v not in held1)
+            touched.update(v for v in held1 if v not in held0)
+        for vip in touched:
+            if vip in rng:
+                out[family] += (vip in used0 or vip in held0) - (vip in used1 or vip in held1)
+    return out
+
+
 def _free(rng: VipRange, taken: Mapping[int, Any], held: Held) -> int:
     used = sum(1 for v in taken if v in rng) + sum(1 for v in held if v in rng and v not in taken)
     return rng.size - used

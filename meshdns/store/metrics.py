@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..core.registry import Registry, RegistryPolicy
+from ..core.snapshot import free_vips_after
 from .store import RegistryStore
 
 PREFIX = "meshdns_"
@@ -17,6 +18,15 @@ class StoreCollector:
         self.store = store
         self.policy = policy
         self._free_cache: tuple[Registry, dict[str, int]] | None = None
+        # Kept current change by change (O(change) each) once a scrape has counted it, so
+        # a scrape never walks the registry again (see core.snapshot.free_vips_after).
+        store.listeners.append(self._advance)
+
+    def _advance(self, reg: Registry) -> None:
+        cached = self._free_cache
+        if cached is not None and cached[0] is not reg:
+            free = free_vips_after(cached[0], cached[1], reg, self.policy)
+            self._free_cache = None if free is None else (reg, free)
 
 
     def collect(self) -> Iterator[Metric]:
@@ -46,6 +56,12 @@ class StoreCollector:
 
     def _free(self, reg: Registry) -> dict[str, int]:
         # Counting free VIPs walks the registry: do it once per revision, not per scrape.
-        if self._free_cache is None or self._free_cache[0] is not reg:
-            self._free_cache = (reg, reg.free_vips(self.policy))
-        return self._free_cache[1]
+        cached = self._free_cache
+        if cached is not None and cached[0] is reg:
+            return cached[1]
+        free = None if cached is None else free_vips_after(cached[0], cached[1], reg,
+                                                            self.policy)
+        if free is None:
+            free = reg.free_vips(self.policy)
+        self._free_cache = (reg, free)
+        return free
