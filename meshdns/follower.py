@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import random
@@ -202,6 +203,9 @@ class Follower:
         reg: Registry = await asyncio.shield(
             self.store.write(lambda _base: self.adopt(data), mirror=True))
         self._etag = tag or f'"{reg.revision}"'
+        # A whole registry just arrived, long-lived and acyclic: keep the collector's
+        # full passes from rescanning it on every later change (as at start-up).
+        gc.freeze()
         if lineage:
             self.store.history.adopt_lineage(lineage, reg)  # a relay serves the leader's
             self._since = (lineage, reg.revision)
