@@ -246,20 +246,28 @@ class FastPath:
     def _srv(self, data: bytes, shape: int, qend: int, svc: Service,
              domain: str, tail: bytes) -> bytes:
         target = self._target(svc, domain)
+        head = self._srv_a if svc.vip6 is None else self._srv_aaaa
+        if data[12 : qend - 4] == target.name.wire:  # asked for the target, in its case
+            same = target.same_case
+            if same is None or same[0] is not svc or same[1] != self._srv_head:
+                rest = b"".join(self._srv_rest(target, svc, PTR_TO_QNAME, 12, qend))
+                same = target.same_case = (svc, self._srv_head, rest)
+            return b"".join((data[:2], head[shape], data[12:qend], same[2], tail))
         # The additional records are owned by the target: the first written as
         # dnslib compresses it against the question, the second pointing at it.
         owner, at = target.name.after_question(data, qend)
-        # Header after the ID: AN=1, AR = A (+ AAAA) (+ OPT); shape has the OPT bit.
+        return b"".join((data[:2], head[shape], data[12:qend],
+                         *self._srv_rest(target, svc, owner, at, qend), tail))
+
+    def _srv_rest(self, target: Target, svc: Service, owner: bytes, at: int,
+                  qend: int) -> tuple[bytes, ...]:
+        """The SRV record and the target's address records, after the question."""
         if svc.vip6 is None:
-            return b"".join((data[:2], self._srv_a[shape], data[12:qend], self._srv_head,
-                             target.srv, owner, self._a_rr, svc.vip.to_bytes(4, "big"),
-                             tail))
+            return (self._srv_head, target.srv, owner, self._a_rr, svc.vip.to_bytes(4, "big"))
         if at < 0:
             at = qend + len(self._srv_head) + len(target.srv)  # right after the SRV record
-        return b"".join((data[:2], self._srv_aaaa[shape], data[12:qend], self._srv_head,
-                         target.srv, owner, self._a_rr, svc.vip.to_bytes(4, "big"),
-                         (0xC000 | at).to_bytes(2, "big"), self._aaaa_rr,
-                         svc.vip6.to_bytes(16, "big"), tail))
+        return (self._srv_head, target.srv, owner, self._a_rr, svc.vip.to_bytes(4, "big"),
+                (0xC000 | at).to_bytes(2, "big"), self._aaaa_rr, svc.vip6.to_bytes(16, "big"))
 
     def _negative(self, data: bytes, qend: int, apex: str, rcode: int,
                   tail: bytes) -> bytes | None:

@@ -112,7 +112,7 @@ class NegativeSoa:
 class Target:
     """A service's canonical name in one domain: the SRV target and the PTR name."""
 
-    __slots__ = ("name", "ptr", "srv")
+    __slots__ = ("name", "ptr", "same_case", "srv")
 
     def __init__(self, svc: Service, domain: EncodedName) -> None:
         # canonical_name(svc.name, svc.namespace, svc.port, domain), as labels.
@@ -126,3 +126,7 @@ class Target:
         self.srv = len(rdata).to_bytes(2, "big") + rdata
         # PTR RDATA (length + name) when nothing of it compresses against the question.
         self.ptr = len(wire).to_bytes(2, "big") + wire
+        # The SRV reply after the question when the question is this very name, in
+        # this case (the common SRV question), for one service object and one record
+        # head (TTL): (service, head, bytes). Set by the fast path when first needed.
+        self.same_case: tuple[Service, bytes, bytes] | None = None
