@@ -26,7 +26,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-ORDER = ("core", "forward", "macro", "profile", "metrics", "mmsg", "scale", "sync", "soak", "fleet",
+ORDER = ("core", "forward", "macro", "profile", "metrics", "mmsg", "scale", "sync", "soak", "fleet", "fleet_100k",
          "etcd_fleet")
 
 
