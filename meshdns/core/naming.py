@@ -14,6 +14,7 @@ from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from .layered import evolve
 from .names import (
     DEFAULT_HOSTNAME_TEMPLATES,
     HostnameTemplate,
@@ -190,8 +191,8 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
                 domains: tuple[str, ...]) -> NameTable | None:
     """``build_names`` for a PATCH: ``old`` less what ``removed`` (deleted or rewritten
     services) had, plus the ``upserts``; None when a name is invalid or taken (the full
-    rebuild then names the error). Costs a copy of the tables it changes, and in the
-    size of the patch otherwise."""
+    rebuild then names the error). Costs the size of the patch: the rendered-name table
+    evolves as a layered map; the small tables it changes (ENT counts) are copied."""
     templates, select = old.templates, old.select
     rendered = _rendered(templates)
     if not rendered and not select:
@@ -202,15 +203,25 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
         still.difference_update(svc.key for svc in removed)
         still.update(spec.key for spec in upserts if not selects(spec, select))
         hidden = frozenset(still)
-    generated = old.generated
+    generated = base = old.generated
     ents = old.ents
     if rendered:
-        generated, ents = dict(old.generated), dict(old.ents)
+        # The rendered-name table holds every service's names: rather than copying it,
+        # collect what this patch deletes and writes and evolve it once (layered.py).
+        gone: set[str] = set()
+        put: dict[str, tuple[ServiceKey, int]] = {}
+
+        def owner_of(name: str) -> tuple[ServiceKey, int] | None:
+            if name in put:
+                return put[name]
+            return None if name in gone else base.get(name)
+
+        ents = dict(old.ents)
         for svc in removed:
             for name, _, _ in _names_of(svc, rendered, domains):
-                owner = generated.get(name)
+                owner = owner_of(name)
                 if owner is not None and owner[0] == svc.key:
-                    del generated[name]
+                    gone.add(name)  # removals come first: nothing of this patch's in put
                     if svc.key not in old.hidden:
                         for ent in _ents_above(name, domains):
                             _count(ents, ent, -1)
@@ -220,13 +231,13 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
             for name, i, _ in _names_of(spec, rendered, domains):
                 if not is_valid_generated(name) or name in domains:
                     return None
-                owner = generated.get(name)
+                owner = owner_of(name)
                 other = owner[0] if owner is not None else hostnames.get(name) or \
                     builtin_owner(name, services, domains, builtins)
                 if other is not None and other != key:
                     return None
                 if owner is None:
-                    generated[name] = (key, i)
+                    put[name] = (key, i)
                     if key not in hidden:
                         for ent in _ents_above(name, domains):
                             _count(ents, ent, 1)
@@ -239,9 +250,10 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
                 if "kuma" in builtins:
                     own.append(kuma_name(*key, domain))
             for alias in own:
-                owner = None if alias is None else generated.get(alias)
+                owner = None if alias is None else owner_of(alias)
                 if owner is not None and owner[0] != key:
                     return None
+        generated = evolve(base, gone, put.items())
     visible = old.visible_counts
     if select:
         assert visible is not None
