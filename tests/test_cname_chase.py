@@ -17,7 +17,6 @@ tests/test_glibc_search.py: this file is also the program run inside it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -38,6 +37,7 @@ import pytest
 import yaml
 
 from .apiclient import call
+from .netns import enter_private_network, require_namespaces, run_in_namespaces
 from .support import ServerThread, free_port, make_config, query, run_tool, running_server
 
 pytestmark = pytest.mark.skipif(shutil.which("unbound") is None, reason="unbound not installed")
@@ -467,23 +467,10 @@ options ndots:5 timeout:2 attempts:2
 
 
 def test_glibc_resolves_the_external_name_by_its_short_name(tmp_path: Path) -> None:
-    from .test_glibc_search import _namespaces_usable
-
-    missing = _namespaces_usable()
-    for tool in ("ip", "getent", "mount"):
-        if missing is None and shutil.which(tool) is None:
-            missing = f"{tool} is not installed"
-    if missing is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true, so this must run: {missing}")
-        pytest.skip(missing)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    run = subprocess.run(
-        ["unshare", "-n", "-m", sys.executable, "-m", "tests.test_cname_chase", "--inside",
-         str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert run.returncode == 0, f"inside the namespace:\n{run.stdout}\n{run.stderr}"
-    results = json.loads((tmp_path / "results.json").read_text())
+    require_namespaces("getent", "mount")
+    results = run_in_namespaces(
+        [sys.executable, "-m", "tests.test_cname_chase", "--inside", str(tmp_path)], tmp_path,
+        timeout=120)
     print(json.dumps(results, indent=1))
 
     def addresses(label: str) -> list[str]:
@@ -502,21 +489,14 @@ def test_glibc_resolves_the_external_name_by_its_short_name(tmp_path: Path) -> N
     assert results["loop"]["rc"] == 2  # SERVFAIL on every search name: not found, no hang
 
 
-def _sh(*args: str) -> None:
-    subprocess.run(list(args), check=True, capture_output=True, timeout=20)
-
-
 def inside(directory: Path) -> int:
     from meshdns.config import parse_config
 
     from .support import ServerThread, make_config
 
-    _sh("ip", "link", "set", "lo", "up")
-    _sh("ip", "addr", "add", "192.0.2.1/32", "dev", "lo")  # for AI_ADDRCONFIG, see test_glibc
-    for name, text in (("resolv.conf", RESOLV_CONF), ("nsswitch.conf", "hosts: files dns\n"),
-                       ("hosts", "127.0.0.1 localhost\n::1 localhost\n")):
-        (directory / name).write_text(text)
-        _sh("mount", "--bind", str(directory / name), f"/etc/{name}")
+    enter_private_network(directory, {"resolv.conf": RESOLV_CONF,
+                                      "nsswitch.conf": "hosts: files dns\n",
+                                      "hosts": "127.0.0.1 localhost\n::1 localhost\n"})
     cluster = ClusterDns(directory / "cluster", host="127.0.0.2", port=53).start()
     raw = make_config(directory, {"dns": {"upstreams": [cluster.address],
                                           "upstream_timeout": 2.0}})

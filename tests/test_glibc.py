@@ -7,21 +7,18 @@ mounts of resolv.conf, nsswitch.conf and hosts. Nothing leaves that namespace
 (it has no interface but lo) and nothing changes on the host.
 
 It skips, saying why, only when unshare is not permitted here; with CI=true it
-fails instead, so CI always runs it.
+fails instead, so CI always runs it (tests/netns.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from .netns import HOSTS, NSSWITCH, require_namespaces, run_in_namespaces
 
 SERVICES = [
     {"name": "frontend", "namespace": "kong", "port": 80, "vip": "240.0.0.7",
@@ -90,64 +87,35 @@ print(json.dumps(out))
 """
 
 
-def unshare_refusal() -> str | None:
-    """Why ``unshare -n -m`` cannot run here, or None when it can."""
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "unshare or ip is not installed"
-    if shutil.which("getent") is None:
-        return "getent is not installed"
-    try:
-        probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True, text=True,
-                               timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unshare -n -m true could not run: {exc}"
-    if probe.returncode != 0:
-        return f"unshare -n -m is not permitted here: {probe.stderr.strip()}"
-    return None
-
-
-@pytest.fixture(scope="module")
-def glibc_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
-    reason = unshare_refusal()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true, so the glibc test must run, but {reason}")
-        print(f"skipping the glibc test: {reason}")
-        pytest.skip(reason)
-
-    d: Path = tmp_path_factory.mktemp("glibc")
+def run_glibc_driver(d: Path, services: list[dict[str, object]], dns: dict[str, object],
+                     lookups: str) -> dict[str, dict[str, object]]:
+    """meshdns serving ``services`` on 127.0.0.1:53 (``dns`` added to its dns section)
+    in private namespaces, then the ``lookups`` script there: its JSON results."""
+    require_namespaces("getent")
     (d / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
-    (d / "nsswitch.conf").write_text(
-        "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\n")
-    (d / "hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
+    (d / "nsswitch.conf").write_text(NSSWITCH)
+    (d / "hosts").write_text(HOSTS)
     (d / "upstream-resolv.conf").write_text("# no nameservers: meshdns forwards nothing\n")
-    (d / "seed.yaml").write_text(yaml.safe_dump({"services": SERVICES}))
+    (d / "seed.yaml").write_text(yaml.safe_dump({"services": services}))
     (d / "meshdns.yaml").write_text(yaml.safe_dump({
         "dns": {"listen": ["127.0.0.1:53"], "upstreams": [],
-                "resolv_conf": str(d / "upstream-resolv.conf")},
+                "resolv_conf": str(d / "upstream-resolv.conf"), **dns},
         "api": {"listen": "127.0.0.1:15080"},
-        # No allocated IPv6 VIPs: backend has no AAAA, which glibc must see as NODATA.
+        # No allocated IPv6 VIPs: a service without vip6 has no AAAA (glibc: NODATA).
         "registry": {"seed_file": str(d / "seed.yaml"), "cidr6": None},
         "log": {"level": "warning"},
     }))
     (d / "driver.sh").write_text(DRIVER)
     (d / "probe.py").write_text(PROBE)
-    (d / "lookups.py").write_text(LOOKUPS)
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHDNS_")}
-    env["PYTHON"] = sys.executable
-    proc = subprocess.Popen(["unshare", "-n", "-m", "sh", str(d / "driver.sh"), str(d)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session this test started, nothing else
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"the namespace driver timed out\n{stdout}\n{stderr}")
-    assert proc.returncode == 0, f"driver exited {proc.returncode}\n{stdout}\n{stderr}"
-    results: dict[str, dict[str, object]] = json.loads((d / "results.json").read_text())
+    (d / "lookups.py").write_text(lookups)
+    results: dict[str, dict[str, object]] = run_in_namespaces(
+        ["env", f"PYTHON={sys.executable}", "sh", str(d / "driver.sh"), str(d)], d)
     return results
+
+
+@pytest.fixture(scope="module")
+def glibc_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+    return run_glibc_driver(tmp_path_factory.mktemp("glibc"), SERVICES, {}, LOOKUPS)
 
 
 def lines(result: dict[str, object]) -> list[list[str]]:

@@ -20,16 +20,13 @@ Skips, printing why, only when unshare is not permitted; with CI=true it fails.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
+from .netns import enter_private_network, require_namespaces, run_in_namespaces
 
-REPO = Path(__file__).resolve().parent.parent
 SEARCH = "default.svc.cluster.local"
 RESOLV_CONF = f"""\
 # written by tests/test_glibc_search.py, bind-mounted over /etc/resolv.conf
@@ -47,37 +44,10 @@ LOOKUPS = {
 }
 
 
-def _namespaces_usable() -> str | None:
-    """None when ``unshare -n -m`` works here, else why not."""
-    if shutil.which("unshare") is None:
-        return "unshare is not installed"
-    try:
-        probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True, text=True,
-                               timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unshare -n -m failed: {exc}"
-    if probe.returncode != 0:
-        return f"unshare -n -m is not permitted here: {probe.stderr.strip()}"
-    return None
-
-
 def test_search_list_mesh_name_takes_one_query_and_other_names_forward(tmp_path: Path) -> None:
-    missing = _namespaces_usable()
-    for tool in ("ip", "getent", "unbound", "mount"):
-        if missing is None and shutil.which(tool) is None:
-            missing = f"{tool} is not installed"
-    if missing is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true, so this must run: {missing}")
-        print(f"skipping glibc search-list test: {missing}")
-        pytest.skip(missing)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    run = subprocess.run(
-        ["unshare", "-n", "-m", sys.executable, "-m", "tests.test_glibc_search", "--inside",
-         str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=90, check=False)
-    assert run.returncode == 0, f"inside the namespace:\n{run.stdout}\n{run.stderr}"
-    results = json.loads((tmp_path / "results.json").read_text())
+    require_namespaces("getent", "unbound", "mount")
+    results = run_in_namespaces(
+        [sys.executable, "-m", "tests.test_glibc_search", "--inside", str(tmp_path)], tmp_path)
     print(json.dumps(results, indent=1))
 
     mesh = results["mesh"]
@@ -101,26 +71,14 @@ def test_search_list_mesh_name_takes_one_query_and_other_names_forward(tmp_path:
 # ---------------------------------------------------------------- inside the namespaces
 
 
-def _sh(*args: str) -> None:
-    subprocess.run(list(args), check=True, capture_output=True, timeout=20)
-
-
 def inside(directory: Path) -> int:
     from meshdns.config import parse_config
 
     from .fake_upstream import Unbound
     from .support import ServerThread, make_config
 
-    _sh("ip", "link", "set", "lo", "up")
-    # getent ahosts* passes AI_ADDRCONFIG: glibc then wants an address other than
-    # 127.0.0.1/::1 configured. A documentation address on lo is local to this
-    # namespace; nothing is ever sent anywhere.
-    _sh("ip", "addr", "add", "192.0.2.1/32", "dev", "lo")
-    for name, text in (("resolv.conf", RESOLV_CONF), ("nsswitch.conf", NSSWITCH),
-                       ("hosts", HOSTS)):
-        (directory / name).write_text(text)
-        _sh("mount", "--bind", str(directory / name), f"/etc/{name}")
-
+    enter_private_network(directory, {"resolv.conf": RESOLV_CONF, "nsswitch.conf": NSSWITCH,
+                                      "hosts": HOSTS})
     (directory / "unbound").mkdir(exist_ok=True)
     unbound = Unbound(directory / "unbound").start()
     raw = make_config(directory, {"dns": {"upstreams": [unbound.address],
