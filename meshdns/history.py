@@ -62,10 +62,10 @@ class Changes:
 def changed_keys(base: Registry, new: Registry) -> tuple[ServiceKey, ...]:
     """The keys whose service differs between ``base`` and ``new``."""
     old, cur = base.services, new.services
-    delta = new._delta
+    touched = new.touched_since(base)
     candidates: Iterable[ServiceKey]
-    if delta is not None and delta[:2] == (base.revision, len(old)):
-        candidates = chain(delta[2], delta[3])  # what this incremental PATCH touched
+    if touched is not None:
+        candidates = chain(*touched)  # what this incremental PATCH touched
     else:
         candidates = chain(cur, (k for k in old if k not in cur))
     return tuple(k for k in candidates

@@ -101,10 +101,10 @@ def outdated_names(old: Zone, new: Zone) -> set[str] | None:
         # Rendered template names and dns.select are not listed per service here:
         # empty everything (correct, if slower to warm again).
         return None
-    delta = reg._delta
-    if delta is None or delta[:2] != (base.revision, len(base.services)):
+    touched = reg.touched_since(base)
+    if touched is None:
         return None
-    keys = (*delta[2], *delta[3])
+    keys = (*touched[0], *touched[1])
     if len(keys) > SELECTIVE_DROP_LIMIT:
         return None
     names: set[str] = set()

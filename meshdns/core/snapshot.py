@@ -88,6 +88,15 @@ class Registry:
     # Template-rendered names and what dns.select hides (see naming.py).
     names: NameTable = field(default=DEFAULT_NAMES, repr=False)
 
+    def touched_since(self, base: Registry
+                      ) -> tuple[tuple[ServiceKey, ...], tuple[ServiceKey, ...]] | None:
+        """(keys written, keys deleted) when this snapshot is one incremental PATCH
+        applied to ``base``; None when that is not known (a full rebuild, another base)."""
+        delta = self._delta
+        if delta is None or delta[:2] != (base.revision, len(base.services)):
+            return None
+        return delta[2], delta[3]
+
     @classmethod
     def empty(cls) -> Registry:
         return cls(0, {}, {}, {}, {}, {}, {}, {}, {})
@@ -133,15 +142,15 @@ def free_vips_after(base: Registry, base_free: Mapping[str, int], reg: Registry,
     addresses the patch touched can change state: the VIPs of the services it wrote
     or deleted, and the held ones it added or dropped.
     """
-    delta = reg._delta
-    if delta is None or delta[:2] != (base.revision, len(base.services)):
+    touched_keys = reg.touched_since(base)
+    if touched_keys is None:
         return None
     out = dict(base_free)
     families = [("ipv4", policy.range4, base.by_vip4, base.held4, reg.by_vip4, reg.held4)]
     if policy.range6 is not None:
         families.append(("ipv6", policy.range6, base.by_vip6, base.held6, reg.by_vip6,
                          reg.held6))
-    keys = {*delta[2], *delta[3]}
+    keys = {*touched_keys[0], *touched_keys[1]}
     for i, (family, rng, used0, held0, used1, held1) in enumerate(families):
         if family not in out:
             return None

@@ -317,10 +317,10 @@ def plan_write(prefix: str, base: Registry, new: Registry, claim_revisions: Mapp
                ) -> Plan:
     """The etcd operations that turn ``base`` into ``new`` (O(change) for a PATCH)."""
     plan = Plan()
-    delta = new._delta
+    patched = new.touched_since(base)
     touched: Iterable[ServiceKey]
-    if delta is not None and delta[:2] == (base.revision, len(base.services)):
-        touched = set(delta[2]) | set(delta[3])
+    if patched is not None:
+        touched = set(patched[0]) | set(patched[1])
     else:
         touched = set(base.services) | set(new.services)
     old_services, services = base.services, new.services

@@ -45,12 +45,12 @@ def journal_entry(base: Registry, new: Registry) -> dict[str, Any] | None:
     """What ``new`` changes relative to ``base`` (unchanged services cost a compare);
     None when that is a large part of the registry: a snapshot is the better write."""
     old_services, services = base.services, new.services
-    delta = new._delta
+    touched = new.touched_since(base)
     written: Collection[ServiceKey]
     deleted: Collection[ServiceKey]
-    if delta is not None and delta[:2] == (base.revision, len(old_services)):
+    if touched is not None:
         # An incremental PATCH of this very snapshot says which keys it touched.
-        written, deleted = delta[2], delta[3]
+        written, deleted = touched
     else:
         written, deleted = services.keys(), old_services.keys()
     changed = [s for k in written if (s := services.get(k)) is not None
