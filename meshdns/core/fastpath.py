@@ -56,9 +56,10 @@ Fast = tuple[bytes, int, int, str | None]
 class FastPath:
     """Wire replies for the common questions of one zone (one registry snapshot)."""
 
-    __slots__ = ("_a", "_a_rr", "_aaaa", "_aaaa_rr", "_domain0", "_domains", "_known", "_known_cap", "_names",
-                 "_nodata", "_nxdomain", "_off", "_one", "_ptr_head", "_ra", "_serial", "_soa",
-                 "_soa_ttl", "_srv_a", "_srv_aaaa", "_srv_head", "_targets", "_two", "zone")
+    __slots__ = ("_a", "_a_rr", "_aaaa", "_aaaa_rr", "_domain0", "_domains", "_known",
+                 "_known_cap", "_names", "_nodata", "_nxdomain", "_off", "_one", "_ptr_head",
+                 "_ra", "_serial", "_soa", "_soa_ttl", "_srv_a", "_srv_aaaa", "_srv_head",
+                 "_targets", "_two", "zone")
 
     def __init__(self, zone: Zone) -> None:
         s = zone.settings
@@ -212,7 +213,7 @@ class FastPath:
                     return None
                 # A host name outside the served domains is its own tiny zone.
                 svc = reg.services[svc_key]
-                apex, target_domain = key, zone.settings.domains[0]
+                apex, target_domain = key, self._domain0
             a_rdata = svc.vip.to_bytes(4, "big")
             if len(self._known) < self._known_cap:
                 self._known[key] = (a_rdata, svc, apex, target_domain)

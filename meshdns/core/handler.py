@@ -105,8 +105,7 @@ class Tally:
             if hits:
                 if hits > 1:
                     reused += 1
-                key = (proto, e[2])
-                self.requests[key] = self.requests.get(key, 0) + hits
+                self.request(proto, e[2], hits)
                 self.response(e[3], "local", hits)
                 if reset:
                     e[1] = 0
@@ -117,8 +116,7 @@ class Tally:
         # Requests only: the forwarder counts the replies (cache or upstream).
         for f in list(entries.values()):
             if f.hits:
-                key = (proto, f.query.qtype)
-                self.requests[key] = self.requests.get(key, 0) + f.hits
+                self.request(proto, f.query.qtype, f.hits)
                 if reset:
                     f.hits = 0
 

@@ -28,7 +28,6 @@ class StoreCollector:
             free = free_vips_after(cached[0], cached[1], reg, self.policy)
             self._free_cache = None if free is None else (reg, free)
 
-
     def collect(self) -> Iterator[Metric]:
         store = self.store
         reg = store.registry
@@ -55,13 +54,7 @@ class StoreCollector:
                                   value=store.state_write_failures)
 
     def _free(self, reg: Registry) -> dict[str, int]:
-        # Counting free VIPs walks the registry: do it once per revision, not per scrape.
-        cached = self._free_cache
-        if cached is not None and cached[0] is reg:
-            return cached[1]
-        free = None if cached is None else free_vips_after(cached[0], cached[1], reg,
-                                                            self.policy)
-        if free is None:
-            free = reg.free_vips(self.policy)
-        self._free_cache = (reg, free)
-        return free
+        # Counted in full only when _advance could not carry the count over a change.
+        if self._free_cache is None or self._free_cache[0] is not reg:
+            self._free_cache = (reg, reg.free_vips(self.policy))
+        return self._free_cache[1]
