@@ -296,9 +296,11 @@ def closed_port() -> int:
 
 # ---------------------------------------------------------------- a real unbound on loopback
 
-UNBOUND_CONF = """\
+# The server clause every test unbound starts from: one address on loopback, in
+# the foreground, no chroot, pidfile, syslog or privileges to drop, iterator only.
+UNBOUND_SERVER = """\
 server:
-    interface: 127.0.0.1
+    interface: {host}
     port: {port}
     do-ip6: no
     do-daemonize: no
@@ -314,6 +316,9 @@ server:
     interface-automatic: no
     access-control: 127.0.0.0/8 allow
     module-config: "iterator"
+"""
+
+UNBOUND_CONF = UNBOUND_SERVER + """\
     do-not-query-localhost: yes
     # Local data only. "." static makes every other name NXDOMAIN from unbound
     # itself: it never iterates, so it never contacts any address at all.
@@ -345,7 +350,8 @@ class Unbound:
         self.port = port or free_port()
         lines = "\n".join(f'    local-data: "{rr}"' for rr in (data or UNBOUND_DATA))
         self.conf = self.dir / "unbound.conf"
-        self.conf.write_text(UNBOUND_CONF.format(port=self.port, dir=self.dir, data=lines))
+        self.conf.write_text(UNBOUND_CONF.format(host=LOCAL, port=self.port, dir=self.dir,
+                                                 data=lines))
         self.log = self.dir / "unbound.log"
         self.proc: Any = None
 

@@ -37,6 +37,7 @@ import pytest
 import yaml
 
 from .apiclient import call
+from .fake_upstream import UNBOUND_SERVER
 from .netns import enter_private_network, require_namespaces, run_in_namespaces
 from .support import ServerThread, free_port, make_config, query, run_tool, running_server
 
@@ -66,24 +67,7 @@ CLUSTER_ZONE = [
 ]
 ROOT_ZONE = [". 300 IN SOA ns.root. host.root. 1 3600 600 86400 30", ". 300 IN NS ns.root."]
 
-UNBOUND_CONF = """\
-server:
-    interface: {host}
-    port: {port}
-    do-ip6: no
-    do-daemonize: no
-    chroot: ""
-    username: ""
-    pidfile: ""
-    directory: "{dir}"
-    logfile: ""
-    use-syslog: no
-    verbosity: 0
-    num-threads: 1
-    so-reuseport: no
-    interface-automatic: no
-    access-control: 127.0.0.0/8 allow
-    module-config: "iterator"
+UNBOUND_CONF = UNBOUND_SERVER + """\
     # Only ever asks meshdns (the forward-zone), which runs on loopback.
     do-not-query-localhost: {no_localhost}
 auth-zone:
