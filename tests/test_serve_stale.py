@@ -6,8 +6,10 @@ refresh period pass without sleeping; unbound, the sockets and dig are real.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import dns.rcode
@@ -28,6 +30,26 @@ ZONE = [
 def unbound_serving(directory: Path, port: int | None, address: str) -> Unbound:
     directory.mkdir()
     return Unbound(directory, port=port, data=[*ZONE, f"web.example.test. 5 IN A {address}"])
+
+
+@contextlib.contextmanager
+def forwarding_to(tmp_path: Path, address: str, serve_stale: int
+                  ) -> Iterator[tuple[ServerThread, Unbound, Clock]]:
+    """meshdns forwarding to an unbound that serves web.example.test = ``address``
+    (TTL 5), with ``dns.serve_stale`` and the forwarder's clock moved by hand."""
+    clock = Clock()
+    upstream = unbound_serving(tmp_path / "u", None, address).start()
+    try:
+        raw = make_config(tmp_path, {"dns": {"upstreams": [upstream.address],
+                                             "upstream_timeout": 0.5,
+                                             "serve_stale": serve_stale}})
+        with running_server(raw) as server:
+            fwd = server.mesh.forwarder
+            assert fwd is not None
+            fwd.clock = clock
+            yield server, upstream, clock
+    finally:
+        upstream.stop()
 
 
 def answer(server: ServerThread, name: str = "web.example.test") -> tuple[int, list[str], int]:
@@ -106,41 +128,21 @@ def test_stale_answers_with_ttl_30_while_unbound_is_down_then_fresh(tmp_path: Pa
 
 
 def test_servfail_once_nothing_stale_is_left(tmp_path: Path) -> None:
-    clock = Clock()
-    upstream = unbound_serving(tmp_path / "u", None, "192.0.2.60").start()
-    try:
-        raw = make_config(tmp_path, {"dns": {"upstreams": [upstream.address],
-                                             "upstream_timeout": 0.5, "serve_stale": 100}})
-        with running_server(raw) as server:
-            fwd = server.mesh.forwarder
-            assert fwd is not None
-            fwd.clock = clock
-            assert answer(server)[1] == ["192.0.2.60"]
-            upstream.stop()
-            clock.now += 50  # 45 s past expiry: inside serve_stale
-            assert answer(server) == (dns.rcode.NOERROR, ["192.0.2.60"], 30)
-            clock.now += 60  # 105 s past expiry: nothing stale is left
-            assert answer(server) == (dns.rcode.SERVFAIL, [], -1)
-            # A name never answered has nothing stale either.
-            assert answer(server, "other.example.test")[0] == dns.rcode.SERVFAIL
-    finally:
+    with forwarding_to(tmp_path, "192.0.2.60", serve_stale=100) as (server, upstream, clock):
+        assert answer(server)[1] == ["192.0.2.60"]
         upstream.stop()
+        clock.now += 50  # 45 s past expiry: inside serve_stale
+        assert answer(server) == (dns.rcode.NOERROR, ["192.0.2.60"], 30)
+        clock.now += 60  # 105 s past expiry: nothing stale is left
+        assert answer(server) == (dns.rcode.SERVFAIL, [], -1)
+        # A name never answered has nothing stale either.
+        assert answer(server, "other.example.test")[0] == dns.rcode.SERVFAIL
 
 
 def test_serve_stale_0_disables_it(tmp_path: Path) -> None:
-    clock = Clock()
-    upstream = unbound_serving(tmp_path / "u", None, "192.0.2.70").start()
-    try:
-        raw = make_config(tmp_path, {"dns": {"upstreams": [upstream.address],
-                                             "upstream_timeout": 0.5, "serve_stale": 0}})
-        with running_server(raw) as server:
-            fwd = server.mesh.forwarder
-            assert fwd is not None
-            fwd.clock = clock
-            assert answer(server)[1] == ["192.0.2.70"]
-            upstream.stop()
-            clock.now += 6
-            assert answer(server)[0] == dns.rcode.SERVFAIL
-            assert stale_total(server) == 0
-    finally:
+    with forwarding_to(tmp_path, "192.0.2.70", serve_stale=0) as (server, upstream, clock):
+        assert answer(server)[1] == ["192.0.2.70"]
         upstream.stop()
+        clock.now += 6
+        assert answer(server)[0] == dns.rcode.SERVFAIL
+        assert stale_total(server) == 0
