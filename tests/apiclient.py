@@ -21,7 +21,7 @@ import dns.message
 import dns.query
 import yaml
 
-from .support import free_port
+from .support import free_port, stop_process
 
 T = TypeVar("T")
 
@@ -168,12 +168,7 @@ class ServerProcess:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

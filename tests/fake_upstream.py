@@ -37,7 +37,7 @@ import dns.message
 import dns.query
 from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
-from .support import free_port
+from .support import free_port, stop_process
 
 LOCAL = "127.0.0.1"
 
@@ -379,13 +379,7 @@ class Unbound:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
     def __enter__(self) -> Unbound:
         return self.start()

@@ -37,6 +37,18 @@ DEMO_SERVICES: list[dict[str, Any]] = [
 ]
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, grace: float = 10.0) -> None:
+    """SIGTERM ``proc`` if it still runs, and SIGKILL it if it outlives ``grace`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+
+
 def free_port() -> int:
     """A 127.0.0.1 port free for both UDP and TCP right now (DNS binds both; another
     process may still take it before the caller does)."""

@@ -39,7 +39,15 @@ import yaml
 from .apiclient import call
 from .fake_upstream import UNBOUND_SERVER
 from .netns import enter_private_network, require_namespaces, run_in_namespaces
-from .support import ServerThread, free_port, make_config, query, run_tool, running_server
+from .support import (
+    ServerThread,
+    free_port,
+    make_config,
+    query,
+    run_tool,
+    running_server,
+    stop_process,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("unbound") is None, reason="unbound not installed")
 
@@ -139,13 +147,7 @@ class ClusterDns:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")
