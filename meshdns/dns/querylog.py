@@ -18,6 +18,7 @@ from typing import Any
 
 from ..core.wire import WireError, parse_query, rcode_name
 from ..core.zone import qtype_name
+from .reply import reply_rcode
 
 log = logging.getLogger("meshdns.query")
 
@@ -55,7 +56,7 @@ def exchange_fields(proto: str, addr: Any, query: bytes, reply: bytes | None,
     if reply is None or len(reply) < 4:
         fields.update(rcode="-", rflags="", rsize=0)
     else:
-        fields.update(rcode=rcode_name(reply[3] & 0x0F),
+        fields.update(rcode=rcode_name(reply_rcode(reply)),
                       rflags=",".join(n for i, bit, n in _FLAGS if reply[i] & bit),
                       rsize=len(reply))
     fields.update(duration=round(seconds, 6), forwarded=forwarded)
