@@ -122,10 +122,6 @@ class Forwarder:
     def inflight(self) -> int:
         return len(self._inflight)
 
-    @property
-    def rejected_total(self) -> int:
-        return sum(self.rejected.values())
-
     def upstream_stats(self) -> dict[str, UpstreamStats]:
         """Per-upstream counters keyed by "host:port" (for the metrics collector)."""
         return {up.label: up.stats for up in self.upstreams}
