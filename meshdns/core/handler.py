@@ -127,10 +127,6 @@ class Tally:
 _Entry = list[Any]
 
 
-def _entry(tail: bytes, qtype: int, rcode: int) -> _Entry:
-    return [tail, 0, qtype, rcode]
-
-
 class _Forward:
     """A query already decided to be forwarded, kept so a repeat skips parse and policy."""
 
@@ -393,7 +389,7 @@ class MessageHandler:
         cache = st.udp if proto == "udp" else st.tcp
         if len(cache) >= self.cache_limit:
             self._clear(st, proto)
-        cache[tail] = _entry(wire[2:], qtype, rcode)
+        cache[tail] = [wire[2:], 0, qtype, rcode]
         st.index[proto].add(tail, name)
 
     def _clear(self, st: _State, proto: str) -> None:
