@@ -14,7 +14,8 @@ import pytest
 from dnslib import EDNS0, QTYPE, RR, SOA, A, DNSRecord
 
 from meshdns.config import DnsConfig, HostPort
-from meshdns.core.handler import ForwardRequest, Tally, udp_limit
+from meshdns.core.handler import ForwardRequest, udp_limit
+from meshdns.core.tally import Tally
 from meshdns.core.wire import parse_query
 from meshdns.dns.cache import CachedReply, ReplyCache
 from meshdns.dns.forwarder import Forwarder

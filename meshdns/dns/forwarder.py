@@ -43,7 +43,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..config import DnsConfig, HostPort
-from ..core.handler import ForwardRequest, Tally
+from ..core.handler import ForwardRequest
+from ..core.tally import Tally
 from ..core.wire import RCODE_SERVFAIL, Query
 from ..core.zone import Zone
 from .cache import CachedReply, CacheKey, ReplyCache, Served, StaleReply

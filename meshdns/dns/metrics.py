@@ -16,7 +16,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-from ..core.handler import QTYPE_INVALID, MessageHandler
+from ..core.handler import MessageHandler
+from ..core.tally import QTYPE_INVALID
 from ..core.wire import rcode_name
 from ..core.zone import qtype_name
 from .forwarder import Forwarder
