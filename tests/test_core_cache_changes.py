@@ -3,8 +3,9 @@
 After a random PATCH of a random registry (worlds and questions as in
 test_core_fastpath_equivalence.py), a resolver that kept its cached replies,
 dropping only what the change outdated, answers every question exactly as a
-fresh resolver of the new snapshot does; and a one-service PATCH keeps the
-other services' replies, with every hit still counted once.
+fresh resolver of the new snapshot does, also over several PATCHes in a row with
+caches small enough to clear themselves; and a one-service PATCH keeps the other
+services' replies, with every hit still counted once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .test_core_fastpath_equivalence import (
     World,
     demo_world,
     packet,
+    questions_for,
     random_case,
     worlds,
 )
@@ -149,3 +151,34 @@ def test_service_names_are_the_names_it_answers() -> None:
         "frontend.kong.svc.80.mesh.local", "frontend_kong_svc_80.mesh.local",
         ipaddress.IPv4Address("240.0.0.7").reverse_pointer,
         ipaddress.IPv6Address("fd00:fd00::7").reverse_pointer}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(worlds(), st.data(), st.integers(0, 2**32), st.sampled_from((4, 64, 100_000)))
+def test_a_long_lived_handler_matches_a_fresh_one_after_every_change(
+        world: World, data: st.DataObject, seed: int, cache_size: int) -> None:
+    """Several PATCHes in a row, each answered by one handler kept across them all (its
+    cache, name table and admission state carried over, a small cache clearing itself
+    on the way) and by a fresh handler of the same snapshot: the replies are the same
+    after every change, and the kept handler has counted every request exactly once."""
+    rng = random.Random(seed)
+    kept = MessageHandler(world.zone, answer_cache_size=cache_size)
+    zone, asked = world.zone, 0
+    packets: dict[tuple[str, str | int], bytes] = {}
+    for _ in range(data.draw(st.integers(1, 5), label="changes")):
+        upserts, deletes = patch_specs(data.draw, World(zone, world.policy, world.questions))
+        try:
+            reg = apply_patch(zone.registry, upserts, deletes, world.policy, 2.0)
+        except RegistryError:
+            continue
+        zone = Zone(reg, zone.settings)
+        kept.set_zone(zone)
+        for n, t, _ in (*world.questions, *questions_for(zone)):
+            if (n, t) not in packets:  # the same bytes after every change: cache keys
+                packets[n, t] = packet(random_case(n, rng), t, rng, rng.choice((0, 1)))
+        asking = list(packets.values())
+        assert ask_all(kept, asking) == ask_all(MessageHandler(zone), asking)
+        assert ask_all(kept, asking) == ask_all(MessageHandler(zone), asking)  # cached now
+        asked += 4 * len(asking)  # two rounds, UDP and TCP each
+        counts = kept.snapshot_counts()
+        assert sum(counts.requests.values()) == asked
