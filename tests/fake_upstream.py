@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import dns.exception
 import dns.message
@@ -341,47 +341,62 @@ UNBOUND_DATA = [
 
 
 class Unbound:
-    """unbound serving ``UNBOUND_DATA`` on 127.0.0.1:<free port>, in the foreground."""
+    """unbound serving ``UNBOUND_DATA`` on 127.0.0.1:<free port>, in the foreground.
+
+    Subclasses (a cluster's DNS in test_cname_chase.py) write their own config
+    (:meth:`write_conf`) and say when they are up (:meth:`ready`)."""
 
     def __init__(self, directory: Path, binary: str = "unbound", port: int | None = None,
-                 data: list[str] | None = None) -> None:
+                 data: list[str] | None = None, host: str = LOCAL) -> None:
         self.dir = Path(directory)
         self.binary = binary
+        self.host = host
         self.port = port or free_port()
-        lines = "\n".join(f'    local-data: "{rr}"' for rr in (data or UNBOUND_DATA))
         self.conf = self.dir / "unbound.conf"
-        self.conf.write_text(UNBOUND_CONF.format(host=LOCAL, port=self.port, dir=self.dir,
-                                                 data=lines))
         self.log = self.dir / "unbound.log"
         self.proc: Any = None
+        self.write_conf(data or UNBOUND_DATA)
+
+    def write_conf(self, data: list[str]) -> None:
+        lines = "\n".join(f'    local-data: "{rr}"' for rr in data)
+        self.conf.write_text(UNBOUND_CONF.format(host=self.host, port=self.port, dir=self.dir,
+                                                 data=lines))
 
     @property
     def address(self) -> str:
-        return f"{LOCAL}:{self.port}"
+        return f"{self.host}:{self.port}"
 
-    def start(self, wait: float = 15.0) -> Unbound:
+    def ask(self, name: str, rdtype: str = "A", timeout: float = 3.0) -> dns.message.Message:
+        return dns.query.udp(dns.message.make_query(name, rdtype), self.host, port=self.port,
+                             timeout=timeout)
+
+    def ready(self) -> bool:
+        """Up: it answers (any answer) within 0.2 s."""
+        self.ask("www.example.test", timeout=0.2)
+        return True
+
+    def start(self, wait: float = 15.0) -> Self:
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen([self.binary, "-d", "-c", str(self.conf)],
                                          stdout=log, stderr=subprocess.STDOUT)
-        probe = dns.message.make_query("www.example.test", "A")
         deadline = time.monotonic() + wait
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"unbound exited: {self.log.read_text()}")
             try:
-                dns.query.udp(probe, LOCAL, port=self.port, timeout=0.2)
-                return self
+                if self.ready():
+                    return self
             except (OSError, dns.exception.Timeout):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("unbound did not answer in time: "
-                                       + self.log.read_text()) from None
-                time.sleep(0.05)
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("unbound did not answer in time: " + self.log.read_text())
+            time.sleep(0.05)
 
     def stop(self) -> None:
         stop_process(self.proc)
 
-    def __enter__(self) -> Unbound:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

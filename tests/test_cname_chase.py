@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dns.exception
 import dns.flags
 import dns.message
 import dns.query
@@ -37,16 +36,14 @@ import pytest
 import yaml
 
 from .apiclient import call
-from .fake_upstream import UNBOUND_SERVER
+from .fake_upstream import UNBOUND_SERVER, Unbound
 from .netns import enter_private_network, require_namespaces, run_in_namespaces
 from .support import (
     ServerThread,
-    free_port,
     make_config,
     query,
     run_tool,
     running_server,
-    stop_process,
 )
 
 pytestmark = pytest.mark.skipif(shutil.which("unbound") is None, reason="unbound not installed")
@@ -96,7 +93,7 @@ remote-control:
 """
 
 
-class ClusterDns:
+class ClusterDns(Unbound):
     """unbound as a cluster's DNS: ``cluster.local`` from a zone file, NXDOMAIN for the
     rest. With ``iterate`` (implied by ``mesh``) ``cluster.local`` is resolved by its
     iterator, which chases CNAMEs itself; with ``mesh`` set, the ``mesh.`` zone is
@@ -105,49 +102,24 @@ class ClusterDns:
     def __init__(self, directory: Path, host: str = "127.0.0.1", port: int | None = None,
                  mesh: str | None = None, iterate: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.dir, self.host, self.port = directory, host, port or free_port()
-        (directory / "cluster.zone").write_text(
+        self.mesh, self.iterate = mesh, iterate
+        super().__init__(directory, port=port, host=host)
+
+    def write_conf(self, data: list[str]) -> None:
+        (self.dir / "cluster.zone").write_text(
             "$ORIGIN cluster.local.\n" + "\n".join(CLUSTER_ZONE) + "\n")
-        (directory / "root.zone").write_text("\n".join(ROOT_ZONE) + "\n")
+        (self.dir / "root.zone").write_text("\n".join(ROOT_ZONE) + "\n")
         forward = ""
-        if mesh is not None:
-            mhost, mport = mesh.rsplit(":", 1)
+        if self.mesh is not None:
+            mhost, mport = self.mesh.rsplit(":", 1)
             forward = f'forward-zone:\n    name: "mesh."\n    forward-addr: {mhost}@{mport}\n'
-        (directory / "unbound.conf").write_text(UNBOUND_CONF.format(
-            host=host, port=self.port, dir=directory, forward=forward,
-            downstream="no" if mesh or iterate else "yes",
-            no_localhost="no" if mesh else "yes"))
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf.write_text(UNBOUND_CONF.format(
+            host=self.host, port=self.port, dir=self.dir, forward=forward,
+            downstream="no" if self.mesh or self.iterate else "yes",
+            no_localhost="no" if self.mesh else "yes"))
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def ask(self, name: str, rdtype: str = "A", timeout: float = 3.0) -> dns.message.Message:
-        return dns.query.udp(dns.message.make_query(name, rdtype), self.host, port=self.port,
-                             timeout=timeout)
-
-    def start(self, wait: float = 15.0) -> ClusterDns:
-        log = (self.dir / "unbound.log").open("wb")
-        self.proc = subprocess.Popen(["unbound", "-d", "-c", str(self.dir / "unbound.conf")],
-                                     stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + wait
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("unbound exited: " + (self.dir / "unbound.log").read_text())
-            try:
-                if self.ask("web.default.svc.cluster.local", timeout=0.2).answer:
-                    return self
-            except (OSError, dns.exception.Timeout):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("unbound did not answer in time: "
-                                   + (self.dir / "unbound.log").read_text())
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
+    def ready(self) -> bool:
+        return bool(self.ask("web.default.svc.cluster.local", timeout=0.2).answer)
 
 
 @pytest.fixture(scope="module")
