@@ -274,15 +274,7 @@ class Follower:
             return self._adopt(data)
 
     def _adopt(self, data: bytes) -> Registry:
-        try:
-            doc: Any = json.loads(data)
-        except (ValueError, RecursionError) as exc:
-            raise SyncError(f"leader sent malformed JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise SyncError("leader sent no registry object")
-        revision = doc.get("revision")
-        if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
-            raise SyncError(f"leader sent a bad revision {revision!r}")
+        doc, revision = _leader_document(data, "registry")
         try:
             specs = parse_services(doc.get("services"), "services", consume=True,
                                    known=self.store.registry.services)
@@ -291,19 +283,10 @@ class Follower:
             raise SyncError(f"leader's registry does not fit this follower: {exc.field}: "
                             f"{exc.message}") from None
 
-
     def parse_delta(self, data: bytes) -> tuple[int, list[ServiceSpec], list[ServiceKey]]:
         """A delta's revision, upserts (VIPs as the leader gave them) and deletes."""
         with gc_paused():
-            try:
-                doc: Any = json.loads(data)
-            except (ValueError, RecursionError) as exc:
-                raise SyncError(f"leader sent malformed JSON: {exc}") from None
-            if not isinstance(doc, dict):
-                raise SyncError("leader sent no delta object")
-            revision = doc.get("revision")
-            if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
-                raise SyncError(f"leader sent a bad revision {revision!r}")
+            doc, revision = _leader_document(data, "delta")
             try:
                 upserts = parse_services(doc.get("upsert"), "upsert", consume=True,
                                          known=self.store.registry.services)
@@ -326,6 +309,20 @@ class Follower:
             raise SyncError(f"leader's delta does not apply here: {exc.field}: "
                             f"{exc.message}") from None
         return new if new.revision == revision else replace(new, revision=revision)
+
+
+def _leader_document(data: bytes, kind: str) -> tuple[dict[str, Any], int]:
+    """A leader's JSON object (a ``kind``: registry or delta) and its revision."""
+    try:
+        doc: Any = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise SyncError(f"leader sent malformed JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise SyncError(f"leader sent no {kind} object")
+    revision = doc.get("revision")
+    if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
+        raise SyncError(f"leader sent a bad revision {revision!r}")
+    return doc, revision
 
 
 class FollowerCollector:
