@@ -20,7 +20,7 @@ import dns.rcode
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .support import ServerThread, free_port, make_config, query, running_server
+from .support import ServerThread, free_port, make_config, query, running_server, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -196,12 +196,7 @@ def test_real_prometheus_scrapes_registry_size(tmp_path: Path) -> None:
             assert result is not None, (tmp_path / "prom.log").read_text()[-2000:]
             assert float(result[0]["value"][1]) == len(server.mesh.store.registry) == 3
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc)
 
 
 def test_no_log_line_per_packet_at_the_default_level(

@@ -53,7 +53,7 @@ from .apiclient import call, wait_for
 from .etcd_cluster import EtcdCluster
 from .fake_upstream import Unbound
 from .promql import dashboard_metrics, rule_metrics
-from .support import free_port, have_ipv6_loopback, run_tool
+from .support import free_port, have_ipv6_loopback, run_tool, stop_process
 from .test_deploy import (
     configmap_consumers,
     copy_sources,
@@ -402,13 +402,7 @@ def serve(shipped: Shipped, tmp: Path, upstream: str, leader: str | None = None,
             assert proc.poll() is None, f"{shipped.source} died:\n{running.output()}"
             return
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            stop_process(proc, 15)
     pytest.fail(f"{shipped.source}: no free ports after 3 attempts")
 
 
