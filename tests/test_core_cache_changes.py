@@ -24,6 +24,7 @@ from meshdns.core.names import canonical_name
 from meshdns.core.outdated import service_names
 from meshdns.core.patch import apply_patch
 from meshdns.core.registry import RegistryError, ServiceSpec, apply_put
+from meshdns.core.snapshot import Registry
 from meshdns.core.zone import Zone
 
 from .test_core_fastpath_equivalence import (
@@ -41,8 +42,7 @@ from .test_core_fastpath_equivalence import (
 )
 
 
-def patch_specs(draw: Any, world: World) -> tuple[list[ServiceSpec], list[tuple[str, str, int]]]:
-    reg = world.zone.registry
+def patch_specs(draw: Any, reg: Registry) -> tuple[list[ServiceSpec], list[tuple[str, str, int]]]:
     keys = sorted(reg.services)
     deletes = draw(st.lists(st.sampled_from(keys), max_size=2, unique=True)) if keys else []
     upserts: list[ServiceSpec] = []
@@ -63,7 +63,7 @@ def patch_specs(draw: Any, world: World) -> tuple[list[ServiceSpec], list[tuple[
 @st.composite
 def changes(draw: Any) -> tuple[World, list[ServiceSpec], list[tuple[str, str, int]]]:
     world = draw(worlds())
-    upserts, deletes = patch_specs(draw, world)
+    upserts, deletes = patch_specs(draw, world.zone.registry)
     return world, upserts, deletes
 
 
@@ -166,7 +166,7 @@ def test_a_long_lived_handler_matches_a_fresh_one_after_every_change(
     zone, asked = world.zone, 0
     packets: dict[tuple[str, str | int], bytes] = {}
     for _ in range(data.draw(st.integers(1, 5), label="changes")):
-        upserts, deletes = patch_specs(data.draw, World(zone, world.policy, world.questions))
+        upserts, deletes = patch_specs(data.draw, zone.registry)
         try:
             reg = apply_patch(zone.registry, upserts, deletes, world.policy, 2.0)
         except RegistryError:
