@@ -14,14 +14,15 @@ rendered when the snapshot was built); services ``dns.select`` hides are absent.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
-from .names import is_subdomain, key_to_labels, wire_to_key
-from .naming import primary_name
+from .layered import evolve
+from .names import key_to_labels, wire_to_key
+from .naming import ents_above, primary_name
 from .registry import Registry, Service
 from .vip import VipRange, format_ip
 from .wire import (
@@ -144,7 +145,11 @@ class Zone:
     loaded: bool = True
     _domains: tuple[str, ...] = field(init=False)
     _reverse: dict[str, _ReverseZone] = field(init=False)
-    _host_ents: frozenset[str] = field(init=False)
+    # Empty non-terminals above the explicit host names of visible services, each with
+    # how many host names lie below it: built on first use, or evolved from the zone
+    # this one replaces (``inherit``), so a PATCH costs O(change) here, not O(hosts).
+    _host_ents: Mapping[str, int] | None = field(init=False, default=None, repr=False,
+                                                 compare=False)
     _builtins: frozenset[str] = field(init=False)
     _sorted4: list[int] | None = field(init=False, default=None)
     _sorted6: list[int] | None = field(init=False, default=None)
@@ -158,19 +163,51 @@ class Zone:
         self._domains = tuple(sorted(s.domains, key=len, reverse=True))  # longest match wins
         self._reverse = {z.apex: z for z in reverse_zones(s.range4) + reverse_zones(s.range6)}
         self._builtins = self.registry.names.builtins
-        hidden = self.registry.names.hidden
-        ents: set[str] = set()
-        for host, owner in self.registry.hostnames.items():
-            if owner in hidden:
-                continue
-            for domain in self._domains:
-                if is_subdomain(host, domain):
-                    cut = host.find(".")
-                    while cut != -1 and host[cut + 1 :] != domain:
-                        ents.add(host[cut + 1 :])
-                        cut = host.find(".", cut + 1)
-                    break
-        self._host_ents = frozenset(ents)
+
+    def host_ents(self) -> Mapping[str, int]:
+        """The empty non-terminals above visible services' explicit host names."""
+        ents = self._host_ents
+        if ents is None:
+            reg = self.registry
+            hidden = reg.names.hidden
+            counts: dict[str, int] = {}
+            for host, owner in reg.hostnames.items():
+                if owner not in hidden:
+                    for ent in ents_above(host, self._domains):
+                        counts[ent] = counts.get(ent, 0) + 1
+            ents = self._host_ents = counts
+        return ents
+
+    def inherit(self, old: Zone) -> None:
+        """Take over what ``old`` (the zone this one replaces) built that is still true.
+
+        After one incremental PATCH under the same domains, the host-name empty
+        non-terminals are ``old``'s evolved by the services the PATCH touched. Those
+        ``old`` never needed stay unbuilt: the first question that needs them builds
+        them (once per full rebuild; every PATCH after it evolves them).
+        """
+        before = old._host_ents
+        if self._host_ents is not None or before is None or old._domains != self._domains:
+            return
+        reg, base = self.registry, old.registry
+        touched = reg.touched_since(base)
+        if touched is None:
+            return
+        counts: dict[str, int] = {}
+        for key in {*touched[0], *touched[1]}:
+            for zone, step in ((old, -1), (self, 1)):
+                snap = zone.registry
+                svc = snap.services.get(key)
+                if svc is None or key in snap.names.hidden:
+                    continue
+                for host in svc.hostnames:
+                    if snap.hostnames.get(host) == key:
+                        for ent in ents_above(host, self._domains):
+                            counts[ent] = counts.get(ent, 0) + step
+        gone = [ent for ent, n in counts.items() if n and before.get(ent, 0) + n == 0]
+        put = [(ent, before.get(ent, 0) + n) for ent, n in counts.items()
+               if n and before.get(ent, 0) + n]
+        self._host_ents = evolve(before, gone, put)
 
     # ------------------------------------------------------------ records
 
@@ -299,7 +336,7 @@ class Zone:
             port = _port(rest[-1])
             if port is not None and port in ports:
                 return True
-        return key in self._host_ents or key in reg.names.ents
+        return key in self.host_ents() or key in reg.names.ents
 
     def _in_domain(self, owner: DNSLabel, key: str, domain: str, qtype: int) -> Decision:
         if key == domain:
