@@ -185,14 +185,11 @@ class MeshServer:
                                    config.registry.state_file)
         self.tcp_limits = TcpLimits(config.dns.tcp_max_connections, config.dns.tcp_idle_timeout)
         self.listeners = Listeners()
-        # Counting can be switched off only to measure what it costs (bench/).
-        self.counting = os.environ.get("MESHDNS_BENCH_NO_COUNTING") != "1"
-        self.latency = Histogram() if self.counting else None
-        if not self.counting:
-            self.handler.disable_counting()
+        self.latency = Histogram()
         self.qlog = QueryLog() if config.log.queries else None
         self.metrics = new_metrics_registry()
-        self.dns_metrics = DnsCollector(self.handler, self.tcp_limits, self.latency)
+        self.dns_metrics = DnsCollector(self.handler, self.tcp_limits, self.latency,
+                                        lambda: self.listeners.udp)
         self.metrics.register(self.dns_metrics)
         self.metrics.register(StoreCollector(self.store, self.policy))
         self.forwarder: Forwarder | None = None

@@ -167,28 +167,6 @@ class MessageHandler:
         self.tally.fold_forwards("udp", dropped["fwd_udp"])
         self.tally.fold_forwards("tcp", dropped["fwd_tcp"])
 
-    def disable_counting(self) -> None:
-        """Serve hits without counting them (only to measure what counting costs)."""
-
-        def udp(data: bytes) -> bytes | ForwardRequest | None:
-            tail = data[2:]
-            entry = self._state.udp.get(tail)
-            if entry is not None:
-                cached: bytes = entry[0]
-                return data[:2] + cached
-            return self._miss(data, tail, "udp")
-
-        def tcp(data: bytes) -> bytes | ForwardRequest | None:
-            tail = data[2:]
-            entry = self._state.tcp.get(tail)
-            if entry is not None:
-                cached: bytes = entry[0]
-                return data[:2] + cached
-            return self._miss(data, tail, "tcp")
-
-        self.handle_udp = udp  # type: ignore[method-assign]
-        self.handle_tcp = tcp  # type: ignore[method-assign]
-
     def cached_answers(self) -> int:
         st = self._state
         return len(st.udp) + len(st.tcp)
