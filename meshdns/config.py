@@ -73,6 +73,9 @@ class DnsConfig:
     # RFC 8767: an expired forwarded answer is served (TTL 30) for this long when every
     # upstream fails; 0 disables.
     serve_stale: float = 86400.0
+    # SIGTERM: /readyz fails at once, DNS goes on answering this many seconds (CoreDNS
+    # `health { lameduck }`), then stops taking queries and finishes those in flight.
+    lameduck: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -406,6 +409,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "hostname_templates": _templates,
         "select": _select,
         "serve_stale": _number(0, 86400 * 7),
+        "lameduck": _number(0, 3600),
     },
     "api": {
         "listen": _listen,
