@@ -61,6 +61,14 @@ class Listeners:
     addresses: list[HostPort] = field(default_factory=list)
 
 
+def nsid_of(config: Config) -> bytes | None:
+    """dns.nsid as sent: the host name when unset, None when set to ""."""
+    nsid = config.dns.nsid
+    if nsid is None:
+        nsid = socket.gethostname()
+    return nsid.encode() if nsid else None
+
+
 def registry_policy(config: Config) -> RegistryPolicy:
     reg = config.registry
     return RegistryPolicy(
@@ -181,7 +189,8 @@ class MeshServer:
         self.upstreams, self.loop_refusals = effective_upstreams(config)
         self.settings = zone_settings(config, forwarding=bool(self.upstreams))
         self.handler = MessageHandler(Zone(Registry.empty(), self.settings),
-                                 config.dns.answer_cache_size, config.dns.cache_size)
+                                      config.dns.answer_cache_size, config.dns.cache_size,
+                                      nsid_of(config))
         self.store = RegistryStore(self.policy, self.settings, self.handler,
                                    config.registry.state_file)
         self.tcp_limits = TcpLimits(config.dns.tcp_max_connections, config.dns.tcp_idle_timeout)

@@ -26,6 +26,9 @@ from .naming import ents_above, primary_name
 from .registry import Registry, Service
 from .vip import VipRange, format_ip
 from .wire import (
+    EDE_NOT_AUTHORITATIVE,
+    EDE_NOT_READY,
+    EDE_NOT_SUPPORTED,
     QCLASS_IN,
     QTYPE_ANY,
     RCODE_NOERROR,
@@ -41,6 +44,10 @@ SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 1200, 604800
 # Decision rules, as shown by /v1/resolve.
 CANONICAL, KUMA, HOSTNAME, TEMPLATE = "canonical", "kuma", "hostname", "template"
 PTR_RULE, APEX, ENT = "ptr", "apex", "empty-non-terminal"
+# The Extended DNS Errors of local answers (the forwarder adds its own).
+NOT_READY = (EDE_NOT_READY, "registry not loaded yet")
+ONLY_CLASS_IN = (EDE_NOT_SUPPORTED, "only class IN is served")
+NO_UPSTREAM = (EDE_NOT_AUTHORITATIVE, "not a served name, and no upstream")
 NXDOMAIN, SEARCH, FORWARD, REFUSED = "nxdomain", "search", "forward", "refused"
 NOT_LOADED = "not-loaded"
 SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME, TEMPLATE})
@@ -67,6 +74,8 @@ class Decision:
     additional: Sequence[RR] = ()
     service: Service | None = None
     zone: str | None = None
+    # Extended DNS Error (RFC 8914) for clients that sent EDNS: (info code, short text).
+    ede: tuple[int, str] | None = None
 
     @property
     def forward(self) -> bool:
@@ -248,14 +257,14 @@ class Zone:
         domain = self.served_domain(key)
         if domain is not None:
             if qclass != QCLASS_IN:
-                return Decision(RCODE_REFUSED, REFUSED, zone=domain)
+                return Decision(RCODE_REFUSED, REFUSED, zone=domain, ede=ONLY_CLASS_IN)
             if not self.loaded:
-                return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain)
+                return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain, ede=NOT_READY)
             return self._in_domain(DNSLabel(labels), key, domain, qtype)
         outside = self._outside_name(key)
         if outside is not None:
             if qclass != QCLASS_IN:
-                return Decision(RCODE_REFUSED, REFUSED)
+                return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
             # A host name outside the served domains is its own tiny zone.
             return self._service_records(DNSLabel(labels), outside[0], qtype, outside[1], key,
                                          self.settings.domains[0])
@@ -270,7 +279,7 @@ class Zone:
                     return found
         if self.settings.forwarding:
             return Decision(RCODE_NOERROR, FORWARD)
-        return Decision(RCODE_REFUSED, REFUSED)
+        return Decision(RCODE_REFUSED, REFUSED, ede=NO_UPSTREAM)
 
     def served_domain(self, key: str) -> str | None:
         for domain in self._domains:
@@ -389,7 +398,7 @@ class Zone:
             svc_key = by_vip.get(address)
             if svc_key is not None and svc_key not in self.registry.names.hidden:
                 if qclass != QCLASS_IN:
-                    return Decision(RCODE_REFUSED, REFUSED)
+                    return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
                 svc = self.registry.services[svc_key]
                 if qtype not in (T_PTR, QTYPE_ANY):
                     return self._nodata(PTR_RULE, zone.apex if zone else key, svc)
@@ -402,9 +411,9 @@ class Zone:
         if zone is None:
             return None
         if qclass != QCLASS_IN:
-            return Decision(RCODE_REFUSED, REFUSED)
+            return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
         if not self.loaded:
-            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=zone.apex)
+            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=zone.apex, ede=NOT_READY)
         depth = len(digits)
         if depth == zone.labels:
             return self._in_domain(DNSLabel(labels), key, zone.apex, qtype) \
@@ -448,9 +457,9 @@ class Zone:
         if domain is None or inner_key == domain:
             return None
         if qclass != QCLASS_IN:
-            return Decision(RCODE_REFUSED, REFUSED)
+            return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
         if not self.loaded:
-            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain)
+            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain, ede=NOT_READY)
         inner = self._in_domain(DNSLabel(inner_labels), inner_key, domain, qtype)
         if inner.rule == ENT:
             # Names exist below it: NODATA, not NXDOMAIN (RFC 8020), as for the mesh name.
