@@ -18,12 +18,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import __version__, logs
 from .config import Config, ConfigError, load_config, parse_document
+
+if TYPE_CHECKING:
+    from .server import MeshServer
 
 DEFAULT_SERVER = "http://127.0.0.1:15080"
 DESCRIPTION = "A sidecar-local DNS resolver for service-mesh names, fed over HTTP."
@@ -60,9 +63,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config)
     _event_loop_policy()
+    started = None if args.ports_file is None else (
+        lambda server: write_ports_file(Path(args.ports_file), server))
     try:
         asyncio.run(MeshServer(config).serve_until_signal(
-            reload=lambda: load_config(args.config)))
+            reload=lambda: load_config(args.config), started=started))
     except StateError as exc:
         logging.getLogger("meshdns").error("cannot start: %s", exc)
         return 1
@@ -70,6 +75,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("meshdns").error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def write_ports_file(path: Path, server: MeshServer) -> None:
+    """``serve --ports-file``: the addresses the listeners got (port 0 picks one), as
+    ``{"pid", "dns": ["127.0.0.1:40123", ...], "api", "metrics"}``, written once every
+    listener is bound, by a rename so that a reader never sees half a file."""
+    api = server.api_address
+    metrics = server.api.metrics_address if server.api is not None else None
+    doc = {"pid": os.getpid(), "dns": [str(hp) for hp in server.dns_addresses],
+           "api": None if api is None else str(api),
+           "metrics": None if metrics is None else str(metrics)}
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(doc) + "\n", encoding="utf-8")
+    partial.replace(path)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -293,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 title="commands", help="one of:")
     serve = sub.add_parser("serve", help="serve DNS and the HTTP API")
     serve.add_argument("--config", "-c", help="YAML config file (defaults for every key)")
+    serve.add_argument("--ports-file", metavar="FILE",
+                       help="once listening, write the bound addresses there as JSON "
+                       "(with port 0 in dns.listen or api.listen: which port each got)")
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check-config", help="check a config file and the files it names")
     check.add_argument("file")

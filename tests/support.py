@@ -16,11 +16,11 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dns.message
 import dns.query
@@ -28,6 +28,8 @@ import dns.rdatatype
 
 from meshdns.config import Config, parse_config
 from meshdns.server import MeshServer
+
+T = TypeVar("T")
 
 DEMO_SERVICES: list[dict[str, Any]] = [
     {"name": "frontend", "namespace": "kong", "port": 80, "vip": "240.0.0.7",
@@ -49,9 +51,16 @@ def stop_process(proc: subprocess.Popen[Any] | None, grace: float = 10.0) -> Non
         proc.wait(grace)
 
 
+class PortTaken(Exception):
+    """A server that was handed a port could not bind it: another process took it
+    between the pick and the bind."""
+
+
 def free_port() -> int:
-    """A 127.0.0.1 port free for both UDP and TCP right now (DNS binds both; another
-    process may still take it before the caller does)."""
+    """A 127.0.0.1 port free for both UDP and TCP right now. Only for servers that cannot
+    bind port 0 and report what they got (unbound; etcd members, which must know each
+    other's ports up front), and only through :func:`on_free_ports`, which picks again
+    when another process took the port first. Everything else binds port 0."""
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind(("127.0.0.1", 0))
@@ -63,6 +72,48 @@ def free_port() -> int:
                     continue
             return port
     raise OSError("no loopback port free for both UDP and TCP")
+
+
+def on_free_ports(count: int, start: Callable[[list[int]], T], attempts: int = 5) -> T:
+    """``start(ports)`` with ``count`` loopback ports free right now; when it raises
+    :class:`PortTaken` (the pick raced another process), again with new ports."""
+    for attempt in range(attempts):
+        ports: list[int] = []
+        while len(ports) < count:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        try:
+            return start(ports)
+        except PortTaken:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def address_in_use(text: str) -> bool:
+    """A server's log saying it could not bind: the one sign of a :class:`PortTaken`."""
+    return "address already in use" in text.lower()
+
+
+def udp_query(msg: dns.message.Message, host: str, port: int, timeout: float = 3.0,
+              **kw: Any) -> dns.message.Message:
+    """dnspython's UDP query, ignoring datagrams from any other address (other processes
+    on the host can send to our ephemeral port on loopback)."""
+    return dns.query.udp(msg, host, port=port, timeout=timeout, ignore_unexpected=True, **kw)
+
+
+def connected_udp(host: str, port: int) -> socket.socket:
+    """A UDP socket connected to ``host:port``: the kernel then drops datagrams from any
+    other sender, so raw reads (``recv``) see the server's replies only."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -253,7 +304,7 @@ def query(server: ServerThread, name: str, rdtype: str = "A", *, tcp: bool = Fal
     msg = dns.message.make_query(name, rdtype, use_edns=use_edns, payload=payload)
     if tcp:
         return dns.query.tcp(msg, host, port=port, timeout=timeout)
-    return dns.query.udp(msg, host, port=port, timeout=timeout, ignore_trailing=False)
+    return udp_query(msg, host, port, timeout, ignore_trailing=False)
 
 
 def run_tool(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
