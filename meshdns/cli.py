@@ -1,7 +1,7 @@
 """The ``meshdns`` command: the server (serve, check-config, version) and a client of its
 HTTP API (apply, get services, resolve), in the spirit of ``kumactl apply``.
 
-The client commands use only the standard library (urllib): no extra dependency.
+The client commands use only the standard library (urllib, in meshdns/client.py).
 """
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ import os
 import signal
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import __version__, logs
+from .client import ApiClient, ClientError
 from .config import Config, ConfigError, load_config, parse_document
 
 if TYPE_CHECKING:
@@ -190,39 +189,10 @@ def cmd_version(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- API client
 
 
-class ClientError(Exception):
-    """A request that failed: printed as ``meshdns <command>: <message>``, exit 1."""
-
-
 def request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    """One API call; the decoded JSON reply, or ClientError with the API's error."""
-    url = args.server.rstrip("/") + path
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    if args.token:
-        req.add_header("Authorization", f"Bearer {args.token}")
-    try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raise ClientError(api_error(exc.code, exc.read())) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ClientError(f"cannot reach {args.server}: {reason}") from None
-    except ValueError:
-        raise ClientError(f"{url}: the reply is not JSON") from None
-
-
-def api_error(status: int, body: bytes) -> str:
-    """``HTTP 400: upsert[0].port: must be ...``: the field first, as the API names it."""
-    try:
-        doc = json.loads(body)
-        message, field = str(doc["error"]), doc.get("field")
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {status}: {body[:500].decode('utf-8', 'replace')}"
-    return f"HTTP {status}: {field}: {message}" if field else f"HTTP {status}: {message}"
+    """One API call to ``--server`` (meshdns/client.py: no proxy for loopback, NO_PROXY
+    hosts or a token over plain http); the decoded JSON reply, or ClientError."""
+    return ApiClient(args.server, args.token, args.timeout).request(method, path, body)
 
 
 def read_services(path: str) -> list[Any]:
