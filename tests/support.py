@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
 import os
 import shutil
 import socket
@@ -74,11 +75,13 @@ def free_port() -> int:
     raise OSError("no loopback port free for both UDP and TCP")
 
 
-def on_free_ports(count: int, start: Callable[[list[int]], T], attempts: int = 5) -> T:
-    """``start(ports)`` with ``count`` loopback ports free right now; when it raises
-    :class:`PortTaken` (the pick raced another process), again with new ports."""
+def on_free_ports(count: int, start: Callable[[list[int]], T], attempts: int = 5,
+                  first: list[int] | None = None) -> T:
+    """``start(ports)`` with ``count`` loopback ports free right now (or ``first``, picked
+    earlier by the caller); when it raises :class:`PortTaken` (the pick raced another
+    process), again with new ports."""
     for attempt in range(attempts):
-        ports: list[int] = []
+        ports: list[int] = list(first or []) if attempt == 0 else []
         while len(ports) < count:
             port = free_port()
             if port not in ports:
@@ -94,6 +97,15 @@ def on_free_ports(count: int, start: Callable[[list[int]], T], attempts: int = 5
 def address_in_use(text: str) -> bool:
     """A server's log saying it could not bind: the one sign of a :class:`PortTaken`."""
     return "address already in use" in text.lower()
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback TCP port that refuses connections (RST) for as long as the block runs:
+    bound by us without listening, so no other process can start listening there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 def udp_query(msg: dns.message.Message, host: str, port: int, timeout: float = 3.0,
@@ -293,6 +305,33 @@ def running_server(raw: Mapping[str, Any], env: Mapping[str, str] | None = None
         yield thread
     finally:
         thread.stop()
+
+
+@contextmanager
+def running_on_free_ports(count: int, configs: Callable[[list[int]], list[Mapping[str, Any]]]
+                          ) -> Iterator[list[ServerThread]]:
+    """Servers whose configs must name a port before it is bound (a forwarding loop to
+    their own listener, two servers forwarding to each other): ``configs(ports)`` with
+    ``count`` free ports, started in order; all again on new ports if one was taken."""
+    def start(ports: list[int]) -> list[ServerThread]:
+        started: list[ServerThread] = []
+        try:
+            for raw in configs(ports):
+                started.append(ServerThread(parse_config(dict(raw), {})).start())
+        except BaseException as exc:
+            for server in started:
+                server.stop()
+            if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+                raise PortTaken(str(exc)) from exc
+            raise
+        return started
+
+    servers = on_free_ports(count, start)
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def query(server: ServerThread, name: str, rdtype: str = "A", *, tcp: bool = False,
