@@ -245,10 +245,11 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(doc, indent=2))
         return 0
-    if doc.get("rcode") is None:
-        upstreams = ", ".join(doc.get("upstreams") or []) or "none"
-        print(f";; {doc['name']} {doc['type']}: forwarded to {upstreams} "
-              f"(rule {doc['rule']}): the upstream's answer")
+    if doc.get("upstreams") is not None:
+        upstreams = ", ".join(doc["upstreams"]) or "none"
+        flags = ", authoritative" if doc.get("authoritative") else ""
+        print(f";; {doc['name']} {doc['type']}: {doc['rcode']}{flags} from the upstream "
+              f"(forwarded to {upstreams}, rule {doc['rule']})")
     else:
         flags = ", authoritative" if doc.get("authoritative") else ""
         print(f";; {doc['name']} {doc['type']}: {doc['rcode']}{flags} (rule {doc['rule']}, "
