@@ -5,9 +5,11 @@ and report the port they got."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -125,3 +127,30 @@ def test_a_stray_datagram_is_not_taken_for_the_reply(tmp_path: Path) -> None:
             plain.recvfrom(512)
             t.join(5)
         assert sender == stray.getsockname()
+
+
+def test_make_test_runs_both_tiers_and_fails_if_either_failed(tmp_path: Path) -> None:
+    """A failure in the first tier (every test) neither skips nor hides the second (the
+    unbatched UDP path, MESHDNS_UDP_BATCH=0): both run, both are reported."""
+    repo = Path(__file__).resolve().parents[1]
+    failing, passing = tmp_path / "test_first_tier.py", tmp_path / "test_second_tier.py"
+    failing.write_text("def test_fails():\n    assert False\n")
+    passing.write_text("import os\n\n\ndef test_unbatched():\n"
+                       "    assert os.environ['MESHDNS_UDP_BATCH'] == '0'\n")
+    bin_dir = Path(sys.executable).parent
+    for first, second in [(failing, passing), (passing, failing)]:
+        env = {k: v for k, v in os.environ.items() if k != "MESHDNS_UDP_BATCH"}
+        env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # two tiny files: no plugins needed
+        if first is passing:
+            env["MESHDNS_UDP_BATCH"] = "0"  # what the passing file checks
+        proc = subprocess.run(
+            ["make", "-s", "-C", str(repo), "-o", "install-test", "test", f"BIN={bin_dir}",
+             f"TESTS={first}", f"UNBATCHED_TESTS={second}"],
+            capture_output=True, text=True, timeout=120, env=env, check=False)
+        out = proc.stdout
+        assert proc.returncode != 0, out + proc.stderr
+        verdict = {failing: "FAILED (pytest exit 1)", passing: "passed"}
+        assert f"make test: every test: {verdict[first]}" in out, out
+        assert (f"make test: the unbatched UDP path (MESHDNS_UDP_BATCH=0): "
+                f"{verdict[second]}") in out, out
+        assert out.count(" passed") + out.count(" failed") >= 2  # two pytest summaries
