@@ -21,7 +21,7 @@ import yaml
 
 from .apiclient import ServerProcess
 from .fake_upstream import Unbound
-from .support import DEMO_SERVICES, connected_udp, udp_query
+from .support import DEMO_SERVICES, connected_udp, on_free_ports, udp_query
 
 
 def running(pattern: str) -> list[str]:
@@ -154,3 +154,29 @@ def test_make_test_runs_both_tiers_and_fails_if_either_failed(tmp_path: Path) ->
         assert (f"make test: the unbatched UDP path (MESHDNS_UDP_BATCH=0): "
                 f"{verdict[second]}") in out, out
         assert out.count(" passed") + out.count(" failed") >= 2  # two pytest summaries
+
+
+@pytest.mark.skipif(shutil.which("unbound") is None, reason="needs unbound")
+def test_unbound_on_a_port_another_process_took_starts_again_on_a_new_one(
+        tmp_path: Path) -> None:
+    """The race free_port() leaves open, made certain: the first port picked is taken
+    (UDP and TCP) before unbound binds it; it is started again on a fresh port."""
+    unbound = Unbound(tmp_path)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        udp.bind(("127.0.0.1", 0))
+        taken = udp.getsockname()[1]
+        tcp.bind(("127.0.0.1", taken))
+        tcp.listen()
+        attempts: list[int] = []
+
+        def start(ports: list[int]) -> Unbound:
+            attempts.append(ports[0])
+            return unbound._start_on(ports[0], 15.0)
+
+        try:
+            on_free_ports(1, start, first=[taken])
+            assert attempts[0] == taken and len(attempts) == 2 and unbound.port != taken
+            assert unbound.ask("www.example.test").rcode() == dns.rcode.NOERROR
+        finally:
+            unbound.stop()
