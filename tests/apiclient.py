@@ -21,7 +21,7 @@ import dns.message
 import dns.query
 import yaml
 
-from .support import stop_process, udp_query
+from .support import PortTaken, address_in_use, free_port, stop_process, udp_query
 
 T = TypeVar("T")
 
@@ -139,13 +139,25 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        assert self.api_port, f"{self.name} has not started: its port is not known yet"
+        if not self.api_port:
+            self.reserve()
         return f"http://127.0.0.1:{self.api_port}"
 
     @property
     def dns_addr(self) -> tuple[str, int]:
-        assert self.dns_port, f"{self.name} has not started: its port is not known yet"
+        if not self.dns_port:
+            self.reserve()
         return ("127.0.0.1", self.dns_port)
+
+    def reserve(self) -> None:
+        """Its address asked before it started (a follower started before its leader):
+        pick the ports now, and bind those. The one case left where another process can
+        take a port first; ``start`` then fails, saying so."""
+        self.dns_port = free_port()
+        self.api_port = free_port()
+        while self.api_port == self.dns_port:
+            self.api_port = free_port()
+        self._write_config(self.dns_port, self.api_port)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "meshdns", "serve", "--config", str(self.config_path),
@@ -154,7 +166,7 @@ class ServerProcess:
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start the process (on the ports of its last run, if it ran before)."""
         self.ports_path.unlink(missing_ok=True)
-        if self.api_port:
+        if self.api_port:  # ports known (a restart, or reserved): bind those
             self._write_config(self.dns_port, self.api_port)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
@@ -177,7 +189,10 @@ class ServerProcess:
     def _wait_serving(self, proc: subprocess.Popen[bytes], ready: bool, timeout: float) -> None:
         def up() -> bool:
             if proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {proc.returncode}:\n{self.log()}")
+                text = self.log()
+                if address_in_use(text):
+                    raise PortTaken(f"{self.name}: a port was taken before it bound it:\n{text}")
+                raise RuntimeError(f"{self.name} exited with {proc.returncode}:\n{text}")
             if not self.ports_path.exists():
                 return False
             self.dns_port, self.api_port = read_ports(self.ports_path)

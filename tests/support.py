@@ -61,8 +61,9 @@ def free_port() -> int:
     """A 127.0.0.1 port free for both UDP and TCP right now. Only where a port must be
     known before it is bound (unbound, which cannot bind port 0; etcd members, which must
     know each other's; a config forwarding to its own listener), and only through
-    :func:`on_free_ports`, which picks again when another process took the port first.
-    Every other server binds port 0 and reports the port it got."""
+    :func:`on_free_ports`, which picks again when another process took the port first
+    (and ``ServerProcess.reserve``, for a leader whose URL a follower started first must
+    know). Every other server binds port 0 and reports the port it got."""
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind(("127.0.0.1", 0))
