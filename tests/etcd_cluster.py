@@ -192,7 +192,10 @@ class EtcdCluster:
                 timeout: float = 5.0) -> dict[str, Any]:
         req = urllib.request.Request(m.url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout, context=self._ssl) as resp:
+        # Direct, never through an HTTP_PROXY of the environment: etcd is on loopback.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                             urllib.request.HTTPSHandler(context=self._ssl))
+        with opener.open(req, timeout=timeout) as resp:
             doc: dict[str, Any] = json.loads(resp.read())
         return doc
 
