@@ -430,8 +430,10 @@ class MeshServer:
             self.forwarder = self.dns_metrics.forwarder = self.context.forwarder = None
         self._stopped.set()
 
-    async def serve_until_signal(self, reload: Callable[[], Config] | None = None) -> None:
-        """Serve until SIGTERM or SIGINT; SIGHUP re-reads the config through ``reload``."""
+    async def serve_until_signal(self, reload: Callable[[], Config] | None = None,
+                                 started: Callable[[MeshServer], None] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT; SIGHUP re-reads the config through ``reload``.
+        ``started`` is called once every listener is bound (``serve --ports-file``)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -441,6 +443,8 @@ class MeshServer:
         else:  # a worker: its main process restarts it with the new config
             loop.add_signal_handler(signal.SIGHUP, lambda: None)
         await self.start()
+        if started is not None:
+            started(self)
         await stop.wait()
         stop.clear()
         draining = asyncio.ensure_future(self.drain())

@@ -598,8 +598,8 @@ def test_resolve_a_forwarded_name_says_forward(tmp_path: Path) -> None:
     with running_server(make_config(tmp_path, {"dns": {"upstreams": ["127.0.0.1:9"]}})) as srv:
         assert srv.mesh.upstreams == [HostPort("127.0.0.1", 9)]
         doc = get(srv, "/v1/resolve?name=example.com").json()
-        assert doc["rule"] == "forward" and doc["rcode"] is None
-        assert doc["upstreams"] == ["127.0.0.1:9"]
+        assert doc["rule"] == "forward" and doc["upstreams"] == ["127.0.0.1:9"]
+        assert doc["rcode"] == "SERVFAIL" and doc["answer"] == []  # no upstream answered
 
 
 # ---------------------------------------------------------------- misc routes
