@@ -27,7 +27,7 @@ import yaml
 
 from .apiclient import ServerProcess, call, dns_query, wait_for
 from .etcd_cluster import EtcdCluster
-from .etcd_support import answers, instance, metric, name_of, patch, svc, vips
+from .etcd_support import answers, instance, metric, name_of, patch, start_listed, svc, vips
 from .test_cli import clean_env, meshdns_cmd
 from .test_export_apply import export_and_apply
 
@@ -77,13 +77,6 @@ def warnings(server: ServerProcess, prefix: str) -> list[str]:
             if f"{UNWRITTEN} {prefix!r}" in line]
 
 
-def started(server: ServerProcess) -> ServerProcess:
-    """Started, and its first listing of the prefix done (it says so in its log)."""
-    server.start(ready=False)
-    wait_for(lambda: "etcd: listed" in server.log(), 20, f"{server.name} to list etcd")
-    return server
-
-
 def test_an_unwritten_prefix_is_servfail_and_not_ready_until_the_first_put(
         tmp_path: Path, etcd: EtcdCluster) -> None:
     prefix = "/empty/"
@@ -92,7 +85,7 @@ def test_an_unwritten_prefix_is_servfail_and_not_ready_until_the_first_put(
     late: ServerProcess | None = None
     try:
         for server in (a, b):
-            started(server)
+            start_listed(server)
             assert_no_registry(server, prefix)
         # It stays so over several heartbeats (2 s each), and says so once, naming the
         # prefix and the revision key it looked for (a reminder at most every 5 minutes).
@@ -143,7 +136,7 @@ def test_the_first_write_through_the_api_is_a_put_of_services_too(
         tmp_path: Path, etcd: EtcdCluster) -> None:
     """Not only an empty PUT: a first PATCH of services makes the prefix written, and the
     instance that took it answers at once (read-your-writes)."""
-    a = started(instance(tmp_path, "a", etcd.endpoints, etcd={"prefix": "/fresh/"}))
+    a = start_listed(instance(tmp_path, "a", etcd.endpoints, etcd={"prefix": "/fresh/"}))
     try:
         assert_no_registry(a, "/fresh/")
         assert patch(a, [svc(1)]).status == 200
@@ -160,14 +153,14 @@ def test_a_mistyped_prefix_is_servfail_and_the_warning_names_it(
     it) or /meshnds/prod/ (a typo) finds no registry: SERVFAIL, not NXDOMAIN, and the log
     names the prefix; for /meshdns/ it also says what else is under it. (Without its
     trailing slash, /meshdns/prod is refused by check-config: test_config.)"""
-    writer = started(instance(tmp_path, "writer", etcd.endpoints,
+    writer = start_listed(instance(tmp_path, "writer", etcd.endpoints,
                               etcd={"prefix": "/meshdns/prod/"}))
     readers: list[ServerProcess] = []
     try:
         assert patch(writer, [svc(1)]).status == 200
         assert answers(writer, name_of(svc(1))) == [vips(writer)[("s1", "shop", 80)][0]]
         for i, prefix in enumerate(("/meshdns/", "/meshnds/prod/")):
-            reader = started(instance(tmp_path, f"reader{i}", etcd.endpoints,
+            reader = start_listed(instance(tmp_path, f"reader{i}", etcd.endpoints,
                                       etcd={"prefix": prefix}))
             readers.append(reader)
             assert_no_registry(reader, prefix)
@@ -192,16 +185,18 @@ def test_a_copy_from_the_state_file_on_an_unwritten_prefix(
     changed in its config): it keeps answering from the copy it had, and says so. The
     first write there replaces that copy with what etcd holds, and nothing of the copy
     leaks into etcd."""
-    x = started(instance(tmp_path, "x", etcd.endpoints))
+    x = start_listed(instance(tmp_path, "x", etcd.endpoints))
     try:
         assert patch(x, [svc(1)]).status == 200
         vip1 = vips(x)[("s1", "shop", 80)][0]
     finally:
         x.stop()
-    moved = started(instance(tmp_path, "x", etcd.endpoints, etcd={"prefix": "/other/"}))
+    # Ready at once from its state file (a first start's log line is in the log already).
+    moved = instance(tmp_path, "x", etcd.endpoints, etcd={"prefix": "/other/"}).start()
     try:
+        [line] = wait_for(lambda: warnings(moved, "/other/"), 20, "the listing of /other/")
         assert answers(moved, name_of(svc(1))) == [vip1]
-        [line] = warnings(moved, "/other/")
+        assert call(moved.url, "GET", "/readyz").status == 200
         assert "keeps serving the copy it had" in line
         assert patch(moved, [svc(2)]).status == 200
         assert ("s1", "shop", 80) not in vips(moved)
@@ -218,7 +213,7 @@ def test_a_copy_from_the_state_file_on_an_unwritten_prefix(
 
 def test_an_export_applied_back_through_etcd_commits_nothing(
         tmp_path: Path, etcd: EtcdCluster) -> None:
-    a = started(instance(tmp_path, "a", etcd.endpoints))
+    a = start_listed(instance(tmp_path, "a", etcd.endpoints))
     try:
         services: list[dict[str, Any]] = [svc(i) for i in range(3)] + [
             svc(9, vip="240.0.9.9")]
