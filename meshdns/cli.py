@@ -217,8 +217,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     else:
         reply = request(args, "PATCH", "/v1/services", {"upsert": services})
     verb = "replaced the registry with" if args.prune else "applied"
+    # An export applied back (or any write of what is there) keeps the revision.
+    outcome = "unchanged, " if reply.get("changed") is False else ""
     print(f"{verb} {len(services)} service{'s' * (len(services) != 1)}: "
-          f"revision {reply['revision']}, {reply['services']} in the registry")
+          f"{outcome}revision {reply['revision']}, {reply['services']} in the registry")
     return 0
 
 
