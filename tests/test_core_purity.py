@@ -27,7 +27,8 @@ FORBIDDEN = frozenset({
     "tempfile", "pathlib", "time", "datetime", "sched", "http", "urllib", "email", "logging",
     "aiohttp", "yaml", "prometheus_client", "uvloop", "requests", "dns",
 })
-# Third-party packages core may use (STYLE.md: "stdlib + dnslib only").
+# Third-party packages core may use: the standard library and dnslib only (the pure core
+# of the README's Design map: bytes in, bytes out, no IO).
 THIRD_PARTY_ALLOWED = frozenset({"dnslib"})
 
 
