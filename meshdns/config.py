@@ -43,10 +43,6 @@ class HostPort:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-    @property
-    def family(self) -> int:
-        return ipaddress.ip_address(self.host).version
-
 
 @dataclass(frozen=True)
 class DnsConfig:

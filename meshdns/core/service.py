@@ -31,9 +31,6 @@ class RegistryError(Exception):
         self.message = message
         self.field = field
 
-    def to_json(self) -> dict[str, Any]:
-        return {"error": self.message, "field": self.field}
-
 
 def _bad(message: str, field: str) -> RegistryError:
     return RegistryError(400, message, field)
