@@ -599,6 +599,10 @@ def check_etcd_metrics(samples: dict[str, list[tuple[dict[str, str], float]]],
     assert value(samples, "meshdns_etcd_bad_keys_total") == 0
 
 
+def _serves_revision(running: Running, revision: int) -> bool:
+    return bool(call(running.api, "GET", "/readyz").json().get("revision") == revision)
+
+
 def test_shipped_relay_passes_changes_on_to_a_shipped_follower(tmp_path: Path,
                                                                unbound: Unbound) -> None:
     """leader -> relay -> sidecar, each config as shipped (only addresses and paths
@@ -620,8 +624,8 @@ def test_shipped_relay_passes_changes_on_to_a_shipped_follower(tmp_path: Path,
                           token=TOKEN)
             assert pushed.status == 200, pushed.body
             revision = pushed.json()["revision"]
-            wait_for(lambda: call(edge.api, "GET", "/readyz").json().get(  # noqa: B023
-                "revision") == revision, 60, f"the sidecar to serve revision {revision}")
+            wait_for(functools.partial(_serves_revision, edge, revision), 60,
+                     f"the sidecar to serve revision {revision}")
             assert dig(edge.dns, mesh_name(service, domain)) == ("NOERROR", [service["vip"]])
             assert dig(edge.dns, mesh_name(PUSHED, domain)) == ("NOERROR", [PUSHED["vip"]])
             if number == 1:
