@@ -247,7 +247,10 @@ def test_podmonitor_scrapes_every_shipped_meshdns_pod() -> None:
 def test_dashboard_metric_names_are_parsed() -> None:
     names = dashboard_metrics()
     assert {"meshdns_dns_responses_total", "meshdns_dns_request_duration_seconds_bucket",
-            "meshdns_follow_sync_age_seconds", "meshdns_vip_pool_free"} <= names, names
+            "meshdns_follow_sync_age_seconds", "meshdns_vip_pool_free",
+            # what sizing a sidecar's requests and limits needs (docs/operations.md)
+            "meshdns_process_cpu_seconds_total",
+            "meshdns_process_resident_memory_bytes"} <= names, names
     assert not {"sum", "rate", "histogram_quantile", "le", "upstream", "time"} & names
     assert promql_metric_names('sum by (a) (rate(x_total{b="c"}[5m])) / on(a) y > 0.5e3') \
         == {"x_total", "y"}
