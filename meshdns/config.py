@@ -73,6 +73,11 @@ class DnsConfig:
     # RFC 8767: an expired forwarded answer is served (TTL 30) for this long when every
     # upstream fails; 0 disables.
     serve_stale: float = 86400.0
+    # SIGTERM: /readyz fails at once, DNS goes on answering this many seconds (CoreDNS
+    # `health { lameduck }`), then stops taking queries and finishes those in flight.
+    lameduck: float = 5.0
+    # NSID (RFC 5001) sent to clients that ask (dig +nsid): None is the host name, "" none.
+    nsid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -386,6 +391,15 @@ def _etcd(path: str, value: Any) -> EtcdConfig:
     return cfg
 
 
+def _nsid(path: str, value: Any) -> str | None:
+    if value == "":
+        return ""  # no NSID at all
+    text = _opt_str(path, value)
+    if text is not None and (len(text.encode()) > 128 or not text.isprintable()):
+        raise ConfigError(f"{path}: at most 128 bytes of printable text, got {value!r}")
+    return text
+
+
 _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "dns": {
         "listen": _list_of(_listen, allow_empty=False),
@@ -406,6 +420,8 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "hostname_templates": _templates,
         "select": _select,
         "serve_stale": _number(0, 86400 * 7),
+        "lameduck": _number(0, 3600),
+        "nsid": _nsid,
     },
     "api": {
         "listen": _listen,
