@@ -1048,3 +1048,112 @@ def test_externalname_targets_a_served_mesh_name() -> None:
                     assert svc == "svc" and port.isdigit() and 0 < int(port) < 65536, target
                     served = True
         assert served, f"{ns}/{alias['metadata']['name']}: no meshdns sidecar serves {target}"
+
+
+# ------------------------------------------- the follow URL, resolved as in the pod
+
+POD_RESOLV_CONF = """\
+# written by tests/test_deploy.py: the sidecar pod's dnsConfig (dnsPolicy: None)
+nameserver 127.0.0.1
+search demo.svc.cluster.local svc.cluster.local cluster.local
+options ndots:5 timeout:2 attempts:1
+"""
+QUERY_LOG = re.compile(r'"(?:A|AAAA) IN (\S+) (?:udp|tcp) ')
+
+
+def test_sidecar_resolves_its_leader_in_one_name_through_itself(tmp_path: Path) -> None:
+    """The shipped sidecar config, run as in its pod: on 127.0.0.1:53, the pod's
+    resolver, with the pod's search list and ndots:5 (private network and mount
+    namespaces), following a leader whose Service name a loopback unbound answers. With
+    the shipped absolute follow URL the only names it asks itself for the leader are
+    that name; the same URL without the trailing dot walks the search list first."""
+    from .netns import require_namespaces, run_in_namespaces
+
+    require_namespaces("unbound", "mount")
+    results = run_in_namespaces([sys.executable, "-m", "tests.test_deploy", "--inside",
+                                 str(tmp_path)], tmp_path, timeout=180)
+    print(json.dumps(results, indent=1))
+    absolute, relative = results["absolute"], results["relative"]
+    assert absolute["host"].endswith("."), absolute
+    assert absolute["names"], "the sidecar asked nothing for its leader"
+    assert set(absolute["names"]) == {absolute["host"]}, absolute
+    assert any(n.endswith(".demo.svc.cluster.local.") for n in relative["names"]), relative
+
+
+def _follow_through_itself(directory: Path, follow: str, unbound: str) -> dict[str, Any]:
+    """Inside the namespaces: a leader, then the shipped sidecar config following it at
+    ``follow``; returns the names the sidecar's query log shows it asked for the leader."""
+    from .apiclient import ServerProcess, call, wait_for
+
+    directory.mkdir()
+    host = urlsplit(follow).hostname or ""
+    leader = ServerProcess(directory / "leader", {"registry": {"seed_file": None}},
+                           name="leader")
+    [sidecar_map] = [d for _, d in manifests() if d["kind"] == "ConfigMap"
+                     and d["metadata"]["name"] == "meshdns-sidecar"]
+    raw = yaml.safe_load(sidecar_map["data"]["config.yaml"])
+    assert raw["dns"]["listen"] == ["127.0.0.1:53"], "the pod's resolver"
+    raw["dns"]["upstreams"] = [unbound]
+    raw["api"]["listen"] = f"127.0.0.1:{free_port()}"
+    raw["metrics"]["listen"] = f"127.0.0.1:{free_port()}"
+    raw["registry"]["follow"] = follow.replace(":15080", f":{leader.api_port}")
+    raw["registry"]["state_file"] = str(directory / "state.json")
+    raw["log"] = {"level": "info", "format": "text", "queries": True}
+    path = directory / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    log = directory / "sidecar.log"
+    sidecar = None
+    try:
+        leader.start(ready=False)
+        assert call(leader.url, "PUT", "/v1/services", {"services": [
+            {"name": "a", "namespace": "b", "port": 80}]}).status == 200
+        with log.open("wb") as out:
+            sidecar = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
+                                        str(path)], stdout=out, stderr=subprocess.STDOUT,
+                                       env=clean_env())
+        metrics = f"http://{raw['metrics']['listen']}"
+
+        def following() -> bool:
+            assert sidecar is not None and sidecar.poll() is None, log.read_text()
+            try:
+                return http_status(f"{metrics}/readyz", timeout=1) == 200
+            except OSError:
+                return False
+
+        wait_for(following, 60, "the sidecar to follow its leader")
+    finally:
+        if sidecar is not None:
+            sidecar.send_signal(signal.SIGKILL)
+            sidecar.wait(10)
+        leader.stop()
+    names = [n for n in QUERY_LOG.findall(log.read_text()) if "meshdns-leader" in n]
+    return {"host": host, "names": names}
+
+
+def inside(directory: Path) -> int:
+    from .fake_upstream import UNBOUND_DATA, Unbound
+    from .netns import HOSTS, NSSWITCH, enter_private_network
+
+    enter_private_network(directory, {"resolv.conf": POD_RESOLV_CONF,
+                                      "nsswitch.conf": NSSWITCH, "hosts": HOSTS})
+    [sidecar_map] = [d for _, d in manifests() if d["kind"] == "ConfigMap"
+                     and d["metadata"]["name"] == "meshdns-sidecar"]
+    follow = yaml.safe_load(sidecar_map["data"]["config.yaml"])["registry"]["follow"]
+    host = urlsplit(follow).hostname or ""
+    (directory / "unbound").mkdir()
+    # The cluster DNS: the leader's Service name, NXDOMAIN for everything else.
+    with Unbound(directory / "unbound", data=[
+            *UNBOUND_DATA, f"{host.rstrip('.')}. 30 IN A 127.0.0.1"]) as unbound:
+        results = {"absolute": _follow_through_itself(directory / "absolute", follow,
+                                                      unbound.address),
+                   "relative": _follow_through_itself(
+                       directory / "relative", follow.replace(host, host.rstrip(".")),
+                       unbound.address)}
+    (directory / "results.json").write_text(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--inside":
+        sys.exit(inside(Path(sys.argv[2])))
+    sys.exit("usage: python -m tests.test_deploy --inside DIR (run under unshare -n -m)")
