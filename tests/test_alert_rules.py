@@ -7,6 +7,8 @@ shipped configuration by tests/test_shipped_configs.py.
 
 from __future__ import annotations
 
+import re
+import resource
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,6 +19,7 @@ import yaml
 
 from meshdns.config import parse_config
 
+from .apiclient import ServerProcess, call
 from .promql import dashboard_metrics, promql_metric_names, rule_metrics
 from .test_deploy import config_source, manifest_env
 
@@ -97,6 +100,69 @@ def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
                 assert alert["exp_labels"]["instance"], check
     assert firing == set(alerts()), set(alerts()) - firing
     assert silent == set(alerts()), set(alerts()) - silent
+
+
+# ------------------------------------------------------------------ HTTP statuses
+
+def _statuses(alert: str) -> set[int]:
+    """The HTTP statuses an alert's description tells the operator about."""
+    return {int(s) for s in re.findall(r"HTTP (\d{3})", alerts()[alert]["annotations"]
+                                       ["description"])}
+
+
+def _counter(server: ServerProcess, name: str) -> float:
+    body = call(server.url, "GET", "/metrics").body.decode()
+    [line] = [ln for ln in body.splitlines() if ln.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def _services(count: int) -> dict[str, Any]:
+    return {"services": [{"name": f"s{i}", "namespace": "alerts", "port": 80}
+                         for i in range(count)]}
+
+
+def test_vip_pool_alert_names_the_status_a_write_gets(tmp_path: Path) -> None:
+    """A real meshdns with a 2-address pool: the write that needs a third VIP is
+    refused with the status the MeshdnsVipPoolLow description gives, and counted."""
+    server = ServerProcess(tmp_path, {"registry": {"cidr": "240.0.0.0/30", "cidr6": None}})
+    try:
+        server.start(ready=False)
+        assert call(server.url, "PUT", "/v1/services", _services(2)).status == 200
+        refused = call(server.url, "PUT", "/v1/services", _services(3))
+        assert _statuses("MeshdnsVipPoolLow") == {refused.status}, refused.body
+        assert _counter(server, "meshdns_vip_pool_exhausted_total") == 1
+    finally:
+        server.stop()
+
+
+def test_state_write_alert_names_the_statuses_a_write_gets(tmp_path: Path) -> None:
+    """A real meshdns whose state file cannot be written: over the file size limit
+    (EFBIG, like a full volume: the storage failed) and in a directory that is gone
+    (a wrong path). Each write is refused with a status the MeshdnsStateWriteFailing
+    description gives, and counted by the metric it alerts on."""
+    state = tmp_path / "state" / "state.json"
+    state.parent.mkdir()
+    server = ServerProcess(tmp_path, {"registry": {"state_file": str(state)}})
+    got = set()
+    try:
+        server.start(ready=False)
+        assert server.proc is not None
+        assert call(server.url, "PUT", "/v1/services", _services(1)).status == 200
+        # CPython ignores SIGXFSZ, so a write past RLIMIT_FSIZE fails with EFBIG.
+        limit = state.stat().st_size + 4096
+        hard = resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE)[1]
+        resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (limit, hard))
+        too_big = call(server.url, "PUT", "/v1/services", _services(2000))
+        got.add(too_big.status)
+        resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        shutil.rmtree(state.parent)
+        gone = call(server.url, "PUT", "/v1/services", _services(3))
+        got.add(gone.status)
+        assert _counter(server, "meshdns_state_write_failures_total") == 2
+    finally:
+        server.stop()
+    assert got == _statuses("MeshdnsStateWriteFailing") == {507, 500}, (too_big.body,
+                                                                        gone.body)
 
 
 # ------------------------------------------------------------------ PodMonitor
@@ -181,7 +247,10 @@ def test_podmonitor_scrapes_every_shipped_meshdns_pod() -> None:
 def test_dashboard_metric_names_are_parsed() -> None:
     names = dashboard_metrics()
     assert {"meshdns_dns_responses_total", "meshdns_dns_request_duration_seconds_bucket",
-            "meshdns_follow_sync_age_seconds", "meshdns_vip_pool_free"} <= names, names
+            "meshdns_follow_sync_age_seconds", "meshdns_vip_pool_free",
+            # what sizing a sidecar's requests and limits needs (docs/operations.md)
+            "meshdns_process_cpu_seconds_total",
+            "meshdns_process_resident_memory_bytes"} <= names, names
     assert not {"sum", "rate", "histogram_quantile", "le", "upstream", "time"} & names
     assert promql_metric_names('sum by (a) (rate(x_total{b="c"}[5m])) / on(a) y > 0.5e3') \
         == {"x_total", "y"}

@@ -10,6 +10,10 @@ stops it with status 0; without the token, the same command exits at once.
 hadolint lints the Dockerfile; kubernetes-validate checks every manifest against
 the API schemas, and the cross-reference test checks what a schema cannot
 (meshdns configs in ConfigMaps, probe ports, Secret keys, the follow URL).
+The install commands of deploy/README.md are replayed against a model of a
+cluster (namespaces, Secrets, applied objects): no folder they apply holds a
+Secret (re-applying a folder never overwrites the real token), and every Secret a
+workload references is created by those commands, in a namespace that exists.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from .support import refusing_port, udp_query
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 MANIFESTS = ROOT / "deploy" / "kubernetes"
+DEPLOY_README = ROOT / "deploy" / "README.md"
 # Native sidecar containers (init containers with restartPolicy: Always) are on by
 # default from 1.29; the manifests are also checked against the newest schemas the
 # installed kubernetes-validate ships (its default).
@@ -517,7 +522,7 @@ def manifests() -> list[tuple[Path, dict[str, Any]]]:
 
 def test_manifest_sets_exist() -> None:
     sets = {p.parent.name for p in manifest_files()}
-    assert {"leader", "sidecar", "daemonset", "externalname", "etcd"} <= sets
+    assert {"leader", "relay", "sidecar", "daemonset", "externalname", "etcd"} <= sets
 
 
 @pytest.mark.parametrize("version", [MIN_KUBERNETES, None], ids=["min", "latest"])
@@ -655,9 +660,163 @@ def test_sidecar_post_start_hook_waits_for_a_registry_and_always_succeeds(
             unready.stop()
 
 
+# ------------------------------------------------- the documented install flow
+
+PLACEHOLDER = re.compile(r"REPLACE[-_ ]?WITH|CHANGE[-_ ]?ME", re.IGNORECASE)
+WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet")
+
+
+def documented_commands() -> list[list[list[str]]]:
+    """Every shell command of deploy/README.md's ``sh`` blocks that runs kubectl, in
+    document order: a list of pipeline stages, each a list of words."""
+    text = DEPLOY_README.read_text(encoding="utf-8")
+    out = []
+    for block in re.findall(r"^```sh\n(.*?)^```", text, re.DOTALL | re.MULTILINE):
+        for line in block.replace("\\\n", " ").splitlines():
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True
+            words = list(lexer)
+            stages: list[list[str]] = [[]]
+            for word in words:
+                if word == "|":
+                    stages.append([])
+                else:
+                    stages[-1].append(word)
+            if any(stage[:1] == ["kubectl"] for stage in stages):
+                out.append(stages)
+    return out
+
+
+@dataclass
+class Cluster:
+    """What the documented commands leave in a cluster, as far as this test needs."""
+
+    namespaces: set[str]
+    secrets: dict[tuple[str, str], set[str]]  # (namespace, name) -> data keys
+    applied: list[tuple[Path, dict[str, Any]]]  # every object of every `kubectl apply -f`
+    folders: set[str]  # deploy/kubernetes/<x> applied whole
+
+    def apply(self, target: str) -> None:
+        path = ROOT / target
+        assert path.exists(), f"kubectl apply -f {target}: no such file or folder"
+        if path.is_dir() and path.is_relative_to(MANIFESTS):
+            self.folders.add(path.relative_to(MANIFESTS).as_posix())
+        # `kubectl apply -f DIR` takes the folder's files in name order, not recursively.
+        files = sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+        for file in files:
+            text = file.read_text(encoding="utf-8")
+            rel = file.relative_to(ROOT) if file.is_relative_to(ROOT) else file
+            assert not PLACEHOLDER.search(text), f"{rel}: a placeholder in an applied file"
+            for doc in yaml.safe_load_all(text):
+                if not doc:
+                    continue
+                # A Secret in an applied file would overwrite the real one on every
+                # re-apply (an upgrade, a config change) and fight `create secret`.
+                assert doc["kind"] != "Secret", f"{rel}: applying it writes a Secret"
+                if doc["kind"] == "Namespace":
+                    self.namespaces.add(doc["metadata"]["name"])
+                else:
+                    ns = doc["metadata"].get("namespace")
+                    assert ns in self.namespaces, f"{rel}: namespace {ns} does not exist yet"
+                self.applied.append((file, doc))
+
+    def run(self, stages: list[list[str]]) -> None:
+        """One pipeline: each kubectl stage changes or reads the model."""
+        for words in stages:
+            if words[:1] != ["kubectl"]:
+                continue  # base64, head, tr: data between kubectl stages
+            args = words[1:]
+            ns = "default"
+            for flag in ("-n", "--namespace"):
+                while flag in args:
+                    i = args.index(flag)
+                    ns = args[i + 1]
+                    del args[i : i + 2]
+            verb = args[0]
+            if verb == "apply":
+                targets = [args[i + 1] for i, a in enumerate(args) if a == "-f"]
+                assert targets and "-" not in targets, f"documented apply: {words}"
+                for target in targets:
+                    self.apply(target)
+            elif args[:3] == ["create", "secret", "generic"]:
+                assert "--dry-run=client" not in args, (
+                    f"{words}: piped into `kubectl apply`, a second run would replace the "
+                    "real token with a new one")
+                name = args[3]
+                assert ns in self.namespaces, f"create secret {name}: no namespace {ns} yet"
+                assert (ns, name) not in self.secrets, f"{ns}/{name} is created twice"
+                keys = {a.split("=", 1)[1].split("=", 1)[0] for a in args
+                        if a.startswith(("--from-literal=", "--from-file="))}
+                assert keys, words
+                self.secrets[(ns, name)] = keys
+            elif args[:2] == ["get", "secret"]:
+                assert (ns, args[2]) in self.secrets, f"{ns}/{args[2]} does not exist yet"
+            elif verb in ("get", "exec", "rollout", "logs"):
+                continue  # reads, or acts on what exists
+            else:
+                raise AssertionError(f"a kubectl command this test does not model: {words}")
+
+
+def documented_cluster() -> Cluster:
+    cluster = Cluster({"default", "kube-system"}, {}, [], set())
+    for stages in documented_commands():
+        cluster.run(stages)
+    return cluster
+
+
+def test_documented_install_never_overwrites_a_secret() -> None:
+    """deploy/README.md's commands, in order: the folders they apply hold no Secret (so
+    `kubectl apply -f deploy/kubernetes/<x>/`, run again for an upgrade, leaves the real
+    token alone); the token is created once per namespace, after the namespace, and
+    before a workload needs it; every manifest folder is applied by the commands; and
+    each Secret key a workload reads is created."""
+    cluster = documented_cluster()
+    sets = {p.parent.relative_to(MANIFESTS).as_posix() for p in manifest_files()}
+    assert cluster.folders == sets, f"folders the commands do not apply: {sets - cluster.folders}"
+    assert {path for path, _ in cluster.applied} == set(manifest_files())
+    refs = 0
+    for _, doc in cluster.applied:
+        if doc["kind"] not in WORKLOADS:
+            continue
+        ns = doc["metadata"]["namespace"]
+        pod = doc["spec"]["template"]["spec"]
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            for item in container.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs += 1
+                    where = f"{doc['kind']} {ns}/{doc['metadata']['name']}: {item['name']}"
+                    assert (ns, ref["name"]) in cluster.secrets, f"{where}: no such Secret"
+                    assert ref["key"] in cluster.secrets[(ns, ref["name"])], where
+    assert refs >= 4, "leader, sidecar, DaemonSet and the etcd variant read the token"
+
+
+def test_the_install_model_catches_a_secret_in_an_applied_folder(tmp_path: Path) -> None:
+    """The check above can fail: a placeholder Secret beside the manifests (as shipped
+    before), or a token created before its namespace, is refused."""
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+              "metadata": {"name": "meshdns-token", "namespace": "meshdns"},
+              "stringData": {"token": "a-real-looking-token"}}
+    folder = MANIFESTS / "leader"
+    cluster = Cluster({"default", "meshdns"}, {}, [], set())
+    with pytest.raises(AssertionError, match="writes a Secret"):
+        cluster.run([["kubectl", "apply", "-f", str(_with_extra(folder, tmp_path, secret))]])
+    with pytest.raises(AssertionError, match="no namespace demo yet"):
+        cluster.run([["kubectl", "-n", "demo", "create", "secret", "generic", "t",
+                      "--from-literal=token=x"]])
+
+
+def _with_extra(folder: Path, tmp: Path, doc: dict[str, Any]) -> Path:
+    """A copy of ``folder`` under ``tmp`` with ``doc`` added as 10-extra.yaml."""
+    copy = tmp / folder.name
+    shutil.copytree(folder, copy)
+    (copy / "10-extra.yaml").write_text(yaml.safe_dump(doc))
+    return copy
+
+
 def test_manifests_cross_references() -> None:
     """What kubernetes-validate cannot see: each object against the others."""
-    configmaps, secrets = _by_kind("ConfigMap"), _by_kind("Secret")
+    configmaps, secrets = _by_kind("ConfigMap"), documented_cluster().secrets
     services = _by_kind("Service")
     uid = int(instruction(dockerfile_stages()[-1], "USER").args.split(":")[0])
     workloads = [d for _, d in manifests()
@@ -687,10 +846,8 @@ def test_manifests_cross_references() -> None:
             env = {e["name"]: e for e in container.get("env", [])}
             for item in env.values():
                 ref = item.get("valueFrom", {}).get("secretKeyRef")
-                if ref:
-                    secret = secrets[(ns, ref["name"])]
-                    assert ref["key"] in {**secret.get("data", {}),
-                                          **secret.get("stringData", {})}, where
+                if ref:  # created by the install commands (deploy/README.md)
+                    assert ref["key"] in secrets[(ns, ref["name"])], where
             # Every meshdns gets the token, loopback API or not: the other containers of a
             # pod share its loopback, and `kubectl exec ... meshdns get services` reads it.
             assert "secretKeyRef" in env["MESHDNS_API_TOKEN"]["valueFrom"], where
@@ -722,9 +879,13 @@ def test_manifests_cross_references() -> None:
                 assert port["containerPort"] in listening, f"{where}: port {port['name']}"
             assert container["resources"]["requests"] and container["resources"]["limits"]
 
-            # A follower watches the leader Service, with a token.
+            # A follower watches the leader Service, with a token, by its absolute
+            # name: a sidecar resolves it through itself, and a relative name with
+            # ndots:5 would be tried with every search suffix first.
             if config.registry.follow:
                 url = urlsplit(config.registry.follow)
+                assert (url.hostname or "").endswith(".svc.cluster.local."), (
+                    f"{where}: follow {config.registry.follow}: not an absolute name")
                 name, namespace = (url.hostname or "").split(".")[:2]
                 service = services[(namespace, name)]
                 assert url.port in [p["port"] for p in service["spec"]["ports"]], where
@@ -766,6 +927,33 @@ def test_manifests_cross_references() -> None:
             ips = {s["spec"].get("clusterIP") for s in services.values()}
             assert set(pod["dnsConfig"]["nameservers"]) <= ips, where
     assert seen >= 3, "leader, sidecar and DaemonSet each run meshdns"
+
+    # Disruptions: every meshdns or etcd workload of more than one replica spreads over
+    # nodes and has a budget that lets a drain take one pod at a time; none blocks a
+    # drain (a single-replica leader has no budget at all).
+    budgets = _by_kind("PodDisruptionBudget")
+    for (ns, name), budget in budgets.items():
+        selector = budget["spec"]["selector"]["matchLabels"].items()
+        [target] = [w for w in workloads if w["metadata"]["namespace"] == ns
+                    and selector <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert budget["spec"].get("maxUnavailable") == 1, f"PDB {ns}/{name}"
+        assert "minAvailable" not in budget["spec"], f"PDB {ns}/{name}"
+        assert target["spec"].get("replicas", 1) > 1, f"PDB {ns}/{name} blocks every drain"
+    for workload in workloads:
+        meta = workload["metadata"]
+        replicated = workload["kind"] != "DaemonSet" and workload["spec"].get("replicas", 1) > 1
+        if meta.get("labels", {}).get("app.kubernetes.io/part-of") != "meshdns" or not replicated:
+            continue
+        where = f"{workload['kind']} {meta['namespace']}/{meta['name']}"
+        labels = workload["spec"]["template"]["metadata"]["labels"].items()
+        assert [b for (ns, _), b in budgets.items() if ns == meta["namespace"]
+                and b["spec"]["selector"]["matchLabels"].items() <= labels], f"{where}: no PDB"
+        terms = workload["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+            "preferredDuringSchedulingIgnoredDuringExecution"]
+        assert [term for term in terms
+                if term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+                and term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels
+                ], f"{where}: its pods are not spread over nodes"
 
     # Services select a workload and name ports its pod declares.
     for (ns, name), service in services.items():
@@ -863,3 +1051,112 @@ def test_externalname_targets_a_served_mesh_name() -> None:
                     assert svc == "svc" and port.isdigit() and 0 < int(port) < 65536, target
                     served = True
         assert served, f"{ns}/{alias['metadata']['name']}: no meshdns sidecar serves {target}"
+
+
+# ------------------------------------------- the follow URL, resolved as in the pod
+
+POD_RESOLV_CONF = """\
+# written by tests/test_deploy.py: the sidecar pod's dnsConfig (dnsPolicy: None)
+nameserver 127.0.0.1
+search demo.svc.cluster.local svc.cluster.local cluster.local
+options ndots:5 timeout:2 attempts:1
+"""
+QUERY_LOG = re.compile(r'"(?:A|AAAA) IN (\S+) (?:udp|tcp) ')
+
+
+def test_sidecar_resolves_its_leader_in_one_name_through_itself(tmp_path: Path) -> None:
+    """The shipped sidecar config, run as in its pod: on 127.0.0.1:53, the pod's
+    resolver, with the pod's search list and ndots:5 (private network and mount
+    namespaces), following a leader whose Service name a loopback unbound answers. With
+    the shipped absolute follow URL the only names it asks itself for the leader are
+    that name; the same URL without the trailing dot walks the search list first."""
+    from .netns import require_namespaces, run_in_namespaces
+
+    require_namespaces("unbound", "mount")
+    results = run_in_namespaces([sys.executable, "-m", "tests.test_deploy", "--inside",
+                                 str(tmp_path)], tmp_path, timeout=180)
+    print(json.dumps(results, indent=1))
+    absolute, relative = results["absolute"], results["relative"]
+    assert absolute["host"].endswith("."), absolute
+    assert absolute["names"], "the sidecar asked nothing for its leader"
+    assert set(absolute["names"]) == {absolute["host"]}, absolute
+    assert any(n.endswith(".demo.svc.cluster.local.") for n in relative["names"]), relative
+
+
+def _follow_through_itself(directory: Path, follow: str, unbound: str) -> dict[str, Any]:
+    """Inside the namespaces: a leader, then the shipped sidecar config following it at
+    ``follow``; returns the names the sidecar's query log shows it asked for the leader."""
+    from .apiclient import ServerProcess, call, wait_for
+
+    directory.mkdir()
+    host = urlsplit(follow).hostname or ""
+    leader = ServerProcess(directory / "leader", {"registry": {"seed_file": None}},
+                           name="leader")
+    [sidecar_map] = [d for _, d in manifests() if d["kind"] == "ConfigMap"
+                     and d["metadata"]["name"] == "meshdns-sidecar"]
+    raw = yaml.safe_load(sidecar_map["data"]["config.yaml"])
+    assert raw["dns"]["listen"] == ["127.0.0.1:53"], "the pod's resolver"
+    raw["dns"]["upstreams"] = [unbound]
+    raw["api"]["listen"] = f"127.0.0.1:{free_port()}"
+    raw["metrics"]["listen"] = f"127.0.0.1:{free_port()}"
+    raw["registry"]["follow"] = follow.replace(":15080", f":{leader.api_port}")
+    raw["registry"]["state_file"] = str(directory / "state.json")
+    raw["log"] = {"level": "info", "format": "text", "queries": True}
+    path = directory / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    log = directory / "sidecar.log"
+    sidecar = None
+    try:
+        leader.start(ready=False)
+        assert call(leader.url, "PUT", "/v1/services", {"services": [
+            {"name": "a", "namespace": "b", "port": 80}]}).status == 200
+        with log.open("wb") as out:
+            sidecar = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
+                                        str(path)], stdout=out, stderr=subprocess.STDOUT,
+                                       env=clean_env())
+        metrics = f"http://{raw['metrics']['listen']}"
+
+        def following() -> bool:
+            assert sidecar is not None and sidecar.poll() is None, log.read_text()
+            try:
+                return http_status(f"{metrics}/readyz", timeout=1) == 200
+            except OSError:
+                return False
+
+        wait_for(following, 60, "the sidecar to follow its leader")
+    finally:
+        if sidecar is not None:
+            sidecar.send_signal(signal.SIGKILL)
+            sidecar.wait(10)
+        leader.stop()
+    names = [n for n in QUERY_LOG.findall(log.read_text()) if "meshdns-leader" in n]
+    return {"host": host, "names": names}
+
+
+def inside(directory: Path) -> int:
+    from .fake_upstream import UNBOUND_DATA, Unbound
+    from .netns import HOSTS, NSSWITCH, enter_private_network
+
+    enter_private_network(directory, {"resolv.conf": POD_RESOLV_CONF,
+                                      "nsswitch.conf": NSSWITCH, "hosts": HOSTS})
+    [sidecar_map] = [d for _, d in manifests() if d["kind"] == "ConfigMap"
+                     and d["metadata"]["name"] == "meshdns-sidecar"]
+    follow = yaml.safe_load(sidecar_map["data"]["config.yaml"])["registry"]["follow"]
+    host = urlsplit(follow).hostname or ""
+    (directory / "unbound").mkdir()
+    # The cluster DNS: the leader's Service name, NXDOMAIN for everything else.
+    with Unbound(directory / "unbound", data=[
+            *UNBOUND_DATA, f"{host.rstrip('.')}. 30 IN A 127.0.0.1"]) as unbound:
+        results = {"absolute": _follow_through_itself(directory / "absolute", follow,
+                                                      unbound.address),
+                   "relative": _follow_through_itself(
+                       directory / "relative", follow.replace(host, host.rstrip(".")),
+                       unbound.address)}
+    (directory / "results.json").write_text(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--inside":
+        sys.exit(inside(Path(sys.argv[2])))
+    sys.exit("usage: python -m tests.test_deploy --inside DIR (run under unshare -n -m)")

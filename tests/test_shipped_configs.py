@@ -161,7 +161,8 @@ SHIPPED = shipped_configs()
 def test_every_shipped_config_is_found() -> None:
     names = [s.name for s in SHIPPED]
     assert names[:2] == ["example", "container"]
-    assert {"k8s-leader", "k8s-sidecar", "k8s-daemonset", "k8s-etcd"} <= set(names), names
+    assert {"k8s-leader", "k8s-relay", "k8s-sidecar", "k8s-daemonset",
+            "k8s-etcd"} <= set(names), names
     assert len(set(names)) == len(names), names
     [leader] = leaders()
     assert leader.name == "k8s-leader"
@@ -601,3 +602,48 @@ def check_etcd_metrics(samples: dict[str, list[tuple[dict[str, str], float]]],
     assert value(samples, "meshdns_etcd_write_commits_total") == 0
     assert value(samples, "meshdns_etcd_write_unavailable_total") == 0
     assert value(samples, "meshdns_etcd_bad_keys_total") == 0
+
+
+def _serves_revision(running: Running, revision: int) -> bool:
+    return bool(call(running.api, "GET", "/readyz").json().get("revision") == revision)
+
+
+def test_shipped_relay_passes_changes_on_to_a_shipped_follower(tmp_path: Path,
+                                                               unbound: Unbound) -> None:
+    """leader -> relay -> sidecar, each config as shipped (only addresses and paths
+    rewritten; the sidecar's registry.follow pointed at the relay, as deploy/README.md
+    says): a write to the leader is answered by the sidecar, and a second write reaches
+    it as a delta served by the relay, not as a full read."""
+    [leader] = leaders()
+    [relay] = [s for s in SHIPPED if s.name == "k8s-relay"]
+    [sidecar] = [s for s in SHIPPED if s.name == "k8s-sidecar"]
+    assert relay.follows and not is_loopback(api_host(relay)), "others reach its API"
+    with ExitStack() as stack:
+        top = stack.enter_context(serve(leader, tmp_path, unbound.address))
+        middle = stack.enter_context(serve(relay, tmp_path, unbound.address, top.api))
+        edge = stack.enter_context(serve(sidecar, tmp_path, unbound.address, middle.api))
+        domain = parse_config(edge.config, {}).dns.domains[0]
+        second = dict(PUSHED, name="shipped-relayed", vip="240.0.0.78")
+        for number, service in enumerate((PUSHED, second), 1):
+            pushed = call(top.api, "PATCH", "/v1/services", {"upsert": [service]},
+                          token=TOKEN)
+            assert pushed.status == 200, pushed.body
+            revision = pushed.json()["revision"]
+            wait_for(functools.partial(_serves_revision, edge, revision), 60,
+                     f"the sidecar to serve revision {revision}")
+            assert dig(edge.dns, mesh_name(service, domain)) == ("NOERROR", [service["vip"]])
+            assert dig(edge.dns, mesh_name(PUSHED, domain)) == ("NOERROR", [PUSHED["vip"]])
+            if number == 1:
+                _, first = scrape(edge)
+        _, samples = scrape(edge)
+        assert value(samples, "meshdns_follow_deltas_total") > value(
+            first, "meshdns_follow_deltas_total"), "the second write came as a delta"
+        assert value(samples, "meshdns_follow_full_syncs_total") == value(
+            first, "meshdns_follow_full_syncs_total")
+        _, relayed = scrape(middle)
+        assert value(relayed, "meshdns_sync_requests_total", op="delta", code="200") >= 1
+        # One full read each: the relay's from the leader, the sidecar's from the relay.
+        _, led = scrape(top)
+        for samples_of in (led, relayed):
+            assert sum(value(samples_of, "meshdns_sync_requests_total", op=op, code="200")
+                       for op in ("get", "watch")) == 1
