@@ -46,7 +46,7 @@ import yaml
 from meshdns import __version__
 from meshdns.config import ConfigError, is_loopback, parse_config
 
-from .support import refusing_port, udp_query
+from .support import free_port, refusing_port, udp_query
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -1092,6 +1092,7 @@ def _follow_through_itself(directory: Path, follow: str, unbound: str) -> dict[s
     host = urlsplit(follow).hostname or ""
     leader = ServerProcess(directory / "leader", {"registry": {"seed_file": None}},
                            name="leader")
+    leader.reserve()  # its port goes into the sidecar's follow URL before it starts
     [sidecar_map] = [d for _, d in manifests() if d["kind"] == "ConfigMap"
                      and d["metadata"]["name"] == "meshdns-sidecar"]
     raw = yaml.safe_load(sidecar_map["data"]["config.yaml"])
