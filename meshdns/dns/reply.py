@@ -1,30 +1,67 @@
-"""Upstream queries and replies on the wire: build, check (RFC 5452), walk for TTLs.
+"""Upstream queries and replies on the wire: build, check (RFC 5452), parse and scrub.
 
-Only what forwarding and caching need is decoded. A reply is walked record by
-record for framing; we keep the offset of every TTL (to count them down when
-the cached reply is served later), the cacheable lifetime (RFC 2308 for
-negative answers) and the reply with its OPT record removed (the client gets
-an OPT of our own, or none when it sent none).
+A reply is parsed whole before anything is cached or sent: every name, owner
+and in rdata (compression pointers followed, backwards only, a bounded number of
+hops), every record's framing. What does not parse is ``ReplyRejected(MALFORMED)``.
+
+Then it is scrubbed, as unbound's scrubber does (``scrub.c``), keeping only:
+
+- answer: the CNAME chain from the question's name (one CNAME per name), the
+  records of the question's type (any type for ANY) at the names of that chain,
+  their RRSIGs, and DNAMEs above a chain name;
+- authority: SOA and NS records of a zone that encloses a chain name (the zone
+  of a negative answer or a referral), and the DNSSEC proof records (NSEC, NSEC3,
+  DS, RRSIG) inside such a zone;
+- additional: glue, the A/AAAA (and RRSIG) of a kept NS target inside the NS's
+  zone, or of a kept MX/SRV target; the OPT is cut (the client gets ours).
+
+``owned(name)`` (from the forwarder: the names the zone answers itself, mesh
+names, host names, VIP PTR names) cuts the chain where it enters one of our
+names: the CNAME to it is kept, the upstream's records for it are not (chase.py
+appends our answer). Glue for such a name is dropped too. Everything dropped is
+counted by reason (``ParsedReply.dropped``, ``SCRUB_REASONS``).
+
+A clean reply (the common case: nothing dropped, OPT last) keeps its bytes; one
+with drops is re-encoded without compression. We keep the offset of every TTL
+(to count them down when the cached reply is served later) and the cacheable
+lifetime (RFC 2308 for negative answers).
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.wire import (
     HEADER_LEN,
+    QTYPE_ANY,
     QTYPE_OPT,
     RCODE_NOERROR,
     RCODE_NXDOMAIN,
     Query,
     WireError,
-    read_name,
 )
 
 UPSTREAM_UDP_PAYLOAD = 1232  # what we advertise upstream (DNS flag day 2020)
 MAX_CACHE_TTL = 86400  # like unbound's cache-max-ttl
-T_SOA = 6
+T_A, T_NS, T_CNAME, T_SOA, T_PTR, T_MX, T_AAAA, T_SRV = 1, 2, 5, 6, 12, 15, 28, 33
+T_DNAME, T_DS, T_RRSIG, T_NSEC, T_NSEC3 = 39, 43, 46, 47, 50
+MAX_CHAIN = 16  # names in a CNAME chain we follow; a longer one is cut (chase.py: 8 links)
+_MAX_HOPS = 127  # compression pointers followed per name (a name has at most 127 labels)
+# Types whose rdata holds names a server may compress (RFC 3597 §4; SRV by habit):
+# bytes before the first name, names, fixed bytes after them.
+_NAMES_IN_RDATA = {T_NS: (0, 1, 0), T_CNAME: (0, 1, 0), T_PTR: (0, 1, 0),
+                   T_DNAME: (0, 1, 0), T_MX: (2, 1, 0), T_SRV: (6, 1, 0), T_SOA: (0, 2, 20)}
+_AUTH_ZONE = (T_SOA, T_NS)
+_AUTH_PROOF = (T_NSEC, T_NSEC3, T_DS, T_RRSIG)
+_GLUE = (T_A, T_AAAA, T_RRSIG)
+# Reasons a record was dropped (meshdns_forward_scrubbed_records_total{reason}).
+OTHER_NAME, WRONG_TYPE, OWN_NAME = "other_name", "wrong_type", "own_name"
+AUTHORITY, ADDITIONAL = "authority", "additional"
+SCRUB_REASONS = (OTHER_NAME, WRONG_TYPE, OWN_NAME, AUTHORITY, ADDITIONAL)
+
+Owned = Callable[[bytes], bool]  # a lower-case wire name -> meshdns answers it itself
 
 _OPT_UPSTREAM = struct.pack("!BHHBBHH", 0, QTYPE_OPT, UPSTREAM_UDP_PAYLOAD, 0, 0, 0, 0)
 _OPT_UPSTREAM_DO = struct.pack("!BHHBBHH", 0, QTYPE_OPT, UPSTREAM_UDP_PAYLOAD, 0, 0, 0x8000, 0)
@@ -90,25 +127,105 @@ def reply_rcode(reply: bytes) -> int:
 
 @dataclass(slots=True)
 class ParsedReply:
-    """An upstream reply minus its OPT, with what caching needs to know about it."""
+    """An upstream reply, scrubbed, minus its OPT, with what caching needs to know."""
 
-    wire: bytes  # header + question + records, OPT removed, ARCOUNT adjusted
+    wire: bytes  # header + question + kept records, OPT removed, counts adjusted
     rcode: int  # including the extended bits from OPT
     qend: int  # offset just past the question
     ttl_offsets: tuple[int, ...]
     ttls: tuple[int, ...]
     lifetime: int  # seconds it may be served from cache; 0 means not at all
+    negative: bool = False  # NXDOMAIN or NODATA (bounded by dns.cache_negative_*)
+    dropped: dict[str, int] | None = None  # records scrubbed away, by reason
 
 
-def parse_reply(reply: bytes, question_len: int) -> ParsedReply:
-    """Walk an already checked reply. Raises ReplyRejected(MALFORMED) on bad framing."""
+def parse_reply(reply: bytes, question_len: int, owned: Owned | None = None) -> ParsedReply:
+    """Parse and scrub an already checked reply. Raises ReplyRejected(MALFORMED) when
+    any part of it does not parse (bad framing, bad or looping compression pointers)."""
     try:
-        return _parse(reply, question_len)
+        return _parse(reply, question_len, owned)
     except (WireError, IndexError, struct.error):
         raise ReplyRejected(MALFORMED) from None
 
 
-def _parse(reply: bytes, question_len: int) -> ParsedReply:
+def _expand(wire: bytes, pos: int, memo: dict[int, tuple[bytes, int]]) -> tuple[bytes, int]:
+    """The name at ``pos`` uncompressed (its case kept) and the offset just past it.
+
+    Pointers must point backwards and are followed at most ``_MAX_HOPS`` times, so a
+    loop ends. ``memo`` maps offsets already expanded to (name, end): most owners
+    are a pointer to the question's name, which then costs a dict lookup."""
+    start = pos
+    parts: list[bytes] = []
+    end = -1
+    hops = 0
+    while True:
+        known = memo.get(pos)
+        if known is not None:
+            parts.append(known[0])
+            if end < 0:
+                end = known[1]
+            break
+        length = wire[pos]
+        if length == 0:
+            parts.append(b"\x00")
+            if end < 0:
+                end = pos + 1
+            break
+        if length >= 0xC0:
+            target = ((length & 0x3F) << 8) | wire[pos + 1]
+            if end < 0:
+                end = pos + 2
+            hops += 1
+            if target >= pos or hops > _MAX_HOPS:
+                raise ReplyRejected(MALFORMED)  # a forward pointer, or a loop
+            pos = target
+            continue
+        if length & 0xC0:
+            raise ReplyRejected(MALFORMED)  # unknown label type
+        nxt = pos + 1 + length
+        if nxt > len(wire):
+            raise ReplyRejected(MALFORMED)
+        parts.append(wire[pos:nxt])
+        pos = nxt
+    name = parts[0] if len(parts) == 1 else b"".join(parts)
+    if len(name) > 255:
+        raise ReplyRejected(MALFORMED)
+    memo[start] = (name, end)
+    return name, end
+
+
+def within(name: bytes, zone: bytes) -> bool:
+    """``name`` is ``zone`` or below it (lower-case uncompressed wire names)."""
+    cut = len(name) - len(zone)
+    if cut < 0 or not name.endswith(zone):
+        return False
+    pos = 0
+    while pos < cut:
+        pos += name[pos] + 1
+    return pos == cut
+
+
+class _Record:
+    """One record as walked; rdata with its names expanded."""
+
+    __slots__ = ("fixed", "key", "owner", "rdata", "rtype", "section", "start", "target",
+                 "ttl", "ttl_at")
+
+    def __init__(self, section: int, start: int, owner: bytes, rtype: int, fixed: bytes,
+                 ttl: int, ttl_at: int, rdata: bytes, target: bytes) -> None:
+        self.section = section
+        self.start = start
+        self.owner = owner  # as written (0x20 case kept)
+        self.key = owner.lower()
+        self.rtype = rtype
+        self.fixed = fixed  # class and TTL, as written
+        self.ttl = ttl
+        self.ttl_at = ttl_at
+        self.rdata = rdata
+        self.target = target  # the first name in rdata, lower case (b"" if none)
+
+
+def _parse(reply: bytes, question_len: int, owned: Owned | None) -> ParsedReply:
     ancount, nscount, arcount = struct.unpack_from("!HHH", reply, 6)
     qdcount = (reply[4] << 8) | reply[5]
     pos = HEADER_LEN + (question_len if qdcount else 0)
@@ -116,55 +233,174 @@ def _parse(reply: bytes, question_len: int) -> ParsedReply:
     if pos > len(reply):
         raise ReplyRejected(MALFORMED)
     rcode = reply[3] & 0xF
+    memo: dict[int, tuple[bytes, int]] = {}
+    if qdcount:  # checked by check_reply: our question, uncompressed
+        memo[HEADER_LEN] = (reply[HEADER_LEN:qend - 4], qend - 4)
+    records: list[_Record] = []
+    opt: _Record | None = None
+    unpack = struct.unpack_from
+    for section, count in ((0, ancount), (1, nscount), (2, arcount)):
+        for _ in range(count):
+            start = pos
+            owner, pos = _expand(reply, pos, memo)
+            rtype, ttl, rdlen = unpack("!H2xIH", reply, pos)
+            fixed = reply[pos + 2:pos + 8]
+            rstart = pos + 10
+            end = rstart + rdlen
+            if end > len(reply):
+                raise ReplyRejected(MALFORMED)
+            rdata = reply[rstart:end]
+            target = b""
+            layout = _NAMES_IN_RDATA.get(rtype)
+            if layout is not None:
+                before, names, after = layout
+                at = rstart + before
+                parts = [reply[rstart:at]]
+                for _n in range(names):
+                    name, at = _expand(reply, at, memo)
+                    parts.append(name)
+                    if not target:
+                        target = name.lower()
+                if at + after != end:
+                    raise ReplyRejected(MALFORMED)
+                parts.append(reply[at:end])
+                rdata = b"".join(parts)
+            record = _Record(section, start, owner, rtype, fixed, ttl, pos + 4, rdata, target)
+            pos = end
+            if rtype == QTYPE_OPT:
+                if section != 2 or opt is not None or owner != b"\x00":
+                    raise ReplyRejected(MALFORMED)
+                opt = record
+                rcode |= reply[record.ttl_at] << 4  # extended rcode bits
+                continue
+            records.append(record)
+    if pos != len(reply):
+        raise ReplyRejected(MALFORMED)
+    kept, dropped = _scrub(reply, qend, records, owned) if qdcount else (records, None)
+    if dropped is None and (opt is None or opt.start + 11 + len(opt.rdata) == len(reply)):
+        wire = reply
+        if opt is not None:
+            # Only the OPT goes, and it is last: cutting it moves nothing a pointer
+            # could point to. The common case, and it costs a slice.
+            cut = bytearray(reply[:opt.start])
+            struct.pack_into("!H", cut, 10, arcount - 1)
+            wire = bytes(cut)
+        offsets = [r.ttl_at for r in kept]
+    else:
+        wire, offsets = _rebuild(reply[:qend], kept)
+    return _lifetimes(wire, rcode, qend, kept, offsets, dropped)
+
+
+def _scrub(reply: bytes, qend: int, records: list[_Record], owned: Owned | None
+           ) -> tuple[list[_Record], dict[str, int] | None]:
+    """The records to keep (see the module doc) and what was dropped, by reason."""
+    qname = reply[HEADER_LEN:qend - 4].lower()
+    qtype = (reply[qend - 4] << 8) | reply[qend - 3]
+    links: dict[bytes, bytes] = {}
+    for r in records:
+        if r.section == 0 and r.rtype == T_CNAME and r.key not in links:
+            links[r.key] = r.target
+    chain = [qname]
+    cut = b""  # the first chain name that is ours
+    name = qname
+    if qtype != T_CNAME:
+        while name in links and len(chain) < MAX_CHAIN:
+            name = links[name]
+            if name in chain:
+                break  # a loop: kept as is, the forwarder answers SERVFAIL (chase.py)
+            if owned is not None and owned(name):
+                cut = name
+                break
+            chain.append(name)
+    kept: list[_Record] = []
+    dropped: dict[str, int] | None = None
+    zones: list[bytes] = []
+    glue: dict[bytes, bytes] = {}  # target -> the zone it must be in (b"\x00": any)
+    names = set(chain)
+    linked: set[bytes] = set()
+    for r in records:
+        reason = ""
+        if r.section == 0:
+            if r.key in names:
+                if r.rtype == T_CNAME:
+                    # One CNAME per name: the first, which the chain followed.
+                    reason = WRONG_TYPE if r.key in linked else ""
+                    linked.add(r.key)
+                elif not (r.rtype == qtype or qtype == QTYPE_ANY
+                          or (r.rtype == T_RRSIG and _covers(r.rdata, qtype))):
+                    reason = WRONG_TYPE
+            elif r.key == cut:
+                reason = OWN_NAME
+            elif r.rtype == T_DNAME and any(n != r.key and within(n, r.key) for n in chain):
+                pass
+            else:
+                reason = OTHER_NAME
+            if not reason and r.rtype in (T_MX, T_SRV):
+                glue.setdefault(r.target, b"\x00")
+        elif r.section == 1:
+            if r.rtype in _AUTH_ZONE and any(within(n, r.key) for n in chain):
+                zones.append(r.key)
+                if r.rtype == T_NS:
+                    glue[r.target] = r.key
+            elif not (r.rtype in _AUTH_PROOF and any(within(r.key, z) for z in zones)):
+                reason = AUTHORITY
+        else:
+            zone = glue.get(r.key)
+            if zone is None or r.rtype not in _GLUE or not within(r.key, zone):
+                reason = ADDITIONAL
+            elif owned is not None and owned(r.key):
+                reason = OWN_NAME
+        if reason:
+            if dropped is None:
+                dropped = {}
+            dropped[reason] = dropped.get(reason, 0) + 1
+        else:
+            kept.append(r)
+    return kept, dropped
+
+
+def _covers(rdata: bytes, qtype: int) -> bool:
+    """An RRSIG over the question's type or a CNAME of the chain."""
+    covered = (rdata[0] << 8) | rdata[1] if len(rdata) >= 2 else -1
+    return covered in (qtype, T_CNAME)
+
+
+def _rebuild(head: bytes, kept: list[_Record]) -> tuple[bytes, list[int]]:
+    """Header, question and ``kept`` without compression; the counts set to match."""
+    out = bytearray(head)
+    counts = [0, 0, 0]
     offsets: list[int] = []
+    for r in kept:
+        counts[r.section] += 1
+        out += r.owner
+        offsets.append(len(out) + 4)
+        out += struct.pack("!H", r.rtype) + r.fixed + struct.pack("!H", len(r.rdata))
+        out += r.rdata
+    if len(out) > 65535:
+        raise ReplyRejected(MALFORMED)
+    struct.pack_into("!HHH", out, 6, *counts)
+    return bytes(out), offsets
+
+
+def _lifetimes(wire: bytes, rcode: int, qend: int, kept: list[_Record], offsets: list[int],
+               dropped: dict[str, int] | None) -> ParsedReply:
     ttls: list[int] = []
     bounding: list[int] = []  # answer + authority TTLs: a positive answer's lifetime
     answer_ttls: list[int] = []
     soa_ttl: int | None = None
-    soa_offset = -1
-    opt: tuple[int, int] | None = None
-    for section, count in ((0, ancount), (1, nscount), (2, arcount)):
-        for _ in range(count):
-            start = pos
-            _, pos = read_name(reply, pos, allow_pointers=True)
-            rtype, _rclass, ttl, rdlen = struct.unpack_from("!HHIH", reply, pos)
-            ttl_at = pos + 4
-            pos += 10 + rdlen
-            if pos > len(reply):
-                raise ReplyRejected(MALFORMED)
-            if rtype == QTYPE_OPT:
-                if section != 2 or opt is not None:
-                    raise ReplyRejected(MALFORMED)
-                opt = (start, pos)
-                rcode |= reply[ttl_at] << 4  # extended rcode bits
-                continue
-            ttl = 0 if ttl & 0x80000000 else min(ttl, MAX_CACHE_TTL)  # RFC 2181 §8
-            offsets.append(ttl_at)
-            ttls.append(ttl)
-            if section < 2:
-                bounding.append(ttl)
-            if section == 0:
-                answer_ttls.append(ttl)
-            if section == 1 and rtype == T_SOA and soa_ttl is None and rdlen >= 22:
-                minimum = struct.unpack_from("!I", reply, pos - 4)[0]
-                soa_ttl = min(ttl, minimum)
-                soa_offset = len(ttls) - 1
-    if pos != len(reply):
-        raise ReplyRejected(MALFORMED)
-    wire = reply
-    if opt is not None:
-        if opt[1] != len(reply):
-            # Servers put OPT last (only TSIG may follow). Cutting a record from the
-            # middle would move what later compression pointers point to, so this
-            # rare case pays for a re-encode without the OPT, then a fresh walk.
-            again = _parse(_reencode_without_opt(reply), question_len)
-            if rcode != again.rcode:
-                again.rcode, again.lifetime = rcode, 0
-            return again
-        # Cutting the last record moves nothing a pointer could point to.
-        cut = bytearray(reply[: opt[0]])
-        struct.pack_into("!H", cut, 10, arcount - 1)
-        wire = bytes(cut)
+    soa_index = -1
+    for r in kept:
+        ttl = r.ttl
+        ttl = 0 if ttl & 0x80000000 else min(ttl, MAX_CACHE_TTL)  # RFC 2181 §8
+        ttls.append(ttl)
+        if r.section < 2:
+            bounding.append(ttl)
+        if r.section == 0:
+            answer_ttls.append(ttl)
+        elif r.section == 1 and r.rtype == T_SOA and soa_ttl is None and len(r.rdata) >= 22:
+            soa_ttl = min(ttl, struct.unpack_from("!I", r.rdata, len(r.rdata) - 4)[0])
+            soa_index = len(ttls) - 1
+    ancount = sum(1 for r in kept if r.section == 0)
     negative = rcode == RCODE_NXDOMAIN or (rcode == RCODE_NOERROR and ancount == 0)
     if rcode not in (RCODE_NOERROR, RCODE_NXDOMAIN):
         lifetime = 0  # failures are cached by the forwarder, briefly, not here
@@ -173,18 +409,8 @@ def _parse(reply: bytes, question_len: int) -> ParsedReply:
         # TTL; a CNAME chain in front of it bounds it too. No SOA: not cached.
         lifetime = min([soa_ttl, *answer_ttls]) if soa_ttl is not None else 0
         if soa_ttl is not None:
-            ttls[soa_offset] = soa_ttl
+            ttls[soa_index] = soa_ttl
     else:
         lifetime = min(bounding) if bounding else 0
-    return ParsedReply(wire, rcode, qend, tuple(offsets), tuple(ttls), lifetime)
-
-
-def _reencode_without_opt(reply: bytes) -> bytes:
-    from dnslib import DNSRecord
-
-    try:
-        record = DNSRecord.parse(reply)
-        record.ar = [rr for rr in record.ar if rr.rtype != QTYPE_OPT]
-        return bytes(record.pack())
-    except Exception:  # dnslib raises several types on bad input
-        raise ReplyRejected(MALFORMED) from None
+    return ParsedReply(wire, rcode, qend, tuple(offsets), tuple(ttls), lifetime, negative,
+                       dropped)
