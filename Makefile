@@ -34,7 +34,7 @@ run: install
 test: install-test
 	$(BIN)/python -m pytest -q
 	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q tests/test_smoke.py tests/test_dns_answers.py \
-		tests/test_dns_protocol.py tests/test_forward.py
+		tests/test_dns_protocol.py tests/test_forward.py tests/test_forward_hygiene.py
 
 # ruff, mypy --strict on the whole package, and the import-layer contract (pyproject.toml).
 lint: install-test
