@@ -32,6 +32,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from ..core.wire import (
     HEADER_LEN,
@@ -152,25 +153,14 @@ def _expand(wire: bytes, pos: int, memo: dict[int, tuple[bytes, int]]) -> tuple[
     """The name at ``pos`` uncompressed (its case kept) and the offset just past it.
 
     Pointers must point backwards and are followed at most ``_MAX_HOPS`` times, so a
-    loop ends. ``memo`` maps offsets already expanded to (name, end): most owners
-    are a pointer to the question's name, which then costs a dict lookup."""
+    loop ends. ``memo`` maps offsets already expanded to (name, end): a pointer to
+    one of them (the question, a name before) costs a dict lookup."""
     start = pos
     parts: list[bytes] = []
     end = -1
     hops = 0
     while True:
-        known = memo.get(pos)
-        if known is not None:
-            parts.append(known[0])
-            if end < 0:
-                end = known[1]
-            break
         length = wire[pos]
-        if length == 0:
-            parts.append(b"\x00")
-            if end < 0:
-                end = pos + 1
-            break
         if length >= 0xC0:
             target = ((length & 0x3F) << 8) | wire[pos + 1]
             if end < 0:
@@ -178,8 +168,17 @@ def _expand(wire: bytes, pos: int, memo: dict[int, tuple[bytes, int]]) -> tuple[
             hops += 1
             if target >= pos or hops > _MAX_HOPS:
                 raise ReplyRejected(MALFORMED)  # a forward pointer, or a loop
+            known = memo.get(target)
+            if known is not None:
+                parts.append(known[0])
+                break
             pos = target
             continue
+        if length == 0:
+            parts.append(b"\x00")
+            if end < 0:
+                end = pos + 1
+            break
         if length & 0xC0:
             raise ReplyRejected(MALFORMED)  # unknown label type
         nxt = pos + 1 + length
@@ -205,24 +204,21 @@ def within(name: bytes, zone: bytes) -> bool:
     return pos == cut
 
 
-class _Record:
-    """One record as walked; rdata with its names expanded."""
-
-    __slots__ = ("fixed", "key", "owner", "rdata", "rtype", "section", "start", "target",
-                 "ttl", "ttl_at")
-
-    def __init__(self, section: int, start: int, owner: bytes, rtype: int, fixed: bytes,
-                 ttl: int, ttl_at: int, rdata: bytes, target: bytes) -> None:
-        self.section = section
-        self.start = start
-        self.owner = owner  # as written (0x20 case kept)
-        self.key = owner.lower()
-        self.rtype = rtype
-        self.fixed = fixed  # class and TTL, as written
-        self.ttl = ttl
-        self.ttl_at = ttl_at
-        self.rdata = rdata
-        self.target = target  # the first name in rdata, lower case (b"" if none)
+# One record as walked: (section, start, owner as written and uncompressed, owner in
+# lower case, type, TTL, offset of the TTL (type and class before it, rdlength and rdata
+# after), end, rdata with its names expanded (types in _NAMES_IN_RDATA, else b""), the
+# first name in rdata in lower case (or b"")). Tuples: the walk is on every miss.
+_Record = tuple[int, int, bytes, bytes, int, int, int, int, bytes, bytes]
+_SECTION: Final = 0
+_START: Final = 1
+_OWNER: Final = 2
+_KEY: Final = 3
+_TYPE: Final = 4
+_TTL: Final = 5
+_TTL_AT: Final = 6
+_END: Final = 7
+_NAMES: Final = 8
+_TARGET: Final = 9
 
 
 def _parse(reply: bytes, question_len: int, owned: Owned | None) -> ParsedReply:
@@ -230,76 +226,106 @@ def _parse(reply: bytes, question_len: int, owned: Owned | None) -> ParsedReply:
     qdcount = (reply[4] << 8) | reply[5]
     pos = HEADER_LEN + (question_len if qdcount else 0)
     qend = pos
-    if pos > len(reply):
+    size = len(reply)
+    if pos > size:
         raise ReplyRejected(MALFORMED)
     rcode = reply[3] & 0xF
     memo: dict[int, tuple[bytes, int]] = {}
-    if qdcount:  # checked by check_reply: our question, uncompressed
-        memo[HEADER_LEN] = (reply[HEADER_LEN:qend - 4], qend - 4)
+    qname = reply[HEADER_LEN:qend - 4]
+    qkey = qname.lower()
+    # Names a pointer may point to, already expanded: (as written, lower case).
+    # Most owners are a pointer to the question, or to the target of a CNAME.
+    pointed: dict[int, tuple[bytes, bytes]] = {}
+    if qdcount:  # checked by check_reply: our question, uncompressed; and its suffixes
+        pointed[HEADER_LEN] = (qname, qkey)
+        at = 0
+        while qname[at]:
+            memo[HEADER_LEN + at] = (qname[at:], qend - 4)
+            at += 1 + qname[at]
     records: list[_Record] = []
     opt: _Record | None = None
     unpack = struct.unpack_from
+    layouts = _NAMES_IN_RDATA
     for section, count in ((0, ancount), (1, nscount), (2, arcount)):
         for _ in range(count):
             start = pos
-            owner, pos = _expand(reply, pos, memo)
+            first = reply[pos]
+            known = pointed.get(((first & 0x3F) << 8) | reply[pos + 1]) \
+                if first >= 0xC0 else None
+            if known is not None:
+                owner, key = known
+                pos += 2
+            elif first == 0:
+                owner = key = b"\x00"
+                pos += 1
+            else:
+                owner, pos = _expand(reply, pos, memo)
+                key = owner.lower()
             rtype, ttl, rdlen = unpack("!H2xIH", reply, pos)
-            fixed = reply[pos + 2:pos + 8]
             rstart = pos + 10
             end = rstart + rdlen
-            if end > len(reply):
+            if end > size:
                 raise ReplyRejected(MALFORMED)
-            rdata = reply[rstart:end]
-            target = b""
-            layout = _NAMES_IN_RDATA.get(rtype)
+            names = target = b""
+            layout = layouts.get(rtype)
             if layout is not None:
-                before, names, after = layout
+                before, count_names, after = layout
                 at = rstart + before
                 parts = [reply[rstart:at]]
-                for _n in range(names):
+                for _n in range(count_names):
+                    name_at = at
                     name, at = _expand(reply, at, memo)
                     parts.append(name)
                     if not target:
                         target = name.lower()
+                        pointed[name_at] = (name, target)
                 if at + after != end:
                     raise ReplyRejected(MALFORMED)
                 parts.append(reply[at:end])
-                rdata = b"".join(parts)
-            record = _Record(section, start, owner, rtype, fixed, ttl, pos + 4, rdata, target)
+                names = b"".join(parts)
+            record = (section, start, owner, key, rtype, ttl, pos + 4, end, names, target)
             pos = end
             if rtype == QTYPE_OPT:
                 if section != 2 or opt is not None or owner != b"\x00":
                     raise ReplyRejected(MALFORMED)
                 opt = record
-                rcode |= reply[record.ttl_at] << 4  # extended rcode bits
+                rcode |= reply[pos - rdlen - 6] << 4  # extended rcode bits
                 continue
             records.append(record)
-    if pos != len(reply):
+    if pos != size:
         raise ReplyRejected(MALFORMED)
-    kept, dropped = _scrub(reply, qend, records, owned) if qdcount else (records, None)
-    if dropped is None and (opt is None or opt.start + 11 + len(opt.rdata) == len(reply)):
+    qtype = (reply[qend - 4] << 8) | reply[qend - 3]
+    kept, dropped = _scrub(reply, qkey, qtype, records, owned) if qdcount else (records, None)
+    if dropped is None and (opt is None or opt[_END] == size):
         wire = reply
         if opt is not None:
             # Only the OPT goes, and it is last: cutting it moves nothing a pointer
             # could point to. The common case, and it costs a slice.
-            cut = bytearray(reply[:opt.start])
+            cut = bytearray(reply[:opt[_START]])
             struct.pack_into("!H", cut, 10, arcount - 1)
             wire = bytes(cut)
-        offsets = [r.ttl_at for r in kept]
+        offsets = [r[_TTL_AT] for r in kept]
     else:
-        wire, offsets = _rebuild(reply[:qend], kept)
-    return _lifetimes(wire, rcode, qend, kept, offsets, dropped)
+        wire, offsets = _rebuild(reply, qend, kept)
+    return _lifetimes(wire, rcode, qend, kept, offsets, dropped, reply)
 
 
-def _scrub(reply: bytes, qend: int, records: list[_Record], owned: Owned | None
-           ) -> tuple[list[_Record], dict[str, int] | None]:
+def _scrub(reply: bytes, qname: bytes, qtype: int, records: list[_Record],
+           owned: Owned | None) -> tuple[list[_Record], dict[str, int] | None]:
     """The records to keep (see the module doc) and what was dropped, by reason."""
-    qname = reply[HEADER_LEN:qend - 4].lower()
-    qtype = (reply[qend - 4] << 8) | reply[qend - 3]
+    for r in records:  # the common case first: records of the question's type, and an
+        section = r[_SECTION]  # SOA of an enclosing zone (a negative answer)
+        if section == 0:
+            if r[_KEY] != qname or r[_TYPE] != qtype:
+                break
+        elif section > 1 or r[_TYPE] != T_SOA or not within(qname, r[_KEY]):
+            break
+    else:
+        return records, None
     links: dict[bytes, bytes] = {}
     for r in records:
-        if r.section == 0 and r.rtype == T_CNAME and r.key not in links:
-            links[r.key] = r.target
+        if r[_SECTION] == 0 and r[_TYPE] == T_CNAME and r[_KEY] not in links:
+            links[r[_KEY]] = r[_TARGET]
     chain = [qname]
     cut = b""  # the first chain name that is ours
     name = qname
@@ -319,36 +345,37 @@ def _scrub(reply: bytes, qend: int, records: list[_Record], owned: Owned | None
     names = set(chain)
     linked: set[bytes] = set()
     for r in records:
+        section, key, rtype = r[_SECTION], r[_KEY], r[_TYPE]
         reason = ""
-        if r.section == 0:
-            if r.key in names:
-                if r.rtype == T_CNAME:
+        if section == 0:
+            if key in names:
+                if rtype == T_CNAME:
                     # One CNAME per name: the first, which the chain followed.
-                    reason = WRONG_TYPE if r.key in linked else ""
-                    linked.add(r.key)
-                elif not (r.rtype == qtype or qtype == QTYPE_ANY
-                          or (r.rtype == T_RRSIG and _covers(r.rdata, qtype))):
+                    reason = WRONG_TYPE if key in linked else ""
+                    linked.add(key)
+                elif not (rtype == qtype or qtype == QTYPE_ANY
+                          or (rtype == T_RRSIG and _covers(reply, r, qtype))):
                     reason = WRONG_TYPE
-            elif r.key == cut:
+            elif key == cut:
                 reason = OWN_NAME
-            elif r.rtype == T_DNAME and any(n != r.key and within(n, r.key) for n in chain):
+            elif rtype == T_DNAME and any(n != key and within(n, key) for n in chain):
                 pass
             else:
                 reason = OTHER_NAME
-            if not reason and r.rtype in (T_MX, T_SRV):
-                glue.setdefault(r.target, b"\x00")
-        elif r.section == 1:
-            if r.rtype in _AUTH_ZONE and any(within(n, r.key) for n in chain):
-                zones.append(r.key)
-                if r.rtype == T_NS:
-                    glue[r.target] = r.key
-            elif not (r.rtype in _AUTH_PROOF and any(within(r.key, z) for z in zones)):
+            if not reason and rtype in (T_MX, T_SRV):
+                glue.setdefault(r[_TARGET], b"\x00")
+        elif section == 1:
+            if rtype in _AUTH_ZONE and any(within(n, key) for n in chain):
+                zones.append(key)
+                if rtype == T_NS:
+                    glue[r[_TARGET]] = key
+            elif not (rtype in _AUTH_PROOF and any(within(key, z) for z in zones)):
                 reason = AUTHORITY
         else:
-            zone = glue.get(r.key)
-            if zone is None or r.rtype not in _GLUE or not within(r.key, zone):
+            zone = glue.get(key)
+            if zone is None or rtype not in _GLUE or not within(key, zone):
                 reason = ADDITIONAL
-            elif owned is not None and owned(r.key):
+            elif owned is not None and owned(key):
                 reason = OWN_NAME
         if reason:
             if dropped is None:
@@ -359,23 +386,25 @@ def _scrub(reply: bytes, qend: int, records: list[_Record], owned: Owned | None
     return kept, dropped
 
 
-def _covers(rdata: bytes, qtype: int) -> bool:
-    """An RRSIG over the question's type or a CNAME of the chain."""
-    covered = (rdata[0] << 8) | rdata[1] if len(rdata) >= 2 else -1
-    return covered in (qtype, T_CNAME)
+def _covers(reply: bytes, rrsig: _Record, qtype: int) -> bool:
+    """An RRSIG over the question's type or a CNAME of the chain (the type covered is
+    the first two bytes of its rdata, six after the TTL)."""
+    at = rrsig[_TTL_AT] + 6
+    return rrsig[_END] >= at + 2 and ((reply[at] << 8) | reply[at + 1]) in (qtype, T_CNAME)
 
 
-def _rebuild(head: bytes, kept: list[_Record]) -> tuple[bytes, list[int]]:
+def _rebuild(reply: bytes, qend: int, kept: list[_Record]) -> tuple[bytes, list[int]]:
     """Header, question and ``kept`` without compression; the counts set to match."""
-    out = bytearray(head)
+    out = bytearray(reply[:qend])
     counts = [0, 0, 0]
     offsets: list[int] = []
-    for r in kept:
-        counts[r.section] += 1
-        out += r.owner
+    for section, _start, owner, _key, _type, _ttl, ttl_at, end, names, _target in kept:
+        counts[section] += 1
+        rdata = names or reply[ttl_at + 6:end]
+        out += owner
         offsets.append(len(out) + 4)
-        out += struct.pack("!H", r.rtype) + r.fixed + struct.pack("!H", len(r.rdata))
-        out += r.rdata
+        out += reply[ttl_at - 4:ttl_at + 4]  # type, class, TTL as written
+        out += len(rdata).to_bytes(2, "big") + rdata
     if len(out) > 65535:
         raise ReplyRejected(MALFORMED)
     struct.pack_into("!HHH", out, 6, *counts)
@@ -383,34 +412,34 @@ def _rebuild(head: bytes, kept: list[_Record]) -> tuple[bytes, list[int]]:
 
 
 def _lifetimes(wire: bytes, rcode: int, qend: int, kept: list[_Record], offsets: list[int],
-               dropped: dict[str, int] | None) -> ParsedReply:
+               dropped: dict[str, int] | None, reply: bytes) -> ParsedReply:
     ttls: list[int] = []
-    bounding: list[int] = []  # answer + authority TTLs: a positive answer's lifetime
-    answer_ttls: list[int] = []
-    soa_ttl: int | None = None
+    lifetime = MAX_CACHE_TTL  # answer + authority TTLs bound a positive answer's lifetime
+    answer_ttl = MAX_CACHE_TTL  # and a negative one's, with the SOA
+    answers = 0
+    soa_ttl = -1
     soa_index = -1
-    for r in kept:
-        ttl = r.ttl
-        ttl = 0 if ttl & 0x80000000 else min(ttl, MAX_CACHE_TTL)  # RFC 2181 §8
-        ttls.append(ttl)
-        if r.section < 2:
-            bounding.append(ttl)
-        if r.section == 0:
-            answer_ttls.append(ttl)
-        elif r.section == 1 and r.rtype == T_SOA and soa_ttl is None and len(r.rdata) >= 22:
-            soa_ttl = min(ttl, struct.unpack_from("!I", r.rdata, len(r.rdata) - 4)[0])
+    for section, _start, _owner, _key, rtype, ttl, ttl_at, end, _names, _target in kept:
+        ttl = 0 if ttl & 0x80000000 else (ttl if ttl < MAX_CACHE_TTL else MAX_CACHE_TTL)
+        ttls.append(ttl)  # RFC 2181 §8
+        if section == 0:
+            answers += 1
+            if ttl < answer_ttl:
+                answer_ttl = ttl
+        if section < 2 and ttl < lifetime:
+            lifetime = ttl
+        if section == 1 and rtype == T_SOA and soa_ttl < 0 and end - ttl_at >= 28:
+            minimum = struct.unpack_from("!I", reply, end - 4)[0]
+            soa_ttl = min(ttl, minimum)
             soa_index = len(ttls) - 1
-    ancount = sum(1 for r in kept if r.section == 0)
-    negative = rcode == RCODE_NXDOMAIN or (rcode == RCODE_NOERROR and ancount == 0)
+    negative = rcode == RCODE_NXDOMAIN or (rcode == RCODE_NOERROR and answers == 0)
     if rcode not in (RCODE_NOERROR, RCODE_NXDOMAIN):
         lifetime = 0  # failures are cached by the forwarder, briefly, not here
     elif negative:
         # RFC 2308 §5: min(SOA TTL, SOA MINIMUM), and the SOA is served with that
         # TTL; a CNAME chain in front of it bounds it too. No SOA: not cached.
-        lifetime = min([soa_ttl, *answer_ttls]) if soa_ttl is not None else 0
-        if soa_ttl is not None:
+        lifetime = min(soa_ttl, answer_ttl) if soa_ttl >= 0 else 0
+        if soa_ttl >= 0:
             ttls[soa_index] = soa_ttl
-    else:
-        lifetime = min(bounding) if bounding else 0
     return ParsedReply(wire, rcode, qend, tuple(offsets), tuple(ttls), lifetime, negative,
                        dropped)
