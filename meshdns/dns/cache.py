@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from ..config import DnsConfig
-from .reply import ParsedReply
+from .reply import MAX_CACHE_TTL, ParsedReply
 
 CacheKey = tuple[bytes, int, int, bool, bool]
 
@@ -37,6 +37,7 @@ SERVER_UDP_PAYLOAD = 1232  # the OPT we send clients, like the local answers
 _OPT = struct.pack("!BHHBBHH", 0, 41, SERVER_UDP_PAYLOAD, 0, 0, 0, 0)
 _OPT_DO = struct.pack("!BHHBBHH", 0, 41, SERVER_UDP_PAYLOAD, 0, 0, 0x8000, 0)
 _pack_ttl = struct.Struct("!I").pack_into
+_ANSWER_RCODES = (0, 3)  # NOERROR, NXDOMAIN: bounded, served stale, prefetched
 PREFETCH_SHARE = 0.1  # prefetched when asked in the last 10% of the lifetime (as unbound)
 _NEVER = float("inf")
 
@@ -66,10 +67,13 @@ class CachePolicy:
         Only cacheable answers are touched: a negative answer without an SOA (not
         cached, RFC 2308) and failures stay as they are. TTLs are bounded as served
         too, so a client never keeps an answer longer than we would."""
-        if parsed.lifetime <= 0 and (parsed.negative or not parsed.ttls):
+        if parsed.rcode not in _ANSWER_RCODES or (
+                parsed.lifetime <= 0 and (parsed.negative or not parsed.ttls)):
             return parsed
         low, high = (self.negative_min_ttl, self.negative_max_ttl) if parsed.negative \
             else (self.min_ttl, self.max_ttl)
+        if low == 0 and high >= MAX_CACHE_TTL:
+            return parsed  # parse_reply's own ceiling is no higher: the default, for free
         lifetime = min(max(parsed.lifetime, low), high)
         ttls = tuple(min(max(ttl, low), high) for ttl in parsed.ttls)
         if lifetime == parsed.lifetime and ttls == parsed.ttls:
@@ -141,7 +145,6 @@ class CachedReply:
         return bytes(short), True
 
 
-_STALE_RCODES = (0, 3)  # NOERROR, NXDOMAIN: answers worth serving stale (and prefetching)
 
 
 class StaleReply(CachedReply):
@@ -224,7 +227,7 @@ class ReplyCache:
         if self.size <= 0 or entry.expires <= entry.stored:
             return
         policy = self.policy
-        if type(entry) is not StaleReply and entry.rcode in _STALE_RCODES:
+        if type(entry) is not StaleReply and entry.rcode in _ANSWER_RCODES:
             if policy.stale > 0 and type(entry) is CachedReply:
                 entry.stale_until = entry.expires + policy.stale
             if policy.prefetch:

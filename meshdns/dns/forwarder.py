@@ -249,18 +249,19 @@ class Forwarder:
         """A hit in the last 10% of ``entry``'s lifetime: refresh it in the background,
         once (an entry is prefetched at most once; the fresh one gets its own turn)."""
         entry.prefetch_at = float("inf")
-        if key not in self._inflight:
+        if self._refresh(key, q, entry):
             self.prefetches += 1
-            self._refresh(key, q, entry)
 
-    def _refresh(self, key: CacheKey, q: Query, keep: CachedReply | None = None) -> None:
+    def _refresh(self, key: CacheKey, q: Query, keep: CachedReply | None = None) -> bool:
         """Ask the upstreams for ``key`` in the background (one lookup at a time);
-        ``keep``: the entry that stays if they all fail (a prefetch)."""
+        ``keep``: the entry that stays if they all fail (a prefetch). False: not asked
+        (already in flight, dns.max_inflight reached, shutting down)."""
         if key in self._inflight or len(self._inflight) >= self.max_inflight or self._closed:
-            return
+            return False
         task = asyncio.ensure_future(self._lookup(key, q, keep))
         self._inflight[key] = task
         task.add_done_callback(functools.partial(self._done, key))
+        return True
 
     def _count(self, rcode: int, source: str, truncated: bool) -> None:
         self.tally.response(rcode, source)
