@@ -1,8 +1,8 @@
 """What counting costs: meshdns with metrics counting on vs off, in the same run.
 
 Method: two meshdns processes serve the same generated registry on loopback,
-one normal, one started with MESHDNS_BENCH_NO_COUNTING=1 (hits not counted,
-latency not sampled: the build the metrics are compared against). dnsperf
+one normal, one started through bench/uncounted.py (hits not counted, latency
+not sampled: the build the metrics are compared against). dnsperf
 runs against them in alternating rounds; the median per-round ratio is the
 cost. The in-process part times MessageHandler.handle_udp with and without counting
 on a cached A answer. Writes bench/results/metrics.md.
@@ -13,7 +13,7 @@ on a cached A answer. Writes bench/results/metrics.md.
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import statistics
 import sys
 import tempfile
@@ -23,6 +23,7 @@ from pathlib import Path
 import datagen
 import peers
 import report
+import uncounted
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -44,9 +45,7 @@ def in_process(services: int, loops: int, repeats: int) -> tuple[float, float]:
     out = []
     for counting in (True, False):
         r = MessageHandler(Zone(reg, ZoneSettings(range4=policy.range4, range6=policy.range6)))
-        if not counting:
-            r.disable_counting()
-        handle = r.handle_udp
+        handle = r.handle_udp if counting else functools.partial(uncounted._udp, r)
         handle(wire)
         runs = []
         for _ in range(repeats):
@@ -77,15 +76,12 @@ def main() -> int:
         qfile = datagen.write_lines(work / "queries.txt",
                                     datagen.query_lines(services, "mix", 20_000))
         counted = peers.start_meshdns(work, services)
-        os.environ["MESHDNS_BENCH_NO_COUNTING"] = "1"
-        try:
-            uncounted = peers.start_meshdns(work, services)
-        finally:
-            del os.environ["MESHDNS_BENCH_NO_COUNTING"]
+        uncounted_srv = peers.start_meshdns(work, services,
+                                            program=(str(REPO / "bench" / "uncounted.py"),))
         try:
             for i in range(args.rounds):
                 # Alternate which goes first, so drift on a shared machine cancels out.
-                order = [(counted, "on"), (uncounted, "off")]
+                order = [(counted, "on"), (uncounted_srv, "off")]
                 if i % 2:
                     order.reverse()
                 got = {}
@@ -97,7 +93,7 @@ def main() -> int:
                 rows.append((got["on"].qps, got["off"].qps))
         finally:
             counted.stop()
-            uncounted.stop()
+            uncounted_srv.stop()
 
     ratios = [on / off for on, off in rows]
     med = statistics.median(ratios)
@@ -110,7 +106,7 @@ def main() -> int:
         "",
         "Two meshdns processes with the same registry "
         f"({args.services:,} services), one with counting on and one started with "
-        "`MESHDNS_BENCH_NO_COUNTING=1`; dnsperf (`-q 200`, query mix: 80% A, 10% AAAA, "
+        "`bench/uncounted.py` (the CLI with hit counting and latency sampling patched out); dnsperf (`-q 200`, query mix: 80% A, 10% AAAA, "
         f"10% NXDOMAIN) alternates between them, {args.rounds} rounds of {args.seconds:g} s. "
         "Ratios are per round; the machine is shared, so absolute qps drift.",
         "",

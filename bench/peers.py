@@ -312,8 +312,10 @@ def meshdns_config(workdir: Path, port: int, api_port: int, seed: Path | None,
 
 def start_meshdns(workdir: Path, services: Sequence[Svc] | None, *, workers: int = 1,
                   answer_cache: int | None = None, steering: str | None = None,
-                  ready_timeout: float = 300.0) -> Server:
-    """meshdns serving ``services`` from a seed file, or an empty registry (None)."""
+                  ready_timeout: float = 300.0,
+                  program: Sequence[str] = ("-m", "meshdns")) -> Server:
+    """meshdns serving ``services`` from a seed file, or an empty registry (None);
+    ``program``: what the project's Python runs (bench/uncounted.py for bench_metrics)."""
     port, api_port = free_port(), free_port()
     seed = None
     if services is not None:
@@ -321,7 +323,7 @@ def start_meshdns(workdir: Path, services: Sequence[Svc] | None, *, workers: int
     conf = meshdns_config(workdir, port, api_port, seed, workers, answer_cache=answer_cache,
                           steering=steering)
     log = workdir / f"meshdns-{port}.log"
-    proc = spawn([project_python(), "-m", "meshdns", "serve", "--config", str(conf)], log,
+    proc = spawn([project_python(), *program, "serve", "--config", str(conf)], log,
                  cwd=REPO)
     srv = Server(f"meshdns{'' if workers == 1 else f'-{workers}w'}", port, proc, log, workdir,
                  api_port=api_port)

@@ -70,9 +70,14 @@ class DnsConfig:
     hostname_templates: tuple[str, ...] = DEFAULT_TEMPLATES
     # matchLabels ("mesh"/"zone" match those fields): only these services are answered.
     select: tuple[tuple[str, str], ...] = ()
-    # RFC 8767: an expired forwarded answer is served (TTL 30) for this long when every
-    # upstream fails; 0 disables.
+    # RFC 8767: an expired forwarded answer is served (TTL serve_stale_ttl) for this long
+    # when every upstream fails; 0 disables.
     serve_stale: float = 86400.0
+    # SIGTERM: /readyz fails at once, DNS goes on answering this many seconds (CoreDNS
+    # `health { lameduck }`), then stops taking queries and finishes those in flight.
+    lameduck: float = 5.0
+    # NSID (RFC 5001) sent to clients that ask (dig +nsid): None is the host name, "" none.
+    nsid: str | None = None
     # Forwarded answers (issue 23): the TTL bounds of positive and negative (NXDOMAIN,
     # NODATA) answers, like CoreDNS cache {success, denial} and unbound's cache-*-ttl;
     # the TTL of a stale answer and how often its name is asked upstream again; prefetch.
@@ -396,6 +401,15 @@ def _etcd(path: str, value: Any) -> EtcdConfig:
     return cfg
 
 
+def _nsid(path: str, value: Any) -> str | None:
+    if value == "":
+        return ""  # no NSID at all
+    text = _opt_str(path, value)
+    if text is not None and (len(text.encode()) > 128 or not text.isprintable()):
+        raise ConfigError(f"{path}: at most 128 bytes of printable text, got {value!r}")
+    return text
+
+
 _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "dns": {
         "listen": _list_of(_listen, allow_empty=False),
@@ -416,6 +430,8 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "hostname_templates": _templates,
         "select": _select,
         "serve_stale": _number(0, 86400 * 7),
+        "lameduck": _number(0, 3600),
+        "nsid": _nsid,
         "cache_min_ttl": _int(0, 86400),
         "cache_max_ttl": _int(0, 86400),
         "cache_negative_min_ttl": _int(0, 86400),

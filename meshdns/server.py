@@ -22,6 +22,7 @@ from .core.names import parse_templates
 from .core.registry import Registry, RegistryError, RegistryPolicy, apply_put
 from .core.vip import VipRange
 from .core.zone import Zone, ZoneSettings
+from .dns.drain import DrainState, drain
 from .dns.histogram import Histogram
 from .dns.metrics import DnsCollector
 from .dns.querylog import QueryLog
@@ -58,6 +59,14 @@ class Listeners:
     udp: list[asyncio.BaseTransport | BatchedUdp] = field(default_factory=list)
     tcp: list[asyncio.AbstractServer] = field(default_factory=list)
     addresses: list[HostPort] = field(default_factory=list)
+
+
+def nsid_of(config: Config) -> bytes | None:
+    """dns.nsid as sent: the host name when unset, None when set to ""."""
+    nsid = config.dns.nsid
+    if nsid is None:
+        nsid = socket.gethostname()
+    return nsid.encode() if nsid else None
 
 
 def registry_policy(config: Config) -> RegistryPolicy:
@@ -180,27 +189,26 @@ class MeshServer:
         self.upstreams, self.loop_refusals = effective_upstreams(config)
         self.settings = zone_settings(config, forwarding=bool(self.upstreams))
         self.handler = MessageHandler(Zone(Registry.empty(), self.settings),
-                                 config.dns.answer_cache_size, config.dns.cache_size)
+                                      config.dns.answer_cache_size, config.dns.cache_size,
+                                      nsid_of(config))
         self.store = RegistryStore(self.policy, self.settings, self.handler,
                                    config.registry.state_file)
         self.tcp_limits = TcpLimits(config.dns.tcp_max_connections, config.dns.tcp_idle_timeout)
         self.listeners = Listeners()
-        # Counting can be switched off only to measure what it costs (bench/).
-        self.counting = os.environ.get("MESHDNS_BENCH_NO_COUNTING") != "1"
-        self.latency = Histogram() if self.counting else None
-        if not self.counting:
-            self.handler.disable_counting()
+        self.latency = Histogram()
         self.qlog = QueryLog() if config.log.queries else None
         self.metrics = new_metrics_registry()
-        self.dns_metrics = DnsCollector(self.handler, self.tcp_limits, self.latency)
+        self.dns_metrics = DnsCollector(self.handler, self.tcp_limits, self.latency,
+                                        lambda: self.listeners.udp)
         self.metrics.register(self.dns_metrics)
         self.metrics.register(StoreCollector(self.store, self.policy))
         self.forwarder: Forwarder | None = None
         self.api: ApiServer | None = None
         self.follower: Follower | None = None
         self.etcd: EtcdRegistry | None = None
+        self.drain_state = DrainState(config.dns.lameduck)
         self.context = ApiContext(config, self.store, self.handler, self.upstreams,
-                                  self.metrics)
+                                  self.metrics, drain=self.drain_state)
         self.loaded_from = ""
         self._stopped = asyncio.Event()
 
@@ -306,7 +314,9 @@ class MeshServer:
         """UDP and TCP on one address; port 0 picks one port free for both."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
-        reuse_port = self.config.dns.workers > 1
+        # Always where the platform has it: a successor can bind the same port while this
+        # process drains (dns/drain.py), as for dns.workers.
+        reuse_port = hasattr(socket, "SO_REUSEPORT")
         for _ in range(50):
             udp_sock = socket.socket(family, socket.SOCK_DGRAM)
             tcp_sock = socket.socket(family, socket.SOCK_STREAM)
@@ -331,7 +341,7 @@ class MeshServer:
                     tcp_sock.close()
                     continue  # that port is taken for TCP: pick another pair
                 tcp_sock.listen(1024)
-                if reuse_port:
+                if self.config.dns.workers > 1:
                     self._steer(udp_sock, hp.host)
             except BaseException:
                 udp_sock.close()
@@ -426,8 +436,23 @@ class MeshServer:
             loop.add_signal_handler(signal.SIGHUP, lambda: None)
         await self.start()
         await stop.wait()
+        stop.clear()
+        draining = asyncio.ensure_future(self.drain())
+        signalled = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([draining, signalled], return_when=asyncio.FIRST_COMPLETED)
+        if not draining.done():
+            log.info("second signal: stopping without draining")
+        for task in (draining, signalled):
+            task.cancel()
         log.info("shutting down")
         await self.stop()
+
+    async def drain(self) -> None:
+        """SIGTERM's lameduck period and drain (dns/drain.py)."""
+        fwd = self.forwarder
+        await drain(self.drain_state, list(self.listeners.udp), list(self.listeners.tcp),
+                    self.tcp_limits, (lambda: fwd.inflight) if fwd is not None else (lambda: 0),
+                    finish_within=max(5.0, 2 * self.config.dns.upstream_timeout))
 
     async def reload_from(self, load: Callable[[], Config]) -> None:
         """SIGHUP: apply what can change safely; a bad file keeps the running config."""

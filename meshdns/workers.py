@@ -38,7 +38,9 @@ def worker_config(main: Config, dns: list[HostPort], api: HostPort) -> Config:
     url_host = f"[{host}]" if ":" in host else host
     return replace(
         main,
-        dns=replace(main.dns, listen=tuple(dns)),
+        # The main process keeps the lameduck period for all; a worker stopped after it
+        # only detaches its sockets and finishes what it has (dns/drain.py).
+        dns=replace(main.dns, listen=tuple(dns), lameduck=0.0),
         api=replace(main.api, listen=HostPort("127.0.0.1", 0)),
         metrics=MetricsConfig(),  # the main process serves /metrics (and the probes)
         registry=replace(main.registry, state_file=None, seed_file=None,

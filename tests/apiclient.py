@@ -119,8 +119,10 @@ class ServerProcess:
         resolv = self.workdir / "resolv.conf"
         resolv.write_text("# no nameservers\n")
         base = {
+            # The SIGTERM drain has its own tests (test_lameduck.py); the processes of the
+            # other tests stop at once.
             "dns": {"listen": [f"127.0.0.1:{self.dns_port}"], "resolv_conf": str(resolv),
-                    "upstreams": []},
+                    "upstreams": [], "lameduck": 0},
             "api": {"listen": f"127.0.0.1:{self.api_port}"},
             "log": {"level": "info"},
         }

@@ -290,3 +290,21 @@ def test_metrics_without_counting_still_serve(tmp_path: Path,
         snap = samples(scrape(server))
     assert value(snap, "meshdns_registry_services") == 3
     assert value(snap, "meshdns_dns_request_duration_seconds_count") == 0
+
+
+def test_batched_udp_drops_are_exported(demo_server: ServerThread) -> None:
+    """What the recvmmsg path drops is counted where an operator sees it (issue 24): an
+    oversized query (larger than a 4096-byte slot) is dropped and counted, by reason."""
+    if os.environ.get("MESHDNS_UDP_BATCH") == "0":
+        pytest.skip("the portable UDP path answers every datagram it receives")
+    before = samples(scrape(demo_server))
+    for reason in ("oversized", "send_buffer_full", "send_error", "receive_error",
+                   "internal_error"):
+        assert ("meshdns_dns_udp_errors_total", (("reason", reason),)) in before
+    big = dns.message.make_query("frontend.kong.svc.80.mesh", "A").to_wire() + b"\x00" * 5000
+    assert raw_udp(demo_server, big, False) is None
+    assert query(demo_server, "frontend.kong.svc.80.mesh", "A").rcode() == dns.rcode.NOERROR
+    after = samples(scrape(demo_server))
+    assert value(after, "meshdns_dns_udp_errors_total", reason="oversized") == \
+        value(before, "meshdns_dns_udp_errors_total", reason="oversized") + 1
+    assert value(after, "meshdns_dns_udp_errors_total", reason="internal_error") == 0

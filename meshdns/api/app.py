@@ -120,6 +120,10 @@ async def readyz(request: web.Request) -> web.Response:
     """503 until a registry is loaded; a follower also once its last sync is too old."""
     server = request.app[STATE_KEY].server
     store = server.store
+    drain = server.drain
+    if drain is not None and drain.draining:
+        return web.json_response({"ready": False, "reason": "draining: shutting down "
+                                  f"(dns.lameduck {drain.lameduck:g} s)"}, status=503)
     if not store.loaded:
         return web.json_response({"ready": False, "reason": "no registry loaded yet"},
                                  status=503)

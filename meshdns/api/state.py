@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from ..config import Config, HostPort
 from ..core.handler import MessageHandler
 from ..core.registry import Registry
+from ..dns.drain import DrainState
 from ..dns.forwarder import Forwarder
 from ..gcpause import paused
 from ..store import RegistryStore
@@ -154,6 +155,7 @@ class ApiContext:
     follower: FollowStatus | None = None
     workers: WorkerSync | None = None
     writer: RegistryWriter | None = None  # None: writes go to the store
+    drain: DrainState | None = None  # SIGTERM: /readyz fails while DNS drains
 
     @property
     def registry_writer(self) -> RegistryWriter:

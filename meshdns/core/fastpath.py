@@ -149,7 +149,8 @@ class FastPath:
                 if (data[qend + 9] << 8) | data[qend + 10] != end - rdata:
                     return None
                 try:
-                    check_options(data, rdata, end)
+                    if check_options(data, rdata, end):
+                        return None  # NSID asked: the dnslib path answers it
                 except WireError:
                     return None
             size = (data[qend + 3] << 8) | data[qend + 4]

@@ -23,15 +23,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNSOption
 
 from .fastpath import SERVER_UDP_PAYLOAD, FastPath
 from .names import wire_to_key
 from .outdated import CacheIndex, decision_name, outdated_names
 from .tally import QTYPE_INVALID, Entry, Forward, Tally
 from .wire import (
+    EDE_NOT_SUPPORTED,
     HEADER_LEN,
     MIN_UDP_PAYLOAD,
+    OPTION_EDE,
+    OPTION_NSID,
     QTYPE_AXFR,
     QTYPE_IXFR,
     QTYPE_OPT,
@@ -52,6 +55,7 @@ DEFAULT_ANSWER_CACHE = 100_000
 ADMIT_ONE_IN = 8  # a power of two
 REUSE_SHARE = 20
 MIN_SAMPLED_CACHE = 256
+ZONE_TRANSFERS = (EDE_NOT_SUPPORTED, "zone transfers are not served")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +86,22 @@ def udp_limit(query: Query) -> int:
     return max(MIN_UDP_PAYLOAD, min(query.edns.udp_size, SERVER_UDP_PAYLOAD))
 
 
-def encode(query: Query, decision: Decision, limit: int | None, ra: bool) -> bytes:
+def edns_options(query: Query, ede: tuple[int, str] | None,
+                 nsid: bytes | None) -> list[EDNSOption]:
+    """The options of a reply's OPT: the Extended DNS Error (RFC 8914) if there is one,
+    the server's NSID (RFC 5001) if the query asked for it and one is set."""
+    opts: list[EDNSOption] = []
+    if query.edns is None:
+        return opts
+    if nsid is not None and query.edns.nsid:
+        opts.append(EDNSOption(OPTION_NSID, nsid))
+    if ede is not None:
+        opts.append(EDNSOption(OPTION_EDE, ede[0].to_bytes(2, "big") + ede[1].encode()))
+    return opts
+
+
+def encode(query: Query, decision: Decision, limit: int | None, ra: bool,
+           nsid: bytes | None = None) -> bytes:
     """Wire reply for ``decision``; TC=1 with question and OPT only if over ``limit``."""
     header = DNSHeader(id=query.id, qr=1, opcode=query.opcode, aa=int(decision.aa),
                        rd=int(query.rd), ra=int(ra), cd=int(query.cd),
@@ -93,7 +112,8 @@ def encode(query: Query, decision: Decision, limit: int | None, ra: bool) -> byt
     opt: RR | None = None
     if query.edns is not None:
         opt = EDNS0(udp_len=SERVER_UDP_PAYLOAD, ext_rcode=decision.rcode >> 4,
-                    flags="do" if query.edns.dnssec_ok else "")
+                    flags="do" if query.edns.dnssec_ok else "",
+                    opts=edns_options(query, decision.ede, nsid))
         reply.add_ar(opt)
     wire = bytes(reply.pack())
     if limit is None or len(wire) <= limit:
@@ -107,8 +127,9 @@ class MessageHandler:
     """Turns query bytes into reply bytes for one registry snapshot at a time."""
 
     def __init__(self, zone: Zone, answer_cache_size: int = DEFAULT_ANSWER_CACHE,
-                 forward_memo_size: int | None = None) -> None:
+                 forward_memo_size: int | None = None, nsid: bytes | None = None) -> None:
         self._state = _State(zone, FastPath(zone))
+        self.nsid = nsid  # dns.nsid: sent to clients that ask (RFC 5001); None: never
         self.cache_limit = answer_cache_size
         # Forwarded queries remembered per transport: bounded like the forwarder's
         # cache (dns.cache_size), not like local answers, since every distinct
@@ -130,8 +151,14 @@ class MessageHandler:
         return self._state.zone
 
     def set_zone(self, zone: Zone) -> None:
-        """Serve from ``zone`` from now on, with the cached replies it leaves as they were."""
+        """Serve from ``zone`` from now on, with the cached replies it leaves as they were.
+
+        Runs on the thread that answers DNS (the event loop), between two queries: no
+        miss can be running on the old state, so the kept replies stay in the same
+        dicts and only the outdated ones are taken out (O(change), not O(cache)).
+        """
         old = self._state
+        zone.inherit(old.zone)
         new = _State(zone, FastPath(zone))
         new.fast.inherit(old.fast)
         names = outdated_names(old.zone, zone)
@@ -143,12 +170,11 @@ class MessageHandler:
             self.tally.fold_forwards("udp", old.fwd_udp)
             self.tally.fold_forwards("tcp", old.fwd_tcp)
             return
-        # Into copies: a miss still running on the old state (another thread) may yet
-        # add a reply of the old zone to its caches, never to these. Kept entries go on
-        # counting their hits; only the dropped ones are folded into the totals.
+        # Kept entries go on counting their hits; only the dropped ones are folded into
+        # the totals.
         dropped: dict[str, dict[bytes, Any]] = {}
         for kind in ("udp", "tcp", "fwd_udp", "fwd_tcp"):
-            entries: dict[bytes, Any] = getattr(old, kind).copy()
+            entries: dict[bytes, Any] = getattr(old, kind)
             index = new.index[kind] = old.index[kind]
             gone = dropped[kind] = {}
             for key in index.take(names):
@@ -161,28 +187,6 @@ class MessageHandler:
         self.tally.fold("tcp", dropped["tcp"])
         self.tally.fold_forwards("udp", dropped["fwd_udp"])
         self.tally.fold_forwards("tcp", dropped["fwd_tcp"])
-
-    def disable_counting(self) -> None:
-        """Serve hits without counting them (only to measure what counting costs)."""
-
-        def udp(data: bytes) -> bytes | ForwardRequest | None:
-            tail = data[2:]
-            entry = self._state.udp.get(tail)
-            if entry is not None:
-                cached: bytes = entry[0]
-                return data[:2] + cached
-            return self._miss(data, tail, "udp")
-
-        def tcp(data: bytes) -> bytes | ForwardRequest | None:
-            tail = data[2:]
-            entry = self._state.tcp.get(tail)
-            if entry is not None:
-                cached: bytes = entry[0]
-                return data[:2] + cached
-            return self._miss(data, tail, "tcp")
-
-        self.handle_udp = udp  # type: ignore[method-assign]
-        self.handle_tcp = tcp  # type: ignore[method-assign]
 
     def cached_answers(self) -> int:
         st = self._state
@@ -270,19 +274,20 @@ class MessageHandler:
         tally.request(proto, query.qtype)
         if query.opcode:
             tally.response(RCODE_NOTIMP, "local")  # with OPT when the query had one
-            return encode(query, Decision(RCODE_NOTIMP, "notimp"), None, ra)
+            return encode(query, Decision(RCODE_NOTIMP, "notimp"), None, ra, self.nsid)
         limit = udp_limit(query)
         if query.edns is not None and query.edns.version > 0:
             tally.response(RCODE_BADVERS, "local")
-            return encode(query, Decision(RCODE_BADVERS, "badvers"), None, ra)
+            return encode(query, Decision(RCODE_BADVERS, "badvers"), None, ra, self.nsid)
         if query.qtype == QTYPE_OPT:
             # RFC 6891 §6.1.1: OPT is a pseudo-RR, not a type one can ask for; BIND and
             # unbound answer FORMERR, for our names and for forwarded ones alike.
             tally.response(RCODE_FORMERR, "local")
-            return encode(query, Decision(RCODE_FORMERR, "formerr"), None, ra)
+            return encode(query, Decision(RCODE_FORMERR, "formerr"), None, ra, self.nsid)
         if query.qtype in (QTYPE_AXFR, QTYPE_IXFR):
             tally.response(RCODE_REFUSED, "local")
-            return encode(query, Decision(RCODE_REFUSED, "refused"), None, ra)
+            return encode(query, Decision(RCODE_REFUSED, "refused", ede=ZONE_TRANSFERS),
+                          None, ra, self.nsid)
         decision = st.zone.decide(query.labels, query.qtype, query.qclass)
         key = wire_to_key(query.labels)
         if decision.rule == FORWARD:
@@ -300,7 +305,7 @@ class MessageHandler:
                 if cached is not None:
                     return cached
             return ForwardRequest(query, data, limit)  # the forwarder counts its reply
-        wire = encode(query, decision, limit if proto == "udp" else None, ra)
+        wire = encode(query, decision, limit if proto == "udp" else None, ra, self.nsid)
         tally.response(decision.rcode, "local")
         self._store(st, proto, tail, wire, query.qtype, decision.rcode,
                     decision_name(key, decision))

@@ -117,7 +117,7 @@ def _names_of(spec: ServiceSpec, rendered: Rendered, domains: tuple[str, ...]
                 yield name, i, template
 
 
-def _ents_above(name: str, domains: tuple[str, ...]) -> Iterator[str]:
+def ents_above(name: str, domains: tuple[str, ...]) -> Iterator[str]:
     """The names between ``name`` and the served domain it lies in (none if outside)."""
     for domain in domains:
         if is_subdomain(name, domain):
@@ -172,7 +172,7 @@ def build_names(specs: Mapping[ServiceKey, ServiceSpec],
     ents: dict[str, int] = {}
     for name, (key, _) in generated.items():
         if key not in hidden:
-            for ent in _ents_above(name, domains):
+            for ent in ents_above(name, domains):
                 ents[ent] = ents.get(ent, 0) + 1
     visible: Counts | None = None
     if select:
@@ -223,7 +223,7 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
                 if owner is not None and owner[0] == svc.key:
                     gone.add(name)  # removals come first: nothing of this patch's in put
                     if svc.key not in old.hidden:
-                        for ent in _ents_above(name, domains):
+                        for ent in ents_above(name, domains):
                             _count(ents, ent, -1)
         builtins = old.builtins
         for spec in upserts:
@@ -239,7 +239,7 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
                 if owner is None:
                     put[name] = (key, i)
                     if key not in hidden:
-                        for ent in _ents_above(name, domains):
+                        for ent in ents_above(name, domains):
                             _count(ents, ent, 1)
         for spec in upserts:  # its other names against the names others were given
             key = spec.key

@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 QTYPE_OPT = 41
+OPTION_NSID, OPTION_EDE = 3, 15  # EDNS options: NSID (RFC 5001), Extended DNS Error (RFC 8914)
+# Extended DNS Error info codes meshdns sends (RFC 8914 section 4).
+EDE_STALE_ANSWER, EDE_PROHIBITED, EDE_NOT_READY = 3, 18, 14
+EDE_NOT_AUTHORITATIVE, EDE_NOT_SUPPORTED, EDE_NO_REACHABLE_AUTHORITY, EDE_NETWORK_ERROR = \
+    20, 21, 22, 23
 QTYPE_IXFR = 251
 QTYPE_AXFR = 252
 QTYPE_ANY = 255
@@ -74,6 +79,7 @@ class Edns:
     udp_size: int
     version: int
     dnssec_ok: bool
+    nsid: bool = False  # the NSID option (RFC 5001) was sent: the server's id is asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,26 +172,32 @@ def parse_query(data: bytes) -> Query:
                 continue
             if section != 2 or edns is not None or owner or pos - rdlen - 10 != owner_at + 1:
                 raise BadEDNS("OPT must be one record, owned by the root, in the additional section")
-            check_options(data, rdata_at, pos)
+            nsid = check_options(data, rdata_at, pos)
             edns = Edns(
                 udp_size=max(rclass, MIN_UDP_PAYLOAD),
                 version=data[rdata_at - 5],
                 dnssec_ok=bool(data[rdata_at - 4] & 0x80),
+                nsid=nsid,
             )
     if pos != len(data):
         raise TrailingJunk(f"{len(data) - pos} bytes after the last record")
     return Query(qid, flags, labels, qtype, qclass, edns)
 
 
-def check_options(data: bytes, pos: int, end: int) -> None:
-    """Raise BadEDNS unless the OPT RDATA in data[pos:end] is a clean run of options."""
+def check_options(data: bytes, pos: int, end: int) -> bool:
+    """Raise BadEDNS unless the OPT RDATA in data[pos:end] is a clean run of options;
+    True when one of them is NSID (RFC 5001)."""
+    nsid = False
     while pos < end:
         if pos + 4 > end:
             raise BadEDNS("EDNS option header cut short")
+        if data[pos] == 0 and data[pos + 1] == OPTION_NSID:
+            nsid = True
         length = (data[pos + 2] << 8) | data[pos + 3]
         pos += 4 + length
         if pos > end:
             raise BadEDNS("EDNS option runs past the OPT record")
+    return nsid
 
 
 def question_end(data: bytes) -> int | None:

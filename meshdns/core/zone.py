@@ -14,17 +14,21 @@ rendered when the snapshot was built); services ``dns.select`` hides are absent.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
-from .names import is_subdomain, key_to_labels, wire_to_key
-from .naming import primary_name
+from .layered import evolve
+from .names import key_to_labels, wire_to_key
+from .naming import ents_above, primary_name
 from .registry import Registry, Service
 from .vip import VipRange, format_ip
 from .wire import (
+    EDE_NOT_AUTHORITATIVE,
+    EDE_NOT_READY,
+    EDE_NOT_SUPPORTED,
     QCLASS_IN,
     QTYPE_ANY,
     RCODE_NOERROR,
@@ -40,6 +44,10 @@ SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 1200, 604800
 # Decision rules, as shown by /v1/resolve.
 CANONICAL, KUMA, HOSTNAME, TEMPLATE = "canonical", "kuma", "hostname", "template"
 PTR_RULE, APEX, ENT = "ptr", "apex", "empty-non-terminal"
+# The Extended DNS Errors of local answers (the forwarder adds its own).
+NOT_READY = (EDE_NOT_READY, "registry not loaded yet")
+ONLY_CLASS_IN = (EDE_NOT_SUPPORTED, "only class IN is served")
+NO_UPSTREAM = (EDE_NOT_AUTHORITATIVE, "not a served name, and no upstream")
 NXDOMAIN, SEARCH, FORWARD, REFUSED = "nxdomain", "search", "forward", "refused"
 NOT_LOADED = "not-loaded"
 SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME, TEMPLATE})
@@ -66,6 +74,8 @@ class Decision:
     additional: Sequence[RR] = ()
     service: Service | None = None
     zone: str | None = None
+    # Extended DNS Error (RFC 8914) for clients that sent EDNS: (info code, short text).
+    ede: tuple[int, str] | None = None
 
     @property
     def forward(self) -> bool:
@@ -144,7 +154,11 @@ class Zone:
     loaded: bool = True
     _domains: tuple[str, ...] = field(init=False)
     _reverse: dict[str, _ReverseZone] = field(init=False)
-    _host_ents: frozenset[str] = field(init=False)
+    # Empty non-terminals above the explicit host names of visible services, each with
+    # how many host names lie below it: built on first use, or evolved from the zone
+    # this one replaces (``inherit``), so a PATCH costs O(change) here, not O(hosts).
+    _host_ents: Mapping[str, int] | None = field(init=False, default=None, repr=False,
+                                                 compare=False)
     _builtins: frozenset[str] = field(init=False)
     _sorted4: list[int] | None = field(init=False, default=None)
     _sorted6: list[int] | None = field(init=False, default=None)
@@ -158,19 +172,51 @@ class Zone:
         self._domains = tuple(sorted(s.domains, key=len, reverse=True))  # longest match wins
         self._reverse = {z.apex: z for z in reverse_zones(s.range4) + reverse_zones(s.range6)}
         self._builtins = self.registry.names.builtins
-        hidden = self.registry.names.hidden
-        ents: set[str] = set()
-        for host, owner in self.registry.hostnames.items():
-            if owner in hidden:
-                continue
-            for domain in self._domains:
-                if is_subdomain(host, domain):
-                    cut = host.find(".")
-                    while cut != -1 and host[cut + 1 :] != domain:
-                        ents.add(host[cut + 1 :])
-                        cut = host.find(".", cut + 1)
-                    break
-        self._host_ents = frozenset(ents)
+
+    def host_ents(self) -> Mapping[str, int]:
+        """The empty non-terminals above visible services' explicit host names."""
+        ents = self._host_ents
+        if ents is None:
+            reg = self.registry
+            hidden = reg.names.hidden
+            counts: dict[str, int] = {}
+            for host, owner in reg.hostnames.items():
+                if owner not in hidden:
+                    for ent in ents_above(host, self._domains):
+                        counts[ent] = counts.get(ent, 0) + 1
+            ents = self._host_ents = counts
+        return ents
+
+    def inherit(self, old: Zone) -> None:
+        """Take over what ``old`` (the zone this one replaces) built that is still true.
+
+        After one incremental PATCH under the same domains, the host-name empty
+        non-terminals are ``old``'s evolved by the services the PATCH touched. Those
+        ``old`` never needed stay unbuilt: the first question that needs them builds
+        them (once per full rebuild; every PATCH after it evolves them).
+        """
+        before = old._host_ents
+        if self._host_ents is not None or before is None or old._domains != self._domains:
+            return
+        reg, base = self.registry, old.registry
+        touched = reg.touched_since(base)
+        if touched is None:
+            return
+        counts: dict[str, int] = {}
+        for key in {*touched[0], *touched[1]}:
+            for zone, step in ((old, -1), (self, 1)):
+                snap = zone.registry
+                svc = snap.services.get(key)
+                if svc is None or key in snap.names.hidden:
+                    continue
+                for host in svc.hostnames:
+                    if snap.hostnames.get(host) == key:
+                        for ent in ents_above(host, self._domains):
+                            counts[ent] = counts.get(ent, 0) + step
+        gone = [ent for ent, n in counts.items() if n and before.get(ent, 0) + n == 0]
+        put = [(ent, before.get(ent, 0) + n) for ent, n in counts.items()
+               if n and before.get(ent, 0) + n]
+        self._host_ents = evolve(before, gone, put)
 
     # ------------------------------------------------------------ records
 
@@ -211,14 +257,14 @@ class Zone:
         domain = self.served_domain(key)
         if domain is not None:
             if qclass != QCLASS_IN:
-                return Decision(RCODE_REFUSED, REFUSED, zone=domain)
+                return Decision(RCODE_REFUSED, REFUSED, zone=domain, ede=ONLY_CLASS_IN)
             if not self.loaded:
-                return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain)
+                return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain, ede=NOT_READY)
             return self._in_domain(DNSLabel(labels), key, domain, qtype)
         outside = self._outside_name(key)
         if outside is not None:
             if qclass != QCLASS_IN:
-                return Decision(RCODE_REFUSED, REFUSED)
+                return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
             # A host name outside the served domains is its own tiny zone.
             return self._service_records(DNSLabel(labels), outside[0], qtype, outside[1], key,
                                          self.settings.domains[0])
@@ -233,7 +279,7 @@ class Zone:
                     return found
         if self.settings.forwarding:
             return Decision(RCODE_NOERROR, FORWARD)
-        return Decision(RCODE_REFUSED, REFUSED)
+        return Decision(RCODE_REFUSED, REFUSED, ede=NO_UPSTREAM)
 
     def served_domain(self, key: str) -> str | None:
         for domain in self._domains:
@@ -299,7 +345,7 @@ class Zone:
             port = _port(rest[-1])
             if port is not None and port in ports:
                 return True
-        return key in self._host_ents or key in reg.names.ents
+        return key in self.host_ents() or key in reg.names.ents
 
     def _in_domain(self, owner: DNSLabel, key: str, domain: str, qtype: int) -> Decision:
         if key == domain:
@@ -352,7 +398,7 @@ class Zone:
             svc_key = by_vip.get(address)
             if svc_key is not None and svc_key not in self.registry.names.hidden:
                 if qclass != QCLASS_IN:
-                    return Decision(RCODE_REFUSED, REFUSED)
+                    return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
                 svc = self.registry.services[svc_key]
                 if qtype not in (T_PTR, QTYPE_ANY):
                     return self._nodata(PTR_RULE, zone.apex if zone else key, svc)
@@ -365,9 +411,9 @@ class Zone:
         if zone is None:
             return None
         if qclass != QCLASS_IN:
-            return Decision(RCODE_REFUSED, REFUSED)
+            return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
         if not self.loaded:
-            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=zone.apex)
+            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=zone.apex, ede=NOT_READY)
         depth = len(digits)
         if depth == zone.labels:
             return self._in_domain(DNSLabel(labels), key, zone.apex, qtype) \
@@ -411,9 +457,9 @@ class Zone:
         if domain is None or inner_key == domain:
             return None
         if qclass != QCLASS_IN:
-            return Decision(RCODE_REFUSED, REFUSED)
+            return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
         if not self.loaded:
-            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain)
+            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain, ede=NOT_READY)
         inner = self._in_domain(DNSLabel(inner_labels), inner_key, domain, qtype)
         if inner.rule == ENT:
             # Names exist below it: NODATA, not NXDOMAIN (RFC 8020), as for the mesh name.

@@ -7,7 +7,7 @@ collectors turn them into metric families only when /metrics is scraped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,9 +23,13 @@ from ..core.zone import qtype_name
 from .forwarder import Forwarder
 from .histogram import Histogram
 from .reply import SCRUB_REASONS
-from .transport import TcpLimits
+from .transport import BatchedUdp, TcpLimits
 
 PREFIX = "meshdns_"
+# BatchUdpServer counter -> meshdns_dns_udp_errors_total reason.
+UDP_ERRORS = {"truncated": "oversized", "send_dropped": "send_buffer_full",
+              "send_errors": "send_error", "recv_errors": "receive_error",
+              "handler_errors": "internal_error"}
 
 
 def _qtype_label(qtype: int) -> str:
@@ -41,10 +45,12 @@ def histogram_family(hist: Histogram, family: HistogramMetricFamily,
 class DnsCollector:
     """Requests, responses, TCP connections, latency, the caches and the upstreams."""
 
-    def __init__(self, handler: MessageHandler, tcp: TcpLimits, latency: Histogram | None) -> None:
+    def __init__(self, handler: MessageHandler, tcp: TcpLimits, latency: Histogram | None,
+                 udp: Callable[[], Iterable[object]] = tuple) -> None:
         self.handler = handler
         self.tcp = tcp
-        self.latency = latency  # None: counting switched off to measure its cost (bench/)
+        self.latency = latency  # None: not sampled (an empty histogram is exported)
+        self.udp = udp  # the UDP listeners now open (batched ones count their drops)
         self.forwarder: Forwarder | None = None  # set once forwarding starts
 
 
@@ -66,6 +72,7 @@ class DnsCollector:
                                   "(shorter than a header, or QR=1).", value=counts.dropped)
         yield CounterMetricFamily(PREFIX + "dns_truncated", "UDP replies sent with TC=1.",
                                   value=counts.truncated)
+        yield self._udp_errors()
         duration = HistogramMetricFamily(PREFIX + "dns_request_duration_seconds",
                                          "Time to answer a DNS request (sampled, see README).",
                                          labels=[])
@@ -85,6 +92,23 @@ class DnsCollector:
             entries.add_metric(["upstream"], len(self.forwarder.cache))
         yield entries
         yield from self._upstream(self.forwarder)
+
+    def _udp_errors(self) -> Metric:
+        """What the batched UDP path (recvmmsg/sendmmsg) dropped or failed, summed over
+        its sockets: a full socket buffer drops replies silently otherwise."""
+        totals = dict.fromkeys(UDP_ERRORS.values(), 0)
+        for listener in self.udp():
+            if isinstance(listener, BatchedUdp):
+                for attr, reason in UDP_ERRORS.items():
+                    totals[reason] += getattr(listener.batch, attr)
+        family = CounterMetricFamily(
+            PREFIX + "dns_udp_errors", "UDP datagrams the batched path dropped or could not "
+            "answer, by reason: oversized (query larger than a slot, dropped), "
+            "send_buffer_full (reply dropped), send_error (reply refused by the kernel), "
+            "receive_error, internal_error (answered SERVFAIL).", labels=["reason"])
+        for reason, n in totals.items():
+            family.add_metric([reason], n)
+        return family
 
     @staticmethod
     def _upstream(fwd: Forwarder | None) -> Iterator[Metric]:
