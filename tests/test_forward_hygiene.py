@@ -259,6 +259,12 @@ def test_records_for_other_names_are_dropped_and_counted(tmp_path: Path, liar: L
         assert liar.count("www.liar.test") == 1
         assert scrubbed(server) == {"other_name": 2.0, "authority": 1.0, "additional": 1.0}
         assert records(ask(server, MESH).answer) == [f"{MESH} A 240.0.0.7"]  # ours, untouched
+        # The names it slipped in were not cached either: asked, they go upstream, where
+        # the liar has nothing to say about them now.
+        for name in ("other.liar.test", "ns.evil"):
+            liar.answers[name] = reply(rcode=3, ns=(rr("liar.test", T_SOA, soa("liar.test")),))
+            assert ask(server, name).rcode() == dns.rcode.NXDOMAIN
+            assert liar.count(name) == 1
 
 
 def test_records_of_the_wrong_type_give_an_empty_answer(tmp_path: Path, liar: Liar) -> None:
