@@ -31,10 +31,17 @@ run: install
 
 # Every test, then the DNS tests again on the portable UDP path (one datagram per
 # callback) that non-Linux systems and MESHDNS_UDP_BATCH=0 use instead of recvmmsg batches.
+# Both tiers always run (a failure in the first does not hide the second); each one's
+# result is printed at the end, and the target fails if either failed.
+TESTS ?=
+UNBATCHED_TESTS ?= tests/test_smoke.py tests/test_dns_answers.py tests/test_dns_protocol.py \
+	tests/test_forward.py tests/test_forward_hygiene.py
 test: install-test
-	$(BIN)/python -m pytest -q
-	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q tests/test_smoke.py tests/test_dns_answers.py \
-		tests/test_dns_protocol.py tests/test_forward.py tests/test_forward_hygiene.py
+	@$(BIN)/python -m pytest -q $(TESTS); all=$$?; \
+	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q $(UNBATCHED_TESTS); unbatched=$$?; \
+	echo "make test: every test: $$( [ $$all = 0 ] && echo passed || echo "FAILED (pytest exit $$all)" )"; \
+	echo "make test: the unbatched UDP path (MESHDNS_UDP_BATCH=0): $$( [ $$unbatched = 0 ] && echo passed || echo "FAILED (pytest exit $$unbatched)" )"; \
+	[ $$all = 0 ] && [ $$unbatched = 0 ]
 
 # ruff, mypy --strict on the whole package, and the import-layer contract (pyproject.toml).
 lint: install-test

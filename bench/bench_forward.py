@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import re
@@ -53,7 +54,6 @@ from meshdns.core.handler import ForwardRequest  # noqa: E402
 from meshdns.dns.forwarder import Forwarder  # noqa: E402
 from meshdns.server import MeshServer  # noqa: E402
 from tests.fake_upstream import FakeUpstream, Unbound  # noqa: E402
-from tests.support import free_port as free_port_pair  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 RESULTS = REPO / "bench" / "results" / "forward.md"
@@ -97,14 +97,14 @@ def unbound_version() -> str:
     return m.group(1) if m else "?"
 
 
-def write_config(workdir: Path, port: int, upstream: str, n: int) -> Path:
+def write_config(workdir: Path, upstream: str, n: int) -> Path:
     seed = workdir / "seed.yaml"
     seed.write_text(yaml.safe_dump({"services": services(n)}))
     (workdir / "resolv.conf").write_text("# bench: no nameservers\n")
     conf = {
-        "dns": {"listen": [f"{LOOPBACK}:{port}"], "upstreams": [upstream],
+        "dns": {"listen": [f"{LOOPBACK}:0"], "upstreams": [upstream],
                 "resolv_conf": str(workdir / "resolv.conf"), "cache_size": max(10000, 2 * n)},
-        "api": {"listen": f"{LOOPBACK}:{free_port_pair()}"},
+        "api": {"listen": f"{LOOPBACK}:0"},
         "registry": {"seed_file": str(seed)},
         "log": {"level": "warning"},
     }
@@ -188,19 +188,23 @@ async def in_process(config_path: Path, n: int, iterations: int, rounds: int
 # ---------------------------------------------------------------- over UDP
 
 
-def start_meshdns(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_meshdns(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """meshdns serving ``config`` (DNS on port 0): the process and its DNS port."""
+    ports = log.with_suffix(".ports.json")
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
-                                 str(config)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                 str(config), "--ports-file", str(ports)], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     probe = dns.message.make_query(local_names(1)[0], "A")
     deadline = time.monotonic() + 60
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"meshdns exited: {log.read_text()[-2000:]}")
         try:
-            if dns.query.udp(probe, LOOPBACK, port=port, timeout=0.3).answer:
-                return proc
+            port = int(json.loads(ports.read_text())["dns"][0].rsplit(":", 1)[1])
+            if dns.query.udp(probe, LOOPBACK, port=port, timeout=0.3,
+                             ignore_unexpected=True).answer:
+                return proc, port
         except Exception:
             pass
         if time.monotonic() > deadline:
@@ -276,9 +280,9 @@ def python_sender(port: int, names: list[str], seconds: float, outstanding: int
 LOCAL_ADDR = LOOPBACK
 
 
-def over_udp(config: Path, port: int, workdir: Path, upstream: Any, n: int, seconds: float,
+def over_udp(config: Path, workdir: Path, upstream: Any, n: int, seconds: float,
              rounds: int, outstanding: int) -> dict[str, Any]:
-    proc = start_meshdns(config, port, workdir / "meshdns.log")
+    proc, port = start_meshdns(config, workdir / "meshdns.log")
     try:
         warm_over_udp(port, forwarded_names(n))
         upstream.stop()  # from here on, only the cache can answer forwarded names
@@ -388,8 +392,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="meshdns-bench-forward-"))
     upstream, upstream_desc = start_upstream(workdir, forwarded_names(args.names))
     try:
-        port = free_port_pair()
-        config = write_config(workdir, port, upstream.address, args.names)
+        config = write_config(workdir, upstream.address, args.names)
         print(f"upstream: {upstream_desc}")
         inproc = asyncio.run(in_process(config, args.names, args.iterations, args.rounds))
         print("in-process qps, median (min..max) over", args.rounds, "rounds:")
@@ -398,7 +401,7 @@ def main() -> int:
         print(f"  forwarded/local: {ratio(inproc['forwarded'], inproc['local']):.3f}x")
         udp = None
         if not args.skip_udp:
-            udp = over_udp(config, port, workdir, upstream, args.names, args.seconds,
+            udp = over_udp(config, workdir, upstream, args.names, args.seconds,
                            args.rounds, args.outstanding)
             print(f"UDP ({udp['tool']}: {udp['command']}), qps median (min..max):")
             for label in ("local", "forwarded"):

@@ -28,7 +28,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,29 +43,17 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def free_port() -> int:
-    while True:
-        with socket.socket() as t:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                    u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
-
 class Server:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.dns_port, self.api_port = free_port(), free_port()
+        self.dns_port = self.api_port = 0  # port 0: known from --ports-file once started
+        self.ports = workdir / "meshdns.ports.json"
         (workdir / "resolv.conf").write_text("# none\n")
         self.state = workdir / "state.json"
         cfg = {
-            "dns": {"listen": [f"127.0.0.1:{self.dns_port}"], "upstreams": [],
+            "dns": {"listen": ["127.0.0.1:0"], "upstreams": [],
                     "resolv_conf": str(workdir / "resolv.conf")},
-            "api": {"listen": f"127.0.0.1:{self.api_port}"},
+            "api": {"listen": "127.0.0.1:0"},
             "registry": {"state_file": str(self.state)},
             "log": {"level": "warning"},
         }
@@ -77,8 +64,15 @@ class Server:
     def start(self) -> float:
         t0 = time.perf_counter()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESHDNS_")}
+        if self.api_port:  # a restart binds the ports of the first run again
+            doc = json.loads(self.config.read_text())
+            doc["dns"]["listen"] = [f"127.0.0.1:{self.dns_port}"]
+            doc["api"]["listen"] = f"127.0.0.1:{self.api_port}"
+            self.config.write_text(json.dumps(doc))
+        self.ports.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshdns", "serve", "--config", str(self.config)],
+            [sys.executable, "-m", "meshdns", "serve", "--config", str(self.config),
+             "--ports-file", str(self.ports)],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
             stderr=open(self.workdir / "meshdns.log", "ab"), start_new_session=True)  # noqa: SIM115
         deadline = time.monotonic() + 120
@@ -86,12 +80,18 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError((self.workdir / "meshdns.log").read_text())
             try:
+                if not self.ports.exists():
+                    raise ConnectionError("not listening yet")
+                bound = json.loads(self.ports.read_text())
+                self.dns_port = int(bound["dns"][0].rsplit(":", 1)[1])
+                self.api_port = int(bound["api"].rsplit(":", 1)[1])
                 status, _, _ = self.request("GET", "/healthz", timeout=1)
                 if status == 200:
                     return time.perf_counter() - t0
             except OSError:
                 pass
             time.sleep(0.02)
+        self.stop()
         raise RuntimeError("meshdns did not start")
 
     def stop(self) -> None:
@@ -132,7 +132,7 @@ class Server:
 
     def a_record(self, name: str) -> list[str]:
         reply = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1",
-                              port=self.dns_port, timeout=5)
+                              port=self.dns_port, timeout=5, ignore_unexpected=True)
         return [rr.address for rrset in reply.answer for rr in rrset]
 
 

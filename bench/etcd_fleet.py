@@ -95,7 +95,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         first = spawn_instance(workdir, 0, cluster.endpoints)
         nodes.append(first)
-        peers.wait_ready(first.server, lambda: peers.http_ok(f"{first.url}/readyz"), 60)
+        # Not ready before the first write: nothing is under the prefix yet.
+        peers.wait_ready(first.server, lambda: peers.http_ok(f"{first.url}/healthz"), 60)
         t0 = time.perf_counter()
         status, body = fleet.http("PUT", f"{first.url}/v1/services",
                                   {"services": [s.to_json() for s in services]}, timeout=600)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -56,7 +57,9 @@ def project_python() -> str:
 
 
 def free_port() -> int:
-    """A port free for both UDP and TCP on loopback (bounded retries)."""
+    """A port free for both UDP and TCP on loopback (bounded retries), for the peers
+    that cannot bind port 0 and say which port they got (unbound, knot, dnsmasq);
+    meshdns binds port 0 and reports its ports (:func:`wait_bound`)."""
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             u.bind((LOOPBACK, 0))
@@ -291,7 +294,8 @@ def soa_probe(port: int, apex: str = "mesh") -> Callable[[], bool]:
 
 def meshdns_config(workdir: Path, port: int, api_port: int, seed: Path | None,
                    workers: int = 1, max_body: int = 1 << 31,
-                   answer_cache: int | None = None, steering: str | None = None) -> Path:
+                   answer_cache: int | None = None, steering: str | None = None,
+                   name: str | None = None) -> Path:
     resolv = workdir / "resolv.conf"
     resolv.write_text("# empty: meshdns must never forward during a benchmark\n")
     cfg: dict[str, Any] = {
@@ -305,9 +309,26 @@ def meshdns_config(workdir: Path, port: int, api_port: int, seed: Path | None,
         cfg["dns"]["answer_cache_size"] = answer_cache
     if steering is not None:
         cfg["dns"]["worker_steering"] = steering
-    path = workdir / f"meshdns-{port}.yaml"
+    path = workdir / f"{name or f'meshdns-{port}'}.yaml"
     path.write_text(json.dumps(cfg, indent=1))  # JSON is valid YAML
     return path
+
+
+def wait_bound(proc: subprocess.Popen[bytes], ports_file: Path, log: Path,
+               timeout: float = 120.0) -> tuple[int, int]:
+    """(DNS port, API port) of a ``meshdns serve --ports-file`` once every listener is
+    bound (its first DNS listener); ServerFailed with the log if it exits first."""
+    deadline = time.monotonic() + timeout
+    while not ports_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            raise ServerFailed(f"meshdns did not report its ports: {tail}")
+        time.sleep(0.02)
+    doc = json.loads(ports_file.read_text())
+    return int(doc["dns"][0].rsplit(":", 1)[1]), int(doc["api"].rsplit(":", 1)[1])
+
+
+_MESHDNS_SEQ = itertools.count(1)
 
 
 def start_meshdns(workdir: Path, services: Sequence[Svc] | None, *, workers: int = 1,
@@ -316,15 +337,21 @@ def start_meshdns(workdir: Path, services: Sequence[Svc] | None, *, workers: int
                   program: Sequence[str] = ("-m", "meshdns")) -> Server:
     """meshdns serving ``services`` from a seed file, or an empty registry (None);
     ``program``: what the project's Python runs (bench/uncounted.py for bench_metrics)."""
-    port, api_port = free_port(), free_port()
+    tag = next(_MESHDNS_SEQ)  # port 0: the kernel picks, --ports-file says which
     seed = None
     if services is not None:
-        seed = write_meshdns_seed(workdir / f"seed-{port}.json", services)
-    conf = meshdns_config(workdir, port, api_port, seed, workers, answer_cache=answer_cache,
-                          steering=steering)
-    log = workdir / f"meshdns-{port}.log"
-    proc = spawn([project_python(), *program, "serve", "--config", str(conf)], log,
-                 cwd=REPO)
+        seed = write_meshdns_seed(workdir / f"seed-{tag}.json", services)
+    conf = meshdns_config(workdir, 0, 0, seed, workers, answer_cache=answer_cache,
+                          steering=steering, name=f"meshdns-{tag}")
+    log = workdir / f"meshdns-{tag}.log"
+    ports = workdir / f"meshdns-{tag}.ports.json"
+    proc = spawn([project_python(), *program, "serve", "--config", str(conf),
+                  "--ports-file", str(ports)], log, cwd=REPO)
+    try:
+        port, api_port = wait_bound(proc, ports, log, ready_timeout)
+    except BaseException:
+        _kill_group(proc)
+        raise
     srv = Server(f"meshdns{'' if workers == 1 else f'-{workers}w'}", port, proc, log, workdir,
                  api_port=api_port)
     dns_probe = answers_probe(port, services[0]) if services else soa_probe(port)

@@ -46,6 +46,7 @@ from peers import (
     http_ok,
     project_python,
     spawn,
+    wait_bound,
     wait_ready,
 )
 
@@ -67,13 +68,12 @@ def start_stub(workdir: Path) -> Server:
 
 
 def start_meshdns(workdir: Path, repo: Path, upstream: int, seed: Path) -> Server:
-    port, api_port = free_port(), free_port()
     resolv = workdir / "resolv.conf"
     resolv.write_text("# empty: only the stub upstream\n")
     cfg = {
-        "dns": {"listen": [f"{LOOPBACK}:{port}"], "upstreams": [f"{LOOPBACK}:{upstream}"],
+        "dns": {"listen": [f"{LOOPBACK}:0"], "upstreams": [f"{LOOPBACK}:{upstream}"],
                 "search": [], "resolv_conf": str(resolv)},
-        "api": {"listen": f"{LOOPBACK}:{api_port}", "max_body_bytes": 1 << 30},
+        "api": {"listen": f"{LOOPBACK}:0", "max_body_bytes": 1 << 30},
         "registry": {"seed_file": str(seed)},
         "log": {"level": "warning"},
     }
@@ -81,13 +81,16 @@ def start_meshdns(workdir: Path, repo: Path, upstream: int, seed: Path) -> Serve
     conf.write_text(json.dumps(cfg, indent=1))
     env = dict(os.environ, PYTHONPATH=str(repo))
     log = workdir / "meshdns.log"
+    ports = workdir / "meshdns.ports.json"
     with open(log, "ab") as fh:
         proc = subprocess.Popen([project_python(), "-m", "meshdns", "serve", "--config",
-                                 str(conf)], cwd=repo, env=env, stdin=subprocess.DEVNULL,
-                                stdout=fh, stderr=fh, start_new_session=True)
+                                 str(conf), "--ports-file", str(ports)], cwd=repo, env=env,
+                                stdin=subprocess.DEVNULL, stdout=fh, stderr=fh,
+                                start_new_session=True)
     from peers import _LIVE, _LIVE_LOCK  # registered so peers kills it at exit
     with _LIVE_LOCK:
         _LIVE[proc.pid] = proc
+    port, api_port = wait_bound(proc, ports, log)
     srv = Server("meshdns", port, proc, log, workdir, api_port=api_port)
     wait_ready(srv, lambda: _probe(port, EXTERNAL) is not None
                and http_ok(f"http://{LOOPBACK}:{api_port}/healthz"), 120)

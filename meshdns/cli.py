@@ -1,7 +1,7 @@
 """The ``meshdns`` command: the server (serve, check-config, version) and a client of its
 HTTP API (apply, get services, resolve), in the spirit of ``kumactl apply``.
 
-The client commands use only the standard library (urllib): no extra dependency.
+The client commands use only the standard library (urllib, in meshdns/client.py).
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ import os
 import signal
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import __version__, logs
+from .client import ApiClient, ClientError
 from .config import Config, ConfigError, load_config, parse_document
+
+if TYPE_CHECKING:
+    from .server import MeshServer
 
 DEFAULT_SERVER = "http://127.0.0.1:15080"
 DESCRIPTION = "A sidecar-local DNS resolver for service-mesh names, fed over HTTP."
@@ -60,9 +62,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config)
     _event_loop_policy()
+    started = None if args.ports_file is None else (
+        lambda server: write_ports_file(Path(args.ports_file), server))
     try:
         asyncio.run(MeshServer(config).serve_until_signal(
-            reload=lambda: load_config(args.config)))
+            reload=lambda: load_config(args.config), started=started))
     except StateError as exc:
         logging.getLogger("meshdns").error("cannot start: %s", exc)
         return 1
@@ -70,6 +74,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("meshdns").error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def write_ports_file(path: Path, server: MeshServer) -> None:
+    """``serve --ports-file``: the addresses the listeners got (port 0 picks one), as
+    ``{"pid", "dns": ["127.0.0.1:40123", ...], "api", "metrics"}``, written once every
+    listener is bound, by a rename so that a reader never sees half a file."""
+    api = server.api_address
+    metrics = server.api.metrics_address if server.api is not None else None
+    doc = {"pid": os.getpid(), "dns": [str(hp) for hp in server.dns_addresses],
+           "api": None if api is None else str(api),
+           "metrics": None if metrics is None else str(metrics)}
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(doc) + "\n", encoding="utf-8")
+    partial.replace(path)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -171,39 +189,10 @@ def cmd_version(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- API client
 
 
-class ClientError(Exception):
-    """A request that failed: printed as ``meshdns <command>: <message>``, exit 1."""
-
-
 def request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    """One API call; the decoded JSON reply, or ClientError with the API's error."""
-    url = args.server.rstrip("/") + path
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    if args.token:
-        req.add_header("Authorization", f"Bearer {args.token}")
-    try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raise ClientError(api_error(exc.code, exc.read())) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ClientError(f"cannot reach {args.server}: {reason}") from None
-    except ValueError:
-        raise ClientError(f"{url}: the reply is not JSON") from None
-
-
-def api_error(status: int, body: bytes) -> str:
-    """``HTTP 400: upsert[0].port: must be ...``: the field first, as the API names it."""
-    try:
-        doc = json.loads(body)
-        message, field = str(doc["error"]), doc.get("field")
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {status}: {body[:500].decode('utf-8', 'replace')}"
-    return f"HTTP {status}: {field}: {message}" if field else f"HTTP {status}: {message}"
+    """One API call to ``--server`` (meshdns/client.py: no proxy for loopback, NO_PROXY
+    hosts or a token over plain http); the decoded JSON reply, or ClientError."""
+    return ApiClient(args.server, args.token, args.timeout).request(method, path, body)
 
 
 def read_services(path: str) -> list[Any]:
@@ -228,8 +217,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     else:
         reply = request(args, "PATCH", "/v1/services", {"upsert": services})
     verb = "replaced the registry with" if args.prune else "applied"
+    # An export applied back (or any write of what is there) keeps the revision.
+    outcome = "unchanged, " if reply.get("changed") is False else ""
     print(f"{verb} {len(services)} service{'s' * (len(services) != 1)}: "
-          f"revision {reply['revision']}, {reply['services']} in the registry")
+          f"{outcome}revision {reply['revision']}, {reply['services']} in the registry")
     return 0
 
 
@@ -256,10 +247,11 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(doc, indent=2))
         return 0
-    if doc.get("rcode") is None:
-        upstreams = ", ".join(doc.get("upstreams") or []) or "none"
-        print(f";; {doc['name']} {doc['type']}: forwarded to {upstreams} "
-              f"(rule {doc['rule']}): the upstream's answer")
+    if doc.get("upstreams") is not None:
+        upstreams = ", ".join(doc["upstreams"]) or "none"
+        flags = ", authoritative" if doc.get("authoritative") else ""
+        print(f";; {doc['name']} {doc['type']}: {doc['rcode']}{flags} from the upstream "
+              f"(forwarded to {upstreams}, rule {doc['rule']})")
     else:
         flags = ", authoritative" if doc.get("authoritative") else ""
         print(f";; {doc['name']} {doc['type']}: {doc['rcode']}{flags} (rule {doc['rule']}, "
@@ -293,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 title="commands", help="one of:")
     serve = sub.add_parser("serve", help="serve DNS and the HTTP API")
     serve.add_argument("--config", "-c", help="YAML config file (defaults for every key)")
+    serve.add_argument("--ports-file", metavar="FILE",
+                       help="once listening, write the bound addresses there as JSON "
+                       "(with port 0 in dns.listen or api.listen: which port each got)")
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check-config", help="check a config file and the files it names")
     check.add_argument("file")

@@ -78,6 +78,16 @@ class DnsConfig:
     lameduck: float = 5.0
     # NSID (RFC 5001) sent to clients that ask (dig +nsid): None is the host name, "" none.
     nsid: str | None = None
+    # Access control (dns/policy.py): client networks; None: the listener's default
+    # (loopback on a loopback listener, plus the private ranges on any other).
+    allow: tuple[str, ...] | None = None
+    deny: tuple[str, ...] = ()
+    allow_recursion: tuple[str, ...] | None = None  # who gets forwarded names; None: allow
+    # UDP response rate limiting per /24 or /56: replies per second, 0 off; every
+    # rate_limit_slip-th reply over it is sent TC=1; loopback listeners only if told.
+    rate_limit: int = 0
+    rate_limit_slip: int = 2
+    rate_limit_loopback: bool = False
     # Forwarded answers (issue 23): the TTL bounds of positive and negative (NXDOMAIN,
     # NODATA) answers, like CoreDNS cache {success, denial} and unbound's cache-*-ttl;
     # the TTL of a stale answer and how often its name is asked upstream again; prefetch.
@@ -401,6 +411,21 @@ def _etcd(path: str, value: Any) -> EtcdConfig:
     return cfg
 
 
+def _network(path: str, value: Any) -> str:
+    try:
+        net = ipaddress.ip_network(value, strict=True) if isinstance(value, str) else None
+    except ValueError as exc:
+        raise _fail(path, f"must be a network like \"10.0.0.0/8\" or \"fd00::/8\" ({exc})",
+                    value) from None
+    if net is None:
+        raise _fail(path, "must be a network like \"10.0.0.0/8\" or \"fd00::/8\"", value)
+    return str(net)
+
+
+def _opt_networks(path: str, value: Any) -> tuple[str, ...] | None:
+    return None if value is None else _list_of(_network)(path, value)
+
+
 def _nsid(path: str, value: Any) -> str | None:
     if value == "":
         return ""  # no NSID at all
@@ -432,6 +457,12 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "serve_stale": _number(0, 86400 * 7),
         "lameduck": _number(0, 3600),
         "nsid": _nsid,
+        "allow": _opt_networks,
+        "deny": _list_of(_network),
+        "allow_recursion": _opt_networks,
+        "rate_limit": _int(0, 10_000_000),
+        "rate_limit_slip": _int(0, 100),
+        "rate_limit_loopback": _bool,
         "cache_min_ttl": _int(0, 86400),
         "cache_max_ttl": _int(0, 86400),
         "cache_negative_min_ttl": _int(0, 86400),

@@ -25,6 +25,7 @@ from .core.zone import Zone, ZoneSettings
 from .dns.drain import DrainState, drain
 from .dns.histogram import Histogram
 from .dns.metrics import DnsCollector
+from .dns.policy import PolicyCounts, listener_policy
 from .dns.querylog import QueryLog
 from .dns.reuseport import steer_by_cpu
 from .dns.transport import (
@@ -198,8 +199,9 @@ class MeshServer:
         self.latency = Histogram()
         self.qlog = QueryLog() if config.log.queries else None
         self.metrics = new_metrics_registry()
+        self.policy_counts = PolicyCounts()
         self.dns_metrics = DnsCollector(self.handler, self.tcp_limits, self.latency,
-                                        lambda: self.listeners.udp)
+                                        lambda: self.listeners.udp, self.policy_counts)
         self.metrics.register(self.dns_metrics)
         self.metrics.register(StoreCollector(self.store, self.policy))
         self.forwarder: Forwarder | None = None
@@ -314,9 +316,13 @@ class MeshServer:
         """UDP and TCP on one address; port 0 picks one port free for both."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
-        # Always where the platform has it: a successor can bind the same port while this
-        # process drains (dns/drain.py), as for dns.workers.
-        reuse_port = hasattr(socket, "SO_REUSEPORT")
+        # On a set port, wherever the platform has it: a successor can bind the same port
+        # while this process drains (dns/drain.py). Not on port 0: Linux may then hand
+        # out a port another reuseport socket of the same user holds, and the two would
+        # split each other's queries (dns.workers > 1 shares its ports on purpose).
+        reuse_port = hasattr(socket, "SO_REUSEPORT") and (
+            hp.port != 0 or self.config.dns.workers > 1)
+        policy = listener_policy(self.config.dns, hp.host, self.policy_counts)
         for _ in range(50):
             udp_sock = socket.socket(family, socket.SOCK_DGRAM)
             tcp_sock = socket.socket(family, socket.SOCK_STREAM)
@@ -352,15 +358,15 @@ class MeshServer:
             if os.environ.get("MESHDNS_UDP_BATCH", "1") != "0" and self.qlog is None:
                 with contextlib.suppress(ImportError):  # not Linux: one datagram per callback
                     transport = BatchedUdp(udp_sock, self.handler, self._forward_fn(),
-                                           self.latency)
+                                           self.latency, policy)
             if transport is None:
                 transport, _ = await loop.create_datagram_endpoint(
                     lambda: UdpDnsProtocol(self.handler, self._forward_fn(), self.latency,
-                                           self.qlog),
+                                           self.qlog, policy),
                     sock=udp_sock)
             server = await loop.create_server(
                 lambda: TcpDnsProtocol(self.handler, self._forward_fn(), self.tcp_limits,
-                                       self.latency, self.qlog),
+                                       self.latency, self.qlog, policy),
                 sock=tcp_sock)
             self.listeners.udp.append(transport)
             self.listeners.tcp.append(server)
@@ -424,8 +430,10 @@ class MeshServer:
             self.forwarder = self.dns_metrics.forwarder = self.context.forwarder = None
         self._stopped.set()
 
-    async def serve_until_signal(self, reload: Callable[[], Config] | None = None) -> None:
-        """Serve until SIGTERM or SIGINT; SIGHUP re-reads the config through ``reload``."""
+    async def serve_until_signal(self, reload: Callable[[], Config] | None = None,
+                                 started: Callable[[MeshServer], None] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT; SIGHUP re-reads the config through ``reload``.
+        ``started`` is called once every listener is bound (``serve --ports-file``)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -435,6 +443,8 @@ class MeshServer:
         else:  # a worker: its main process restarts it with the new config
             loop.add_signal_handler(signal.SIGHUP, lambda: None)
         await self.start()
+        if started is not None:
+            started(self)
         await stop.wait()
         stop.clear()
         draining = asyncio.ensure_future(self.drain())

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .support import free_port
+from .support import PortTaken, address_in_use, free_port, on_free_ports
 
 # A 1000-service PUT is one transaction of a few thousand operations and about 1 MB:
 # etcd's defaults (128 operations, 1.5 MiB) would refuse it. Deployments set the same.
@@ -135,9 +135,31 @@ class EtcdCluster:
                                       start_new_session=True)
 
     def start(self, timeout: float = 30.0) -> EtcdCluster:
-        for m in self.members:
-            self.start_member(m)
-        self.wait_healthy(timeout)
+        """Start every member and wait for a leader. etcd members must know each other's
+        ports up front (no port 0): if another process took one first, the cluster starts
+        again on new ports (``endpoints`` read before ``start`` are then stale). On any
+        other failure every member is stopped before the error goes on."""
+        picked = [p for m in self.members for p in (m.client_port, m.peer_port)]
+        return on_free_ports(len(picked), lambda ports: self._start_on(ports, timeout),
+                             first=picked)
+
+    def _start_on(self, ports: list[int], timeout: float) -> EtcdCluster:
+        for m, client, peer in zip(self.members, ports[::2], ports[1::2], strict=True):
+            m.client_port, m.peer_port = client, peer
+            shutil.rmtree(m.data_dir, ignore_errors=True)  # joined a cluster on other ports
+        try:
+            for m in self.members:
+                self.start_member(m)
+            self.wait_healthy(timeout)
+            if dead := [m.name for m in self.members if not m.alive]:
+                raise AssertionError(f"etcd members {dead} exited: see {self.root}")
+        except BaseException:
+            self.stop()
+            if any(not m.alive and m.log_path.exists()
+                   and address_in_use(m.log_path.read_text(errors="replace"))
+                   for m in self.members):
+                raise PortTaken(f"an etcd port of {ports} was taken") from None
+            raise
         return self
 
     def restart(self, timeout: float = 30.0) -> None:
@@ -151,6 +173,8 @@ class EtcdCluster:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
+            if all(not m.alive for m in self.members):
+                break
             for m in self.members:
                 if not m.alive:
                     continue
@@ -168,7 +192,10 @@ class EtcdCluster:
                 timeout: float = 5.0) -> dict[str, Any]:
         req = urllib.request.Request(m.url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout, context=self._ssl) as resp:
+        # Direct, never through an HTTP_PROXY of the environment: etcd is on loopback.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                             urllib.request.HTTPSHandler(context=self._ssl))
+        with opener.open(req, timeout=timeout) as resp:
             doc: dict[str, Any] = json.loads(resp.read())
         return doc
 
@@ -225,8 +252,8 @@ class CuttableProxy:
 
     def __init__(self, target_port: int) -> None:
         self.target = ("127.0.0.1", target_port)
-        self.port = free_port()
-        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
         self.listener.settimeout(0.2)
         self.open = True
         self.running = True

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .apiclient import ServerProcess, a_records, call
+from .apiclient import ServerProcess, a_records, call, wait_for
 from .etcd_cluster import EtcdCluster
 
 PREFIX = "/meshdns/"
@@ -33,13 +33,22 @@ def instance(tmp_path: Path, name: str, endpoints: list[str], *,
     return ServerProcess(tmp_path / name, cfg, name=name)
 
 
+def start_listed(server: ServerProcess) -> ServerProcess:
+    """Started, and its first listing of the prefix done (it logs it). Not ready yet when
+    nothing was written under the prefix (test_etcd_unwritten): the first write makes
+    every instance on it ready. For a first start (a restart logs the line again)."""
+    server.start(ready=False)
+    wait_for(lambda: "etcd: listed" in server.log(), 20, f"{server.name} to list etcd")
+    return server
+
+
 def running_pair(tmp_path: Path, cluster: EtcdCluster
                  ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     a = instance(tmp_path, "a", cluster.endpoints)
     b = instance(tmp_path, "b", list(reversed(cluster.endpoints)))
     try:
-        a.start()
-        b.start()
+        start_listed(a)
+        start_listed(b)
         yield a, b
     finally:
         a.stop()

@@ -37,7 +37,7 @@ import dns.message
 import dns.query
 from dnslib import EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
-from .support import free_port, stop_process
+from .support import PortTaken, address_in_use, on_free_ports, stop_process, udp_query
 
 LOCAL = "127.0.0.1"
 
@@ -343,6 +343,10 @@ UNBOUND_DATA = [
 class Unbound:
     """unbound serving ``UNBOUND_DATA`` on 127.0.0.1:<free port>, in the foreground.
 
+    unbound cannot bind port 0, so without ``port`` it is given a free port and, should
+    another process take that port first, a new one (:func:`on_free_ports`). Whatever
+    goes wrong while it starts, the process is stopped before the error goes on.
+
     Subclasses (a cluster's DNS in test_cname_chase.py) write their own config
     (:meth:`write_conf`) and say when they are up (:meth:`ready`)."""
 
@@ -351,11 +355,12 @@ class Unbound:
         self.dir = Path(directory)
         self.binary = binary
         self.host = host
-        self.port = port or free_port()
+        self.fixed_port = port
+        self.port = port or 0  # known once started, unless given
+        self.data = data or UNBOUND_DATA
         self.conf = self.dir / "unbound.conf"
         self.log = self.dir / "unbound.log"
         self.proc: Any = None
-        self.write_conf(data or UNBOUND_DATA)
 
     def write_conf(self, data: list[str]) -> None:
         lines = "\n".join(f'    local-data: "{rr}"' for rr in data)
@@ -367,8 +372,7 @@ class Unbound:
         return f"{self.host}:{self.port}"
 
     def ask(self, name: str, rdtype: str = "A", timeout: float = 3.0) -> dns.message.Message:
-        return dns.query.udp(dns.message.make_query(name, rdtype), self.host, port=self.port,
-                             timeout=timeout)
+        return udp_query(dns.message.make_query(name, rdtype), self.host, self.port, timeout)
 
     def ready(self) -> bool:
         """Up: it answers (any answer) within 0.2 s."""
@@ -376,20 +380,37 @@ class Unbound:
         return True
 
     def start(self, wait: float = 15.0) -> Self:
+        if self.fixed_port is not None:
+            return self._start_on(self.fixed_port, wait)
+        return on_free_ports(1, lambda ports: self._start_on(ports[0], wait))
+
+    def _start_on(self, port: int, wait: float) -> Self:
+        self.port = port
+        self.write_conf(self.data)
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen([self.binary, "-d", "-c", str(self.conf)],
                                          stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(wait)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, wait: float) -> None:
         deadline = time.monotonic() + wait
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"unbound exited: {self.log.read_text()}")
+                text = self.log.read_text()
+                if address_in_use(text) and self.fixed_port is None:
+                    raise PortTaken(text)
+                raise RuntimeError(f"unbound exited: {text}")
             try:
                 if self.ready():
-                    return self
+                    return
             except (OSError, dns.exception.Timeout):
                 pass
             if time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError("unbound did not answer in time: " + self.log.read_text())
             time.sleep(0.05)
 

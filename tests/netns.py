@@ -12,6 +12,7 @@ CI=true it fails instead, so CI always runs it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -72,6 +73,12 @@ def run_in_namespaces(argv: Sequence[str], directory: Path,
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail(f"inside the namespaces: timed out after {timeout:g} s\n{stdout}\n{stderr}")
+    finally:
+        # Whatever happened (an interrupt too): nothing it started outlives it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait(10)
     assert proc.returncode == 0, \
         f"inside the namespaces: exit {proc.returncode}\n{stdout}\n{stderr}"
     results: dict[str, Any] = json.loads((directory / "results.json").read_text())

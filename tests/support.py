@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dns.message
 import dns.query
@@ -28,6 +29,8 @@ import dns.rdatatype
 
 from meshdns.config import Config, parse_config
 from meshdns.server import MeshServer
+
+T = TypeVar("T")
 
 DEMO_SERVICES: list[dict[str, Any]] = [
     {"name": "frontend", "namespace": "kong", "port": 80, "vip": "240.0.0.7",
@@ -49,9 +52,18 @@ def stop_process(proc: subprocess.Popen[Any] | None, grace: float = 10.0) -> Non
         proc.wait(grace)
 
 
+class PortTaken(Exception):
+    """A server that was handed a port could not bind it: another process took it
+    between the pick and the bind."""
+
+
 def free_port() -> int:
-    """A 127.0.0.1 port free for both UDP and TCP right now (DNS binds both; another
-    process may still take it before the caller does)."""
+    """A 127.0.0.1 port free for both UDP and TCP right now. Only where a port must be
+    known before it is bound (unbound, which cannot bind port 0; etcd members, which must
+    know each other's; a config forwarding to its own listener), and only through
+    :func:`on_free_ports`, which picks again when another process took the port first
+    (and ``ServerProcess.reserve``, for a leader whose URL a follower started first must
+    know). Every other server binds port 0 and reports the port it got."""
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind(("127.0.0.1", 0))
@@ -63,6 +75,59 @@ def free_port() -> int:
                     continue
             return port
     raise OSError("no loopback port free for both UDP and TCP")
+
+
+def on_free_ports(count: int, start: Callable[[list[int]], T], attempts: int = 5,
+                  first: list[int] | None = None) -> T:
+    """``start(ports)`` with ``count`` loopback ports free right now (or ``first``, picked
+    earlier by the caller); when it raises :class:`PortTaken` (the pick raced another
+    process), again with new ports."""
+    for attempt in range(attempts):
+        ports: list[int] = list(first or []) if attempt == 0 else []
+        while len(ports) < count:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        try:
+            return start(ports)
+        except PortTaken:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def address_in_use(text: str) -> bool:
+    """A server's log saying it could not bind: the one sign of a :class:`PortTaken`."""
+    return "address already in use" in text.lower()
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback TCP port that refuses connections (RST) for as long as the block runs:
+    bound by us without listening, so no other process can start listening there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+def udp_query(msg: dns.message.Message, host: str, port: int, timeout: float = 3.0,
+              **kw: Any) -> dns.message.Message:
+    """dnspython's UDP query, ignoring datagrams from any other address (other processes
+    on the host can send to our ephemeral port on loopback)."""
+    return dns.query.udp(msg, host, port=port, timeout=timeout, ignore_unexpected=True, **kw)
+
+
+def connected_udp(host: str, port: int) -> socket.socket:
+    """A UDP socket connected to ``host:port``: the kernel then drops datagrams from any
+    other sender, so raw reads (``recv``) see the server's replies only."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -244,6 +309,33 @@ def running_server(raw: Mapping[str, Any], env: Mapping[str, str] | None = None
         thread.stop()
 
 
+@contextmanager
+def running_on_free_ports(count: int, configs: Callable[[list[int]], list[Mapping[str, Any]]]
+                          ) -> Iterator[list[ServerThread]]:
+    """Servers whose configs must name a port before it is bound (a forwarding loop to
+    their own listener, two servers forwarding to each other): ``configs(ports)`` with
+    ``count`` free ports, started in order; all again on new ports if one was taken."""
+    def start(ports: list[int]) -> list[ServerThread]:
+        started: list[ServerThread] = []
+        try:
+            for raw in configs(ports):
+                started.append(ServerThread(parse_config(dict(raw), {})).start())
+        except BaseException as exc:
+            for server in started:
+                server.stop()
+            if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+                raise PortTaken(str(exc)) from exc
+            raise
+        return started
+
+    servers = on_free_ports(count, start)
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
 def query(server: ServerThread, name: str, rdtype: str = "A", *, tcp: bool = False,
           family: int = 4, edns: int | bool = 0, payload: int = 1232,
           timeout: float = 3.0) -> dns.message.Message:
@@ -253,7 +345,7 @@ def query(server: ServerThread, name: str, rdtype: str = "A", *, tcp: bool = Fal
     msg = dns.message.make_query(name, rdtype, use_edns=use_edns, payload=payload)
     if tcp:
         return dns.query.tcp(msg, host, port=port, timeout=timeout)
-    return dns.query.udp(msg, host, port=port, timeout=timeout, ignore_trailing=False)
+    return udp_query(msg, host, port, timeout, ignore_trailing=False)
 
 
 def run_tool(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:

@@ -115,7 +115,7 @@ def test_put_replaces_the_whole_registry(server: ServerThread, ctype: str) -> No
     raw = as_yaml(doc) if "yaml" in ctype else json.dumps(doc).encode()
     reply = call(server.api_url, "PUT", "/v1/services", raw=raw, content_type=ctype)
     assert reply.status == 200, reply.body
-    assert reply.json() == {"revision": 2, "services": 2}
+    assert reply.json() == {"revision": 2, "services": 2, "changed": True}
     assert reply.etag == '"2"'
     names = {s["name"] for s in get(server).json()["services"]}
     assert names == {"a", "b"}
@@ -129,7 +129,7 @@ def test_patch_upserts_and_deletes_together(server: ServerThread) -> None:
                        {"name": "absent", "namespace": "x", "port": 1}]}
     reply = call(server.api_url, "PATCH", "/v1/services", body)
     assert reply.status == 200, reply.body
-    assert reply.json() == {"revision": 2, "services": 3}
+    assert reply.json() == {"revision": 2, "services": 3, "changed": True}
     by_name = {s["name"]: s for s in get(server).json()["services"]}
     assert set(by_name) == {"frontend", "backend", "new"}
     assert by_name["backend"]["vip"] == "240.0.2.3"
@@ -139,13 +139,14 @@ def test_patch_upserts_and_deletes_together(server: ServerThread) -> None:
 def test_patch_in_yaml_and_empty_patch(server: ServerThread) -> None:
     reply = call(server.api_url, "PATCH", "/v1/services", raw=b"upsert:\n- {name: y, namespace: z, port: 9}\n",
                  content_type="application/yaml")
-    assert reply.json() == {"revision": 2, "services": 4}
-    assert call(server.api_url, "PATCH", "/v1/services", {}).json() == {"revision": 2, "services": 4}
+    assert reply.json() == {"revision": 2, "services": 4, "changed": True}
+    empty = call(server.api_url, "PATCH", "/v1/services", {})
+    assert empty.json() == {"revision": 2, "services": 4, "changed": False}
 
 
 def test_a_write_that_changes_nothing_keeps_the_revision(server: ServerThread) -> None:
     reply = call(server.api_url, "PUT", "/v1/services", {"services": DEMO_SERVICES})
-    assert reply.json() == {"revision": 1, "services": 3}
+    assert reply.json() == {"revision": 1, "services": 3, "changed": False}
     assert reply.etag == '"1"'
 
 
@@ -422,7 +423,7 @@ def test_exhausted_vip_range_is_507_and_nothing_changes(tmp_path: Path) -> None:
         assert reply.status == 507
         assert_unchanged(srv, before)
         ok = call(srv.api_url, "PATCH", "/v1/services", {"upsert": [svc(f"s{i}") for i in range(5)]})
-        assert ok.json() == {"revision": 2, "services": 6}
+        assert ok.json() == {"revision": 2, "services": 6, "changed": True}
 
 
 def _vips(srv: ServerThread) -> dict[str, tuple[str, str | None]]:
@@ -598,8 +599,8 @@ def test_resolve_a_forwarded_name_says_forward(tmp_path: Path) -> None:
     with running_server(make_config(tmp_path, {"dns": {"upstreams": ["127.0.0.1:9"]}})) as srv:
         assert srv.mesh.upstreams == [HostPort("127.0.0.1", 9)]
         doc = get(srv, "/v1/resolve?name=example.com").json()
-        assert doc["rule"] == "forward" and doc["rcode"] is None
-        assert doc["upstreams"] == ["127.0.0.1:9"]
+        assert doc["rule"] == "forward" and doc["upstreams"] == ["127.0.0.1:9"]
+        assert doc["rcode"] == "SERVFAIL" and doc["answer"] == []  # no upstream answered
 
 
 # ---------------------------------------------------------------- misc routes

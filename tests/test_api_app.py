@@ -47,7 +47,8 @@ def test_make_app_serves_a_store_without_a_mesh_server(tmp_path: Path) -> None:
         assert (await client.get("/readyz")).status == 503
         resp = await client.put("/v1/services", json={"services": [
             {"name": "a", "namespace": "b", "port": 1, "vip": "240.0.0.9"}]})
-        assert resp.status == 200 and await resp.json() == {"revision": 1, "services": 1}
+        assert resp.status == 200 and await resp.json() == {"revision": 1, "services": 1,
+                                                               "changed": True}
         assert (await client.get("/readyz")).status == 200
         resp = await client.get("/v1/resolve", params={"name": "a.b.svc.1.mesh"})
         doc = await resp.json()

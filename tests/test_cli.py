@@ -28,7 +28,8 @@ import yaml
 
 import meshdns
 
-from .support import free_port
+from .apiclient import read_ports
+from .support import udp_query
 
 REPO = Path(meshdns.__file__).resolve().parent.parent
 SEED = {"services": [
@@ -54,13 +55,13 @@ def run(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProce
 
 
 def write_config(tmp: Path, extra: dict[str, Any] | None = None,
-                 seed: Any = SEED) -> tuple[Path, int]:
+                 seed: Any = SEED) -> tuple[Path, Path]:
+    """The config file, and the ``serve --ports-file`` that :func:`serving` passes."""
     resolv = tmp / "resolv.conf"
     resolv.write_text("# written by the test: no nameservers, no search list\n")
-    dns_port = free_port()
-    raw: dict[str, Any] = {
-        "dns": {"listen": [f"127.0.0.1:{dns_port}"], "resolv_conf": str(resolv)},
-        "api": {"listen": f"127.0.0.1:{free_port()}"},
+    raw: dict[str, Any] = {  # port 0: serve --ports-file says which ports it got
+        "dns": {"listen": ["127.0.0.1:0"], "resolv_conf": str(resolv)},
+        "api": {"listen": "127.0.0.1:0"},
         "log": {"level": "info"},
     }
     if seed is not None:
@@ -71,12 +72,14 @@ def write_config(tmp: Path, extra: dict[str, Any] | None = None,
         raw.setdefault(section, {}).update(values)
     path = tmp / "meshdns.yaml"
     path.write_text(yaml.safe_dump(raw))
-    return path, dns_port
+    return path, tmp / "ports.json"
 
 
 @contextmanager
 def serving(config: Path, cwd: Path) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(meshdns_cmd("serve", "--config", str(config)), cwd=cwd,
+    ports = config.with_name("ports.json")
+    proc = subprocess.Popen(meshdns_cmd("serve", "--config", str(config),
+                                        "--ports-file", str(ports)), cwd=cwd,
                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -93,21 +96,25 @@ def ask(port: int, name: str, rdtype: str = "A", tcp: bool = False,
     q = dns.message.make_query(name, rdtype, use_edns=0)
     if tcp:
         return dns.query.tcp(q, "127.0.0.1", port=port, timeout=timeout)
-    return dns.query.udp(q, "127.0.0.1", port=port, timeout=timeout)
+    return udp_query(q, "127.0.0.1", port, timeout)
 
 
-def wait_until_answering(proc: subprocess.Popen[str], port: int, deadline: float = 30.0
-                         ) -> dns.message.Message | None:
-    """The first reply from the server, or None if it exited or the deadline passed."""
+def wait_until_answering(proc: subprocess.Popen[str], ports: Path, deadline: float = 30.0
+                         ) -> tuple[int, dns.message.Message | None]:
+    """The DNS port (from the ports file) and the first reply from the server there;
+    None if it exited or the deadline passed."""
     end = time.monotonic() + deadline
+    port = 0
     while time.monotonic() < end:
         if proc.poll() is not None:
-            return None
+            return port, None
         try:
-            return ask(port, "frontend.kong.svc.80.mesh", timeout=0.3)
+            if not port:
+                port = read_ports(ports)[0]
+            return port, ask(port, "frontend.kong.svc.80.mesh", timeout=0.3)
         except (dns.exception.Timeout, OSError):
             time.sleep(0.05)
-    return None
+    return port, None
 
 
 # ---------------------------------------------------------------- --version, check-config
@@ -178,34 +185,28 @@ def test_check_config_missing_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_answers_and_exits_zero_on_signal(tmp_path: Path, sig: int) -> None:
-    for _attempt in range(3):  # a port picked free can be taken before the server binds it
-        config, port = write_config(tmp_path)
-        with serving(config, tmp_path) as proc:
-            first = wait_until_answering(proc, port)
-            if first is None and proc.poll() is not None:
-                _, err = proc.communicate(timeout=10)
-                if "in use" in err:
-                    continue
-                pytest.fail(f"meshdns serve exited {proc.returncode}: {err}")
-            assert first is not None, "meshdns serve did not answer within 30 s"
-            assert first.rcode() == dns.rcode.NOERROR
-            assert [r.address for r in first.answer[0]] == ["240.0.0.7"]
-            over_tcp = ask(port, "frontend.mesh", tcp=True)
-            assert [r.address for r in over_tcp.answer[0]] == ["240.0.0.7"]
-            allocated = ask(port, "backend.kong.svc.8080.mesh")
-            assert allocated.rcode() == dns.rcode.NOERROR
-            assert ipaddress.ip_address(allocated.answer[0][0].address) in \
-                ipaddress.ip_network("240.0.0.0/4")
-            assert ask(port, "nope.mesh").rcode() == dns.rcode.NXDOMAIN
-            assert ask(port, "example.com").rcode() == dns.rcode.REFUSED  # no upstream
-            proc.send_signal(sig)
-            try:
-                code = proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pytest.fail("meshdns serve did not exit within 15 s of the signal")
-            assert code == 0, proc.communicate(timeout=5)[1]
-        return
-    pytest.fail("no free port pair after 3 attempts")
+    config, ports = write_config(tmp_path)
+    with serving(config, tmp_path) as proc:
+        port, first = wait_until_answering(proc, ports)
+        if first is None and proc.poll() is not None:
+            pytest.fail(f"meshdns serve exited {proc.returncode}: {proc.communicate(timeout=10)[1]}")
+        assert first is not None, "meshdns serve did not answer within 30 s"
+        assert first.rcode() == dns.rcode.NOERROR
+        assert [r.address for r in first.answer[0]] == ["240.0.0.7"]
+        over_tcp = ask(port, "frontend.mesh", tcp=True)
+        assert [r.address for r in over_tcp.answer[0]] == ["240.0.0.7"]
+        allocated = ask(port, "backend.kong.svc.8080.mesh")
+        assert allocated.rcode() == dns.rcode.NOERROR
+        assert ipaddress.ip_address(allocated.answer[0][0].address) in \
+            ipaddress.ip_network("240.0.0.0/4")
+        assert ask(port, "nope.mesh").rcode() == dns.rcode.NXDOMAIN
+        assert ask(port, "example.com").rcode() == dns.rcode.REFUSED  # no upstream
+        proc.send_signal(sig)
+        try:
+            code = proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("meshdns serve did not exit within 15 s of the signal")
+        assert code == 0, proc.communicate(timeout=5)[1]
 
 
 def test_serve_with_a_bad_config_exits_non_zero_naming_the_key(tmp_path: Path) -> None:

@@ -269,9 +269,15 @@ def legacy_build(reg: Any, indexed: Mapping[ServiceKey, tuple[int, ServiceSpec]]
     vip6, by_vip6 = legacy_assign(6, reg, indexed, policy.range6, now, path)
     services: dict[ServiceKey, Service] = {}
     for key, (_, spec) in indexed.items():
+        given4, given6 = spec.vip is not None, spec.vip6 is not None
+        prev = reg.services.get(key)
+        if prev is not None and not isinstance(spec, Service):
+            # Changed on purpose (issue 22, item 7): the address a service has, allocated
+            # here, written back stays allocated; an export applied again changes nothing.
+            given4 = given4 and (prev.vip_given or spec.vip != prev.vip)
+            given6 = given6 and (prev.vip6_given or spec.vip6 != prev.vip6)
         services[key] = Service(spec.name, spec.namespace, spec.port, vip4[key],
-                                vip6.get(key), spec.hostnames,
-                                spec.vip is not None, spec.vip6 is not None,
+                                vip6.get(key), spec.hostnames, given4, given6,
                                 labels=spec.labels, mesh=spec.mesh, zone=spec.zone)
     held4 = legacy_next_held(reg.held4, reg.by_vip4, by_vip4, policy, now)
     held6 = legacy_next_held(reg.held6, reg.by_vip6, by_vip6, policy, now)
@@ -1025,14 +1031,21 @@ def test_a_service_written_again_unchanged_is_reused_from_the_known_ones() -> No
         got = parse_services(copy_items(changed), known=known)
         assert got[1] is not known.get(got[1].key)
         assert got == parse_services(changed)
-    # A known service whose VIPs were allocated here is not what a write giving them means.
+    # A known service whose VIPs were allocated here, written with those very VIPs (an
+    # export applied back): a plain spec, which the write keeps as the allocated service.
     alloc = apply_put(Registry.empty(), parse_services([{"name": "e", "namespace": "b",
                                                           "port": 80}]), RegistryPolicy(), 0.0)
     e = alloc.services[("e", "b", 80)]
     given = parse_services([{"name": "e", "namespace": "b", "port": 80,
                              "vip": format_ip(e.vip, 4), "vip6": format_ip(e.vip6 or 0, 6)}],
                            known=alloc.services)
-    assert given[0] is not e and given[0] == Service("e", "b", 80, e.vip, e.vip6, (), True, True)
+    assert type(given[0]) is ServiceSpec and (given[0].vip, given[0].vip6) == (e.vip, e.vip6)
+    again = apply_put(alloc, given, RegistryPolicy(), 0.0)
+    assert again.revision == alloc.revision and again.services[e.key] is e
+    # Without `known` (nothing to compare with, e.g. a seed file) the VIPs are given.
+    assert parse_services([{"name": "e", "namespace": "b", "port": 80,
+                            "vip": format_ip(e.vip, 4), "vip6": format_ip(e.vip6 or 0, 6)}]
+                          ) == [Service("e", "b", 80, e.vip, e.vip6, (), True, True)]
 
 
 def copy_items(items: list[Any]) -> list[Any]:

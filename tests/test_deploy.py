@@ -42,7 +42,7 @@ import yaml
 from meshdns import __version__
 from meshdns.config import ConfigError, is_loopback, parse_config
 
-from .support import free_port
+from .support import refusing_port, udp_query
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -416,10 +416,9 @@ def served_image(image_venv: ImageVenv, tmp_path: Path) -> Iterator[dict[str, An
     """The image's ENTRYPOINT + CMD, its config moved to free loopback ports, with the
     environment the documented ``docker run`` gives it (the token)."""
     raw = yaml.safe_load((ROOT / "deploy/container/config.yaml").read_text())
-    dns_port, api_port, metrics_port = free_port(), free_port(), free_port()
-    raw["dns"]["listen"] = [f"127.0.0.1:{dns_port}"]
-    raw["api"]["listen"] = f"127.0.0.1:{api_port}"
-    raw["metrics"]["listen"] = f"127.0.0.1:{metrics_port}"
+    raw["dns"]["listen"] = ["127.0.0.1:0"]  # the ports it got: in its --ports-file
+    raw["api"]["listen"] = "127.0.0.1:0"
+    raw["metrics"]["listen"] = "127.0.0.1:0"
     # Tests never read or query the machine's resolver.
     (tmp_path / "resolv.conf").write_text("# no nameservers\n")
     raw["dns"]["resolv_conf"] = str(tmp_path / "resolv.conf")
@@ -430,9 +429,9 @@ def served_image(image_venv: ImageVenv, tmp_path: Path) -> Iterator[dict[str, An
 
     stderr = (tmp_path / "stderr.log").open("w+")
     env = image_env(image_venv, **{name: TOKEN for name in documented_run_env()})
-    proc = subprocess.Popen(image_argv(image_venv, config), stdout=stderr,
-                            stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-    api = f"http://127.0.0.1:{api_port}"
+    ports = tmp_path / "ports.json"
+    proc = subprocess.Popen([*image_argv(image_venv, config), "--ports-file", str(ports)],
+                            stdout=stderr, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -440,14 +439,17 @@ def served_image(image_venv: ImageVenv, tmp_path: Path) -> Iterator[dict[str, An
                 stderr.seek(0)
                 pytest.fail(f"meshdns exited with {proc.returncode}:\n{stderr.read()}")
             try:
-                if http_status(f"{api}/healthz", timeout=0.5) == 200:
-                    break
+                if ports.exists():
+                    bound = json.loads(ports.read_text())
+                    api = f"http://{bound['api']}"
+                    if http_status(f"{api}/healthz", timeout=0.5) == 200:
+                        break
             except OSError:
                 pass
             assert time.monotonic() < deadline, "/healthz did not answer 200 within 30 s"
             time.sleep(0.1)
-        yield {"proc": proc, "api": api, "metrics": f"http://127.0.0.1:{metrics_port}",
-               "dns_port": dns_port, "env": env, "log": stderr}
+        yield {"proc": proc, "api": api, "metrics": f"http://{bound['metrics']}",
+               "dns_port": int(bound["dns"][0].rsplit(":", 1)[1]), "env": env, "log": stderr}
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -477,7 +479,7 @@ def test_image_entrypoint_serves_and_stops_on_sigterm(served_image: dict[str, An
         if tcp:
             reply = dns.query.tcp(query, "127.0.0.1", port=port, timeout=3)
         else:
-            reply = dns.query.udp(query, "127.0.0.1", port=port, timeout=3)
+            reply = udp_query(query, "127.0.0.1", port, timeout=3)
         assert reply.rcode() == dns.rcode.NOERROR
         assert [r.address for r in reply.answer[0]] == ["240.0.0.7"]
 
@@ -627,29 +629,30 @@ def test_sidecar_post_start_hook_waits_for_a_registry_and_always_succeeds(
     turns_ready = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TurnsReady)
     threading.Thread(target=turns_ready.serve_forever, daemon=True).start()
     # A real follower whose leader does not exist: /readyz stays 503.
-    unready = ServerProcess(tmp_path / "unready", {"registry": {
-        "follow": f"http://127.0.0.1:{free_port()}"}}, name="unready")
-    try:
-        unready.start(ready=False)
-        assert http_status(f"{unready.url}/readyz") == 503
-        hooks = {}
-        for name, url in [("turns-ready", f"http://127.0.0.1:{turns_ready.server_port}"),
-                          ("unready", unready.url),
-                          ("closed", f"http://127.0.0.1:{free_port()}")]:
-            argv = [sys.executable, *command[1:-1],
-                    command[-1].replace("http://127.0.0.1:15080", url)]
-            assert argv[-1] != command[-1]
-            hooks[name] = subprocess.Popen(argv, stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, text=True, env=clean_env())
-        for name, proc in hooks.items():
-            out, _ = proc.communicate(timeout=120)  # the hook gives up after 10 s
-            assert (proc.returncode, out) == (0, ""), name
-        # It asked until the first 200, then stopped.
-        assert _TurnsReady.paths == ["/readyz"] * 3
-    finally:
-        turns_ready.shutdown()
-        turns_ready.server_close()
-        unready.stop()
+    with refusing_port() as nowhere, refusing_port() as closed:
+        unready = ServerProcess(tmp_path / "unready", {"registry": {
+            "follow": f"http://127.0.0.1:{nowhere}"}}, name="unready")
+        try:
+            unready.start(ready=False)
+            assert http_status(f"{unready.url}/readyz") == 503
+            hooks = {}
+            for name, url in [("turns-ready", f"http://127.0.0.1:{turns_ready.server_port}"),
+                              ("unready", unready.url),
+                              ("closed", f"http://127.0.0.1:{closed}")]:
+                argv = [sys.executable, *command[1:-1],
+                        command[-1].replace("http://127.0.0.1:15080", url)]
+                assert argv[-1] != command[-1]
+                hooks[name] = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                               stderr=subprocess.STDOUT, text=True, env=clean_env())
+            for name, proc in hooks.items():
+                out, _ = proc.communicate(timeout=120)  # the hook gives up after 10 s
+                assert (proc.returncode, out) == (0, ""), name
+            # It asked until the first 200, then stopped.
+            assert _TurnsReady.paths == ["/readyz"] * 3
+        finally:
+            turns_ready.shutdown()
+            turns_ready.server_close()
+            unready.stop()
 
 
 def test_manifests_cross_references() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +72,15 @@ class NamespacedServer(ServerProcess):
 
     disk: PrivateTmpfs
 
-    def spawn(self) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MESHDNS_")}
+    def command(self) -> list[str]:
+        # nsenter execs the server (no fork for a mount namespace): proc is the server,
+        # so kill() is a kill -9 of meshdns itself.
+        return [*self.disk.enter(self.workdir), *super().command()]
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        with open(self.log_path, "ab") as log:
-            # nsenter execs the server (no fork for a mount namespace): proc is the server,
-            # so kill() is a kill -9 of meshdns itself.
-            self.proc = subprocess.Popen(
-                [*self.disk.enter(self.workdir), sys.executable, "-m", "meshdns", "serve",
-                 "--config", str(self.config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
-        return self.proc
+        return env
 
 
 def service(i: int) -> dict[str, Any]:

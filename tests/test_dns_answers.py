@@ -84,7 +84,8 @@ def exchange(server: ServerThread, wire: bytes, via: Via, timeout: float = 3.0) 
     with socket.socket(af, kind) as sock:
         sock.settimeout(timeout)
         if not via.tcp:
-            sock.sendto(wire, (host, port))
+            sock.connect((host, port))  # connected: datagrams from any other sender dropped
+            sock.send(wire)
             return sock.recv(65535)
         sock.connect((host, port))
         sock.sendall(struct.pack("!H", len(wire)) + wire)

@@ -21,7 +21,7 @@ import pytest
 from dnslib import DNSRecord
 
 from .fake_upstream import FakeUpstream, Rule
-from .support import ServerThread, make_config, run_tool, running_server, tool
+from .support import ServerThread, make_config, run_tool, running_server, tool, udp_query
 
 F = "frontend.kong.svc.80.mesh."
 TIMEOUT = 5.0  # client timeout, far above the 1 s upstream budget used here
@@ -72,7 +72,7 @@ def ask(server: ServerThread, name: str, rdtype: str, tcp: bool = False
     msg = dns.message.make_query(name, rdtype)
     if tcp:
         return dns.query.tcp(msg, host, port=port, timeout=TIMEOUT)
-    return dns.query.udp(msg, host, port=port, timeout=TIMEOUT)
+    return udp_query(msg, host, port, timeout=TIMEOUT)
 
 
 # ---------------------------------------------------------------- reply check
@@ -127,7 +127,7 @@ def test_opt_question_formerr_with_dnspython_echoes_id_and_question(
         host, port = server.dns_addr()
         for name in (F, "www.example.test."):
             query = dns.message.make_query(name, dns.rdatatype.OPT)
-            reply = dns.query.udp(query, host, port=port, timeout=TIMEOUT)
+            reply = udp_query(query, host, port, timeout=TIMEOUT)
             assert reply.id == query.id
             assert reply.rcode() == dns.rcode.FORMERR
             assert [(q.name.to_text(), q.rdtype) for q in reply.question] == [(name, 41)]

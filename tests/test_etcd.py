@@ -29,6 +29,7 @@ from .etcd_support import (
     patch,
     running_cluster,
     running_pair,
+    start_listed,
     svc,
     vips,
 )
@@ -118,7 +119,9 @@ def test_dns_workers_answer_from_the_main_process_copy(
 
     a = instance(tmp_path, "workers", cluster.endpoints, dns={"workers": 2})
     try:
-        a.start()
+        start_listed(a)
+        # Workers start serving with the main process's first registry: the prefix's.
+        assert call(a.url, "PUT", "/v1/services", {"services": []}).status == 200
         wait_for(lambda: _udp_owners(a.dns_port) == 2, 30, "the worker to bind the port")
         for i in range(10):
             assert patch(a, [svc(i)]).status == 200
@@ -137,7 +140,7 @@ def test_a_write_larger_than_etcd_takes_in_one_transaction_is_413(tmp_path: Path
     a = instance(tmp_path, "small-txn", c.endpoints)
     try:
         c.start()
-        a.start()
+        start_listed(a)
         assert patch(a, [svc(i) for i in range(10)]).status == 200  # ~30 operations
         big = call(a.url, "PUT", "/v1/services", {"services": [svc(i) for i in range(100)]})
         assert big.status == 413, big.body
@@ -175,7 +178,7 @@ def test_conflicts_and_exhaustion_answer_as_without_etcd(
         tmp_path: Path, cluster: EtcdCluster) -> None:
     a = instance(tmp_path, "small", cluster.endpoints, cidr="10.9.0.0/29", cidr6=None)
     try:
-        a.start()
+        start_listed(a)
         assert patch(a, [svc(1, vip="10.9.0.1")]).status == 200
         taken = patch(a, [svc(2, vip="10.9.0.1")])
         assert taken.status == 409 and taken.json()["field"] == "upsert[0].vip"
@@ -231,7 +234,7 @@ def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
     try:
         c.start()
         assert c.endpoints[0].startswith("https://")
-        ok.start()
+        start_listed(ok)
         assert patch(ok, [svc(1)]).status == 200
         vip = vips(ok)[("s1", "shop", 80)][0]
         assert answers(ok, name_of(svc(1))) == [vip]
@@ -267,7 +270,7 @@ def test_username_and_password(tmp_path: Path) -> None:
                      ["auth", "enable"]):
             subprocess.run(etcdctl + args, check=True, capture_output=True, timeout=30,
                            env={**os.environ, "ETCDCTL_API": "3"})
-        good.start()
+        start_listed(good)
         assert patch(good, [svc(1)]).status == 200
         assert answers(good, name_of(svc(1))) == [vips(good)[("s1", "shop", 80)][0]]
         bad.start(ready=False)

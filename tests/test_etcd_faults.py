@@ -24,6 +24,7 @@ from .etcd_support import (
     patch,
     running_cluster,
     running_pair,
+    start_listed,
     svc,
     vips,
 )
@@ -72,14 +73,21 @@ def test_a_watch_on_a_member_that_stopped_answering_moves_to_another(
     reader = instance(tmp_path, "reader", cluster.endpoints)
     writer: ServerProcess | None = None
     try:
-        reader.start()
+        start_listed(reader)
+        # The first write lists the prefix again and starts a new watch: made before the
+        # watch that counts is looked at.
+        assert call(reader.url, "PUT", "/v1/services", {"services": []}).status == 200
+
+        def watches() -> list[str]:
+            return re.findall(r"watching /meshdns/ from revision \d+ on (\S+)", reader.log())
+
+        wait_for(lambda: len(watches()) >= 2, 10, "the reader's watch after the first write")
         # The member the reader's watch is on (it logs it); the writer uses the others.
-        watched = wait_for(lambda: re.findall(r"watching /meshdns/ from revision \d+ on (\S+)",
-                                              reader.log()), 10, "the reader's watch")[-1]
+        watched = watches()[-1]
         [stopped] = [m for m in cluster.members if m.url == watched]
         writer = instance(tmp_path, "writer",
                           [m.url for m in cluster.members if m is not stopped])
-        writer.start()
+        start_listed(writer)
         assert patch(writer, [svc(1)]).status == 200
         wait_for(lambda: ("s1", "shop", 80) in vips(reader), 10, "the reader to see s1")
         assert stopped.proc is not None
@@ -149,7 +157,7 @@ def test_a_copy_older_than_follow_max_staleness_is_not_ready_but_still_answers(
         tmp_path: Path, cluster: EtcdCluster) -> None:
     a = instance(tmp_path, "stale", cluster.endpoints, follow_max_staleness=3)
     try:
-        a.start()
+        start_listed(a)
         assert patch(a, [svc(1)]).status == 200
         vip = vips(a)[("s1", "shop", 80)][0]
         cluster.stop()
@@ -173,8 +181,8 @@ def test_compaction_past_the_watch_relists_and_loses_nothing(
     writer = instance(tmp_path, "w", cluster.endpoints)
     watcher = instance(tmp_path, "r", [f"http://127.0.0.1:{proxy.port}"])
     try:
-        writer.start()
-        watcher.start()
+        start_listed(writer)
+        start_listed(watcher)
         assert patch(writer, [svc(i) for i in range(20)]).status == 200
         wait_for(lambda: len(vips(watcher)) == 20, 10, "the watcher to apply 20 services")
         relists = metric(watcher, "meshdns_etcd_relists_total")

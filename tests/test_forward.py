@@ -24,7 +24,14 @@ import pytest
 from meshdns.dns.forwarder import SERVFAIL_TTL
 
 from .fake_upstream import Clock, FakeUpstream, closed_port, wait_until
-from .support import ServerThread, make_config, query, running_server
+from .support import (
+    ServerThread,
+    connected_udp,
+    make_config,
+    query,
+    running_server,
+    udp_query,
+)
 
 CLIENT_TIMEOUT = 5.0  # far above every upstream budget used here
 
@@ -86,7 +93,7 @@ def test_upstream_query_shape(tmp_path: Path, fake: FakeUpstream) -> None:
         assert sent.payload == 1232 and not sent.dnssec_ok and sent.proto == "udp"
         host, port = server.dns_addr()
         msg = dns.message.make_query("signed.example.test", "A", want_dnssec=True)
-        dns.query.udp(msg, host, port=port, timeout=CLIENT_TIMEOUT)
+        udp_query(msg, host, port, timeout=CLIENT_TIMEOUT)
         assert fake.last().dnssec_ok
         ids, ports = set(), set()
         for i in range(8):
@@ -306,10 +313,10 @@ def test_identical_queries_in_flight_are_coalesced(tmp_path: Path, fake: FakeUps
         socks = []
         try:
             for i in range(100):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s = connected_udp(*addr)  # the server's replies only
                 s.settimeout(CLIENT_TIMEOUT)
                 socks.append(s)
-                s.sendto(_raw_query("hot.example.test", 1000 + i), addr)
+                s.send(_raw_query("hot.example.test", 1000 + i))
             forwarder = server.mesh.forwarder
             wait_until(lambda: forwarder.coalesced == 99, "99 queries joining the first")
             fake.release()
@@ -327,17 +334,17 @@ def test_inflight_cap_answers_servfail(tmp_path: Path, fake: FakeUpstream) -> No
     raw = forwarding(tmp_path, [fake.address], upstream_timeout=10.0, max_inflight=2)
     with running_server(raw) as server:
         addr = server.dns_addr()
-        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+        socks = [connected_udp(*addr) for _ in range(2)]  # the server's replies only
         try:
-            for i, s in enumerate(socks[:2]):
+            for i, s in enumerate(socks):
                 s.settimeout(CLIENT_TIMEOUT)
-                s.sendto(_raw_query(f"held{i}.example.test", i + 1), addr)
+                s.send(_raw_query(f"held{i}.example.test", i + 1))
             wait_until(lambda: fake.count() == 2, "two lookups in flight")
             extra = ask(server, "one-too-many.example.test")
             assert extra.rcode() == dns.rcode.SERVFAIL
             assert server.mesh.forwarder.overloaded == 1
             fake.release()
-            for s in socks[:2]:
+            for s in socks:
                 assert dns.message.from_wire(s.recv(4096)).rcode() == dns.rcode.NOERROR
         finally:
             for s in socks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from meshdns.resolvconf import parse_resolv_conf, read_resolv_conf
 from meshdns.server import effective_upstreams
 
 from .fake_upstream import FakeUpstream, wait_until
-from .support import ServerThread, free_port, make_config, query, running_server
+from .support import ServerThread, make_config, query, running_on_free_ports
 
 
 def upstreams_of(tmp: Path, dns_section: dict[str, Any], resolv: str = "") -> tuple[
@@ -102,10 +103,13 @@ def test_wildcard_listener_covers_the_hosts_own_address(tmp_path: Path) -> None:
 
 def test_loop_is_refused_with_a_log_line_and_no_storm(tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    port = free_port()
-    raw = make_config(tmp_path, {"dns": {"listen": [f"127.0.0.1:{port}"],
-                                         "upstreams": [f"127.0.0.1:{port}"]}})
-    with caplog.at_level(logging.ERROR, logger="meshdns"), running_server(raw) as server:
+    def looped(ports: list[int]) -> list[Mapping[str, Any]]:
+        return [make_config(tmp_path, {"dns": {"listen": [f"127.0.0.1:{ports[0]}"],
+                                               "upstreams": [f"127.0.0.1:{ports[0]}"]}})]
+
+    with caplog.at_level(logging.ERROR, logger="meshdns"), \
+            running_on_free_ports(1, looped) as (server,):
+        port = server.dns_addr()[1]
         assert server.mesh.forwarder is None
         reply = query(server, "www.example.test", timeout=3.0)
         assert reply.rcode() == dns.rcode.REFUSED  # no upstream left: SPEC §4
@@ -115,11 +119,13 @@ def test_loop_is_refused_with_a_log_line_and_no_storm(tmp_path: Path,
 
 
 def test_loop_refused_but_other_upstreams_kept(tmp_path: Path) -> None:
-    port = free_port()
     with FakeUpstream() as fake:
-        raw = make_config(tmp_path, {"dns": {"listen": [f"127.0.0.1:{port}"],
-                                             "upstreams": [f"127.0.0.1:{port}", fake.address]}})
-        with running_server(raw) as server:
+        def looped(ports: list[int]) -> list[Mapping[str, Any]]:
+            return [make_config(tmp_path, {"dns": {
+                "listen": [f"127.0.0.1:{ports[0]}"],
+                "upstreams": [f"127.0.0.1:{ports[0]}", fake.address]}})]
+
+        with running_on_free_ports(1, looped) as (server,):
             assert [str(u.address) for u in server.mesh.forwarder.upstreams] == [fake.address]
             assert query(server, "www.example.test", timeout=3.0).rcode() == dns.rcode.NOERROR
             assert fake.count() == 1
@@ -127,16 +133,19 @@ def test_loop_refused_but_other_upstreams_kept(tmp_path: Path) -> None:
 
 def test_undetectable_loop_between_two_servers_is_bounded(tmp_path: Path) -> None:
     """A forwards to B, B forwards to A: the looped query joins its own lookup."""
-    port_a, port_b = free_port(), free_port()
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    raw_a = make_config(tmp_path / "a", {"dns": {"listen": [f"127.0.0.1:{port_a}"],
-                                                 "upstreams": [f"127.0.0.1:{port_b}"],
-                                                 "upstream_timeout": 0.5}})
-    raw_b = make_config(tmp_path / "b", {"dns": {"listen": [f"127.0.0.1:{port_b}"],
-                                                 "upstreams": [f"127.0.0.1:{port_a}"],
-                                                 "upstream_timeout": 0.5}})
-    with running_server(raw_a) as a, running_server(raw_b) as b:
+
+    def crossed(ports: list[int]) -> list[Mapping[str, Any]]:
+        port_a, port_b = ports
+        return [make_config(tmp_path / "a", {"dns": {"listen": [f"127.0.0.1:{port_a}"],
+                                                     "upstreams": [f"127.0.0.1:{port_b}"],
+                                                     "upstream_timeout": 0.5}}),
+                make_config(tmp_path / "b", {"dns": {"listen": [f"127.0.0.1:{port_b}"],
+                                                     "upstreams": [f"127.0.0.1:{port_a}"],
+                                                     "upstream_timeout": 0.5}})]
+
+    with running_on_free_ports(2, crossed) as (a, b):
         reply = query(a, "loop.example.test", timeout=5.0)
         assert reply.rcode() == dns.rcode.SERVFAIL
 

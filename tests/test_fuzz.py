@@ -35,7 +35,7 @@ from meshdns.core.vip import VipRange
 from meshdns.core.wire import FormatError, Query, parse_query
 from meshdns.core.zone import Zone, ZoneSettings
 
-from .support import make_config, query, running_server
+from .support import connected_udp, make_config, query, running_server
 
 SEED = 0x6D657368  # "mesh"
 MUTATIONS = 100_000
@@ -344,7 +344,9 @@ def test_live_udp_server_survives_mutated_packets(live: Any) -> None:
     rng = random.Random(SEED + 1)
     replies: dict[int, bytes] = {}
     sent: dict[int, bytes] = {}
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    # Connected: the kernel drops datagrams from any sender but the server, so a stray
+    # one from another process on the host is not taken for a reply.
+    with connected_udp(host, port) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.settimeout(0.0)
 
@@ -362,7 +364,7 @@ def test_live_udp_server_survives_mutated_packets(live: Any) -> None:
             if len(packet) >= 2:
                 packet = struct.pack("!H", i) + packet[2:]  # a unique ID to pair replies
                 sent[i] = packet
-            sock.sendto(packet, (host, port))
+            sock.send(packet)
             if i % 50 == 49:
                 drain()
             if i % 500 == 499:

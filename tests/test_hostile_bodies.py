@@ -31,7 +31,7 @@ from meshdns.config import ConfigError, load_config, parse_document
 from meshdns.store import StateError, load_seed
 
 from .apiclient import Reply, ServerProcess, call
-from .support import DEMO_SERVICES, ServerThread, make_config, running_server
+from .support import DEMO_SERVICES, ServerThread, make_config, running_server, udp_query
 
 TOKEN = "hostile-token"
 MIB = 1 << 20
@@ -101,7 +101,7 @@ class Prober(threading.Thread):
             query = dns.message.make_query(PROBE_NAME, "A")
             start = time.monotonic()
             try:
-                reply = dns.query.udp(query, self.addr[0], port=self.addr[1], timeout=2.0)
+                reply = udp_query(query, self.addr[0], self.addr[1], timeout=2.0)
                 ok = reply.rcode() == dns.rcode.NOERROR and \
                     [rr.to_text() for rrset in reply.answer for rr in rrset] == ["240.0.0.7"]
             except dns.exception.Timeout:

@@ -50,7 +50,10 @@ def test_rolling_restart_under_load_loses_no_query(tmp_path: Path) -> None:
     dnsperf = shutil.which("dnsperf")
     assert dnsperf is not None, "dnsperf is installed by .ci/run"
     conf = {"registry": {"seed_file": SEED}, "dns": {"lameduck": 1.5}}
-    old = ServerProcess(tmp_path / "old", conf, name="old").start()
+    # A set port, as deployed (SO_REUSEPORT is not used on port 0).
+    old = ServerProcess(tmp_path / "old", conf, name="old")
+    old.reserve()
+    old.start()
     new: ServerProcess | None = None
     perf: subprocess.Popen[str] | None = None
     try:

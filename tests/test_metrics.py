@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -20,7 +19,15 @@ import dns.rcode
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .support import ServerThread, free_port, make_config, query, running_server, stop_process
+from .support import (
+    ServerThread,
+    connected_udp,
+    make_config,
+    query,
+    running_server,
+    stop_process,
+    udp_query,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -58,11 +65,11 @@ def http(server: ServerThread, method: str, path: str, body: Any = None) -> int:
 
 def raw_udp(server: ServerThread, payload: bytes, expect_reply: bool) -> bytes | None:
     host, port = server.dns_addr(4)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with connected_udp(host, port) as s:  # the server's replies only
         s.settimeout(2.0 if expect_reply else 0.3)
-        s.sendto(payload, (host, port))
+        s.send(payload)
         try:
-            return s.recvfrom(4096)[0]
+            return s.recv(4096)
         except TimeoutError:
             return None
 
@@ -168,28 +175,32 @@ def test_real_prometheus_scrapes_registry_size(tmp_path: Path) -> None:
     with running_server(make_config(tmp_path)) as server:
         api = server.mesh.api_address
         assert api is not None
-        prom_port = free_port()
         (tmp_path / "prometheus.yml").write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: meshdns\n"
             f"    static_configs:\n      - targets: ['127.0.0.1:{api.port}']\n")
-        proc = subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=subprocess.DEVNULL, stderr=(tmp_path / "prom.log").open("w"))
+        log = tmp_path / "prom.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen(
+                ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 "--web.listen-address=127.0.0.1:0"],  # it logs the port it got
+                stdout=subprocess.DEVNULL, stderr=err)
         try:
-            url = (f"http://127.0.0.1:{prom_port}/api/v1/query?query="
-                   "meshdns_registry_services")
             result = None
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and proc.poll() is None:
+                found = re.search(r'msg="Listening on" address=127\.0\.0\.1:(\d+)',
+                                  log.read_text())
+                url = found and (f"http://127.0.0.1:{found[1]}/api/v1/query?query="
+                                 "meshdns_registry_services")
                 try:
-                    with urllib.request.urlopen(url, timeout=5) as resp:
-                        doc = json.loads(resp.read())
-                    if doc["status"] == "success" and doc["data"]["result"]:
-                        result = doc["data"]["result"]
-                        break
+                    if url:
+                        with urllib.request.urlopen(url, timeout=5) as resp:
+                            doc = json.loads(resp.read())
+                        if doc["status"] == "success" and doc["data"]["result"]:
+                            result = doc["data"]["result"]
+                            break
                 except (urllib.error.URLError, ConnectionError, TimeoutError):
                     pass
                 time.sleep(0.5)
@@ -209,7 +220,7 @@ def test_no_log_line_per_packet_at_the_default_level(
             query(server, "nope.mesh", "A")
         host, port = server.dns_addr(4)
         msg = dns.message.make_query("frontend.kong.svc.80.mesh", "A")
-        dns.query.udp(msg, host, port=port, timeout=3)
+        udp_query(msg, host, port, 3)
         assert len([r for r in caplog.records if r.levelno >= 20]) == 0
 
 

@@ -53,7 +53,7 @@ from .apiclient import call, wait_for
 from .etcd_cluster import EtcdCluster
 from .fake_upstream import Unbound
 from .promql import dashboard_metrics, rule_metrics
-from .support import free_port, have_ipv6_loopback, run_tool, stop_process
+from .support import have_ipv6_loopback, run_tool, stop_process
 from .test_deploy import (
     configmap_consumers,
     copy_sources,
@@ -226,18 +226,19 @@ def test_the_image_and_the_leader_publish_their_api() -> None:
 # ------------------------------------------------------------------ rewriting
 
 def _listen(value: Any) -> Any:
-    """Each address to a free loopback port of its family (IPv6 dropped without ::1)."""
+    """Each address to port 0 on the loopback of its family (IPv6 dropped without ::1):
+    the server picks its ports and says which in its ``--ports-file``."""
     if isinstance(value, str):
-        return f"127.0.0.1:{free_port()}"  # a single address (api.listen): IPv4 loopback
+        return "127.0.0.1:0"  # a single address (api.listen): IPv4 loopback
     assert isinstance(value, list), value
     out = []
     for addr in value:
         if str(addr).startswith("["):
             if have_ipv6_loopback():
-                out.append(f"[::1]:{free_port()}")
+                out.append("[::1]:0")
         else:
-            out.append(f"127.0.0.1:{free_port()}")
-    return out or [f"127.0.0.1:{free_port()}"]
+            out.append("127.0.0.1:0")
+    return out or ["127.0.0.1:0"]
 
 
 def _path(value: Any, tmp: Path) -> Any:
@@ -307,7 +308,7 @@ def test_rewrite_moves_every_listener_to_loopback_and_keeps_the_rest(
         for addr in addrs:
             host, _, port = addr.rpartition(":")
             assert is_loopback(host.strip("[]")), (name, addr)
-            assert int(port) > 0, (name, addr)
+            assert int(port) == 0, (name, addr)  # no fixed port to collide on
     assert ("metrics" in listen_addresses(out)) == ("metrics" in listen_addresses(raw))
     # Every other key as shipped; of registry.etcd, all but the endpoints.
     for name, section in raw.items():
@@ -340,20 +341,25 @@ class Running:
     config: dict[str, Any]
     proc: subprocess.Popen[bytes]
     log: Path
+    ports: Path  # serve --ports-file: the addresses it bound
+
+    def bound(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.ports.read_text())
+        return doc
 
     @property
     def api(self) -> str:
-        return f"http://{self.config['api']['listen']}"
+        return f"http://{self.bound()['api']}"
 
     @property
     def metrics_listener(self) -> str | None:
         """http://metrics.listen, when set (then /metrics is served there only)."""
-        listen = (self.config.get("metrics") or {}).get("listen")
+        listen = self.bound()["metrics"]
         return f"http://{listen}" if listen else None
 
     @property
     def dns(self) -> tuple[str, int]:
-        host, _, port = self.config["dns"]["listen"][0].rpartition(":")
+        host, _, port = self.bound()["dns"][0].rpartition(":")
         return host.strip("[]"), int(port)
 
     def output(self) -> str:
@@ -363,6 +369,8 @@ class Running:
 def serving_or_exited(running: Running) -> bool:
     if running.proc.poll() is not None:
         return True
+    if not running.ports.exists():
+        return False
     return call(running.api, "GET", "/healthz", timeout=2).status == 200
 
 
@@ -370,40 +378,37 @@ def serving_or_exited(running: Running) -> bool:
 def serve(shipped: Shipped, tmp: Path, upstream: str, leader: str | None = None,
           etcd: list[str] | None = None, instance: str = "") -> Iterator[Running]:
     """The rewritten config served by a subprocess, once /healthz answers (/readyz waits
-    for a registry: a config without a seed or state file needs a first write). Three
-    tries: a port picked free can be taken before the server binds it. ``instance``
-    tells replicas of one config apart (their directories, state files)."""
-    for attempt in range(3):
-        work = tmp / f"{shipped.name}{instance}-{attempt}"
-        work.mkdir(parents=True)
-        config = rewrite(shipped.raw, work, upstream, leader, etcd)
-        path = work / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        # check-config (keys, and the files the config names) agrees that it can serve.
-        checked = subprocess.run([sys.executable, "-m", "meshdns", "check-config", str(path)],
-                                 capture_output=True, text=True, timeout=60,
-                                 env=_env(shipped),
-                                 cwd=work, check=False)
-        assert checked.returncode == 0, checked.stderr
-        log = work / "meshdns.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
-                                     str(path)], stdout=out, stderr=subprocess.STDOUT,
-                                    env=_env(shipped), cwd=work)
-        running = Running(config, proc, log)
-        try:
-            wait_for(functools.partial(serving_or_exited, running), 60,
-                     f"{shipped.source} to serve")
-            if proc.poll() is not None:
-                if "in use" in running.output():
-                    continue
-                pytest.fail(f"{shipped.source} exited {proc.returncode}:\n{running.output()}")
-            yield running
-            assert proc.poll() is None, f"{shipped.source} died:\n{running.output()}"
-            return
-        finally:
-            stop_process(proc, 15)
-    pytest.fail(f"{shipped.source}: no free ports after 3 attempts")
+    for a registry: a config without a seed or state file needs a first write). Its
+    listeners bind port 0 and ``--ports-file`` says where. ``instance`` tells replicas
+    of one config apart (their directories, state files)."""
+    work = tmp / f"{shipped.name}{instance}"
+    work.mkdir(parents=True)
+    config = rewrite(shipped.raw, work, upstream, leader, etcd)
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # check-config (keys, and the files the config names) agrees that it can serve.
+    checked = subprocess.run([sys.executable, "-m", "meshdns", "check-config", str(path)],
+                             capture_output=True, text=True, timeout=60,
+                             env=_env(shipped),
+                             cwd=work, check=False)
+    assert checked.returncode == 0, checked.stderr
+    log = work / "meshdns.log"
+    ports = work / "ports.json"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
+                                 str(path), "--ports-file", str(ports)],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env=_env(shipped), cwd=work)
+    running = Running(config, proc, log, ports)
+    try:
+        wait_for(functools.partial(serving_or_exited, running), 60,
+                 f"{shipped.source} to serve")
+        if proc.poll() is not None:
+            pytest.fail(f"{shipped.source} exited {proc.returncode}:\n{running.output()}")
+        yield running
+        assert proc.poll() is None, f"{shipped.source} died:\n{running.output()}"
+    finally:
+        stop_process(proc, 15)
 
 
 def dig(addr: tuple[str, int], name: str, qtype: str = "A") -> tuple[str, list[str]]:

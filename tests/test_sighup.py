@@ -14,11 +14,12 @@ import yaml
 
 from .apiclient import ServerProcess
 from .fake_upstream import FakeUpstream, Rule
+from .support import udp_query
 
 
 def ask(server: ServerProcess, name: str, rdtype: str = "A") -> dns.message.Message:
     host, port = server.dns_addr
-    return dns.query.udp(dns.message.make_query(name, rdtype), host, port=port, timeout=3)
+    return udp_query(dns.message.make_query(name, rdtype), host, port, timeout=3)
 
 
 def address(reply: dns.message.Message) -> list[str]:

@@ -41,6 +41,7 @@ from .support import (
     run_tool,
     running_server,
     tool,
+    udp_query,
 )
 
 F = "frontend.kong.svc.80.mesh."
@@ -457,5 +458,5 @@ def test_fuzz_random_splits_lengths_and_stalls(fuzz_server: ServerThread,
 def test_fuzz_server_still_answers_afterwards(fuzz_server: ServerThread) -> None:
     dnspython_tcp(fuzz_server.dns_addr(), timeout=5.0)
     host, port = fuzz_server.dns_addr()
-    reply = dns.query.udp(dns.message.make_query(F, "A"), host, port=port, timeout=5)
+    reply = udp_query(dns.message.make_query(F, "A"), host, port, timeout=5)
     assert [r.address for rrset in reply.answer for r in rrset] == [VIP]

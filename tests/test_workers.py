@@ -23,7 +23,8 @@ import yaml
 
 from meshdns.dns.reuseport import allowed_cpus
 
-from .support import DEMO_SERVICES, free_port, pinned
+from .apiclient import read_ports
+from .support import DEMO_SERVICES, connected_udp, pinned, udp_query
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT")
 
@@ -35,7 +36,7 @@ def children(pid: int) -> list[int]:
 
 
 def ask(port: int, name: str) -> dns.message.Message:
-    return dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port, timeout=3)
+    return udp_query(dns.message.make_query(name, "A"), "127.0.0.1", port, timeout=3)
 
 
 def from_every_cpu(port: int, name: str, per_cpu: int = 4) -> list[dns.message.Message]:
@@ -51,8 +52,7 @@ def from_every_cpu(port: int, name: str, per_cpu: int = 4) -> list[dns.message.M
 
 def ask_with_retry(port: int, name: str) -> dns.message.Message:
     try:
-        return dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=port,
-                             timeout=1.5)
+        return udp_query(dns.message.make_query(name, "A"), "127.0.0.1", port, timeout=1.5)
     except dns.exception.Timeout:
         return ask(port, name)
 
@@ -79,20 +79,23 @@ def wait_for(check: object, timeout: float = 30.0) -> None:
 
 @pytest.fixture
 def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
-    port, api = free_port(), free_port()
     (tmp_path / "resolv.conf").write_text("# no nameservers\n")
     (tmp_path / "seed.yaml").write_text(yaml.safe_dump({"services": DEMO_SERVICES}))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({
-        "dns": {"listen": [f"127.0.0.1:{port}"], "workers": 2, "upstreams": [],
+        "dns": {"listen": ["127.0.0.1:0"], "workers": 2, "upstreams": [],
                 "resolv_conf": str(tmp_path / "resolv.conf")},
-        "api": {"listen": f"127.0.0.1:{api}"},
+        "api": {"listen": "127.0.0.1:0"},
         "registry": {"seed_file": str(tmp_path / "seed.yaml")},
         "log": {"level": "info"},
     }))
     log = (tmp_path / "meshdns.log").open("wb")
+    ports = tmp_path / "ports.json"
     proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
-                             str(tmp_path / "config.yaml")], stdout=log, stderr=log)
+                             str(tmp_path / "config.yaml"), "--ports-file", str(ports)],
+                            stdout=log, stderr=log)
     try:
+        wait_for(ports.exists)  # written once every listener is bound
+        port, api = read_ports(ports)
         # Ready once the worker process exists and has bound the port next to the main one.
         wait_for(lambda: len(children(proc.pid)) == 1 and ask(port, "frontend.kong.svc.80.mesh")
                  .rcode() == dns.rcode.NOERROR)
@@ -188,9 +191,9 @@ def test_udp_queries_are_steered_to_the_process_of_their_cpu(
         with pinned(main_cpu):
             for _ in range(5):
                 assert ask(port, "frontend.kong.svc.80.mesh").rcode() == dns.rcode.NOERROR
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with connected_udp("127.0.0.1", port) as s:
             with pinned(worker_cpu):
-                s.sendto(query.to_wire(), ("127.0.0.1", port))
+                s.send(query.to_wire())
             s.settimeout(1.0)
             with pytest.raises(TimeoutError):
                 s.recv(512)  # the stopped worker holds it

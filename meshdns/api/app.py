@@ -30,7 +30,15 @@ from ..metrics import CONTENT_TYPE, render
 from .metrics import ApiCollector
 from .resolve import resolve
 from .services import get_services, patch_services, put_services
-from .state import AUDIT_KEY, STATE_KEY, ApiContext, ApiError, ApiState, error_response
+from .state import (
+    AUDIT_KEY,
+    STATE_KEY,
+    ApiContext,
+    ApiError,
+    ApiState,
+    error_response,
+    not_loaded_reason,
+)
 
 log = logging.getLogger("meshdns.api")
 
@@ -125,7 +133,7 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"ready": False, "reason": "draining: shutting down "
                                   f"(dns.lameduck {drain.lameduck:g} s)"}, status=503)
     if not store.loaded:
-        return web.json_response({"ready": False, "reason": "no registry loaded yet"},
+        return web.json_response({"ready": False, "reason": not_loaded_reason(server)},
                                  status=503)
     body: dict[str, Any] = {"ready": True, "revision": store.revision,
                             "services": len(store.registry)}

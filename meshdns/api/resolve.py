@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from dnslib import CLASS, QTYPE, RR, DNSLabel
+from dnslib import CLASS, QTYPE, RR, DNSLabel, DNSRecord
 
 from ..core.explain import explain_names
-from ..core.wire import Query, rcode_name
+from ..core.wire import RCODE_SERVFAIL, Query, rcode_name
 from ..dns.chase import ChasedReply
 from ..dns.forwarder import Forwarder
 from .state import STATE_KEY, ApiError
@@ -73,7 +73,7 @@ async def resolve(request: web.Request) -> web.Response:
         "class": _mnemonic(CLASS, qclass, "CLASS"),
         "revision": revision,
         "rule": decision.rule,
-        # A forwarded name's rcode is the upstream's, unknown until it is asked.
+        # A forwarded name's rcode is the upstream's: filled in below once it is asked.
         "rcode": None if forwarded else rcode_name(decision.rcode),
         "authoritative": decision.aa,
         "zone": decision.zone,
@@ -87,20 +87,33 @@ async def resolve(request: web.Request) -> web.Response:
     if forwarded:
         out["upstreams"] = [str(hp) for hp in server.upstreams]
         out["chase"] = None
-        if server.forwarder is not None:
-            await _explain_chase(server.forwarder, labels, qtype, qclass, out)
+        if server.forwarder is None:  # between SIGHUPs only: DNS answers SERVFAIL too
+            out["rcode"] = rcode_name(RCODE_SERVFAIL)
+        else:
+            await _explain_forward(server.forwarder, labels, qtype, qclass, out)
     return web.json_response(out)
 
 
-async def _explain_chase(forwarder: Forwarder, labels: tuple[bytes, ...], qtype: int, qclass: int,
-                         out: dict[str, Any]) -> None:
-    """A forwarded name whose upstream answer ends at one of our names: the upstream's
-    CNAME chain, then our answer for its target (the forwarder asks the upstream, or its
-    cache, as DNS would; nothing is counted as a DNS response)."""
+async def _explain_forward(forwarder: Forwarder, labels: tuple[bytes, ...], qtype: int,
+                           qclass: int, out: dict[str, Any]) -> None:
+    """What DNS answers a forwarded name with: the forwarder's cached reply, else one
+    upstream lookup (counted in meshdns_upstream_requests_total, as DNS's would be, and
+    cached for DNS; no DNS response is counted). The upstream's rcode, AA flag and
+    records as the forwarder got them (TTLs aged as DNS serves them); for an answer that
+    ends at one of our names, the upstream's CNAME chain, then our answer (``chase``)."""
     query = Query(id=0, flags=0x0100, labels=labels, qtype=qtype, qclass=qclass, edns=None)
     entry = await forwarder.entry_for(query)
+    if entry is None:
+        out["rcode"] = rcode_name(RCODE_SERVFAIL)  # overloaded or shutting down, as DNS
+        return
     if not isinstance(entry, ChasedReply):
-        return  # not chased: the upstream's answer, as it is, is what clients get
+        age = max(0, int(forwarder.clock() - entry.stored))
+        reply = DNSRecord.parse(entry.render(age))
+        out.update(rcode=rcode_name(entry.rcode), authoritative=bool(reply.header.aa),
+                   answer=[record(rr) for rr in reply.rr],
+                   authority=[record(rr) for rr in reply.auth],
+                   additional=[record(rr) for rr in reply.ar if rr.rtype != QTYPE.OPT])
+        return
     part, local = entry.part, entry.decision
     upstream = [record(rr) for rr in part.answer]
     mine = {

@@ -264,10 +264,26 @@ async def _write(request: web.Request, st: ApiState,
                  ) -> web.Response:
     if_match = request.headers.get(hdrs.IF_MATCH)
     check = None if if_match is None else lambda base: require_match(if_match, base.revision)
+    # The revision each computation started from (a writer may compute again on a newer
+    # base): the write changed nothing when the registry it answers with is still there.
+    based_on: list[int] = []
+
+    def counted(base: Registry) -> Registry:
+        based_on.append(base.revision)
+        return compute(base)
+
+    def counted_quick(base: Registry) -> Registry | None:
+        assert quick is not None
+        new = quick(base)
+        if new is not None:
+            based_on.append(base.revision)
+        return new
+
+    was_loaded = st.store.loaded
     # Shielded: a client hanging up mid-write must not leave the state file ahead of
     # what DNS serves. The write completes (or fails) whatever the client does.
-    task = asyncio.ensure_future(st.server.registry_writer.write(compute, check=check,
-                                                                 quick=quick))
+    task = asyncio.ensure_future(st.server.registry_writer.write(
+        counted, check=check, quick=None if quick is None else counted_quick))
     task.add_done_callback(_retrieve)
     try:
         reg: Registry = await asyncio.shield(task)
@@ -282,9 +298,13 @@ async def _write(request: web.Request, st: ApiState,
                        "changed") from None
     if st.server.workers is not None:
         await st.server.workers.caught_up(reg.revision)  # every DNS process serves it
-    request.setdefault(AUDIT_KEY, {})["revision"] = reg.revision
-    return web.json_response({"revision": reg.revision, "services": len(reg)},
-                             headers={"ETag": etag(reg.revision)})
+    # Unchanged: the same revision, nothing persisted or published (an export applied back).
+    changed = not was_loaded or not based_on or reg.revision != based_on[-1]
+    audit = request.setdefault(AUDIT_KEY, {})
+    audit["revision"] = reg.revision
+    audit["changed"] = changed
+    return web.json_response({"revision": reg.revision, "services": len(reg),
+                              "changed": changed}, headers={"ETag": etag(reg.revision)})
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

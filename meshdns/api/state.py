@@ -162,6 +162,20 @@ class ApiContext:
         return self.writer if self.writer is not None else self.store
 
 
+def not_loaded_reason(server: ApiContext) -> str:
+    """Why /readyz says 503 before any registry, in the terms of where it comes from."""
+    etcd = server.config.registry.etcd
+    if not etcd.endpoints:
+        return "no registry loaded yet"
+    source = server.follower
+    if source is None or source.last_success is None:
+        return f"no registry loaded yet: etcd not listed yet ({', '.join(etcd.endpoints)})"
+    # Listed, and still nothing: the prefix holds no registry (meshdns/etcd/layout.py).
+    return (f"no registry loaded yet: nothing was ever written under registry.etcd.prefix "
+            f"{etcd.prefix!r} in etcd; is the prefix right? A first write through any "
+            "instance (a PUT, even of no services) makes the registry")
+
+
 class Encoded:
     """One response body, encoded once, with its gzip form made on first demand."""
 

@@ -31,6 +31,7 @@ from .outdated import CacheIndex, decision_name, outdated_names
 from .tally import QTYPE_INVALID, Entry, Forward, Tally
 from .wire import (
     EDE_NOT_SUPPORTED,
+    EDE_PROHIBITED,
     HEADER_LEN,
     MIN_UDP_PAYLOAD,
     OPTION_EDE,
@@ -40,6 +41,7 @@ from .wire import (
     QTYPE_OPT,
     RCODE_BADVERS,
     RCODE_FORMERR,
+    RCODE_NOERROR,
     RCODE_NOTIMP,
     RCODE_REFUSED,
     FormatError,
@@ -56,6 +58,7 @@ ADMIT_ONE_IN = 8  # a power of two
 REUSE_SHARE = 20
 MIN_SAMPLED_CACHE = 256
 ZONE_TRANSFERS = (EDE_NOT_SUPPORTED, "zone transfers are not served")
+PROHIBITED = (EDE_PROHIBITED, "client not allowed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,30 @@ def encode(query: Query, decision: Decision, limit: int | None, ra: bool,
     header.tc = 1
     short = DNSRecord(header, q=question, ar=[opt] if opt is not None else [])
     return bytes(short.pack())
+
+
+def prohibited_reply(data: bytes, nsid: bytes | None = None) -> bytes | None:
+    """REFUSED with Extended DNS Error 18 (access control); None for what does not parse
+    as a query (dropped, as from anyone)."""
+    try:
+        query = parse_query(data)
+    except FormatError:
+        return None
+    if data[2] & 0x80:
+        return None
+    return encode(query, Decision(RCODE_REFUSED, "prohibited", ede=PROHIBITED), None, False,
+                  nsid)
+
+
+def slip_reply(data: bytes) -> bytes | None:
+    """An empty TC=1 reply (rate limiting's slip): the client asks again over TCP."""
+    try:
+        query = parse_query(data)
+    except FormatError:
+        return None
+    if data[2] & 0x80:
+        return None
+    return encode(query, Decision(RCODE_NOERROR, "slip"), 0, False)
 
 
 class MessageHandler:
@@ -225,11 +252,31 @@ class MessageHandler:
             return data[:2] + cached
         return self._miss(data, tail, "tcp")
 
-    def _miss(self, data: bytes, tail: bytes, proto: str) -> bytes | ForwardRequest | None:
+    def handle_local(self, data: bytes, proto: str) -> bytes | None:
+        """``handle_udp``/``handle_tcp`` for a client that may not have names forwarded
+        (dns.allow_recursion): those get REFUSED with EDE 18, counted."""
+        tail = data[2:]
+        entry = (self._state.udp if proto == "udp" else self._state.tcp).get(tail)
+        if entry is not None:
+            entry[1] += 1
+            cached: bytes = entry[0]
+            return data[:2] + cached
+        out = self._miss(data, tail, proto, local_only=True)
+        if isinstance(out, ForwardRequest):
+            self.tally.recursion_refused += 1
+            self.tally.response(RCODE_REFUSED, "local")
+            return prohibited_reply(data, self.nsid)
+        return out
+
+    def _miss(self, data: bytes, tail: bytes, proto: str, local_only: bool = False
+              ) -> bytes | ForwardRequest | None:
         # ``tail`` is data[2:], the cache key: one object, so its hash is computed once.
         st = self._state
         forwards = st.fwd_udp if proto == "udp" else st.fwd_tcp
         fwd = forwards.get(tail)
+        if fwd is not None and local_only:
+            fwd.hits += 1  # the request is counted; handle_local counts the REFUSED
+            return ForwardRequest(fwd.query, data, fwd.limit)
         if fwd is not None:
             # Seen before and forwarded: no parse, no policy; maybe the forwarder's cache.
             fwd.hits += 1
@@ -299,7 +346,7 @@ class MessageHandler:
             if self.forward_limit:
                 forwards[tail] = Forward(query, limit)
                 st.index[kind].add(tail, key)
-            hook = self.forward_cached
+            hook = None if local_only else self.forward_cached
             if hook is not None:
                 cached = hook(data, query, limit, proto)
                 if cached is not None:

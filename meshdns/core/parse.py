@@ -216,6 +216,12 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str],
         # registry keeps, unless the write is rejected.
         if known:
             prev = known.get((name, namespace, port))
+            if prev is not None and ((prev.vip == vip and not prev.vip_given)
+                                     or (prev.vip6 == vip6 and not prev.vip6_given)):
+                # The address it has, allocated here: whether it stays allocated is the
+                # core's to say, against the registry the write applies to (vips_given).
+                return _make_spec(name, namespace, port, vip, vip6, hostnames, labels, mesh,
+                                  zone)
             if (prev is not None and prev.vip == vip and prev.vip6 == vip6
                     and prev.hostnames == hostnames and prev.vip_given and prev.vip6_given
                     and prev.labels == labels and prev.mesh == mesh and prev.zone == zone):

@@ -11,7 +11,7 @@ from .names import (
     kuma_name,
 )
 from .naming import builtin_owner, patch_names
-from .registry import _build, _registry
+from .registry import _build, _registry, vips_given
 from .service import _K, _V, Service, ServiceKey, ServiceSpec, _bad, describe
 from .snapshot import Held, Registry, RegistryPolicy, _FamilyIndex, _Index
 from .vip import VipRange, count_in
@@ -127,11 +127,14 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
     changed = readded = False
     for spec in upserts:
         key = spec.key
-        svc = spec if isinstance(spec, Service) else Service(
-            spec.name, spec.namespace, spec.port, vip4[key], vip6.get(key), spec.hostnames,
-            spec.vip is not None, spec.vip6 is not None, labels=spec.labels, mesh=spec.mesh,
-            zone=spec.zone)
         prev = old_services.get(key)
+        if isinstance(spec, Service):
+            svc = spec
+        else:
+            given4, given6 = vips_given(spec, prev)
+            svc = Service(spec.name, spec.namespace, spec.port, vip4[key], vip6.get(key),
+                          spec.hostnames, given4, given6, labels=spec.labels, mesh=spec.mesh,
+                          zone=spec.zone)
         if prev is not None and prev == svc:
             svc = prev
         else:

@@ -169,11 +169,13 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
             else:
                 services[key] = spec
             continue
-        given4 = spec.vip is not None
-        given6 = spec.vip6 is not None
-        v4 = spec.vip if spec.vip is not None else vip4[key]
-        v6 = spec.vip6 if given6 else vip6.get(key)
         prev = old_services.get(key)
+        if prev is None or (spec.vip is None and spec.vip6 is None):
+            given4, given6 = spec.vip is not None, spec.vip6 is not None
+        else:
+            given4, given6 = vips_given(spec, prev)
+        v4 = spec.vip if spec.vip is not None else vip4[key]
+        v6 = spec.vip6 if spec.vip6 is not None else vip6.get(key)
         if (prev is not None and prev.vip == v4 and prev.vip6 == v6
                 and prev.hostnames == spec.hostnames and prev.vip_given == given4
                 and prev.vip6_given == given6 and prev.labels == spec.labels
@@ -190,6 +192,20 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
                      None if changed else (reg.ns_ports, reg.ports), names=names)
 
 
+
+
+def vips_given(spec: ServiceSpec, prev: Service | None) -> tuple[bool, bool]:
+    """Whether the VIP and the vip6 ``spec`` writes count as given by the control plane
+    (kept as they are, even outside a changed CIDR) or stay allocated here.
+
+    A VIP written is given, except the very address the service has now when that one
+    was allocated: writing back what ``GET /v1/services`` lists (an export applied
+    again) leaves the service exactly as it is, so the write changes nothing.
+    """
+    if prev is None:
+        return spec.vip is not None, spec.vip6 is not None
+    return (spec.vip is not None and (prev.vip_given or spec.vip != prev.vip),
+            spec.vip6 is not None and (prev.vip6_given or spec.vip6 != prev.vip6))
 
 
 def _registry(revision: int, services: Mapping[ServiceKey, Service],

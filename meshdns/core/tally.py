@@ -22,13 +22,14 @@ class Tally:
     when a cache is dropped, so no count is ever lost.
     """
 
-    __slots__ = ("dropped", "requests", "responses", "truncated")
+    __slots__ = ("dropped", "recursion_refused", "requests", "responses", "truncated")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}  # (proto, qtype) -> n
         self.responses: dict[tuple[int, str], int] = {}  # (rcode, source) -> n
         self.dropped = 0
         self.truncated = 0
+        self.recursion_refused = 0  # forwarded names refused by dns.allow_recursion
 
     def request(self, proto: str, qtype: int, n: int = 1) -> None:
         key = (proto, qtype)
@@ -43,6 +44,7 @@ class Tally:
         out.requests = dict(self.requests)
         out.responses = dict(self.responses)
         out.dropped, out.truncated = self.dropped, self.truncated
+        out.recursion_refused = self.recursion_refused
         return out
 
     def fold(self, proto: str, entries: dict[bytes, Entry], reset: bool = True) -> int:

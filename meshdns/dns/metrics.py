@@ -22,6 +22,7 @@ from ..core.wire import rcode_name
 from ..core.zone import qtype_name
 from .forwarder import Forwarder
 from .histogram import Histogram
+from .policy import PolicyCounts
 from .reply import SCRUB_REASONS
 from .transport import BatchedUdp, TcpLimits
 
@@ -46,11 +47,13 @@ class DnsCollector:
     """Requests, responses, TCP connections, latency, the caches and the upstreams."""
 
     def __init__(self, handler: MessageHandler, tcp: TcpLimits, latency: Histogram | None,
-                 udp: Callable[[], Iterable[object]] = tuple) -> None:
+                 udp: Callable[[], Iterable[object]] = tuple,
+                 policy: PolicyCounts | None = None) -> None:
         self.handler = handler
         self.tcp = tcp
         self.latency = latency  # None: not sampled (an empty histogram is exported)
         self.udp = udp  # the UDP listeners now open (batched ones count their drops)
+        self.policy = policy if policy is not None else PolicyCounts()
         self.forwarder: Forwarder | None = None  # set once forwarding starts
 
 
@@ -73,6 +76,18 @@ class DnsCollector:
         yield CounterMetricFamily(PREFIX + "dns_truncated", "UDP replies sent with TC=1.",
                                   value=counts.truncated)
         yield self._udp_errors()
+        pc = self.policy
+        yield CounterMetricFamily(PREFIX + "dns_acl_refused", "Queries refused by access "
+                                  "control (dns.allow / dns.deny), answered REFUSED with EDE 18.",
+                                  value=pc.refused)
+        yield CounterMetricFamily(PREFIX + "dns_recursion_refused", "Forwarded names refused "
+                                  "to clients outside dns.allow_recursion.",
+                                  value=counts.recursion_refused)
+        rrl = CounterMetricFamily(PREFIX + "dns_rate_limited", "UDP replies over dns.rate_limit"
+                                  ": dropped, or sent TC=1 (slipped).", labels=["action"])
+        rrl.add_metric(["dropped"], pc.rate_dropped)
+        rrl.add_metric(["slipped"], pc.rate_slipped)
+        yield rrl
         duration = HistogramMetricFamily(PREFIX + "dns_request_duration_seconds",
                                          "Time to answer a DNS request (sampled, see README).",
                                          labels=[])

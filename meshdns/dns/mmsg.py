@@ -145,6 +145,7 @@ class BatchUdpServer:
                  on_other: Callable[[Any, Address], None] | None = None, *,
                  on_error: Callable[[bytes], bytes | None] | None = None,
                  observe: Callable[[float], None] | None = None,
+                 screen: Callable[[bytes, memoryview], Any] | None = None,
                  batch: int = DEFAULT_BATCH, bufsize: int = DEFAULT_BUFSIZE) -> None:
         if sock.type != socket.SOCK_DGRAM or sock.family not in (socket.AF_INET,
                                                                  socket.AF_INET6):
@@ -154,6 +155,9 @@ class BatchUdpServer:
         self.sock = sock
         self.fd = sock.fileno()
         self.handle = handle
+        # Called instead of ``handle`` with the datagram and its raw sockaddr when set:
+        # it decides (access control, rate limit) and calls ``handle`` itself.
+        self.screen = screen
         self.on_other = on_other
         self.on_error = on_error
         self.observe = observe
@@ -272,7 +276,7 @@ class BatchUdpServer:
         # recv ran with MSG_TRUNC, so msg_len is a datagram's real length: one larger
         # than its slot was cut short (msg_flags has MSG_TRUNC too) and is dropped.
         lens = self._r_len[:n].tolist()
-        handle = self.handle
+        handle, screen, nview = self.handle, self.screen, self._nview
         slots, sview, s_iovlen, s_off = self._rslots, self._sview, self._s_iovlen, self._s_off
         size = self.bufsize
         timed = self.observe is not None and not self.batches & 7
@@ -284,7 +288,10 @@ class BatchUdpServer:
                 continue
             data = slots[i][:length].tobytes()  # copied out: the slot is reused next batch
             try:
-                out = handle(data)
+                if screen is None:
+                    out = handle(data)
+                else:  # access control / rate limit first: it needs the sender's address
+                    out = screen(data, nview[i * NAME_SLOT : (i + 1) * NAME_SLOT])
             except Exception:
                 out = self._failed(data)
             if out.__class__ is bytes:

@@ -23,9 +23,18 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from ..core.handler import ForwardRequest, MessageHandler
+from ..core.handler import ForwardRequest, MessageHandler, prohibited_reply, slip_reply
 from ..core.wire import HEADER_LEN, RCODE_SERVFAIL, error_reply
 from .histogram import Histogram
+from .policy import (
+    ALLOW,
+    LOCAL_ONLY,
+    REFUSE,
+    SLIP,
+    ClientPolicy,
+    packed_address,
+    sockaddr_address,
+)
 from .querylog import QueryLog
 
 log = logging.getLogger("meshdns.dns")
@@ -65,18 +74,45 @@ class _Errors:
 
 class UdpDnsProtocol(asyncio.DatagramProtocol):
     def __init__(self, handler: MessageHandler, forward: Forward | None,
-                 latency: Histogram | None = None, qlog: QueryLog | None = None) -> None:
+                 latency: Histogram | None = None, qlog: QueryLog | None = None,
+                 policy: ClientPolicy | None = None) -> None:
         self.handler = handler
         self.forward = forward
         self.latency = latency
         self.qlog = qlog  # log.queries: every message takes _logged instead
+        self.policy = policy  # access control / rate limit (policy.py); None: none
+        self._packed: dict[str, bytes] = {}  # client host -> address bytes
         self.seen = 0
         self.transport: asyncio.DatagramTransport | None = None
+
+    def packed(self, addr: Any) -> bytes:
+        host = addr[0]
+        out = self._packed.get(host)
+        if out is None:
+            if len(self._packed) >= 65_536:
+                self._packed.clear()
+            out = self._packed[host] = packed_address(host)
+        return out
+
+    def screened(self, data: bytes, addr: Any) -> bool:
+        """False when the policy answered (or dropped) the datagram itself."""
+        policy = self.policy
+        if policy is None:
+            return True
+        verdict = policy.admit(self.packed(addr))
+        if verdict == ALLOW:
+            return True
+        out = screened_reply(verdict, data, self.handler, "udp")
+        if out is not None:
+            self.transport.sendto(out, addr)  # type: ignore[union-attr]
+        return False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.policy is not None and not self.screened(data, addr):
+            return
         if self.qlog is not None:
             self._logged(data, addr, self.qlog)
             return
@@ -135,6 +171,30 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         pass
 
 
+def screened_reply(verdict: int, data: bytes, handler: MessageHandler, proto: str
+                   ) -> bytes | None:
+    """What a query the policy did not simply allow gets (None: dropped)."""
+    if verdict == LOCAL_ONLY:
+        return handler.handle_local(data, proto)
+    if verdict == REFUSE:
+        return prohibited_reply(data, handler.nsid)
+    return slip_reply(data) if verdict == SLIP else None
+
+
+def batch_screen(policy: ClientPolicy, handler: MessageHandler
+                 ) -> Callable[[bytes, memoryview], Any]:
+    """The batched path's check of each datagram's sender (BatchUdpServer.screen)."""
+    admit, handle = policy.admit, handler.handle_udp
+
+    def screen(data: bytes, name: memoryview) -> Any:
+        verdict = admit(sockaddr_address(name))
+        if verdict == ALLOW:
+            return handle(data)
+        return screened_reply(verdict, data, handler, "udp")
+
+    return screen
+
+
 class _BatchTransport:
     """The two DatagramTransport methods UdpDnsProtocol._forward needs, over a batch server."""
 
@@ -159,15 +219,16 @@ class BatchedUdp(UdpDnsProtocol):
     """
 
     def __init__(self, sock: Any, handler: MessageHandler, forward: Forward | None,
-                 latency: Histogram | None = None) -> None:
+                 latency: Histogram | None = None, policy: ClientPolicy | None = None) -> None:
         from .mmsg import BatchUdpServer
 
-        super().__init__(handler, forward, latency)
+        super().__init__(handler, forward, latency, policy=policy)
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self.batch = BatchUdpServer(
             sock, handler.handle_udp, self._on_forward, on_error=servfail,
-            observe=latency.observe if latency is not None else None)
+            observe=latency.observe if latency is not None else None,
+            screen=None if policy is None else batch_screen(policy, handler))
         self.transport = _BatchTransport(self.batch)  # type: ignore[assignment]
         self.loop.add_reader(sock.fileno(), self.batch.serve_ready)
 
@@ -278,8 +339,11 @@ class TcpDnsProtocol(asyncio.Protocol):
     """
 
     def __init__(self, handler: MessageHandler, forward: Forward | None, limits: TcpLimits,
-                 latency: Histogram | None = None, qlog: QueryLog | None = None) -> None:
+                 latency: Histogram | None = None, qlog: QueryLog | None = None,
+                 policy: ClientPolicy | None = None) -> None:
         self.handler = handler
+        self.policy = policy
+        self.verdict = ALLOW  # the access control verdict for this client (policy.py)
         self.qlog = qlog
         self.peer: Any = None  # the client's address, for the query log
         self.forward = forward
@@ -300,6 +364,10 @@ class TcpDnsProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
         self.peer = transport.get_extra_info("peername")
+        if self.policy is not None and self.peer:
+            # Counted per query (in _answer), as over UDP.
+            self.verdict = self.policy.admit(packed_address(self.peer[0]), udp=False,
+                                             count=False)
         limits = self.limits
         limits.admit(self)
         self.transport.set_write_buffer_limits(high=256 * 1024)
@@ -384,6 +452,14 @@ class TcpDnsProtocol(asyncio.Protocol):
     def _answer(self, message: bytes) -> bool:
         """Answer or forward one framed message; False when it is dropped unanswered."""
         started = time.perf_counter()
+        out: bytes | ForwardRequest | None
+        if self.verdict != ALLOW:
+            if self.verdict == REFUSE and self.policy is not None:
+                self.policy.counts.refused += 1  # each query, as over UDP
+            out = screened_reply(self.verdict, message, self.handler, "tcp")
+            if out is not None:
+                self._send(out)
+            return out is not None
         try:
             if self.latency is None:
                 out = self.handler.handle_tcp(message)

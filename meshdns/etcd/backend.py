@@ -140,7 +140,9 @@ class EtcdRegistry:
                 continue
             plan = await asyncio.to_thread(plan_write, self.prefix, base, new, claims)
             try:
-                if not plan:
+                # On a prefix never written, even a write of nothing commits (the revision
+                # key alone): it makes the registry exist, empty, and every instance ready.
+                if not plan and self.mirror.written:
                     # Nothing to change in this copy, if it is as new as etcd (a delete of
                     # a service just created through another instance must not be lost).
                     latest = await self._latest_write_revision()

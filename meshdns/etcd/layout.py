@@ -19,6 +19,12 @@ Under the prefix (default ``/meshdns/``):
     against: the transaction compares it, so any write that committed in between
     fails the compare, and the writer re-syncs and computes again.
 
+The prefix is *written* once it holds the ``revision`` key or any ``services/``
+key: a first write made it (a PUT of no services included, which commits the
+``revision`` key alone). Until then there is no registry, which is not the same
+as an empty one: a fresh install before the control plane's first write, or a
+mistyped prefix. Mesh names get SERVFAIL meanwhile, never an authoritative NXDOMAIN.
+
 The registry revision (ETag, If-Match, SOA serial) is the etcd revision of the
 newest write: the same number on every instance that applied it.
 """
@@ -137,6 +143,9 @@ class Listing:
     claims: list[Claim] = field(default_factory=list)
     revision: int = 0  # of the newest service or revision-key write
     bad: list[str] = field(default_factory=list)  # keys skipped, with why
+    written: bool = False  # the revision key or a services/ key is there (see above)
+    foreign: int = 0  # keys under the prefix outside meshdns's layout (another prefix's?)
+    foreign_example: str = ""
 
 
 def decode_listing(prefix: str, entries: Iterable[tuple[str, bytes, int]]
@@ -150,14 +159,19 @@ def decode_listing(prefix: str, entries: Iterable[tuple[str, bytes, int]]
         rel = key[len(prefix):] if key.startswith(prefix) else ""
         try:
             if rel.startswith(SERVICES):
+                listing.written = True
                 listing.services.append(decode_service(rel[len(SERVICES):], value))
                 listing.revision = max(listing.revision, mod)
             elif rel.startswith(VIPS):
                 listing.claims.append(decode_claim(rel[len(VIPS):], value))
                 claims[key] = mod
             elif rel == REVISION:
+                listing.written = True
                 write_rev = mod
                 listing.revision = max(listing.revision, mod)
+            else:
+                listing.foreign += 1
+                listing.foreign_example = listing.foreign_example or key
         except LayoutError as exc:
             listing.bad.append(str(exc))
     return listing, claims, write_rev
@@ -205,6 +219,7 @@ class Changes:
     write_revision: int | None = None  # the revision key's new mod_revision (0: deleted)
     top: int = 0  # highest mod_revision in the response
     bad: list[str] = field(default_factory=list)
+    written: bool = False  # the revision key or a services/ key was put (see above)
 
 
 def decode_events(prefix: str, events: Iterable[tuple[str, bytes | None, int]]) -> Changes:
@@ -220,6 +235,7 @@ def decode_events(prefix: str, events: Iterable[tuple[str, bytes | None, int]]) 
                 if value is None:
                     delta.delete(parse_service_path(path))
                 else:
+                    out.written = True
                     delta.service(decode_service(path, value))
                 delta.revision = max(delta.revision, mod)
             elif rel.startswith(VIPS):
@@ -235,6 +251,7 @@ def decode_events(prefix: str, events: Iterable[tuple[str, bytes | None, int]]) 
                     delta.held[(claim.family, claim.vip)] = claim.owner if claim.held else None
             elif rel == REVISION:
                 out.write_revision = 0 if value is None else mod
+                out.written = out.written or value is not None
                 delta.revision = max(delta.revision, mod)
         except LayoutError as exc:
             out.bad.append(str(exc))

@@ -9,6 +9,12 @@ listed again and the copy replaced: nothing is lost, only re-read.
 Fail static: while etcd is unreachable the copy stays as it is and keeps being
 served; ``last_success`` (a heartbeat that found etcd answering and the watch
 caught up) tells /readyz and the metrics how old it is, and the log says so.
+
+A prefix never written (layout.py: no ``revision`` key, no service) holds no
+registry: the store stays unloaded (mesh names SERVFAIL, /readyz 503; a copy from
+the state file, if any, is served as it is), and a WARNING asks whether the prefix
+is right, again every UNWRITTEN_LOG_EVERY while it stays so. The watch event of
+the first write is not applied onto nothing: the prefix is listed again.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class EtcdMirror:
     BACKOFF_FIRST = 0.1
     BACKOFF_MAX = 5.0
     OUTAGE_LOG_EVERY = 60.0
+    UNWRITTEN_LOG_EVERY = 300.0  # seconds between reminders that the prefix is unwritten
 
     def __init__(self, store: RegistryStore, policy: RegistryPolicy, client: EtcdClient,
                  prefix: str) -> None:
@@ -68,6 +75,11 @@ class EtcdMirror:
         self.relists = 0
         self.apply_errors = 0
         self.bad_keys = 0
+        # The prefix holds a registry (layout.py: written); until then the store is left
+        # unloaded. Known once a listing was applied (``state`` is set).
+        self.written = False
+        self._unwritten_logged = 0.0  # wall time of the last "is the prefix right?" line
+        self._foreign = ""  # what else the last listing found under the prefix, if anything
         self._watching = False
         self._need_list = True
         self._behind: int | None = None  # revision key seen by the last heartbeat, unapplied
@@ -189,7 +201,17 @@ class EtcdMirror:
             log.warning("etcd: skipping %s%s", self.prefix, bad)
         self.bad_keys += len(listing.bad)
         store = self.store
-        if not store.loaded or reg.revision != store.revision or \
+        self.written = listing.written
+        if listing.written:
+            self._unwritten_logged = 0.0  # should it ever be unwritten again: say so at once
+        if not listing.written:
+            # No registry in etcd (not even an empty one): nothing to publish. DNS keeps
+            # what it had, which before any registry is SERVFAIL for mesh names.
+            self._foreign = "" if not listing.foreign else (
+                f"; {listing.foreign} other keys are under it (e.g. "
+                f"{listing.foreign_example}): is the registry under a longer prefix?")
+            self._warn_unwritten()
+        elif not store.loaded or reg.revision != store.revision or \
                 reg.services != store.registry.services:
             # A new snapshot on disk, never a journal line: etcd may have been rebuilt
             # with lower revisions, and the journal replays only newer ones.
@@ -204,6 +226,22 @@ class EtcdMirror:
         self._synced()
         log.info("etcd: listed %s at revision %d: %d services (registry revision %d)",
                  self.prefix, revision, len(reg), reg.revision)
+
+    def _warn_unwritten(self) -> None:
+        """The WARNING that the prefix holds no registry: once per listing, then at most
+        every UNWRITTEN_LOG_EVERY while it stays unwritten."""
+        now = time.time()
+        if self._unwritten_logged and now - self._unwritten_logged < self.UNWRITTEN_LOG_EVERY:
+            return
+        self._unwritten_logged = now
+        store = self.store
+        serving = (f"this instance keeps serving the copy it had as it is (revision "
+                   f"{store.revision}, {len(store.registry)} services)" if store.loaded else
+                   "mesh names get SERVFAIL and /readyz says 503")
+        log.warning("etcd: nothing was ever written under registry.etcd.prefix %r on %s (no "
+                    "%s key, no services): is the prefix right? Until a first write through "
+                    "any instance (a PUT, even of no services), %s%s", self.prefix,
+                    ",".join(self.client.endpoints), self.revision_key, serving, self._foreign)
 
     async def _watch(self) -> None:
         """Read the watch stream in one task, apply in this one: whatever arrived while
@@ -267,7 +305,9 @@ class EtcdMirror:
                 progress = max(progress, num(result.get("header", {}).get("revision")))
         if events:
             await self._apply(events)
-        self.applied = max(self.applied, progress)
+            relist = relist or self._need_list  # the first write to an unwritten prefix
+        if not relist:
+            self.applied = max(self.applied, progress)
         self._notify()
         if stop is not None:
             raise stop
@@ -287,9 +327,23 @@ class EtcdMirror:
 
         # A big transaction (a PUT of thousands) is decoded off the event loop.
         changes = decode() if len(events) <= 64 else await asyncio.to_thread(decode)
+        if not self.written and changes.written:
+            # The first write: a registry now exists. Listed whole rather than applied
+            # onto nothing (or onto a copy from the state file that etcd never had).
+            log.info("etcd: %s was written (revision %d); listing it", self.prefix,
+                     changes.top)
+            self._need_list = True
+            return
         for bad in changes.bad:
             log.warning("etcd: skipping %s%s", self.prefix, bad)
         self.bad_keys += len(changes.bad)
+        if not self.written:
+            # Keys that are no registry (claims, other prefixes' keys): bookkeeping only;
+            # publishing would load the store with a registry that does not exist.
+            claims = {k: m for k, m in {**claims, **changes.claims}.items() if m is not None}
+            self.state = (self.state[0], write_rev, claims)
+            self.applied = max(self.applied, changes.top)
+            return
         delta, policy = changes.delta, self.policy
         self._applying = True
         try:
@@ -337,6 +391,8 @@ class EtcdMirror:
                 continue
             kvs = doc.get("kvs") or []
             latest = num(kvs[0].get("mod_revision")) if kvs else 0
+            if self.state is not None and not self.written:
+                self._warn_unwritten()  # a reminder, at most every UNWRITTEN_LOG_EVERY
             if not self._watching or self.state is None or self._applying:
                 self._behind = None
                 continue
