@@ -159,6 +159,7 @@ def _expand(wire: bytes, pos: int, memo: dict[int, tuple[bytes, int]]) -> tuple[
     parts: list[bytes] = []
     end = -1
     hops = 0
+    size = 1  # the name's length so far, with its final zero
     while True:
         length = wire[pos]
         if length >= 0xC0:
@@ -182,12 +183,13 @@ def _expand(wire: bytes, pos: int, memo: dict[int, tuple[bytes, int]]) -> tuple[
         if length & 0xC0:
             raise ReplyRejected(MALFORMED)  # unknown label type
         nxt = pos + 1 + length
-        if nxt > len(wire):
-            raise ReplyRejected(MALFORMED)
+        size += 1 + length
+        if nxt > len(wire) or size > 255:
+            raise ReplyRejected(MALFORMED)  # past the end, or longer than a name can be
         parts.append(wire[pos:nxt])
         pos = nxt
     name = parts[0] if len(parts) == 1 else b"".join(parts)
-    if len(name) > 255:
+    if len(name) > 255:  # a known suffix made it too long
         raise ReplyRejected(MALFORMED)
     memo[start] = (name, end)
     return name, end
