@@ -1,4 +1,4 @@
-"""The reply scrubber's rules on the wire, without sockets (reply.parse_reply).
+"""The reply scrubber's rules on the wire, without sockets (reply.parse_reply, scrub.py).
 
 test_forward_hygiene.py attacks a running meshdns with a lying upstream; this
 module pins the rules it has no room for: DNSSEC records, DNAME, ANY, MX glue,
@@ -15,14 +15,8 @@ import pytest
 from dnslib import CNAME, DNAME, EDNS0, MX, NS, QTYPE, RR, SOA, A, DNSRecord
 from dnslib.dns import RD
 
-from meshdns.dns.reply import (
-    MALFORMED,
-    MAX_CHAIN,
-    ReplyRejected,
-    parse_reply,
-    question_wire,
-    within,
-)
+from meshdns.dns.reply import MALFORMED, ReplyRejected, parse_reply, question_wire
+from meshdns.dns.scrub import MAX_CHAIN, within
 
 from .test_forward_hygiene import T_A, T_CNAME, a, rr, wire_name
 from .test_forward_wire import request

@@ -66,7 +66,8 @@ from .chase import (
     total_links,
     upstream_part,
 )
-from .reply import Owned, ParsedReply, ReplyRejected, build_query, question_wire
+from .reply import ParsedReply, ReplyRejected, build_query, question_wire
+from .scrub import Owned
 from .upstream import (
     DURATION_BUCKETS,
     OK,

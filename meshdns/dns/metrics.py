@@ -23,7 +23,7 @@ from ..core.zone import qtype_name
 from .forwarder import Forwarder
 from .histogram import Histogram
 from .policy import PolicyCounts
-from .reply import SCRUB_REASONS
+from .scrub import SCRUB_REASONS
 from .transport import BatchedUdp, TcpLimits
 
 PREFIX = "meshdns_"

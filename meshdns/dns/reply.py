@@ -4,22 +4,9 @@ A reply is parsed whole before anything is cached or sent: every name, owner
 and in rdata (compression pointers followed, backwards only, a bounded number of
 hops), every record's framing. What does not parse is ``ReplyRejected(MALFORMED)``.
 
-Then it is scrubbed, as unbound's scrubber does (``scrub.c``), keeping only:
-
-- answer: the CNAME chain from the question's name (one CNAME per name), the
-  records of the question's type (any type for ANY) at the names of that chain,
-  their RRSIGs, and DNAMEs above a chain name;
-- authority: SOA and NS records of a zone that encloses a chain name (the zone
-  of a negative answer or a referral), and the DNSSEC proof records (NSEC, NSEC3,
-  DS, RRSIG) inside such a zone;
-- additional: glue, the A/AAAA (and RRSIG) of a kept NS target inside the NS's
-  zone, or of a kept MX/SRV target; the OPT is cut (the client gets ours).
-
-``owned(name)`` (from the forwarder: the names the zone answers itself, mesh
-names, host names, VIP PTR names) cuts the chain where it enters one of our
-names: the CNAME to it is kept, the upstream's records for it are not (chase.py
-appends our answer). Glue for such a name is dropped too. Everything dropped is
-counted by reason (``ParsedReply.dropped``, ``SCRUB_REASONS``).
+Then it is scrubbed (scrub.py: the question's chain, of its type, and what
+belongs to it in authority and additional; ``owned`` cuts the chain at our own
+names); what was dropped is counted by reason in ``ParsedReply.dropped``.
 
 A clean reply (the common case: nothing dropped, OPT last) keeps its bytes; one
 with drops is re-encoded without compression. We keep the offset of every TTL
@@ -30,39 +17,39 @@ lifetime (RFC 2308 for negative answers).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
 
 from ..core.wire import (
     HEADER_LEN,
-    QTYPE_ANY,
     QTYPE_OPT,
     RCODE_NOERROR,
     RCODE_NXDOMAIN,
     Query,
     WireError,
 )
+from .scrub import (
+    END,
+    START,
+    T_CNAME,
+    T_DNAME,
+    T_MX,
+    T_NS,
+    T_PTR,
+    T_SOA,
+    T_SRV,
+    TTL_AT,
+    Owned,
+    Record,
+    scrub,
+)
 
 UPSTREAM_UDP_PAYLOAD = 1232  # what we advertise upstream (DNS flag day 2020)
 MAX_CACHE_TTL = 86400  # like unbound's cache-max-ttl
-T_A, T_NS, T_CNAME, T_SOA, T_PTR, T_MX, T_AAAA, T_SRV = 1, 2, 5, 6, 12, 15, 28, 33
-T_DNAME, T_DS, T_RRSIG, T_NSEC, T_NSEC3 = 39, 43, 46, 47, 50
-MAX_CHAIN = 16  # names in a CNAME chain we follow; a longer one is cut (chase.py: 8 links)
 _MAX_HOPS = 127  # compression pointers followed per name (a name has at most 127 labels)
 # Types whose rdata holds names a server may compress (RFC 3597 §4; SRV by habit):
 # bytes before the first name, names, fixed bytes after them.
 _NAMES_IN_RDATA = {T_NS: (0, 1, 0), T_CNAME: (0, 1, 0), T_PTR: (0, 1, 0),
                    T_DNAME: (0, 1, 0), T_MX: (2, 1, 0), T_SRV: (6, 1, 0), T_SOA: (0, 2, 20)}
-_AUTH_ZONE = (T_SOA, T_NS)
-_AUTH_PROOF = (T_NSEC, T_NSEC3, T_DS, T_RRSIG)
-_GLUE = (T_A, T_AAAA, T_RRSIG)
-# Reasons a record was dropped (meshdns_forward_scrubbed_records_total{reason}).
-OTHER_NAME, WRONG_TYPE, OWN_NAME = "other_name", "wrong_type", "own_name"
-AUTHORITY, ADDITIONAL = "authority", "additional"
-SCRUB_REASONS = (OTHER_NAME, WRONG_TYPE, OWN_NAME, AUTHORITY, ADDITIONAL)
-
-Owned = Callable[[bytes], bool]  # a lower-case wire name -> meshdns answers it itself
 
 _OPT_UPSTREAM = struct.pack("!BHHBBHH", 0, QTYPE_OPT, UPSTREAM_UDP_PAYLOAD, 0, 0, 0, 0)
 _OPT_UPSTREAM_DO = struct.pack("!BHHBBHH", 0, QTYPE_OPT, UPSTREAM_UDP_PAYLOAD, 0, 0, 0x8000, 0)
@@ -195,34 +182,6 @@ def _expand(wire: bytes, pos: int, memo: dict[int, tuple[bytes, int]]) -> tuple[
     return name, end
 
 
-def within(name: bytes, zone: bytes) -> bool:
-    """``name`` is ``zone`` or below it (lower-case uncompressed wire names)."""
-    cut = len(name) - len(zone)
-    if cut < 0 or not name.endswith(zone):
-        return False
-    pos = 0
-    while pos < cut:
-        pos += name[pos] + 1
-    return pos == cut
-
-
-# One record as walked: (section, start, owner as written and uncompressed, owner in
-# lower case, type, TTL, offset of the TTL (type and class before it, rdlength and rdata
-# after), end, rdata with its names expanded (types in _NAMES_IN_RDATA, else b""), the
-# first name in rdata in lower case (or b"")). Tuples: the walk is on every miss.
-_Record = tuple[int, int, bytes, bytes, int, int, int, int, bytes, bytes]
-_SECTION: Final = 0
-_START: Final = 1
-_OWNER: Final = 2
-_KEY: Final = 3
-_TYPE: Final = 4
-_TTL: Final = 5
-_TTL_AT: Final = 6
-_END: Final = 7
-_NAMES: Final = 8
-_TARGET: Final = 9
-
-
 def _parse(reply: bytes, question_len: int, owned: Owned | None) -> ParsedReply:
     ancount, nscount, arcount = struct.unpack_from("!HHH", reply, 6)
     qdcount = (reply[4] << 8) | reply[5]
@@ -244,8 +203,8 @@ def _parse(reply: bytes, question_len: int, owned: Owned | None) -> ParsedReply:
         while qname[at]:
             memo[HEADER_LEN + at] = (qname[at:], qend - 4)
             at += 1 + qname[at]
-    records: list[_Record] = []
-    opt: _Record | None = None
+    records: list[Record] = []
+    opt: Record | None = None
     unpack = struct.unpack_from
     layouts = _NAMES_IN_RDATA
     for section, count in ((0, ancount), (1, nscount), (2, arcount)):
@@ -297,105 +256,22 @@ def _parse(reply: bytes, question_len: int, owned: Owned | None) -> ParsedReply:
     if pos != size:
         raise ReplyRejected(MALFORMED)
     qtype = (reply[qend - 4] << 8) | reply[qend - 3]
-    kept, dropped = _scrub(reply, qkey, qtype, records, owned) if qdcount else (records, None)
-    if dropped is None and (opt is None or opt[_END] == size):
+    kept, dropped = scrub(reply, qkey, qtype, records, owned) if qdcount else (records, None)
+    if dropped is None and (opt is None or opt[END] == size):
         wire = reply
         if opt is not None:
             # Only the OPT goes, and it is last: cutting it moves nothing a pointer
             # could point to. The common case, and it costs a slice.
-            cut = bytearray(reply[:opt[_START]])
+            cut = bytearray(reply[:opt[START]])
             struct.pack_into("!H", cut, 10, arcount - 1)
             wire = bytes(cut)
-        offsets = [r[_TTL_AT] for r in kept]
+        offsets = [r[TTL_AT] for r in kept]
     else:
         wire, offsets = _rebuild(reply, qend, kept)
     return _lifetimes(wire, rcode, qend, kept, offsets, dropped, reply)
 
 
-def _scrub(reply: bytes, qname: bytes, qtype: int, records: list[_Record],
-           owned: Owned | None) -> tuple[list[_Record], dict[str, int] | None]:
-    """The records to keep (see the module doc) and what was dropped, by reason."""
-    for r in records:  # the common case first: records of the question's type, and an
-        section = r[_SECTION]  # SOA of an enclosing zone (a negative answer)
-        if section == 0:
-            if r[_KEY] != qname or r[_TYPE] != qtype:
-                break
-        elif section > 1 or r[_TYPE] != T_SOA or not within(qname, r[_KEY]):
-            break
-    else:
-        return records, None
-    links: dict[bytes, bytes] = {}
-    for r in records:
-        if r[_SECTION] == 0 and r[_TYPE] == T_CNAME and r[_KEY] not in links:
-            links[r[_KEY]] = r[_TARGET]
-    chain = [qname]
-    cut = b""  # the first chain name that is ours
-    name = qname
-    if qtype != T_CNAME:
-        while name in links and len(chain) < MAX_CHAIN:
-            name = links[name]
-            if name in chain:
-                break  # a loop: kept as is, the forwarder answers SERVFAIL (chase.py)
-            if owned is not None and owned(name):
-                cut = name
-                break
-            chain.append(name)
-    kept: list[_Record] = []
-    dropped: dict[str, int] | None = None
-    zones: list[bytes] = []
-    glue: dict[bytes, bytes] = {}  # target -> the zone it must be in (b"\x00": any)
-    names = set(chain)
-    linked: set[bytes] = set()
-    for r in records:
-        section, key, rtype = r[_SECTION], r[_KEY], r[_TYPE]
-        reason = ""
-        if section == 0:
-            if key in names:
-                if rtype == T_CNAME:
-                    # One CNAME per name: the first, which the chain followed.
-                    reason = WRONG_TYPE if key in linked else ""
-                    linked.add(key)
-                elif not (rtype == qtype or qtype == QTYPE_ANY
-                          or (rtype == T_RRSIG and _covers(reply, r, qtype))):
-                    reason = WRONG_TYPE
-            elif key == cut:
-                reason = OWN_NAME
-            elif rtype == T_DNAME and any(n != key and within(n, key) for n in chain):
-                pass
-            else:
-                reason = OTHER_NAME
-            if not reason and rtype in (T_MX, T_SRV):
-                glue.setdefault(r[_TARGET], b"\x00")
-        elif section == 1:
-            if rtype in _AUTH_ZONE and any(within(n, key) for n in chain):
-                zones.append(key)
-                if rtype == T_NS:
-                    glue[r[_TARGET]] = key
-            elif not (rtype in _AUTH_PROOF and any(within(key, z) for z in zones)):
-                reason = AUTHORITY
-        else:
-            zone = glue.get(key)
-            if zone is None or rtype not in _GLUE or not within(key, zone):
-                reason = ADDITIONAL
-            elif owned is not None and owned(key):
-                reason = OWN_NAME
-        if reason:
-            if dropped is None:
-                dropped = {}
-            dropped[reason] = dropped.get(reason, 0) + 1
-        else:
-            kept.append(r)
-    return kept, dropped
-
-
-def _covers(reply: bytes, rrsig: _Record, qtype: int) -> bool:
-    """An RRSIG over the question's type or a CNAME of the chain (the type covered is
-    the first two bytes of its rdata, six after the TTL)."""
-    at = rrsig[_TTL_AT] + 6
-    return rrsig[_END] >= at + 2 and ((reply[at] << 8) | reply[at + 1]) in (qtype, T_CNAME)
-
-
-def _rebuild(reply: bytes, qend: int, kept: list[_Record]) -> tuple[bytes, list[int]]:
+def _rebuild(reply: bytes, qend: int, kept: list[Record]) -> tuple[bytes, list[int]]:
     """Header, question and ``kept`` without compression; the counts set to match."""
     out = bytearray(reply[:qend])
     counts = [0, 0, 0]
@@ -413,7 +289,7 @@ def _rebuild(reply: bytes, qend: int, kept: list[_Record]) -> tuple[bytes, list[
     return bytes(out), offsets
 
 
-def _lifetimes(wire: bytes, rcode: int, qend: int, kept: list[_Record], offsets: list[int],
+def _lifetimes(wire: bytes, rcode: int, qend: int, kept: list[Record], offsets: list[int],
                dropped: dict[str, int] | None, reply: bytes) -> ParsedReply:
     ttls: list[int] = []
     lifetime = MAX_CACHE_TTL  # answer + authority TTLs bound a positive answer's lifetime

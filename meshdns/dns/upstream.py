@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from ..config import HostPort
 from ..core.wire import RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL
 from .histogram import Histogram
-from .reply import MALFORMED, Owned, ParsedReply, ReplyRejected, check_reply, parse_reply
+from .reply import MALFORMED, ParsedReply, ReplyRejected, check_reply, parse_reply
+from .scrub import Owned
 
 # Results of one attempt, the `result` label of upstream_requests_total.
 OK, TRUNCATED, SERVFAIL, REFUSED, RCODE = "ok", "truncated", "servfail", "refused", "rcode"
