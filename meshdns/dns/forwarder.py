@@ -308,7 +308,8 @@ class Forwarder:
             return keep
         if parsed is None:
             expired = self.cache.get_stale(key, now)
-            # Every upstream failed: an expired answer within dns.serve_stale, TTL 30.
+            # Every upstream failed: an expired answer within dns.serve_stale, with TTL
+            # dns.serve_stale_ttl.
             entry = StaleReply(expired, now, self.policy) if expired is not None else \
                 self._servfail(q, now)
             self.cache.put(key, entry)

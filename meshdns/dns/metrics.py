@@ -157,7 +157,8 @@ class DnsCollector:
                                   value=fwd.coalesced)
         yield CounterMetricFamily(PREFIX + "stale_answers",
                                   "Forwarded questions answered from an expired cache entry "
-                                  "(TTL 30) because every upstream failed (RFC 8767).",
+                                  "(TTL dns.serve_stale_ttl) because every upstream failed "
+                                  "(RFC 8767).",
                                   value=fwd.stale_answers)
         yield GaugeMetricFamily(PREFIX + "upstream_inflight", "Distinct questions in flight.",
                                 value=fwd.inflight)
