@@ -18,6 +18,7 @@ data only, or the test suite's FakeUpstream): never the machine's resolver.
 Writes bench/results/forward.md with the command that produced it.
 
     python bench/bench_forward.py [--seconds 5] [--rounds 2] [--names 1000]
+    python bench/bench_forward.py --parse-only   # parse_reply alone: a miss's reply cost
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -324,6 +326,52 @@ def ratio(a: list[float], b: list[float]) -> float:
     return statistics.median([x / y for x, y in zip(a, b, strict=True)])
 
 
+def typical_replies() -> dict[str, bytes]:
+    """Upstream replies as a miss gets them (dnslib-encoded, compressed, OPT last), and
+    one from a liar whose scrubbing re-encodes it."""
+    from dnslib import CNAME, EDNS0, QTYPE, RR, SOA, A, DNSRecord
+
+    def reply(kind: str) -> bytes:
+        q = DNSRecord.question("www.example.com", "A")
+        r = q.reply()
+        if kind == "A x2":
+            for i in range(2):
+                r.add_answer(RR("www.example.com", QTYPE.A, ttl=300, rdata=A(f"192.0.2.{i}")))
+        elif kind == "CNAME + 4 A":
+            r.add_answer(RR("www.example.com", QTYPE.CNAME, ttl=300,
+                            rdata=CNAME("edge.cdn.example.net")))
+            for i in range(4):
+                r.add_answer(RR("edge.cdn.example.net", QTYPE.A, ttl=60,
+                                rdata=A(f"192.0.2.{i}")))
+        elif kind == "NXDOMAIN + SOA":
+            r.header.rcode = 3
+            r.add_auth(RR("example.com", QTYPE.SOA, ttl=300, rdata=SOA(
+                "ns.example.com", "h.example.com", (1, 2, 3, 4, 5))))
+        else:  # a liar: records for other names, scrubbed and re-encoded
+            r.add_answer(RR("www.example.com", QTYPE.A, ttl=300, rdata=A("192.0.2.1")))
+            r.add_answer(RR("evil.example.net", QTYPE.A, ttl=300, rdata=A("6.6.6.6")))
+        r.add_ar(EDNS0(udp_len=1232))
+        return bytes(r.pack())
+
+    return {kind: reply(kind) for kind in ("A x2", "CNAME + 4 A", "NXDOMAIN + SOA",
+                                           "liar (scrubbed)")}
+
+
+def reply_parse(rounds: int) -> None:
+    """CPU time of parse_reply (parse whole + scrub + TTL walk), best of ``rounds``."""
+    from meshdns.dns.reply import parse_reply
+
+    question_len = len(b"\x03www\x07example\x03com\x00") + 4
+    print(f"parse_reply, us per reply (CPU time, best of {max(rounds, 5)} runs of 3000):")
+    for kind, data in typical_replies().items():
+        def once(data: bytes = data) -> None:
+            parse_reply(data, question_len)
+
+        best = min(timeit.timeit(once, number=3000, timer=time.process_time)
+                   for _ in range(max(rounds, 5)))
+        print(f"  {kind:16s} {best / 3000 * 1e6:6.2f}  ({len(data)} bytes)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--names", type=int, default=1024, help="names per set")
@@ -333,8 +381,13 @@ def main() -> int:
     ap.add_argument("--outstanding", type=int, default=200)
     ap.add_argument("--skip-udp", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="do not write " + str(RESULTS))
+    ap.add_argument("--parse-only", action="store_true",
+                    help="only time parse_reply (what a miss spends on the reply) and exit")
     args = ap.parse_args()
     command = "python bench/bench_forward.py " + " ".join(sys.argv[1:])
+    if args.parse_only:
+        reply_parse(args.rounds)
+        return 0
 
     workdir = Path(tempfile.mkdtemp(prefix="meshdns-bench-forward-"))
     upstream, upstream_desc = start_upstream(workdir, forwarded_names(args.names))

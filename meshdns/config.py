@@ -66,8 +66,8 @@ class DnsConfig:
     hostname_templates: tuple[str, ...] = DEFAULT_TEMPLATES
     # matchLabels ("mesh"/"zone" match those fields): only these services are answered.
     select: tuple[tuple[str, str], ...] = ()
-    # RFC 8767: an expired forwarded answer is served (TTL 30) for this long when every
-    # upstream fails; 0 disables.
+    # RFC 8767: an expired forwarded answer is served (TTL serve_stale_ttl) for this long
+    # when every upstream fails; 0 disables.
     serve_stale: float = 86400.0
     # SIGTERM: /readyz fails at once, DNS goes on answering this many seconds (CoreDNS
     # `health { lameduck }`), then stops taking queries and finishes those in flight.
@@ -84,6 +84,16 @@ class DnsConfig:
     rate_limit: int = 0
     rate_limit_slip: int = 2
     rate_limit_loopback: bool = False
+    # Forwarded answers (issue 23): the TTL bounds of positive and negative (NXDOMAIN,
+    # NODATA) answers, like CoreDNS cache {success, denial} and unbound's cache-*-ttl;
+    # the TTL of a stale answer and how often its name is asked upstream again; prefetch.
+    cache_min_ttl: int = 0
+    cache_max_ttl: int = 86400
+    cache_negative_min_ttl: int = 0
+    cache_negative_max_ttl: int = 3600
+    serve_stale_ttl: int = 30
+    serve_stale_refresh: float = 30.0
+    prefetch: bool = True
 
 
 @dataclass(frozen=True)
@@ -449,6 +459,13 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "rate_limit": _int(0, 10_000_000),
         "rate_limit_slip": _int(0, 100),
         "rate_limit_loopback": _bool,
+        "cache_min_ttl": _int(0, 86400),
+        "cache_max_ttl": _int(0, 86400),
+        "cache_negative_min_ttl": _int(0, 86400),
+        "cache_negative_max_ttl": _int(0, 86400),
+        "serve_stale_ttl": _int(1, 86400),
+        "serve_stale_refresh": _number(1, 86400),
+        "prefetch": _bool,
     },
     "api": {
         "listen": _listen,
@@ -532,6 +549,7 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         etcd = replace(cfg.registry.etcd, password=env["MESHDNS_ETCD_PASSWORD"])
         cfg = replace(cfg, registry=replace(cfg.registry, etcd=etcd))
     _check_etcd_combinations(cfg)
+    _check_dns_cache_bounds(cfg.dns)
     api = cfg.api
     if not api.token and not api.allow_unauthenticated and not is_loopback(api.listen.host):
         raise ConfigError(f"api.token: is required when api.listen is not a loopback address "
@@ -546,6 +564,15 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8 or ::1 (a wildcard address is not: it reaches every interface)."""
     return ipaddress.ip_address(host).is_loopback
+
+
+def _check_dns_cache_bounds(dns: DnsConfig) -> None:
+    """Each TTL floor at most its ceiling (said with the key to change)."""
+    for low, high in (("cache_min_ttl", "cache_max_ttl"),
+                      ("cache_negative_min_ttl", "cache_negative_max_ttl")):
+        if getattr(dns, low) > getattr(dns, high):
+            raise ConfigError(f"dns.{low}: must not exceed dns.{high} ({getattr(dns, high)}), "
+                              f"got {_got(getattr(dns, low))}")
 
 
 def _check_etcd_combinations(cfg: Config) -> None:

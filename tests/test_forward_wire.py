@@ -11,7 +11,7 @@ import dns.message
 import dns.rcode
 import dns.rrset
 import pytest
-from dnslib import EDNS0, QTYPE, RR, SOA, A, DNSRecord
+from dnslib import EDNS0, NS, QTYPE, RR, SOA, A, DNSRecord
 
 from meshdns.config import DnsConfig, HostPort
 from meshdns.core.handler import ForwardRequest, udp_limit
@@ -126,12 +126,13 @@ def test_parse_opt_in_the_middle_is_reencoded_without_it() -> None:
     req = request("mid.example.test")
     sent, question = sent_for(req)
     record = DNSRecord.parse(upstream_reply(sent, opt=False))
+    record.add_auth(RR("example.test", QTYPE.NS, ttl=50, rdata=NS("ns.example.test")))
     record.add_ar(EDNS0(udp_len=4096))
-    record.add_ar(RR("ns.example.test", QTYPE.A, ttl=50, rdata=A("192.0.2.53")))
+    record.add_ar(RR("ns.example.test", QTYPE.A, ttl=50, rdata=A("192.0.2.53")))  # glue
     parsed = parse_reply(bytes(record.pack()), len(question))
     msg = dns.message.from_wire(parsed.wire)
     assert msg.edns == -1 and len(msg.additional) == 1
-    assert sorted(parsed.ttls) == [50, 300]
+    assert sorted(parsed.ttls) == [50, 50, 300]
 
 
 def test_parse_ttl_rules() -> None:

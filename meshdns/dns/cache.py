@@ -12,14 +12,23 @@ entry evicted first); an expired entry is dropped when it is next looked up,
 unless serve-stale (RFC 8767, ``dns.serve_stale``) keeps it: a NOERROR or
 NXDOMAIN answer stays until that long after it expired, not served as a hit
 but there for ``get_stale`` when every upstream fails (see :class:`StaleReply`).
+
+:class:`CachePolicy` is the cache's slice of the dns config: the TTL bounds an
+upstream reply gets before it is cached (``bound``), the serve-stale timings and
+prefetch. Prefetch (unbound ``prefetch``, CoreDNS ``cache { prefetch }``): an
+entry asked again in the last ``PREFETCH_SHARE`` of its lifetime is asked
+upstream again in the background, once per entry (``CachedReply.prefetch_at``);
+the hit stays a hit.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from dataclasses import dataclass, replace
 
-from .reply import ParsedReply
+from ..config import DnsConfig
+from .reply import MAX_CACHE_TTL, ParsedReply
 
 CacheKey = tuple[bytes, int, int, bool, bool]
 
@@ -28,13 +37,55 @@ SERVER_UDP_PAYLOAD = 1232  # the OPT we send clients, like the local answers
 _OPT = struct.pack("!BHHBBHH", 0, 41, SERVER_UDP_PAYLOAD, 0, 0, 0, 0)
 _OPT_DO = struct.pack("!BHHBBHH", 0, 41, SERVER_UDP_PAYLOAD, 0, 0, 0x8000, 0)
 _pack_ttl = struct.Struct("!I").pack_into
+_ANSWER_RCODES = (0, 3)  # NOERROR, NXDOMAIN: bounded, served stale, prefetched
+PREFETCH_SHARE = 0.1  # prefetched when asked in the last 10% of the lifetime (as unbound)
+_NEVER = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """How forwarded replies are kept: the cache's part of ``dns``."""
+
+    min_ttl: int = 0  # dns.cache_min_ttl / cache_max_ttl: positive answers
+    max_ttl: int = 86400
+    negative_min_ttl: int = 0  # dns.cache_negative_*: NXDOMAIN and NODATA with an SOA
+    negative_max_ttl: int = 3600
+    stale: float = 86400.0  # dns.serve_stale: how long past expiry; 0 disables
+    stale_ttl: int = 30  # dns.serve_stale_ttl: the TTL of a stale answer (RFC 8767 §4)
+    stale_refresh: float = 30.0  # dns.serve_stale_refresh: ask again at most this often
+    prefetch: bool = True  # dns.prefetch
+
+    @classmethod
+    def from_config(cls, dns: DnsConfig) -> CachePolicy:
+        return cls(dns.cache_min_ttl, dns.cache_max_ttl, dns.cache_negative_min_ttl,
+                   dns.cache_negative_max_ttl, dns.serve_stale, dns.serve_stale_ttl,
+                   dns.serve_stale_refresh, dns.prefetch)
+
+    def bound(self, parsed: ParsedReply) -> ParsedReply:
+        """``parsed`` with its lifetime and every TTL within the bounds for its kind.
+
+        Only cacheable answers are touched: a negative answer without an SOA (not
+        cached, RFC 2308) and failures stay as they are. TTLs are bounded as served
+        too, so a client never keeps an answer longer than we would."""
+        if parsed.rcode not in _ANSWER_RCODES or (
+                parsed.lifetime <= 0 and (parsed.negative or not parsed.ttls)):
+            return parsed
+        low, high = (self.negative_min_ttl, self.negative_max_ttl) if parsed.negative \
+            else (self.min_ttl, self.max_ttl)
+        if low == 0 and high >= MAX_CACHE_TTL:
+            return parsed  # parse_reply's own ceiling is no higher: the default, for free
+        lifetime = min(max(parsed.lifetime, low), high)
+        ttls = tuple(min(max(ttl, low), high) for ttl in parsed.ttls)
+        if lifetime == parsed.lifetime and ttls == parsed.ttls:
+            return parsed
+        return replace(parsed, lifetime=lifetime, ttls=ttls)
 
 
 class CachedReply:
     """One upstream reply, ready to be served to any client asking the same question."""
 
-    __slots__ = ("ad", "age", "base", "expires", "offsets", "qend", "rcode", "rendered",
-                 "stale_until", "stored", "ttls")
+    __slots__ = ("ad", "age", "base", "expires", "offsets", "prefetch_at", "qend", "rcode",
+                 "rendered", "stale_until", "stored", "ttls")
 
     def __init__(self, parsed: ParsedReply, stored: float, lifetime: float) -> None:
         self.base = parsed.wire
@@ -46,6 +97,7 @@ class CachedReply:
         self.stored = stored
         self.expires = stored + lifetime
         self.stale_until = self.expires  # kept (not served) until then: see ReplyCache.put
+        self.prefetch_at = _NEVER  # set by ReplyCache.put when dns.prefetch is on
         self.age = -1
         self.rendered = parsed.wire
         self.render(0)
@@ -93,26 +145,25 @@ class CachedReply:
         return bytes(short), True
 
 
-STALE_TTL = 30  # RFC 8767 §4: the TTL of a stale answer
-STALE_REFRESH = 30.0  # the upstream is asked again at most this often per name
-_STALE_RCODES = (0, 3)  # NOERROR, NXDOMAIN: answers worth serving stale
 
 
 class StaleReply(CachedReply):
     """An expired answer served again because every upstream failed (RFC 8767).
 
-    Every TTL is ``STALE_TTL`` and stays so (it does not count down). It is a cache
-    hit for ``STALE_REFRESH`` seconds (the upstreams are not asked in that time);
-    afterwards it is answered at once while the upstreams are asked in the background.
-    It lives no longer than ``dns.serve_stale`` after the original answer expired.
+    Every TTL is ``dns.serve_stale_ttl`` and stays so (it does not count down). It is
+    a cache hit for ``dns.serve_stale_refresh`` seconds (the upstreams are not asked in
+    that time); afterwards it is answered at once while the upstreams are asked in
+    the background. It lives no longer than ``dns.serve_stale`` after the original
+    answer expired.
     """
 
     __slots__ = ()
 
-    def __init__(self, expired: CachedReply, now: float) -> None:
-        ttls = (STALE_TTL,) * len(expired.ttls)
+    def __init__(self, expired: CachedReply, now: float, policy: CachePolicy) -> None:
+        ttl = policy.stale_ttl
+        ttls = (ttl,) * len(expired.ttls)
         super().__init__(ParsedReply(expired.base, expired.rcode, expired.qend,
-                                     expired.offsets, ttls, STALE_TTL), now, STALE_REFRESH)
+                                     expired.offsets, ttls, ttl), now, policy.stale_refresh)
         self.ad = expired.ad
         self.stale_until = expired.stale_until
 
@@ -140,9 +191,11 @@ class Served:
 class ReplyCache:
     """LRU map of CacheKey -> CachedReply, bounded by entry count; callers pass the time."""
 
-    def __init__(self, size: int, stale: float = 0.0) -> None:
+    def __init__(self, size: int, policy: CachePolicy | None = None) -> None:
         self.size = size
-        self.stale = stale  # dns.serve_stale seconds; 0: an expired entry is dropped
+        # policy.stale: dns.serve_stale seconds; 0 (the default here): an expired entry
+        # is dropped. policy.prefetch: entries get a prefetch_at.
+        self.policy = policy or CachePolicy(stale=0.0, prefetch=False)
         self._entries: OrderedDict[CacheKey, CachedReply] = OrderedDict()
         self.evicted = 0
         self.expired = 0
@@ -173,8 +226,13 @@ class ReplyCache:
     def put(self, key: CacheKey, entry: CachedReply) -> None:
         if self.size <= 0 or entry.expires <= entry.stored:
             return
-        if self.stale > 0 and type(entry) is CachedReply and entry.rcode in _STALE_RCODES:
-            entry.stale_until = entry.expires + self.stale
+        policy = self.policy
+        if type(entry) is not StaleReply and entry.rcode in _ANSWER_RCODES:
+            if policy.stale > 0 and type(entry) is CachedReply:
+                entry.stale_until = entry.expires + policy.stale
+            if policy.prefetch:
+                entry.prefetch_at = entry.expires - (entry.expires - entry.stored) \
+                    * PREFETCH_SHARE
         entries = self._entries
         entries[key] = entry
         entries.move_to_end(key)

@@ -19,7 +19,10 @@ Rules:
 - a CNAME question gets the upstream's CNAME only, as before; so do classes
   other than IN;
 - the local part is derived from a zone; the forwarder re-derives it when the
-  zone (the registry) changes, so a cached chased answer never outlives it.
+  zone (the registry) changes, so a cached chased answer never outlives it;
+- the upstream's own records for one of our names never pass: ``owns`` is what
+  the reply scrubber (reply.py) asks, and it cuts the chain where it enters our
+  names (a CNAME to a mesh name bringing its own A: the A goes, ours comes).
 
 Everything here is synchronous and does no IO: the forwarder calls it on the
 miss path after an upstream reply, and again from its cache when the registry
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from dnslib import RR, DNSHeader, DNSQuestion, DNSRecord
 
 from ..core.wire import QCLASS_IN, WireError
-from ..core.zone import FORWARD, REFUSED, SEARCH, Decision, Zone
+from ..core.zone import FORWARD, REFUSED, SEARCH, T_A, Decision, Zone
 from .cache import CachedReply, CacheKey
 from .reply import ParsedReply, ReplyRejected, parse_reply
 
@@ -119,6 +122,17 @@ def follow_chain(wire: bytes, qend: int, qname: tuple[bytes, ...]) -> Chain | No
             return Chain(links, target, True, False)
         seen.add(name)
     return Chain(links, target, False, name in owners)
+
+
+def owns(zone: Zone, name: bytes) -> bool:
+    """The zone answers ``name`` (a lower-case uncompressed wire name) itself: a mesh
+    name, a host name, a VIP's PTR name, a search-list form of one of them."""
+    labels: list[bytes] = []
+    pos = 0
+    while name[pos]:
+        labels.append(name[pos + 1:pos + 1 + name[pos]])
+        pos += 1 + name[pos]
+    return zone.decide(tuple(labels), T_A, QCLASS_IN).rule not in (FORWARD, REFUSED)
 
 
 def local_decision(zone: Zone, chain: Chain, qtype: int, qclass: int) -> Decision | None:

@@ -4,13 +4,20 @@
 :class:`~meshdns.core.handler.ForwardRequest`. In order:
 
 1. cache hit → the cached reply, TTLs counted down, the client's ID, case, RD,
-   CD and EDNS shape patched in (no await, no parse: the benchmarked path);
+   CD and EDNS shape patched in (no await, no parse: the benchmarked path); a hit
+   in the last 10% of the entry's lifetime also asks upstream in the background,
+   once per entry (prefetch, ``dns.prefetch``), and the fresh reply replaces it;
 2. the same question already in flight → wait for that one (coalescing);
 3. past ``dns.max_inflight`` distinct questions in flight → SERVFAIL at once;
 4. else one lookup: every upstream in health order, each with an equal share of
    what is left of ``dns.upstream_timeout``; UDP, then TCP if the UDP reply had
    TC=1. The first NOERROR/NXDOMAIN wins; when none comes, SERVFAIL (never
    NXDOMAIN), remembered for ``SERVFAIL_TTL`` seconds.
+
+Every reply is parsed whole and scrubbed before it is cached or sent (reply.py):
+what does not parse ends that attempt (``malformed``), and a client gets only
+the records for its question; the rest is counted in ``scrubbed`` by reason.
+The TTLs of what is cached are bounded by ``dns.cache_*_ttl`` (CachePolicy).
 
 An upstream answer whose CNAME chain ends at a name the current zone answers
 (an ExternalName service pointing at a mesh name) gets our answer for that name
@@ -28,7 +35,8 @@ Counters for the metrics collector (plain numbers, read at scrape time):
 truncated, servfail, refused, rcode, timeout, error — plus duration sum, count
 and per-bucket counts over ``DURATION_BUCKETS``, not cumulative); ``rejected``
 (replies dropped by reason: wrong_id, wrong_question, malformed);
-``overloaded``, ``coalesced``, ``len(cache)``, ``inflight``. Replies sent are
+``overloaded``, ``coalesced``, ``len(cache)``, ``inflight``, ``prefetches``,
+``scrubbed`` (records dropped from replies, by reason). Replies sent are
 counted on the core's Tally as ``response(rcode, "cache" | "upstream")`` and
 ``truncated``.
 """
@@ -47,17 +55,19 @@ from ..core.handler import ForwardRequest
 from ..core.tally import Tally
 from ..core.wire import RCODE_SERVFAIL, Query
 from ..core.zone import Zone
-from .cache import CachedReply, CacheKey, ReplyCache, Served, StaleReply
+from .cache import CachedReply, CacheKey, CachePolicy, ReplyCache, Served, StaleReply
 from .chase import (
     MAX_LINKS,
     T_CNAME,
     ChasedReply,
     follow_chain,
     local_decision,
+    owns,
     total_links,
     upstream_part,
 )
 from .reply import ParsedReply, ReplyRejected, build_query, question_wire
+from .scrub import Owned
 from .upstream import (
     DURATION_BUCKETS,
     OK,
@@ -92,7 +102,10 @@ class Forwarder:
         self.max_inflight = config.max_inflight
         self.tally = tally
         self.clock = clock  # the cache's clock (tests move it instead of sleeping)
-        self.cache = ReplyCache(config.cache_size, config.serve_stale)
+        self.policy = CachePolicy.from_config(config)
+        self.cache = ReplyCache(config.cache_size, self.policy)
+        self.prefetches = 0  # background refreshes of entries asked near their expiry
+        self.scrubbed: dict[str, int] = {}  # records dropped from upstream replies
         self.stale_answers = 0  # answers served stale (RFC 8767)
         self.rejected: dict[str, int] = {}
         self.overloaded = 0
@@ -198,6 +211,8 @@ class Forwarder:
         if entry is None or type(entry) is StaleReply:
             return self._serve_stale(key, q, data, dnssec_ok, edns is not None,
                                      udp_limit if proto == "udp" else None, now, entry)
+        if now >= entry.prefetch_at:
+            self._prefetch(key, q, entry)
         if type(entry) is ChasedReply:
             return self._serve_chased(entry, data, dnssec_ok, edns is not None,
                                       udp_limit if proto == "udp" else None, now)
@@ -207,7 +222,8 @@ class Forwarder:
         if len(memo) >= self._memo_limit:
             memo.clear()  # bounded; rebuilt from the cache on the next hits
         age = int(now - entry.stored)
-        until = min(entry.expires, entry.stored + age + 1)  # same TTLs until then
+        # Same TTLs until then; and the first hit past prefetch_at must reach this code.
+        until = min(entry.expires, entry.stored + age + 1, entry.prefetch_at)
         memo[data[2:]] = Served(until, out[2:], (entry.rcode, CACHE), truncated)
         self._count(entry.rcode, CACHE, truncated)
         return out
@@ -230,13 +246,23 @@ class Forwarder:
         self._count(entry.rcode, CACHE, truncated)
         return out
 
-    def _refresh(self, key: CacheKey, q: Query) -> None:
-        """Ask the upstreams for ``key`` in the background (one lookup at a time)."""
+    def _prefetch(self, key: CacheKey, q: Query, entry: CachedReply) -> None:
+        """A hit in the last 10% of ``entry``'s lifetime: refresh it in the background,
+        once (an entry is prefetched at most once; the fresh one gets its own turn)."""
+        entry.prefetch_at = float("inf")
+        if self._refresh(key, q, entry):
+            self.prefetches += 1
+
+    def _refresh(self, key: CacheKey, q: Query, keep: CachedReply | None = None) -> bool:
+        """Ask the upstreams for ``key`` in the background (one lookup at a time);
+        ``keep``: the entry that stays if they all fail (a prefetch). False: not asked
+        (already in flight, dns.max_inflight reached, shutting down)."""
         if key in self._inflight or len(self._inflight) >= self.max_inflight or self._closed:
-            return
-        task = asyncio.ensure_future(self._lookup(key, q))
+            return False
+        task = asyncio.ensure_future(self._lookup(key, q, keep))
         self._inflight[key] = task
         task.add_done_callback(functools.partial(self._done, key))
+        return True
 
     def _count(self, rcode: int, source: str, truncated: bool) -> None:
         self.tally.response(rcode, source)
@@ -254,9 +280,13 @@ class Forwarder:
 
     # ---------------------------------------------------------------- one lookup
 
-    async def _lookup(self, key: CacheKey, q: Query) -> CachedReply:
-        """Ask the upstreams in turn; cache and return what to answer (maybe SERVFAIL)."""
+    async def _lookup(self, key: CacheKey, q: Query,
+                      keep: CachedReply | None = None) -> CachedReply:
+        """Ask the upstreams in turn; cache and return what to answer (maybe SERVFAIL).
+
+        ``keep`` (a prefetch): the cached entry, left as it is if every upstream fails."""
         loop = asyncio.get_running_loop()
+        owned = self._owned()
         question = question_wire(q)
         dnssec_ok = key[3]
         started = loop.time()
@@ -269,35 +299,49 @@ class Forwarder:
                 break
             # An equal share of what is left, so a dead upstream cannot eat the budget.
             share_end = now + (deadline - now) / (len(order) - i)
-            attempt = await self._ask(up, question, q.cd, dnssec_ok, share_end)
+            attempt = await self._ask(up, question, q.cd, dnssec_ok, share_end, owned)
             if attempt.result == OK:
                 parsed = attempt.reply
                 break
         now = self.clock()
+        if parsed is None and keep is not None:
+            return keep
         if parsed is None:
             expired = self.cache.get_stale(key, now)
-            # Every upstream failed: an expired answer within dns.serve_stale, TTL 30.
-            entry = StaleReply(expired, now) if expired is not None else \
+            # Every upstream failed: an expired answer within dns.serve_stale, with TTL
+            # dns.serve_stale_ttl.
+            entry = StaleReply(expired, now, self.policy) if expired is not None else \
                 self._servfail(q, now)
             self.cache.put(key, entry)
             return entry
+        if parsed.dropped:
+            scrubbed = self.scrubbed
+            for reason, n in parsed.dropped.items():
+                scrubbed[reason] = scrubbed.get(reason, 0) + n
+        parsed = self.policy.bound(parsed)
         entry = self._chase(key, q, parsed, len(question), now) \
             or CachedReply(parsed, now, parsed.lifetime)
         self.cache.put(key, entry)
         return entry
 
+    def _owned(self) -> Owned | None:
+        """What the reply scrubber asks: is this name one the current zone answers?"""
+        if self._zone is None:
+            return None
+        return functools.partial(owns, self._zone())
+
     async def _ask(self, up: Upstream, question: bytes, cd: bool, dnssec_ok: bool,
-                   deadline: float) -> Attempt:
+                   deadline: float, owned: Owned | None) -> Attempt:
         loop = asyncio.get_running_loop()
         wire = build_query(question, self._ids.randrange(0x10000), cd, dnssec_ok)
         t0 = loop.time()
-        attempt = await query_udp(up, wire, question, deadline, self._reject)
+        attempt = await query_udp(up, wire, question, deadline, self._reject, owned)
         t1 = loop.time()
         self._health(up, up.record(attempt.result, t1 - t0, t1), attempt.result)
         if attempt.result != TRUNCATED:
             return attempt
         wire = build_query(question, self._ids.randrange(0x10000), cd, dnssec_ok)
-        attempt = await query_tcp(up, wire, question, deadline, self._reject)
+        attempt = await query_tcp(up, wire, question, deadline, self._reject, owned)
         t2 = loop.time()
         self._health(up, up.record(attempt.result, t2 - t1, t2), attempt.result)
         return attempt

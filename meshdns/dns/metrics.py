@@ -23,6 +23,7 @@ from ..core.zone import qtype_name
 from .forwarder import Forwarder
 from .histogram import Histogram
 from .policy import PolicyCounts
+from .scrub import SCRUB_REASONS
 from .transport import BatchedUdp, TcpLimits
 
 PREFIX = "meshdns_"
@@ -143,7 +144,8 @@ class DnsCollector:
             return
         rejected = CounterMetricFamily(PREFIX + "upstream_rejected_replies",
                                        "Upstream replies dropped: wrong ID or question, "
-                                       "malformed.", labels=["reason"])
+                                       "malformed (does not parse: the attempt fails).",
+                                       labels=["reason"])
         for reason, n in sorted(fwd.rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
@@ -155,7 +157,8 @@ class DnsCollector:
                                   value=fwd.coalesced)
         yield CounterMetricFamily(PREFIX + "stale_answers",
                                   "Forwarded questions answered from an expired cache entry "
-                                  "(TTL 30) because every upstream failed (RFC 8767).",
+                                  "(TTL dns.serve_stale_ttl) because every upstream failed "
+                                  "(RFC 8767).",
                                   value=fwd.stale_answers)
         yield GaugeMetricFamily(PREFIX + "upstream_inflight", "Distinct questions in flight.",
                                 value=fwd.inflight)
@@ -168,3 +171,17 @@ class DnsCollector:
         for reason, n in sorted(fwd.chase_refused.items()):
             refused.add_metric([reason], n)
         yield refused
+        scrubbed = CounterMetricFamily(PREFIX + "forward_scrubbed_records",
+                                       "Records dropped from upstream replies before they "
+                                       "were cached or sent: not for the question's chain "
+                                       "(other_name), of another type (wrong_type), for a "
+                                       "name meshdns answers itself (own_name), authority "
+                                       "or additional not belonging to the answer.",
+                                       labels=["reason"])
+        for reason in SCRUB_REASONS:
+            scrubbed.add_metric([reason], fwd.scrubbed.get(reason, 0))
+        yield scrubbed
+        yield CounterMetricFamily(PREFIX + "forward_prefetch",
+                                  "Cached forwarded answers refreshed in the background "
+                                  "because they were asked in the last 10% of their TTL.",
+                                  value=fwd.prefetches)

@@ -1,10 +1,17 @@
-"""Upstream queries and replies on the wire: build, check (RFC 5452), walk for TTLs.
+"""Upstream queries and replies on the wire: build, check (RFC 5452), parse and scrub.
 
-Only what forwarding and caching need is decoded. A reply is walked record by
-record for framing; we keep the offset of every TTL (to count them down when
-the cached reply is served later), the cacheable lifetime (RFC 2308 for
-negative answers) and the reply with its OPT record removed (the client gets
-an OPT of our own, or none when it sent none).
+A reply is parsed whole before anything is cached or sent: every name, owner
+and in rdata (compression pointers followed, backwards only, a bounded number of
+hops), every record's framing. What does not parse is ``ReplyRejected(MALFORMED)``.
+
+Then it is scrubbed (scrub.py: the question's chain, of its type, and what
+belongs to it in authority and additional; ``owned`` cuts the chain at our own
+names); what was dropped is counted by reason in ``ParsedReply.dropped``.
+
+A clean reply (the common case: nothing dropped, OPT last) keeps its bytes; one
+with drops is re-encoded without compression. We keep the offset of every TTL
+(to count them down when the cached reply is served later) and the cacheable
+lifetime (RFC 2308 for negative answers).
 """
 
 from __future__ import annotations
@@ -19,12 +26,30 @@ from ..core.wire import (
     RCODE_NXDOMAIN,
     Query,
     WireError,
-    read_name,
+)
+from .scrub import (
+    END,
+    START,
+    T_CNAME,
+    T_DNAME,
+    T_MX,
+    T_NS,
+    T_PTR,
+    T_SOA,
+    T_SRV,
+    TTL_AT,
+    Owned,
+    Record,
+    scrub,
 )
 
 UPSTREAM_UDP_PAYLOAD = 1232  # what we advertise upstream (DNS flag day 2020)
 MAX_CACHE_TTL = 86400  # like unbound's cache-max-ttl
-T_SOA = 6
+_MAX_HOPS = 127  # compression pointers followed per name (a name has at most 127 labels)
+# Types whose rdata holds names a server may compress (RFC 3597 §4; SRV by habit):
+# bytes before the first name, names, fixed bytes after them.
+_NAMES_IN_RDATA = {T_NS: (0, 1, 0), T_CNAME: (0, 1, 0), T_PTR: (0, 1, 0),
+                   T_DNAME: (0, 1, 0), T_MX: (2, 1, 0), T_SRV: (6, 1, 0), T_SOA: (0, 2, 20)}
 
 _OPT_UPSTREAM = struct.pack("!BHHBBHH", 0, QTYPE_OPT, UPSTREAM_UDP_PAYLOAD, 0, 0, 0, 0)
 _OPT_UPSTREAM_DO = struct.pack("!BHHBBHH", 0, QTYPE_OPT, UPSTREAM_UDP_PAYLOAD, 0, 0, 0x8000, 0)
@@ -90,101 +115,209 @@ def reply_rcode(reply: bytes) -> int:
 
 @dataclass(slots=True)
 class ParsedReply:
-    """An upstream reply minus its OPT, with what caching needs to know about it."""
+    """An upstream reply, scrubbed, minus its OPT, with what caching needs to know."""
 
-    wire: bytes  # header + question + records, OPT removed, ARCOUNT adjusted
+    wire: bytes  # header + question + kept records, OPT removed, counts adjusted
     rcode: int  # including the extended bits from OPT
     qend: int  # offset just past the question
     ttl_offsets: tuple[int, ...]
     ttls: tuple[int, ...]
     lifetime: int  # seconds it may be served from cache; 0 means not at all
+    negative: bool = False  # NXDOMAIN or NODATA (bounded by dns.cache_negative_*)
+    dropped: dict[str, int] | None = None  # records scrubbed away, by reason
 
 
-def parse_reply(reply: bytes, question_len: int) -> ParsedReply:
-    """Walk an already checked reply. Raises ReplyRejected(MALFORMED) on bad framing."""
+def parse_reply(reply: bytes, question_len: int, owned: Owned | None = None) -> ParsedReply:
+    """Parse and scrub an already checked reply. Raises ReplyRejected(MALFORMED) when
+    any part of it does not parse (bad framing, bad or looping compression pointers)."""
     try:
-        return _parse(reply, question_len)
+        return _parse(reply, question_len, owned)
     except (WireError, IndexError, struct.error):
         raise ReplyRejected(MALFORMED) from None
 
 
-def _parse(reply: bytes, question_len: int) -> ParsedReply:
+def _expand(wire: bytes, pos: int, memo: dict[int, tuple[bytes, int]]) -> tuple[bytes, int]:
+    """The name at ``pos`` uncompressed (its case kept) and the offset just past it.
+
+    Pointers must point backwards and are followed at most ``_MAX_HOPS`` times, so a
+    loop ends. ``memo`` maps offsets already expanded to (name, end): a pointer to
+    one of them (the question, a name before) costs a dict lookup."""
+    start = pos
+    parts: list[bytes] = []
+    end = -1
+    hops = 0
+    size = 1  # the name's length so far, with its final zero
+    while True:
+        length = wire[pos]
+        if length >= 0xC0:
+            target = ((length & 0x3F) << 8) | wire[pos + 1]
+            if end < 0:
+                end = pos + 2
+            hops += 1
+            if target >= pos or hops > _MAX_HOPS:
+                raise ReplyRejected(MALFORMED)  # a forward pointer, or a loop
+            known = memo.get(target)
+            if known is not None:
+                parts.append(known[0])
+                break
+            pos = target
+            continue
+        if length == 0:
+            parts.append(b"\x00")
+            if end < 0:
+                end = pos + 1
+            break
+        if length & 0xC0:
+            raise ReplyRejected(MALFORMED)  # unknown label type
+        nxt = pos + 1 + length
+        size += 1 + length
+        if nxt > len(wire) or size > 255:
+            raise ReplyRejected(MALFORMED)  # past the end, or longer than a name can be
+        parts.append(wire[pos:nxt])
+        pos = nxt
+    name = parts[0] if len(parts) == 1 else b"".join(parts)
+    if len(name) > 255:  # a known suffix made it too long
+        raise ReplyRejected(MALFORMED)
+    memo[start] = (name, end)
+    return name, end
+
+
+def _parse(reply: bytes, question_len: int, owned: Owned | None) -> ParsedReply:
     ancount, nscount, arcount = struct.unpack_from("!HHH", reply, 6)
     qdcount = (reply[4] << 8) | reply[5]
     pos = HEADER_LEN + (question_len if qdcount else 0)
     qend = pos
-    if pos > len(reply):
+    size = len(reply)
+    if pos > size:
         raise ReplyRejected(MALFORMED)
     rcode = reply[3] & 0xF
-    offsets: list[int] = []
-    ttls: list[int] = []
-    bounding: list[int] = []  # answer + authority TTLs: a positive answer's lifetime
-    answer_ttls: list[int] = []
-    soa_ttl: int | None = None
-    soa_offset = -1
-    opt: tuple[int, int] | None = None
+    memo: dict[int, tuple[bytes, int]] = {}
+    qname = reply[HEADER_LEN:qend - 4]
+    qkey = qname.lower()
+    # Names a pointer may point to, already expanded: (as written, lower case).
+    # Most owners are a pointer to the question, or to the target of a CNAME.
+    pointed: dict[int, tuple[bytes, bytes]] = {}
+    if qdcount:  # checked by check_reply: our question, uncompressed; and its suffixes
+        pointed[HEADER_LEN] = (qname, qkey)
+        at = 0
+        while qname[at]:
+            memo[HEADER_LEN + at] = (qname[at:], qend - 4)
+            at += 1 + qname[at]
+    records: list[Record] = []
+    opt: Record | None = None
+    unpack = struct.unpack_from
+    layouts = _NAMES_IN_RDATA
     for section, count in ((0, ancount), (1, nscount), (2, arcount)):
         for _ in range(count):
             start = pos
-            _, pos = read_name(reply, pos, allow_pointers=True)
-            rtype, _rclass, ttl, rdlen = struct.unpack_from("!HHIH", reply, pos)
-            ttl_at = pos + 4
-            pos += 10 + rdlen
-            if pos > len(reply):
+            first = reply[pos]
+            known = pointed.get(((first & 0x3F) << 8) | reply[pos + 1]) \
+                if first >= 0xC0 else None
+            if known is not None:
+                owner, key = known
+                pos += 2
+            elif first == 0:
+                owner = key = b"\x00"
+                pos += 1
+            else:
+                owner, pos = _expand(reply, pos, memo)
+                key = owner.lower()
+            rtype, ttl, rdlen = unpack("!H2xIH", reply, pos)
+            rstart = pos + 10
+            end = rstart + rdlen
+            if end > size:
                 raise ReplyRejected(MALFORMED)
-            if rtype == QTYPE_OPT:
-                if section != 2 or opt is not None:
+            names = target = b""
+            layout = layouts.get(rtype)
+            if layout is not None:
+                before, count_names, after = layout
+                at = rstart + before
+                parts = [reply[rstart:at]]
+                for _n in range(count_names):
+                    name_at = at
+                    name, at = _expand(reply, at, memo)
+                    parts.append(name)
+                    if not target:
+                        target = name.lower()
+                        pointed[name_at] = (name, target)
+                if at + after != end:
                     raise ReplyRejected(MALFORMED)
-                opt = (start, pos)
-                rcode |= reply[ttl_at] << 4  # extended rcode bits
+                parts.append(reply[at:end])
+                names = b"".join(parts)
+            record = (section, start, owner, key, rtype, ttl, pos + 4, end, names, target)
+            pos = end
+            if rtype == QTYPE_OPT:
+                if section != 2 or opt is not None or owner != b"\x00":
+                    raise ReplyRejected(MALFORMED)
+                opt = record
+                rcode |= reply[pos - rdlen - 6] << 4  # extended rcode bits
                 continue
-            ttl = 0 if ttl & 0x80000000 else min(ttl, MAX_CACHE_TTL)  # RFC 2181 §8
-            offsets.append(ttl_at)
-            ttls.append(ttl)
-            if section < 2:
-                bounding.append(ttl)
-            if section == 0:
-                answer_ttls.append(ttl)
-            if section == 1 and rtype == T_SOA and soa_ttl is None and rdlen >= 22:
-                minimum = struct.unpack_from("!I", reply, pos - 4)[0]
-                soa_ttl = min(ttl, minimum)
-                soa_offset = len(ttls) - 1
-    if pos != len(reply):
+            records.append(record)
+    if pos != size:
         raise ReplyRejected(MALFORMED)
-    wire = reply
-    if opt is not None:
-        if opt[1] != len(reply):
-            # Servers put OPT last (only TSIG may follow). Cutting a record from the
-            # middle would move what later compression pointers point to, so this
-            # rare case pays for a re-encode without the OPT, then a fresh walk.
-            again = _parse(_reencode_without_opt(reply), question_len)
-            if rcode != again.rcode:
-                again.rcode, again.lifetime = rcode, 0
-            return again
-        # Cutting the last record moves nothing a pointer could point to.
-        cut = bytearray(reply[: opt[0]])
-        struct.pack_into("!H", cut, 10, arcount - 1)
-        wire = bytes(cut)
-    negative = rcode == RCODE_NXDOMAIN or (rcode == RCODE_NOERROR and ancount == 0)
+    qtype = (reply[qend - 4] << 8) | reply[qend - 3]
+    kept, dropped = scrub(reply, qkey, qtype, records, owned) if qdcount else (records, None)
+    if dropped is None and (opt is None or opt[END] == size):
+        wire = reply
+        if opt is not None:
+            # Only the OPT goes, and it is last: cutting it moves nothing a pointer
+            # could point to. The common case, and it costs a slice.
+            cut = bytearray(reply[:opt[START]])
+            struct.pack_into("!H", cut, 10, arcount - 1)
+            wire = bytes(cut)
+        offsets = [r[TTL_AT] for r in kept]
+    else:
+        wire, offsets = _rebuild(reply, qend, kept)
+    return _lifetimes(wire, rcode, qend, kept, offsets, dropped, reply)
+
+
+def _rebuild(reply: bytes, qend: int, kept: list[Record]) -> tuple[bytes, list[int]]:
+    """Header, question and ``kept`` without compression; the counts set to match."""
+    out = bytearray(reply[:qend])
+    counts = [0, 0, 0]
+    offsets: list[int] = []
+    for section, _start, owner, _key, _type, _ttl, ttl_at, end, names, _target in kept:
+        counts[section] += 1
+        rdata = names or reply[ttl_at + 6:end]
+        out += owner
+        offsets.append(len(out) + 4)
+        out += reply[ttl_at - 4:ttl_at + 4]  # type, class, TTL as written
+        out += len(rdata).to_bytes(2, "big") + rdata
+    if len(out) > 65535:
+        raise ReplyRejected(MALFORMED)
+    struct.pack_into("!HHH", out, 6, *counts)
+    return bytes(out), offsets
+
+
+def _lifetimes(wire: bytes, rcode: int, qend: int, kept: list[Record], offsets: list[int],
+               dropped: dict[str, int] | None, reply: bytes) -> ParsedReply:
+    ttls: list[int] = []
+    lifetime = MAX_CACHE_TTL  # answer + authority TTLs bound a positive answer's lifetime
+    answer_ttl = MAX_CACHE_TTL  # and a negative one's, with the SOA
+    answers = 0
+    soa_ttl = -1
+    soa_index = -1
+    for section, _start, _owner, _key, rtype, ttl, ttl_at, end, _names, _target in kept:
+        ttl = 0 if ttl & 0x80000000 else (ttl if ttl < MAX_CACHE_TTL else MAX_CACHE_TTL)
+        ttls.append(ttl)  # RFC 2181 §8
+        if section == 0:
+            answers += 1
+            if ttl < answer_ttl:
+                answer_ttl = ttl
+        if section < 2 and ttl < lifetime:
+            lifetime = ttl
+        if section == 1 and rtype == T_SOA and soa_ttl < 0 and end - ttl_at >= 28:
+            minimum = struct.unpack_from("!I", reply, end - 4)[0]
+            soa_ttl = min(ttl, minimum)
+            soa_index = len(ttls) - 1
+    negative = rcode == RCODE_NXDOMAIN or (rcode == RCODE_NOERROR and answers == 0)
     if rcode not in (RCODE_NOERROR, RCODE_NXDOMAIN):
         lifetime = 0  # failures are cached by the forwarder, briefly, not here
     elif negative:
         # RFC 2308 §5: min(SOA TTL, SOA MINIMUM), and the SOA is served with that
         # TTL; a CNAME chain in front of it bounds it too. No SOA: not cached.
-        lifetime = min([soa_ttl, *answer_ttls]) if soa_ttl is not None else 0
-        if soa_ttl is not None:
-            ttls[soa_offset] = soa_ttl
-    else:
-        lifetime = min(bounding) if bounding else 0
-    return ParsedReply(wire, rcode, qend, tuple(offsets), tuple(ttls), lifetime)
-
-
-def _reencode_without_opt(reply: bytes) -> bytes:
-    from dnslib import DNSRecord
-
-    try:
-        record = DNSRecord.parse(reply)
-        record.ar = [rr for rr in record.ar if rr.rtype != QTYPE_OPT]
-        return bytes(record.pack())
-    except Exception:  # dnslib raises several types on bad input
-        raise ReplyRejected(MALFORMED) from None
+        lifetime = min(soa_ttl, answer_ttl) if soa_ttl >= 0 else 0
+        if soa_ttl >= 0:
+            ttls[soa_index] = soa_ttl
+    return ParsedReply(wire, rcode, qend, tuple(offsets), tuple(ttls), lifetime, negative,
+                       dropped)

@@ -4,7 +4,9 @@ Every UDP query gets a fresh connected socket, so the kernel picks a random
 ephemeral source port and drops datagrams from any other address or port; the
 caller picks a random ID. A reply counts only if ID and question match too
 (RFC 5452); anything else is dropped, counted, and the wait goes on until the
-attempt's deadline.
+attempt's deadline. A reply that matches but does not parse (reply.py: bad
+framing, a compression loop) ends the attempt as ``malformed``: the upstream
+lies or is broken, the next one is asked.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from dataclasses import dataclass
 from ..config import HostPort
 from ..core.wire import RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL
 from .histogram import Histogram
-from .reply import ParsedReply, ReplyRejected, check_reply, parse_reply
+from .reply import MALFORMED, ParsedReply, ReplyRejected, check_reply, parse_reply
+from .scrub import Owned
 
 # Results of one attempt, the `result` label of upstream_requests_total.
 OK, TRUNCATED, SERVFAIL, REFUSED, RCODE = "ok", "truncated", "servfail", "refused", "rcode"
-TIMEOUT, ERROR = "timeout", "error"
-RESULTS = (OK, TRUNCATED, SERVFAIL, REFUSED, RCODE, TIMEOUT, ERROR)
-UNHEALTHY = frozenset({REFUSED, RCODE, TIMEOUT, ERROR})  # SERVFAIL may be the name's fault
+TIMEOUT, ERROR, MALFORMED_REPLY = "timeout", "error", "malformed"
+RESULTS = (OK, TRUNCATED, SERVFAIL, REFUSED, RCODE, TIMEOUT, ERROR, MALFORMED_REPLY)
+UNHEALTHY = frozenset({REFUSED, RCODE, TIMEOUT, ERROR, MALFORMED_REPLY})  # SERVFAIL may be the name's fault
 
 # upstream_request_duration_seconds buckets (upper bounds; one more for +Inf).
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -117,7 +120,7 @@ def classify(parsed: ParsedReply, tc: bool) -> str:
 
 
 async def query_udp(up: Upstream, wire: bytes, question: bytes, deadline: float,
-                    reject: Reject) -> Attempt:
+                    reject: Reject, owned: Owned | None = None) -> Attempt:
     """Send ``wire`` over UDP and wait until ``deadline`` (loop time) for its reply."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(up.family, socket.SOCK_DGRAM)
@@ -130,11 +133,10 @@ async def query_udp(up: Upstream, wire: bytes, question: bytes, deadline: float,
                 data = await loop.sock_recv(sock, MAX_REPLY)
                 try:
                     check_reply(data, wire, question)
-                    parsed = parse_reply(data, len(question))
                 except ReplyRejected as exc:
                     reject(exc.reason)
                     continue
-                return Attempt(classify(parsed, bool(data[2] & 0x02)), parsed)
+                return _parsed(data, question, owned, reject, bool(data[2] & 0x02))
     except TimeoutError:
         return Attempt(TIMEOUT)
     except OSError:  # ICMP port unreachable, no route, ...
@@ -144,7 +146,7 @@ async def query_udp(up: Upstream, wire: bytes, question: bytes, deadline: float,
 
 
 async def query_tcp(up: Upstream, wire: bytes, question: bytes, deadline: float,
-                    reject: Reject) -> Attempt:
+                    reject: Reject, owned: Owned | None = None) -> Attempt:
     """One query on a fresh TCP connection (after a truncated UDP reply)."""
     writer: asyncio.StreamWriter | None = None
     try:
@@ -162,8 +164,22 @@ async def query_tcp(up: Upstream, wire: bytes, question: bytes, deadline: float,
             writer.close()
     try:
         check_reply(data, wire, question)
-        parsed = parse_reply(data, len(question))
     except ReplyRejected as exc:
         reject(exc.reason)
         return Attempt(ERROR)
+    return _parsed(data, question, owned, reject, False)
+
+
+def _parsed(data: bytes, question: bytes, owned: Owned | None, reject: Reject,
+            tc: bool) -> Attempt:
+    """The attempt's result for a reply to our query: parsed whole and scrubbed, or
+    ``malformed`` (counted as a rejected reply) when any of it does not parse. A
+    truncated reply is not used (TCP is asked next), so it need not parse."""
+    if tc:
+        return Attempt(TRUNCATED)
+    try:
+        parsed = parse_reply(data, len(question), owned)
+    except ReplyRejected:
+        reject(MALFORMED)
+        return Attempt(MALFORMED_REPLY)
     return Attempt(classify(parsed, False), parsed)
