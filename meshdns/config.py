@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -420,6 +421,12 @@ def _network(path: str, value: Any) -> str:
 
 def _opt_networks(path: str, value: Any) -> tuple[str, ...] | None:
     return None if value is None else _list_of(_network)(path, value)
+
+
+def nsid_bytes(dns: DnsConfig) -> bytes | None:
+    """dns.nsid as sent (RFC 5001): the host name when unset, None when set to ""."""
+    nsid = dns.nsid if dns.nsid is not None else socket.gethostname()
+    return nsid.encode() if nsid else None
 
 
 def _nsid(path: str, value: Any) -> str | None:

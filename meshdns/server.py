@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, logs
 from .api.state import ApiContext
-from .config import Config, ConfigError, HostPort
+from .config import Config, ConfigError, HostPort, nsid_bytes
 from .core.handler import ForwardRequest, MessageHandler
 from .core.names import parse_templates
 from .core.registry import Registry, RegistryError, RegistryPolicy, apply_put
@@ -60,14 +60,6 @@ class Listeners:
     udp: list[asyncio.BaseTransport | BatchedUdp] = field(default_factory=list)
     tcp: list[asyncio.AbstractServer] = field(default_factory=list)
     addresses: list[HostPort] = field(default_factory=list)
-
-
-def nsid_of(config: Config) -> bytes | None:
-    """dns.nsid as sent: the host name when unset, None when set to ""."""
-    nsid = config.dns.nsid
-    if nsid is None:
-        nsid = socket.gethostname()
-    return nsid.encode() if nsid else None
 
 
 def registry_policy(config: Config) -> RegistryPolicy:
@@ -191,7 +183,7 @@ class MeshServer:
         self.settings = zone_settings(config, forwarding=bool(self.upstreams))
         self.handler = MessageHandler(Zone(Registry.empty(), self.settings),
                                       config.dns.answer_cache_size, config.dns.cache_size,
-                                      nsid_of(config))
+                                      nsid_bytes(config.dns))
         self.store = RegistryStore(self.policy, self.settings, self.handler,
                                    config.registry.state_file)
         self.tcp_limits = TcpLimits(config.dns.tcp_max_connections, config.dns.tcp_idle_timeout)

@@ -28,6 +28,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from ..config import DnsConfig
+from ..core.wire import (
+    EDE_NETWORK_ERROR,
+    EDE_NO_REACHABLE_AUTHORITY,
+    EDE_STALE_ANSWER,
+    EDE_STALE_NXDOMAIN,
+    OPTION_EDE,
+    OPTION_NSID,
+    RCODE_NXDOMAIN,
+)
 from .reply import MAX_CACHE_TTL, ParsedReply
 
 CacheKey = tuple[bytes, int, int, bool, bool]
@@ -40,6 +49,33 @@ _pack_ttl = struct.Struct("!I").pack_into
 _ANSWER_RCODES = (0, 3)  # NOERROR, NXDOMAIN: bounded, served stale, prefetched
 PREFETCH_SHARE = 0.1  # prefetched when asked in the last 10% of the lifetime (as unbound)
 _NEVER = float("inf")
+
+
+def _ede(code: int, text: str) -> bytes:
+    body = code.to_bytes(2, "big") + text.encode()
+    return OPTION_EDE.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+
+
+# The Extended DNS Errors (RFC 8914) of forwarded answers.
+STALE = _ede(EDE_STALE_ANSWER, "stale answer: every upstream failed")
+STALE_NXDOMAIN = _ede(EDE_STALE_NXDOMAIN, "stale answer: every upstream failed")
+NO_REACHABLE_UPSTREAM = _ede(EDE_NO_REACHABLE_AUTHORITY, "no upstream answered")
+UPSTREAM_NETWORK_ERROR = _ede(EDE_NETWORK_ERROR, "network error reaching the upstreams")
+
+
+def opt_record(dnssec_ok: bool, options: bytes = b"") -> bytes:
+    """The OPT record sent to an EDNS client, with ``options`` (NSID, EDE) if any."""
+    if not options:
+        return _OPT_DO if dnssec_ok else _OPT
+    return struct.pack("!BHHBBHH", 0, 41, SERVER_UDP_PAYLOAD, 0, 0,
+                       0x8000 if dnssec_ok else 0, len(options)) + options
+
+
+def nsid_option(nsid: bytes | None) -> bytes:
+    """The NSID option (RFC 5001) with this server's id; b"" when it has none."""
+    if not nsid:
+        return b""
+    return OPTION_NSID.to_bytes(2, "big") + len(nsid).to_bytes(2, "big") + nsid
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +120,8 @@ class CachePolicy:
 class CachedReply:
     """One upstream reply, ready to be served to any client asking the same question."""
 
-    __slots__ = ("ad", "age", "base", "expires", "offsets", "prefetch_at", "qend", "rcode",
-                 "rendered", "stale_until", "stored", "ttls")
+    __slots__ = ("ad", "age", "base", "ede", "expires", "offsets", "prefetch_at", "qend",
+                 "rcode", "rendered", "stale_until", "stored", "ttls")
 
     def __init__(self, parsed: ParsedReply, stored: float, lifetime: float) -> None:
         self.base = parsed.wire
@@ -100,6 +136,7 @@ class CachedReply:
         self.prefetch_at = _NEVER  # set by ReplyCache.put when dns.prefetch is on
         self.age = -1
         self.rendered = parsed.wire
+        self.ede = b""  # an Extended DNS Error option (RFC 8914) for EDNS clients
         self.render(0)
 
     def render(self, age: int) -> bytes:
@@ -113,7 +150,7 @@ class CachedReply:
         return self.rendered
 
     def reply_for(self, data: bytes, dnssec_ok: bool, edns: bool, limit: int | None,
-                  now: float) -> tuple[bytes, bool]:
+                  now: float, nsid: bytes = b"") -> tuple[bytes, bool]:
         """The reply for the client query ``data``; True when it had to be truncated.
 
         ``limit`` is the client's UDP payload limit (None over TCP). The question
@@ -131,8 +168,10 @@ class CachedReply:
         out[3] = 0x80 | (self.ad if dnssec_ok or data[3] & 0x20 else 0) | (data[3] & 0x10) \
             | self.rcode
         out[HEADER_LEN:qend] = data[HEADER_LEN:qend]
+        opt = b""
         if edns:
-            out += _OPT_DO if dnssec_ok else _OPT
+            opt = opt_record(dnssec_ok, nsid + self.ede)
+            out += opt
             out[10:12] = (((out[10] << 8) | out[11]) + 1).to_bytes(2, "big")  # ARCOUNT
         if limit is None or len(out) <= limit:
             return bytes(out), False
@@ -140,8 +179,7 @@ class CachedReply:
         short = out[:qend]
         short[2] |= 0x02
         short[6:12] = b"\x00\x00\x00\x00\x00\x01" if edns else b"\x00" * 6
-        if edns:
-            short += _OPT_DO if dnssec_ok else _OPT
+        short += opt
         return bytes(short), True
 
 
@@ -166,6 +204,7 @@ class StaleReply(CachedReply):
                                      expired.offsets, ttls, ttl), now, policy.stale_refresh)
         self.ad = expired.ad
         self.stale_until = expired.stale_until
+        self.ede = STALE_NXDOMAIN if expired.rcode == RCODE_NXDOMAIN else STALE
 
     def render(self, age: int) -> bytes:
         return super().render(0) if self.age != 0 else self.rendered

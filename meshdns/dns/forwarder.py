@@ -50,12 +50,22 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from ..config import DnsConfig, HostPort
+from ..config import DnsConfig, HostPort, nsid_bytes
 from ..core.handler import ForwardRequest
 from ..core.tally import Tally
 from ..core.wire import RCODE_SERVFAIL, Query
 from ..core.zone import Zone
-from .cache import CachedReply, CacheKey, CachePolicy, ReplyCache, Served, StaleReply
+from .cache import (
+    NO_REACHABLE_UPSTREAM,
+    UPSTREAM_NETWORK_ERROR,
+    CachedReply,
+    CacheKey,
+    CachePolicy,
+    ReplyCache,
+    Served,
+    StaleReply,
+    nsid_option,
+)
 from .chase import (
     MAX_LINKS,
     T_CNAME,
@@ -70,6 +80,8 @@ from .reply import ParsedReply, ReplyRejected, build_query, question_wire
 from .scrub import Owned
 from .upstream import (
     DURATION_BUCKETS,
+    ERROR,
+    MALFORMED_REPLY,
     OK,
     TRUNCATED,
     Attempt,
@@ -87,6 +99,15 @@ log = logging.getLogger("meshdns.forward")
 SERVFAIL_TTL = 1.0  # a failed lookup is remembered this long (RFC 9520: at least 1 s)
 UPSTREAM = "upstream"
 CACHE = "cache"
+
+
+def failure_ede(results: Sequence[str]) -> bytes:
+    """The Extended DNS Error of a SERVFAIL after every upstream failed: 23 (Network
+    Error) when one could not be talked to (ICMP, socket error, a malformed reply), else
+    22 (No Reachable Authority: timeouts, or errors they answered)."""
+    if any(r in (ERROR, MALFORMED_REPLY) for r in results):
+        return UPSTREAM_NETWORK_ERROR
+    return NO_REACHABLE_UPSTREAM
 
 
 class Forwarder:
@@ -115,6 +136,7 @@ class Forwarder:
         self._served_tcp: dict[bytes, Served] = {}
         self._memo_limit = config.cache_size  # each memo, like the cache it serves from
         self._ids = random.SystemRandom()
+        self.nsid = nsid_option(nsid_bytes(config))
         self._closed = False
         # The current zone (registry snapshot), for chasing CNAMEs into our own names
         # (chase.py); None: answers are passed on as the upstream gave them.
@@ -161,7 +183,7 @@ class Forwarder:
                 self.overloaded += 1
                 entry = self._servfail(q, now)
                 out, truncated = entry.reply_for(req.data, dnssec_ok, edns is not None, limit,
-                                                 now)
+                                                 now, self._nsid(q))
                 self._count(RCODE_SERVFAIL, UPSTREAM, truncated)
                 return out
             task = asyncio.ensure_future(self._lookup(key, q))
@@ -178,7 +200,7 @@ class Forwarder:
                 return None  # shutting down: drop, as if the packet never came
             raise
         out, truncated = entry.reply_for(req.data, dnssec_ok, edns is not None, limit,
-                                         self.clock())
+                                         self.clock(), self._nsid(q))
         if type(entry) is StaleReply:
             self.stale_answers += 1
         self._count(entry.rcode, UPSTREAM, truncated)
@@ -215,9 +237,11 @@ class Forwarder:
             self._prefetch(key, q, entry)
         if type(entry) is ChasedReply:
             return self._serve_chased(entry, data, dnssec_ok, edns is not None,
-                                      udp_limit if proto == "udp" else None, now)
+                                      udp_limit if proto == "udp" else None, now,
+                                      self._nsid(q))
         out, truncated = entry.reply_for(data, dnssec_ok, edns is not None,
-                                         udp_limit if proto == "udp" else None, now)
+                                         udp_limit if proto == "udp" else None, now,
+                                         self._nsid(q))
         memo = self._served_udp if proto == "udp" else self._served_tcp
         if len(memo) >= self._memo_limit:
             memo.clear()  # bounded; rebuilt from the cache on the next hits
@@ -241,7 +265,7 @@ class Forwarder:
             if type(entry) is not StaleReply:
                 return None  # no stale answer, or one never tried again: ask first
             self._refresh(key, q)
-        out, truncated = entry.reply_for(data, dnssec_ok, edns, limit, now)
+        out, truncated = entry.reply_for(data, dnssec_ok, edns, limit, now, self._nsid(q))
         self.stale_answers += 1
         self._count(entry.rcode, CACHE, truncated)
         return out
@@ -293,6 +317,7 @@ class Forwarder:
         deadline = started + self.budget
         order = try_order(self.upstreams, started, self.budget)
         parsed: ParsedReply | None = None
+        results: list[str] = []
         for i, up in enumerate(order):
             now = loop.time()
             if now >= deadline:
@@ -300,6 +325,7 @@ class Forwarder:
             # An equal share of what is left, so a dead upstream cannot eat the budget.
             share_end = now + (deadline - now) / (len(order) - i)
             attempt = await self._ask(up, question, q.cd, dnssec_ok, share_end, owned)
+            results.append(attempt.result)
             if attempt.result == OK:
                 parsed = attempt.reply
                 break
@@ -311,7 +337,7 @@ class Forwarder:
             # Every upstream failed: an expired answer within dns.serve_stale, with TTL
             # dns.serve_stale_ttl.
             entry = StaleReply(expired, now, self.policy) if expired is not None else \
-                self._servfail(q, now)
+                self._servfail(q, now, failure_ede(results))
             self.cache.put(key, entry)
             return entry
         if parsed.dropped:
@@ -355,12 +381,18 @@ class Forwarder:
         elif change == "up":
             log.info("upstream %s answers again", up.label)
 
-    def _servfail(self, q: Query, now: float) -> CachedReply:
+    def _servfail(self, q: Query, now: float, ede: bytes = b"") -> CachedReply:
         question = question_wire(q)
         header = bytes((0, 0, 0x80, 0x80 | RCODE_SERVFAIL, 0, 1, 0, 0, 0, 0, 0, 0))
         parsed = ParsedReply(header + question, RCODE_SERVFAIL, 12 + len(question), (), (),
                              0)
-        return CachedReply(parsed, now, SERVFAIL_TTL)
+        entry = CachedReply(parsed, now, SERVFAIL_TTL)
+        entry.ede = ede
+        return entry
+
+    def _nsid(self, q: Query) -> bytes:
+        """The NSID option for a client that asked for it (RFC 5001), else nothing."""
+        return self.nsid if q.edns is not None and q.edns.nsid else b""
 
     # ---------------------------------------------------------------- CNAME chasing
 
@@ -416,12 +448,12 @@ class Forwarder:
         return fresh
 
     def _serve_chased(self, entry: ChasedReply, data: bytes, dnssec_ok: bool, edns: bool,
-                      limit: int | None, now: float) -> bytes | None:
+                      limit: int | None, now: float, nsid: bytes = b"") -> bytes | None:
         # Never memoised in _served_*: that path does not look at the registry.
         current = self._current(entry, now)
         if current is None:
             return None
-        out, truncated = current.reply_for(data, dnssec_ok, edns, limit, now)
+        out, truncated = current.reply_for(data, dnssec_ok, edns, limit, now, nsid)
         self._count(current.rcode, CACHE, truncated)
         return out
 
