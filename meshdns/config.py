@@ -85,6 +85,9 @@ class DnsConfig:
     rate_limit: int = 0
     rate_limit_slip: int = 2
     rate_limit_loopback: bool = False
+    # Views (first match wins; dns.select for every other client): (client networks,
+    # matchLabels) each; each view's answers are cached apart.
+    views: tuple[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], ...] = ()
     # Forwarded answers (issue 23): the TTL bounds of positive and negative (NXDOMAIN,
     # NODATA) answers, like CoreDNS cache {success, denial} and unbound's cache-*-ttl;
     # the TTL of a stale answer and how often its name is asked upstream again; prefetch.
@@ -429,6 +432,28 @@ def nsid_bytes(dns: DnsConfig) -> bytes | None:
     return nsid.encode() if nsid else None
 
 
+MAX_VIEWS = 16
+
+
+def _views(path: str, value: Any) -> tuple[tuple[tuple[str, ...], tuple[tuple[str, str], ...]],
+                                           ...]:
+    if not isinstance(value, list):
+        raise _fail(path, "must be a list of {clients: [networks], select: {matchLabels}}",
+                    value)
+    if len(value) > MAX_VIEWS:
+        raise _fail(path, f"must have at most {MAX_VIEWS} views", f"{len(value)} views")
+    out = []
+    for i, view in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(view, Mapping) or not set(view) <= {"clients", "select"} \
+                or "clients" not in view:
+            raise _fail(where, "must be a mapping with clients (a list of networks) and "
+                        "select (matchLabels)", view)
+        clients = _list_of(_network, allow_empty=False)(f"{where}.clients", view["clients"])
+        out.append((clients, _select(f"{where}.select", view.get("select"))))
+    return tuple(out)
+
+
 def _nsid(path: str, value: Any) -> str | None:
     if value == "":
         return ""  # no NSID at all
@@ -466,6 +491,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "rate_limit": _int(0, 10_000_000),
         "rate_limit_slip": _int(0, 100),
         "rate_limit_loopback": _bool,
+        "views": _views,
         "cache_min_ttl": _int(0, 86400),
         "cache_max_ttl": _int(0, 86400),
         "cache_negative_min_ttl": _int(0, 86400),

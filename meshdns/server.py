@@ -25,7 +25,13 @@ from .core.zone import Zone, ZoneSettings
 from .dns.drain import DrainState, drain
 from .dns.histogram import Histogram
 from .dns.metrics import DnsCollector
-from .dns.policy import PolicyCounts, listener_policy
+from .dns.policy import (
+    ClientPolicy,
+    PolicyCounts,
+    listener_policy,
+    packed_address,
+    view_networks,
+)
 from .dns.querylog import QueryLog
 from .dns.reuseport import steer_by_cpu
 from .dns.transport import (
@@ -192,6 +198,9 @@ class MeshServer:
         self.qlog = QueryLog() if config.log.queries else None
         self.metrics = new_metrics_registry()
         self.policy_counts = PolicyCounts()
+        self.listener_policies: list[ClientPolicy] = []  # access control, rate, views
+        if config.dns.views:
+            self.handler.set_views([select for _, select in config.dns.views])
         self.dns_metrics = DnsCollector(self.handler, self.tcp_limits, self.latency,
                                         lambda: self.listeners.udp, self.policy_counts)
         self.metrics.register(self.dns_metrics)
@@ -202,9 +211,16 @@ class MeshServer:
         self.etcd: EtcdRegistry | None = None
         self.drain_state = DrainState(config.dns.lameduck)
         self.context = ApiContext(config, self.store, self.handler, self.upstreams,
-                                  self.metrics, drain=self.drain_state)
+                                  self.metrics, drain=self.drain_state,
+                                  client_view=self.client_view)
         self.loaded_from = ""
         self._stopped = asyncio.Event()
+
+    def client_view(self, host: str) -> int:
+        """The view (dns.views) DNS answers ``host`` from, as its listeners decide."""
+        for policy in self.listener_policies:
+            return policy.view(packed_address(host)) if policy.views else 0
+        return 0
 
     @property
     def dns_addresses(self) -> list[HostPort]:
@@ -315,6 +331,8 @@ class MeshServer:
         reuse_port = hasattr(socket, "SO_REUSEPORT") and (
             hp.port != 0 or self.config.dns.workers > 1)
         policy = listener_policy(self.config.dns, hp.host, self.policy_counts)
+        if policy is not None:
+            self.listener_policies.append(policy)
         for _ in range(50):
             udp_sock = socket.socket(family, socket.SOCK_DGRAM)
             tcp_sock = socket.socket(family, socket.SOCK_STREAM)
@@ -506,6 +524,15 @@ class MeshServer:
                                + " -> " + (" ".join(settings.search) or "(none)"))
             self.settings = settings
             self.store.reconfigure(settings)
+        if new.dns.views != old.dns.views and (
+                len(self.listener_policies) == len(self.listeners.addresses)):
+            # Every listener checks its clients already: the new views apply at once
+            # (their caches start empty); else dns.views needs a restart.
+            self.handler.set_views([select for _, select in new.dns.views])
+            for policy in self.listener_policies:
+                policy.set_views(view_networks(new.dns))
+            dns = replace(dns, views=new.dns.views)
+            applied.append(f"views: {len(old.dns.views)} -> {len(new.dns.views)}")
         registry = old.registry
         if specs is not None:
             reg = await self.store.write(lambda base: apply_put(base, specs, self.policy,

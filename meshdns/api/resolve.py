@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from aiohttp import web
@@ -64,8 +65,18 @@ async def resolve(request: web.Request) -> web.Response:
     qtype = parse_code(request.query.get("type", "A"), QTYPE, "TYPE", "type")
     qclass = parse_code(request.query.get("class", "IN"), CLASS, "CLASS", "class")
     handler = server.handler
-    revision = handler.zone.registry.revision
-    decision = handler.explain(labels, qtype, qclass)
+    client = request.query.get("client")
+    view = 0
+    if client is not None:
+        try:
+            ipaddress.ip_address(client)
+        except ValueError:
+            raise ApiError(400, f"client must be an IP address, got {client[:64]!r}",
+                           "client") from None
+        view = server.client_view(client)
+    zone = handler.view_zone(view)
+    revision = zone.registry.revision
+    decision = handler.explain(labels, qtype, qclass, view)
     forwarded = decision.forward
     out: dict[str, Any] = {
         "name": request.query["name"],
@@ -82,8 +93,13 @@ async def resolve(request: web.Request) -> web.Response:
         "authority": [record(rr) for rr in decision.authority],
         "additional": [record(rr) for rr in decision.additional],
     }
+    if client is not None:
+        # Which view answers this client (dns.views, first match; 0: dns.select).
+        out["client"] = client
+        out["view"] = {"index": view, "select": {"matchLabels": dict(
+            zone.registry.names.select)}}
     # Which hostname template named the service, or which dns.select hid it.
-    out.update(explain_names(handler.zone, labels, decision))
+    out.update(explain_names(zone, labels, decision))
     if forwarded:
         out["upstreams"] = [str(hp) for hp in server.upstreams]
         out["chase"] = None

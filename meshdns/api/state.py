@@ -156,6 +156,8 @@ class ApiContext:
     workers: WorkerSync | None = None
     writer: RegistryWriter | None = None  # None: writes go to the store
     drain: DrainState | None = None  # SIGTERM: /readyz fails while DNS drains
+    # dns.views: which view a client address gets (0: the default one).
+    client_view: Callable[[str], int] = lambda host: 0
 
     @property
     def registry_writer(self) -> RegistryWriter:

@@ -19,7 +19,7 @@ built aside and swapped in by one assignment.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +27,10 @@ from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNSO
 
 from .fastpath import SERVER_UDP_PAYLOAD, FastPath
 from .names import wire_to_key
+from .naming import Selector
 from .outdated import CacheIndex, decision_name, outdated_names
 from .tally import QTYPE_INVALID, Entry, Forward, Tally
+from .views import view_zone
 from .wire import (
     EDE_NOT_SUPPORTED,
     EDE_PROHIBITED,
@@ -157,6 +159,8 @@ class MessageHandler:
                  forward_memo_size: int | None = None, nsid: bytes | None = None) -> None:
         self._state = _State(zone, FastPath(zone))
         self.nsid = nsid  # dns.nsid: sent to clients that ask (RFC 5001); None: never
+        self.view_selects: tuple[Selector, ...] = ()
+        self._views: list[_State] = []  # dns.views, each with its own caches
         self.cache_limit = answer_cache_size
         # Forwarded queries remembered per transport: bounded like the forwarder's
         # cache (dns.cache_size), not like local answers, since every distinct
@@ -178,25 +182,42 @@ class MessageHandler:
         return self._state.zone
 
     def set_zone(self, zone: Zone) -> None:
-        """Serve from ``zone`` from now on, with the cached replies it leaves as they were.
+        """Serve from ``zone`` from now on, with the cached replies it leaves as they were
+        (and each view from ``zone`` under its selector, core/views.py).
 
         Runs on the thread that answers DNS (the event loop), between two queries: no
         miss can be running on the old state, so the kept replies stay in the same
         dicts and only the outdated ones are taken out (O(change), not O(cache)).
         """
-        old = self._state
+        self._state = self._swap(self._state, zone)
+        self._views = [self._swap(old, view_zone(zone, select, old.zone))
+                       for old, select in zip(self._views, self.view_selects, strict=True)]
+
+    def set_views(self, selects: Sequence[Selector]) -> None:
+        """Answer views with these selectors from now on (SIGHUP): their caches start
+        empty; view i is asked with ``view=i + 1``."""
+        for old in self._views:
+            self._fold_all(old)
+        zone = self._state.zone
+        self.view_selects = tuple(selects)
+        self._views = [_State(z, FastPath(z)) for z in
+                       (view_zone(zone, select, None) for select in self.view_selects)]
+
+    def _fold_all(self, old: _State) -> None:
+        # Caches that go: their hits move to the totals, so none is lost.
+        self.tally.fold("udp", old.udp)
+        self.tally.fold("tcp", old.tcp)
+        self.tally.fold_forwards("udp", old.fwd_udp)
+        self.tally.fold_forwards("tcp", old.fwd_tcp)
+
+    def _swap(self, old: _State, zone: Zone) -> _State:
         zone.inherit(old.zone)
         new = _State(zone, FastPath(zone))
         new.fast.inherit(old.fast)
         names = outdated_names(old.zone, zone)
         if names is None:
-            self._state = new
-            # The old caches go: their hits move to the totals, so none is lost.
-            self.tally.fold("udp", old.udp)
-            self.tally.fold("tcp", old.tcp)
-            self.tally.fold_forwards("udp", old.fwd_udp)
-            self.tally.fold_forwards("tcp", old.fwd_tcp)
-            return
+            self._fold_all(old)
+            return new
         # Kept entries go on counting their hits; only the dropped ones are folded into
         # the totals.
         dropped: dict[str, dict[bytes, Any]] = {}
@@ -209,15 +230,14 @@ class MessageHandler:
                 if entry is not None:
                     gone[key] = entry
             setattr(new, kind, entries)
-        self._state = new
         self.tally.fold("udp", dropped["udp"])
         self.tally.fold("tcp", dropped["tcp"])
         self.tally.fold_forwards("udp", dropped["fwd_udp"])
         self.tally.fold_forwards("tcp", dropped["fwd_tcp"])
+        return new
 
     def cached_answers(self) -> int:
-        st = self._state
-        return len(st.udp) + len(st.tcp)
+        return sum(len(st.udp) + len(st.tcp) for st in (self._state, *self._views))
 
     def snapshot_counts(self) -> Tally:
         """Totals including hits not yet folded (for a scrape; the cache is untouched)."""
@@ -226,10 +246,11 @@ class MessageHandler:
         for (qtype, rcode), n in self.unadmitted.items():
             out.request("udp", qtype, n)
             out.response(rcode, "local", n)
-        out.fold("udp", st.udp, reset=False)
-        out.fold("tcp", st.tcp, reset=False)
-        out.fold_forwards("udp", st.fwd_udp, reset=False)
-        out.fold_forwards("tcp", st.fwd_tcp, reset=False)
+        for state in (st, *self._views):
+            out.fold("udp", state.udp, reset=False)
+            out.fold("tcp", state.tcp, reset=False)
+            out.fold_forwards("udp", state.fwd_udp, reset=False)
+            out.fold_forwards("tcp", state.fwd_tcp, reset=False)
         return out
 
     # The two entry points the transports call, per datagram / per framed message.
@@ -252,26 +273,41 @@ class MessageHandler:
             return data[:2] + cached
         return self._miss(data, tail, "tcp")
 
-    def handle_local(self, data: bytes, proto: str) -> bytes | None:
-        """``handle_udp``/``handle_tcp`` for a client that may not have names forwarded
-        (dns.allow_recursion): those get REFUSED with EDE 18, counted."""
+    def handle_view(self, data: bytes, proto: str, view: int
+                    ) -> bytes | ForwardRequest | None:
+        """``handle_udp``/``handle_tcp`` for a client of view ``view`` (dns.views; 0: the
+        default), from that view's own caches."""
+        st = self._views[view - 1] if view else self._state
         tail = data[2:]
-        entry = (self._state.udp if proto == "udp" else self._state.tcp).get(tail)
+        entry = (st.udp if proto == "udp" else st.tcp).get(tail)
         if entry is not None:
             entry[1] += 1
             cached: bytes = entry[0]
             return data[:2] + cached
-        out = self._miss(data, tail, proto, local_only=True)
+        return self._miss(data, tail, proto, st=st)
+
+    def handle_local(self, data: bytes, proto: str, view: int = 0) -> bytes | None:
+        """``handle_udp``/``handle_tcp`` for a client that may not have names forwarded
+        (dns.allow_recursion): those get REFUSED with EDE 18, counted."""
+        st = self._views[view - 1] if view else self._state
+        tail = data[2:]
+        entry = (st.udp if proto == "udp" else st.tcp).get(tail)
+        if entry is not None:
+            entry[1] += 1
+            cached: bytes = entry[0]
+            return data[:2] + cached
+        out = self._miss(data, tail, proto, local_only=True, st=st)
         if isinstance(out, ForwardRequest):
             self.tally.recursion_refused += 1
             self.tally.response(RCODE_REFUSED, "local")
             return prohibited_reply(data, self.nsid)
         return out
 
-    def _miss(self, data: bytes, tail: bytes, proto: str, local_only: bool = False
-              ) -> bytes | ForwardRequest | None:
+    def _miss(self, data: bytes, tail: bytes, proto: str, local_only: bool = False,
+              st: _State | None = None) -> bytes | ForwardRequest | None:
         # ``tail`` is data[2:], the cache key: one object, so its hash is computed once.
-        st = self._state
+        if st is None:
+            st = self._state
         forwards = st.fwd_udp if proto == "udp" else st.fwd_tcp
         fwd = forwards.get(tail)
         if fwd is not None and local_only:
@@ -385,6 +421,11 @@ class MessageHandler:
         cache.clear()
         st.index[proto] = CacheIndex()
 
-    def explain(self, labels: tuple[bytes, ...], qtype: int, qclass: int = 1) -> Decision:
+    def explain(self, labels: tuple[bytes, ...], qtype: int, qclass: int = 1,
+                view: int = 0) -> Decision:
         """The decision for a question, by the same code that answers DNS."""
-        return self._state.zone.decide(labels, qtype, qclass)
+        return self.view_zone(view).decide(labels, qtype, qclass)
+
+    def view_zone(self, view: int = 0) -> Zone:
+        """The zone view ``view`` answers from (0: the default one)."""
+        return self._views[view - 1].zone if view else self._state.zone

@@ -73,8 +73,11 @@ class ClientPolicy:
     rate: int = 0  # replies per second per client prefix; 0: no limit
     slip: int = 2
     counts: PolicyCounts = field(default_factory=PolicyCounts)
+    # dns.views: the client networks of each view (view i + 1); first match wins.
+    views: Sequence[Sequence[Network]] = ()
     clock: Callable[[], float] = time.monotonic
     _verdicts: dict[bytes, int] = field(default_factory=dict, repr=False)
+    _view_of: dict[bytes, int] = field(default_factory=dict, repr=False)
     # prefix -> [second, replies in it, replies over the limit in it]
     _buckets: dict[bytes, list[int]] = field(default_factory=dict, repr=False)
 
@@ -105,6 +108,22 @@ class ClientPolicy:
             if limited != ALLOW:
                 return limited
         return verdict
+
+    def view(self, packed: bytes) -> int:
+        """The view of a client (dns.views: 1, 2, ...; 0: the default, dns.select)."""
+        view = self._view_of.get(packed)
+        if view is None:
+            if len(self._view_of) >= MAX_REMEMBERED:
+                self._view_of.clear()
+            addr = ipaddress.ip_address(packed)
+            view = next((i + 1 for i, nets in enumerate(self.views)
+                         if any(addr in net for net in nets if net.version == addr.version)), 0)
+            self._view_of[packed] = view
+        return view
+
+    def set_views(self, views: Sequence[Sequence[Network]]) -> None:
+        self.views = views
+        self._view_of.clear()
 
     def _limit(self, packed: bytes) -> int:
         prefix = packed[:3] if len(packed) == 4 else packed[:7]  # /24, /56
@@ -152,11 +171,15 @@ def listener_policy(dns: DnsConfig, listen_host: str, counts: PolicyCounts
     loopback = is_loopback_listener(listen_host)
     rate = dns.rate_limit if (not loopback or dns.rate_limit_loopback) else 0
     if (loopback and dns.allow is None and not dns.deny and dns.allow_recursion is None
-            and not rate):
+            and not rate and not dns.views):
         return None
     allow = default_allow(listen_host) if dns.allow is None else \
         tuple(ipaddress.ip_network(n) for n in dns.allow)
     recursion = None if dns.allow_recursion is None else \
         tuple(ipaddress.ip_network(n) for n in dns.allow_recursion)
     return ClientPolicy(allow, tuple(ipaddress.ip_network(n) for n in dns.deny), recursion,
-                        rate, dns.rate_limit_slip, counts)
+                        rate, dns.rate_limit_slip, counts, views=view_networks(dns))
+
+
+def view_networks(dns: DnsConfig) -> tuple[tuple[Network, ...], ...]:
+    return tuple(tuple(ipaddress.ip_network(n) for n in clients) for clients, _ in dns.views)

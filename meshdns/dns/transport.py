@@ -94,25 +94,28 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
             out = self._packed[host] = packed_address(host)
         return out
 
-    def screened(self, data: bytes, addr: Any) -> bool:
-        """False when the policy answered (or dropped) the datagram itself."""
+    def screened(self, data: bytes, addr: Any) -> Any:
+        """The policy's answer (bytes, a ForwardRequest, None: dropped), or PASS when the
+        client is allowed and of the default view: handled as usual."""
         policy = self.policy
         if policy is None:
-            return True
-        verdict = policy.admit(self.packed(addr))
+            return PASS
+        packed = self.packed(addr)
+        verdict = policy.admit(packed)
+        view = policy.view(packed) if policy.views else 0
         if verdict == ALLOW:
-            return True
-        out = screened_reply(verdict, data, self.handler, "udp")
-        if out is not None:
-            self.transport.sendto(out, addr)  # type: ignore[union-attr]
-        return False
+            return self.handler.handle_view(data, "udp", view) if view else PASS
+        return screened_reply(verdict, data, self.handler, "udp", view)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.policy is not None and not self.screened(data, addr):
-            return
+        if self.policy is not None:
+            out = self.screened(data, addr)
+            if out is not PASS:
+                self._dispatch(out, addr)
+                return
         if self.qlog is not None:
             self._logged(data, addr, self.qlog)
             return
@@ -127,6 +130,9 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         except Exception:
             _Errors.report("udp")
             out = servfail(data)
+        self._dispatch(out, addr)
+
+    def _dispatch(self, out: bytes | ForwardRequest | None, addr: Any) -> None:
         if out is None:
             return
         if out.__class__ is bytes:
@@ -171,11 +177,14 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         pass
 
 
-def screened_reply(verdict: int, data: bytes, handler: MessageHandler, proto: str
-                   ) -> bytes | None:
+PASS: Any = object()  # UdpDnsProtocol.screened: allowed, default view, handle as usual
+
+
+def screened_reply(verdict: int, data: bytes, handler: MessageHandler, proto: str,
+                   view: int = 0) -> bytes | None:
     """What a query the policy did not simply allow gets (None: dropped)."""
     if verdict == LOCAL_ONLY:
-        return handler.handle_local(data, proto)
+        return handler.handle_local(data, proto, view)
     if verdict == REFUSE:
         return prohibited_reply(data, handler.nsid)
     return slip_reply(data) if verdict == SLIP else None
@@ -184,13 +193,16 @@ def screened_reply(verdict: int, data: bytes, handler: MessageHandler, proto: st
 def batch_screen(policy: ClientPolicy, handler: MessageHandler
                  ) -> Callable[[bytes, memoryview], Any]:
     """The batched path's check of each datagram's sender (BatchUdpServer.screen)."""
-    admit, handle = policy.admit, handler.handle_udp
+    admit, handle, of_view, view_of = (policy.admit, handler.handle_udp,
+                                       handler.handle_view, policy.view)
 
     def screen(data: bytes, name: memoryview) -> Any:
-        verdict = admit(sockaddr_address(name))
+        packed = sockaddr_address(name)
+        verdict = admit(packed)
+        view = view_of(packed) if policy.views else 0  # views can come with a SIGHUP
         if verdict == ALLOW:
-            return handle(data)
-        return screened_reply(verdict, data, handler, "udp")
+            return of_view(data, "udp", view) if view else handle(data)
+        return screened_reply(verdict, data, handler, "udp", view)
 
     return screen
 
@@ -344,6 +356,7 @@ class TcpDnsProtocol(asyncio.Protocol):
         self.handler = handler
         self.policy = policy
         self.verdict = ALLOW  # the access control verdict for this client (policy.py)
+        self.view = 0  # its view (dns.views; 0: the default)
         self.qlog = qlog
         self.peer: Any = None  # the client's address, for the query log
         self.forward = forward
@@ -366,8 +379,9 @@ class TcpDnsProtocol(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername")
         if self.policy is not None and self.peer:
             # Counted per query (in _answer), as over UDP.
-            self.verdict = self.policy.admit(packed_address(self.peer[0]), udp=False,
-                                             count=False)
+            packed = packed_address(self.peer[0])
+            self.verdict = self.policy.admit(packed, udp=False, count=False)
+            self.view = self.policy.view(packed) if self.policy.views else 0
         limits = self.limits
         limits.admit(self)
         self.transport.set_write_buffer_limits(high=256 * 1024)
@@ -456,12 +470,14 @@ class TcpDnsProtocol(asyncio.Protocol):
         if self.verdict != ALLOW:
             if self.verdict == REFUSE and self.policy is not None:
                 self.policy.counts.refused += 1  # each query, as over UDP
-            out = screened_reply(self.verdict, message, self.handler, "tcp")
+            out = screened_reply(self.verdict, message, self.handler, "tcp", self.view)
             if out is not None:
                 self._send(out)
             return out is not None
         try:
-            if self.latency is None:
+            if self.view:
+                out = self.handler.handle_view(message, "tcp", self.view)
+            elif self.latency is None:
                 out = self.handler.handle_tcp(message)
             else:
                 out = self.handler.handle_tcp(message)
