@@ -63,7 +63,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -110,7 +110,9 @@ class RevisionRegression(SyncError):
 
 TOKEN_REFUSED = (401, 403)  # the leader does not take registry.follow_token
 RETRY_AFTER_MAX = 300.0  # a Retry-After longer than this is read as this
-LARGE_ADOPT = 50_000  # services: a registry this big (or its predecessor) is a bulk write
+SMALL_DELTA = 65536  # bytes: a delta this small is parsed and applied on the loop's terms
+LARGE_BODY = 2 << 20  # bytes: after a body this big the heap is handed back to the system
+LARGE_ADOPT = 50_000  # services: and after replacing a registry this big
 
 
 def retry_after(value: str | None) -> float | None:
@@ -168,9 +170,10 @@ class Follower:
         # first full read is authoritative, as after a restart).
         self.lineage: str | None = None
         self._attempt = 0  # failed polls since the last settled one (the backoff step)
-        # The position comes from a full read no delta has followed yet: a 410 now is
-        # the leader contradicting itself, not a history that moved on.
+        # The position comes from a full read no delta has followed yet (a 410 now is
+        # paced: re-read after re-read must not spin).
         self._fresh = False
+        self._replacing = 0  # about the services the write under way replaces
         self._recovery_logged: str | None = None  # the outage whose re-sync was logged
         # The revision this follower restarted with from its state file, before any
         # contact with the leader; None when it started with no registry.
@@ -295,19 +298,11 @@ class Follower:
             data = await self._read(resp)
             tag = resp.headers.get("ETag")
             lineage = resp.headers.get(LINEAGE_HEADER)
-        large = len(data) > LARGE_ADOPT * 40 or len(self.store.registry) > LARGE_ADOPT
         body = [data]  # dropped once adopted, before the heap is trimmed
         del data
-        with bulk_write():
-            # Shielded: stopping the follower mid-write must not leave the state file
-            # ahead of what DNS serves.
-            reg: Registry = await asyncio.shield(self.store.write(
-                lambda base: self.adopt(body[0], base, lineage), mirror=True))
-        body.clear()
-        if large:
-            # What the decode and the replaced registry occupied is free, but counted in
-            # RSS until handed back (300k services: ~400 MB).
-            await asyncio.to_thread(release_memory)
+        with bulk_write():  # a whole registry: as a PUT is on the leader
+            reg = await self._write(body, lambda base: self.adopt(body[0], base, lineage))
+        await self._release_after(body, reg)
         self._etag = tag or f'"{reg.revision}"'
         if lineage:
             self.store.history.adopt_lineage(lineage, reg)  # a relay serves the leader's
@@ -330,38 +325,64 @@ class Follower:
         params = {"since": str(since), "lineage": lineage, "wait": f"{self.WAIT:g}"}
         async with session.get(self.url, params=params) as resp:
             if resp.status == 410:
-                if self._fresh:
-                    raise SyncError(f"leader answered 410 to the changes after the revision "
-                                    f"{since} it has just sent in full")
                 log.info("follower: %s cannot send the changes after revision %d (%s); "
                          "reading its registry in full", self.leader, since,
                          (await resp.content.read(300)).decode("utf-8", "replace").strip())
                 self._since = self._etag = None
                 self.relists += 1
+                if self._fresh:
+                    # Right after a full read: a history that short can be true (writes
+                    # between the two polls), but a leader answering so every time would
+                    # have the follower re-read in a loop; pace those re-reads.
+                    await asyncio.sleep(self.backoff(self._attempt))
+                    self._attempt += 1
                 return False
             if resp.status != 200:
                 raise await self._refusal(resp)
             data = await self._read(resp)
-        if len(data) > 65536:
-            revision, upserts, deletes = await asyncio.to_thread(self.parse_delta, data)
-        else:
-            revision, upserts, deletes = self.parse_delta(data)
-        self._fresh = False
-        if revision < since:
-            raise RevisionRegression(f"revision {revision} as the changes since revision "
-                                     f"{since} (lineage {lineage}): revisions only go up")
-        if revision == since:
-            if upserts or deletes:
-                raise SyncError(f"leader answered changes at revision {revision} to "
-                                f"since={since}")
-            return self._success(settled=True)  # nothing changed within the wait
-        reg: Registry = await asyncio.shield(self.store.write(
-            lambda base: self.apply_delta(base, since, revision, upserts, deletes),
-            mirror=True))
+        large = len(data) > SMALL_DELTA
+        # A large delta is a bulk write from its parse to its publish, as a PUT is on the
+        # leader: the collector resumed in between would scan all that the parse made.
+        with bulk_write() if large else contextlib.nullcontext():
+            if large:
+                revision, upserts, deletes = await asyncio.to_thread(self.parse_delta, data)
+            else:
+                revision, upserts, deletes = self.parse_delta(data)
+            self._fresh = False
+            if revision < since:
+                raise RevisionRegression(f"revision {revision} as the changes since revision "
+                                         f"{since} (lineage {lineage}): revisions only go up")
+            if revision == since:
+                if upserts or deletes:
+                    raise SyncError(f"leader answered changes at revision {revision} to "
+                                    f"since={since}")
+                return self._success(settled=True)  # nothing changed within the wait
+            body, pending = [data], [(revision, upserts, deletes)]
+            del data, upserts, deletes  # held in body and pending alone, dropped once applied
+            reg = await self._write(body, lambda base: self.apply_delta(base, since,
+                                                                        *pending[0]))
+            pending.clear()
+        await self._release_after(body, reg)
         self._since = (lineage, reg.revision)
         self._etag = f'"{reg.revision}"'
         self.deltas += 1
         return self._success(settled=True)
+
+    async def _write(self, body: list[bytes], compute: Callable[[Registry], Registry]
+                     ) -> Registry:
+        """Publish what the leader sent. Shielded: stopping the follower mid-write must
+        not leave the state file ahead of what DNS serves."""
+        self._replacing = max(len(self.store.registry), len(body[0]) // 40)
+        return await asyncio.shield(self.store.write(compute, mirror=True))
+
+    async def _release_after(self, body: list[bytes], reg: Registry) -> None:
+        """Drop the leader's bytes; after a large write, hand the freed heap back."""
+        size = len(body[0]) if body else 0
+        body.clear()
+        if size > LARGE_BODY or self._replacing > LARGE_ADOPT:
+            # What the decode and a replaced large registry occupied is free, but
+            # counted in RSS until handed back (300k services: ~400 MB).
+            await asyncio.to_thread(release_memory)
 
     async def _refusal(self, resp: aiohttp.ClientResponse) -> LeaderRefused:
         text = (await resp.content.read(500)).decode("utf-8", "replace")
