@@ -146,8 +146,10 @@ class Follower:
         self.token = cfg.follow_token
         self.max_bytes = max_bytes
         # Every VIP comes from the leader: never allocate one here, not even a vip6
-        # the leader has none for (that would answer AAAA the leader does not).
-        self.policy = replace(policy, range6=None)
+        # the leader has none for (that would answer AAAA the leader does not). Nor hold
+        # one: the hold-down is the leader's to keep (a full read carries none), and
+        # 300k deleted services held here would keep their memory for vip_hold_seconds.
+        self.policy = replace(policy, range6=None, hold_seconds=0.0)
         self.started_at = time.time()
         self.last_success: float | None = None  # wall time of the last 200/304 from the leader
         self.connected = False
