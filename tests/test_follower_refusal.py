@@ -82,6 +82,13 @@ def test_a_follower_refused_for_max_watchers_keeps_its_position_and_backs_off(
     assert len(follower_lines(refused_follower, "WARNING")) == 1
     assert sum(len(follower_lines(f, "WARNING")) for f in followers) == 1
 
+    # What the refused follower is told: 503 with a Retry-After (the watcher slot is
+    # still taken by the other follower's long-poll).
+    revision = call(leader.url, "GET", "/v1/services").json()["revision"]
+    direct = call(leader.url, "GET", f"/v1/services?since={revision}&wait=5")
+    assert direct.status == 503 and "max_watchers" in direct.json()["error"]
+    assert direct.headers["retry-after"] == "1"
+
 
 async def _busy_leader(fake: FakeLeader, request: web.Request) -> web.Response:
     if "since" not in request.query:

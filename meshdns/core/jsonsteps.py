@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 _COMPACT = (",", ":")
-DUMP_STEP = 1000  # list elements encoded per json.dumps call
+DUMP_STEP = 250  # list elements per json.dumps call: ~1 ms each for service records
 
 
 def dumps_in_steps(doc: Any) -> str:
