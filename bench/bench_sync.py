@@ -15,8 +15,22 @@ plane drives it. Measured, wall-clock on the client side:
   loaded the same registry from its state file (no garbage left from parsing);
   the per-100k figure is (fresh with N) - (fresh empty), scaled to 100k.
 
+``--follower N`` measures a follower instead (issue 22): a leader and a
+follower process (each with a state file), the follower probed over UDP at
+``--rate``/s (write_latency.Prober: one mesh name, 1 s timeout) while it
+
+1. re-reads in full a leader grown to N services (the follower restarted from
+   its 3-service state file, so DNS answers from the first moment and the first
+   poll is the full read; "during" is from its first answer to the first answer
+   for the last of the N);
+2. applies the delta that takes a running follower from 3 to N services;
+3. applies the delta back to 3 services, then RSS (VmRSS) after 2 s, against a
+   fresh follower process in sync with the same 3 services.
+
 Usage: python bench/bench_sync.py [--sizes 10000,100000] [--patches 5] [--no-write]
-Writes bench/results/sync.md (a Markdown section) unless --no-write.
+       python bench/bench_sync.py --follower 300000 [--rate 200] [--no-write]
+Writes bench/results/sync.md (a Markdown section) unless --no-write; --follower
+writes bench/results/sync_follower.md.
 """
 
 from __future__ import annotations
@@ -36,27 +50,33 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dns.exception
 import dns.message
 import dns.query
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from write_latency import Prober, stats  # noqa: E402  (one prober for both benches)
 
 
 class Server:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, follow: str | None = None) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.dns_port = self.api_port = 0  # port 0: known from --ports-file once started
         self.ports = workdir / "meshdns.ports.json"
         (workdir / "resolv.conf").write_text("# none\n")
         self.state = workdir / "state.json"
-        cfg = {
+        cfg: dict[str, Any] = {
             "dns": {"listen": ["127.0.0.1:0"], "upstreams": [],
                     "resolv_conf": str(workdir / "resolv.conf")},
-            "api": {"listen": "127.0.0.1:0"},
+            "api": {"listen": "127.0.0.1:0", "max_body_bytes": 1 << 30},
             "registry": {"state_file": str(self.state)},
             "log": {"level": "warning"},
         }
+        if follow is not None:
+            cfg["registry"]["follow"] = follow
         self.config = workdir / "meshdns.yaml"
         self.config.write_text(json.dumps(cfg))  # JSON is YAML
         self.proc: subprocess.Popen[bytes] | None = None
@@ -130,10 +150,14 @@ class Server:
             raise RuntimeError(f"{method} {path}: HTTP {status}: {data[:300]!r}")
         return elapsed, data
 
-    def a_record(self, name: str) -> list[str]:
+    def a_record(self, name: str, timeout: float = 5) -> list[str]:
         reply = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1",
-                              port=self.dns_port, timeout=5, ignore_unexpected=True)
+                              port=self.dns_port, timeout=timeout, ignore_unexpected=True)
         return [rr.address for rrset in reply.answer for rr in rrset]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
 
 
 def services(n: int) -> list[dict[str, Any]]:
@@ -198,6 +222,135 @@ def run(sizes: list[int], patches: int) -> dict[str, Any]:
     return out
 
 
+def mesh_name(i: int) -> str:
+    return f"svc{i}.ns{i % 100}.svc.{8000 + i % 7}.mesh"
+
+
+def wait_answer(server: Server, name: str, present: bool, limit: float = 600) -> float:
+    """Poll ``name`` on ``server`` until it is (or is no longer) answered; monotonic time."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if bool(server.a_record(name, timeout=1)) == present:
+                return time.monotonic()
+        except (OSError, dns.exception.Timeout):
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"{name} still {'absent' if present else 'answered'} after {limit} s")
+
+
+def probed(prober: Prober, start: float, end: float) -> dict[str, Any]:
+    return stats([lat for sent, lat in prober.samples if start <= sent <= end])
+
+
+def run_follower(n: int, rate: float) -> dict[str, Any]:
+    small = json.dumps({"services": services(3)}).encode()
+    big = json.dumps({"services": services(n)}).encode()
+    last = mesh_name(n - 1)
+    out: dict[str, Any] = {"n": n, "rate": rate, "body_mib": len(big) / 2**20,
+                           "load": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="meshdns-bench-follow-") as tmp:
+        work = Path(tmp)
+        leader = Server(work / "leader")
+        follower = Server(work / "follower", follow=leader.url)
+        prober: Prober | None = None
+        try:
+            leader.start()
+            leader.timed("PUT", "/v1/services", small)
+            follower.start()
+            wait_answer(follower, mesh_name(2), True)
+            out["rss_small_start"] = follower.rss_mib()
+            follower.stop()
+            out["leader_put_s"], _ = leader.timed("PUT", "/v1/services", big)
+
+            # 1. The full read: the follower restarts on its 3-service state file.
+            prober = Prober(follower.dns_port, [mesh_name(0)], rate)
+            prober.start()
+            follower.start()
+            first = wait_answer(follower, mesh_name(0), True)
+            done = wait_answer(follower, last, True)
+            out["full"] = probed(prober, first, done) | {"s": done - first}
+            out["rss_after_full"] = follower.rss_mib()
+
+            # 3 (first half). Back to 3 services: a delta of N deletes.
+            t0 = time.monotonic()
+            leader.timed("PUT", "/v1/services", small)
+            done = wait_answer(follower, last, False)
+            out["shrink"] = probed(prober, t0, done) | {"s": done - t0}
+            time.sleep(2.0)
+            out["rss_after_shrink"] = follower.rss_mib()
+            t0 = time.monotonic()
+            time.sleep(2.0)
+            out["idle"] = probed(prober, t0, time.monotonic()) | {"s": 2.0}
+
+            # 2. From 3 to N services as a delta, on the running follower.
+            t0 = time.monotonic()
+            leader.timed("PUT", "/v1/services", big)
+            done = wait_answer(follower, last, True)
+            out["grow"] = probed(prober, t0, done) | {"s": done - t0}
+            out["rss_after_grow"] = follower.rss_mib()
+            leader.timed("PUT", "/v1/services", small)
+            wait_answer(follower, last, False)
+            time.sleep(2.0)
+            out["rss_after_second_shrink"] = follower.rss_mib()
+            prober.stop_at = time.monotonic()
+            prober.join(5)
+
+            # The baseline: a fresh follower process in sync with the same 3 services.
+            follower.stop()
+            fresh = Server(work / "fresh", follow=leader.url)
+            try:
+                fresh.start()
+                wait_answer(fresh, mesh_name(2), True)
+                time.sleep(2.0)
+                out["rss_fresh_small"] = fresh.rss_mib()
+            finally:
+                fresh.stop()
+        finally:
+            if prober is not None:
+                prober.stop_at = time.monotonic()
+            follower.stop()
+            leader.stop()
+    return out
+
+
+def follower_markdown(res: dict[str, Any], command: str) -> str:
+    def row(what: str, key: str) -> str:
+        s = res[key]
+        return (f"| {what} | {s['s']:.2f} s | {s['n']} | {s['lost']} | "
+                f"{s.get('p50_ms', 0):.1f} ms | **{s.get('p99_ms', 0):.1f} ms** | "
+                f"{s.get('max_ms', 0):.1f} ms |")
+
+    n = res["n"]
+    return "\n".join([
+        f"## A follower adopting {n:,} services",
+        "",
+        f"`{command}` — {platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs (load average {res['load']:.1f} at start), "
+        f"{time.strftime('%Y-%m-%d')}; a leader and a follower process on loopback, each "
+        f"with a state file; the follower's DNS probed at {res['rate']:g}/s (one mesh name, "
+        f"UDP, 1 s timeout). Registry body {res['body_mib']:.1f} MiB.",
+        "",
+        "| follower | took | probes | lost | p50 | p99 | max |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        row(f"full read of {n:,} (restarted on a 3-service state file)", "full"),
+        row(f"delta {n:,} -> 3", "shrink"),
+        row(f"delta 3 -> {n:,}", "grow"),
+        row("idle, 3 services (baseline)", "idle"),
+        "",
+        f"- RSS of the follower: {res['rss_small_start']:.0f} MiB in sync with 3 services; "
+        f"{res['rss_after_full']:.0f} MiB with {n:,}; **{res['rss_after_shrink']:.0f} MiB** "
+        f"back at 3 (and {res['rss_after_second_shrink']:.0f} MiB after a second "
+        f"3 -> {n:,} -> 3); a fresh follower process in sync with the same 3: "
+        f"{res['rss_fresh_small']:.0f} MiB.",
+        "- Method: `during` is from the restarted follower's first DNS answer (it serves its "
+        "state file at once) to its first answer for the last of the N services; for the "
+        "deltas, from the leader's PUT to the follower's answer for (or NXDOMAIN of) that "
+        "name. RSS is VmRSS 2 s after the follower stopped answering the last name.",
+        "",
+    ])
+
+
 def markdown(res: dict[str, Any], command: str) -> str:
     lines = [
         "## Registry sync over HTTP",
@@ -238,10 +391,22 @@ def main() -> int:
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--patches", type=int, default=5)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--follower", type=int, default=0,
+                        help="measure a follower adopting this many services instead")
+    parser.add_argument("--rate", type=float, default=200.0, help="DNS probes/s (--follower)")
     args = parser.parse_args()
+    command = "python bench/bench_sync.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.follower:
+        res = run_follower(args.follower, args.rate)
+        text = follower_markdown(res, command.strip())
+        print(json.dumps(res, indent=1, default=str))
+        print(text)
+        if not args.no_write:
+            (HERE / "results").mkdir(exist_ok=True)
+            (HERE / "results" / "sync_follower.md").write_text(text)
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     res = run(sizes, args.patches)
-    command = "python bench/bench_sync.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = markdown(res, command.strip())
     print()
     print(text)

@@ -113,6 +113,9 @@ class ApiConfig:
     # how long a woken long-poll gathers further changes before it answers.
     follow_history: int = 1000
     follow_coalesce: float = 0.1
+    # Seconds an idle connection (no request in flight, or one not yet fully sent) is
+    # kept open; above a 60 s scrape interval, so a scraper keeps its connection.
+    idle_timeout: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -508,6 +511,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "allow_unauthenticated": _bool,
         "follow_history": _int(1, 1_000_000),
         "follow_coalesce": _number(0, 10),
+        "idle_timeout": _number(0.5, 86400),
     },
     "registry": {
         "cidr": _cidr(4),

@@ -96,11 +96,18 @@ class ChangeHistory:
         reg = self.registry
         return None if reg is None else reg.revision
 
-    def record(self, base: Registry | None, new: Registry) -> None:
-        """``new`` was published on top of ``base`` (None: a first load)."""
+    def record(self, base: Registry | None, new: Registry,
+               keys: tuple[ServiceKey, ...] | None = None) -> None:
+        """``new`` was published on top of ``base`` (None: a first load).
+
+        ``keys``: ``changed_keys(base, new)`` if the caller computed it already (in a
+        worker thread: for a whole-registry write it is O(registry) on the DNS loop)."""
         contiguous = base is not None and self.registry is not None \
             and base.revision == self.registry.revision and new.revision > base.revision
-        keys = changed_keys(base, new) if contiguous and base is not None else ()
+        if not contiguous or base is None:
+            keys = ()
+        elif keys is None:
+            keys = changed_keys(base, new)
         with self._lock:
             if not contiguous or base is None:
                 self._restart(new)

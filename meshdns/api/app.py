@@ -23,6 +23,7 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from ..config import HostPort
@@ -41,6 +42,8 @@ from .state import (
 )
 
 log = logging.getLogger("meshdns.api")
+# aiohttp's own connection-level log: a request it could not parse comes here.
+http_log = logging.getLogger("meshdns.api.http")
 
 OPENAPI_RESOURCE = "openapi.yaml"  # canonical copy; docs/openapi.yaml must be identical
 SYNC_OPS = {hdrs.METH_PUT: "put", hdrs.METH_PATCH: "patch"}
@@ -124,8 +127,30 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+class _ClientErrorsQuiet(logging.Filter):
+    """A request aiohttp cannot parse (a 1 MB query string, a broken header) is answered
+    400 and the connection closed; that is the client's error, not a traceback at ERROR
+    level in this server's log for each one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            log.debug("malformed HTTP request answered %d: %s", exc.code,
+                      str(exc.message)[:200])
+            return False
+        return True
+
+
+http_log.addFilter(_ClientErrorsQuiet())
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """503 until a registry is loaded; a follower also once its last sync is too old."""
+    """503 until a registry is loaded; a follower also once its last sync is too old,
+    or at once when the leader refuses its token (a configuration error).
+
+    A follower that refused what its leader sent (``follow.degraded``: a revision
+    going back) stays ready: it serves the registry it had, which is what clients
+    should get, until follow_max_staleness says that is too old."""
     server = request.app[STATE_KEY].server
     store = server.store
     drain = server.drain
@@ -133,17 +158,26 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"ready": False, "reason": "draining: shutting down "
                                   f"(dns.lameduck {drain.lameduck:g} s)"}, status=503)
     if not store.loaded:
-        return web.json_response({"ready": False, "reason": not_loaded_reason(server)},
-                                 status=503)
-    body: dict[str, Any] = {"ready": True, "revision": store.revision,
-                            "services": len(store.registry)}
+        body: dict[str, Any] = {"ready": False, "reason": not_loaded_reason(server)}
+        config_error = getattr(server.follower, "config_error", None)
+        if config_error:
+            body["reason"] = f"{body['reason']}: {config_error}"
+        return web.json_response(body, status=503)
+    body = {"ready": True, "revision": store.revision, "services": len(store.registry)}
     follower = server.follower
     if follower is not None:
         limit = server.config.registry.follow_max_staleness
         since = follower.last_success or follower.started_at
         age = time.time() - since
+        # The etcd mirror reports no error, config_error or degraded (getattr: None).
         body["follow"] = {"leader": follower.leader, "connected": follower.connected,
-                          "last_success": follower.last_success}
+                          "last_success": follower.last_success,
+                          "error": getattr(follower, "last_error", None),
+                          "degraded": getattr(follower, "degraded", None)}
+        config_error = getattr(follower, "config_error", None)
+        if config_error:
+            body.update(ready=False, reason=config_error)
+            return web.json_response(body, status=503)
         if age > limit:
             body.update(ready=False, reason=f"no successful sync with the leader for {age:.0f} s "
                         f"(registry.follow_max_staleness {limit:g} s)")
@@ -237,13 +271,19 @@ class ApiServer:
         self.app = make_app(server)
         self.state = self.app[STATE_KEY]
         # handler_cancellation: a watcher that hangs up frees its slot at once.
+        # keepalive_timeout: an idle connection, or one whose request never completes,
+        # is closed after api.idle_timeout (aiohttp's default keeps it an hour).
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                    shutdown_timeout=5.0, handler_cancellation=True)
+                                    shutdown_timeout=5.0, handler_cancellation=True,
+                                    keepalive_timeout=server.config.api.idle_timeout,
+                                    logger=http_log)
         self.metrics_runner: web.AppRunner | None = None
         if server.metrics is not None and server.config.metrics.listen is not None:
             self.metrics_runner = web.AppRunner(make_metrics_app(self.state, server.metrics),
                                                 access_log=None, handle_signals=False,
-                                                shutdown_timeout=2.0)
+                                                shutdown_timeout=2.0,
+                                                keepalive_timeout=server.config.api.idle_timeout,
+                                                logger=http_log)
         self.address: HostPort | None = None
         self.metrics_address: HostPort | None = None
 

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import codecs
-import json
-import json.scanner
-import re
 from typing import Any
 
 import yaml
 from aiohttp import hdrs, web
 
+from ..core.jsonsteps import load_json_in_steps, loads_in_steps
 from ..core.parse import clip
 from ..yamlload import load_yaml
 from .state import ApiError
 
 JSON_TYPES = frozenset({"application/json"})
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
+
+__all__ = ["decode", "loads_in_steps", "object_with", "read_body"]
 
 async def read_body(request: web.Request, limit: int) -> tuple[bytes, str]:
     """The raw body and its kind ("json" or "yaml"); never buffers more than ``limit``.
@@ -56,7 +55,7 @@ def decode(data: bytes, kind: str) -> Any:
     """The document in ``data``, or 400. Pure and CPU-bound: callers run it in a thread."""
     if kind == "json":
         try:
-            return loads_in_steps(_utf8_in_steps(data))
+            return load_json_in_steps(data)
         except (ValueError, RecursionError) as exc:
             raise ApiError(400, f"malformed JSON body: {clip(str(exc), 200)}") from None
     try:
@@ -66,110 +65,6 @@ def decode(data: bytes, kind: str) -> Any:
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
         message = clip(" ".join(str(exc).split()), 200)
         raise ApiError(400, f"malformed YAML body: {message}") from None
-
-
-_DECODER = json.JSONDecoder()
-_SCAN: Any = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # typeshed
-_WS = frozenset(" \t\n\r")
-_SPACE = re.compile(r"[ \t\n\r]*")
-
-
-def loads_in_steps(text: str) -> Any:
-    """``json.loads(text)``, but a top-level object's list values are decoded one
-    element at a time.
-
-    json.loads is one C call that holds the GIL throughout: ~70 ms for a
-    100k-service body, during which the DNS thread cannot answer. Between the
-    elements here the interpreter can switch threads, so a write decoded in a
-    worker thread delays DNS by the size of one element instead.
-    """
-    raw = _DECODER.raw_decode
-    i = _skip(text, 0)
-    if text[i:i + 1] != "{":
-        doc, i = raw(text, i)
-        return _end(text, i, doc)
-    out: dict[str, Any] = {}
-    i = _skip(text, i + 1)
-    if text[i:i + 1] == "}":
-        return _end(text, i + 1, out)
-    while True:
-        if text[i:i + 1] != '"':
-            raise json.JSONDecodeError("Expecting property name enclosed in double quotes",
-                                       text, i)
-        key, i = raw(text, i)
-        i = _skip(text, i)
-        if text[i:i + 1] != ":":
-            raise json.JSONDecodeError("Expecting ':' delimiter", text, i)
-        i = _skip(text, i + 1)
-        if text[i:i + 1] == "[":
-            out[key], i = _list_in_steps(text, i)
-        else:
-            out[key], i = raw(text, i)
-        i = _skip(text, i)
-        sep = text[i:i + 1]
-        if sep == "}":
-            return _end(text, i + 1, out)
-        if sep != ",":
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
-        i = _skip(text, i + 1)
-
-
-def _list_in_steps(text: str, i: int) -> tuple[list[Any], int]:
-    scan = _SCAN  # the C scanner raw_decode wraps, without its Python frame per item
-    items: list[Any] = []
-    append = items.append
-    # json.loads shares one string per distinct key across the whole document; one
-    # scan per element would give every element its own copies ("name", "port", ...),
-    # which at 1M services left ~300 MiB of the heap fragmented after the write.
-    keys: dict[str, str] = {}
-    share = keys.setdefault
-    i = _skip(text, i + 1)
-    if text[i:i + 1] == "]":
-        return items, i + 1
-    while True:
-        try:
-            item, i = scan(text, i)
-        except StopIteration as err:
-            raise json.JSONDecodeError("Expecting value", text, err.value) from None
-        if item.__class__ is dict:
-            item = {share(k, k): v for k, v in item.items()}
-        append(item)
-        sep = text[i:i + 1]
-        if sep in _WS:
-            i = _skip(text, i)
-            sep = text[i:i + 1]
-        if sep == ",":
-            i += 1
-            if text[i:i + 1] in _WS:
-                i = _skip(text, i)
-            continue
-        if sep == "]":
-            return items, i + 1
-        raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
-
-
-def _skip(text: str, i: int) -> int:
-    """The index of the first non-whitespace character at or after ``i``."""
-    match = _SPACE.match(text, i)
-    return i if match is None else match.end()
-
-
-def _utf8_in_steps(data: bytes, step: int = 1 << 20) -> str:
-    """``data.decode("utf-8")`` a MiB at a time (one call holds the GIL ~5 ms per MiB)."""
-    if len(data) <= step:
-        return data.decode("utf-8")
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    view = memoryview(data)
-    parts = [decoder.decode(view[i:i + step]) for i in range(0, len(data), step)]
-    parts.append(decoder.decode(b"", final=True))
-    return "".join(parts)
-
-
-def _end(text: str, i: int, doc: Any) -> Any:
-    i = _skip(text, i)
-    if i != len(text):
-        raise json.JSONDecodeError("Extra data", text, i)
-    return doc
 
 
 def object_with(doc: Any, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, Any]:

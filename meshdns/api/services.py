@@ -9,13 +9,10 @@ from it. Parsing, computing and persisting run in worker threads, so a
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import json
 import logging
 import math
-import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
@@ -33,7 +30,7 @@ from ..core.registry import (
     parse_services,
 )
 from ..core.service import service_json
-from ..gcpause import gc_paused
+from ..gcpause import bulk_write
 from ..protocol import LINEAGE_HEADER, WORKER_HEADER
 from ..store import StateWriteError, fast_ip4, fast_ip6
 from .body import decode, object_with, read_body
@@ -125,45 +122,6 @@ def _core_parse(fn: Callable[[], T]) -> T:
 
 
 # ---------------------------------------------------------------- handlers
-
-# While a write decodes and builds in a worker thread, the event loop thread (DNS)
-# needs the GIL back quickly: CPython hands it over every switch interval (5 ms by
-# default), and a UDP answer takes several hand-overs. 1 ms keeps DNS within a few
-# ms of its idle latency for the second or two a 100k-service write takes.
-WRITE_SWITCH_INTERVAL = 0.001
-# Objects a write left for the collector above which they are frozen, not scanned.
-FREEZE_AFTER = 50_000
-_writes_in_flight = 0
-_switch_interval_before = 0.005
-
-
-@contextlib.contextmanager
-def bulk_write() -> Iterator[None]:
-    """One write's decode, build and publish, kept from stalling DNS.
-
-    The cyclic collector stays paused for the whole write: resumed between the
-    parse and the build, it would scan every object the parse made, in one call
-    that holds the GIL (~50-150 ms at 100k services). What a large write leaves
-    behind is frozen at the end, like the registry loaded at start-up
-    (server.start): a new snapshot is long-lived and acyclic, and reference
-    counting still frees it when it is replaced.
-    """
-    global _writes_in_flight, _switch_interval_before
-    if _writes_in_flight == 0:
-        _switch_interval_before = sys.getswitchinterval()
-        sys.setswitchinterval(min(WRITE_SWITCH_INTERVAL, _switch_interval_before))
-    _writes_in_flight += 1
-    try:
-        with gc_paused():
-            try:
-                yield
-            finally:
-                if gc.get_count()[0] > FREEZE_AFTER:
-                    gc.freeze()
-    finally:
-        _writes_in_flight -= 1
-        if _writes_in_flight == 0:
-            sys.setswitchinterval(_switch_interval_before)
 
 
 async def get_services(request: web.Request) -> web.Response:

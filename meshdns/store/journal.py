@@ -95,9 +95,13 @@ class Journal:
         line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
         self.repair()
         new_entry = self.dir_pending or not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        # 0600, like the snapshot (tempfile.mkstemp): both hold the whole registry.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            good = os.fstat(fd).st_size  # whole lines only: repair() saw to that
+            st = os.fstat(fd)
+            if st.st_mode & 0o077:  # created by an older meshdns with the umask's 0644
+                os.fchmod(fd, 0o600)
+            good = st.st_size  # whole lines only: repair() saw to that
             try:
                 view = memoryview(line)
                 while view:  # a nearly full disk takes part of a write, then says ENOSPC

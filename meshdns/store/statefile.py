@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..core.jsonsteps import dumps_in_steps
 from ..core.registry import (
     Registry,
     RegistryError,
@@ -72,7 +73,7 @@ def write_state(path: Path, reg: Registry, mirror: bool = False) -> None:
     on POSIX), then fsync the directory so the rename itself survives a power cut.
     """
     with gc_paused():  # 100k short-lived dicts: nothing for the collector to find
-        data = json.dumps(state_document(reg, mirror), separators=(",", ":")).encode()
+        data = dumps_in_steps(state_document(reg, mirror)).encode()
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=directory)
     try:

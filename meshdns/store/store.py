@@ -35,8 +35,8 @@ from ..core.registry import (
     apply_put,
 )
 from ..core.zone import Zone, ZoneSettings
-from ..gcpause import gc_paused
-from ..history import ChangeHistory
+from ..gcpause import gc_paused, paused
+from ..history import ChangeHistory, changed_keys
 from .journal import Journal, journal_entry, journal_path
 from .records import StateError, StateWriteError
 from .statefile import (
@@ -49,6 +49,7 @@ from .statefile import (
 
 log = logging.getLogger("meshdns.registry")
 R = TypeVar("R", Registry, Registry | None)
+THREAD_KEYS = 1000  # a write touching more services finds its changed keys off the loop
 
 
 class RegistryStore:
@@ -157,12 +158,19 @@ class RegistryStore:
                 if not self._changes(base, new, mirror):
                     self.registry = new
                     return new
+                keys, zone = None, None
+                touched = new.touched_since(base)
+                if touched is None or len(touched[0]) + len(touched[1]) > THREAD_KEYS:
+                    # A whole-registry (or a large) write: what it changed (for the
+                    # history) and the zone's name indexes are O(registry) to find, so
+                    # not on the DNS loop.
+                    keys, zone = await asyncio.to_thread(paused(self._prepare), base, new)
                 if self.state_file is not None:  # disk IO stays off the loop
                     await asyncio.to_thread(self.persist, new, mirror, base)
                 if self.registry is not base:
                     continue  # pragma: no cover - a synchronous writer raced the fsync
                 self.mirror = mirror
-                self.publish(new)
+                self.publish(new, keys, zone)
                 return new
 
     def persist(self, reg: Registry, mirror: bool = False, base: Registry | None = None) -> None:
@@ -225,11 +233,22 @@ class RegistryStore:
         self.settings = settings
         self.handler.set_zone(Zone(self.registry, settings, loaded=self.loaded))
 
-    def publish(self, reg: Registry) -> None:
+    def _prepare(self, base: Registry, new: Registry
+                 ) -> tuple[tuple[ServiceKey, ...] | None, Zone]:
+        """What ``new`` changed since ``base`` (None before the first load), and its zone."""
+        keys = changed_keys(base, new) if self.loaded else None
+        return keys, Zone(new, self.settings)
+
+    def publish(self, reg: Registry, keys: tuple[ServiceKey, ...] | None = None,
+                zone: Zone | None = None) -> None:
+        """DNS answers from ``reg`` from now on; ``keys``: what it changed, and ``zone``:
+        its zone, when they were prepared off the loop."""
         previous = self.registry if self.loaded else None
-        self.history.record(previous, reg)  # before the listeners wake long-polls
+        self.history.record(previous, reg, keys)  # before the listeners wake long-polls
         self.registry = reg
-        self.handler.set_zone(Zone(reg, self.settings))
+        if zone is None or zone.registry is not reg or zone.settings is not self.settings:
+            zone = Zone(reg, self.settings)  # (settings reloaded meanwhile: rebuilt here)
+        self.handler.set_zone(zone)
         self.loaded = True
         self.last_update = time.time()
         for listener in list(self.listeners):
