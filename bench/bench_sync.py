@@ -252,10 +252,10 @@ def run_follower(n: int, rate: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="meshdns-bench-follow-") as tmp:
         work = Path(tmp)
         leader = Server(work / "leader")
+        leader.start()  # its port (bound 0) is in the follower's URL
         follower = Server(work / "follower", follow=leader.url)
         prober: Prober | None = None
         try:
-            leader.start()
             leader.timed("PUT", "/v1/services", small)
             follower.start()
             wait_answer(follower, mesh_name(2), True)
