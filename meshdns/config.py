@@ -25,7 +25,7 @@ from .core.names import (
     parse_templates,
 )
 from .core.parse import QUOTE_LIMIT, clip, label_key_error, quote
-from .yamlload import load_yaml
+from .yamlload import DuplicateKey, load_json, load_yaml
 
 
 class ConfigError(ValueError):
@@ -603,17 +603,22 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     try:
         raw = load_yaml(text)  # plain data only; no anchors/aliases, bounded nesting
+    except DuplicateKey as exc:  # "dns.ttl: duplicate key (lines 3 and 4)"
+        raise ConfigError(str(exc)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {clip(str(exc), 300)}") from None
     return parse_config(raw, env)
 
 
 def parse_document(text: str | bytes) -> Any:
-    """A YAML or JSON document (JSON is YAML, but json.loads is much faster)."""
+    """A YAML or JSON document (JSON is YAML, but json.loads is much faster).
+    ValueError when it is neither; DuplicateKey (a ValueError) for a key named twice."""
     stripped = text.lstrip()
     if stripped[:1] in ("{", "[", b"{", b"["):
         try:
-            return json.loads(text)
+            return load_json(text)
+        except DuplicateKey:
+            raise
         except ValueError:
             pass  # not JSON after all: let YAML say what is wrong
     try:

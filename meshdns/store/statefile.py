@@ -22,6 +22,7 @@ from ..core.registry import (
 )
 from ..core.vip import parse_ip
 from ..gcpause import gc_paused
+from ..yamlload import DuplicateKey
 from .journal import journal_path, replay_journal
 from .records import STATE_FORMAT, StateError, fast_ip4, fast_ip6, fsync_dir, service_record
 
@@ -33,6 +34,8 @@ def load_seed(path: str) -> list[ServiceSpec]:
 
     try:
         doc = load_document(path)
+    except DuplicateKey as exc:  # "services[0].name: duplicate key (lines 3 and 5)"
+        raise StateError(f"seed file {path}: {exc}") from None
     except (OSError, ValueError) as exc:
         raise StateError(f"seed file {path}: cannot be read: {exc}") from None
     if isinstance(doc, dict):
