@@ -28,7 +28,7 @@ import pytest
 from meshdns.api.body import decode
 from meshdns.api.state import ApiError
 from meshdns.config import parse_document
-from meshdns.yamlload import DuplicateKey, load_json, load_yaml
+from meshdns.yamlload import load_yaml
 
 from .apiclient import call
 from .support import ServerThread, make_config, query, running_server
@@ -68,6 +68,8 @@ DOCUMENTS = [
 
 @pytest.mark.parametrize(("text", "path"), DOCUMENTS)
 def test_every_reader_refuses_the_same_key(text: str, path: str) -> None:
+    from meshdns.yamlload import DuplicateKey, load_json
+
     readers = {
         "load_json": lambda: load_json(text),
         "load_yaml": lambda: load_yaml(text),
@@ -93,6 +95,8 @@ def test_equal_keys_in_different_mappings_are_not_duplicates() -> None:
 
 
 def test_yaml_names_the_two_places() -> None:
+    from meshdns.yamlload import DuplicateKey
+
     with pytest.raises(DuplicateKey) as info:
         load_yaml("dns:\n  listen: []\n  ttl: 30\n  ttl: 40\n")
     assert str(info.value) == "dns.ttl: duplicate key (lines 3 and 4)"
