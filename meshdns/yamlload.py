@@ -234,7 +234,9 @@ def json_object_hook(share: Callable[[str, str], str] | None = None) -> JsonObje
         return unique
 
     def unique_shared(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj = {share(k, k): v for k, v in pairs}
+        obj = {}
+        for k, v in pairs:  # a loop: a comprehension costs a frame per object (3.11)
+            obj[share(k, k)] = v
         if len(obj) != len(pairs):
             raise RepeatedJsonKey
         return obj
