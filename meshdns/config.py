@@ -577,8 +577,9 @@ def _unreadable_files(path: str, etcd: EtcdConfig) -> list[str]:
             if (value := getattr(etcd, key)) is not None and not os.access(value, os.R_OK)]
 
 
-# The token value the Secrets under deploy/ ship, to be replaced before use: a server
-# started with it would accept any client that read the manifests.
+# The token value the Secrets under deploy/ shipped with until they left the applied
+# folders (issue 22), to be replaced before use: such Secrets may still be in clusters,
+# and a server started with one would accept any client that read the manifests.
 PLACEHOLDER_TOKEN = "REPLACE-WITH-A-RANDOM-TOKEN"
 MIN_TOKEN_CHARS = 16  # below this check-config warns (and serve logs a warning)
 _TOKENS = (("api.token", "MESHDNS_API_TOKEN"), ("registry.follow_token", "MESHDNS_FOLLOW_TOKEN"))
@@ -593,7 +594,7 @@ def _refuse_placeholder_tokens(cfg: Config, env: Mapping[str, str]) -> None:
         if _token(cfg, key) == PLACEHOLDER_TOKEN:
             source = f"from env {var}" if env.get(var) else "in the config file"
             raise ConfigError(f"{key}: is the placeholder {PLACEHOLDER_TOKEN} ({source}) of "
-                              "the Secrets under deploy/: set a random token, e.g. "
+                              "meshdns's example Secrets: set a random token, e.g. "
                               "`openssl rand -hex 32`")
 
 

@@ -4,8 +4,9 @@ degrade (issue 22, item 4). Every check is a real ``python -m meshdns`` subproce
 - A forwarding loop (``dns.upstreams`` reaching meshdns's own listener): serve logs an
   ERROR and answers REFUSED for every name it does not serve; check-config now says so,
   with the same line (the one rule, ``server.effective_upstreams``).
-- The placeholder token of the deploy/ Secrets is refused by both; a token shorter
-  than 16 characters is a warning (check-config) and a logged warning (serve).
+- The placeholder token the deploy/ Secrets shipped with (and any REPLACE-WITH- value
+  still under deploy/) is refused by both; a token shorter than 16 characters is a
+  warning (check-config) and a logged warning (serve).
 - ``--skip-files`` skips the etcd TLS files too, so the shipped etcd ConfigMap with TLS
   turned on (as deploy/README.md says) can be checked where those files are not.
 """
@@ -17,27 +18,24 @@ import os
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import dns.exception
 import dns.rcode
 import pytest
 import yaml
 
-from .apiclient import dns_query
-from .support import free_port, stop_process
+from .apiclient import ServerProcess, dns_query
+from .support import on_free_ports
 from .test_shipped_configs import SHIPPED, Shipped
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 GOOD_TOKEN = "a-test-token-of-32-characters-ok"
 # The contract, written out (meshdns.config has the same two constants).
-PLACEHOLDER_TOKEN = "REPLACE-WITH-A-RANDOM-TOKEN"  # what the deploy/ Secrets ship
+PLACEHOLDER_TOKEN = "REPLACE-WITH-A-RANDOM-TOKEN"  # what the deploy/ Secrets shipped
 MIN_TOKEN_CHARS = 16  # shorter: a warning
+PORT = 15053  # in configs that check-config reads and nothing binds
 
 
 def meshdns(*args: str, cwd: Path, env: dict[str, str] | None = None,
@@ -63,36 +61,13 @@ def errors(proc: subprocess.CompletedProcess[str], kind: str = "error") -> list[
     return [line[len(prefix):] for line in proc.stderr.splitlines() if line.startswith(prefix)]
 
 
-@contextmanager
-def serving(config: Path, cwd: Path, env: dict[str, str] | None = None
-            ) -> Iterator[subprocess.Popen[str]]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MESHDNS_")}
-    proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config", str(config)],
-                            cwd=cwd, env={**base, **(env or {}), "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def served_log(srv: ServerProcess, name: str) -> tuple[dns.rcode.Rcode, str]:
+    """The rcode ``srv`` (started) answers ``name`` with, then its log once stopped."""
     try:
-        yield proc
+        rcode = dns_query(srv.dns_addr, name, timeout=3.0).rcode()
     finally:
-        stop_process(proc)
-
-
-def first_reply(proc: subprocess.Popen[str], port: int, name: str,
-                deadline: float = 30.0) -> dns.rcode.Rcode:
-    """The rcode of the first answer to ``name``; fails if serve exits or never answers."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        assert proc.poll() is None, f"serve exited with {proc.returncode}"
-        try:
-            return dns_query(("127.0.0.1", port), name, timeout=0.3).rcode()
-        except (dns.exception.Timeout, OSError):
-            time.sleep(0.05)
-    pytest.fail(f"serve did not answer {name} within {deadline} s")
-
-
-def output_after_stop(proc: subprocess.Popen[str]) -> str:
-    stop_process(proc)
-    assert proc.stdout is not None
-    return proc.stdout.read()
+        srv.stop()
+    return rcode, srv.log()
 
 
 # ---------------------------------------------------------------- forwarding loops
@@ -100,24 +75,27 @@ def output_after_stop(proc: subprocess.Popen[str]) -> str:
 
 def test_a_loop_to_its_own_listener_fails_check_config_with_the_line_serve_logs(
         tmp_path: Path) -> None:
-    port = free_port()
-    config = write(tmp_path, {"dns": {"listen": [f"127.0.0.1:{port}"],
-                                      "upstreams": [f"127.0.0.1:{port}"]},
-                              "api": {"listen": "127.0.0.1:0"}})
-    check = meshdns("check-config", str(config), cwd=tmp_path)
+    def start(ports: list[int]) -> ServerProcess:  # the port must be known: it is the loop
+        own = f"127.0.0.1:{ports[0]}"
+        srv = ServerProcess(tmp_path / f"srv-{ports[0]}",
+                            {"dns": {"listen": [own], "upstreams": [own]}})
+        return srv.start(ready=False)
+
+    srv = on_free_ports(1, start)
+    port = srv.dns_port
+    # What serve does: an ERROR line, and REFUSED for every name it does not serve.
+    rcode, log = served_log(srv, "www.example.test")
+    assert rcode == dns.rcode.REFUSED
+    check = meshdns("check-config", str(srv.config_path), cwd=tmp_path)
     assert check.returncode == 2, check.stdout + check.stderr
     [line] = errors(check)
     assert line.startswith(f"upstream 127.0.0.1:{port} (dns.upstreams) is meshdns's own "
                            f"listen address 127.0.0.1:{port}"), line
     assert "loop" in line and check.stdout == ""
-    # The upstreams are values of the file: --skip-files still checks them.
-    skip = meshdns("check-config", "--skip-files", str(config), cwd=tmp_path)
-    assert skip.returncode == 2 and errors(skip) == [line], skip.stderr
-    # What serve does with the same file: the same line at ERROR, REFUSED for the rest.
-    with serving(config, tmp_path) as proc:
-        assert first_reply(proc, port, "www.example.test") == dns.rcode.REFUSED
-        log = output_after_stop(proc)
     assert any("ERROR" in row and line in row for row in log.splitlines()), log
+    # The upstreams are values of the file: --skip-files still checks them.
+    skip = meshdns("check-config", "--skip-files", str(srv.config_path), cwd=tmp_path)
+    assert skip.returncode == 2 and errors(skip) == [line], skip.stderr
 
 
 @pytest.mark.parametrize(("listen", "upstream"), [
@@ -127,13 +105,12 @@ def test_a_loop_to_its_own_listener_fails_check_config_with_the_line_serve_logs(
 ])
 def test_a_loop_through_a_wildcard_fails_check_config(tmp_path: Path, listen: str,
                                                       upstream: str) -> None:
-    port = free_port()  # nothing binds it: check-config only reads the file
-    config = write(tmp_path, {"dns": {"listen": [listen.format(p=port)],
-                                      "upstreams": [upstream.format(p=port), "192.0.2.53"]}})
+    config = write(tmp_path, {"dns": {"listen": [listen.format(p=PORT)],
+                                      "upstreams": [upstream.format(p=PORT), "192.0.2.53"]}})
     check = meshdns("check-config", str(config), cwd=tmp_path)
     assert check.returncode == 2, check.stdout + check.stderr
     [line] = errors(check)
-    assert line.startswith(f"upstream {upstream.format(p=port)} (dns.upstreams) is "), line
+    assert line.startswith(f"upstream {upstream.format(p=PORT)} (dns.upstreams) is "), line
     assert "would loop back to meshdns, refused" in line
 
 
@@ -152,9 +129,8 @@ def test_a_resolv_conf_pointing_at_meshdns_fails_check_config_unless_skipped(
 
 
 def test_upstreams_that_do_not_loop_pass(tmp_path: Path) -> None:
-    port = free_port()
-    config = write(tmp_path, {"dns": {"listen": [f"127.0.0.1:{port}"],
-                                      "upstreams": [f"127.0.0.1:{port + 1}", f"[::1]:{port}",
+    config = write(tmp_path, {"dns": {"listen": [f"127.0.0.1:{PORT}"],
+                                      "upstreams": [f"127.0.0.1:{PORT + 1}", f"[::1]:{PORT}",
                                                     "192.0.2.53"]}})
     check = meshdns("check-config", str(config), cwd=tmp_path)
     assert check.returncode == 0 and check.stderr == "", check.stderr
@@ -198,20 +174,16 @@ def test_the_placeholder_token_is_refused(tmp_path: Path, placeholder: str, wher
 def test_a_short_token_is_a_warning_in_check_config_and_serve(tmp_path: Path,
                                                               token: str) -> None:
     assert len(token) < MIN_TOKEN_CHARS
-    port = free_port()
-    config = write(tmp_path, {"dns": {"listen": [f"127.0.0.1:{port}"]},
-                              "api": {"listen": "127.0.0.1:0"}})
-    env = {"MESHDNS_API_TOKEN": token}
-    check = meshdns("check-config", str(config), cwd=tmp_path, env=env)
+    srv = ServerProcess(tmp_path / "srv", {"api": {"token": token}})
+    check = meshdns("check-config", str(srv.config_path), cwd=tmp_path)
     assert check.returncode == 0 and check.stdout.strip().endswith(": ok"), check.stderr
     [warning] = errors(check, "warning")
     assert warning.startswith(f"api.token: is only {len(token)} character"), warning
     assert f"at least {MIN_TOKEN_CHARS}" in warning
     if len(token) > 3:
         assert token not in check.stderr  # the token itself is never shown
-    with serving(config, tmp_path, env) as proc:
-        assert first_reply(proc, port, "www.example.test") == dns.rcode.REFUSED  # serving
-        log = output_after_stop(proc)
+    rcode, log = served_log(srv.start(ready=False), "www.example.test")
+    assert rcode == dns.rcode.REFUSED  # it serves (no upstream: REFUSED)
     assert any("WARNING" in row and warning in row for row in log.splitlines()), log
 
 
