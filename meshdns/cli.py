@@ -22,7 +22,7 @@ import yaml
 
 from . import __version__, logs
 from .client import ApiClient, ClientError
-from .config import Config, ConfigError, load_config, parse_document
+from .config import Config, ConfigError, config_warnings, load_config, parse_document
 
 if TYPE_CHECKING:
     from .server import MeshServer
@@ -61,6 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config_errors(exc)
         return 2
     setup_logging(config)
+    for line in config_warnings(config):
+        logging.getLogger("meshdns").warning("config: %s", line)
     _event_loop_policy()
     started = None if args.ports_file is None else (
         lambda server: write_ports_file(Path(args.ports_file), server))
@@ -166,13 +168,31 @@ def file_errors(config: Config) -> list[str]:
     return errors
 
 
+def forwarding_loops(config: Config, read_files: bool) -> list[str]:
+    """The upstreams serve would refuse as a loop back to itself (it logs each as an
+    ERROR and, with none left, answers REFUSED for every name it does not serve).
+
+    The rule is serve's own (``effective_upstreams``). Empty ``dns.upstreams`` means
+    the resolv.conf nameservers, read only when the files are checked: with
+    ``--skip-files`` the config is for another machine, with another resolv.conf.
+    """
+    if not config.dns.upstreams and not read_files:
+        return []
+    from .server import effective_upstreams
+
+    return effective_upstreams(config)[1]  # each names its source: dns.upstreams or the file
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.file)
+        config = load_config(args.file, check_files=not args.skip_files)
     except ConfigError as exc:
         config_errors(exc)
         return 2
     errors = [] if args.skip_files else file_errors(config)
+    errors += forwarding_loops(config, read_files=not args.skip_files)
+    for line in config_warnings(config):
+        print(f"meshdns: config warning: {line}", file=sys.stderr)
     for line in errors:
         print(f"meshdns: config error: {line}", file=sys.stderr)
     if errors:
@@ -292,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="check a config file and the files it names")
     check.add_argument("file")
     check.add_argument("--skip-files", action="store_true",
-                       help="check keys and values only, not the files they name (for a "
-                       "config meant for another machine, e.g. a ConfigMap in CI)")
+                       help="check keys and values only, not the files they name (seed, "
+                       "state, etcd TLS, resolv.conf): for a config meant for another "
+                       "machine, e.g. a ConfigMap in CI")
     check.set_defaults(func=cmd_check_config)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)

@@ -25,7 +25,7 @@ from .core.names import (
     parse_templates,
 )
 from .core.parse import QUOTE_LIMIT, clip, label_key_error, quote
-from .yamlload import load_yaml
+from .yamlload import DuplicateKey, load_json, load_yaml
 
 
 class ConfigError(ValueError):
@@ -373,19 +373,14 @@ def _etcd_prefix(path: str, value: Any) -> str:
     return value
 
 
-def _readable_file(path: str, value: Any) -> str | None:
-    name = _opt_str(path, value)
-    if name is not None and not os.access(name, os.R_OK):
-        raise _fail(path, "must be a readable file", value)
-    return name
-
+_ETCD_FILES = ("ca_file", "cert_file", "key_file")  # read at start (check_files)
 
 _ETCD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "endpoints": _list_of(_etcd_endpoint),
     "prefix": _etcd_prefix,
-    "ca_file": _readable_file,
-    "cert_file": _readable_file,
-    "key_file": _readable_file,
+    "ca_file": _opt_str,
+    "cert_file": _opt_str,
+    "key_file": _opt_str,
     "username": _opt_str,
     "password": _opt_str,
     "dial_timeout": _number(0.05, 600),
@@ -545,8 +540,13 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
-def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
-    """A checked Config from the parsed YAML document (``None`` means all defaults)."""
+def parse_config(raw: Any, env: Mapping[str, str] | None = None, *,
+                 check_files: bool = True) -> Config:
+    """A checked Config from the parsed YAML document (``None`` means all defaults).
+
+    ``check_files``: the files read at start (the etcd TLS files) must be readable
+    here; off for a config meant for another machine (``check-config --skip-files``).
+    """
     env = os.environ if env is None else env
     if raw is None:
         raw = {}
@@ -575,6 +575,8 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
             except ConfigError as exc:
                 errors.extend(exc.errors)
         sections[name] = _SECTIONS[name](**kwargs)
+    if check_files and "registry" in sections:
+        errors.extend(_unreadable_files("registry.etcd", sections["registry"].etcd))
     if errors:
         raise ConfigError("; ".join(errors), errors)
     cfg = Config(**sections)
@@ -587,6 +589,7 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         cfg = replace(cfg, registry=replace(cfg.registry, etcd=etcd))
     _check_etcd_combinations(cfg)
     _check_dns_cache_bounds(cfg.dns)
+    _refuse_placeholder_tokens(cfg, env)
     api = cfg.api
     if not api.token and not api.allow_unauthenticated and not is_loopback(api.listen.host):
         raise ConfigError(f"api.token: is required when api.listen is not a loopback address "
@@ -596,6 +599,46 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"registry.vip_hold_seconds: must exceed dns.ttl ({cfg.dns.ttl}), "
                           f"got {_got(cfg.registry.vip_hold_seconds)}")
     return cfg
+
+
+def _unreadable_files(path: str, etcd: EtcdConfig) -> list[str]:
+    return [str(_fail(f"{path}.{key}", "must be a readable file", value))
+            for key in _ETCD_FILES
+            if (value := getattr(etcd, key)) is not None and not os.access(value, os.R_OK)]
+
+
+# The token value the Secrets under deploy/ shipped with until they left the applied
+# folders (issue 22), to be replaced before use: such Secrets may still be in clusters,
+# and a server started with one would accept any client that read the manifests.
+PLACEHOLDER_TOKEN = "REPLACE-WITH-A-RANDOM-TOKEN"
+MIN_TOKEN_CHARS = 16  # below this check-config warns (and serve logs a warning)
+_TOKENS = (("api.token", "MESHDNS_API_TOKEN"), ("registry.follow_token", "MESHDNS_FOLLOW_TOKEN"))
+
+
+def _token(cfg: Config, key: str) -> str | None:
+    return cfg.api.token if key == "api.token" else cfg.registry.follow_token
+
+
+def _refuse_placeholder_tokens(cfg: Config, env: Mapping[str, str]) -> None:
+    for key, var in _TOKENS:
+        if _token(cfg, key) == PLACEHOLDER_TOKEN:
+            source = f"from env {var}" if env.get(var) else "in the config file"
+            raise ConfigError(f"{key}: is the placeholder {PLACEHOLDER_TOKEN} ({source}) of "
+                              "meshdns's example Secrets: set a random token, e.g. "
+                              "`openssl rand -hex 32`")
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """What a valid config should still not do (check-config prints these, serve logs them):
+    a bearer token shorter than MIN_TOKEN_CHARS characters. The token is never quoted."""
+    out = []
+    for key, var in _TOKENS:
+        token = _token(cfg, key)
+        if token is not None and len(token) < MIN_TOKEN_CHARS:
+            out.append(f"{key}: is only {len(token)} character{'s' * (len(token) != 1)} "
+                       f"long; a bearer token needs at least {MIN_TOKEN_CHARS} random "
+                       f"characters, e.g. `openssl rand -hex 32` (here or in env {var})")
+    return out
 
 
 def is_loopback(host: str) -> bool:
@@ -624,26 +667,32 @@ def _check_etcd_combinations(cfg: Config) -> None:
                           "the registry is etcd's; load it with PUT /v1/services instead")
 
 
-def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, *,
+                check_files: bool = True) -> Config:
     if path is None:
-        return parse_config(None, env)
+        return parse_config(None, env, check_files=check_files)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     try:
         raw = load_yaml(text)  # plain data only; no anchors/aliases, bounded nesting
+    except DuplicateKey as exc:  # "dns.ttl: duplicate key (lines 3 and 4)"
+        raise ConfigError(str(exc)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {clip(str(exc), 300)}") from None
-    return parse_config(raw, env)
+    return parse_config(raw, env, check_files=check_files)
 
 
 def parse_document(text: str | bytes) -> Any:
-    """A YAML or JSON document (JSON is YAML, but json.loads is much faster)."""
+    """A YAML or JSON document (JSON is YAML, but json.loads is much faster).
+    ValueError when it is neither; DuplicateKey (a ValueError) for a key named twice."""
     stripped = text.lstrip()
     if stripped[:1] in ("{", "[", b"{", b"["):
         try:
-            return json.loads(text)
+            return load_json(text)
+        except DuplicateKey:
+            raise
         except ValueError:
             pass  # not JSON after all: let YAML say what is wrong
     try:

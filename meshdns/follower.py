@@ -71,7 +71,6 @@ import aiohttp
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from .config import RegistryConfig
-from .core.jsonsteps import load_json_in_steps
 from .core.patch import apply_patch
 from .core.registry import (
     Registry,
@@ -84,6 +83,7 @@ from .core.registry import (
     restore,
 )
 from .gcpause import bulk_write, gc_paused, release_memory
+from .jsonsteps import load_json_in_steps
 from .metrics import sync_age_families
 from .protocol import LINEAGE_HEADER, WORKER_HEADER
 from .store import RegistryStore

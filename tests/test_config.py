@@ -360,3 +360,38 @@ def test_etcd_client_certificate_needs_its_key(tmp_path: Path) -> None:
     cert.write_text("x")
     assert error_of({"registry": {"etcd": {"cert_file": str(cert)}}}).startswith(
         "registry.etcd.key_file: cert_file and key_file go together")
+
+
+def test_etcd_tls_files_are_checked_only_with_the_files(tmp_path: Path) -> None:
+    """``check_files=False`` (check-config --skip-files): the TLS files are on the machine
+    the config is for; their values are still checked."""
+    raw = {"registry": {"etcd": {"endpoints": ["https://10.0.0.1:2379"],
+                                 "ca_file": "/nonexistent/ca.pem",
+                                 "cert_file": "/nonexistent/c.pem",
+                                 "key_file": "/nonexistent/k.pem"}}}
+    assert parse_config(raw, {}, check_files=False).registry.etcd.ca_file == "/nonexistent/ca.pem"
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, {})
+    assert info.value.errors == [
+        f'registry.etcd.{key}: must be a readable file, got "/nonexistent/{name}"'
+        for key, name in (("ca_file", "ca.pem"), ("cert_file", "c.pem"), ("key_file", "k.pem"))]
+    with pytest.raises(ConfigError, match=r"registry\.etcd\.ca_file: must be a non-empty string"):
+        parse_config({"registry": {"etcd": {"ca_file": ""}}}, {}, check_files=False)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(path, env={}, check_files=False).registry.etcd.key_file == \
+        "/nonexistent/k.pem"
+
+
+def test_the_deploy_placeholder_token_is_refused_and_short_tokens_warned() -> None:
+    from meshdns.config import MIN_TOKEN_CHARS, PLACEHOLDER_TOKEN, config_warnings
+
+    assert error_of({"api": {"token": PLACEHOLDER_TOKEN}}).startswith(
+        f"api.token: is the placeholder {PLACEHOLDER_TOKEN} (in the config file)")
+    assert error_of({}, {"MESHDNS_FOLLOW_TOKEN": PLACEHOLDER_TOKEN}).startswith(
+        f"registry.follow_token: is the placeholder {PLACEHOLDER_TOKEN} (from env "
+        "MESHDNS_FOLLOW_TOKEN)")
+    assert config_warnings(parse({"api": {"token": "x" * MIN_TOKEN_CHARS}})) == []
+    assert config_warnings(parse({})) == []
+    [warning] = config_warnings(parse({}, {"MESHDNS_FOLLOW_TOKEN": "abc"}))
+    assert warning.startswith("registry.follow_token: is only 3 characters long;"), warning

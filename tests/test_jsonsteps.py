@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from meshdns.core.jsonsteps import DUMP_STEP, dumps_in_steps, load_json_in_steps
+from meshdns.jsonsteps import DUMP_STEP, dumps_in_steps, load_json_in_steps
 
 
 def compact(doc: Any) -> str:

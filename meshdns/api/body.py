@@ -7,15 +7,15 @@ from typing import Any
 import yaml
 from aiohttp import hdrs, web
 
-from ..core.jsonsteps import load_json_in_steps, loads_in_steps
 from ..core.parse import clip
-from ..yamlload import load_yaml
+from ..jsonsteps import load_json_in_steps
+from ..yamlload import DuplicateKey, load_yaml
 from .state import ApiError
 
 JSON_TYPES = frozenset({"application/json"})
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
 
-__all__ = ["decode", "loads_in_steps", "object_with", "read_body"]
+__all__ = ["decode", "object_with", "read_body"]
 
 async def read_body(request: web.Request, limit: int) -> tuple[bytes, str]:
     """The raw body and its kind ("json" or "yaml"); never buffers more than ``limit``.
@@ -52,16 +52,21 @@ async def read_body(request: web.Request, limit: int) -> tuple[bytes, str]:
 
 
 def decode(data: bytes, kind: str) -> Any:
-    """The document in ``data``, or 400. Pure and CPU-bound: callers run it in a thread."""
+    """The document in ``data``, or 400 (a repeated key names its path in ``field``).
+    Pure and CPU-bound: callers run it in a thread."""
     if kind == "json":
         try:
             return load_json_in_steps(data)
+        except DuplicateKey as exc:
+            raise ApiError(400, exc.reason, exc.path) from None
         except (ValueError, RecursionError) as exc:
             raise ApiError(400, f"malformed JSON body: {clip(str(exc), 200)}") from None
     try:
         # No anchors or aliases, bounded nesting: a few hundred bytes must not
         # expand into gigabytes (see meshdns.yamlload).
         return load_yaml(data)
+    except DuplicateKey as exc:
+        raise ApiError(400, exc.reason, exc.path) from None
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
         message = clip(" ".join(str(exc).split()), 200)
         raise ApiError(400, f"malformed YAML body: {message}") from None

@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..core.jsonsteps import dumps_in_steps
 from ..core.registry import (
     Registry,
     RegistryError,
@@ -23,6 +22,8 @@ from ..core.registry import (
 )
 from ..core.vip import parse_ip
 from ..gcpause import gc_paused
+from ..jsonsteps import dumps_in_steps
+from ..yamlload import DuplicateKey
 from .journal import journal_path, replay_journal
 from .records import STATE_FORMAT, StateError, fast_ip4, fast_ip6, fsync_dir, service_record
 
@@ -34,6 +35,8 @@ def load_seed(path: str) -> list[ServiceSpec]:
 
     try:
         doc = load_document(path)
+    except DuplicateKey as exc:  # "services[0].name: duplicate key (lines 3 and 5)"
+        raise StateError(f"seed file {path}: {exc}") from None
     except (OSError, ValueError) as exc:
         raise StateError(f"seed file {path}: cannot be read: {exc}") from None
     if isinstance(doc, dict):

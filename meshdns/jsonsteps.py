@@ -5,7 +5,8 @@
 another (~5 ms per MiB); ``json.dumps`` likewise. They are done here in steps, so
 the event loop thread (DNS) gets the GIL back between them. The API's request
 bodies and a follower's full read of its leader's registry decode through here;
-the state file is encoded here.
+the state file is encoded here. A key repeated in one object is refused
+(``DuplicateKey`` naming its path), as every reader of meshdns documents does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import json.scanner
 import re
 from typing import Any
+
+from .yamlload import DuplicateKey, RepeatedJsonKey, json_duplicate, json_object_hook
 
 _COMPACT = (",", ":")
 DUMP_STEP = 250  # list elements per json.dumps call: ~1 ms each for service records
@@ -55,8 +58,7 @@ def load_json_in_steps(data: bytes) -> Any:
     return loads_in_steps(utf8_in_steps(data))
 
 
-_DECODER = json.JSONDecoder()
-_SCAN: Any = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # typeshed
+_DECODER = json.JSONDecoder(object_pairs_hook=json_object_hook())
 _WS = frozenset(" \t\n\r")
 _SPACE = re.compile(r"[ \t\n\r]*")
 
@@ -69,11 +71,13 @@ def loads_in_steps(text: str) -> Any:
     100k-service body, during which the DNS thread cannot answer. Between the
     elements here the interpreter can switch threads, so a write decoded in a
     worker thread delays DNS by the size of one element instead.
+
+    A repeated key anywhere is refused (DuplicateKey, with its path): the check rides
+    on the decoding of each object (``json_object_hook``), at no measurable cost.
     """
-    raw = _DECODER.raw_decode
     i = _skip(text, 0)
     if text[i:i + 1] != "{":
-        doc, i = raw(text, i)
+        doc, i = _value(text, i, "")
         return _end(text, i, doc)
     out: dict[str, Any] = {}
     i = _skip(text, i + 1)
@@ -83,15 +87,17 @@ def loads_in_steps(text: str) -> Any:
         if text[i:i + 1] != '"':
             raise json.JSONDecodeError("Expecting property name enclosed in double quotes",
                                        text, i)
-        key, i = raw(text, i)
+        key, i = _DECODER.raw_decode(text, i)
+        if key in out:
+            raise DuplicateKey(key)
         i = _skip(text, i)
         if text[i:i + 1] != ":":
             raise json.JSONDecodeError("Expecting ':' delimiter", text, i)
         i = _skip(text, i + 1)
         if text[i:i + 1] == "[":
-            out[key], i = _list_in_steps(text, i)
+            out[key], i = _list_in_steps(text, i, key)
         else:
-            out[key], i = raw(text, i)
+            out[key], i = _value(text, i, key)
         i = _skip(text, i)
         sep = text[i:i + 1]
         if sep == "}":
@@ -101,25 +107,35 @@ def loads_in_steps(text: str) -> Any:
         i = _skip(text, i + 1)
 
 
-def _list_in_steps(text: str, i: int) -> tuple[list[Any], int]:
-    scan = _SCAN  # the C scanner raw_decode wraps, without its Python frame per item
-    items: list[Any] = []
-    append = items.append
+def _value(text: str, i: int, path: str) -> tuple[Any, int]:
+    """One JSON value at ``text[i]`` (at ``path`` in the document) and where it ends."""
+    try:
+        return _DECODER.raw_decode(text, i)
+    except RepeatedJsonKey:
+        raise json_duplicate(text, i, path) from None
+
+
+def _list_in_steps(text: str, i: int, path: str) -> tuple[list[Any], int]:
     # json.loads shares one string per distinct key across the whole document; one
     # scan per element would give every element its own copies ("name", "port", ...),
     # which at 1M services left ~300 MiB of the heap fragmented after the write.
     keys: dict[str, str] = {}
-    share = keys.setdefault
+    decoder = json.JSONDecoder(object_pairs_hook=json_object_hook(keys.setdefault))
+    # The C scanner raw_decode wraps, without its Python frame per item.
+    scan: Any = json.scanner.make_scanner(decoder)  # type: ignore[arg-type]  # typeshed
+    items: list[Any] = []
+    append = items.append
     i = _skip(text, i + 1)
     if text[i:i + 1] == "]":
         return items, i + 1
     while True:
         try:
-            item, i = scan(text, i)
+            item, end = scan(text, i)
         except StopIteration as err:
             raise json.JSONDecodeError("Expecting value", text, err.value) from None
-        if item.__class__ is dict:
-            item = {share(k, k): v for k, v in item.items()}
+        except RepeatedJsonKey:
+            raise json_duplicate(text, i, f"{path}[{len(items)}]") from None
+        i = end
         append(item)
         sep = text[i:i + 1]
         if sep in _WS:
