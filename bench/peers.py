@@ -295,7 +295,8 @@ def soa_probe(port: int, apex: str = "mesh") -> Callable[[], bool]:
 def meshdns_config(workdir: Path, port: int, api_port: int, seed: Path | None,
                    workers: int = 1, max_body: int = 1 << 31,
                    answer_cache: int | None = None, steering: str | None = None,
-                   name: str | None = None) -> Path:
+                   name: str | None = None, dns_extra: dict[str, Any] | None = None
+                   ) -> Path:
     resolv = workdir / "resolv.conf"
     resolv.write_text("# empty: meshdns must never forward during a benchmark\n")
     cfg: dict[str, Any] = {
@@ -309,6 +310,7 @@ def meshdns_config(workdir: Path, port: int, api_port: int, seed: Path | None,
         cfg["dns"]["answer_cache_size"] = answer_cache
     if steering is not None:
         cfg["dns"]["worker_steering"] = steering
+    cfg["dns"].update(dns_extra or {})
     path = workdir / f"{name or f'meshdns-{port}'}.yaml"
     path.write_text(json.dumps(cfg, indent=1))  # JSON is valid YAML
     return path
@@ -334,7 +336,8 @@ _MESHDNS_SEQ = itertools.count(1)
 def start_meshdns(workdir: Path, services: Sequence[Svc] | None, *, workers: int = 1,
                   answer_cache: int | None = None, steering: str | None = None,
                   ready_timeout: float = 300.0,
-                  program: Sequence[str] = ("-m", "meshdns")) -> Server:
+                  program: Sequence[str] = ("-m", "meshdns"),
+                  dns_extra: dict[str, Any] | None = None) -> Server:
     """meshdns serving ``services`` from a seed file, or an empty registry (None);
     ``program``: what the project's Python runs (bench/uncounted.py for bench_metrics)."""
     tag = next(_MESHDNS_SEQ)  # port 0: the kernel picks, --ports-file says which
@@ -342,7 +345,7 @@ def start_meshdns(workdir: Path, services: Sequence[Svc] | None, *, workers: int
     if services is not None:
         seed = write_meshdns_seed(workdir / f"seed-{tag}.json", services)
     conf = meshdns_config(workdir, 0, 0, seed, workers, answer_cache=answer_cache,
-                          steering=steering, name=f"meshdns-{tag}")
+                          steering=steering, name=f"meshdns-{tag}", dns_extra=dns_extra)
     log = workdir / f"meshdns-{tag}.log"
     ports = workdir / f"meshdns-{tag}.ports.json"
     proc = spawn([project_python(), *program, "serve", "--config", str(conf),

@@ -26,10 +26,10 @@ import peers
 import report
 
 BENCH = Path(__file__).resolve().parent
-PARTS = ("core", "forward", "macro", "metrics", "mmsg", "scale", "sync", "soak", "fleet",
-         "etcd_fleet")
+PARTS = ("core", "forward", "macro", "metrics", "policy", "mmsg", "scale", "sync", "soak",
+         "fleet", "etcd_fleet")
 SCRIPTS = {"core": "bench_core.py", "forward": "bench_forward.py", "macro": "macro.py",
-           "metrics": "bench_metrics.py", "mmsg": "bench_mmsg.py", "scale": "scale.py",
+           "metrics": "bench_metrics.py", "policy": "bench_policy.py", "mmsg": "bench_mmsg.py", "scale": "scale.py",
            "sync": "bench_sync.py",
            "soak": "soak.py", "fleet": "fleet.py", "etcd_fleet": "etcd_fleet.py"}
 OPT_IN = {"mmsg"}  # experiments: run only when named in --parts
@@ -38,6 +38,7 @@ QUICK = {
     "forward": ["--rounds", "2", "--seconds", "3"],
     "macro": ["--rounds", "3", "--seconds", "5"],
     "metrics": ["--rounds", "4", "--seconds", "3"],
+    "policy": ["--rounds", "2", "--seconds", "3"],
     "mmsg": ["--rounds", "2", "--seconds", "3"],
     "scale": ["--rounds", "2", "--seconds", "3", "--patches", "3"],
     "sync": ["--sizes", "10000"],
@@ -45,7 +46,8 @@ QUICK = {
     "fleet": ["--followers", "20", "--changes", "2"],
     "etcd_fleet": ["--quick"],
 }
-LIMITS = {"core": 900, "forward": 900, "macro": 3600, "metrics": 900, "mmsg": 3600, "scale": 3600,
+LIMITS = {"core": 900, "forward": 900, "macro": 3600, "metrics": 900, "policy": 900,
+          "mmsg": 3600, "scale": 3600,
           "sync": 1800, "soak": 7200,
           "fleet": 3900, "etcd_fleet": 1800}  # fleet.py stops itself at its --time-limit (3600) and writes
 
