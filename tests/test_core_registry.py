@@ -595,3 +595,27 @@ def test_a_trailing_newline_is_not_a_valid_name(item: dict[str, Any], field: str
     with pytest.raises(RegistryError) as info:
         parse_services([item])
     assert (info.value.status, info.value.field) == (400, field)
+
+
+def test_deleting_most_of_a_big_registry_rebuilds_with_the_same_result(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """apply_patch rebuilds when a PATCH deletes most of a big registry (so the old
+    snapshot's tables are not kept alive by layered maps): same result as the
+    incremental path, which it would otherwise take."""
+    import meshdns.core.patch as patch
+    from meshdns.core.registry import ServiceSpec
+
+    policy = RegistryPolicy(hold_seconds=60)
+    specs = [ServiceSpec(f"s{i}", f"ns{i % 7}", 80, None, None, ()) for i in range(12_000)]
+    reg = apply_put(Registry.empty(), specs, policy, 1.0)
+    deletes = [s.key for s in specs[:11_000]]
+    upserts = [ServiceSpec("new", "ns0", 80, None, None, ())]
+    rebuilt = patch.apply_patch(reg, upserts, deletes, policy, 2.0)
+    assert rebuilt._delta is None  # the rebuild, not layered tables over the old ones
+    monkeypatch.setattr(patch, "SHRINK_REBUILD_MIN", 10**9)
+    incremental = patch.apply_patch(reg, upserts, deletes, policy, 2.0)
+    assert incremental._delta is not None
+    for table in ("services", "by_vip4", "by_vip6", "held4", "held6", "ns_ports", "ports"):
+        assert dict(getattr(rebuilt, table)) == dict(getattr(incremental, table)), table
+    assert list(rebuilt.services) == list(incremental.services)
+    assert rebuilt.revision == incremental.revision
