@@ -16,7 +16,6 @@ from .service import _K, _V, Service, ServiceKey, ServiceSpec, _bad, describe
 from .snapshot import Held, Registry, RegistryPolicy, _FamilyIndex, _Index
 from .vip import VipRange, count_in
 
-
 SHRINK_REBUILD_MIN = 10_000  # services; see patch_incremental
 
 
