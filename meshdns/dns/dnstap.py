@@ -231,6 +231,7 @@ class DnstapSink:
         self.forwarder = bool(wanted & {"forwarder_query", "forwarder_response"})
         self.queue: list[Entry] = []
         self.written = 0
+        self.sending = 0  # messages of the write under way (counted written once drained)
         self.dropped = {"queue_full": 0, "write_failed": 0}
         self.connects = 0
         self.connected = False
@@ -258,9 +259,10 @@ class DnstapSink:
 
     @property
     def queued(self) -> int:
-        """Messages waiting (read when /metrics is scraped, never per packet)."""
+        """Messages waiting: queued, or in the write under way (read when /metrics is
+        scraped, never per packet)."""
         count = self.encoder.count
-        return sum(count(e) for e in self.queue)
+        return self.sending + sum(count(e) for e in self.queue)
 
     def screen(self, inner: Callable[[bytes, memoryview], Any] | None,
                handle: Callable[[bytes], Any], local: Any) -> Callable[[bytes, memoryview], Any]:
@@ -379,6 +381,7 @@ class DnstapSink:
                 if self.queue:
                     batch, self.queue = self.queue, []
                     data, n = self.encoder.encode(batch)
+                    self.sending = n
                     try:
                         writer.write(data)
                         await writer.drain()
@@ -387,6 +390,8 @@ class DnstapSink:
                         log.warning("dnstap: writing to %s failed (%s); reconnecting",
                                     self.target, exc)
                         return
+                    finally:
+                        self.sending = 0
                     self.written += n
                 if self._closing:
                     break
