@@ -314,6 +314,8 @@ class MeshServer:
         self.forwarder = Forwarder(self.upstreams, self.config.dns, self.handler.tally,
                                    current_zone=lambda: self.handler.zone)
         self.dns_metrics.forwarder = self.context.forwarder = self.forwarder
+        if self.dnstap is not None and self.dnstap.forwarder:
+            self.forwarder.on_upstream = self.dnstap.forwarded  # FORWARDER_* messages
         # Cached upstream answers go back synchronously, like local ones.
         self.handler.forward_cached = self.forwarder.answer_cached
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dns.flags
 import dns.message
 import pytest
 from dnstap_pb import dnstap_pb2 as pb
@@ -377,3 +378,63 @@ def test_bad_dnstap_config_names_the_field(raw: Any, error: str) -> None:
     with pytest.raises(ConfigError) as exc:
         parse_config({"log": {"dnstap": raw}}, {})
     assert str(exc.value).startswith(error), str(exc.value)
+
+
+def test_forwarded_names_have_forwarder_messages_from_a_real_unbound(workdir: Path) -> None:
+    """A forwarded query: CLIENT_QUERY, FORWARDER_QUERY and FORWARDER_RESPONSE for each
+    upstream exchange (UDP; for a truncated reply UDP then TCP), CLIENT_RESPONSE, with
+    the upstream's address and the messages as they went over the wire."""
+    if shutil.which("unbound") is None:
+        pytest.skip("unbound is not installed")
+    from .fake_upstream import Unbound
+
+    (workdir / "unbound").mkdir()
+    capture = Capture(workdir).start()
+    with Unbound(workdir / "unbound") as unbound:
+        server = meshdns_with_dnstap(workdir, {"socket": str(capture.socket)},
+                                     {"upstreams": [unbound.address]})
+        try:
+            server.start()
+            small = ask(server.dns_addr, "www.example.test")
+            big = ask(server.dns_addr, "big.example.test", tcp=True)  # > 1232 bytes: TC
+            wait_for(lambda: value(metrics(server), "meshdns_dnstap_written_total") == 4 + 6,
+                     10, "10 messages written")
+        finally:
+            server.stop()
+            capture.stop()
+    frames = read_capture(capture.path)
+    T = pb.Message
+    assert [f.message.type for f in frames] == [
+        T.CLIENT_QUERY, T.FORWARDER_QUERY, T.FORWARDER_RESPONSE, T.CLIENT_RESPONSE,
+        T.CLIENT_QUERY, T.FORWARDER_QUERY, T.FORWARDER_RESPONSE,  # UDP: truncated
+        T.FORWARDER_QUERY, T.FORWARDER_RESPONSE, T.CLIENT_RESPONSE]  # then TCP
+    check_client_messages([frames[0], frames[3]], [small], server.dns_port,
+                          socket.gethostname().encode(),
+                          f"meshdns {__import__('meshdns').__version__}".encode())
+    assert frames[9].message.response_message == big.reply
+    assert frames[4].message.query_message == big.query
+
+    def ns(sec: int, nsec: int) -> int:
+        return sec * 1_000_000_000 + nsec
+
+    for (fq, fr), client, proto, name in (
+            ((frames[1], frames[2]), small, pb.UDP, "www.example.test."),
+            ((frames[5], frames[6]), big, pb.UDP, "big.example.test."),
+            ((frames[7], frames[8]), big, pb.TCP, "big.example.test.")):
+        for m in (fq.message, fr.message):
+            assert m.socket_family == pb.INET and m.socket_protocol == proto
+            assert m.response_address == socket.inet_aton("127.0.0.1")
+            assert m.response_port == unbound.port
+        sent = dns.message.from_wire(fq.message.query_message)
+        assert sent.question[0].name.to_text() == name
+        assert fr.message.query_message == fq.message.query_message
+        got = dns.message.from_wire(fr.message.response_message)
+        assert got.id == sent.id and got.question == sent.question
+        if proto == pb.UDP and name.startswith("big"):
+            assert got.flags & dns.flags.TC
+        else:
+            assert len(got.answer[0]) == (1 if name.startswith("www") else 100)
+        t_sent = ns(fq.message.query_time_sec, fq.message.query_time_nsec)
+        t_got = ns(fr.message.response_time_sec, fr.message.response_time_nsec)
+        assert client.sent_ns <= t_sent <= t_got <= client.received_ns
+    assert dns.message.from_wire(small.reply).answer[0][0].address == "192.0.2.10"

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..config import DnstapConfig
+from ..config import DnstapConfig, HostPort
 
 log = logging.getLogger("meshdns.dnstap")
 
@@ -172,10 +172,8 @@ class Encoder:
                 out.append(data)
             if rtype is not None:
                 m.type = rtype
-                if kind != EXCHANGE and kind != FORWARDED:
-                    m.ClearField("query_message")  # a RESPONSE alone: the query was sent
-                elif qtype is None:
-                    m.query_message = query
+                if qtype is None:
+                    m.query_message = query  # a response carries its query too
                 m.response_time_sec, m.response_time_nsec = divmod(t_reply, 1_000_000_000)
                 m.response_message = reply
                 data = frame.SerializeToString()
@@ -278,6 +276,13 @@ class DnstapSink:
             return out
 
         return screen
+
+    def forwarded(self, proto: str, upstream: HostPort, query: bytes, reply: bytes | None,
+                  sent: int, received: int) -> None:
+        """One exchange with an upstream (Forwarder.on_upstream): FORWARDER_QUERY and
+        FORWARDER_RESPONSE (none when no reply came)."""
+        self.put((FORWARDED, UDP if proto == "udp" else TCP, (upstream.host, upstream.port),
+                  None, query, reply, sent, received))
 
     # ------------------------------------------------------------ writer
 
