@@ -117,12 +117,12 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if self.policy is not None:
-            started = time.time_ns() if self.tap is not None else 0
+            tapped = time.time_ns() if self.tap is not None else 0
             out = self.screened(data, addr)
             if out is not PASS:
                 if self.tap is not None:
                     self.tap.put((QUERY if isinstance(out, ForwardRequest) else EXCHANGE, UDP,
-                                  addr, self.local, data, out, started, time.time_ns()))
+                                  addr, self.local, data, out, tapped, time.time_ns()))
                 self._dispatch(out, addr)
                 return
         if self.qlog is not None or self.tap is not None:
