@@ -36,7 +36,7 @@ run: install
 TESTS ?=
 UNBATCHED_TESTS ?= tests/test_smoke.py tests/test_dns_answers.py tests/test_dns_protocol.py \
 	tests/test_forward.py tests/test_forward_hygiene.py tests/test_acl_rrl.py \
-	tests/test_ede_nsid.py tests/test_ede_forward.py tests/test_views.py
+	tests/test_ede_nsid.py tests/test_ede_forward.py tests/test_views.py tests/test_dnstap.py
 test: install-test
 	@$(BIN)/python -m pytest -q $(TESTS); all=$$?; \
 	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q $(UNBATCHED_TESTS); unbatched=$$?; \

@@ -154,11 +154,27 @@ class MetricsConfig:
     listen: HostPort | None = None
 
 
+DNSTAP_MESSAGES = ("client_query", "client_response", "forwarder_query", "forwarder_response")
+
+
+@dataclass(frozen=True)
+class DnstapConfig:
+    """log.dnstap: where dnstap messages go (exactly one of socket, tcp) and which."""
+
+    socket: str | None = None  # a Unix socket path (fstrm_capture -u PATH)
+    tcp: HostPort | None = None  # a collector's host:port (fstrm_capture -a HOST -p PORT)
+    identity: str | None = None  # None: dns.nsid, else the host name
+    version: str | None = None  # None: "meshdns VERSION"
+    messages: tuple[str, ...] = DNSTAP_MESSAGES
+    queue_size: int = 10000  # exchanges waiting for the collector; past it, dropped
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"
     queries: bool = False
+    dnstap: DnstapConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -461,6 +477,51 @@ def _nsid(path: str, value: Any) -> str | None:
     return text
 
 
+def _dnstap_tcp(path: str, value: Any) -> HostPort | None:
+    if value is None:
+        return None
+    hp = parse_hostport(value, None, path)
+    if hp.port == 0:
+        raise _fail(path, "must name the collector's port (1..65535)", value)
+    return hp
+
+
+def _dnstap_text(path: str, value: Any) -> str | None:
+    text = _opt_str(path, value)
+    if text is not None and (len(text.encode()) > 256 or not text.isprintable()):
+        raise ConfigError(f"{path}: at most 256 bytes of printable text, got {value!r}")
+    return text
+
+
+_DNSTAP_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "socket": _opt_str,
+    "tcp": _dnstap_tcp,
+    "identity": _dnstap_text,
+    "version": _dnstap_text,
+    "messages": _list_of(_choice(*DNSTAP_MESSAGES), allow_empty=False),
+    "queue_size": _int(1, 10_000_000),
+}
+
+
+def _dnstap(path: str, value: Any) -> DnstapConfig | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _fail(path, "must be a mapping like {socket: /run/dnstap.sock} or "
+                    "{tcp: \"127.0.0.1:6000\"}", value)
+    kwargs = {}
+    for key, item in value.items():
+        if key not in _DNSTAP_CHECKS:
+            raise ConfigError(f"{path}.{clip(str(key))}: unknown key (known: "
+                              f"{', '.join(_DNSTAP_CHECKS)})")
+        kwargs[key] = _DNSTAP_CHECKS[key](f"{path}.{key}", item)
+    cfg = DnstapConfig(**kwargs)
+    if (cfg.socket is None) == (cfg.tcp is None):
+        raise ConfigError(f"{path}: set exactly one of socket (a Unix socket path) and tcp "
+                          "(host:port) for the collector")
+    return cfg
+
+
 _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "dns": {
         "listen": _list_of(_listen, allow_empty=False),
@@ -526,6 +587,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "level": _choice("debug", "info", "warning", "error"),
         "format": _choice("text", "json"),
         "queries": _bool,
+        "dnstap": _dnstap,
     },
 }
 
@@ -721,6 +783,9 @@ def config_to_raw(cfg: Config) -> dict[str, dict[str, Any]]:
             elif isinstance(value, EtcdConfig):
                 value = {f2.name: list(v) if isinstance(v := getattr(value, f2.name), tuple)
                          else v for f2 in fields(value)}
+            elif isinstance(value, DnstapConfig):
+                value = {f2.name: list(v) if isinstance(v := getattr(value, f2.name), tuple)
+                         else str(v) if isinstance(v, HostPort) else v for f2 in fields(value)}
             elif isinstance(value, tuple):
                 value = [str(v) if isinstance(v, HostPort) else v for v in value]
             out[name][f.name] = value

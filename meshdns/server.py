@@ -22,6 +22,7 @@ from .core.names import parse_templates
 from .core.registry import Registry, RegistryError, RegistryPolicy, apply_put
 from .core.vip import VipRange
 from .core.zone import Zone, ZoneSettings
+from .dns.dnstap import DnstapSink
 from .dns.drain import DrainState, drain
 from .dns.histogram import Histogram
 from .dns.metrics import DnsCollector
@@ -66,6 +67,18 @@ class Listeners:
     udp: list[asyncio.BaseTransport | BatchedUdp] = field(default_factory=list)
     tcp: list[asyncio.AbstractServer] = field(default_factory=list)
     addresses: list[HostPort] = field(default_factory=list)
+
+
+def dnstap_sink(config: Config) -> DnstapSink | None:
+    """log.dnstap's sink (not started); identity: log.dnstap.identity, else dns.nsid,
+    else the host name."""
+    cfg = config.log.dnstap
+    if cfg is None:
+        return None
+    identity = cfg.identity.encode() if cfg.identity else (nsid_bytes(config.dns)
+                                                           or socket.gethostname().encode())
+    version = cfg.version if cfg.version is not None else f"meshdns {__version__}"
+    return DnstapSink(cfg, identity, version.encode())
 
 
 def registry_policy(config: Config) -> RegistryPolicy:
@@ -196,6 +209,9 @@ class MeshServer:
         self.listeners = Listeners()
         self.latency = Histogram()
         self.qlog = QueryLog() if config.log.queries else None
+        self.dnstap = dnstap_sink(config)
+        # What the listeners put client messages in (None: no client message wanted).
+        self.tap = self.dnstap if self.dnstap is not None and self.dnstap.client else None
         self.metrics = new_metrics_registry()
         self.policy_counts = PolicyCounts()
         self.listener_policies: list[ClientPolicy] = []  # access control, rate, views
@@ -203,6 +219,7 @@ class MeshServer:
             self.handler.set_views([select for _, select in config.dns.views])
         self.dns_metrics = DnsCollector(self.handler, self.tcp_limits, self.latency,
                                         lambda: self.listeners.udp, self.policy_counts)
+        self.dns_metrics.dnstap = self.dnstap
         self.metrics.register(self.dns_metrics)
         self.metrics.register(StoreCollector(self.store, self.policy))
         self.forwarder: Forwarder | None = None
@@ -241,6 +258,8 @@ class MeshServer:
         # rescanning it (with many identical followers they would otherwise all pause at
         # once). Objects allocated from here on are collected as usual.
         gc.freeze()
+        if self.dnstap is not None:
+            self.dnstap.start()
         if self.upstreams:
             self._start_forwarder()
         try:
@@ -295,6 +314,8 @@ class MeshServer:
         self.forwarder = Forwarder(self.upstreams, self.config.dns, self.handler.tally,
                                    current_zone=lambda: self.handler.zone)
         self.dns_metrics.forwarder = self.context.forwarder = self.forwarder
+        if self.dnstap is not None and self.dnstap.forwarder:
+            self.forwarder.on_upstream = self.dnstap.forwarded  # FORWARDER_* messages
         # Cached upstream answers go back synchronously, like local ones.
         self.handler.forward_cached = self.forwarder.answer_cached
 
@@ -368,15 +389,15 @@ class MeshServer:
             if os.environ.get("MESHDNS_UDP_BATCH", "1") != "0" and self.qlog is None:
                 with contextlib.suppress(ImportError):  # not Linux: one datagram per callback
                     transport = BatchedUdp(udp_sock, self.handler, self._forward_fn(),
-                                           self.latency, policy)
+                                           self.latency, policy, self.tap)
             if transport is None:
                 transport, _ = await loop.create_datagram_endpoint(
                     lambda: UdpDnsProtocol(self.handler, self._forward_fn(), self.latency,
-                                           self.qlog, policy),
+                                           self.qlog, policy, self.tap),
                     sock=udp_sock)
             server = await loop.create_server(
                 lambda: TcpDnsProtocol(self.handler, self._forward_fn(), self.tcp_limits,
-                                       self.latency, self.qlog, policy),
+                                       self.latency, self.qlog, policy, self.tap),
                 sock=tcp_sock)
             self.listeners.udp.append(transport)
             self.listeners.tcp.append(server)
@@ -438,6 +459,8 @@ class MeshServer:
         if self.forwarder is not None:
             await self.forwarder.close()
             self.forwarder = self.dns_metrics.forwarder = self.context.forwarder = None
+        if self.dnstap is not None:
+            await self.dnstap.close()  # after the last answer: its messages go out too
         self._stopped.set()
 
     async def serve_until_signal(self, reload: Callable[[], Config] | None = None,

@@ -98,6 +98,8 @@ log = logging.getLogger("meshdns.forward")
 
 SERVFAIL_TTL = 1.0  # a failed lookup is remembered this long (RFC 9520: at least 1 s)
 UPSTREAM = "upstream"
+# Forwarder.on_upstream: (protocol, upstream, query, reply or None, sent ns, reply ns).
+UpstreamTap = Callable[[str, HostPort, bytes, bytes | None, int, int], None]
 CACHE = "cache"
 
 
@@ -143,6 +145,10 @@ class Forwarder:
         self._zone = current_zone
         self.chased = 0  # upstream answers completed with a local answer
         self.chase_refused: dict[str, int] = {}  # SERVFAIL instead, by reason: loop, too_long
+        # Called with each exchange with an upstream (log.dnstap's FORWARDER messages):
+        # protocol ("udp", "tcp"), upstream, query sent, reply got (None: none), and the
+        # time.time_ns() of the send and of the reply (or of giving up).
+        self.on_upstream: UpstreamTap | None = None
 
     def set_upstreams(self, upstreams: Sequence[HostPort]) -> None:
         """Ask ``upstreams`` from now on (SIGHUP); one kept keeps its health and counters.
@@ -360,15 +366,22 @@ class Forwarder:
                    deadline: float, owned: Owned | None) -> Attempt:
         loop = asyncio.get_running_loop()
         wire = build_query(question, self._ids.randrange(0x10000), cd, dnssec_ok)
+        tap = self.on_upstream
+        sent = time.time_ns() if tap is not None else 0
         t0 = loop.time()
         attempt = await query_udp(up, wire, question, deadline, self._reject, owned)
         t1 = loop.time()
+        if tap is not None:
+            tap("udp", up.address, wire, attempt.data, sent, time.time_ns())
         self._health(up, up.record(attempt.result, t1 - t0, t1), attempt.result)
         if attempt.result != TRUNCATED:
             return attempt
         wire = build_query(question, self._ids.randrange(0x10000), cd, dnssec_ok)
+        sent = time.time_ns() if tap is not None else 0
         attempt = await query_tcp(up, wire, question, deadline, self._reject, owned)
         t2 = loop.time()
+        if tap is not None:
+            tap("tcp", up.address, wire, attempt.data, sent, time.time_ns())
         self._health(up, up.record(attempt.result, t2 - t1, t2), attempt.result)
         return attempt
 

@@ -20,6 +20,7 @@ from ..core.handler import MessageHandler
 from ..core.tally import QTYPE_INVALID
 from ..core.wire import rcode_name
 from ..core.zone import qtype_name
+from .dnstap import DnstapSink
 from .forwarder import Forwarder
 from .histogram import Histogram
 from .policy import PolicyCounts
@@ -55,7 +56,7 @@ class DnsCollector:
         self.udp = udp  # the UDP listeners now open (batched ones count their drops)
         self.policy = policy if policy is not None else PolicyCounts()
         self.forwarder: Forwarder | None = None  # set once forwarding starts
-
+        self.dnstap: DnstapSink | None = None  # log.dnstap
 
     def collect(self) -> Iterator[Metric]:
         counts = self.handler.snapshot_counts()
@@ -107,6 +108,29 @@ class DnsCollector:
             entries.add_metric(["upstream"], len(self.forwarder.cache))
         yield entries
         yield from self._upstream(self.forwarder)
+        if self.dnstap is not None:
+            yield from self._dnstap(self.dnstap)
+
+    @staticmethod
+    def _dnstap(sink: DnstapSink) -> Iterator[Metric]:
+        """log.dnstap: what reached the collector's socket and what was dropped (the
+        families are there only with dnstap on)."""
+        yield CounterMetricFamily(PREFIX + "dnstap_written", "dnstap messages written to the "
+                                  "collector's socket.", value=sink.written)
+        dropped = CounterMetricFamily(PREFIX + "dnstap_dropped", "dnstap messages dropped: "
+                                      "queue_full (log.dnstap.queue_size entries waiting: the "
+                                      "collector is slow or absent), write_failed (the "
+                                      "collector went away during the write).",
+                                      labels=["reason"])
+        for reason, n in sorted(sink.dropped.items()):
+            dropped.add_metric([reason], n)
+        yield dropped
+        yield GaugeMetricFamily(PREFIX + "dnstap_queued", "dnstap messages waiting for the "
+                                "writer.", value=sink.queued)
+        yield GaugeMetricFamily(PREFIX + "dnstap_connected", "1 while the dnstap collector "
+                                "is connected (handshake done).", value=int(sink.connected))
+        yield CounterMetricFamily(PREFIX + "dnstap_connections", "Connections to the dnstap "
+                                  "collector (handshakes completed).", value=sink.connects)
 
     def _udp_errors(self) -> Metric:
         """What the batched UDP path (recvmmsg/sendmmsg) dropped or failed, summed over

@@ -25,6 +25,7 @@ from typing import Any, cast
 
 from ..core.handler import ForwardRequest, MessageHandler, prohibited_reply, slip_reply
 from ..core.wire import HEADER_LEN, RCODE_SERVFAIL, error_reply
+from .dnstap import EXCHANGE, QUERY, RESPONSE, TCP, UDP, DnstapSink, local_address
 from .histogram import Histogram
 from .policy import (
     ALLOW,
@@ -75,12 +76,14 @@ class _Errors:
 class UdpDnsProtocol(asyncio.DatagramProtocol):
     def __init__(self, handler: MessageHandler, forward: Forward | None,
                  latency: Histogram | None = None, qlog: QueryLog | None = None,
-                 policy: ClientPolicy | None = None) -> None:
+                 policy: ClientPolicy | None = None, tap: DnstapSink | None = None) -> None:
         self.handler = handler
         self.forward = forward
         self.latency = latency
         self.qlog = qlog  # log.queries: every message takes _logged instead
         self.policy = policy  # access control / rate limit (policy.py); None: none
+        self.tap = tap  # log.dnstap: every message takes _logged too (dnstap.py)
+        self.local: Any = None  # the listener's own address, for dnstap
         self._packed: dict[str, bytes] = {}  # client host -> address bytes
         self.seen = 0
         self.transport: asyncio.DatagramTransport | None = None
@@ -109,15 +112,21 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        if self.tap is not None:
+            self.local = local_address(transport.get_extra_info("sockname"))
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if self.policy is not None:
+            tapped = time.time_ns() if self.tap is not None else 0
             out = self.screened(data, addr)
             if out is not PASS:
+                if self.tap is not None:
+                    self.tap.put((QUERY if isinstance(out, ForwardRequest) else EXCHANGE, UDP,
+                                  addr, self.local, data, out, tapped, time.time_ns()))
                 self._dispatch(out, addr)
                 return
-        if self.qlog is not None:
-            self._logged(data, addr, self.qlog)
+        if self.qlog is not None or self.tap is not None:
+            self._logged(data, addr)
             return
         self.seen += 1
         try:
@@ -140,18 +149,26 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         elif isinstance(out, ForwardRequest):
             _spawn(self._forward(out, addr))
 
-    def _logged(self, data: bytes, addr: Any, qlog: QueryLog) -> None:
+    def _logged(self, data: bytes, addr: Any) -> None:
+        """One datagram with log.queries or log.dnstap on."""
         started = time.perf_counter()
+        tapped = time.time_ns()
         try:
             out = self.handler.handle_udp(data)
         except Exception:
             _Errors.report("udp")
             out = servfail(data)
+        tap = self.tap
         if isinstance(out, ForwardRequest):
+            if tap is not None:
+                tap.put((QUERY, UDP, addr, self.local, data, out, tapped, 0))
             _spawn(self._forward(out, addr, started))
             return
         # Logged before the reply leaves: a client that got it can find its line.
-        qlog.exchange("udp", addr, data, out, time.perf_counter() - started)
+        if self.qlog is not None:
+            self.qlog.exchange("udp", addr, data, out, time.perf_counter() - started)
+        if tap is not None:
+            tap.put((EXCHANGE, UDP, addr, self.local, data, out, tapped, time.time_ns()))
         if out is not None:
             self.transport.sendto(out, addr)  # type: ignore[union-attr]
 
@@ -159,6 +176,7 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
                        received: float | None = None) -> None:
         reply: bytes | None
         started = time.perf_counter()
+        tapped = time.time_ns() if self.tap is not None else 0
         try:
             reply = await self.forward(req, "udp") if self.forward else servfail(req.data)
         except Exception:
@@ -169,6 +187,9 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         if self.qlog is not None:
             self.qlog.exchange("udp", addr, req.data, reply,
                                time.perf_counter() - (received or started), forwarded=True)
+        if self.tap is not None:
+            self.tap.put((RESPONSE, UDP, addr, self.local, req.data, reply, tapped,
+                          time.time_ns()))
         if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
@@ -231,16 +252,20 @@ class BatchedUdp(UdpDnsProtocol):
     """
 
     def __init__(self, sock: Any, handler: MessageHandler, forward: Forward | None,
-                 latency: Histogram | None = None, policy: ClientPolicy | None = None) -> None:
+                 latency: Histogram | None = None, policy: ClientPolicy | None = None,
+                 tap: DnstapSink | None = None) -> None:
         from .mmsg import BatchUdpServer
 
-        super().__init__(handler, forward, latency, policy=policy)
+        super().__init__(handler, forward, latency, policy=policy, tap=tap)
         self.sock = sock
         self.loop = asyncio.get_running_loop()
+        screen = None if policy is None else batch_screen(policy, handler)
+        if tap is not None:  # dnstap sees each datagram through the same hook
+            self.local = local_address(sock.getsockname())
+            screen = tap.screen(screen, handler.handle_udp, self.local)
         self.batch = BatchUdpServer(
             sock, handler.handle_udp, self._on_forward, on_error=servfail,
-            observe=latency.observe if latency is not None else None,
-            screen=None if policy is None else batch_screen(policy, handler))
+            observe=latency.observe if latency is not None else None, screen=screen)
         self.transport = _BatchTransport(self.batch)  # type: ignore[assignment]
         self.loop.add_reader(sock.fileno(), self.batch.serve_ready)
 
@@ -352,9 +377,11 @@ class TcpDnsProtocol(asyncio.Protocol):
 
     def __init__(self, handler: MessageHandler, forward: Forward | None, limits: TcpLimits,
                  latency: Histogram | None = None, qlog: QueryLog | None = None,
-                 policy: ClientPolicy | None = None) -> None:
+                 policy: ClientPolicy | None = None, tap: DnstapSink | None = None) -> None:
         self.handler = handler
         self.policy = policy
+        self.tap = tap
+        self.local: Any = None
         self.verdict = ALLOW  # the access control verdict for this client (policy.py)
         self.view = 0  # its view (dns.views; 0: the default)
         self.qlog = qlog
@@ -377,6 +404,8 @@ class TcpDnsProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream server's transport
         self.peer = transport.get_extra_info("peername")
+        if self.tap is not None:
+            self.local = local_address(transport.get_extra_info("sockname"))
         if self.policy is not None and self.peer:
             # Counted per query (in _answer), as over UDP.
             packed = packed_address(self.peer[0])
@@ -466,11 +495,15 @@ class TcpDnsProtocol(asyncio.Protocol):
     def _answer(self, message: bytes) -> bool:
         """Answer or forward one framed message; False when it is dropped unanswered."""
         started = time.perf_counter()
+        tapped = time.time_ns() if self.tap is not None else 0
         out: bytes | ForwardRequest | None
         if self.verdict != ALLOW:
             if self.verdict == REFUSE and self.policy is not None:
                 self.policy.counts.refused += 1  # each query, as over UDP
             out = screened_reply(self.verdict, message, self.handler, "tcp", self.view)
+            if self.tap is not None:
+                self.tap.put((EXCHANGE, TCP, self.peer, self.local, message, out, tapped,
+                              time.time_ns()))
             if out is not None:
                 self._send(out)
             return out is not None
@@ -486,6 +519,8 @@ class TcpDnsProtocol(asyncio.Protocol):
             _Errors.report("tcp")
             out = servfail(message)
         if isinstance(out, ForwardRequest):
+            if self.tap is not None:
+                self.tap.put((QUERY, TCP, self.peer, self.local, message, out, tapped, 0))
             self.pending += 1
             if self.pending >= MAX_TCP_PENDING:
                 self._pause_reading()
@@ -493,6 +528,9 @@ class TcpDnsProtocol(asyncio.Protocol):
             return True
         if self.qlog is not None:
             self.qlog.exchange("tcp", self.peer, message, out, time.perf_counter() - started)
+        if self.tap is not None:
+            self.tap.put((EXCHANGE, TCP, self.peer, self.local, message, out, tapped,
+                          time.time_ns()))
         if out is not None:
             self._send(out)
         return out is not None
@@ -500,6 +538,7 @@ class TcpDnsProtocol(asyncio.Protocol):
     async def _forward(self, req: ForwardRequest, received: float) -> None:
         reply: bytes | None
         started = time.perf_counter()
+        tapped = time.time_ns() if self.tap is not None else 0
         try:
             reply = await self.forward(req, "tcp") if self.forward else servfail(req.data)
         except Exception:
@@ -511,6 +550,9 @@ class TcpDnsProtocol(asyncio.Protocol):
         if self.qlog is not None:
             self.qlog.exchange("tcp", self.peer, req.data, reply,
                                time.perf_counter() - received, forwarded=True)
+        if self.tap is not None:
+            self.tap.put((RESPONSE, TCP, self.peer, self.local, req.data, reply, tapped,
+                          time.time_ns()))
         if reply is not None:
             self._send(reply)
             self.last_active = self.loop.time()

@@ -105,6 +105,7 @@ def try_order(upstreams: list[Upstream], now: float, probe_hold: float) -> list[
 class Attempt:
     result: str
     reply: ParsedReply | None = None
+    data: bytes | None = None  # the reply as the upstream sent it (for log.dnstap)
 
 
 def classify(parsed: ParsedReply, tc: bool) -> str:
@@ -176,10 +177,10 @@ def _parsed(data: bytes, question: bytes, owned: Owned | None, reject: Reject,
     ``malformed`` (counted as a rejected reply) when any of it does not parse. A
     truncated reply is not used (TCP is asked next), so it need not parse."""
     if tc:
-        return Attempt(TRUNCATED)
+        return Attempt(TRUNCATED, data=data)
     try:
         parsed = parse_reply(data, len(question), owned)
     except ReplyRejected:
         reject(MALFORMED)
-        return Attempt(MALFORMED_REPLY)
-    return Attempt(classify(parsed, False), parsed)
+        return Attempt(MALFORMED_REPLY, data=data)
+    return Attempt(classify(parsed, False), parsed, data)
