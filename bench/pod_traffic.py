@@ -521,6 +521,7 @@ def main() -> int:
         raise SystemExit("dnsperf and unbound are needed (`make bench-tools`)")
     started = time.monotonic()
     load_start = report.machine_info()["loadavg"]
+    machine = report.machine_md()  # its load average is the one at the start
     notes: list[str] = []
     kumadp: Path | None = None
     if "kumadp" in args.servers:
@@ -565,7 +566,7 @@ def main() -> int:
             if s.get("ran_out"):
                 notes.append(f"{res['stream']}: {n} used up its new-name file before the "
                              "round's end (raise --new-max-qps); its qps is over the shorter run")
-    md = render(args, results, names, kinds, notes, load_start, elapsed)
+    md = render(args, results, names, kinds, notes, machine, load_start, elapsed)
     print("\n" + md)
     if write:
         data = {"args": {k: str(v) for k, v in vars(args).items()}, "streams": results,
@@ -577,7 +578,8 @@ def main() -> int:
 
 
 def render(args: argparse.Namespace, results: dict[str, dict[str, Any]], names: list[str],
-           kinds: Counter[str], notes: list[str], load_start: str, elapsed: float) -> str:
+           kinds: Counter[str], notes: list[str], machine: str, load_start: str,
+           elapsed: float) -> str:
     versions = {
         "meshdns": report.tool_version([peers.project_python(), "-m", "meshdns", "--version"]),
         "unbound": report.tool_version(["unbound", "-V"]),
@@ -592,10 +594,10 @@ def render(args: argparse.Namespace, results: dict[str, dict[str, Any]], names: 
         "",
         f"Command: `{report.command_line()}`",
         "",
-        report.machine_md({
-            "load average at the end": report.machine_info()["loadavg"],
-            "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
-            "wall time": f"{elapsed:.0f} s"}),
+        machine,
+        f"- load average at the end: {report.machine_info()['loadavg']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
+        f"- wall time: {elapsed:.0f} s",
         "",
         "## Method",
         "",
