@@ -64,10 +64,12 @@ bench-quick: install-test
 	$(BIN)/python bench/run_all.py --quick
 
 # Peer servers and the load generator (root). The benches start their own instances
-# on loopback high ports, so the system services are stopped.
+# on loopback high ports, so the system services are stopped. Go and miekg/dns build
+# Kuma's DNS proxy (../shared/peers/kumadp) for bench/pod_traffic.py, which builds it.
 bench-tools:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf unbound knot dnsmasq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf unbound knot dnsmasq \
+		golang-1.19-go golang-github-miekg-dns-dev
 	-systemctl disable --now unbound knot dnsmasq >/dev/null 2>&1 || true
 
 clean:

@@ -5,7 +5,10 @@ in a temp dir, in its own process group (``start_new_session``), and is killed
 (SIGTERM, then SIGKILL of the whole group) when its ``with`` block ends, on
 Ctrl-C, and at interpreter exit. None of them ever forwards anywhere: meshdns
 gets ``dns.upstreams: []`` and an empty ``dns.resolv_conf``; unbound serves a
-static local zone; knot is authoritative only; dnsmasq has ``no-resolv``.
+static local zone; knot is authoritative only; dnsmasq has ``no-resolv``. The
+forwarding sidecars of bench/pod_traffic.py (``upstreams=`` / ``start_*_forwarding``,
+:func:`start_kumadp`) forward only to the cluster DNS that bench starts on loopback
+(:func:`start_unbound_zones`).
 
 ``python bench/peers.py dnslib --port P --table FILE`` is the dnslib baseline
 server (dnslib's threaded ``DNSServer`` answering from a dict).
@@ -295,12 +298,17 @@ def soa_probe(port: int, apex: str = "mesh") -> Callable[[], bool]:
 def meshdns_config(workdir: Path, port: int, api_port: int, seed: Path | None,
                    workers: int = 1, max_body: int = 1 << 31,
                    answer_cache: int | None = None, steering: str | None = None,
-                   name: str | None = None, dns_extra: dict[str, Any] | None = None
+                   name: str | None = None, upstreams: Sequence[str] = (),
+                   search: Sequence[str] = (), dns_extra: dict[str, Any] | None = None
                    ) -> Path:
+    """``upstreams``: loopback servers the bench started (default none: never forwards);
+    ``search``: the pod's search list, as a sidecar reads it from resolv.conf;
+    ``dns_extra``: more dns keys (bench_policy)."""
     resolv = workdir / "resolv.conf"
     resolv.write_text("# empty: meshdns must never forward during a benchmark\n")
     cfg: dict[str, Any] = {
-        "dns": {"listen": [f"{LOOPBACK}:{port}"], "upstreams": [], "search": [],
+        "dns": {"listen": [f"{LOOPBACK}:{port}"], "upstreams": list(upstreams),
+                "search": list(search),
                 "resolv_conf": str(resolv), "workers": workers},
         "api": {"listen": f"{LOOPBACK}:{api_port}", "max_body_bytes": max_body},
         "registry": {"seed_file": str(seed) if seed else None},
@@ -337,15 +345,18 @@ def start_meshdns(workdir: Path, services: Sequence[Svc] | None, *, workers: int
                   answer_cache: int | None = None, steering: str | None = None,
                   ready_timeout: float = 300.0,
                   program: Sequence[str] = ("-m", "meshdns"),
+                  upstreams: Sequence[str] = (), search: Sequence[str] = (),
                   dns_extra: dict[str, Any] | None = None) -> Server:
     """meshdns serving ``services`` from a seed file, or an empty registry (None);
-    ``program``: what the project's Python runs (bench/uncounted.py for bench_metrics)."""
+    ``program``: what the project's Python runs (bench/uncounted.py for bench_metrics);
+    ``upstreams``/``search``: see :func:`meshdns_config` (default: never forwards)."""
     tag = next(_MESHDNS_SEQ)  # port 0: the kernel picks, --ports-file says which
     seed = None
     if services is not None:
         seed = write_meshdns_seed(workdir / f"seed-{tag}.json", services)
     conf = meshdns_config(workdir, 0, 0, seed, workers, answer_cache=answer_cache,
-                          steering=steering, name=f"meshdns-{tag}", dns_extra=dns_extra)
+                          steering=steering, name=f"meshdns-{tag}", upstreams=upstreams,
+                          search=search, dns_extra=dns_extra)
     log = workdir / f"meshdns-{tag}.log"
     ports = workdir / f"meshdns-{tag}.ports.json"
     proc = spawn([project_python(), *program, "serve", "--config", str(conf),
@@ -480,6 +491,153 @@ def start_dnslib(workdir: Path, services: Sequence[Svc], *,
     proc = spawn([project_python(), str(Path(__file__).resolve()), "dnslib", "--port", str(port),
                   "--table", str(table)], log, cwd=REPO)
     srv = Server("dnslib", port, proc, log, workdir)
+    wait_ready(srv, answers_probe(port, services[0]), ready_timeout)
+    return srv
+
+
+# ---------------------------------------------------------------- forwarding sidecars
+# (bench/pod_traffic.py): a cluster DNS on loopback, and sidecars that answer the mesh
+# names themselves and forward everything else to it.
+
+
+def _start_unbound_conf(name: str, d: Path, port: int, lines: list[str],
+                        probe: Callable[[], bool], ready_timeout: float) -> Server:
+    """unbound with ``lines`` (its whole config), checked, started, ready by ``probe``."""
+    conf = write_lines(d / "unbound.conf", lines)
+    check = subprocess.run(["unbound-checkconf", str(conf)], capture_output=True, text=True,
+                           timeout=120)
+    if check.returncode != 0:
+        raise ServerFailed(f"unbound-checkconf: {check.stdout}{check.stderr}")
+    log = d / "unbound.log"
+    proc = spawn(["unbound", "-d", "-c", str(conf)], log, cwd=d)
+    srv = Server(name, port, proc, log, d)
+    wait_ready(srv, probe, ready_timeout)
+    return srv
+
+
+def start_unbound_zones(workdir: Path, zone_lines: Sequence[str], probe_name: str, *,
+                        threads: int = 1, ready_timeout: float = 120.0) -> Server:
+    """unbound answering only from ``zone_lines`` (``local-zone:``/``local-data:`` lines of
+    its server clause): the cluster DNS of bench/pod_traffic.py. Ready once
+    ``probe_name`` A answers NOERROR."""
+    port = free_port()
+    d = workdir / f"unbound-zones-{port}"
+    d.mkdir()
+    # unbound_server_lines brings an empty static "mesh." zone; nobody asks it for one.
+    lines = unbound_server_lines(port, d, [], threads)
+    lines += [f"  {line}" for line in zone_lines]
+    lines += ["remote-control:", "  control-enable: no"]
+
+    def probe() -> bool:
+        got = dns_query(port, probe_name, "A", timeout=0.5)
+        return got is not None and got[0] == "NOERROR" and bool(got[1])
+
+    return _start_unbound_conf("cluster-dns", d, port, lines, probe, ready_timeout)
+
+
+def start_unbound_forwarding(workdir: Path, services: Sequence[Svc], upstream: int, *,
+                             ready_timeout: float = 120.0) -> Server:
+    """unbound (1 thread) as a sidecar: the services as static local data, everything
+    else to ``forward-zone: "."`` at 127.0.0.1@``upstream``; its own defaults otherwise
+    (cache sizes, no prefetch), except ``outgoing-range`` back at unbound's default 4096
+    (unbound_server_lines sets 64 for the never-forwarding benches)."""
+    port = free_port()
+    d = workdir / f"unbound-fwd-{port}"
+    d.mkdir()
+    lines = [line for line in unbound_server_lines(port, d, services)
+             if not line.strip().startswith("outgoing-range:")]
+    lines += ["  outgoing-range: 4096", "  do-not-query-localhost: no",
+              "remote-control:", "  control-enable: no",
+              "forward-zone:", '  name: "."', f"  forward-addr: {LOOPBACK}@{upstream}"]
+    return _start_unbound_conf("unbound", d, port, lines, answers_probe(port, services[0]),
+                               ready_timeout)
+
+
+def start_dnsmasq_forwarding(workdir: Path, services: Sequence[Svc], upstream: int, *,
+                             cache_size: int = 10_000, forward_max: int = 1000,
+                             ready_timeout: float = 120.0) -> Server:
+    """dnsmasq as a sidecar: ``host-record`` lines for the services, ``local=/mesh/``,
+    every other name to 127.0.0.1#``upstream``, negative answers cached (its default);
+    ``cache-size`` and ``dns-forward-max`` raised from dnsmasq's 150 to meshdns's
+    defaults (``dns.cache_size``, ``dns.max_inflight``)."""
+    port = free_port()
+    d = workdir / f"dnsmasq-fwd-{port}"
+    d.mkdir()
+    lines = [
+        f"port={port}",
+        f"listen-address={LOOPBACK}",
+        "bind-interfaces",
+        "no-resolv",
+        "no-hosts",
+        "no-poll",
+        f"server={LOOPBACK}#{upstream}",
+        f"cache-size={cache_size}",
+        f"dns-forward-max={forward_max}",
+        "local-ttl=30",
+        "user=root",
+        "pid-file=",
+        f"log-facility={d / 'dnsmasq.log'}",
+        *dnsmasq_lines(services),
+    ]
+    conf = write_lines(d / "dnsmasq.conf", lines)
+    log = d / "dnsmasq.out"
+    proc = spawn(["dnsmasq", "-k", f"--conf-file={conf}"], log, cwd=d)
+    srv = Server("dnsmasq", port, proc, log, d)
+    wait_ready(srv, answers_probe(port, services[0]), ready_timeout)
+    return srv
+
+
+KUMADP_SOURCE = Path("/work/shared/peers/kumadp/main.go")
+KUMADP_BINARY = Path("/tmp/kumadp")
+GO = Path("/usr/lib/go-1.19/bin/go")
+GO_PACKAGES = ("golang-1.19-go", "golang-github-miekg-dns-dev")
+
+
+def build_kumadp(source: Path = KUMADP_SOURCE, binary: Path = KUMADP_BINARY,
+                 log: Callable[[str], None] = print) -> tuple[Path | None, str]:
+    """Kuma's DNS proxy stand-in (../shared/peers/README.md), built when missing or older
+    than its source: (binary, note) or (None, why not). Installs Go and miekg/dns from
+    Debian (``apt-get install -y``, as root) when ``go`` is missing and installable."""
+    if not source.exists():
+        return None, f"kumadp skipped: no source at {source}"
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        return binary, f"kumadp: {binary} (built from {source})"
+    if not GO.exists():
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            return None, (f"kumadp skipped: {GO} missing and not installable here "
+                          f"(root + apt-get: `apt-get install -y {' '.join(GO_PACKAGES)}`)")
+        log(f"  installing {' '.join(GO_PACKAGES)} (apt-get) to build kumadp ...")
+        out = subprocess.run(["apt-get", "install", "-y", "-qq", *GO_PACKAGES],
+                             capture_output=True, text=True, timeout=900,
+                             env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        if out.returncode != 0 or not GO.exists():
+            return None, ("kumadp skipped: apt-get install failed: "
+                          + (out.stderr or out.stdout).strip()[-300:])
+    log(f"  building {binary} from {source} ...")
+    env = dict(os.environ, GOPATH="/usr/share/gocode", GO111MODULE="off",
+               GOCACHE="/tmp/gocache", GOFLAGS="")
+    out = subprocess.run([str(GO), "build", "-o", str(binary), str(source)],
+                         capture_output=True, text=True, timeout=900, env=env)
+    if out.returncode != 0:
+        return None, f"kumadp skipped: go build failed: {(out.stderr or out.stdout)[-300:]}"
+    return binary, f"kumadp: built {binary} from {source} with {GO}"
+
+
+def start_kumadp(workdir: Path, services: Sequence[Svc], upstream: int, *,
+                 binary: Path = KUMADP_BINARY, ttl: int = 30,
+                 ready_timeout: float = 60.0) -> Server:
+    """Kuma's DNS proxy stand-in: the services as its records document (A and AAAA,
+    ``ttl``), every other name forwarded to 127.0.0.1:``upstream`` (no cache)."""
+    port = free_port()
+    d = workdir / f"kumadp-{port}"
+    d.mkdir()
+    records = d / "records.json"
+    records.write_text(json.dumps({
+        "records": [{"name": s.fqdn, "ips": [s.vip, s.vip6]} for s in services], "ttl": ttl}))
+    log = d / "kumadp.log"
+    proc = spawn([str(binary), "-listen", f"{LOOPBACK}:{port}", "-records", str(records),
+                  "-upstream", f"{LOOPBACK}:{upstream}"], log, cwd=d)
+    srv = Server("kumadp", port, proc, log, d)
     wait_ready(srv, answers_probe(port, services[0]), ready_timeout)
     return srv
 

@@ -27,11 +27,12 @@ import report
 
 BENCH = Path(__file__).resolve().parent
 PARTS = ("core", "forward", "macro", "metrics", "policy", "mmsg", "scale", "sync", "soak",
-         "fleet", "etcd_fleet")
+         "fleet", "etcd_fleet", "pod_traffic")
 SCRIPTS = {"core": "bench_core.py", "forward": "bench_forward.py", "macro": "macro.py",
            "metrics": "bench_metrics.py", "policy": "bench_policy.py", "mmsg": "bench_mmsg.py", "scale": "scale.py",
            "sync": "bench_sync.py",
-           "soak": "soak.py", "fleet": "fleet.py", "etcd_fleet": "etcd_fleet.py"}
+           "soak": "soak.py", "fleet": "fleet.py", "etcd_fleet": "etcd_fleet.py",
+           "pod_traffic": "pod_traffic.py"}
 OPT_IN = {"mmsg"}  # experiments: run only when named in --parts
 QUICK = {
     "core": ["--quick"],
@@ -45,11 +46,12 @@ QUICK = {
     "soak": ["--minutes", "1"],
     "fleet": ["--followers", "20", "--changes", "2"],
     "etcd_fleet": ["--quick"],
+    "pod_traffic": ["--quick"],
 }
 LIMITS = {"core": 900, "forward": 900, "macro": 3600, "metrics": 900, "policy": 900,
           "mmsg": 3600, "scale": 3600,
           "sync": 1800, "soak": 7200,
-          "fleet": 3900, "etcd_fleet": 1800}  # fleet.py stops itself at its --time-limit (3600) and writes
+          "fleet": 3900, "etcd_fleet": 1800, "pod_traffic": 1800}  # fleet.py stops itself at its --time-limit (3600) and writes
 
 
 def run_part(name: str, args: list[str], python: str) -> tuple[int, float]:
