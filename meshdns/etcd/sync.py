@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import time
@@ -234,6 +235,9 @@ class EtcdMirror:
             # with lower revisions, and the journal replays only newer ones.
             await asyncio.to_thread(store.persist, reg)
             store.publish(reg)
+            # A whole registry just listed, long-lived and acyclic: keep the collector's
+            # full passes from rescanning it on every later change (as the follower does).
+            gc.freeze()
         else:
             store.registry = reg  # the same registry; the claims (held VIPs) may differ
         self.state = (reg, write_rev, claims)
