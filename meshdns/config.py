@@ -131,6 +131,11 @@ class EtcdConfig:
     password: str | None = None  # env MESHDNS_ETCD_PASSWORD overrides
     dial_timeout: float = 2.0  # connecting to one member, before trying the next
     request_timeout: float = 5.0  # one request to one member
+    # etcd's limits on one transaction (its --max-txn-ops, --max-request-bytes, here at
+    # etcd's defaults with a margin): a write within them is one transaction, a larger
+    # one is staged as a new generation (docs/scaling.md).
+    max_txn_ops: int = 128
+    max_txn_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -401,6 +406,8 @@ _ETCD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "password": _opt_str,
     "dial_timeout": _number(0.05, 600),
     "request_timeout": _number(0.05, 600),
+    "max_txn_ops": _int(8, 1 << 24),
+    "max_txn_bytes": _int(64 * 1024, 1 << 31),
 }
 
 

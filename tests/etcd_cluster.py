@@ -95,6 +95,10 @@ class EtcdCluster:
     tls: Tls | None = None  # clients must use TLS and present a certificate of its CA
     max_txn_ops: int = MAX_TXN_OPS
     members: list[Member] = field(default_factory=list)
+    # etcd's own defaults for --max-txn-ops (128) and --max-request-bytes (1.5 MiB), as
+    # an operator's stock etcd has them; and further flags (e.g. --quota-backend-bytes).
+    stock: bool = False
+    extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -122,10 +126,12 @@ class EtcdCluster:
                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{m.peer_port}",
                 "--initial-cluster", self._initial(), "--initial-cluster-state", "new",
                 "--initial-cluster-token", f"meshdns-test-{self.members[0].peer_port}",
-                "--max-txn-ops", str(self.max_txn_ops),
-                "--max-request-bytes", str(MAX_REQUEST_BYTES),
                 "--heartbeat-interval", "100", "--election-timeout", "1000",
                 "--snapshot-count", "100000", "--logger", "zap", "--log-level", "warn"]
+        if not self.stock:
+            args += ["--max-txn-ops", str(self.max_txn_ops),
+                     "--max-request-bytes", str(MAX_REQUEST_BYTES)]
+        args += self.extra_args
         if self.tls is not None:
             args += ["--cert-file", str(self.tls.server_cert),
                      "--key-file", str(self.tls.server_key),
@@ -236,6 +242,32 @@ class EtcdCluster:
 
     def compact(self, revision: int) -> None:
         self.any_request("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+    def defragment(self) -> None:
+        """Defragment every running member (each one frees its own file)."""
+        for m in self.members:
+            if m.alive:
+                self.request(m, "/v3/maintenance/defragment", {}, timeout=60)
+
+    def alarms(self) -> list[dict[str, Any]]:
+        doc = self.any_request("/v3/maintenance/alarm", {"action": "GET"})
+        return list(doc.get("alarms", []))
+
+    def disarm(self) -> None:
+        """Clear every alarm (NOSPACE), member by member, as etcdctl alarm disarm does."""
+        for alarm in self.alarms():
+            self.any_request("/v3/maintenance/alarm", {"action": "DEACTIVATE",
+                                                        "memberID": alarm.get("memberID"),
+                                                        "alarm": alarm.get("alarm")})
+
+    def count(self, prefix: str) -> int:
+        """How many keys start with ``prefix`` (a count-only read)."""
+        start = prefix.encode()
+        end = start[:-1] + bytes([start[-1] + 1])
+        doc = self.any_request("/v3/kv/range", {"key": base64.b64encode(start).decode(),
+                                                "range_end": base64.b64encode(end).decode(),
+                                                "count_only": True})
+        return int(doc.get("count", 0))
 
     def keys(self, prefix: str) -> dict[str, bytes]:
         start = prefix.encode()

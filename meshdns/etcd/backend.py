@@ -14,19 +14,41 @@ already answers from it. etcd unreachable: 503, nothing acknowledged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
-from typing import Any
+import random
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
+import aiohttp
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..config import RegistryConfig
 from ..core.registry import Registry, RegistryError, RegistryPolicy
 from ..metrics import sync_age_families
 from ..store import RegistryStore
-from .client import EtcdClient, EtcdError, EtcdUnavailable, b64, num, ssl_context
-from .layout import Plan, plan_write
+from .client import (
+    EtcdClient,
+    EtcdError,
+    EtcdUnavailable,
+    b64,
+    num,
+    prefix_end,
+    ssl_context,
+    unb64,
+)
+from .layout import (
+    GENERATIONS,
+    SERVICES,
+    STAGING,
+    VIPS,
+    Plan,
+    generation_root,
+    plan_generation,
+    plan_write,
+)
 from .sync import EtcdMirror
 
 log = logging.getLogger("meshdns.etcd")
@@ -34,6 +56,17 @@ log = logging.getLogger("meshdns.etcd")
 # Failed compares in one write before giving up (503). Each one is another writer's
 # commit, so the fleet always progresses; this bounds how long one write may lose.
 MAX_CONFLICTS = 100
+ATTEMPT_FIRST = 0.5  # s: one attempt's deadline on one member, doubling per failed pass
+RETRY_PAUSE = 0.05  # s: between passes over the members (an election is under way)
+STAGE_TTL = 10  # s: the lease of a generation being written, kept alive by its writer
+STAGE_PARALLEL = 8  # staging transactions in flight
+STAGED_APPLY_WAIT = 120.0  # s: for this instance to list a new generation it committed
+GC_EVERY = 60.0  # s: between garbage collections (also after every new generation)
+GC_PAGE = 5000  # keys deleted per transaction
+GC_MAX = 1000  # generations looked at per collection
+_RESOURCE_EXHAUSTED = 8  # gRPC status of "mvcc: database space exceeded" (NOSPACE)
+
+T = TypeVar("T")
 
 
 class EtcdRegistry:
@@ -57,10 +90,17 @@ class EtcdRegistry:
         self.hold_ttl = max(1, math.ceil(policy.hold_seconds))
         # How long one write may keep trying (unreachable members, an election, conflicts).
         self.write_timeout = max(1.0, etcd.request_timeout)
+        # etcd's limits on one transaction (--max-txn-ops, --max-request-bytes): a
+        # write within them is one transaction, a larger one a new generation.
+        self.max_ops = etcd.max_txn_ops
+        self.max_bytes = etcd.max_txn_bytes
         self.commits = 0
         self.conflicts = 0
         self.unavailable = 0
+        self.nospace = 0
+        self.collected = 0
         self._lock: asyncio.Lock | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # FollowStatus -------------------------------------------------------------
 
@@ -88,8 +128,17 @@ class EtcdRegistry:
                      self.store.revision, len(self.store.registry), restored_from,
                      self.mirror.leader)
         self.mirror.start()
+        self._background(self._collect_every())
+
+    async def _collect_every(self) -> None:
+        while True:
+            await asyncio.sleep(GC_EVERY * random.uniform(0.5, 1.0))
+            await self.collect_garbage()
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.mirror.stop()
         await self.client.close()
 
@@ -126,6 +175,7 @@ class EtcdRegistry:
                                         f"unreachable: {self.mirror.leader}); nothing written")
                 continue
             base, write_rev, claims = state
+            root = self.mirror.root
             try:
                 # A refusal (If-Match 412, the core's 409/507) is only answered from a copy
                 # as new as etcd: the copy may lag a write made through another instance
@@ -138,41 +188,40 @@ class EtcdRegistry:
                     raise
                 caught_up = True
                 continue
-            plan = await asyncio.to_thread(plan_write, self.prefix, base, new, claims)
+            plan = await asyncio.to_thread(plan_write, self.prefix + root, base, new, claims)
+            staged = False
             try:
                 # On a prefix never written, even a write of nothing commits (the revision
                 # key alone): it makes the registry exist, empty, and every instance ready.
                 if not plan and self.mirror.written:
                     # Nothing to change in this copy, if it is as new as etcd (a delete of
                     # a service just created through another instance must not be lost).
-                    latest = await self._latest_write_revision()
+                    latest = await self._latest_write_revision(loop.time() + self.write_timeout)
                     if latest <= write_rev:
                         return base
                     if loop.time() > give_up:
                         raise EtcdUnavailable("this instance's copy stays behind etcd")
                     await self.mirror.wait_newer(state, latest, self.write_timeout)
                     continue
-                answer = await self._commit(plan, write_rev)
+                if self._fits(plan):
+                    answer = await self._commit(plan, write_rev, root)
+                else:
+                    staged = True
+                    answer = await self._commit_generation(new, write_rev, root)
             except EtcdUnavailable as exc:
-                if loop.time() < deadline:
-                    await asyncio.sleep(0.2)  # an election, a member restarting: try again
-                    continue
                 self.unavailable += 1
                 raise RegistryError(503, f"etcd unreachable ({exc}); nothing written") \
                     from None
             except EtcdError as exc:
-                if "too many operations" in exc.message or "too large" in exc.message:
-                    raise RegistryError(413, f"etcd refused the write as too large "
-                                        f"({exc.message}): raise etcd's --max-txn-ops / "
-                                        "--max-request-bytes, or write in smaller PATCHes") \
-                        from None
-                self.unavailable += 1
-                raise RegistryError(503, f"etcd refused the write: {exc.message}") from None
+                raise self._refused(exc) from None
             revision = num(answer.get("header", {}).get("revision"))
             if answer.get("succeeded"):
                 self.commits += 1
-                # Committed: worth a whole request_timeout for the watch to bring it.
-                if not await self.mirror.wait_applied(revision, self.write_timeout):
+                # Committed: worth a whole request_timeout for the watch to bring it (a
+                # new generation: every instance lists it whole, so longer).
+                wait = max(self.write_timeout, STAGED_APPLY_WAIT) if staged else \
+                    self.write_timeout
+                if not await self.mirror.wait_applied(revision, wait):
                     self.unavailable += 1
                     raise RegistryError(503, f"committed to etcd at revision {revision}, but "
                                         "this instance has not applied it yet; retry "
@@ -188,31 +237,89 @@ class EtcdRegistry:
             # once the watch brought that write here, with a fresh time budget.
             deadline = min(loop.time() + self.write_timeout, give_up)
             seen = _failure_revision(answer)
-            await self.mirror.wait_newer(state, seen, self.write_timeout)
+            if staged and seen <= write_rev:
+                continue  # no other write: the staging outlived its lease; stage again
+            # That write did commit: worth waiting for (a new generation is listed whole).
+            await self.mirror.wait_newer(state, seen, max(self.write_timeout, min(
+                STAGED_APPLY_WAIT, give_up - loop.time())))
 
-    async def _latest_write_revision(self) -> int:
+    def _refused(self, exc: EtcdError) -> RegistryError:
+        """What an error etcd answered deliberately means for the client."""
+        if exc.code == _RESOURCE_EXHAUSTED and "space" in exc.message:
+            self.nospace += 1
+            return RegistryError(507, f"etcd is out of space ({exc.message}: its NOSPACE "
+                                 "alarm is raised, the database reached "
+                                 "--quota-backend-bytes); nothing written. DNS and reads go "
+                                 "on from each instance's copy. Writes resume once the "
+                                 "operator compacts, defragments and disarms the alarm "
+                                 "(docs/etcd-operations.md)")
+        if "too many operations" in exc.message or "too large" in exc.message:
+            return RegistryError(413, f"etcd refused the write as too large "
+                                 f"({exc.message}): registry.etcd.max_txn_ops / "
+                                 "max_txn_bytes must not exceed etcd's --max-txn-ops / "
+                                 "--max-request-bytes")
+        self.unavailable += 1
+        return RegistryError(503, f"etcd refused the write: {exc.message}")
+
+    def _fits(self, plan: Plan) -> bool:
+        """Whether ``plan`` is one transaction etcd takes (operations and bytes)."""
+        ops = len(plan.deletes) + len(plan.puts) + len(plan.held) + 1
+        compares = 1 + len(plan.must_not_exist) + len(plan.must_be)
+        if ops > self.max_ops or compares > self.max_ops:
+            return False
+        size = sum(len(k) + len(v) + 16 for k, v in plan.puts) + \
+            sum(len(k) + len(v) + 24 for k, v in plan.held) + \
+            sum(len(k) + 8 for k in plan.deletes) + \
+            sum(len(k) + 24 for k in plan.must_not_exist) + \
+            sum(len(k) + 24 for k, _ in plan.must_be) + 256
+        return size <= self.max_bytes
+
+    async def _retrying(self, call: Callable[[float], Awaitable[T]], until: float,
+                        first: float = ATTEMPT_FIRST) -> T:
+        """``call(attempt_timeout)`` until it gets an answer: each pass over the members
+        with a short deadline per attempt (doubling, up to request_timeout), so a write
+        that met a dead leader or an election goes to the others at once."""
+        loop = asyncio.get_running_loop()
+        attempt = min(first, self.client.request_timeout)
+        while True:
+            try:
+                return await call(attempt)
+            except EtcdUnavailable:
+                if loop.time() + RETRY_PAUSE >= until:
+                    raise
+                attempt = min(attempt * 2, self.client.request_timeout)
+                await asyncio.sleep(RETRY_PAUSE)
+
+    async def _latest_write_revision(self, until: float) -> int:
         """The revision key's mod_revision in etcd now (a linearizable read)."""
-        doc = await self.client.range(self.mirror.revision_key.encode())
+        key = self.mirror.revision_key.encode()
+        doc = await self._retrying(lambda t: self.client.range(key, attempt_timeout=t), until)
         kvs = doc.get("kvs") or []
         return num(kvs[0].get("mod_revision")) if kvs else 0
 
     async def _catch_up(self, state: object, write_rev: int, deadline: float) -> bool:
         """Whether etcd holds a newer write than ``write_rev`` and the copy now has it."""
+        loop = asyncio.get_running_loop()
         try:
-            latest = await self._latest_write_revision()
+            latest = await self._latest_write_revision(max(deadline, loop.time() + 1.0))
         except (EtcdUnavailable, EtcdError):
             return False
         if latest <= write_rev:
             return False
-        timeout = max(deadline - asyncio.get_running_loop().time(), 1.0)
+        timeout = max(deadline - loop.time(), 1.0)
         return await self.mirror.wait_newer(state, latest, timeout)
 
-    async def _commit(self, plan: Plan, write_rev: int) -> dict[str, Any]:
-        lease = await self.client.lease_grant(self.hold_ttl) if plan.held else 0
+    def _guard(self, write_rev: int) -> dict[str, Any]:
+        return {"key": b64(self.mirror.revision_key), "target": "MOD", "result": "EQUAL",
+                "mod_revision": str(write_rev)}
+
+    async def _commit(self, plan: Plan, write_rev: int, root: str) -> dict[str, Any]:
+        until = asyncio.get_running_loop().time() + self.write_timeout
+        lease = await self._retrying(
+            lambda t: self.client.lease_grant(self.hold_ttl, attempt_timeout=t), until) \
+            if plan.held else 0
         revision_key = b64(self.mirror.revision_key)
-        compare: list[dict[str, Any]] = [
-            {"key": revision_key, "target": "MOD", "result": "EQUAL",
-             "mod_revision": str(write_rev)}]
+        compare: list[dict[str, Any]] = [self._guard(write_rev)]
         compare += [{"key": b64(k), "target": "CREATE", "result": "EQUAL",
                      "create_revision": "0"} for k in plan.must_not_exist]
         compare += [{"key": b64(k), "target": "MOD", "result": "EQUAL",
@@ -222,9 +329,181 @@ class EtcdRegistry:
         success += [{"request_put": {"key": b64(k), "value": b64(v)}} for k, v in plan.puts]
         success += [{"request_put": {"key": b64(k), "value": b64(v), "lease": str(lease)}}
                     for k, v in plan.held]
-        success.append({"request_put": {"key": revision_key, "value": ""}})
+        success.append({"request_put": {"key": revision_key, "value": b64(root)}})
         failure = [{"request_range": {"key": revision_key}}]
-        return await self.client.txn(compare, success, failure)
+        # Retried on another member when one fails: the compare makes a second commit of
+        # a write that did commit (an answer lost) fail, and the loop sees it is done.
+        return await self._retrying(
+            lambda t: self.client.txn(compare, success, failure, attempt_timeout=t), until)
+
+    # writes larger than one transaction (docs/scaling.md) -----------------------
+
+    async def _commit_generation(self, new: Registry, write_rev: int, old_root: str
+                                 ) -> dict[str, Any]:
+        """Stage ``new`` whole as a new generation, then point the revision key at it in
+        one small transaction (if nothing was written since ``write_rev``)."""
+        loop = asyncio.get_running_loop()
+        gen_id = secrets.token_hex(8)
+        root = generation_root(gen_id)
+        marker = self.prefix + STAGING + gen_id
+        plan = await asyncio.to_thread(plan_generation, self.prefix + root, new)
+        started = loop.time()
+        until = started + self.write_timeout
+        lease = await self._retrying(
+            lambda t: self.client.lease_grant(STAGE_TTL, attempt_timeout=t), until)
+        keepalive = loop.create_task(self._keep_alive(lease), name="meshdns-etcd-stage")
+        committed = False
+        try:
+            # The marker first: a generation without one is garbage to every instance.
+            await self._retrying(lambda t: self.client.txn([], [{"request_put": {
+                "key": b64(marker), "value": b64(str(len(new))), "lease": str(lease)}}],
+                attempt_timeout=t), until)
+            hold = await self._retrying(
+                lambda t: self.client.lease_grant(self.hold_ttl, attempt_timeout=t), until) \
+                if plan.held else 0
+            ops = [{"request_put": {"key": b64(k), "value": b64(v)}} for k, v in plan.puts]
+            ops += [{"request_put": {"key": b64(k), "value": b64(v), "lease": str(hold)}}
+                    for k, v in plan.held]
+            sizes = [len(k) + len(v) + 24 for k, v in plan.puts + plan.held]
+            await self._stage(ops, sizes)
+            compare = [self._guard(write_rev),
+                       {"key": b64(marker), "target": "CREATE", "result": "GREATER",
+                        "create_revision": "0"}]
+            revision_key = b64(self.mirror.revision_key)
+            success = [{"request_put": {"key": revision_key, "value": b64(root)}}]
+            failure = [{"request_range": {"key": revision_key}}]
+            answer = await self._retrying(
+                lambda t: self.client.txn(compare, success, failure, attempt_timeout=t),
+                loop.time() + self.write_timeout)
+            committed = bool(answer.get("succeeded"))
+            took = loop.time() - started
+            if committed:
+                log.info("etcd: committed generation %s: %d services, %d keys staged in "
+                         "%.1f s", gen_id, len(new), len(ops), took)
+            else:
+                seen = _failure_revision(answer)
+                log.info("etcd: generation %s not committed after %.1f s: %s", gen_id, took,
+                         f"another write committed first (revision {seen})" if seen >
+                         write_rev else "its staging lease ran out")
+            return answer
+        finally:
+            keepalive.cancel()
+            # Whatever happened, the lease goes (the marker with it): committed, the old
+            # generation is garbage; not, this one is (deleted only once its marker is gone).
+            self._background(self._after_staging(lease, old_root if committed else None))
+
+    async def _stage(self, ops: list[dict[str, Any]], sizes: list[int]) -> None:
+        """Put ``ops`` in transactions of at most max_ops operations and max_bytes,
+        STAGE_PARALLEL at a time; each one retried on the others when a member fails."""
+        chunks: list[list[dict[str, Any]]] = []
+        current: list[dict[str, Any]] = []
+        size = 0
+        for op, n in zip(ops, sizes, strict=True):
+            if current and (len(current) >= self.max_ops or size + n > self.max_bytes - 256):
+                chunks.append(current)
+                current, size = [], 0
+            current.append(op)
+            size += n
+        if current:
+            chunks.append(current)
+        loop = asyncio.get_running_loop()
+        pending = iter(chunks)
+
+        async def worker() -> None:
+            for chunk in pending:
+                await self._retrying(
+                    lambda t, c=chunk: self.client.txn([], c, attempt_timeout=t),  # type: ignore[misc]
+                    loop.time() + self.write_timeout, first=self.client.request_timeout)
+
+        workers = [loop.create_task(worker()) for _ in range(STAGE_PARALLEL)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _keep_alive(self, lease: int) -> None:
+        while True:
+            await asyncio.sleep(STAGE_TTL / 4)
+            with contextlib.suppress(EtcdUnavailable, EtcdError, aiohttp.ClientError,
+                                     TimeoutError, OSError, ValueError):
+                await self.client.lease_keepalive(lease)
+
+    async def _after_staging(self, lease: int, moved_from: str | None) -> None:
+        with contextlib.suppress(EtcdUnavailable, EtcdError):
+            await self.client.lease_revoke(lease)
+        if moved_from is not None:  # the old generation is garbage once listed away from
+            await self.mirror.wait_until(lambda: self.mirror.root != moved_from,
+                                         STAGED_APPLY_WAIT)
+        await self.collect_garbage()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name="meshdns-etcd-gc")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def collect_garbage(self) -> int:
+        """Delete every generation that is neither the registry nor being written (its
+        writer's marker gone), and the keys right under the prefix once the registry
+        moved to a generation. Returns how many generations were deleted. Any instance
+        may run it at any time: each delete compares that its generation is not current."""
+        if self.mirror.state is None or not self.mirror.written:
+            return 0
+        current = self.mirror.root
+        base = self.prefix + GENERATIONS
+        start, end = base.encode(), prefix_end(base.encode())
+        ids: list[str] = []
+        try:
+            while len(ids) < GC_MAX:  # one request per generation present (usually 0-1)
+                doc = await self.client.range(start, end, limit=1, keys_only=True)
+                kvs = doc.get("kvs") or []
+                if not kvs:
+                    break
+                gen_id = unb64(kvs[0].get("key")).decode("utf-8", "replace")[len(base):]
+                gen_id = gen_id.split("/", 1)[0]
+                ids.append(gen_id)
+                start = (base + gen_id + "0").encode()  # "0" sorts right after "/"
+            deleted = 0
+            for gen_id in ids:
+                root = generation_root(gen_id)
+                marker = self.prefix + STAGING + gen_id
+                if root == current or (await self.client.range(marker.encode())).get("kvs"):
+                    continue  # the registry, or being written
+                if await self._delete_root(root, marker):
+                    deleted += 1
+                    self.collected += 1
+            if current:
+                await self._delete_root("", None)
+            return deleted
+        except (EtcdUnavailable, EtcdError) as exc:
+            log.info("etcd: garbage collection stopped: %s", exc)
+            return 0
+
+    async def _delete_root(self, root: str, marker: str | None) -> bool:
+        """Delete a generation's keys, a page at a time, each page only if the revision
+        key names another generation (and its marker is gone)."""
+        guard: list[dict[str, Any]] = [
+            {"key": b64(self.mirror.revision_key), "target": "VALUE", "result": "NOT_EQUAL",
+             "value": b64(root)}]
+        if marker is not None:
+            guard.append({"key": b64(marker), "target": "CREATE", "result": "EQUAL",
+                          "create_revision": "0"})
+        firsts = [self.prefix + root] if root else [self.prefix + SERVICES, self.prefix + VIPS]
+        for first in firsts:
+            start = first.encode()
+            end = prefix_end(start)
+            while True:
+                doc = await self.client.range(start, end, limit=GC_PAGE, keys_only=True)
+                kvs = doc.get("kvs") or []
+                if not kvs:
+                    break
+                last = unb64(kvs[-1].get("key")) + b"\0"
+                answer = await self.client.txn(guard, [{"request_delete_range": {
+                    "key": b64(start), "range_end": b64(last)}}])
+                if not answer.get("succeeded"):
+                    return False
+        return True
 
 
 def _failure_revision(answer: dict[str, Any]) -> int:
@@ -263,6 +542,12 @@ class EtcdCollector:
         yield CounterMetricFamily("meshdns_etcd_write_unavailable",
                                   "Writes answered 503 (etcd unreachable or too busy).",
                                   value=self.backend.unavailable)
+        yield CounterMetricFamily("meshdns_etcd_write_nospace", "Writes answered 507: etcd "
+                                  "raised its NOSPACE alarm (quota reached).",
+                                  value=self.backend.nospace)
+        yield CounterMetricFamily("meshdns_etcd_generations_collected", "Generations "
+                                  "deleted as garbage (a large write that lost or died).",
+                                  value=self.backend.collected)
         yield CounterMetricFamily("meshdns_etcd_bad_keys",
                                   "Keys under the prefix skipped as unreadable.",
                                   value=mirror.bad_keys)

@@ -7,8 +7,12 @@ failover is trying the next endpoint. Keys and values travel base64-encoded;
 are left out of answers.
 
 Failover: each request goes to the endpoint that answered last; when it cannot
-be reached, times out, or answers "unavailable" (a member without a leader), the
-next one is tried, each once. Only when every endpoint failed does a request raise
+be reached, times out, or answers "unavailable" (a member without a leader, a
+leader change), the next one is tried, each once. Requests ask the member to
+answer "no leader" at once rather than wait out an election (the gateway's
+``Grpc-Metadata-hasleader`` header), and a caller may give each attempt a
+shorter deadline than ``request_timeout`` (writes do: backend.py), so a request
+that met a dead leader is tried on the others within a fraction of a second. Only when every endpoint failed does a request raise
 :class:`EtcdUnavailable`. An error etcd answered deliberately (a bad request, too
 many operations in one transaction) is :class:`EtcdError` and is not retried.
 """
@@ -113,19 +117,28 @@ class EtcdClient:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": self._token} if self._token else {}
 
+    def _unary_headers(self) -> dict[str, str]:
+        # "no leader" at once from a member that has none (not for watches: a follower
+        # serves a watch through an election, and this would cancel it).
+        return {**self._headers(), "Grpc-Metadata-hasleader": "true"}
+
     # ------------------------------------------------------------ one request
 
-    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body`` to ``path`` on the first endpoint that answers."""
+    async def call(self, path: str, body: dict[str, Any], *,
+                   attempt_timeout: float | None = None) -> dict[str, Any]:
+        """POST ``body`` to ``path`` on the first endpoint that answers, each attempt
+        within ``attempt_timeout`` (at most ``request_timeout``)."""
         errors: list[str] = []
+        timeout = self.request_timeout if attempt_timeout is None else \
+            min(attempt_timeout, self.request_timeout)
         for endpoint in self._order():
             try:
-                answer = await self._post(endpoint, path, body)
+                answer = await self._post(endpoint, path, body, timeout)
             except EtcdError as exc:
                 if exc.code == _UNAUTHENTICATED and self.username is not None:
                     self._token = None  # expired: authenticate again, once
                     try:
-                        answer = await self._post(endpoint, path, body)
+                        answer = await self._post(endpoint, path, body, timeout)
                     except EtcdError as again:
                         exc = again
                     else:
@@ -142,12 +155,15 @@ class EtcdClient:
             return answer
         raise EtcdUnavailable("; ".join(errors))
 
-    async def _post(self, endpoint: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, endpoint: str, path: str, body: dict[str, Any],
+                    total: float | None = None) -> dict[str, Any]:
         if self.username is not None and self._token is None and path != "/v3/auth/authenticate":
             await self._authenticate(endpoint)
-        timeout = aiohttp.ClientTimeout(total=self.request_timeout,
-                                        sock_connect=self.dial_timeout)
-        async with self._http().post(endpoint + path, json=body, headers=self._headers(),
+        timeout = aiohttp.ClientTimeout(total=total or self.request_timeout,
+                                        sock_connect=min(self.dial_timeout,
+                                                         total or self.dial_timeout))
+        async with self._http().post(endpoint + path, json=body,
+                                     headers=self._unary_headers(),
                                      timeout=timeout) as resp:
             data = await resp.read()
             status = resp.status
@@ -170,8 +186,11 @@ class EtcdClient:
     # ------------------------------------------------------------ the calls used
 
     async def range(self, key: bytes, range_end: bytes | None = None, *, revision: int = 0,
-                    limit: int = 0) -> dict[str, Any]:
+                    limit: int = 0, keys_only: bool = False,
+                    attempt_timeout: float | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"key": b64(key)}
+        if keys_only:
+            body["keys_only"] = True
         if range_end is not None:
             body["range_end"] = b64(range_end)
         if revision:
@@ -180,16 +199,27 @@ class EtcdClient:
             body["limit"] = str(limit)
             body["sort_order"] = "ASCEND"
             body["sort_target"] = "KEY"
-        return await self.call("/v3/kv/range", body)
+        return await self.call("/v3/kv/range", body, attempt_timeout=attempt_timeout)
 
     async def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
-                  failure: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                  failure: list[dict[str, Any]] | None = None, *,
+                  attempt_timeout: float | None = None) -> dict[str, Any]:
         return await self.call("/v3/kv/txn", {"compare": compare, "success": success,
-                                              "failure": failure or []})
+                                              "failure": failure or []},
+                               attempt_timeout=attempt_timeout)
 
-    async def lease_grant(self, ttl: int) -> int:
-        doc = await self.call("/v3/lease/grant", {"TTL": str(ttl)})
+    async def lease_grant(self, ttl: int, *, attempt_timeout: float | None = None) -> int:
+        doc = await self.call("/v3/lease/grant", {"TTL": str(ttl)},
+                              attempt_timeout=attempt_timeout)
         return num(doc.get("ID"))
+
+    async def lease_keepalive(self, lease: int) -> int:
+        """One keep-alive of ``lease``; its TTL now (0 or less: expired)."""
+        doc = await self.call("/v3/lease/keepalive", {"ID": str(lease)})
+        return num(doc.get("result", doc).get("TTL"))
+
+    async def lease_revoke(self, lease: int) -> None:
+        await self.call("/v3/lease/revoke", {"ID": str(lease)})
 
     async def status(self) -> dict[str, Any]:
         return await self.call("/v3/maintenance/status", {})

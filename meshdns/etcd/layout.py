@@ -17,7 +17,22 @@ Under the prefix (default ``/meshdns/``):
 ``revision``
     touched by every meshdns write. Its mod_revision is what a write is computed
     against: the transaction compares it, so any write that committed in between
-    fails the compare, and the writer re-syncs and computes again.
+    fails the compare, and the writer re-syncs and computes again. Its value names
+    the current *generation*: empty, the registry is the ``services/`` and ``vips/``
+    keys right under the prefix; ``g/<id>/``, it is ``g/<id>/services/...`` and
+    ``g/<id>/vips/...`` instead (the *root* of the registry's keys).
+``g/<id>/...``
+    a generation written by a write too large for one etcd transaction (a PUT of
+    thousands: docs/scaling.md, "Writes larger than one transaction"). It is staged
+    in many transactions, invisible to every reader (nothing reads keys outside the
+    current root), and becomes the registry in one small transaction that points the
+    ``revision`` key at it. A generation that is neither current nor being written
+    is garbage, deleted by whichever instance finds it.
+``gens/<id>``
+    the marker of a generation being written, on its writer's lease: while it
+    exists the writer is alive and the generation is not garbage. The commit
+    compares that it still exists; the garbage collector deletes a generation only
+    once its marker is gone (and it is not the current one).
 
 The prefix is *written* once it holds the ``revision`` key or any ``services/``
 key: a first write made it (a PUT of no services included, which commits the
@@ -55,6 +70,8 @@ from ..store import fast_ip4, fast_ip6, service_record
 SERVICES = "services/"
 VIPS = "vips/"
 REVISION = "revision"
+GENERATIONS = "g/"
+STAGING = "gens/"
 # A held VIP stays held on every instance until etcd deletes its claim (lease expiry),
 # not until a local clock says so: local clocks and etcd's lease timing differ.
 HELD_UNTIL_DELETED = 1e12
@@ -62,6 +79,31 @@ HELD_UNTIL_DELETED = 1e12
 
 class LayoutError(ValueError):
     """A key or value under the prefix that meshdns did not write (or cannot read)."""
+
+
+def root_of(value: bytes) -> str:
+    """The root of the registry's keys the ``revision`` key's value names (see above)."""
+    text = value.decode("utf-8", "replace")
+    if text and not (text.startswith(GENERATIONS) and text.endswith("/")
+                     and text.count("/") == 2 and len(text) > len(GENERATIONS) + 1):
+        raise LayoutError(f"{REVISION}: names no generation ({text[:60]!r})")
+    return text
+
+
+def generation_root(gen_id: str) -> str:
+    return f"{GENERATIONS}{gen_id}/"
+
+
+def relative(prefix: str, root: str, key: str) -> str | None:
+    """``key`` relative to the registry's root (``revision`` as it is); None for a key
+    of another generation or a marker (not the registry, not foreign either); "" for
+    a key outside the prefix."""
+    rel = key[len(prefix):] if key.startswith(prefix) else ""
+    if rel == REVISION:
+        return rel
+    if root:
+        return rel[len(root):] if rel.startswith(root) else None
+    return None if rel.startswith((GENERATIONS, STAGING)) else rel
 
 
 def service_key(prefix: str, key: ServiceKey) -> str:
@@ -144,19 +186,23 @@ class Listing:
     revision: int = 0  # of the newest service or revision-key write
     bad: list[str] = field(default_factory=list)  # keys skipped, with why
     written: bool = False  # the revision key or a services/ key is there (see above)
+    root: str = ""  # the generation the revision key names
     foreign: int = 0  # keys under the prefix outside meshdns's layout (another prefix's?)
     foreign_example: str = ""
 
 
-def decode_listing(prefix: str, entries: Iterable[tuple[str, bytes, int]]
+def decode_listing(prefix: str, entries: Iterable[tuple[str, bytes, int]], root: str = ""
                    ) -> tuple[Listing, dict[str, int], int]:
-    """``(key, value, mod_revision)`` of a full read of the prefix: the listing, every
-    claim's mod_revision, and the revision key's (0: none). Bad keys are listed."""
-    listing = Listing()
+    """``(key, value, mod_revision)`` of a full read of the registry (the revision key
+    and the keys under ``root``): the listing, every claim's mod_revision, and the
+    revision key's (0: none). Bad keys are listed; other generations' are skipped."""
+    listing = Listing(root=root)
     claims: dict[str, int] = {}
     write_rev = 0
     for key, value, mod in entries:
-        rel = key[len(prefix):] if key.startswith(prefix) else ""
+        rel = relative(prefix, root, key)
+        if rel is None:
+            continue
         try:
             if rel.startswith(SERVICES):
                 listing.written = True
@@ -167,6 +213,7 @@ def decode_listing(prefix: str, entries: Iterable[tuple[str, bytes, int]]
                 claims[key] = mod
             elif rel == REVISION:
                 listing.written = True
+                listing.root = root_of(value)
                 write_rev = mod
                 listing.revision = max(listing.revision, mod)
             else:
@@ -220,15 +267,22 @@ class Changes:
     top: int = 0  # highest mod_revision in the response
     bad: list[str] = field(default_factory=list)
     written: bool = False  # the revision key or a services/ key was put (see above)
+    root: str | None = None  # the generation the revision key now names (None: not put)
+    relevant: bool = False  # any event of the registry (not another generation's keys)
 
 
-def decode_events(prefix: str, events: Iterable[tuple[str, bytes | None, int]]) -> Changes:
-    """``(key, value or None for a delete, mod_revision)`` in etcd's order, collapsed."""
+def decode_events(prefix: str, events: Iterable[tuple[str, bytes | None, int]],
+                  root: str = "") -> Changes:
+    """``(key, value or None for a delete, mod_revision)`` in etcd's order, collapsed;
+    keys of generations other than ``root`` (being staged, or garbage) are skipped."""
     out = Changes()
     delta = out.delta
     for key, value, mod in events:
         out.top = max(out.top, mod)
-        rel = key[len(prefix):] if key.startswith(prefix) else ""
+        rel = relative(prefix, root, key)
+        if rel is None:
+            continue
+        out.relevant = True
         try:
             if rel.startswith(SERVICES):
                 path = rel[len(SERVICES):]
@@ -250,6 +304,8 @@ def decode_events(prefix: str, events: Iterable[tuple[str, bytes | None, int]]) 
                     claim = decode_claim(text, value)
                     delta.held[(claim.family, claim.vip)] = claim.owner if claim.held else None
             elif rel == REVISION:
+                if value is not None:
+                    out.root = root_of(value)
                 out.write_revision = 0 if value is None else mod
                 out.written = out.written or value is not None
                 delta.revision = max(delta.revision, mod)
@@ -370,4 +426,21 @@ def plan_write(prefix: str, base: Registry, new: Registry, claim_revisions: Mapp
             plan.must_not_exist.append(ckey)  # a VIP nobody holds: create its claim
         else:
             plan.must_be.append((ckey, known))  # held (or moved): exactly as we saw it
+    return plan
+
+
+def plan_generation(prefix: str, reg: Registry) -> Plan:
+    """Every key of ``reg`` under ``prefix`` (a generation's root, layout above): each
+    service, the claim on each of its VIPs, and each held VIP's claim (``held``: on a
+    hold lease). O(n): a write too large for one transaction rewrites the registry."""
+    plan = Plan()
+    for key, s in reg.services.items():
+        plan.puts.append((service_key(prefix, key), encode_service(s)))
+        plan.puts.append((claim_key(prefix, 4, s.vip), encode_claim(key, held=False)))
+        if s.vip6 is not None:
+            plan.puts.append((claim_key(prefix, 6, s.vip6), encode_claim(key, held=False)))
+    for family, held, in_use in ((4, reg.held4, reg.by_vip4), (6, reg.held6, reg.by_vip6)):
+        for vip, (_, owner) in held.items():
+            if vip not in in_use:
+                plan.held.append((claim_key(prefix, family, vip), encode_claim(owner, held=True)))
     return plan

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import time
@@ -34,12 +35,16 @@ from ..store import RegistryStore
 from .client import EtcdClient, EtcdError, EtcdUnavailable, num, prefix_end, unb64
 from .layout import (
     REVISION,
+    SERVICES,
+    VIPS,
     Changes,
+    LayoutError,
     Listing,
     apply_delta,
     build_snapshot,
     decode_events,
     decode_listing,
+    root_of,
 )
 
 log = logging.getLogger("meshdns.etcd")
@@ -71,6 +76,9 @@ class EtcdMirror:
         # What writes are computed against, set together once a listing was applied:
         # the registry, the revision key's mod_revision, and every claim's mod_revision.
         self.state: tuple[Registry, int, dict[str, int]] | None = None
+        # The generation the registry's keys are under (layout.py), set with ``state``
+        # (only a listing changes it: a watch event that moves it makes one due).
+        self.root = ""
         self.applied = 0  # every event under the prefix up to this etcd revision is applied
         self.relists = 0
         self.apply_errors = 0
@@ -168,19 +176,29 @@ class EtcdMirror:
             attempt += 1
 
     async def relist(self) -> None:
-        """Read the whole prefix at one revision and replace the copy with it."""
-        start, end = self.prefix.encode(), prefix_end(self.prefix.encode())
-        revision = 0
-        pages: list[list[dict[str, Any]]] = []
-        while True:
-            doc = await self.client.range(start, end, revision=revision, limit=self.PAGE)
-            if not revision:
-                revision = num(doc.get("header", {}).get("revision"))
-            kvs = doc.get("kvs", [])
-            pages.append(kvs)
-            if not doc.get("more") or not kvs:
-                break
-            start = unb64(kvs[-1]["key"]) + b"\0"
+        """Read the whole registry at one revision and replace the copy with it: the
+        revision key (which names the generation), then the keys under its root (the
+        whole prefix while there is no revision key: services, and what else is there)."""
+        prefix = self.prefix
+        doc = await self.client.range(self.revision_key.encode())
+        revision = num(doc.get("header", {}).get("revision"))
+        head = doc.get("kvs") or []
+        try:
+            root = root_of(unb64(head[0].get("value"))) if head else ""
+        except LayoutError as exc:
+            raise SyncError(str(exc)) from None
+        ranges = [prefix + root + SERVICES, prefix + root + VIPS] if head else [prefix]
+        pages: list[list[dict[str, Any]]] = [head]
+        for first in ranges:
+            start = first.encode()
+            end = prefix_end(start)
+            while True:
+                doc = await self.client.range(start, end, revision=revision, limit=self.PAGE)
+                kvs = doc.get("kvs", [])
+                pages.append(kvs)
+                if not doc.get("more") or not kvs:
+                    break
+                start = unb64(kvs[-1]["key"]) + b"\0"
         prefix, policy, now = self.prefix, self.policy, self.store.clock()
 
         def build() -> tuple[Registry, Listing, dict[str, int], int]:
@@ -188,7 +206,7 @@ class EtcdMirror:
             entries = ((unb64(kv.get("key")).decode("utf-8", "replace"),
                         unb64(kv.get("value")), num(kv.get("mod_revision")))
                        for kvs in pages for kv in kvs)
-            listing, claims, write_rev = decode_listing(prefix, entries)
+            listing, claims, write_rev = decode_listing(prefix, entries, root)
             return build_snapshot(listing, policy, now), listing, claims, write_rev
 
         try:
@@ -217,15 +235,20 @@ class EtcdMirror:
             # with lower revisions, and the journal replays only newer ones.
             await asyncio.to_thread(store.persist, reg)
             store.publish(reg)
+            # A whole registry just listed, long-lived and acyclic: keep the collector's
+            # full passes from rescanning it on every later change (as the follower does).
+            gc.freeze()
         else:
             store.registry = reg  # the same registry; the claims (held VIPs) may differ
         self.state = (reg, write_rev, claims)
+        self.root = root
         self.applied = revision
         self._need_list = False
         self.relists += 1
         self._synced()
-        log.info("etcd: listed %s at revision %d: %d services (registry revision %d)",
-                 self.prefix, revision, len(reg), reg.revision)
+        log.info("etcd: listed %s at revision %d: %d services (registry revision %d%s)",
+                 self.prefix, revision, len(reg), reg.revision,
+                 f", generation {root}" if root else "")
 
     def _warn_unwritten(self) -> None:
         """The WARNING that the prefix holds no registry: once per listing, then at most
@@ -268,6 +291,9 @@ class EtcdMirror:
                 if await self._apply_batch(batch):
                     return
         finally:
+            # Not watching while the prefix is listed again (the heartbeat must not take
+            # a long listing, of a new generation say, for a watch that stays behind).
+            self._watching = False
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
@@ -316,17 +342,29 @@ class EtcdMirror:
     async def _apply(self, events: list[dict[str, Any]]) -> None:
         assert self.state is not None
         _, write_rev, claims = self.state
-        prefix = self.prefix
+        prefix, root = self.prefix, self.root
 
         def decode() -> Changes:
             return decode_events(prefix, (
                 (unb64(kv.get("key")).decode("utf-8", "replace"),
                  None if event.get("type") == "DELETE" else unb64(kv.get("value")),
                  num(kv.get("mod_revision")))
-                for event in events if (kv := event.get("kv", {})) is not None))
+                for event in events if (kv := event.get("kv", {})) is not None), root)
 
         # A big transaction (a PUT of thousands) is decoded off the event loop.
         changes = decode() if len(events) <= 64 else await asyncio.to_thread(decode)
+        if not changes.relevant:
+            # Another generation's keys (a big write being staged, garbage collected):
+            # not the registry; nothing to publish or persist.
+            self.applied = max(self.applied, changes.top)
+            return
+        if changes.root is not None and changes.root != root:
+            # A write larger than one transaction committed: the registry is another
+            # generation now, read whole (its keys were never applied one by one).
+            log.info("etcd: the registry moved to generation %s (revision %d); listing it",
+                     changes.root or "(root)", changes.top)
+            self._need_list = True
+            return
         if not self.written and changes.written:
             # The first write: a registry now exists. Listed whole rather than applied
             # onto nothing (or onto a copy from the state file that etcd never had).
