@@ -309,8 +309,14 @@ def test_collector_killed_mid_run_dns_unaffected_drops_counted(workdir: Path) ->
             wait_for(lambda: value(metrics(server), "meshdns_dnstap_connections_total") == 2,
                      15, "a reconnection")
             last = ask(server.dns_addr, MESH_NAME, tcp=True)
-            wait_for(lambda: value(metrics(server), "meshdns_dnstap_written_total")
-                     == 40 + 2 * queue + 2, 10, "the queue and the last query written")
+            try:
+                wait_for(lambda: value(metrics(server), "meshdns_dnstap_written_total")
+                         == 40 + 2 * queue + 2, 10, "the queue and the last query written")
+            except AssertionError as exc:  # say what meshdns and the collector saw
+                seen = "\n".join(line for line in metrics(server).splitlines()
+                                 if line.startswith("meshdns_dnstap"))
+                raise AssertionError(f"{exc}\n{seen}\ncollector: {again.log()[-2000:]}\n"
+                                     f"meshdns: {server.log()[-4000:]}") from None
         finally:
             server.stop()
             again.stop()

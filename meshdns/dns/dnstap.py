@@ -353,6 +353,9 @@ class DnstapSink:
             log.info("dnstap: connected to the collector at %s", self.target)
             try:
                 await self._pump(reader, writer)
+            except Exception:  # never let the writer die: DNS keeps its queue bounded
+                log.exception("dnstap: the writer to %s failed; reconnecting", self.target)
+                await self._sleep(BACKOFF_MIN)
             finally:
                 self.connected = False
                 writer.close()
