@@ -32,14 +32,18 @@ run: install
 # Every test, then the DNS tests again on the portable UDP path (one datagram per
 # callback) that non-Linux systems and MESHDNS_UDP_BATCH=0 use instead of recvmmsg batches.
 # Both tiers always run (a failure in the first does not hide the second); each one's
-# result is printed at the end, and the target fails if either failed.
+# result is printed at the end, and the target fails if either failed. Tests run in
+# WORKERS pytest-xdist processes: most of a test's time is spent waiting on the servers
+# it started (every one binds port 0 or picks again when a port was taken), so three
+# workers fit two cores. WORKERS=0 runs them in this process, one at a time.
+WORKERS ?= 3
 TESTS ?=
 UNBATCHED_TESTS ?= tests/test_smoke.py tests/test_dns_answers.py tests/test_dns_protocol.py \
 	tests/test_forward.py tests/test_forward_hygiene.py tests/test_acl_rrl.py \
 	tests/test_ede_nsid.py tests/test_ede_forward.py tests/test_views.py tests/test_dnstap.py
 test: install-test
-	@$(BIN)/python -m pytest -q $(TESTS); all=$$?; \
-	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q $(UNBATCHED_TESTS); unbatched=$$?; \
+	@$(BIN)/python -m pytest -q -n $(WORKERS) $(TESTS); all=$$?; \
+	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q -n $(WORKERS) $(UNBATCHED_TESTS); unbatched=$$?; \
 	echo "make test: every test: $$( [ $$all = 0 ] && echo passed || echo "FAILED (pytest exit $$all)" )"; \
 	echo "make test: the unbatched UDP path (MESHDNS_UDP_BATCH=0): $$( [ $$unbatched = 0 ] && echo passed || echo "FAILED (pytest exit $$unbatched)" )"; \
 	[ $$all = 0 ] && [ $$unbatched = 0 ]
