@@ -176,11 +176,10 @@ def forwarding_loops(config: Config, read_files: bool) -> list[str]:
     the resolv.conf nameservers, read only when the files are checked: with
     ``--skip-files`` the config is for another machine, with another resolv.conf.
     """
-    if not config.dns.upstreams and not read_files:
-        return []
-    from .server import effective_upstreams
+    from .server import effective_forward
 
-    return effective_upstreams(config)[1]  # each names its source: dns.upstreams or the file
+    # Each names its source: dns.upstreams, dns.forward[i].upstreams or the file.
+    return effective_forward(config, read_resolv=read_files)[1]
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -45,6 +45,19 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+FORWARD_PROTOCOLS = ("udp", "tcp")
+
+
+@dataclass(frozen=True)
+class ForwardZone:
+    """dns.forward[i]: names at or below ``zone`` ("." is every name) go to these
+    upstreams over ``protocol`` (tcp: reused connections, RFC 7766)."""
+
+    zone: str  # lower case, no trailing dot; "." for the root
+    upstreams: tuple[HostPort, ...]
+    protocol: str = "udp"
+
+
 @dataclass(frozen=True)
 class DnsConfig:
     listen: tuple[HostPort, ...] = (HostPort("127.0.0.1", 15053),)
@@ -98,6 +111,8 @@ class DnsConfig:
     serve_stale_ttl: int = 30
     serve_stale_refresh: float = 30.0
     prefetch: bool = True
+    # Stub domains (issue 23): longest zone first; dns.upstreams is the "." zone.
+    forward: tuple[ForwardZone, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -475,6 +490,54 @@ def _views(path: str, value: Any) -> tuple[tuple[tuple[str, ...], tuple[tuple[st
     return tuple(out)
 
 
+_FORWARD_KEYS = ("zone", "upstreams", "protocol")
+
+
+def _forward_zone_name(path: str, value: Any) -> str:
+    if value == ".":
+        return "."
+    name = normalize_hostname(value) if isinstance(value, str) else None
+    if name is None:
+        raise _fail(path, "must be a domain name like \"cluster.local\" or \".\"", value)
+    return name
+
+
+def _forward(path: str, value: Any) -> tuple[ForwardZone, ...]:
+    if not isinstance(value, list):
+        raise _fail(path, "must be a list of {zone, upstreams, protocol}", value)
+    out: list[ForwardZone] = []
+    seen: dict[str, int] = {}
+    errors: list[str] = []
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(item, Mapping) or "zone" not in item or "upstreams" not in item:
+            errors.append(str(_fail(where, "must be a mapping with zone and upstreams "
+                                    "(protocol: udp or tcp, optional)", item)))
+            continue
+        try:
+            for key in item:
+                if key not in _FORWARD_KEYS:
+                    raise ConfigError(f"{where}.{clip(str(key))}: unknown key (known: "
+                                      f"{', '.join(_FORWARD_KEYS)})")
+            zone = _forward_zone_name(f"{where}.zone", item["zone"])
+            upstreams = _list_of(_upstream, allow_empty=False)(f"{where}.upstreams",
+                                                               item["upstreams"])
+            protocol = _choice(*FORWARD_PROTOCOLS)(f"{where}.protocol",
+                                                   item.get("protocol", "udp"))
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+            continue
+        if zone in seen:
+            errors.append(f"{where}.zone: repeats the zone of {path}[{seen[zone]}], got "
+                          f"{_got(item['zone'])}")
+            continue
+        seen[zone] = i
+        out.append(ForwardZone(zone, upstreams, protocol))
+    if errors:
+        raise ConfigError("; ".join(errors), errors)
+    return tuple(out)
+
+
 def _nsid(path: str, value: Any) -> str | None:
     if value == "":
         return ""  # no NSID at all
@@ -565,6 +628,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "serve_stale_ttl": _int(1, 86400),
         "serve_stale_refresh": _number(1, 86400),
         "prefetch": _bool,
+        "forward": _forward,
     },
     "api": {
         "listen": _listen,
@@ -658,6 +722,7 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None, *,
         cfg = replace(cfg, registry=replace(cfg.registry, etcd=etcd))
     _check_etcd_combinations(cfg)
     _check_dns_cache_bounds(cfg.dns)
+    _check_forward_root(cfg.dns)
     _refuse_placeholder_tokens(cfg, env)
     api = cfg.api
     if not api.token and not api.allow_unauthenticated and not is_loopback(api.listen.host):
@@ -722,6 +787,14 @@ def _check_dns_cache_bounds(dns: DnsConfig) -> None:
         if getattr(dns, low) > getattr(dns, high):
             raise ConfigError(f"dns.{low}: must not exceed dns.{high} ({getattr(dns, high)}), "
                               f"got {_got(getattr(dns, low))}")
+
+
+def _check_forward_root(dns: DnsConfig) -> None:
+    """dns.upstreams is the "." zone: it cannot be given twice."""
+    for i, fz in enumerate(dns.forward):
+        if fz.zone == "." and dns.upstreams:
+            raise ConfigError(f"dns.forward[{i}].zone: \".\" cannot be set with "
+                              "dns.upstreams (they are the same zone): keep one of them")
 
 
 def _check_etcd_combinations(cfg: Config) -> None:
@@ -793,6 +866,9 @@ def config_to_raw(cfg: Config) -> dict[str, dict[str, Any]]:
             elif isinstance(value, DnstapConfig):
                 value = {f2.name: list(v) if isinstance(v := getattr(value, f2.name), tuple)
                          else str(v) if isinstance(v, HostPort) else v for f2 in fields(value)}
+            elif f.name == "forward":
+                value = [{"zone": fz.zone, "upstreams": [str(hp) for hp in fz.upstreams],
+                          "protocol": fz.protocol} for fz in value]
             elif isinstance(value, tuple):
                 value = [str(v) if isinstance(v, HostPort) else v for v in value]
             out[name][f.name] = value

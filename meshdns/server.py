@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, logs
 from .api.state import ApiContext
-from .config import Config, ConfigError, HostPort, nsid_bytes
+from .config import Config, ConfigError, ForwardZone, HostPort, nsid_bytes
 from .core.handler import ForwardRequest, MessageHandler
 from .core.names import parse_templates
 from .core.registry import Registry, RegistryError, RegistryPolicy, apply_put
@@ -95,32 +95,53 @@ def registry_policy(config: Config) -> RegistryPolicy:
 
 def effective_upstreams(config: Config, bound: list[HostPort] | None = None
                         ) -> tuple[list[HostPort], list[str]]:
-    """Upstreams to forward to, and the reasons any candidate was refused.
+    """The "." zone's upstreams (see :func:`effective_forward`) and every refusal."""
+    routes, refused = effective_forward(config, bound)
+    root = next((list(r.upstreams) for r in routes if r.zone == "."), [])
+    return root, refused
 
-    Empty ``dns.upstreams`` means the resolv.conf nameservers. Any upstream that
+
+def effective_forward(config: Config, bound: list[HostPort] | None = None, *,
+                      read_resolv: bool = True) -> tuple[list[ForwardZone], list[str]]:
+    """The forward zones (dns.forward, longest first) with the upstreams to use, and
+    the reasons any candidate was refused.
+
+    The "." zone is dns.forward's "." entry, else ``dns.upstreams``, else the
+    resolv.conf nameservers (not read unless ``read_resolv``). Any upstream that
     reaches meshdns itself would be a forwarding loop and is refused: one of its
     own listen addresses (``bound`` adds the ports actually bound), or any local
     address on the port of a wildcard listener of the same family (0.0.0.0:53
     also receives what is sent to 127.0.0.1:53 or to the host's own addresses;
-    the address 0.0.0.0 itself means "this host").
+    the address 0.0.0.0 itself means "this host"). A zone left with no upstream
+    is dropped (its names go to the next shorter zone).
     """
-    if config.dns.upstreams:
-        candidates, source = list(config.dns.upstreams), "dns.upstreams"
-    else:
-        path = config.dns.resolv_conf
-        candidates = [HostPort(ns, 53) for ns in read_resolv_conf(path).nameservers]
-        source = f"nameserver in {path}"
-    own = list(dict.fromkeys([*config.dns.listen, *(bound or ())]))
-    kept: list[HostPort] = []
+    dns = config.dns
+    zones: list[tuple[ForwardZone, str]] = [
+        (fz, f"dns.forward[{i}].upstreams") for i, fz in enumerate(dns.forward)]
+    if not any(fz.zone == "." for fz in dns.forward):
+        if dns.upstreams:
+            zones.append((ForwardZone(".", dns.upstreams), "dns.upstreams"))
+        elif read_resolv:
+            path = dns.resolv_conf
+            found = tuple(HostPort(ns, 53) for ns in read_resolv_conf(path).nameservers)
+            if found:
+                zones.append((ForwardZone(".", found), f"nameserver in {path}"))
+    own = list(dict.fromkeys([*dns.listen, *(bound or ())]))
+    routes: list[ForwardZone] = []
     refused: list[str] = []
-    for hp in candidates:
-        why = _loop_reason(hp, own)
-        if why is not None:
-            refused.append(f"upstream {hp} ({source}) {why}: forwarding to it would loop "
-                           "back to meshdns, refused")
-        elif hp not in kept:
-            kept.append(hp)
-    return kept, refused
+    for fz, source in zones:
+        kept: list[HostPort] = []
+        for hp in fz.upstreams:
+            why = _loop_reason(hp, own)
+            if why is not None:
+                refused.append(f"upstream {hp} ({source}) {why}: forwarding to it would loop "
+                               "back to meshdns, refused")
+            elif hp not in kept:
+                kept.append(hp)
+        if kept:
+            routes.append(replace(fz, upstreams=tuple(kept)))
+    routes.sort(key=lambda fz: 0 if fz.zone == "." else -(fz.zone.count(".") + 1))
+    return routes, refused
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -198,8 +219,9 @@ class MeshServer:
         self.worker_id = worker_id  # set in a dns.workers process (see workers.py)
         self.workers: WorkerPool | None = None
         self.policy = registry_policy(config)
-        self.upstreams, self.loop_refusals = effective_upstreams(config)
-        self.settings = zone_settings(config, forwarding=bool(self.upstreams))
+        self.routes, self.loop_refusals = effective_forward(config)
+        self.upstreams = _root(self.routes)
+        self.settings = zone_settings(config, forwarding=bool(self.routes))
         self.handler = MessageHandler(Zone(Registry.empty(), self.settings),
                                       config.dns.answer_cache_size, config.dns.cache_size,
                                       nsid_bytes(config.dns))
@@ -260,7 +282,7 @@ class MeshServer:
         gc.freeze()
         if self.dnstap is not None:
             self.dnstap.start()
-        if self.upstreams:
+        if self.routes:
             self._start_forwarder()
         try:
             if self.worker_id is not None:
@@ -305,13 +327,13 @@ class MeshServer:
             "es" if self.config.dns.workers > 1 else "", self.api_address,
             ", ".join(self.config.dns.domains), len(self.store.registry),
             self.store.revision, self.loaded_from,
-            ", ".join(map(str, self.upstreams)) or "none (non-mesh names REFUSED)",
+            _describe(self.routes) or "none (non-mesh names REFUSED)",
         )
 
     def _start_forwarder(self) -> None:
         from .dns.forwarder import Forwarder
 
-        self.forwarder = Forwarder(self.upstreams, self.config.dns, self.handler.tally,
+        self.forwarder = Forwarder(self.routes, self.config.dns, self.handler.tally,
                                    current_zone=lambda: self.handler.zone)
         self.dns_metrics.forwarder = self.context.forwarder = self.forwarder
         if self.dnstap is not None and self.dnstap.forwarder:
@@ -520,21 +542,21 @@ class MeshServer:
             logs.setup_logging(new.log.level, new.log.format)
             applied.append(f"log {old.log.level}/{old.log.format} -> "
                            f"{new.log.level}/{new.log.format}")
-        dns = replace(old.dns, upstreams=new.dns.upstreams, search=new.dns.search,
-                      resolv_conf=new.dns.resolv_conf)
+        dns = replace(old.dns, upstreams=new.dns.upstreams, forward=new.dns.forward,
+                      search=new.dns.search, resolv_conf=new.dns.resolv_conf)
         candidate = replace(old, dns=dns)
-        upstreams, refusals = effective_upstreams(candidate, self.dns_addresses)
-        settings = zone_settings(candidate, forwarding=bool(upstreams))
-        if upstreams != self.upstreams:
+        routes, refusals = effective_forward(candidate, self.dns_addresses)
+        settings = zone_settings(candidate, forwarding=bool(routes))
+        if routes != self.routes:
             for reason in refusals:
                 log.error("%s", reason)
-            applied.append("upstreams " + (", ".join(map(str, self.upstreams)) or "none")
-                           + " -> " + (", ".join(map(str, upstreams)) or "none"))
-            self.upstreams = upstreams
-            self.context.upstreams = upstreams
-            if self.forwarder is not None and upstreams:
-                self.forwarder.set_upstreams(upstreams)
-            elif upstreams:
+            applied.append("upstreams " + (_describe(self.routes) or "none")
+                           + " -> " + (_describe(routes) or "none"))
+            self.routes = routes
+            self.upstreams = self.context.upstreams = _root(routes)
+            if self.forwarder is not None and routes:
+                self.forwarder.set_upstreams(routes)
+            elif routes:
                 self._start_forwarder()
             elif self.forwarder is not None:
                 fwd, self.forwarder = self.forwarder, None
@@ -575,6 +597,18 @@ class MeshServer:
         if self.workers is not None and applied:
             await self.workers.reload(self.config)
         return applied
+
+
+def _root(routes: list[ForwardZone]) -> list[HostPort]:
+    return next((list(r.upstreams) for r in routes if r.zone == "."), [])
+
+
+def _describe(routes: list[ForwardZone]) -> str:
+    """"10.0.0.10:53" for the "." zone alone, else "cluster.local: 10.96.0.10:53/tcp; .: ..."."""
+    if len(routes) == 1 and routes[0].zone == "." and routes[0].protocol == "udp":
+        return ", ".join(map(str, routes[0].upstreams))
+    return "; ".join(f"{r.zone}: " + ", ".join(map(str, r.upstreams))
+                     + ("/tcp" if r.protocol == "tcp" else "") for r in routes)
 
 
 def _restart_only_changes(running: Config, new: Config) -> list[str]:

@@ -118,7 +118,16 @@ async def _explain_forward(forwarder: Forwarder, labels: tuple[bytes, ...], qtyp
     records as the forwarder got them (TTLs aged as DNS serves them); for an answer that
     ends at one of our names, the upstream's CNAME chain, then our answer (``chase``)."""
     query = Query(id=0, flags=0x0100, labels=labels, qtype=qtype, qclass=qclass, edns=None)
+    route = forwarder.route_for(labels)
+    # Which dns.forward zone the name is in, and which of its upstreams gave the answer.
+    out["forward"] = None if route is None else {
+        "zone": route.zone, "protocol": route.protocol,
+        "upstreams": [up.label for up in route.upstreams], "answered_by": None}
+    if route is not None:
+        out["upstreams"] = out["forward"]["upstreams"]
     entry = await forwarder.entry_for(query)
+    if route is not None:
+        out["forward"]["answered_by"] = forwarder.answered_by(query)
     if entry is None:
         out["rcode"] = rcode_name(RCODE_SERVFAIL)  # overloaded or shutting down, as DNS
         return

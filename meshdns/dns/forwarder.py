@@ -50,10 +50,10 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from ..config import DnsConfig, HostPort, nsid_bytes
+from ..config import DnsConfig, ForwardZone, HostPort, nsid_bytes
 from ..core.handler import ForwardRequest
 from ..core.tally import Tally
-from ..core.wire import RCODE_SERVFAIL, Query
+from ..core.wire import EDE_NOT_AUTHORITATIVE, RCODE_REFUSED, RCODE_SERVFAIL, Query
 from ..core.zone import Zone
 from .cache import (
     NO_REACHABLE_UPSTREAM,
@@ -64,6 +64,7 @@ from .cache import (
     ReplyCache,
     Served,
     StaleReply,
+    _ede,
     nsid_option,
 )
 from .chase import (
@@ -103,6 +104,38 @@ UpstreamTap = Callable[[str, HostPort, bytes, bytes | None, int, int], None]
 CACHE = "cache"
 
 
+NO_ZONE = _ede(EDE_NOT_AUTHORITATIVE, "not a served name, and no upstream for its zone")
+
+
+class Route:
+    """One forward zone (dns.forward, or "." for dns.upstreams): its upstreams, how."""
+
+    __slots__ = ("labels", "protocol", "upstreams", "zone")
+
+    def __init__(self, zone: ForwardZone, upstreams: list[Upstream]) -> None:
+        self.zone = zone.zone
+        self.labels = () if zone.zone == "." else tuple(
+            label.encode() for label in zone.zone.split("."))
+        self.protocol = zone.protocol
+        self.upstreams = upstreams
+
+    def covers(self, labels: tuple[bytes, ...]) -> bool:
+        """Whether the (lower-case) name is at or below this zone, label by label."""
+        n = len(self.labels)
+        return n == 0 or (len(labels) >= n and labels[-n:] == self.labels)
+
+
+def _zones(routes: Sequence[ForwardZone | HostPort]) -> list[ForwardZone]:
+    """Forward zones, longest first; bare addresses make up the "." zone."""
+    zones = [r for r in routes if isinstance(r, ForwardZone)]
+    bare = tuple(r for r in routes if isinstance(r, HostPort))
+    if bare:
+        zones.append(ForwardZone(".", bare))
+    if not zones or not all(z.upstreams for z in zones):
+        raise ValueError("a forwarder needs at least one upstream")
+    return sorted(zones, key=lambda z: 0 if z.zone == "." else -(z.zone.count(".") + 1))
+
+
 def failure_ede(results: Sequence[str]) -> bytes:
     """The Extended DNS Error of a SERVFAIL after every upstream failed: 23 (Network
     Error) when one could not be talked to (ICMP, socket error, a malformed reply), else
@@ -115,12 +148,12 @@ def failure_ede(results: Sequence[str]) -> bytes:
 class Forwarder:
     """Asks the upstreams for what the core forwards; one per server."""
 
-    def __init__(self, upstreams: Sequence[HostPort], config: DnsConfig, tally: Tally, *,
-                 clock: Callable[[], float] = time.monotonic,
+    def __init__(self, routes: Sequence[ForwardZone | HostPort], config: DnsConfig,
+                 tally: Tally, *, clock: Callable[[], float] = time.monotonic,
                  current_zone: Callable[[], Zone] | None = None) -> None:
-        if not upstreams:
-            raise ValueError("a forwarder needs at least one upstream")
-        self.upstreams = [Upstream(hp) for hp in dict.fromkeys(upstreams)]
+        self.routes: list[Route] = []
+        self.upstreams: list[Upstream] = []  # of every zone, each address once
+        self.set_upstreams(routes)
         self.budget = config.upstream_timeout
         self.max_inflight = config.max_inflight
         self.tally = tally
@@ -149,16 +182,43 @@ class Forwarder:
         # protocol ("udp", "tcp"), upstream, query sent, reply got (None: none), and the
         # time.time_ns() of the send and of the reply (or of giving up).
         self.on_upstream: UpstreamTap | None = None
+        self._answered: dict[CacheKey, str] = {}  # which upstream gave a cached answer
 
-    def set_upstreams(self, upstreams: Sequence[HostPort]) -> None:
-        """Ask ``upstreams`` from now on (SIGHUP); one kept keeps its health and counters.
+    def set_upstreams(self, routes: Sequence[ForwardZone | HostPort]) -> None:
+        """Ask these zones' upstreams from now on (SIGHUP; bare addresses are the "."
+        zone); an upstream kept keeps its health and counters.
 
         Lookups in flight finish with the upstreams they started with; cached replies
         stay (they are answers, whoever gave them)."""
-        if not upstreams:
-            raise ValueError("a forwarder needs at least one upstream")
+        zones = _zones(routes)
         known = {up.address: up for up in self.upstreams}
-        self.upstreams = [known.get(hp) or Upstream(hp) for hp in dict.fromkeys(upstreams)]
+        used: dict[HostPort, Upstream] = {}
+        self.routes = []
+        for zone in zones:
+            ups = []
+            for hp in dict.fromkeys(zone.upstreams):
+                up = used.get(hp) or known.get(hp) or Upstream(hp)
+                used[hp] = up
+                ups.append(up)
+            self.routes.append(Route(zone, ups))
+        self.upstreams = list(used.values())
+
+    def route_for(self, labels: tuple[bytes, ...]) -> Route | None:
+        """The longest forward zone the name is in (None: no zone, REFUSED)."""
+        routes = self.routes
+        if len(routes) == 1 and not routes[0].labels:
+            return routes[0]
+        lower = tuple(label.lower() for label in labels)
+        for route in routes:
+            if route.covers(lower):
+                return route
+        return None
+
+    def answered_by(self, q: Query) -> str | None:
+        """The upstream ("host:port") whose answer the cache holds for ``q``, if known."""
+        edns = q.edns
+        return self._answered.get((b".".join(q.labels).lower(), q.qtype, q.qclass,
+                                   edns is not None and edns.dnssec_ok, q.cd))
 
     @property
     def inflight(self) -> int:
@@ -316,29 +376,36 @@ class Forwarder:
 
         ``keep`` (a prefetch): the cached entry, left as it is if every upstream fails."""
         loop = asyncio.get_running_loop()
+        route = self.route_for(q.labels)
+        if route is None:  # stub zones only, and the name is in none of them
+            return self._error(q, self.clock(), RCODE_REFUSED, NO_ZONE)
         owned = self._owned()
         question = question_wire(q)
         dnssec_ok = key[3]
         started = loop.time()
         deadline = started + self.budget
-        order = try_order(self.upstreams, started, self.budget)
+        order = try_order(route.upstreams, started, self.budget)
         parsed: ParsedReply | None = None
         results: list[str] = []
+        answered = ""
         for i, up in enumerate(order):
             now = loop.time()
             if now >= deadline:
                 break
             # An equal share of what is left, so a dead upstream cannot eat the budget.
             share_end = now + (deadline - now) / (len(order) - i)
-            attempt = await self._ask(up, question, q.cd, dnssec_ok, share_end, owned)
+            attempt = await self._ask(up, question, q.cd, dnssec_ok, share_end, owned,
+                                      route.protocol)
             results.append(attempt.result)
             if attempt.result == OK:
                 parsed = attempt.reply
+                answered = up.label
                 break
         now = self.clock()
         if parsed is None and keep is not None:
             return keep
         if parsed is None:
+            self._answered.pop(key, None)
             expired = self.cache.get_stale(key, now)
             # Every upstream failed: an expired answer within dns.serve_stale, with TTL
             # dns.serve_stale_ttl.
@@ -354,6 +421,9 @@ class Forwarder:
         entry = self._chase(key, q, parsed, len(question), now) \
             or CachedReply(parsed, now, parsed.lifetime)
         self.cache.put(key, entry)
+        if len(self._answered) >= self._memo_limit:
+            self._answered.clear()  # bounded; only /v1/resolve reads it
+        self._answered[key] = answered
         return entry
 
     def _owned(self) -> Owned | None:
@@ -363,19 +433,21 @@ class Forwarder:
         return functools.partial(owns, self._zone())
 
     async def _ask(self, up: Upstream, question: bytes, cd: bool, dnssec_ok: bool,
-                   deadline: float, owned: Owned | None) -> Attempt:
+                   deadline: float, owned: Owned | None, protocol: str = "udp") -> Attempt:
         loop = asyncio.get_running_loop()
-        wire = build_query(question, self._ids.randrange(0x10000), cd, dnssec_ok)
         tap = self.on_upstream
-        sent = time.time_ns() if tap is not None else 0
-        t0 = loop.time()
-        attempt = await query_udp(up, wire, question, deadline, self._reject, owned)
         t1 = loop.time()
-        if tap is not None:
-            tap("udp", up.address, wire, attempt.data, sent, time.time_ns())
-        self._health(up, up.record(attempt.result, t1 - t0, t1), attempt.result)
-        if attempt.result != TRUNCATED:
-            return attempt
+        if protocol == "udp":
+            wire = build_query(question, self._ids.randrange(0x10000), cd, dnssec_ok)
+            sent = time.time_ns() if tap is not None else 0
+            t0 = t1
+            attempt = await query_udp(up, wire, question, deadline, self._reject, owned)
+            t1 = loop.time()
+            if tap is not None:
+                tap("udp", up.address, wire, attempt.data, sent, time.time_ns())
+            self._health(up, up.record(attempt.result, t1 - t0, t1), attempt.result)
+            if attempt.result != TRUNCATED:
+                return attempt
         wire = build_query(question, self._ids.randrange(0x10000), cd, dnssec_ok)
         sent = time.time_ns() if tap is not None else 0
         attempt = await query_tcp(up, wire, question, deadline, self._reject, owned)
@@ -395,10 +467,13 @@ class Forwarder:
             log.info("upstream %s answers again", up.label)
 
     def _servfail(self, q: Query, now: float, ede: bytes = b"") -> CachedReply:
+        return self._error(q, now, RCODE_SERVFAIL, ede)
+
+    @staticmethod
+    def _error(q: Query, now: float, rcode: int, ede: bytes) -> CachedReply:
         question = question_wire(q)
-        header = bytes((0, 0, 0x80, 0x80 | RCODE_SERVFAIL, 0, 1, 0, 0, 0, 0, 0, 0))
-        parsed = ParsedReply(header + question, RCODE_SERVFAIL, 12 + len(question), (), (),
-                             0)
+        header = bytes((0, 0, 0x80, 0x80 | rcode, 0, 1, 0, 0, 0, 0, 0, 0))
+        parsed = ParsedReply(header + question, rcode, 12 + len(question), (), (), 0)
         entry = CachedReply(parsed, now, SERVFAIL_TTL)
         entry.ede = ede
         return entry
