@@ -197,11 +197,14 @@ class Forwarder:
         for zone in zones:
             ups = []
             for hp in dict.fromkeys(zone.upstreams):
-                up = used.get(hp) or known.get(hp) or Upstream(hp)
+                up = used.get(hp) or known.pop(hp, None) or Upstream(hp)
                 used[hp] = up
                 ups.append(up)
             self.routes.append(Route(zone, ups))
         self.upstreams = list(used.values())
+        for gone in known.values():
+            if gone.tcp is not None:
+                gone.tcp.retire()
 
     def route_for(self, labels: tuple[bytes, ...]) -> Route | None:
         """The longest forward zone the name is in (None: no zone, REFUSED)."""
@@ -578,6 +581,9 @@ class Forwarder:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._inflight.clear()
+        for up in self.upstreams:
+            if up.tcp is not None:
+                up.tcp.close()
         self.cache.clear()
         self._served_udp.clear()
         self._served_tcp.clear()

@@ -6,7 +6,8 @@ caller picks a random ID. A reply counts only if ID and question match too
 (RFC 5452); anything else is dropped, counted, and the wait goes on until the
 attempt's deadline. A reply that matches but does not parse (reply.py: bad
 framing, a compression loop) ends the attempt as ``malformed``: the upstream
-lies or is broken, the next one is asked.
+lies or is broken, the next one is asked. TCP goes over the upstream's reused,
+pipelined connections (tcpupstream.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..core.wire import RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERV
 from .histogram import Histogram
 from .reply import MALFORMED, ParsedReply, ReplyRejected, check_reply, parse_reply
 from .scrub import Owned
+from .tcpupstream import CannotConnect, ConnectionDied, TcpPool
 
 # Results of one attempt, the `result` label of upstream_requests_total.
 OK, TRUNCATED, SERVFAIL, REFUSED, RCODE = "ok", "truncated", "servfail", "refused", "rcode"
@@ -55,7 +57,8 @@ class UpstreamStats:
 class Upstream:
     """An upstream address with its health: consecutive failures push it to the back."""
 
-    __slots__ = ("address", "down_until", "failures", "family", "label", "sockaddr", "stats")
+    __slots__ = ("address", "down_until", "failures", "family", "label", "sockaddr", "stats",
+                 "tcp")
 
     def __init__(self, address: HostPort) -> None:
         self.address = address
@@ -65,6 +68,7 @@ class Upstream:
         self.failures = 0
         self.down_until = 0.0
         self.stats = UpstreamStats()
+        self.tcp: TcpPool | None = None  # its reused TCP connections, once TCP is used
 
     def record(self, result: str, seconds: float, now: float) -> str | None:
         """Count one attempt; "down" or "up" when the upstream's health just changed."""
@@ -148,23 +152,16 @@ async def query_udp(up: Upstream, wire: bytes, question: bytes, deadline: float,
 
 async def query_tcp(up: Upstream, wire: bytes, question: bytes, deadline: float,
                     reject: Reject, owned: Owned | None = None) -> Attempt:
-    """One query on a fresh TCP connection (after a truncated UDP reply)."""
-    writer: asyncio.StreamWriter | None = None
+    """One query on the upstream's reused TCP connections (tcpupstream.py)."""
+    pool = up.tcp
+    if pool is None:
+        pool = up.tcp = TcpPool(up.address.host, up.address.port, reject)
     try:
-        async with asyncio.timeout_at(deadline):
-            reader, writer = await asyncio.open_connection(*up.sockaddr)
-            writer.write(len(wire).to_bytes(2, "big") + wire)
-            size = int.from_bytes(await reader.readexactly(2), "big")
-            data = await reader.readexactly(size)
+        data = await pool.query(wire, question, deadline)
     except TimeoutError:
         return Attempt(TIMEOUT)
-    except (OSError, asyncio.IncompleteReadError):
+    except (OSError, CannotConnect, ConnectionDied):
         return Attempt(ERROR)
-    finally:
-        if writer is not None:
-            writer.close()
-    try:
-        check_reply(data, wire, question)
     except ReplyRejected as exc:
         reject(exc.reason)
         return Attempt(ERROR)
