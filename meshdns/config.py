@@ -113,6 +113,9 @@ class DnsConfig:
     prefetch: bool = True
     # Stub domains (issue 23): longest zone first; dns.upstreams is the "." zone.
     forward: tuple[ForwardZone, ...] = ()
+    # UDP source ports in use at once per upstream (RFC 5452), each re-drawn within
+    # seconds; bounded by RLIMIT_NOFILE (dns/udppool.py).
+    upstream_ports: int = 1024
 
 
 @dataclass(frozen=True)
@@ -629,6 +632,7 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "serve_stale_refresh": _number(1, 86400),
         "prefetch": _bool,
         "forward": _forward,
+        "upstream_ports": _int(1, 65536),
     },
     "api": {
         "listen": _listen,

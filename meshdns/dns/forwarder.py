@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +80,7 @@ from .chase import (
 )
 from .reply import ParsedReply, ReplyRejected, build_query, question_wire
 from .scrub import Owned
+from .udppool import LIFETIME, descriptor_budget
 from .upstream import (
     DURATION_BUCKETS,
     ERROR,
@@ -153,6 +155,7 @@ class Forwarder:
                  current_zone: Callable[[], Zone] | None = None) -> None:
         self.routes: list[Route] = []
         self.upstreams: list[Upstream] = []  # of every zone, each address once
+        self._ports_wanted = config.upstream_ports
         self.set_upstreams(routes)
         self.budget = config.upstream_timeout
         self.max_inflight = config.max_inflight
@@ -203,8 +206,26 @@ class Forwarder:
             self.routes.append(Route(zone, ups))
         self.upstreams = list(used.values())
         for gone in known.values():
-            if gone.tcp is not None:
-                gone.tcp.retire()
+            gone.retire()
+        self._size_port_pools()
+
+    def _size_port_pools(self) -> None:
+        """dns.upstream_ports source ports per upstream, as RLIMIT_NOFILE allows."""
+        wanted = self._ports_wanted
+        n = len(self.upstreams)
+        each = max(1, descriptor_budget(wanted * n) // n)
+        for up in self.upstreams:
+            if up.udp is None:
+                up.ports = each
+        bits = math.log2(each) + 16
+        if each < wanted:
+            log.warning("upstream UDP: only %d source ports per upstream (dns.upstream_ports "
+                        "%d; RLIMIT_NOFILE is too low for %d upstreams): %.1f bits of port "
+                        "and ID entropy per query instead of %.1f", each, wanted, n, bits,
+                        math.log2(wanted) + 16)
+        else:
+            log.debug("upstream UDP: %d source ports per upstream, each re-drawn within "
+                      "%g s: %.1f bits of port and ID entropy per query", each, LIFETIME, bits)
 
     def route_for(self, labels: tuple[bytes, ...]) -> Route | None:
         """The longest forward zone the name is in (None: no zone, REFUSED)."""
@@ -405,8 +426,8 @@ class Forwarder:
                 answered = up.label
                 break
         now = self.clock()
-        if parsed is None and keep is not None:
-            return keep
+        if parsed is None and keep is not None and keep.expires > now:
+            return keep  # a failed prefetch: the entry stays (expired: as any failure)
         if parsed is None:
             self._answered.pop(key, None)
             expired = self.cache.get_stale(key, now)
@@ -447,7 +468,8 @@ class Forwarder:
             attempt = await query_udp(up, wire, question, deadline, self._reject, owned)
             t1 = loop.time()
             if tap is not None:
-                tap("udp", up.address, wire, attempt.data, sent, time.time_ns())
+                tap("udp", up.address, attempt.sent or wire, attempt.data, sent,
+                    time.time_ns())
             self._health(up, up.record(attempt.result, t1 - t0, t1), attempt.result)
             if attempt.result != TRUNCATED:
                 return attempt
@@ -582,8 +604,7 @@ class Forwarder:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._inflight.clear()
         for up in self.upstreams:
-            if up.tcp is not None:
-                up.tcp.close()
+            up.close()
         self.cache.clear()
         self._served_udp.clear()
         self._served_tcp.clear()

@@ -1,9 +1,9 @@
 """One upstream resolver: how to ask it (UDP, TCP), how healthy it is, what it cost.
 
-Every UDP query gets a fresh connected socket, so the kernel picks a random
-ephemeral source port and drops datagrams from any other address or port; the
-caller picks a random ID. A reply counts only if ID and question match too
-(RFC 5452); anything else is dropped, counted, and the wait goes on until the
+UDP queries go out from the upstream's pool of connected sockets on random ports
+(udppool.py, RFC 5452), which draws each query's random ID; the kernel drops
+datagrams from any other address or port. A reply counts only if ID and question
+match too; anything else is dropped, counted, and the wait goes on until the
 attempt's deadline. A reply that matches but does not parse (reply.py: bad
 framing, a compression loop) ends the attempt as ``malformed``: the upstream
 lies or is broken, the next one is asked. TCP goes over the upstream's reused,
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from ..config import HostPort
 from ..core.wire import RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL
 from .histogram import Histogram
-from .reply import MALFORMED, ParsedReply, ReplyRejected, check_reply, parse_reply
+from .reply import MALFORMED, ParsedReply, ReplyRejected, parse_reply
 from .scrub import Owned
 from .tcpupstream import CannotConnect, ConnectionDied, TcpPool
+from .udppool import DEFAULT_PORTS, UdpPorts
 
 # Results of one attempt, the `result` label of upstream_requests_total.
 OK, TRUNCATED, SERVFAIL, REFUSED, RCODE = "ok", "truncated", "servfail", "refused", "rcode"
@@ -57,8 +58,8 @@ class UpstreamStats:
 class Upstream:
     """An upstream address with its health: consecutive failures push it to the back."""
 
-    __slots__ = ("address", "down_until", "failures", "family", "label", "sockaddr", "stats",
-                 "tcp")
+    __slots__ = ("address", "down_until", "failures", "family", "label", "ports", "sockaddr",
+                 "stats", "tcp", "udp")
 
     def __init__(self, address: HostPort) -> None:
         self.address = address
@@ -69,6 +70,21 @@ class Upstream:
         self.down_until = 0.0
         self.stats = UpstreamStats()
         self.tcp: TcpPool | None = None  # its reused TCP connections, once TCP is used
+        self.udp: UdpPorts | None = None  # its UDP source ports, once UDP is used
+        self.ports = DEFAULT_PORTS  # how many (the forwarder sets it: dns.upstream_ports)
+
+    def retire(self) -> None:
+        """No longer configured: close its sockets once nothing is in flight on them."""
+        if self.tcp is not None:
+            self.tcp.retire()
+        if self.udp is not None:
+            self.udp.retire()
+
+    def close(self) -> None:
+        if self.tcp is not None:
+            self.tcp.close()
+        if self.udp is not None:
+            self.udp.close()
 
     def record(self, result: str, seconds: float, now: float) -> str | None:
         """Count one attempt; "down" or "up" when the upstream's health just changed."""
@@ -110,6 +126,7 @@ class Attempt:
     result: str
     reply: ParsedReply | None = None
     data: bytes | None = None  # the reply as the upstream sent it (for log.dnstap)
+    sent: bytes | None = None  # the query as sent (its ID may differ from the one given)
 
 
 def classify(parsed: ParsedReply, tc: bool) -> str:
@@ -126,28 +143,33 @@ def classify(parsed: ParsedReply, tc: bool) -> str:
 
 async def query_udp(up: Upstream, wire: bytes, question: bytes, deadline: float,
                     reject: Reject, owned: Owned | None = None) -> Attempt:
-    """Send ``wire`` over UDP and wait until ``deadline`` (loop time) for its reply."""
+    """Send ``wire`` from one of the upstream's pooled source ports (udppool.py, which
+    draws its ID) and wait until ``deadline`` (loop time) for its reply."""
+    pool = up.udp
+    if pool is None:
+        pool = up.udp = UdpPorts(up.sockaddr, up.family, up.ports, reject)
     loop = asyncio.get_running_loop()
-    sock = socket.socket(up.family, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        sock.connect(up.sockaddr)
-        sock.send(wire)
-        async with asyncio.timeout_at(deadline):
-            while True:
-                data = await loop.sock_recv(sock, MAX_REPLY)
-                try:
-                    check_reply(data, wire, question)
-                except ReplyRejected as exc:
-                    reject(exc.reason)
-                    continue
-                return _parsed(data, question, owned, reject, bool(data[2] & 0x02))
-    except TimeoutError:
-        return Attempt(TIMEOUT)
-    except OSError:  # ICMP port unreachable, no route, ...
+    future: asyncio.Future[bytes | None] = loop.create_future()
+
+    def done(data: bytes | None) -> None:
+        if not future.done():
+            future.set_result(data)
+
+    exchange = pool.send(wire, question, done)
+    if exchange is None:
         return Attempt(ERROR)
+    try:
+        async with asyncio.timeout_at(deadline):
+            data = await future
+    except TimeoutError:
+        return Attempt(TIMEOUT, sent=exchange.wire)
     finally:
-        sock.close()
+        exchange.cancel()
+    if data is None:  # ICMP unreachable and the like
+        return Attempt(ERROR, sent=exchange.wire)
+    attempt = _parsed(data, question, owned, reject, bool(data[2] & 0x02))
+    attempt.sent = exchange.wire
+    return attempt
 
 
 async def query_tcp(up: Upstream, wire: bytes, question: bytes, deadline: float,
