@@ -9,9 +9,12 @@
    once per entry (prefetch, ``dns.prefetch``), and the fresh reply replaces it;
 2. the same question already in flight → wait for that one (coalescing);
 3. past ``dns.max_inflight`` distinct questions in flight → SERVFAIL at once;
-4. else one lookup: every upstream in health order, each with an equal share of
-   what is left of ``dns.upstream_timeout``; UDP, then TCP if the UDP reply had
-   TC=1. The first NOERROR/NXDOMAIN wins; when none comes, SERVFAIL (never
+4. else one lookup (lookup.py: callbacks, no task) in the name's forward zone (the
+   longest dns.forward zone holding it; "." is dns.upstreams): every upstream in
+   health order, each with an equal share of what is left of
+   ``dns.upstream_timeout``; UDP from the upstream's pool of random source ports
+   (udppool.py), then TCP if the UDP reply had TC=1 (or TCP only for a
+   ``protocol: tcp`` zone; reused connections, tcpupstream.py). The first NOERROR/NXDOMAIN wins; when none comes, SERVFAIL (never
    NXDOMAIN), remembered for ``SERVFAIL_TTL`` seconds.
 
 Every reply is parsed whole and scrubbed before it is cached or sent (reply.py):
@@ -78,21 +81,16 @@ from .chase import (
     total_links,
     upstream_part,
 )
-from .reply import ParsedReply, ReplyRejected, build_query, question_wire
+from .lookup import Lookup
+from .reply import ParsedReply, ReplyRejected, question_wire
 from .scrub import Owned
 from .udppool import LIFETIME, descriptor_budget
 from .upstream import (
     DURATION_BUCKETS,
     ERROR,
     MALFORMED_REPLY,
-    OK,
-    TRUNCATED,
-    Attempt,
     Upstream,
     UpstreamStats,
-    query_tcp,
-    query_udp,
-    try_order,
 )
 
 __all__ = ["DURATION_BUCKETS", "SERVFAIL_TTL", "Forwarder"]
@@ -106,6 +104,7 @@ UpstreamTap = Callable[[str, HostPort, bytes, bytes | None, int, int], None]
 CACHE = "cache"
 
 
+_CNAME_IN = b"\x00\x05\x00\x01"  # a record's type CNAME and class IN, on the wire
 NO_ZONE = _ede(EDE_NOT_AUTHORITATIVE, "not a served name, and no upstream for its zone")
 
 
@@ -169,7 +168,7 @@ class Forwarder:
         self.rejected: dict[str, int] = {}
         self.overloaded = 0
         self.coalesced = 0
-        self._inflight: dict[CacheKey, asyncio.Task[CachedReply]] = {}
+        self._inflight: dict[CacheKey, Lookup] = {}
         self._served_udp: dict[bytes, Served] = {}
         self._served_tcp: dict[bytes, Served] = {}
         self._memo_limit = config.cache_size  # each memo, like the cache it serves from
@@ -267,8 +266,9 @@ class Forwarder:
         now = self.clock()
         if self._closed:
             return None
-        task = self._inflight.get(key)
-        if task is None:
+        lookup = self._inflight.get(key)
+        fresh = lookup is None
+        if lookup is None:
             if len(self._inflight) >= self.max_inflight:
                 self.overloaded += 1
                 entry = self._servfail(q, now)
@@ -276,17 +276,24 @@ class Forwarder:
                                                  now, self._nsid(q))
                 self._count(RCODE_SERVFAIL, UPSTREAM, truncated)
                 return out
-            task = asyncio.ensure_future(self._lookup(key, q))
-            self._inflight[key] = task
-            task.add_done_callback(functools.partial(self._done, key))
+            lookup = self._begin(key, q)
+            if lookup is None:  # in no forward zone
+                entry = self._error(q, now, RCODE_REFUSED, NO_ZONE)
+                out, truncated = entry.reply_for(req.data, dnssec_ok, edns is not None, limit,
+                                                 now, self._nsid(q))
+                self._count(RCODE_REFUSED, UPSTREAM, truncated)
+                return out
         else:
             self.coalesced += 1
+        # Its own future: one client giving up must not cancel the lookup others wait on.
+        future = lookup.wait()
+        if fresh:
+            lookup.start()
         try:
-            # shield: one client giving up must not cancel the lookup others wait on.
-            entry = await asyncio.shield(task)
+            entry = await future
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if self._closed and task.cancelled() and not (current and current.cancelling()):
+            if self._closed and future.cancelled() and not (current and current.cancelling()):
                 return None  # shutting down: drop, as if the packet never came
             raise
         out, truncated = entry.reply_for(req.data, dnssec_ok, edns is not None, limit,
@@ -373,9 +380,10 @@ class Forwarder:
         (already in flight, dns.max_inflight reached, shutting down)."""
         if key in self._inflight or len(self._inflight) >= self.max_inflight or self._closed:
             return False
-        task = asyncio.ensure_future(self._lookup(key, q, keep))
-        self._inflight[key] = task
-        task.add_done_callback(functools.partial(self._done, key))
+        lookup = self._begin(key, q, keep)
+        if lookup is None:
+            return False
+        lookup.start()
         return True
 
     def _count(self, rcode: int, source: str, truncated: bool) -> None:
@@ -383,48 +391,29 @@ class Forwarder:
         if truncated:
             self.tally.truncated += 1
 
-    def _done(self, key: CacheKey, task: asyncio.Task[CachedReply]) -> None:
-        if self._inflight.get(key) is task:
-            del self._inflight[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: the waiters re-raise it and the transport logs it
-
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     # ---------------------------------------------------------------- one lookup
 
-    async def _lookup(self, key: CacheKey, q: Query,
-                      keep: CachedReply | None = None) -> CachedReply:
-        """Ask the upstreams in turn; cache and return what to answer (maybe SERVFAIL).
-
-        ``keep`` (a prefetch): the cached entry, left as it is if every upstream fails."""
-        loop = asyncio.get_running_loop()
+    def _begin(self, key: CacheKey, q: Query, keep: CachedReply | None = None
+               ) -> Lookup | None:
+        """A lookup for ``key`` (registered as in flight, not started: Lookup.start);
+        None when the name is in no forward zone. ``keep`` (a prefetch): the cached
+        entry, left as it is if every upstream fails."""
         route = self.route_for(q.labels)
         if route is None:  # stub zones only, and the name is in none of them
-            return self._error(q, self.clock(), RCODE_REFUSED, NO_ZONE)
-        owned = self._owned()
-        question = question_wire(q)
-        dnssec_ok = key[3]
-        started = loop.time()
-        deadline = started + self.budget
-        order = try_order(route.upstreams, started, self.budget)
-        parsed: ParsedReply | None = None
-        results: list[str] = []
-        answered = ""
-        for i, up in enumerate(order):
-            now = loop.time()
-            if now >= deadline:
-                break
-            # An equal share of what is left, so a dead upstream cannot eat the budget.
-            share_end = now + (deadline - now) / (len(order) - i)
-            attempt = await self._ask(up, question, q.cd, dnssec_ok, share_end, owned,
-                                      route.protocol)
-            results.append(attempt.result)
-            if attempt.result == OK:
-                parsed = attempt.reply
-                answered = up.label
-                break
+            return None
+        lookup = Lookup(self, key, q, question_wire(q), route.upstreams, route.protocol,
+                        self.budget, self._owned(), keep)
+        self._inflight[key] = lookup
+        return lookup
+
+    def _settle(self, lookup: Lookup, parsed: ParsedReply | None) -> CachedReply:
+        """A lookup is over: cache and return what to answer (maybe SERVFAIL)."""
+        key, q, keep = lookup.key, lookup.q, lookup.keep
+        if self._inflight.get(key) is lookup:
+            del self._inflight[key]
         now = self.clock()
         if parsed is None and keep is not None and keep.expires > now:
             return keep  # a failed prefetch: the entry stays (expired: as any failure)
@@ -434,7 +423,7 @@ class Forwarder:
             # Every upstream failed: an expired answer within dns.serve_stale, with TTL
             # dns.serve_stale_ttl.
             entry = StaleReply(expired, now, self.policy) if expired is not None else \
-                self._servfail(q, now, failure_ede(results))
+                self._servfail(q, now, failure_ede(lookup.results))
             self.cache.put(key, entry)
             return entry
         if parsed.dropped:
@@ -442,12 +431,12 @@ class Forwarder:
             for reason, n in parsed.dropped.items():
                 scrubbed[reason] = scrubbed.get(reason, 0) + n
         parsed = self.policy.bound(parsed)
-        entry = self._chase(key, q, parsed, len(question), now) \
+        entry = self._chase(key, q, parsed, len(lookup.question), now) \
             or CachedReply(parsed, now, parsed.lifetime)
         self.cache.put(key, entry)
         if len(self._answered) >= self._memo_limit:
             self._answered.clear()  # bounded; only /v1/resolve reads it
-        self._answered[key] = answered
+        self._answered[key] = lookup.order[lookup.index].label
         return entry
 
     def _owned(self) -> Owned | None:
@@ -455,32 +444,6 @@ class Forwarder:
         if self._zone is None:
             return None
         return functools.partial(owns, self._zone())
-
-    async def _ask(self, up: Upstream, question: bytes, cd: bool, dnssec_ok: bool,
-                   deadline: float, owned: Owned | None, protocol: str = "udp") -> Attempt:
-        loop = asyncio.get_running_loop()
-        tap = self.on_upstream
-        t1 = loop.time()
-        if protocol == "udp":
-            wire = build_query(question, self._ids.randrange(0x10000), cd, dnssec_ok)
-            sent = time.time_ns() if tap is not None else 0
-            t0 = t1
-            attempt = await query_udp(up, wire, question, deadline, self._reject, owned)
-            t1 = loop.time()
-            if tap is not None:
-                tap("udp", up.address, attempt.sent or wire, attempt.data, sent,
-                    time.time_ns())
-            self._health(up, up.record(attempt.result, t1 - t0, t1), attempt.result)
-            if attempt.result != TRUNCATED:
-                return attempt
-        wire = build_query(question, self._ids.randrange(0x10000), cd, dnssec_ok)
-        sent = time.time_ns() if tap is not None else 0
-        attempt = await query_tcp(up, wire, question, deadline, self._reject, owned)
-        t2 = loop.time()
-        if tap is not None:
-            tap("tcp", up.address, wire, attempt.data, sent, time.time_ns())
-        self._health(up, up.record(attempt.result, t2 - t1, t2), attempt.result)
-        return attempt
 
     @staticmethod
     def _health(up: Upstream, change: str | None, result: str) -> None:
@@ -513,6 +476,8 @@ class Forwarder:
                now: float) -> CachedReply | None:
         """The entry for an answer whose CNAME chain ends at one of our names (or
         SERVFAIL for a loop or a chain too long); None: cache the reply as it is."""
+        if q.qtype == T_CNAME or _CNAME_IN not in parsed.wire[parsed.qend:]:
+            return None  # no CNAME record anywhere after the question: nothing to follow
         try:
             chain = follow_chain(parsed.wire, parsed.qend, q.labels)
         except ReplyRejected:
@@ -584,25 +549,30 @@ class Forwarder:
             return entry
         if self._closed:
             return None
-        task = self._inflight.get(key)
-        if task is None:
+        lookup = self._inflight.get(key)
+        fresh = lookup is None
+        if lookup is None:
             if len(self._inflight) >= self.max_inflight:
                 return None
-            task = asyncio.ensure_future(self._lookup(key, q))
-            self._inflight[key] = task
-            task.add_done_callback(functools.partial(self._done, key))
-        return await asyncio.shield(task)
+            lookup = self._begin(key, q)
+            if lookup is None:
+                return self._error(q, now, RCODE_REFUSED, NO_ZONE)
+        future = lookup.wait()
+        if fresh:
+            lookup.start()
+        return await future
 
     # ---------------------------------------------------------------- shutdown
 
     async def close(self) -> None:
         """Cancel every lookup in flight; waiting clients get no reply."""
         self._closed = True
-        tasks = list(self._inflight.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        lookups = list(self._inflight.values())
         self._inflight.clear()
+        tasks = [lk.task for lk in lookups if lk.task is not None]
+        for lookup in lookups:
+            lookup.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for up in self.upstreams:
             up.close()
         self.cache.clear()

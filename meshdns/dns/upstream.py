@@ -190,6 +190,12 @@ async def query_tcp(up: Upstream, wire: bytes, question: bytes, deadline: float,
     return _parsed(data, question, owned, reject, False)
 
 
+def parsed_attempt(data: bytes, question: bytes, owned: Owned | None,
+                   reject: Reject) -> Attempt:
+    """The attempt for a checked UDP reply (TC=1: truncated, TCP is asked next)."""
+    return _parsed(data, question, owned, reject, bool(data[2] & 0x02))
+
+
 def _parsed(data: bytes, question: bytes, owned: Owned | None, reject: Reject,
             tc: bool) -> Attempt:
     """The attempt's result for a reply to our query: parsed whole and scrubbed, or
