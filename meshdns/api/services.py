@@ -131,6 +131,7 @@ async def get_services(request: web.Request) -> web.StreamResponse:
     wait = parse_wait(request.query.get("wait"))
     since_text = request.query.get("since")
     since = None if since_text is None else parse_since(since_text)
+    stream = wants_stream(request, st.server.config.api.streams)  # (a bad value: 400)
     inm = request.headers.get(hdrs.IF_NONE_MATCH)
     reg = store.registry
     pool = st.server.workers
@@ -153,7 +154,7 @@ async def get_services(request: web.Request) -> web.StreamResponse:
             raise ApiError(503, "no registry loaded yet (no state file, seed file or write)",
                            None, {"Retry-After": "1"})
     if since is not None:
-        if wants_stream(request, st.server.config.api.streams):
+        if stream:
             return await get_stream(request, st, request.app[STREAM_KEY], since, wait)
         return await get_delta(request, st, since, wait, coalesce=not worker)
     if not just_loaded and inm is not None and none_match(inm, reg.revision):

@@ -69,9 +69,9 @@ def wants_stream(request: web.Request, offered: bool) -> bool:
     that is no boolean) and ``offered`` (api.streams; if not, a long-poll answers, as
     from a server that has no streams)."""
     value = request.query.get("stream")
-    if value is None or value.lower() in STREAM_OFF:
+    if value is None or value in STREAM_OFF:
         return False
-    if value.lower() in STREAM_ON:
+    if value in STREAM_ON:
         return offered
     raise ApiError(400, f"stream must be 1 or 0 (true or false), got {value[:40]!r}", "stream")
 
@@ -180,6 +180,9 @@ class StreamHub:
             self._sync_position()
             return
         if history.revision == pos.revision:
+            return
+        if not self.streams:
+            self._sync_position()  # nobody to send it to: a stream joining later catches up
             return
         changes = history.since(pos.revision, self.lineage)
         if changes is not None and self.coalesce > 0 and changes.first_at is not None:
@@ -373,6 +376,10 @@ class StreamCollector:
 
     def collect(self) -> Iterator[Metric]:
         hub = self.hub
+        yield GaugeMetricFamily("meshdns_api_watchers",
+                                "Long-polls parked and watch streams open, together "
+                                "(api.max_watchers bounds them).",
+                                value=hub.state.watch.waiting)
         yield GaugeMetricFamily("meshdns_api_streams", "Watch streams open (?stream=1).",
                                 value=len(hub.streams))
         yield GaugeMetricFamily("meshdns_api_stream_buffered_bytes",
