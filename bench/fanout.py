@@ -34,6 +34,7 @@ Usage (exclusive lock: nothing else should run meanwhile):
   flock -x /tmp/cpu.lock .venv/bin/python bench/fanout.py                # 10,000 of each
   flock -x /tmp/cpu.lock .venv/bin/python bench/fanout.py --watchers 1000 --changes 3
   flock -x /tmp/cpu.lock .venv/bin/python bench/fanout.py --longpolls 2000  # fewer long-polls
+Writes bench/results/fanout.md (+ fanout.json) unless --no-write.
 
 N is capped by ``ulimit -n`` (the soft limit is raised to the hard one; the
 leader and this process each need N descriptors and a few more); a cap is said.
@@ -56,6 +57,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import report
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -386,7 +389,14 @@ def main() -> None:
                     help="s of idle CPU measured (one heartbeat interval)")
     ap.add_argument("--coalesce", type=float, default=0.1, help="api.follow_coalesce")
     ap.add_argument("--time-limit", type=float, default=900.0)
+    ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
+    machine = report.machine_md({  # the load average before we start
+        "processes": "the leader is a real `python -m meshdns serve` on 127.0.0.1 (log level "
+                     "warning), a fresh one for each kind; the watchers are raw sockets on "
+                     "this process's one asyncio loop (uvloop)",
+        "ulimit -n": str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])})
+    begin = time.monotonic()
     signal.signal(signal.SIGALRM, lambda *_: sys.exit("fanout: --time-limit reached"))
     signal.alarm(int(args.time_limit))
     try:
@@ -397,6 +407,21 @@ def main() -> None:
     results = asyncio.run(amain(args))
     print()
     print(table(results, args))
+    if not args.no_write:
+        path = report.write_result("fanout", "\n\n".join([
+            "## Fan-out: one leader, 10,000 watch streams vs 10,000 long-polls",
+            f"Command: `{report.command_line()}` — "
+            f"{(time.monotonic() - begin) / 60:.1f} min (run as `flock -x /tmp/cpu.lock "
+            ".venv/bin/python bench/fanout.py`: nothing else on the CPUs meanwhile).",
+            machine, table(results, args),
+            "Latency: from just before the PATCH is sent until each watcher received the "
+            "change (one coalescing window included). Leader CPU: its threads' schedstat "
+            "over that window (long-polls: until every watcher is parked again), the idle "
+            "rate subtracted; median over the changes. Idle CPU: with the watchers open "
+            "and nothing changing (streams: heartbeats every 10 s; long-polls here wait "
+            "300 s, a follower's 30 s would add N/30 empty answers a second)."]),
+            results)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
