@@ -161,7 +161,7 @@ def test_a_reader_that_never_reads_is_cut_off_and_the_others_keep_up(
                  "HTTP/1.1\r\nHost: leader\r\n\r\n".encode())
     try:
         wait_for(lambda: metric(leader.url, "meshdns_api_streams") == 2, 10, "both streams")
-        # Rewrites of 200 services with long host names: ~40 KB per change.
+        # Rewrites of 200 services with long host names: ~50 KB per change.
         most_buffered = 0.0
         for i in range(400):
             services = [{"name": f"big{n}", "namespace": "ns", "port": 80,
@@ -278,6 +278,31 @@ def test_a_follower_cut_off_resumes_from_its_revision(
     assert metric(follower.url, "meshdns_follow_relists_total") == 0
     assert metric(follower.url, "meshdns_follow_errors_total", code="transport") >= 1
     on_stream(leader, follower, streams=2)
+
+
+def test_a_change_larger_than_the_buffer_ends_the_streams_and_each_catches_up(
+        tmp_path: Path, procs: list[ServerProcess]) -> None:  # noqa: F811
+    """An event over api.stream_buffer goes to no stream (each would hold it whole):
+    every stream ends, and its follower catches up by itself from its revision."""
+    leader = start(procs, leader_process(tmp_path, stream_buffer=4096))
+    followers = [start(procs, follower_process(tmp_path, leader, f"f{i}")) for i in range(2)]
+    for f in followers:
+        on_stream(leader, f)
+    streams = [metric(f.url, "meshdns_follow_streams_total") for f in followers]
+    # ~10 KB of delta in one change.
+    assert patch(leader.url, [{"name": f"big{n}", "namespace": "ns", "port": 80,
+                               "hostnames": [wide_name(n)]} for n in range(50)]) == 200
+    in_step(leader, *followers)
+    assert metric(leader.url, "meshdns_api_stream_cutoffs_total") == 0
+    for f, before in zip(followers, streams, strict=True):
+        wait_for(lambda f=f, before=before: metric(f.url, "meshdns_follow_streams_total")
+                 > before, 20, f"{f.name} to stream again")  # type: ignore[misc]
+        assert metric(f.url, "meshdns_follow_relists_total") == 0
+        assert metric(f.url, "meshdns_follow_full_syncs_total") == 1
+        assert metric(f.url, "meshdns_follow_errors_total") == 0
+    # Small changes go on the streams again.
+    assert patch(leader.url, [{"name": "small", "namespace": "ns", "port": 80}]) == 200
+    in_step(leader, *followers)
 
 
 def test_a_restarted_leader_is_relisted_once_then_streamed_again(

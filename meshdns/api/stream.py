@@ -289,7 +289,10 @@ class StreamHub:
                 return await _end(resp)
             body = await delta_body(self.state, changes, reached)
             resp = resp or await self._prepare(request, lineage)
-            await _write_paced(resp, body.body)
+            try:
+                await _write_paced(resp, body.body)
+            except ConnectionError:  # the client left during its catch-up
+                return resp
             reached = pos.revision
         resp = resp or await self._prepare(request, lineage)
         transport = request.transport
