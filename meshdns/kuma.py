@@ -246,7 +246,7 @@ def _resources(doc: Any, index: int) -> Iterator[tuple[str, KumaService]]:
     if not isinstance(doc, Mapping):
         raise KumaDocumentError("must be a Kuma resource (apiVersion, kind, metadata, spec) "
                                 "or a list of them", where, index)
-    if _is_list(doc, where, index):
+    if _is_list(doc):
         items = doc.get("items")
         if items is None:
             return
@@ -254,7 +254,7 @@ def _resources(doc: Any, index: int) -> Iterator[tuple[str, KumaService]]:
             raise KumaDocumentError("must be a list of resources", f"{where}.items", index)
         for i, item in enumerate(items):
             path = f"{where}.items[{i}]"
-            if isinstance(item, Mapping) and (_is_list(item, path, index)):
+            if isinstance(item, Mapping) and _is_list(item):
                 raise KumaDocumentError("a list inside a list is not a Kuma document", path,
                                         index)
             yield path, _resource(item, path, index)
@@ -262,7 +262,7 @@ def _resources(doc: Any, index: int) -> Iterator[tuple[str, KumaService]]:
     yield where, _resource(doc, where, index)
 
 
-def _is_list(doc: Mapping[Any, Any], where: str, index: int) -> bool:
+def _is_list(doc: Mapping[Any, Any]) -> bool:
     """``kind: List`` / ``kind: <Kind>List`` (kubectl), or ``items`` with neither kind
     nor type (kumactl prints ``items``, ``total``, ``next``)."""
     kind = doc.get("kind")
@@ -298,54 +298,68 @@ def _resource(item: Any, where: str, index: int) -> KumaService:
     own_name = "?"
     try:
         if kubernetes:
-            if item.get("apiVersion") != API_VERSION:
-                raise _Bad("apiVersion", f"must be {API_VERSION}, got {quote(item.get('apiVersion'))}")
-            meta = _mapping(item.get("metadata"), "metadata", required=True)
-            own_name = _resource_name(meta.get("name"), "metadata.name")
-            labels = _labels(meta.get("labels"), "metadata.labels")
-            mesh = labels.get(MESH_LABEL, DEFAULT_MESH)
-            mesh_field = f"metadata.labels.{MESH_LABEL}"
-            k8s_namespace = meta.get("namespace")
-            if k8s_namespace is not None:
-                k8s_namespace = _label_value(k8s_namespace, "metadata.namespace")
-            label_field = "metadata.labels"
+            own_name, labels, mesh, namespace = _kubernetes_meta(item)
         else:
-            own_name = _resource_name(item.get("name"), "name")
-            labels = _labels(item.get("labels"), "labels")
-            mesh_field = "mesh"
-            mesh = item.get("mesh", labels.get(MESH_LABEL, DEFAULT_MESH))
-            if MESH_LABEL in labels and labels[MESH_LABEL] != mesh:
-                raise _Bad(f"labels.{MESH_LABEL}", f"says mesh {quote(labels[MESH_LABEL])}, "
-                           f"the resource's mesh is {quote(mesh)}")
-            k8s_namespace = None
-            label_field = "labels"
-        mesh = _label_value(mesh, mesh_field)
-        name = labels.get(DISPLAY_NAME_LABEL, own_name)
-        name = _label_value(name, f"{label_field}.{DISPLAY_NAME_LABEL}"
-                            if DISPLAY_NAME_LABEL in labels else
-                            ("metadata.name" if kubernetes else "name"))
+            own_name, labels, mesh, namespace = _universal_meta(item)
+        label_field = "metadata.labels" if kubernetes else "labels"
+        display = labels.get(DISPLAY_NAME_LABEL)
+        if display is None:
+            name = _label_value(own_name, "metadata.name" if kubernetes else "name")
+        else:
+            name = _label_value(display, f"{label_field}.{DISPLAY_NAME_LABEL}")
         zone = labels.get(ZONE_LABEL)
         if zone is not None:
             zone = _label_value(zone, f"{label_field}.{ZONE_LABEL}")
-        namespace = labels.get(NAMESPACE_LABEL, k8s_namespace)
-        if NAMESPACE_LABEL in labels:
-            namespace = _label_value(namespace, f"{label_field}.{NAMESPACE_LABEL}")
-        spec = _mapping(item.get("spec"), "spec", required=kind == "MeshExternalService")
-        status = _mapping(item.get("status"), "status")
-        ports: tuple[KumaPort, ...]
-        if kind == "MeshExternalService":
-            ports = (_match_port(_mapping(spec.get("match"), "spec.match", required=True)),)
-            vip = _mapping(status.get("vip"), "status.vip")
-            vips = _vips([vip] if vip else [], "status.vip", single=True)
-        else:
-            ports = _ports(spec.get("ports"), "spec.ports", kind == "MeshService")
-            vips = _vips(status.get("vips"), "status.vips")
-        addresses = _addresses(status.get("addresses"), "status.addresses")
+        if NAMESPACE_LABEL in labels:  # the original namespace wins (a synced copy's)
+            namespace = _label_value(labels[NAMESPACE_LABEL],
+                                     f"{label_field}.{NAMESPACE_LABEL}")
+        ports, vips, addresses = _spec_and_status(kind, item)
     except _Bad as bad:
         raise KumaDocumentError(f"{kind} {clip(own_name, 63)}: {bad.reason}",
                                 _join(where, bad.field), index) from None
     return KumaService(kind, name, mesh, zone, namespace, tuple(sorted(labels.items())),
                        ports, vips, addresses)
+
+
+def _kubernetes_meta(item: Mapping[Any, Any]) -> tuple[str, dict[str, str], str, str | None]:
+    """Name, labels, mesh and namespace of the Kubernetes form."""
+    if item.get("apiVersion") != API_VERSION:
+        raise _Bad("apiVersion", f"must be {API_VERSION}, got {quote(item.get('apiVersion'))}")
+    meta = _mapping(item.get("metadata"), "metadata", required=True)
+    own_name = _resource_name(meta.get("name"), "metadata.name")
+    labels = _labels(meta.get("labels"), "metadata.labels")
+    mesh = _label_value(labels.get(MESH_LABEL, DEFAULT_MESH), f"metadata.labels.{MESH_LABEL}")
+    namespace = meta.get("namespace")
+    if namespace is not None:
+        namespace = _label_value(namespace, "metadata.namespace")
+    return own_name, labels, mesh, namespace
+
+
+def _universal_meta(item: Mapping[Any, Any]) -> tuple[str, dict[str, str], str, str | None]:
+    """Name, labels, mesh and namespace (none but the label's) of the Universal form."""
+    own_name = _resource_name(item.get("name"), "name")
+    labels = _labels(item.get("labels"), "labels")
+    mesh = item.get("mesh", labels.get(MESH_LABEL, DEFAULT_MESH))
+    if MESH_LABEL in labels and labels[MESH_LABEL] != mesh:
+        raise _Bad(f"labels.{MESH_LABEL}", f"says mesh {quote(labels[MESH_LABEL])}, the "
+                   f"resource's mesh is {quote(mesh)}")
+    return own_name, labels, _label_value(mesh, "mesh"), None
+
+
+def _spec_and_status(kind: Kind, item: Mapping[Any, Any]
+                     ) -> tuple[tuple[KumaPort, ...], tuple[str, ...], tuple[KumaAddress, ...]]:
+    """Ports, VIPs and host names: the same in both forms, by kind."""
+    spec = _mapping(item.get("spec"), "spec", required=kind == "MeshExternalService")
+    status = _mapping(item.get("status"), "status")
+    if kind == "MeshExternalService":
+        ports: tuple[KumaPort, ...] = (
+            _match_port(_mapping(spec.get("match"), "spec.match", required=True)),)
+        vip = _mapping(status.get("vip"), "status.vip")
+        vips = _vips([vip] if vip else [], "status.vip", single=True)
+    else:
+        ports = _ports(spec.get("ports"), "spec.ports", kind == "MeshService")
+        vips = _vips(status.get("vips"), "status.vips")
+    return ports, vips, _addresses(status.get("addresses"), "status.addresses")
 
 
 def _describe(svc: KumaService) -> str:

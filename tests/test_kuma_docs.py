@@ -523,3 +523,33 @@ def test_round_trip(svcs: list[KumaService], shape: str) -> None:
         doc = {"apiVersion": "v1", "kind": "List", "items": [kubernetes_doc(s) for s in svcs]}
         text = json.dumps(doc) if shape == "json" else yaml.safe_dump(doc)
     assert load_kuma(text) == [expected(s) for s in svcs]
+
+
+# ---------------------------------------------------------------- the design page
+
+DESIGN = Path(__file__).parent.parent / "docs" / "meshservice.md"
+
+
+def test_the_design_pages_example_record_is_what_the_reader_makes() -> None:
+    text = DESIGN.read_text(encoding="utf-8")
+    record = json.loads(text.split("```json\n", 1)[1].split("```", 1)[0])
+    synced = load("list-kubectl.yaml")[0].to_json()
+    assert {k: v for k, v in record.items() if k != "labels"} == {
+        k: v for k, v in synced.items() if k != "labels"}
+    assert record["labels"].items() <= synced["labels"].items()
+
+
+def test_the_ready_kuma_config_parses() -> None:
+    from meshdns.core.names import parse_template
+
+    text = DESIGN.read_text(encoding="utf-8")
+    block = text.split("### Kuma's default HostnameGenerators", 1)[1].split("```yaml\n", 1)[1]
+    config = yaml.safe_load(block.split("```", 1)[0])
+    templates = config["dns"]["hostname_templates"]
+    assert len(templates) == 9
+    for item in templates:
+        assert set(item) <= {"template", "kinds", "matchLabels"}
+        assert set(item["kinds"]) <= {"Service", *kuma.KINDS}
+        assert all(isinstance(v, str) for v in item.get("matchLabels", {}).values())
+        # {display_name} is the one placeholder the design adds.
+        parse_template(item["template"].replace("{display_name}", "{name}"))
