@@ -186,9 +186,18 @@ def test_typed_kubernetes_lists_and_empty_lists() -> None:
 
 
 def test_json_is_read_too() -> None:
-    # `kubectl get meshservices -o json`: one JSON document, which is YAML.
+    # `kubectl get meshservices -o json`: one JSON document, read by the JSON reader.
     doc = yaml.safe_load((DATA / "list-kubectl.yaml").read_text())
-    assert load_kuma(json.dumps(doc)) == load("list-kubectl.yaml")
+    assert load_kuma(json.dumps(doc, indent=2)) == load("list-kubectl.yaml")
+    assert load_kuma(json.dumps(doc).encode()) == load("list-kubectl.yaml")
+    # A YAML flow mapping looks like JSON and is not: read as YAML.
+    assert load_kuma("{type: MeshService, name: a, mesh: m}")[0].key == (
+        "MeshService", "m", "", "", "a")
+    err = refused('{"type": "MeshService", "name": "a", "spec": {"ports": '
+                  '[{"port": 1, "port": 2}]}}')
+    assert (err.field, err.message) == ("documents[0].spec.ports[0].port", "duplicate key")
+    err = refused("[" * 100000 + "]" * 100000)  # too deep for json and for the YAML loader
+    assert err.field == "documents[0]" and "nesting depth" in err.message
 
 
 def test_both_forms_of_one_resource_are_one_value() -> None:
