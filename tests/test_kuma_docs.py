@@ -101,6 +101,14 @@ def test_meshexternalservice_kubernetes_form() -> None:
     assert svc.to_json()["vip"] == "242.0.0.3"
 
 
+@pytest.mark.parametrize("status", [None, {}, {"vip": None}, {"vip": {}}, {"vip": {"ip": ""}}])
+def test_an_external_service_without_a_vip_yet(status: dict[str, Any] | None) -> None:
+    [svc] = parse_kuma({"type": "MeshExternalService", "name": "aurora", "mesh": "m",
+                        "spec": {"match": {"port": 4244}}, "status": status})
+    assert (svc.vips, svc.ports) == ((), (KumaPort(4244, None, None, "tcp"),))
+    assert "vip" not in svc.to_json()
+
+
 def test_meshexternalservice_universal_form_drops_tls_and_endpoints() -> None:
     [svc] = load("meshexternalservice-universal.yaml")
     assert svc == KumaService(
