@@ -5,7 +5,7 @@ Kubernetes form (``apiVersion: kuma.io/v1alpha1``, ``kind``, ``metadata``, ``spe
 ``status``) or Universal form (``type``, ``name``, ``mesh``, ``labels``, ``spec``,
 ``status``); one or many per YAML stream (``---``), and the lists that ``kubectl get
 ... -o yaml`` (``kind: List`` or ``kind: <Kind>List``, ``items``) and ``kumactl get ...
--o yaml`` (``items``, ``total``, ``next``) print.
+-o yaml`` (``items``, ``total``, ``next``) print; JSON (``-o json``) as well.
 
 Pure: text or decoded documents in, ``KumaService`` values out; no IO, no clock. What
 meshdns does not use (selectors, TLS, endpoints of external services, creation times,
