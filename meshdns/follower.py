@@ -455,9 +455,13 @@ class Follower:
         # leader: the collector resumed in between would scan all that the parse made.
         with bulk_write() if large else contextlib.nullcontext():
             if large:
-                revision, upserts, deletes = await asyncio.to_thread(self.parse_delta, data)
+                revision, named, upserts, deletes = await asyncio.to_thread(self.parse_delta,
+                                                                            data)
             else:
-                revision, upserts, deletes = self.parse_delta(data)
+                revision, named, upserts, deletes = self.parse_delta(data)
+            # A leader restarted from its state file answers a delta asked in its previous
+            # lineage in its new one, which continues it (history.py, ``parent``).
+            answered_in = named or lineage
             self._fresh = False
             if revision < since:
                 raise RevisionRegression(f"revision {revision} as the changes since revision "
@@ -466,6 +470,7 @@ class Follower:
                 if upserts or deletes:
                     raise SyncError(f"leader answered changes at revision {revision} to "
                                     f"since={since}")
+                self._continued(lineage, answered_in, since, self.store.registry)
                 return self._success(settled=True)  # nothing changed within the wait
             body, pending = [data], [(revision, upserts, deletes)]
             del data, upserts, deletes  # held in body and pending alone, dropped once applied
@@ -474,9 +479,22 @@ class Follower:
             pending.clear()
         await self._release_after(body, reg)
         self._since = (lineage, reg.revision)
+        self._continued(lineage, answered_in, since, reg)
         self._etag = f'"{reg.revision}"'
         self.deltas += 1
         return self._success(settled=True)
+
+    def _continued(self, asked: str, answered: str, since: int, reg: Registry) -> None:
+        """The leader answered a delta asked in ``asked`` from ``since`` in the lineage
+        ``answered``: its lineage continues the one held (history.py, ``parent``), so
+        follow that one from now on, and serve it (a relay) with the history kept."""
+        if answered == asked:
+            return
+        log.info("follower: %s continues lineage %s as %s from revision %d", self.leader,
+                 asked, answered, since)
+        self._since = (answered, reg.revision)
+        self.lineage = answered
+        self.store.history.adopt_lineage(answered, reg, continues=since)
 
     async def _write(self, body: list[bytes], compute: Callable[[Registry], Registry]
                      ) -> Registry:
@@ -545,10 +563,15 @@ class Follower:
             raise SyncError(f"leader's registry does not fit this follower: {exc.field}: "
                             f"{exc.message}") from None
 
-    def parse_delta(self, data: bytes) -> tuple[int, list[ServiceSpec], list[ServiceKey]]:
-        """A delta's revision, upserts (VIPs as the leader gave them) and deletes."""
+    def parse_delta(self, data: bytes
+                    ) -> tuple[int, str | None, list[ServiceSpec], list[ServiceKey]]:
+        """A delta's revision, lineage (None if it names none), upserts (VIPs as the
+        leader gave them) and deletes."""
         with gc_paused():
             doc, revision = _leader_document(data, "delta")
+            named = doc.get("lineage")
+            if not isinstance(named, str) or not named or len(named) > 64:
+                named = None
             try:
                 upserts = parse_services(doc.get("upsert"), "upsert", consume=True,
                                          known=self.store.registry.services)
@@ -556,7 +579,7 @@ class Follower:
             except RegistryError as exc:
                 raise SyncError(f"leader's delta does not parse: {exc.field}: "
                                 f"{exc.message}") from None
-            return revision, upserts, deletes
+            return revision, named, upserts, deletes
 
     def apply_delta(self, base: Registry, since: int, revision: int,
                     upserts: list[ServiceSpec], deletes: list[ServiceKey]) -> Registry:

@@ -93,6 +93,10 @@ class ChangeHistory:
         # Called (no arguments, outside the lock, from the recording thread) after each
         # record or lineage change: the API's watch streams encode each change once here.
         self.listeners: list[Callable[[], None]] = []
+        # (lineage, revision): this lineage continues that one, whose registry up to that
+        # revision is this one's (a leader restarted from its state file, a relay whose
+        # leader did): a request in it up to there is answered in this lineage.
+        self.parent: tuple[str, int] | None = None
 
     @property
     def revision(self) -> int | None:
@@ -139,16 +143,23 @@ class ChangeHistory:
                 return
             self.oldest = entries[0].after if entries else new.revision
 
-    def adopt_lineage(self, lineage: str, reg: Registry) -> None:
+    def adopt_lineage(self, lineage: str, reg: Registry, continues: int | None = None) -> None:
         """A follower copied ``reg`` from a leader of ``lineage``: serve that lineage.
 
-        A changed lineage drops the history: deltas start from ``reg``.
+        A changed lineage drops the history: deltas start from ``reg``; unless the new
+        lineage ``continues`` the old one from that revision (the leader said so by
+        answering a delta from it): the history is kept, under the new name.
         """
         with self._lock:
             changed = lineage != self.lineage
             if changed:
-                self.lineage = lineage
-                self._restart(reg)
+                if continues is not None:
+                    self.parent = (self.lineage, continues)
+                    self.lineage = lineage
+                else:
+                    self.parent = None
+                    self.lineage = lineage
+                    self._restart(reg)
         if changed:
             self._notify()
 
@@ -199,3 +210,14 @@ class ChangeHistory:
                     keys.update(entry.keys)
                     first = entry.at
             return Changes(upto, self.lineage, frozenset(keys), first)
+
+    def resolve(self, lineage: str | None, revision: int) -> str | None:
+        """The lineage a request in ``lineage`` from ``revision`` is answered in: this
+        one, when it is this one (or none is named), or the one this continues, up to
+        where it does; None when neither (410)."""
+        if lineage is None or lineage == self.lineage:
+            return self.lineage
+        parent = self.parent
+        if parent is not None and lineage == parent[0] and revision <= parent[1]:
+            return self.lineage
+        return None

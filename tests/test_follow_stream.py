@@ -327,6 +327,47 @@ def test_a_restarted_leader_is_relisted_once_then_streamed_again(
     assert metric(follower.url, "meshdns_follow_full_syncs_total") == 2
 
 
+def test_a_leader_restarted_from_its_state_file_is_resumed_from_the_revision(
+        tmp_path: Path, procs: list[ServerProcess]) -> None:  # noqa: F811
+    """With registry.state_file the restarted leader's new lineage continues the one its
+    state file names, at the revision the file gave back: the relay and the follower
+    behind it reconnect, catch up from their revisions and stream on, with no full read
+    anywhere."""
+    leader_dir = tmp_path / "leader"
+    leader = leader_process(tmp_path)
+    leader.config["registry"]["state_file"] = str(leader_dir / "state.json")
+    leader._write_config(0, 0)
+    start(procs, leader)
+    relay = start(procs, follower_process(tmp_path, leader, "relay"))
+    follower = start(procs, follower_process(tmp_path, relay, "follower"))
+    on_stream(leader, relay)
+    on_stream(relay, follower)
+    assert patch(leader.url, [{"name": "before", "namespace": "ns", "port": 80}]) == 200
+    in_step(leader, relay, follower)
+    old_lineage = call(leader.url, "GET", "/v1/services").headers[LINEAGE]
+    leader.kill()  # SIGKILL: only what the state file (snapshot and journal) holds
+    leader.start()
+    new_lineage = call(leader.url, "GET", "/v1/services").headers[LINEAGE]
+    assert new_lineage != old_lineage  # a new process is a new lineage, as ever...
+    for i in range(3):  # ...that continues the old one
+        assert patch(leader.url, [{"name": f"after{i}", "namespace": "ns", "port": 80}]) \
+            == 200
+    in_step(leader, relay, follower, timeout=60)
+    assert call(relay.url, "GET", "/v1/services").headers[LINEAGE] == new_lineage
+    for f in (relay, follower):
+        assert metric(f.url, "meshdns_follow_full_syncs_total") == 1, f.name
+        assert metric(f.url, "meshdns_follow_relists_total") == 0, f.name
+    on_stream(leader, relay, streams=2)
+    on_stream(relay, follower, streams=2)
+    # Another lineage, or the old one from a revision other than the restored one, is
+    # still gone.
+    rev, _ = listing(leader.url)
+    assert call(leader.url, "GET", f"/v1/services?since={rev}&lineage={old_lineage}"
+                ).status == 410
+    assert call(leader.url, "GET", f"/v1/services?since={rev}&lineage={new_lineage}"
+                ).status == 200
+
+
 # ---------------------------------------------------------------- leaders without streams
 
 
@@ -375,3 +416,47 @@ def test_a_leader_answering_400_to_stream_is_long_polled(tmp_path: Path) -> None
         assert "stream" in asked[0]  # asked once...
         assert all("stream" not in q for q in asked[1:])  # ...then long-polls only
         assert srv.mesh.follower is not None and srv.mesh.follower.streams is False
+
+
+# ---------------------------------------------------------------- the history, alone
+
+
+def test_the_history_between_revisions_and_across_a_continued_lineage() -> None:
+    from meshdns.core.patch import apply_patch
+    from meshdns.core.registry import Registry, RegistryPolicy, parse_services
+    from meshdns.history import ChangeHistory
+
+    policy = RegistryPolicy()
+
+    def upsert(base: Registry, name: str) -> Registry:
+        return apply_patch(base, parse_services([{"name": name, "namespace": "ns",
+                                                  "port": 80}]), [], policy, 0.0)
+
+    history = ChangeHistory(lineage="L")
+    calls: list[None] = []
+    history.listeners.append(lambda: calls.append(None))
+    snaps = [upsert(Registry.empty(), "a")]
+    history.record(None, snaps[0])
+    for name in ("b", "c", "d"):
+        snaps.append(upsert(snaps[-1], name))
+        history.record(snaps[-2], snaps[-1])
+    assert len(calls) == 4  # the streams' hook, once per recorded snapshot
+    r0 = snaps[0].revision
+    # As of an earlier snapshot: only the changes up to it, read from it.
+    mid = history.between(r0, snaps[2], "L")
+    assert mid is not None and mid.registry is snaps[2]
+    assert mid.keys == {("b", "ns", 80), ("c", "ns", 80)}
+    assert history.between(r0, snaps[2], "M") is None  # another lineage
+    assert history.between(snaps[3].revision, snaps[2], "L") is None  # after its end
+    # A lineage that continues another one answers for it up to where it does.
+    history.adopt_lineage("N", snaps[3], continues=snaps[3].revision)
+    assert len(calls) == 5 and history.lineage == "N" and history.parent == ("L", snaps[3].revision)
+    assert history.resolve("L", r0) == "N" and history.resolve("L", snaps[3].revision) == "N"
+    assert history.resolve("L", snaps[3].revision + 1) is None
+    assert history.resolve("M", r0) is None and history.resolve(None, r0) == "N"
+    kept = history.since(r0, "N")  # the history was kept under the new name
+    assert kept is not None and len(kept.keys) == 3
+    # Another lineage with no continuation starts over.
+    history.adopt_lineage("O", snaps[3])
+    assert history.parent is None and history.resolve("N", snaps[3].revision) is None
+    assert history.oldest == snaps[3].revision

@@ -88,16 +88,17 @@ def gone(st: ApiState, message: str) -> ApiError:
 
 
 def check_since(st: ApiState, since: int, lineage: str | None) -> str:
-    """410 for a lineage other than the server's or a revision ahead of its registry;
-    the lineage the answer is in."""
+    """410 for a lineage other than the server's (or the one it continues, up to where
+    it does) or a revision ahead of its registry; the lineage the answer is in."""
     history = st.store.history
-    if lineage is not None and lineage != history.lineage:
+    effective = history.resolve(lineage, since)
+    if effective is None:
         raise gone(st, f"lineage {lineage!r} is not this registry's ({history.lineage}): "
                    "its revisions restarted")
     current = history.revision
     if current is not None and since > current:
         raise gone(st, f"revision {since} is ahead of this registry's {current}")
-    return history.lineage
+    return effective
 
 
 async def get_delta(request: web.Request, st: ApiState, since: int, wait: float,
@@ -105,14 +106,11 @@ async def get_delta(request: web.Request, st: ApiState, since: int, wait: float,
     """The answer to ``?since=``; ``coalesce`` False answers a change at once (a
     dns.workers process, whose main process acknowledges writes only once it serves them)."""
     history = st.store.history
-    lineage = request.query.get("lineage")
-    check_since(st, since, lineage)
+    lineage = check_since(st, since, request.query.get("lineage"))
     current = history.revision
     if wait > 0 and current == since:
         await st.watch.wait_while(
-            lambda: history.revision == since and history.lineage == (lineage or
-                                                                      history.lineage),
-            wait)
+            lambda: history.revision == since and history.lineage == lineage, wait)
     changes = history.since(since, lineage)
     if changes is None:
         raise why_gone(st, since, lineage)
