@@ -216,10 +216,12 @@ class LegacyUnavailable:
 
 def legacy_next_held(old: Held, old_by_vip: Mapping[int, ServiceKey], new_by_vip: Mapping[int, ServiceKey],
                policy: RegistryPolicy, now: float) -> dict[int, tuple[float, ServiceKey]]:
+    # A hold lasts while its release time is after the write's now: an expired one is
+    # dropped, and one over already when it is made (hold 0) is never made.
     held = {v: h for v, h in old.items() if h[0] > now and v not in new_by_vip}
     release = now + policy.hold_seconds
     for vip, key in old_by_vip.items():
-        if vip not in new_by_vip:
+        if vip not in new_by_vip and release > now:
             held[vip] = (release, key)
     return held
 
@@ -274,8 +276,11 @@ def legacy_build(reg: Any, indexed: Mapping[ServiceKey, tuple[int, ServiceSpec]]
         if prev is not None and not isinstance(spec, Service):
             # Changed on purpose (issue 22, item 7): the address a service has, allocated
             # here, written back stays allocated; an export applied again changes nothing.
-            given4 = given4 and (prev.vip_given or spec.vip != prev.vip)
-            given6 = given6 and (prev.vip6_given or spec.vip6 != prev.vip6)
+            # Inside the range only: one outside (a changed CIDR) is given, as written.
+            given4 = given4 and (prev.vip_given or spec.vip != prev.vip
+                                 or spec.vip not in policy.range4)
+            given6 = given6 and (prev.vip6_given or spec.vip6 != prev.vip6
+                                 or policy.range6 is None or spec.vip6 not in policy.range6)
         services[key] = Service(spec.name, spec.namespace, spec.port, vip4[key],
                                 vip6.get(key), spec.hostnames, given4, given6,
                                 labels=spec.labels, mesh=spec.mesh, zone=spec.zone)
