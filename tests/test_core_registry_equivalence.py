@@ -790,6 +790,29 @@ def test_an_address_freed_by_a_write_is_held_from_a_newcomer_in_that_write() -> 
     assert later.services[("n", "x", 80)].vip == freed  # once the hold is over
 
 
+def test_an_allocated_vip_written_back_outside_a_narrowed_range_is_given() -> None:
+    # Allocated under a /27, the range narrowed to a /28, and the service's address
+    # (now outside it) written back, as an export applied again writes it. Kept as
+    # allocated, the snapshot broke what the incremental PATCH relies on (an allocated
+    # VIP lies in the range): the next PATCH kept it while the full rebuild moved it.
+    # It is given now (as written, SPEC §3), and both agree on every write after.
+    wide, small = POLICIES["wide"], POLICIES["small"]
+    last = ("s15", "x", 80)
+    reg = apply_put(Registry.empty(), [ServiceSpec(f"s{i}", "x", 80) for i in range(1, 16)],
+                    wide, 0.0)
+    reg = apply_patch(reg, [], [(f"s{i}", "x", 80) for i in range(1, 6)], wide, 0.0)
+    ref = legacy_restore(reg.revision, [s.to_spec() for s in reg.services.values()],
+                         {k: (s.vip, s.vip6) for k, s in reg.services.items()}, wide)
+    vip = reg.services[last].vip
+    assert vip == ip4("240.0.0.15") and not reg.services[last].vip_given
+    for upserts, now in (([ServiceSpec(*last, vip)], 100.0), ([ServiceSpec("n", "x", 80)], 200.0)):
+        reg = apply_patch(reg, upserts, [], small, now)
+        ref = legacy_apply_patch(ref, upserts, [], small, now)
+        assert_same(reg, ref, small)
+        assert_consistent(reg)
+        assert reg.services[last].vip == vip and reg.services[last].vip_given
+
+
 # ---------------------------------------------------------------- parsing
 
 
