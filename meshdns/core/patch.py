@@ -45,8 +45,8 @@ def patch_incremental(reg: Registry, upserts: Sequence[ServiceSpec],
         # would keep the old snapshot's dicts (and so its services) alive until they
         # fold. Measured at 300k -> 3 services (in-process, hold 0 as on a follower):
         # RSS 256 MiB after the incremental PATCH, 73 MiB after the next one; with the
-        # rebuild 184 MiB (the VIP hold tables, dropped by the next write) and then
-        # 44 MiB. The rebuild costs the size of the registry that remains.
+        # rebuild 184 MiB (then the VIP hold tables too, which hold 0 no longer keeps)
+        # and then 44 MiB. The rebuild costs the size of the registry that remains.
         return None
     if index is not None and index.fits(policy) and reg.names.templates == policy.templates \
             and reg.names.select == policy.select:
