@@ -11,6 +11,11 @@ hidden by dropping is seen. The in-process part times the hot-path ``put`` and
 the writer's encoding per exchange. Writes bench/results/dnstap.md.
 
     python bench/bench_dnstap.py [--rounds 4] [--seconds 5] [--services 10000]
+                                 [--profile SECONDS]
+
+``--profile S``: after the rounds, py-spy samples the dnstap process for S s while
+dnsperf loads it, and the functions with the most samples (own time, and with what
+they call) are printed and added to the results.
 """
 
 from __future__ import annotations
@@ -67,6 +72,38 @@ def dnstap_counts(srv: peers.Server) -> tuple[float, float]:
     return written, dropped
 
 
+def profile(srv: peers.Server, qfile: Path, seconds: float, work: Path) -> list[str]:
+    """py-spy on ``srv`` for ``seconds`` under dnsperf: the top functions, as text lines."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    raw = work / "profile.txt"
+    rec = subprocess.Popen([spy, "record", "--pid", str(srv.pid), "--duration",
+                            f"{seconds:g}", "--rate", "250", "--format", "raw", "--nonblocking",
+                            "--output", str(raw)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # attached before the load starts
+    peers.run_dnsperf(srv.port, qfile, seconds)
+    _, err = rec.communicate(timeout=seconds + 60)
+    if rec.returncode != 0 or not raw.exists():
+        return [f"py-spy failed ({rec.returncode}): {err.strip()[-500:]}"]
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        # "func (/path/to/file.py:123)" -> "func (file.py)": one row per function.
+        frames = [re.sub(r" \((?:.*/)?([^/]+?):\d+\)$", r" (\1)", f) for f in stack.split(";")]
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+    out = [f"{total} samples at 250 Hz over {seconds:g} s of dnsperf load", "",
+           "| function | own | with callees |", "| --- | ---: | ---: |"]
+    for f, _n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:40]:
+        out.append(f"| `{f}` | {own.get(f, 0) / total:.1%} | {inclusive[f] / total:.1%} |")
+    return out
+
+
 def in_process(n: int = 2000, repeats: int = 7) -> tuple[float, float]:
     """ns per exchange: the transports' put (hot path), the writer's encode (off it)."""
     import dns.message
@@ -97,6 +134,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--services", type=int, default=10_000)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                    help="py-spy the dnstap process for this long under load")
     args = ap.parse_args()
     for tool in ("dnsperf", "fstrm_capture"):
         if not shutil.which(tool):
@@ -161,6 +200,8 @@ def main() -> int:
                       f"{got['dropped']:,.0f} (2 per query: {2 * got['completed']:,.0f})",
                       flush=True)
                 rows.append(got)
+            prof = profile(on, qfile, args.profile, work) if args.profile else []
+            print("\n".join(prof), flush=True)
         finally:
             for srv in servers:
                 srv.stop()
@@ -211,6 +252,8 @@ def main() -> int:
         f"{put_ns:.0f} ns (the hot path's share), the writer's encoding of its two messages "
         f"(dnstap-pb on protobuf's upb backend, one reused message object) {encode_ns:.0f} ns.",
         "",
+        *(["### Where the dnstap process spends its time (py-spy, `--profile`)", "", *prof, ""]
+          if prof else []),
         report.machine_md(),
     ]
     if not args.no_write:
