@@ -116,6 +116,11 @@ def varint(n: int) -> bytes:
 
 
 _NVARINTS = 4096  # lengths below this (2-byte varints) are looked up, not computed
+_NHEADS = 1536  # DNS messages shorter than this have their tag and length looked up
+# One address's fields, as an entry's peer or local side: indexed by SocketProtocol
+# (1, 2) its socket_family and socket_protocol fields; then as the query side its
+# address and port fields (3, 4), as the response side (5, 6).
+Fields = tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes]
 _VARINTS: list[bytes] = []
 _VARINTS.extend(varint(i) for i in range(_NVARINTS))
 _FIXED32 = struct.Struct("<BI")  # a fixed32 field: its one-byte tag, the value
@@ -160,17 +165,19 @@ class Encoder:
         self.response_message_tag = _tag(M, "response_message", 2)
         self.query_nsec_tag = _tag(M, "query_time_nsec", 5)[0]
         self.response_nsec_tag = _tag(M, "response_time_nsec", 5)[0]
-        # address (raw sockaddr or tuple) -> (socket_family field, as query side: address
-        # field, port field, as response side: address field, port field).
-        self._fields: dict[Any, tuple[bytes, bytes, bytes, bytes, bytes]] = {}
-        self._secs: dict[int, tuple[bytes, bytes]] = {}  # second -> its two time_sec fields
+        # A DNS message's tag and length, for the lengths most have.
+        self.query_message_heads = [self.query_message_tag + varint(i) for i in range(_NHEADS)]
+        self.response_message_heads = [self.response_message_tag + varint(i)
+                                       for i in range(_NHEADS)]
+        # address (raw sockaddr or tuple) -> its Fields.
+        self._fields: dict[Any, Fields] = {}
 
     def count(self, entry: Entry) -> int:
         """How many messages ``entry`` becomes."""
         q, r = self.types[entry[0]]
         return (q is not None) + (r is not None and entry[5].__class__ is bytes)
 
-    def _addr(self, addr: Any) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
+    def _addr(self, addr: Any) -> Fields | None:
         """The fields of ``addr`` (a raw sockaddr or an address tuple, also the cache
         key), encoded once; None (not cached) when it is no IPv4 or IPv6 address."""
         fields = address_fields(addr)
@@ -180,35 +187,37 @@ class Encoder:
             self._fields.clear()
         family, raw, port = fields
         M = self.pb.Message
+
+        def field(**kw: Any) -> bytes:
+            return bytes(M(**kw).SerializePartialToString())
+
         out = self._fields[addr] = (
-            M(socket_family=family).SerializePartialToString(),
-            M(query_address=raw).SerializePartialToString(),
-            M(query_port=port).SerializePartialToString(),
-            M(response_address=raw).SerializePartialToString(),
-            M(response_port=port).SerializePartialToString())
+            b"", field(socket_family=family, socket_protocol=UDP),
+            field(socket_family=family, socket_protocol=TCP),
+            field(query_address=raw), field(query_port=port),
+            field(response_address=raw), field(response_port=port))
         return out
 
-    def _sec(self, sec: int) -> tuple[bytes, bytes]:
-        out = self._secs.get(sec)
-        if out is None:
-            if len(self._secs) >= 64:
-                self._secs.clear()
-            M = self.pb.Message
-            out = self._secs[sec] = (M(query_time_sec=sec).SerializePartialToString(),
-                                     M(response_time_sec=sec).SerializePartialToString())
-        return out
+    def _second(self, t: int) -> tuple[int, bytes, bytes]:
+        """The second ``t`` (ns) is in: its start in ns, and its two time_sec fields."""
+        sec = t // 1_000_000_000
+        M = self.pb.Message
+        return (sec * 1_000_000_000, M(query_time_sec=sec).SerializePartialToString(),
+                M(response_time_sec=sec).SerializePartialToString())
 
     def encode(self, entries: list[Entry]) -> tuple[bytes, int]:
         """The frames of ``entries`` joined, and how many messages they are."""
         out: list[bytes] = []
-        types, protocols, fields, secs = self.types, self.protocols, self._fields, self._secs
+        types, protocols, fields = self.types, self.protocols, self._fields
         # A frame: its length, head (identity, version, the message's tag), the message's
         # length, the message, tail (type MESSAGE).
         head, tail = self.head + self.message_tag, self.tail
         fixed = len(head) + len(tail)
+        q_heads, r_heads = self.query_message_heads, self.response_message_heads
         q_tag, r_tag = self.query_message_tag, self.response_message_tag
         qn_tag, rn_tag = self.query_nsec_tag, self.response_nsec_tag
         fixed32, be32, lengths = _FIXED32.pack, _BE32.pack, _VARINTS
+        base, q_sec, r_sec = self._second(time.time_ns())
         n = 0
         for kind, proto, peer, local, query, reply, t_query, t_reply in entries:
             qtype, rtype = types[kind]
@@ -221,30 +230,36 @@ class Encoder:
             q_addr, r_addr = (local, peer) if kind == FORWARDED else (peer, local)
             q_side = None if q_addr is None else fields.get(q_addr) or self._addr(q_addr)
             r_side = None if r_addr is None else fields.get(r_addr) or self._addr(r_addr)
-            sec, nsec = divmod(t_query, 1_000_000_000)
+            nsec = t_query - base
+            if not 0 <= nsec < 1_000_000_000:  # another second (most are in the same one)
+                base, q_sec, r_sec = self._second(t_query)
+                nsec = t_query - base
             qlen = len(query)
-            # Fields 2..10, the same in the query and the response message.
+            # Fields 2..10, the same in the query and the response message (the family
+            # comes with the protocol: the response side's, else the query side's).
             common = b"".join((
-                r_side[0] if r_side else q_side[0] if q_side else b"",
-                protocols[proto],
-                q_side[1] if q_side else b"", r_side[3] if r_side else b"",
-                q_side[2] if q_side else b"", r_side[4] if r_side else b"",
-                (secs.get(sec) or self._sec(sec))[0], fixed32(qn_tag, nsec),
-                q_tag, lengths[qlen] if qlen < _NVARINTS else varint(qlen), query))
+                r_side[proto] if r_side else q_side[proto] if q_side else protocols[proto],
+                q_side[3] if q_side else b"", r_side[5] if r_side else b"",
+                q_side[4] if q_side else b"", r_side[6] if r_side else b"",
+                q_sec, fixed32(qn_tag, nsec),
+                q_heads[qlen] if qlen < _NHEADS else q_tag + varint(qlen), query))
             if qtype is not None:
                 m = len(qtype) + len(common)
                 size = lengths[m] if m < _NVARINTS else varint(m)
                 out += (be32(fixed + len(size) + m), head, size, qtype, common, tail)
                 n += 1
             if rtype is not None:
-                sec, nsec = divmod(t_reply, 1_000_000_000)
+                nsec = t_reply - base
+                if not 0 <= nsec < 1_000_000_000:
+                    base, q_sec, r_sec = self._second(t_reply)
+                    nsec = t_reply - base
                 rlen = len(reply)
-                rest = b"".join(((secs.get(sec) or self._sec(sec))[1], fixed32(rn_tag, nsec),
-                                 r_tag, lengths[rlen] if rlen < _NVARINTS else varint(rlen),
-                                 reply))
-                m = len(rtype) + len(common) + len(rest)
+                m = len(rtype) + len(common) + len(r_sec) + 5 + rlen
+                m += len(r_heads[rlen]) if rlen < _NHEADS else len(r_tag) + len(varint(rlen))
                 size = lengths[m] if m < _NVARINTS else varint(m)
-                out += (be32(fixed + len(size) + m), head, size, rtype, common, rest, tail)
+                out += (be32(fixed + len(size) + m), head, size, rtype, common, r_sec,
+                        fixed32(rn_tag, nsec),
+                        r_heads[rlen] if rlen < _NHEADS else r_tag + varint(rlen), reply, tail)
                 n += 1
         return b"".join(out), n
 
@@ -345,9 +360,9 @@ class DnstapSink:
         # self.queue is one list for the sink's life (the writer deletes from its front).
         queue, limit, wake, put, now = self.queue, self.limit, self._wake.set, self.put, time.time_ns
 
-        def screen(data: bytes, name: memoryview) -> Any:
+        def tapped(data: bytes, name: memoryview) -> Any:
             started = now()
-            out = handle(data) if inner is None else inner(data, name)
+            out = handle(data)
             entry = (EXCHANGE if out.__class__ is bytes or out is None else QUERY, UDP,
                      name.tobytes(), local, data, out, started, now())
             if len(queue) < limit:
@@ -356,6 +371,22 @@ class DnstapSink:
                     wake()
             else:
                 put(entry)  # counted as dropped
+            return out
+
+        if inner is None:
+            return tapped
+
+        def screen(data: bytes, name: memoryview) -> Any:
+            started = now()
+            out = inner(data, name)
+            entry = (EXCHANGE if out.__class__ is bytes or out is None else QUERY, UDP,
+                     name.tobytes(), local, data, out, started, now())
+            if len(queue) < limit:
+                queue.append(entry)
+                if len(queue) == 1:
+                    wake()
+            else:
+                put(entry)
             return out
 
         return screen
