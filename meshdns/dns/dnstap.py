@@ -169,22 +169,27 @@ class Encoder:
         self.query_message_heads = [self.query_message_tag + varint(i) for i in range(_NHEADS)]
         self.response_message_heads = [self.response_message_tag + varint(i)
                                        for i in range(_NHEADS)]
-        # address (raw sockaddr or tuple) -> its Fields.
-        self._fields: dict[Any, Fields] = {}
+        # address (raw sockaddr or tuple) -> its Fields; None (unknown): the protocol only.
+        self.no_address: Fields = (b"", self.protocols[UDP], self.protocols[TCP],
+                                   b"", b"", b"", b"")
+        self._fields: dict[Any, Fields] = {None: self.no_address}
+        self._now = self._second(time.time_ns())  # the second of the last time encoded
 
     def count(self, entry: Entry) -> int:
         """How many messages ``entry`` becomes."""
         q, r = self.types[entry[0]]
         return (q is not None) + (r is not None and entry[5].__class__ is bytes)
 
-    def _addr(self, addr: Any) -> Fields | None:
+    def _addr(self, addr: Any) -> Fields:
         """The fields of ``addr`` (a raw sockaddr or an address tuple, also the cache
-        key), encoded once; None (not cached) when it is no IPv4 or IPv6 address."""
+        key), encoded once; no address fields for what is no IPv4 or IPv6 address."""
         fields = address_fields(addr)
-        if fields is None:
-            return None
         if len(self._fields) >= 4096:
             self._fields.clear()
+            self._fields[None] = self.no_address
+        if fields is None:
+            out = self._fields[addr] = self.no_address
+            return out
         family, raw, port = fields
         M = self.pb.Message
 
@@ -208,7 +213,7 @@ class Encoder:
     def encode(self, entries: list[Entry]) -> tuple[bytes, int]:
         """The frames of ``entries`` joined, and how many messages they are."""
         out: list[bytes] = []
-        types, protocols, fields = self.types, self.protocols, self._fields
+        types, fields = self.types, self._fields
         # A frame: its length, head (identity, version, the message's tag), the message's
         # length, the message, tail (type MESSAGE).
         head, tail = self.head + self.message_tag, self.tail
@@ -217,7 +222,8 @@ class Encoder:
         q_tag, r_tag = self.query_message_tag, self.response_message_tag
         qn_tag, rn_tag = self.query_nsec_tag, self.response_nsec_tag
         fixed32, be32, lengths = _FIXED32.pack, _BE32.pack, _VARINTS
-        base, q_sec, r_sec = self._second(time.time_ns())
+        base, q_sec, r_sec = self._now
+        no_address = self.no_address
         n = 0
         for kind, proto, peer, local, query, reply, t_query, t_reply in entries:
             qtype, rtype = types[kind]
@@ -227,21 +233,22 @@ class Encoder:
                 continue
             # Client messages: the client sent the query (query_address), meshdns got it
             # (response_address). Forwarder messages: meshdns sent it to the upstream.
-            q_addr, r_addr = (local, peer) if kind == FORWARDED else (peer, local)
-            q_side = None if q_addr is None else fields.get(q_addr) or self._addr(q_addr)
-            r_side = None if r_addr is None else fields.get(r_addr) or self._addr(r_addr)
+            if kind == FORWARDED:
+                q_side = fields.get(local) or self._addr(local)
+                r_side = fields.get(peer) or self._addr(peer)
+            else:
+                q_side = fields.get(peer) or self._addr(peer)
+                r_side = fields.get(local) or self._addr(local)
             nsec = t_query - base
             if not 0 <= nsec < 1_000_000_000:  # another second (most are in the same one)
-                base, q_sec, r_sec = self._second(t_query)
+                base, q_sec, r_sec = self._now = self._second(t_query)
                 nsec = t_query - base
             qlen = len(query)
             # Fields 2..10, the same in the query and the response message (the family
             # comes with the protocol: the response side's, else the query side's).
             common = b"".join((
-                r_side[proto] if r_side else q_side[proto] if q_side else protocols[proto],
-                q_side[3] if q_side else b"", r_side[5] if r_side else b"",
-                q_side[4] if q_side else b"", r_side[6] if r_side else b"",
-                q_sec, fixed32(qn_tag, nsec),
+                (q_side if r_side is no_address else r_side)[proto],
+                q_side[3], r_side[5], q_side[4], r_side[6], q_sec, fixed32(qn_tag, nsec),
                 q_heads[qlen] if qlen < _NHEADS else q_tag + varint(qlen), query))
             if qtype is not None:
                 m = len(qtype) + len(common)
@@ -251,7 +258,7 @@ class Encoder:
             if rtype is not None:
                 nsec = t_reply - base
                 if not 0 <= nsec < 1_000_000_000:
-                    base, q_sec, r_sec = self._second(t_reply)
+                    base, q_sec, r_sec = self._now = self._second(t_reply)
                     nsec = t_reply - base
                 rlen = len(reply)
                 m = len(rtype) + len(common) + len(r_sec) + 5 + rlen
