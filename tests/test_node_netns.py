@@ -328,22 +328,30 @@ def test_resolve_explains_the_view_of_a_client_address(net: Node) -> None:
 
 def test_the_namespaces_are_gone_afterwards() -> None:
     """What the fixture relies on: closing a NetNamespace (here on an error inside it)
-    kills what runs in it, and no process is left in the namespace, so it is gone."""
+    kills what runs in it, so no process is left in the namespace and it is gone."""
     require_namespaces("nsenter")
     with pytest.raises(RuntimeError, match="boom"), NetNamespace("doomed") as ns:
         proc = ns.popen(["sleep", "600"])
+        assert ns.holder is not None
         inode = os.readlink(ns.path)
         assert inode != os.readlink("/proc/self/ns/net")
+        deadline = time.monotonic() + 10
+        while proc.pid not in (members := processes_in(inode)):  # nsenter has entered
+            assert time.monotonic() < deadline, members
+            time.sleep(0.01)
+        assert ns.holder.pid in members
         raise RuntimeError("boom")
     assert proc.poll() is not None and ns.holder is None
-    assert inode not in namespaces_in_use()
+    # (The kernel may give the number to a new namespace at once: its processes differ.)
+    assert not processes_in(inode) & members
 
 
-def namespaces_in_use() -> set[str]:
-    """The network namespaces of every process now ("net:[4026532...]")."""
+def processes_in(inode: str) -> set[int]:
+    """The processes now in the network namespace ``inode`` ("net:[4026532...]")."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):  # gone meanwhile
-                found.add(os.readlink(entry / "ns" / "net"))
+                if os.readlink(entry / "ns" / "net") == inode:
+                    found.add(int(entry.name))
     return found
