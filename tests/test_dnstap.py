@@ -394,12 +394,12 @@ PEERS: list[tuple[Any, tuple[int, bytes, int]]] = [
 
 
 def reference_frames(entries: list[Any], identity: bytes, version: bytes,
-                     messages: tuple[str, ...]) -> tuple[bytes, int]:
+                     messages: tuple[str, ...], known: dict[Any, tuple[int, bytes, int]]
+                     ) -> tuple[bytes, int]:
     """The frames protobuf's own serializer makes of ``entries``: each Dnstap message
     built field by field with dnstap-pb (what meshdns's Encoder must equal, byte for byte)."""
     from meshdns.dns.dnstap import EXCHANGE, FORWARDED, QUERY, RESPONSE
 
-    known = dict(PEERS)
     T = pb.Message
     kinds = {EXCHANGE: ("client_query", "client_response"), QUERY: ("client_query", None),
              RESPONSE: (None, "client_response"),
@@ -442,19 +442,47 @@ def test_encoder_bytes_equal_protobufs_own_serialization(messages: tuple[str, ..
 
     rng = random.Random(26)
     sizes = [0, 1, 12, 60, 127, 128, 200, 1232, 4095, 4096, 16383, 16384, 65535]
+    known = dict(PEERS)
+    peers = [peer for peer, _ in PEERS]
+    for _ in range(200):  # clients from many addresses, a new port (1 to 3 varint bytes) each
+        port = rng.choice([rng.randrange(128), rng.randrange(128, 16384),
+                           rng.randrange(16384, 65536)])
+        if rng.random() < 0.5:
+            raw = socket.inet_aton(f"10.{rng.randrange(4)}.{rng.randrange(4)}.{rng.randrange(256)}")
+            peer = struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + raw + bytes(20)
+            known[peer] = (pb.INET, raw, port)
+        else:
+            raw = socket.inet_pton(socket.AF_INET6, f"fd00::{rng.randrange(1, 9):x}")
+            peer = (socket.inet_ntop(socket.AF_INET6, raw), port, 0, 0)
+            known[peer] = (pb.INET6, raw, port)
+        peers.append(peer)
     entries = []
     for i in range(600):
         kind = rng.choice([EXCHANGE, QUERY, RESPONSE, FORWARDED])
         t = 1_700_000_000 * 10**9 + rng.randrange(10**12)
-        entries.append((kind, rng.choice([UDP, TCP]), rng.choice(PEERS)[0],
+        entries.append((kind, rng.choice([UDP, TCP]), rng.choice(peers),
                         rng.choice([None, PEERS[0][0], PEERS[2][0]]),
                         rng.randbytes(rng.choice(sizes[:8])),
                         None if kind == QUERY or i % 9 == 0 else rng.randbytes(rng.choice(sizes)),
                         t, t + rng.randrange(3 * 10**9)))
     encoder = Encoder(b"node-a", b"meshdns test", messages)
     got = encoder.encode(entries)
-    assert got == reference_frames(entries, b"node-a", b"meshdns test", messages)
+    assert got == reference_frames(entries, b"node-a", b"meshdns test", messages, known)
     assert got[1] == sum(encoder.count(e) for e in entries)  # what the queue counts
+
+
+def test_encoder_caches_stay_bounded_with_a_new_port_per_query() -> None:
+    from meshdns.dns.dnstap import EXCHANGE, MAX_ADDRESSES, UDP, Encoder
+
+    encoder = Encoder(b"a", b"b", ("client_response",))
+    t = time.time_ns()
+    for n in range(0, 3 * MAX_ADDRESSES, 500):
+        entries = [(EXCHANGE, UDP, struct.pack("=H", socket.AF_INET) + struct.pack("!H", p % 65536)
+                    + bytes([10, 0, p // 256 % 256, p % 256]) + bytes(20), ("10.0.0.1", 53),
+                    b"q", b"r", t, t) for p in range(n, n + 500)]
+        assert encoder.encode(entries)[1] == 500
+        assert len(encoder._fields) <= MAX_ADDRESSES + 1
+        assert len(encoder._hosts) <= MAX_ADDRESSES
 
 
 @pytest.mark.parametrize(("raw", "error"), [

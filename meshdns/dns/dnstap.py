@@ -115,6 +115,10 @@ def varint(n: int) -> bytes:
 
 _NHEADS = 1536  # DNS messages shorter than this have their tag and length looked up
 _NPREFIXES = 2048  # dnstap messages shorter than this have their frame prefix looked up
+MAX_ADDRESSES = 4096  # addresses (with their port, and without) whose fields are kept
+_RAW_INET = socket.AF_INET.to_bytes(2, sys.byteorder)  # a raw sockaddr's sa_family
+_RAW_FAMILIES = (_RAW_INET, socket.AF_INET6.to_bytes(2, sys.byteorder))
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 # One address's fields, as an entry's peer or local side: indexed by SocketProtocol
 # (1, 2) its socket_family and socket_protocol fields; then as the query side its
 # address and port fields (3, 4), as the response side (5, 6).
@@ -174,6 +178,10 @@ class Encoder:
         self.no_address: Fields = (b"", self.protocols[UDP], self.protocols[TCP],
                                    b"", b"", b"", b"")
         self._fields: dict[Any, Fields] = {None: self.no_address}
+        # address bytes (4 or 16) -> its fields without the port (_host).
+        self._hosts: dict[bytes, tuple[bytes, bytes, bytes, bytes]] = {}
+        self.query_port_tag = _tag(M, "query_port", 0)
+        self.response_port_tag = _tag(M, "response_port", 0)
         self._now = self._second(time.time_ns())  # the second of the last time encoded
 
     def count(self, entry: Entry) -> int:
@@ -183,25 +191,50 @@ class Encoder:
 
     def _addr(self, addr: Any) -> Fields:
         """The fields of ``addr`` (a raw sockaddr or an address tuple, also the cache
-        key), encoded once; no address fields for what is no IPv4 or IPv6 address."""
-        fields = address_fields(addr)
-        if len(self._fields) >= 4096:
+        key); no address fields for what is no IPv4 or IPv6 address. Clients ask from a
+        new port each time, so a miss is cheap too: the address's own fields are cached
+        apart from its port's, which are made here."""
+        if len(self._fields) >= MAX_ADDRESSES:
             self._fields.clear()
             self._fields[None] = self.no_address
-        if fields is None:
-            out = self._fields[addr] = self.no_address
-            return out
-        family, raw, port = fields
+        if addr.__class__ is bytes and addr[:2] in _RAW_FAMILIES:  # recvmmsg's sockaddr
+            raw = addr[4:8] if addr[:2] == _RAW_INET else addr[8:24]
+            if len(raw) == 16 and raw[:12] == _V4_MAPPED:
+                raw = raw[12:]
+            port = addr[2] << 8 | addr[3]
+        else:
+            fields = address_fields(addr)
+            if fields is None:
+                out = self._fields[addr] = self.no_address
+                return out
+            _, raw, port = fields
+        host = self._hosts.get(raw) or self._host(raw)
+        # The port as a varint (protobuf's base 128, least significant group first).
+        if port < 0x80:
+            size = bytes((port,))
+        elif port < 0x4000:
+            size = bytes((port & 0x7F | 0x80, port >> 7))
+        else:
+            size = bytes((port & 0x7F | 0x80, port >> 7 & 0x7F | 0x80, port >> 14))
+        out = self._fields[addr] = (b"", host[0], host[1], host[2], self.query_port_tag + size,
+                                    host[3], self.response_port_tag + size)
+        return out
+
+    def _host(self, raw: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+        """An address's own fields (4 or 16 bytes): socket_family with socket_protocol
+        (UDP, TCP), and its address field as the query side and as the response side."""
+        if len(self._hosts) >= MAX_ADDRESSES:
+            self._hosts.clear()
+        family = 1 if len(raw) == 4 else 2  # dnstap SocketFamily INET, INET6
         M = self.pb.Message
 
         def field(**kw: Any) -> bytes:
             return bytes(M(**kw).SerializePartialToString())
 
-        out = self._fields[addr] = (
-            b"", field(socket_family=family, socket_protocol=UDP),
+        out = self._hosts[raw] = (
+            field(socket_family=family, socket_protocol=UDP),
             field(socket_family=family, socket_protocol=TCP),
-            field(query_address=raw), field(query_port=port),
-            field(response_address=raw), field(response_port=port))
+            field(query_address=raw), field(response_address=raw))
         return out
 
     def _prefix(self, m: int) -> bytes:
