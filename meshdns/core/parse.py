@@ -24,7 +24,7 @@ from .service import (
     _make_service,
     _make_spec,
 )
-from .vip import parse_ip, parse_ip4, parse_ip6
+from .vip import forget_spellings, parse_ip, parse_ip4, parse_ip6
 
 # ---------------------------------------------------------------- quoting input
 
@@ -260,6 +260,7 @@ def parse_services(value: Any, path: str = "services", *, consume: bool = False,
             raise  # pragma: no cover - the failing item fails again, with its path
         if consume:
             value[i] = None
+    forget_spellings()  # kept, they would pin this write's memory (see there)
     return out
 
 
