@@ -26,11 +26,16 @@ import datagen
 import report
 from dnslib import DNSRecord
 
-from meshdns.core.handler import MessageHandler
-from meshdns.core.names import CANONICAL_TEMPLATE, parse_templates
-from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.vip import VipRange
-from meshdns.core.zone import Zone, ZoneSettings
+from meshdns.core.answer import MessageHandler, Zone, ZoneSettings
+from meshdns.core.registry import (
+    CANONICAL_TEMPLATE,
+    Registry,
+    RegistryPolicy,
+    VipRange,
+    apply_put,
+    parse_services,
+    parse_templates,
+)
 from meshdns.gcpause import gc_paused
 
 DISTINCT = 1000  # distinct packets per kind in the hit loops
@@ -185,8 +190,7 @@ def bench_change(services: Sequence[datagen.Svc], repeats: int) -> list[dict[str
     import dataclasses
     import random
 
-    from meshdns.core.patch import apply_patch
-    from meshdns.core.registry import ServiceSpec
+    from meshdns.core.registry import ServiceSpec, apply_patch
 
     rng = random.Random(7)
     policy = RegistryPolicy()

@@ -25,13 +25,26 @@ from dnslib import EDNS0, DNSRecord, EDNSOption
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshdns.core.fastpath import FastPath
-from meshdns.core.handler import MessageHandler, encode, udp_limit
-from meshdns.core.names import canonical_name, kuma_name
-from meshdns.core.registry import Registry, RegistryPolicy, apply_put
-from meshdns.core.vip import VipRange
-from meshdns.core.wire import QTYPE_AXFR, QTYPE_IXFR, FormatError, parse_query
-from meshdns.core.zone import Zone, ZoneSettings
+from meshdns.core.answer import (
+    QTYPE_AXFR,
+    QTYPE_IXFR,
+    FastPath,
+    FormatError,
+    MessageHandler,
+    Zone,
+    ZoneSettings,
+    encode,
+    parse_query,
+    udp_limit,
+)
+from meshdns.core.registry import (
+    Registry,
+    RegistryPolicy,
+    VipRange,
+    apply_put,
+    canonical_name,
+    kuma_name,
+)
 
 RANGE4 = VipRange.from_cidr("240.0.0.0/4")
 RANGE6 = VipRange.from_cidr("fd00:fd00::/64")
@@ -311,8 +324,8 @@ def test_odd_messages_are_left_to_the_strict_path() -> None:
 
 def test_reverse_name_reading_matches_the_zone() -> None:
     """The fast path's octet and nibble readers accept exactly what Zone accepts."""
-    from meshdns.core import fastpath
-    from meshdns.core.zone import octet_label
+    from meshdns.core.answer import _fastpath as fastpath
+    from meshdns.core.answer import octet_label
 
     labels = [str(i) for i in range(300)] + ["00", "01", "007", "-1", "+1", " 1", "1 ", "²",
                                               "٣", "1e2", "0x1", ""]

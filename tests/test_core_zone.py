@@ -16,12 +16,23 @@ import dns.rdatatype
 import dns.reversename
 import pytest
 
-from meshdns.core import zone as zone_mod
-from meshdns.core.handler import ForwardRequest, MessageHandler
-from meshdns.core.names import key_to_labels
-from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.vip import VipRange
-from meshdns.core.zone import Zone, ZoneSettings, qtype_name, reverse_zones
+from meshdns.core.answer import (
+    ForwardRequest,
+    MessageHandler,
+    Zone,
+    ZoneSettings,
+    qtype_name,
+    reverse_zones,
+)
+from meshdns.core.answer import _zone as zone_mod
+from meshdns.core.registry import (
+    Registry,
+    RegistryPolicy,
+    VipRange,
+    apply_put,
+    key_to_labels,
+    parse_services,
+)
 
 RANGE4 = VipRange.from_cidr("240.0.0.0/4")
 RANGE6 = VipRange.from_cidr("fd00:fd00::/64")

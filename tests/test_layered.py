@@ -21,18 +21,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import meshdns.core.layered as layered_module
-from meshdns.core.layered import LayeredMap, evolve
-from meshdns.core.patch import apply_patch
+import meshdns.core.registry._layered as layered_module
 from meshdns.core.registry import (
+    LayeredMap,
     Registry,
     RegistryError,
     RegistryPolicy,
     ServiceKey,
     ServiceSpec,
+    VipRange,
+    apply_patch,
     apply_put,
+    evolve,
 )
-from meshdns.core.vip import VipRange
 
 KEYS = tuple(range(12))  # few keys: deletes, re-adds and overwrites collide often
 ABSENT_KEYS = (100, -1)

@@ -13,12 +13,16 @@ import asyncio
 import random
 from dataclasses import replace
 
-from meshdns.core.handler import MessageHandler
-from meshdns.core.patch import apply_patch
-from meshdns.core.registry import Registry, RegistryPolicy, ServiceSpec, apply_put
-from meshdns.core.snapshot import free_vips_after
-from meshdns.core.vip import VipRange
-from meshdns.core.zone import Zone, ZoneSettings
+from meshdns.core.answer import MessageHandler, Zone, ZoneSettings
+from meshdns.core.registry import (
+    Registry,
+    RegistryPolicy,
+    ServiceSpec,
+    VipRange,
+    apply_patch,
+    apply_put,
+    free_vips_after,
+)
 from meshdns.store.metrics import StoreCollector
 from meshdns.store.store import RegistryStore
 

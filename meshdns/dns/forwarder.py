@@ -51,10 +51,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..config import DnsConfig, HostPort, nsid_bytes
-from ..core.handler import ForwardRequest
-from ..core.tally import Tally
-from ..core.wire import RCODE_SERVFAIL, Query
-from ..core.zone import Zone
+from ..core.answer import RCODE_SERVFAIL, ForwardRequest, Query, Tally, Zone
 from .cache import (
     NO_REACHABLE_UPSTREAM,
     UPSTREAM_NETWORK_ERROR,

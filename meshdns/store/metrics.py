@@ -6,8 +6,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..core.registry import Registry, RegistryPolicy
-from ..core.snapshot import free_vips_after
+from ..core.registry import Registry, RegistryPolicy, free_vips_after
 from .store import RegistryStore
 
 PREFIX = "meshdns_"

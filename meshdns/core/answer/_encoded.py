@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import struct
 
-from .registry import Service
-from .zone import SOA_EXPIRE, SOA_REFRESH, SOA_RETRY, SOA_RNAME
+from ..registry import Service
+from ._zone import SOA_EXPIRE, SOA_REFRESH, SOA_RETRY, SOA_RNAME
 
 PTR_TO_QNAME = b"\xc0\x0c"  # a compression pointer to the question's name
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .names import wire_to_key
-from .naming import NameTable, selects
-from .service import ServiceSpec
-from .zone import CANONICAL, KUMA, NXDOMAIN, TEMPLATE, Decision, Zone
+from ..registry import NameTable, ServiceSpec, selects, wire_to_key
+from ._zone import CANONICAL, KUMA, NXDOMAIN, TEMPLATE, Decision, Zone
 
 
 def _template(names: NameTable, index: int) -> dict[str, Any]:

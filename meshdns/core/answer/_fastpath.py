@@ -25,10 +25,10 @@ odd labels). The caller then takes the dnslib path, which stays the reference.
 
 from __future__ import annotations
 
-from .registry import Service
-from .wire import QTYPE_ANY, RCODE_NOERROR, RCODE_NXDOMAIN, WireError, check_options
-from .wirenames import PTR_TO_QNAME, EncodedName, NegativeSoa, Target, question_labels
-from .zone import T_A, T_AAAA, T_PTR, T_SRV, Zone
+from ..registry import Service
+from ._encoded import PTR_TO_QNAME, EncodedName, NegativeSoa, Target, question_labels
+from ._wire import QTYPE_ANY, RCODE_NOERROR, RCODE_NXDOMAIN, WireError, check_options
+from ._zone import T_A, T_AAAA, T_PTR, T_SRV, Zone
 
 SERVER_UDP_PAYLOAD = 1232  # the UDP size this server advertises in its OPT record
 _QUESTION_ONLY = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # QD=1, AN=NS=AR=0

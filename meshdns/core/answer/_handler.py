@@ -25,13 +25,12 @@ from typing import Any
 
 from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNSOption
 
-from .fastpath import SERVER_UDP_PAYLOAD, FastPath
-from .names import wire_to_key
-from .naming import Selector
-from .outdated import CacheIndex, decision_name, outdated_names
-from .tally import QTYPE_INVALID, Entry, Forward, Tally
-from .views import view_zone
-from .wire import (
+from ..registry import Selector, wire_to_key
+from ._fastpath import SERVER_UDP_PAYLOAD, FastPath
+from ._outdated import CacheIndex, decision_name, outdated_names
+from ._tally import QTYPE_INVALID, Entry, Forward, Tally
+from ._views import view_zone
+from ._wire import (
     EDE_NOT_SUPPORTED,
     EDE_PROHIBITED,
     HEADER_LEN,
@@ -51,7 +50,7 @@ from .wire import (
     error_reply,
     parse_query,
 )
-from .zone import FORWARD, Decision, Zone
+from ._zone import FORWARD, Decision, Zone
 
 DEFAULT_ANSWER_CACHE = 100_000
 # Sampled admission (MessageHandler._clear): a full UDP cache of at least

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .names import canonical_name, kuma_name, wire_to_key
-from .registry import Service
-from .zone import APEX, NOT_LOADED, SEARCH, Decision, Zone
+from ..registry import Service, canonical_name, kuma_name, wire_to_key
+from ._zone import APEX, NOT_LOADED, SEARCH, Decision, Zone
 
 # A PATCH touching more services than this empties the caches instead: working out
 # what it outdated would cost more than answering the names again.

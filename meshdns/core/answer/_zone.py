@@ -20,12 +20,18 @@ from typing import Any
 
 from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
-from .layered import evolve
-from .names import key_to_labels, wire_to_key
-from .naming import ents_above, primary_name
-from .registry import Registry, Service
-from .vip import VipRange, format_ip
-from .wire import (
+from ..registry import (
+    Registry,
+    Service,
+    VipRange,
+    ents_above,
+    evolve,
+    format_ip,
+    key_to_labels,
+    primary_name,
+    wire_to_key,
+)
+from ._wire import (
     EDE_NOT_AUTHORITATIVE,
     EDE_NOT_READY,
     EDE_NOT_SUPPORTED,

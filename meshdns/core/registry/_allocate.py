@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
-from .service import (
+from ._service import (
     RegistryError,
     ServiceKey,
     ServiceSpec,
     describe,
 )
-from .snapshot import Held, Registry, _FamilyIndex
-from .vip import VipRange, count_in, format_ip
+from ._snapshot import Held, Registry, _FamilyIndex
+from ._vip import VipRange, count_in, format_ip
 
 # A bulk C-level call (dict.update, Counter over a map) holds the GIL until it
 # returns: ~50-150 ms for 100k items on a busy host. Writes are built in a worker

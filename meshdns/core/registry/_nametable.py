@@ -14,8 +14,9 @@ from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .layered import evolve
-from .names import (
+from ._layered import evolve
+from ._service import RegistryError, ServiceKey, ServiceSpec, describe
+from ._templates import (
     DEFAULT_HOSTNAME_TEMPLATES,
     HostnameTemplate,
     canonical_name,
@@ -23,7 +24,6 @@ from .names import (
     is_valid_generated,
     kuma_name,
 )
-from .service import RegistryError, ServiceKey, ServiceSpec, describe
 
 Selector = tuple[tuple[str, str], ...]  # matchLabels, sorted; "mesh"/"zone" match the fields
 Counts = tuple[Mapping[tuple[str, int], int], Mapping[int, int]]

@@ -7,11 +7,7 @@ import reprlib
 from collections.abc import Mapping
 from typing import Any
 
-from .names import (
-    is_rfc1123_label,
-    normalize_hostname,
-)
-from .service import (
+from ._service import (
     _KEY_FIELDS,
     _SERVICE_FIELDS,
     MAX_HOSTNAMES_PER_SERVICE,
@@ -24,7 +20,11 @@ from .service import (
     _make_service,
     _make_spec,
 )
-from .vip import parse_ip, parse_ip4, parse_ip6
+from ._templates import (
+    is_rfc1123_label,
+    normalize_hostname,
+)
+from ._vip import parse_ip, parse_ip4, parse_ip6
 
 # ---------------------------------------------------------------- quoting input
 

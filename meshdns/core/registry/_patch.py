@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping, Sequence
 
-from .allocate import _in_release_order, _top_of
-from .layered import evolve
-from .names import (
+from ._allocate import _in_release_order, _top_of
+from ._layered import evolve
+from ._nametable import builtin_owner, patch_names
+from ._rebuild import _build, _registry, vips_given
+from ._service import _K, _V, Service, ServiceKey, ServiceSpec, _bad, describe
+from ._snapshot import Held, Registry, RegistryPolicy, _FamilyIndex, _Index
+from ._templates import (
     canonical_name,
     kuma_name,
 )
-from .naming import builtin_owner, patch_names
-from .registry import _build, _registry, vips_given
-from .service import _K, _V, Service, ServiceKey, ServiceSpec, _bad, describe
-from .snapshot import Held, Registry, RegistryPolicy, _FamilyIndex, _Index
-from .vip import VipRange, count_in
+from ._vip import VipRange, count_in
 
 SHRINK_REBUILD_MIN = 10_000  # services; see patch_incremental
 

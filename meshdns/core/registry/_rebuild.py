@@ -23,10 +23,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from itertools import islice
 
-from .allocate import BULK_STEP, _assign
-from .naming import DEFAULT_NAMES, NameTable, build_names, builtin_owner
-from .parse import parse_deletes, parse_service, parse_services
-from .service import (
+from ._allocate import BULK_STEP, _assign
+from ._nametable import DEFAULT_NAMES, NameTable, build_names, builtin_owner
+from ._parse import parse_deletes, parse_service, parse_services
+from ._service import (
     _NS_PORT,
     _PORT,
     MAX_HOSTNAMES_PER_SERVICE,
@@ -38,7 +38,7 @@ from .service import (
     _make_service,
     describe,
 )
-from .snapshot import Delta, Held, Registry, RegistryPolicy, _FamilyIndex, _Index
+from ._snapshot import Delta, Held, Registry, RegistryPolicy, _FamilyIndex, _Index
 
 __all__ = [
     "MAX_HOSTNAMES_PER_SERVICE", "Held", "Registry", "RegistryError", "RegistryPolicy",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, TypeVar
 
-from .vip import format_ip
+from ._vip import format_ip
 
 ServiceKey = tuple[str, str, int]  # (name, namespace, port)
 _K = TypeVar("_K")

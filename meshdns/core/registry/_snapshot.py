@@ -10,13 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import DEFAULT_HOSTNAME_TEMPLATES, HostnameTemplate
-from .naming import DEFAULT_NAMES, NameTable, Selector
-from .service import (
+from ._nametable import DEFAULT_NAMES, NameTable, Selector
+from ._service import (
     Service,
     ServiceKey,
 )
-from .vip import VipRange
+from ._templates import DEFAULT_HOSTNAME_TEMPLATES, HostnameTemplate
+from ._vip import VipRange
 
 
 @dataclass(frozen=True)
