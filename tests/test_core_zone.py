@@ -17,20 +17,20 @@ import dns.reversename
 import pytest
 
 from meshdns.core.answer import (
+    Decision,
     ForwardRequest,
     MessageHandler,
     Zone,
     ZoneSettings,
+    key_to_labels,
     qtype_name,
     reverse_zones,
 )
-from meshdns.core.answer import _zone as zone_mod
 from meshdns.core.registry import (
     Registry,
     RegistryPolicy,
     VipRange,
     apply_put,
-    key_to_labels,
     parse_services,
 )
 
@@ -75,7 +75,7 @@ def ask(z: Zone | MessageHandler, name: str, rdtype: str = "A", *, edns: int = -
     return reply
 
 
-def decide(z: Zone, name: str, rdtype: str = "A", rdclass: int = 1) -> zone_mod.Decision:
+def decide(z: Zone, name: str, rdtype: str = "A", rdclass: int = 1) -> Decision:
     labels = key_to_labels(name.rstrip("."))
     return z.decide(labels, dns.rdatatype.from_text(rdtype), rdclass)
 

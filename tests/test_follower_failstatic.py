@@ -30,8 +30,9 @@ from meshdns.core.answer import (
     MessageHandler,
     Zone,
     ZoneSettings,
+    key_to_labels,
 )
-from meshdns.core.registry import Registry, VipRange, key_to_labels
+from meshdns.core.registry import Registry, VipRange
 from meshdns.store import journal_path, replay_journal
 
 from .apiclient import ServerProcess, a_records, call, dns_query, wait_for

@@ -64,8 +64,10 @@ from ._wire import (
     Truncated,
     WireError,
     error_reply,
+    key_to_labels,
     parse_query,
     rcode_name,
+    wire_to_key,
 )
 from ._zone import (
     FORWARD,
@@ -136,6 +138,7 @@ __all__ = [
     "encode",
     "error_reply",
     "explain_names",
+    "key_to_labels",
     "octet_label",
     "parse_query",
     "prohibited_reply",
@@ -147,4 +150,5 @@ __all__ = [
     "udp_limit",
     "view_names",
     "view_zone",
+    "wire_to_key",
 ]

@@ -1,4 +1,4 @@
-"""Names pre-encoded for the wire fast path (fastpath.py), written as dnslib writes them.
+"""Names pre-encoded for the wire fast path (_fastpath.py), written as dnslib writes them.
 
 dnslib compresses a name against every suffix of the names it wrote before,
 byte for byte (so in the question's letter case). In the replies the fast path

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import NameTable, ServiceSpec, selects, wire_to_key
+from ..registry import NameTable, ServiceSpec, selects
+from ._wire import wire_to_key
 from ._zone import CANONICAL, KUMA, NXDOMAIN, TEMPLATE, Decision, Zone
 
 

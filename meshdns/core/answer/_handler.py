@@ -6,7 +6,7 @@ transport (UDP truncates, TCP does not) and the registry snapshot. So the
 encoded reply minus its ID is cached under the query minus its ID, and a hit
 costs a slice, a lookup and a concatenation: no parse, no encode.
 
-A miss takes the wire fast path (fastpath.py: no dnslib objects) for the common
+A miss takes the wire fast path (_fastpath.py: no dnslib objects) for the common
 questions and the dnslib path (``Zone.decide`` + ``encode``) for the rest.
 
 A registry change keeps the cached replies it cannot have changed: each entry is
@@ -25,7 +25,7 @@ from typing import Any
 
 from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNSOption
 
-from ..registry import Selector, wire_to_key
+from ..registry import Selector
 from ._fastpath import SERVER_UDP_PAYLOAD, FastPath
 from ._outdated import CacheIndex, decision_name, outdated_names
 from ._tally import QTYPE_INVALID, Entry, Forward, Tally
@@ -49,6 +49,7 @@ from ._wire import (
     Query,
     error_reply,
     parse_query,
+    wire_to_key,
 )
 from ._zone import FORWARD, Decision, Zone
 
@@ -182,7 +183,7 @@ class MessageHandler:
 
     def set_zone(self, zone: Zone) -> None:
         """Serve from ``zone`` from now on, with the cached replies it leaves as they were
-        (and each view from ``zone`` under its selector, core/views.py).
+        (and each view from ``zone`` under its selector, _views.py).
 
         Runs on the thread that answers DNS (the event loop), between two queries: no
         miss can be running on the old state, so the kept replies stay in the same

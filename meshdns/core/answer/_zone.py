@@ -7,7 +7,7 @@
 Names are parsed structurally rather than looked up in a table of every name:
 ``<name>.<ns>.svc.<port>.<domain>`` is split into the service key, so a
 registry swap never has to build per-name strings for every service. Names from
-other ``dns.hostname_templates`` come from the snapshot's name table (naming.py,
+other ``dns.hostname_templates`` come from the snapshot's name table (_nametable.py,
 rendered when the snapshot was built); services ``dns.select`` hides are absent.
 """
 
@@ -27,9 +27,7 @@ from ..registry import (
     ents_above,
     evolve,
     format_ip,
-    key_to_labels,
     primary_name,
-    wire_to_key,
 )
 from ._wire import (
     EDE_NOT_AUTHORITATIVE,
@@ -41,6 +39,8 @@ from ._wire import (
     RCODE_NXDOMAIN,
     RCODE_REFUSED,
     RCODE_SERVFAIL,
+    key_to_labels,
+    wire_to_key,
 )
 
 T_A, T_NS, T_CNAME, T_SOA, T_PTR, T_AAAA, T_SRV = 1, 2, 5, 6, 12, 28, 33
@@ -168,7 +168,7 @@ class Zone:
     _builtins: frozenset[str] = field(init=False)
     _sorted4: list[int] | None = field(init=False, default=None)
     _sorted6: list[int] | None = field(init=False, default=None)
-    # Names the wire fast path (fastpath.py) encoded for this snapshot, filled as
+    # Names the wire fast path (_fastpath.py) encoded for this snapshot, filled as
     # asked; handed on to the next snapshot under the same domains.
     encoded: dict[Any, Any] = field(init=False, default_factory=dict, repr=False,
                                     compare=False)

@@ -57,12 +57,10 @@ from ._templates import (
     canonical_name,
     is_rfc1123_label,
     is_subdomain,
-    key_to_labels,
     kuma_name,
     normalize_domain,
     normalize_hostname,
     parse_templates,
-    wire_to_key,
 )
 from ._vip import VipRange, count_in, format_ip, parse_ip
 
@@ -101,7 +99,6 @@ __all__ = [
     "in_release_order",
     "is_rfc1123_label",
     "is_subdomain",
-    "key_to_labels",
     "kuma_name",
     "label_key_error",
     "normalize_domain",
@@ -118,5 +115,4 @@ __all__ = [
     "restore",
     "selects",
     "service_json",
-    "wire_to_key",
 ]

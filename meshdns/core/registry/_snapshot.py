@@ -1,7 +1,7 @@
 """A registry snapshot: the services, their VIP indexes, the policy writes follow.
 
-Snapshots are immutable: a write makes a new one (registry.py: full rebuilds;
-patch.py: incremental PATCH), so whoever holds one sees one consistent registry.
+Snapshots are immutable: a write makes a new one (_rebuild.py: full rebuilds;
+_patch.py: incremental PATCH), so whoever holds one sees one consistent registry.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class Registry:
     # (that snapshot's revision and size, keys written, keys deleted); None when not
     # known. Lets the state journal record a PATCH without comparing every service.
     _delta: Delta | None = field(default=None, repr=False)
-    # Template-rendered names and what dns.select hides (see naming.py).
+    # Template-rendered names and what dns.select hides (see _nametable.py).
     names: NameTable = field(default=DEFAULT_NAMES, repr=False)
 
     def touched_since(self, base: Registry
