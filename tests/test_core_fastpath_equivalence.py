@@ -1,6 +1,6 @@
 """The wire fast path answers exactly as the dnslib path it shortcuts.
 
-``FastPath`` (meshdns/core/fastpath.py) writes replies straight to wire for the
+``FastPath`` (meshdns/core/answer/_fastpath.py) writes replies straight to wire for the
 common questions; the reference is what every miss did before it: the strict
 parser, ``Zone.decide`` and dnslib's encoder (``handler.encode``). For random
 registries and settings, every answer row of SPEC section 4 is asked in random
@@ -323,21 +323,22 @@ def test_odd_messages_are_left_to_the_strict_path() -> None:
 
 
 def test_reverse_name_reading_matches_the_zone() -> None:
-    """The fast path's octet and nibble readers accept exactly what Zone accepts."""
-    from meshdns.core.answer import _fastpath as fastpath
-    from meshdns.core.answer import octet_label
+    """Zone.locate's reading of a full reverse name (vip_of_reverse_name) accepts exactly
+    the octets and nibbles the zone's label readers accept."""
+    from meshdns.core.answer import _zone
 
     labels = [str(i) for i in range(300)] + ["00", "01", "007", "-1", "+1", " 1", "1 ", "²",
                                               "٣", "1e2", "0x1", ""]
     for label in labels:
         key = f"{label}.0.0.240.in-addr.arpa"
-        want = octet_label(label)
-        got = fastpath._ipv4(key)
-        assert got == (None if want is None else (240 << 24) | want), label
+        want = _zone.octet_label(label)
+        got = _zone.vip_of_reverse_name(key)
+        assert got == (None if want is None else ((240 << 24) | want, True)), label
     six = ipaddress.IPv6Address("fd00:fd00::7").reverse_pointer
-    assert fastpath._ipv6(six) == int(ipaddress.IPv6Address("fd00:fd00::7"))
+    assert _zone.vip_of_reverse_name(six) == (int(ipaddress.IPv6Address("fd00:fd00::7")), False)
     for bad in ("A", "g", "_", "77", "٣"):
-        assert fastpath._ipv6(bad + six[1:]) is None
+        assert _zone._nibble(bad) is None
+        assert _zone.vip_of_reverse_name(bad + six[1:]) is None
 
 
 def test_a_reply_over_the_udp_limit_is_truncated_by_the_dnslib_path() -> None:

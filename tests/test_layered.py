@@ -1,4 +1,4 @@
-"""LayeredMap (meshdns/core/layered.py) behaves exactly as a copied-and-edited dict.
+"""LayeredMap (meshdns/core/registry/_layered.py) behaves exactly as a copied-and-edited dict.
 
 A snapshot's big tables (services, by_vip4, by_vip6) evolve as layered maps on
 an incremental PATCH. These tests hold ``evolve`` to what ``d = old.copy();

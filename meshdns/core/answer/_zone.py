@@ -1,8 +1,15 @@
 """Answer policy: which records a question gets, from one registry snapshot.
 
-``Zone.decide`` is the single place that maps (name, type, class) to a
-:class:`Decision`. The DNS path encodes decisions to wire bytes; the HTTP
-``/v1/resolve`` route shows the very same decision as JSON.
+One lookup and one rule, with two encoders:
+
+- ``Zone.locate(name)`` says what a name is in this snapshot (a service's name, an
+  empty non-terminal, no name, a domain's apex, a VIP's reverse name) and whose;
+- ``service_answer(service, qtype)`` (and ``vip_answer(qtype)``) say which records
+  a service's name answers a question type with;
+- ``Zone.decide`` turns that into a :class:`Decision` of dnslib records (the
+  reference: ``handler.encode`` packs it, ``/v1/resolve`` shows it as JSON), and
+  the wire fast path (_fastpath.py) writes the same answer straight to bytes for
+  the common questions. Neither looks a name up any other way.
 
 Names are parsed structurally rather than looked up in a table of every name:
 ``<name>.<ns>.svc.<port>.<domain>`` is split into the service key, so a
@@ -58,6 +65,37 @@ NXDOMAIN, SEARCH, FORWARD, REFUSED = "nxdomain", "search", "forward", "refused"
 NOT_LOADED = "not-loaded"
 SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME, TEMPLATE})
 
+# What a name is (the first field of a Location, see Zone.locate). The first two are a
+# service's: a name under a served domain, or a host (or rendered) name outside them,
+# which is its own tiny zone.
+SERVICE_NAME, HOST_NAME, VIP_NAME, EMPTY_NAME, NO_NAME, APEX_NAME, UNLOADED_NAME = range(7)
+IN_DOMAIN = frozenset({SERVICE_NAME, EMPTY_NAME, NO_NAME, APEX_NAME, UNLOADED_NAME})
+# (kind, service or None, rule, apex, domain): ``apex`` is the zone whose SOA a
+# negative answer carries (the served domain; a host name itself; None for a VIP's
+# reverse name: the reverse zone, found when needed); ``domain`` is the one SRV
+# targets and PTR names are written in.
+Location = tuple[int, Service | None, str, str | None, str]
+
+# Which records a service's name answers a question type with: the one answer rule
+# both encoders follow (Zone._service_records as dnslib records, FastPath as bytes).
+# Anything else is NODATA (the SOA of the name's zone).
+NODATA, ANSWER_A, ANSWER_AAAA, ANSWER_A_AAAA, ANSWER_SRV, ANSWER_PTR = range(6)
+_WITH_VIP6 = {T_A: ANSWER_A, T_AAAA: ANSWER_AAAA, QTYPE_ANY: ANSWER_A_AAAA,
+              T_SRV: ANSWER_SRV}
+_WITHOUT_VIP6 = {T_A: ANSWER_A, QTYPE_ANY: ANSWER_A, T_SRV: ANSWER_SRV}
+_OF_VIP = {T_PTR: ANSWER_PTR, QTYPE_ANY: ANSWER_PTR}
+
+
+def service_answer(svc: Service, qtype: int) -> int:
+    """What ``svc``'s name answers ``qtype`` with: its A, its AAAA, both (ANY), its SRV
+    (with the target's addresses), or NODATA (also AAAA with no IPv6 VIP)."""
+    return (_WITH_VIP6 if svc.vip6 is not None else _WITHOUT_VIP6).get(qtype, NODATA)
+
+
+def vip_answer(qtype: int) -> int:
+    """What a VIP's reverse name answers ``qtype`` with: its PTR, or NODATA."""
+    return _OF_VIP.get(qtype, NODATA)
+
 
 @dataclass(frozen=True)
 class ZoneSettings:
@@ -94,6 +132,28 @@ class _ReverseZone:
     version: int
     prefix: int  # address bits above the zone cut, as an int
     labels: int  # address labels (octets or nibbles) the apex holds
+
+
+_OCTETS = {str(i): i for i in range(256)}  # exactly the labels octet_label reads
+_HEX = "0123456789abcdef"
+
+
+def vip_of_reverse_name(key: str) -> tuple[int, bool] | None:
+    """(address, is IPv4) when ``key`` is a full ``d.c.b.a.in-addr.arpa`` name or a full
+    32-nibble ``….ip6.arpa`` one, read as octet_label and _nibble read its labels."""
+    parts = key.split(".")
+    if len(parts) == 6 and parts[4] == "in-addr" and parts[5] == "arpa":
+        get = _OCTETS.get
+        a, b, c, d = get(parts[0]), get(parts[1]), get(parts[2]), get(parts[3])
+        if a is None or b is None or c is None or d is None:
+            return None
+        return (d << 24) | (c << 16) | (b << 8) | a, True
+    if len(parts) == 34 and parts[32] == "ip6" and parts[33] == "arpa":
+        digits = "".join(parts[31::-1])
+        if len(digits) != 32 or digits.strip(_HEX):
+            return None  # a label longer than one character, or not a lower-case hex digit
+        return int(digits, 16), False
+    return None
 
 
 def octet_label(label: str) -> int | None:
@@ -159,6 +219,7 @@ class Zone:
     settings: ZoneSettings
     loaded: bool = True
     _domains: tuple[str, ...] = field(init=False)
+    _dotted: tuple[tuple[str, str], ...] = field(init=False)  # (domain, "." + domain)
     _reverse: dict[str, _ReverseZone] = field(init=False)
     # Empty non-terminals above the explicit host names of visible services, each with
     # how many host names lie below it: built on first use, or evolved from the zone
@@ -176,6 +237,7 @@ class Zone:
     def __post_init__(self) -> None:
         s = self.settings
         self._domains = tuple(sorted(s.domains, key=len, reverse=True))  # longest match wins
+        self._dotted = tuple((d, "." + d) for d in self._domains)
         self._reverse = {z.apex: z for z in reverse_zones(s.range4) + reverse_zones(s.range6)}
         self._builtins = self.registry.names.builtins
 
@@ -238,42 +300,73 @@ class Zone:
 
     def _service_records(self, owner: DNSLabel, svc: Service, qtype: int, rule: str,
                          apex: str, domain: str) -> Decision:
+        """service_answer's records, as dnslib records (_fastpath.py writes the same)."""
+        shape = service_answer(svc, qtype)
+        if shape == NODATA:
+            return self._nodata(rule, apex, svc)
         ttl = self.settings.ttl
         answer: list[RR] = []
         additional: list[RR] = []
-        if qtype in (T_A, QTYPE_ANY):
+        if shape in (ANSWER_A, ANSWER_A_AAAA):
             answer.append(RR(owner, T_A, ttl=ttl, rdata=A(format_ip(svc.vip, 4))))
-        if qtype in (T_AAAA, QTYPE_ANY) and svc.vip6 is not None:
+        if shape in (ANSWER_AAAA, ANSWER_A_AAAA) and svc.vip6 is not None:
             answer.append(RR(owner, T_AAAA, ttl=ttl, rdata=AAAA(format_ip(svc.vip6, 6))))
-        if qtype == T_SRV:
+        if shape == ANSWER_SRV:
             target = primary_name(svc, self.registry.names.templates, domain) + "."
             answer.append(RR(owner, T_SRV, ttl=ttl, rdata=SRV(0, 100, svc.port, target)))
             additional.append(RR(target, T_A, ttl=ttl, rdata=A(format_ip(svc.vip, 4))))
             if svc.vip6 is not None:
                 additional.append(RR(target, T_AAAA, ttl=ttl, rdata=AAAA(format_ip(svc.vip6, 6))))
-        if not answer:
-            return self._nodata(rule, apex, svc)
         return Decision(RCODE_NOERROR, rule, True, answer, (), additional, svc, apex)
 
     # ------------------------------------------------------------ policy
 
+    def locate(self, key: str) -> Location | None:
+        """What ``key`` (a lookup key: wire_to_key's form) is in this snapshot, and whose:
+        the one lookup behind every local answer, on the dnslib path and the wire path.
+
+        In Zone.decide's order: a name under a served domain (the longest that
+        matches), then a visible service's host name or rendered name outside them,
+        then a visible VIP's reverse name. None: none of those (another reverse name,
+        a search-list or forwarded name: decide's to tell).
+        """
+        for domain, dot_domain in self._dotted:
+            if key.endswith(dot_domain):
+                if not self.loaded:
+                    return UNLOADED_NAME, None, NOT_LOADED, domain, domain
+                found = self.find_service(key, domain)
+                if found is not None:
+                    return SERVICE_NAME, found[0], found[1], domain, domain
+                if self.is_ent(key, domain):
+                    return EMPTY_NAME, None, ENT, domain, domain
+                return NO_NAME, None, NXDOMAIN, domain, domain
+            if key == domain:
+                if not self.loaded:
+                    return UNLOADED_NAME, None, NOT_LOADED, domain, domain
+                return APEX_NAME, None, APEX, domain, domain
+        outside = self._outside_name(key)
+        if outside is not None:
+            return HOST_NAME, outside[0], outside[1], key, self.settings.domains[0]
+        if key.endswith(".arpa"):
+            vip = vip_of_reverse_name(key)
+            if vip is not None:
+                reg = self.registry
+                svc_key = (reg.by_vip4 if vip[1] else reg.by_vip6).get(vip[0])
+                if svc_key is not None and svc_key not in reg.names.hidden:
+                    return VIP_NAME, reg.services[svc_key], PTR_RULE, None, \
+                        self.settings.domains[0]
+        return None
+
     def decide(self, labels: tuple[bytes, ...], qtype: int, qclass: int) -> Decision:
         """The answer to one question; ``labels`` keep the question's case."""
         key = wire_to_key(labels)
-        domain = self.served_domain(key)
-        if domain is not None:
+        where = self.locate(key)
+        if where is not None:
+            kind = where[0]
             if qclass != QCLASS_IN:
-                return Decision(RCODE_REFUSED, REFUSED, zone=domain, ede=ONLY_CLASS_IN)
-            if not self.loaded:
-                return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain, ede=NOT_READY)
-            return self._in_domain(DNSLabel(labels), key, domain, qtype)
-        outside = self._outside_name(key)
-        if outside is not None:
-            if qclass != QCLASS_IN:
-                return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
-            # A host name outside the served domains is its own tiny zone.
-            return self._service_records(DNSLabel(labels), outside[0], qtype, outside[1], key,
-                                         self.settings.domains[0])
+                return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN,
+                                zone=where[3] if kind in IN_DOMAIN else None)
+            return self._records(DNSLabel(labels), key, where, qtype)
         if key.endswith(".arpa"):
             reverse = self._in_reverse(labels, key, qtype, qclass)
             if reverse is not None:
@@ -286,6 +379,28 @@ class Zone:
         if self.settings.forwarding:
             return Decision(RCODE_NOERROR, FORWARD)
         return Decision(RCODE_REFUSED, REFUSED, ede=NO_UPSTREAM)
+
+    def _records(self, owner: DNSLabel, key: str, where: Location, qtype: int) -> Decision:
+        """The dnslib encoder: the decision for a located name (of class IN)."""
+        kind, svc, rule, apex, domain = where
+        if svc is not None:
+            if kind == VIP_NAME:
+                reverse = self._reverse_zone(key)
+                if vip_answer(qtype) == NODATA:
+                    return self._nodata(PTR_RULE, reverse.apex if reverse else key, svc)
+                target = primary_name(svc, self.registry.names.templates, domain) + "."
+                return Decision(RCODE_NOERROR, PTR_RULE, True,
+                                (RR(owner, T_PTR, ttl=self.settings.ttl, rdata=PTR(target)),),
+                                service=svc, zone=reverse.apex if reverse else None)
+            assert apex is not None
+            return self._service_records(owner, svc, qtype, rule, apex, domain)
+        if kind == UNLOADED_NAME:
+            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain, ede=NOT_READY)
+        if kind == APEX_NAME:
+            return self._apex(owner, domain, qtype)
+        if kind == EMPTY_NAME:
+            return self._nodata(ENT, domain)
+        return Decision(RCODE_NXDOMAIN, NXDOMAIN, True, (), (self.soa(domain),), zone=domain)
 
     def served_domain(self, key: str) -> str | None:
         for domain in self._domains:
@@ -353,22 +468,16 @@ class Zone:
                 return True
         return key in self.host_ents() or key in reg.names.ents
 
-    def _in_domain(self, owner: DNSLabel, key: str, domain: str, qtype: int) -> Decision:
-        if key == domain:
-            ttl = self.settings.ttl
-            if qtype in (T_SOA, QTYPE_ANY):
-                return Decision(RCODE_NOERROR, APEX, True, (self._soa_answer(owner, domain),),
-                                zone=domain)
-            if qtype == T_NS:
-                return Decision(RCODE_NOERROR, APEX, True,
-                                (RR(owner, T_NS, ttl=ttl, rdata=NS(domain + ".")),), zone=domain)
-            return self._nodata(APEX, domain)
-        found = self.find_service(key, domain)
-        if found is not None:
-            return self._service_records(owner, found[0], qtype, found[1], domain, domain)
-        if self.is_ent(key, domain):
-            return self._nodata(ENT, domain)
-        return Decision(RCODE_NXDOMAIN, NXDOMAIN, True, (), (self.soa(domain),), zone=domain)
+    def _apex(self, owner: DNSLabel, apex: str, qtype: int) -> Decision:
+        """A zone's apex (a served domain, a reverse zone): its SOA and NS, else NODATA."""
+        if qtype in (T_SOA, QTYPE_ANY):
+            return Decision(RCODE_NOERROR, APEX, True, (self._soa_answer(owner, apex),),
+                            zone=apex)
+        if qtype == T_NS:
+            return Decision(RCODE_NOERROR, APEX, True,
+                            (RR(owner, T_NS, ttl=self.settings.ttl, rdata=NS(apex + ".")),),
+                            zone=apex)
+        return self._nodata(APEX, apex)
 
     def _soa_answer(self, owner: DNSLabel, apex: str) -> RR:
         rr = self.soa(apex, self.settings.ttl)
@@ -377,53 +486,44 @@ class Zone:
 
     # ------------------------------------------------------------ reverse names
 
-    def _in_reverse(self, labels: tuple[bytes, ...], key: str, qtype: int,
-                    qclass: int) -> Decision | None:
+    def _reverse_zone(self, key: str) -> _ReverseZone | None:
+        """The reverse zone of a VIP range that ``key`` (a reverse name) lies in."""
+        return self._reverse_parts(key)[0]
+
+    def _reverse_parts(self, key: str) -> tuple[_ReverseZone | None, list[int | None]]:
+        """The reverse zone ``key`` lies in, and its address labels read as digits (most
+        significant first; None: not a digit)."""
         v4 = key.endswith(".in-addr.arpa")
-        if not v4 and not key.endswith(".ip6.arpa"):
-            return None
         parts = key.split(".")[:-2]
-        full, step, parse = (4, 8, octet_label) if v4 else (32, 4, _nibble)
-        digits = [parse(p) for p in reversed(parts)]  # most significant first
-        zone = None
+        full, parse = (4, octet_label) if v4 else (32, _nibble)
+        digits = [parse(p) for p in reversed(parts)]
         for depth in range(1, min(len(digits), full) + 1):
-            head = digits[:depth]
-            if any(d is None for d in head):
+            if any(d is None for d in digits[:depth]):
                 break
             apex = ".".join(parts[len(parts) - depth :]) + (".in-addr.arpa" if v4 else ".ip6.arpa")
             zone = self._reverse.get(apex)
             if zone is not None:
-                break
-        address: int | None = None
-        if len(digits) == full and all(d is not None for d in digits):
-            address = 0
-            for d in digits:
-                assert d is not None
-                address = (address << step) | d
-            by_vip = self.registry.by_vip4 if v4 else self.registry.by_vip6
-            svc_key = by_vip.get(address)
-            if svc_key is not None and svc_key not in self.registry.names.hidden:
-                if qclass != QCLASS_IN:
-                    return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
-                svc = self.registry.services[svc_key]
-                if qtype not in (T_PTR, QTYPE_ANY):
-                    return self._nodata(PTR_RULE, zone.apex if zone else key, svc)
-                target = primary_name(svc, self.registry.names.templates,
-                                      self.settings.domains[0]) + "."
-                return Decision(RCODE_NOERROR, PTR_RULE, True,
-                                (RR(DNSLabel(labels), T_PTR, ttl=self.settings.ttl,
-                                    rdata=PTR(target)),), service=svc,
-                                zone=zone.apex if zone else None)
+                return zone, digits
+        return None, digits
+
+    def _in_reverse(self, labels: tuple[bytes, ...], key: str, qtype: int,
+                    qclass: int) -> Decision | None:
+        """A reverse name that is no visible VIP's (those are located): the apex of a
+        VIP range's reverse zone, an empty non-terminal above VIPs, or no name."""
+        v4 = key.endswith(".in-addr.arpa")
+        if not v4 and not key.endswith(".ip6.arpa"):
+            return None
+        zone, digits = self._reverse_parts(key)
         if zone is None:
             return None
         if qclass != QCLASS_IN:
             return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
         if not self.loaded:
             return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=zone.apex, ede=NOT_READY)
+        full, step = (4, 8) if v4 else (32, 4)
         depth = len(digits)
         if depth == zone.labels:
-            return self._in_domain(DNSLabel(labels), key, zone.apex, qtype) \
-                if qtype in (T_SOA, T_NS, QTYPE_ANY) else self._nodata(APEX, zone.apex)
+            return self._apex(DNSLabel(labels), zone.apex, qtype)
         if depth < full and all(d is not None for d in digits):
             # An empty non-terminal when some VIP lies below it (RFC 8020).
             prefix = 0
@@ -466,7 +566,9 @@ class Zone:
             return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
         if not self.loaded:
             return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain, ede=NOT_READY)
-        inner = self._in_domain(DNSLabel(inner_labels), inner_key, domain, qtype)
+        where = self.locate(inner_key)  # under ``domain``, which is loaded: never None
+        assert where is not None
+        inner = self._records(DNSLabel(inner_labels), inner_key, where, qtype)
         if inner.rule == ENT:
             # Names exist below it: NODATA, not NXDOMAIN (RFC 8020), as for the mesh name.
             return Decision(RCODE_NOERROR, SEARCH, False, (), inner.authority, zone=domain)
