@@ -148,8 +148,8 @@ def questions_for(zone: Zone) -> list[tuple[str, str | int, bool]]:
         for name in names:
             for t in TYPES:
                 served = any(name == d or name.endswith("." + d) for d in domains)
-                owner = zone.find_service(name, zone.served_domain(name) or "") \
-                    if served else None
+                where = zone.locate(name) if served else None
+                owner = where[1] if where is not None else None
                 # Service names answer on the fast path, apart from apex-like cases and
                 # a question of type OPT, which the strict path answers FORMERR.
                 out.append((name, t, (owner is not None or not served) and t != 41))

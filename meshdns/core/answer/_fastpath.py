@@ -16,8 +16,10 @@ here from a light parse, a few dict lookups and a bytes join:
 - SOA records are encoded once per snapshot, SRV targets and PTR names once per
   service (``Zone.encoded``, handed on from snapshot to snapshot), when first asked.
 
-The policy stays ``Zone``'s: this module calls the same lookups ``Zone.decide``
-does, in the same order, and hands back None for anything it does not handle
+The policy stays ``Zone``'s: the name is looked up by ``Zone.locate``, the one
+lookup ``Zone.decide`` makes too, and answered by the same rule
+(``SERVICE_ANSWERS``/``VIP_ANSWERS``, ``service_answer`` in _zone.py); this module
+is only the other encoder. It hands back None for anything it does not encode
 (apex, search-list and forwarded names, other classes, a zone not loaded yet,
 malformed or unusual messages, a UDP reply over the client's limit, names with
 odd labels). The caller then takes the dnslib path, which stays the reference.
@@ -36,10 +38,10 @@ from ._zone import (
     EMPTY_NAME,
     NO_NAME,
     NODATA,
+    SERVICE_ANSWERS,
+    VIP_ANSWERS,
     VIP_NAME,
     Zone,
-    service_answer,
-    vip_answer,
 )
 
 SERVER_UDP_PAYLOAD = 1232  # the UDP size this server advertises in its OPT record
@@ -200,7 +202,7 @@ class FastPath:
                 return None  # a domain's apex, or a zone not loaded yet: dnslib's
             svc = found
             if kind == VIP_NAME:
-                if vip_answer(qtype) == NODATA:
+                if qtype not in VIP_ANSWERS:  # vip_answer: NODATA
                     return None  # the SOA of the reverse zone: dnslib's
                 wire = self._ptr(data, qend, svc, tail)
                 if udp and len(wire) > limit:
@@ -213,7 +215,7 @@ class FastPath:
                 self._known[key] = (a_rdata, svc, apex, target_domain)
         # Header after the ID: flags and counts, by the RD and CD bits and the OPT.
         shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if opt else 0)
-        answer = service_answer(svc, qtype)
+        answer = SERVICE_ANSWERS[svc.vip6 is not None].get(qtype, NODATA)  # service_answer
         if answer == ANSWER_A:
             wire = b"".join((data[:2], self._one[shape], data[12:qend], self._a, a_rdata,
                              tail))

@@ -21,7 +21,7 @@ rendered when the snapshot was built); services ``dns.select`` hides are absent.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,21 +80,24 @@ Location = tuple[int, Service | None, str, str | None, str]
 # both encoders follow (Zone._service_records as dnslib records, FastPath as bytes).
 # Anything else is NODATA (the SOA of the name's zone).
 NODATA, ANSWER_A, ANSWER_AAAA, ANSWER_A_AAAA, ANSWER_SRV, ANSWER_PTR = range(6)
-_WITH_VIP6 = {T_A: ANSWER_A, T_AAAA: ANSWER_AAAA, QTYPE_ANY: ANSWER_A_AAAA,
-              T_SRV: ANSWER_SRV}
-_WITHOUT_VIP6 = {T_A: ANSWER_A, QTYPE_ANY: ANSWER_A, T_SRV: ANSWER_SRV}
-_OF_VIP = {T_PTR: ANSWER_PTR, QTYPE_ANY: ANSWER_PTR}
+# As tables, so the wire path reads them without a call: SERVICE_ANSWERS[has an IPv6
+# VIP][qtype], VIP_ANSWERS[qtype]; a qtype not in a table is NODATA.
+SERVICE_ANSWERS = (
+    {T_A: ANSWER_A, QTYPE_ANY: ANSWER_A, T_SRV: ANSWER_SRV},
+    {T_A: ANSWER_A, T_AAAA: ANSWER_AAAA, QTYPE_ANY: ANSWER_A_AAAA, T_SRV: ANSWER_SRV},
+)
+VIP_ANSWERS = {T_PTR: ANSWER_PTR, QTYPE_ANY: ANSWER_PTR}
 
 
 def service_answer(svc: Service, qtype: int) -> int:
     """What ``svc``'s name answers ``qtype`` with: its A, its AAAA, both (ANY), its SRV
     (with the target's addresses), or NODATA (also AAAA with no IPv6 VIP)."""
-    return (_WITH_VIP6 if svc.vip6 is not None else _WITHOUT_VIP6).get(qtype, NODATA)
+    return SERVICE_ANSWERS[svc.vip6 is not None].get(qtype, NODATA)
 
 
 def vip_answer(qtype: int) -> int:
     """What a VIP's reverse name answers ``qtype`` with: its PTR, or NODATA."""
-    return _OF_VIP.get(qtype, NODATA)
+    return VIP_ANSWERS.get(qtype, NODATA)
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,9 @@ class Zone:
     loaded: bool = True
     _domains: tuple[str, ...] = field(init=False)
     _dotted: tuple[tuple[str, str], ...] = field(init=False)  # (domain, "." + domain)
+    _domain0: str = field(init=False)
+    _generated: Mapping[str, tuple[tuple[str, str, int], int]] = field(init=False, repr=False)
+    _hidden: Container[tuple[str, str, int]] = field(init=False, repr=False)
     _reverse: dict[str, _ReverseZone] = field(init=False)
     # Empty non-terminals above the explicit host names of visible services, each with
     # how many host names lie below it: built on first use, or evolved from the zone
@@ -238,6 +244,9 @@ class Zone:
         s = self.settings
         self._domains = tuple(sorted(s.domains, key=len, reverse=True))  # longest match wins
         self._dotted = tuple((d, "." + d) for d in self._domains)
+        self._domain0 = s.domains[0]  # the domain outside names' SRV and PTR targets use
+        names = self.registry.names
+        self._generated, self._hidden = names.generated, names.hidden
         self._reverse = {z.apex: z for z in reverse_zones(s.range4) + reverse_zones(s.range6)}
         self._builtins = self.registry.names.builtins
 
@@ -321,22 +330,50 @@ class Zone:
 
     # ------------------------------------------------------------ policy
 
-    def locate(self, key: str) -> Location | None:
+    def locate(self, key: str, include_hidden: bool = False) -> Location | None:
         """What ``key`` (a lookup key: wire_to_key's form) is in this snapshot, and whose:
         the one lookup behind every local answer, on the dnslib path and the wire path.
 
         In Zone.decide's order: a name under a served domain (the longest that
         matches), then a visible service's host name or rendered name outside them,
         then a visible VIP's reverse name. None: none of those (another reverse name,
-        a search-list or forwarded name: decide's to tell).
+        a search-list or forwarded name: decide's to tell). Services ``dns.select``
+        hides are absent, unless ``include_hidden`` (what /v1/resolve explains).
+
+        Names are parsed, not looked up in a table of every name: ``<name>.<ns>.svc.
+        <port>.<domain>`` and the Kuma form are split into the service key.
         """
+        reg = self.registry
+        hidden = () if include_hidden else self._hidden
         for domain, dot_domain in self._dotted:
             if key.endswith(dot_domain):
                 if not self.loaded:
                     return UNLOADED_NAME, None, NOT_LOADED, domain, domain
-                found = self.find_service(key, domain)
-                if found is not None:
-                    return SERVICE_NAME, found[0], found[1], domain, domain
+                rest = key[: -len(dot_domain)].split(".")
+                svc_key: tuple[str, str, int] | None = None
+                rule = CANONICAL
+                if len(rest) == 4 and rest[2] == "svc" and "canonical" in self._builtins:
+                    port = _PORT_LABELS.get(rest[3]) or _port(rest[3])
+                    if port is not None:
+                        svc_key = (rest[0], rest[1], port)
+                elif len(rest) == 1 and rest[0].count("_") == 3 and "kuma" in self._builtins:
+                    name, ns, svc_label, port_label = rest[0].split("_")
+                    port = _port(port_label)
+                    if svc_label == "svc" and port is not None:
+                        svc_key, rule = (name, ns, port), KUMA
+                if svc_key is not None:
+                    svc = reg.services.get(svc_key)
+                    if svc is not None and svc_key not in hidden:
+                        return SERVICE_NAME, svc, rule, domain, domain
+                host_owner = reg.hostnames.get(key)
+                if host_owner is not None:
+                    if host_owner not in hidden:
+                        return SERVICE_NAME, reg.services[host_owner], HOSTNAME, domain, domain
+                else:
+                    generated = self._generated.get(key)
+                    if generated is not None and generated[0] not in hidden:
+                        return SERVICE_NAME, reg.services[generated[0]], TEMPLATE, domain, \
+                            domain
                 if self.is_ent(key, domain):
                     return EMPTY_NAME, None, ENT, domain, domain
                 return NO_NAME, None, NXDOMAIN, domain, domain
@@ -344,17 +381,24 @@ class Zone:
                 if not self.loaded:
                     return UNLOADED_NAME, None, NOT_LOADED, domain, domain
                 return APEX_NAME, None, APEX, domain, domain
-        outside = self._outside_name(key)
-        if outside is not None:
-            return HOST_NAME, outside[0], outside[1], key, self.settings.domains[0]
+        # Outside them: a host name or a rendered name is its own tiny zone.
+        svc_key = reg.hostnames.get(key)
+        if svc_key is not None:
+            if svc_key in hidden:
+                return None
+            return HOST_NAME, reg.services[svc_key], HOSTNAME, key, self._domain0
+        if self._generated:
+            generated = self._generated.get(key)
+            if generated is not None:
+                if generated[0] in hidden:
+                    return None
+                return HOST_NAME, reg.services[generated[0]], TEMPLATE, key, self._domain0
         if key.endswith(".arpa"):
             vip = vip_of_reverse_name(key)
             if vip is not None:
-                reg = self.registry
                 svc_key = (reg.by_vip4 if vip[1] else reg.by_vip6).get(vip[0])
-                if svc_key is not None and svc_key not in reg.names.hidden:
-                    return VIP_NAME, reg.services[svc_key], PTR_RULE, None, \
-                        self.settings.domains[0]
+                if svc_key is not None and svc_key not in hidden:
+                    return VIP_NAME, reg.services[svc_key], PTR_RULE, None, self._domain0
         return None
 
     def decide(self, labels: tuple[bytes, ...], qtype: int, qclass: int) -> Decision:
@@ -406,50 +450,6 @@ class Zone:
         for domain in self._domains:
             if key == domain or key.endswith("." + domain):
                 return domain
-        return None
-
-    def _outside_name(self, key: str) -> tuple[Service, str] | None:
-        """A host name or rendered name outside the served domains, and its rule."""
-        reg = self.registry
-        svc_key = reg.hostnames.get(key)
-        rule = HOSTNAME
-        if svc_key is None:
-            generated = reg.names.generated.get(key)
-            if generated is None:
-                return None
-            svc_key, rule = generated[0], TEMPLATE
-        if svc_key in reg.names.hidden:
-            return None
-        return reg.services[svc_key], rule
-
-    def find_service(self, key: str, domain: str,
-                     include_hidden: bool = False) -> tuple[Service, str] | None:
-        """The service that owns ``key`` (a name under ``domain``) and by which rule;
-        a service ``dns.select`` hides is absent unless ``include_hidden``."""
-        reg = self.registry
-        hidden = reg.names.hidden if not include_hidden else ()
-        rest = key[: -len(domain) - 1].split(".")
-        svc_key: tuple[str, str, int] | None = None
-        rule = CANONICAL
-        if len(rest) == 4 and rest[2] == "svc" and "canonical" in self._builtins:
-            port = _PORT_LABELS.get(rest[3]) or _port(rest[3])
-            if port is not None:
-                svc_key = (rest[0], rest[1], port)
-        elif len(rest) == 1 and rest[0].count("_") == 3 and "kuma" in self._builtins:
-            name, ns, svc_label, port_label = rest[0].split("_")
-            port = _port(port_label)
-            if svc_label == "svc" and port is not None:
-                svc_key, rule = (name, ns, port), KUMA
-        if svc_key is not None:
-            svc = reg.services.get(svc_key)
-            if svc is not None and svc_key not in hidden:
-                return svc, rule
-        host_owner = reg.hostnames.get(key)
-        if host_owner is not None:
-            return None if host_owner in hidden else (reg.services[host_owner], HOSTNAME)
-        generated = reg.names.generated.get(key)
-        if generated is not None and generated[0] not in hidden:
-            return reg.services[generated[0]], TEMPLATE
         return None
 
     def is_ent(self, key: str, domain: str) -> bool:
