@@ -844,10 +844,10 @@ def test_parse_ip_keeps_its_contract_for_non_strings() -> None:
 
 
 def test_fast_constructors_build_the_same_objects() -> None:
-    spec = service_module._make_spec("a", "b", 80, 1, None, ("h.mesh",))
+    spec = service_module.make_spec("a", "b", 80, 1, None, ("h.mesh",))
     assert spec == ServiceSpec("a", "b", 80, 1, None, ("h.mesh",))
     assert repr(spec) == repr(ServiceSpec("a", "b", 80, 1, None, ("h.mesh",)))
-    svc = service_module._make_service("a", "b", 80, 1, 2, (), True, False)
+    svc = service_module.make_service("a", "b", 80, 1, 2, (), True, False)
     assert svc == Service("a", "b", 80, 1, 2, (), True, False)
     assert hash(svc) == hash(Service("a", "b", 80, 1, 2, (), True, False))
 

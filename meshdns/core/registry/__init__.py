@@ -15,7 +15,7 @@ and every module behind it is private (``_name.py``, checked by `make lint`).
 It answers no DNS question: ``meshdns.core.answer`` reads its snapshots.
 """
 
-from ._allocate import _in_release_order as in_release_order
+from ._allocate import in_release_order
 from ._layered import LayeredMap, evolve
 from ._nametable import (
     NameTable,

@@ -36,7 +36,7 @@ Held = Mapping[int, tuple[float, ServiceKey]]  # vip -> (release time, last owne
 
 
 @dataclass(slots=True)
-class _FamilyIndex:
+class FamilyIndex:
     """Counts over one address family of a snapshot, so a PATCH need not scan it."""
 
     in_range: int  # VIPs in use inside the policy range
@@ -47,14 +47,14 @@ class _FamilyIndex:
 
 
 @dataclass(slots=True)
-class _Index:
+class BuildIndex:
     """What a snapshot was built under, and its per-family counts."""
 
     domains: tuple[str, ...]
     range4: VipRange
     range6: VipRange | None
-    fam4: _FamilyIndex
-    fam6: _FamilyIndex
+    fam4: FamilyIndex
+    fam6: FamilyIndex
 
     def fits(self, policy: RegistryPolicy) -> bool:
         return (self.domains == policy.domains and self.range4 == policy.range4
@@ -80,7 +80,7 @@ class Registry:
     ns_ports: Mapping[tuple[str, int], int]
     ports: Mapping[int, int]
     # Bookkeeping that lets a PATCH touch only what it names (None: rebuild whole).
-    _index: _Index | None = field(default=None, repr=False)
+    _index: BuildIndex | None = field(default=None, repr=False)
     # What an incremental PATCH changed relative to the snapshot it was applied to:
     # (that snapshot's revision and size, keys written, keys deleted); None when not
     # known. Lets the state journal record a PATCH without comparing every service.
