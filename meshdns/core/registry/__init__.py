@@ -27,6 +27,7 @@ from ._nametable import (
     selects,
 )
 from ._parse import (
+    MAX_LABELS_PER_SERVICE,
     QUOTE_LIMIT,
     clip,
     label_key_error,
@@ -39,6 +40,7 @@ from ._patch import apply_patch, check_disjoint, patch_incremental
 from ._rebuild import apply_put, restore
 from ._service import (
     MAX_HOSTNAMES_PER_SERVICE,
+    Labels,
     RegistryError,
     Service,
     ServiceKey,
@@ -60,9 +62,10 @@ from ._templates import (
     kuma_name,
     normalize_domain,
     normalize_hostname,
+    parse_template,
     parse_templates,
 )
-from ._vip import VipRange, count_in, format_ip, parse_ip
+from ._vip import VipRange, count_in, format_ip, parse_ip, parse_ip4, parse_ip6
 
 __all__ = [
     "CANONICAL_TEMPLATE",
@@ -70,9 +73,11 @@ __all__ = [
     "DEFAULT_TEMPLATES",
     "KUMA_TEMPLATE",
     "MAX_HOSTNAMES_PER_SERVICE",
+    "MAX_LABELS_PER_SERVICE",
     "QUOTE_LIMIT",
     "Held",
     "HostnameTemplate",
+    "Labels",
     "LayeredMap",
     "NameTable",
     "Registry",
@@ -105,8 +110,11 @@ __all__ = [
     "normalize_hostname",
     "parse_deletes",
     "parse_ip",
+    "parse_ip4",
+    "parse_ip6",
     "parse_service",
     "parse_services",
+    "parse_template",
     "parse_templates",
     "patch_incremental",
     "patch_names",
