@@ -139,7 +139,7 @@ def test_sighup_reloads_the_views(tmp_path: Path) -> None:
 
 
 def test_a_views_names_evolved_patch_by_patch_equal_a_fresh_build() -> None:
-    """core/views.py: the view's name table after PATCHes is the one a full build gives."""
+    """core/answer/_views.py: the view's name table after PATCHes is the one a full build gives."""
     import random
 
     from meshdns.core.answer import view_names

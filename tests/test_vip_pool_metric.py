@@ -4,7 +4,7 @@ A follower builds its snapshots without an IPv6 range (it allocates nothing), so
 ``free_vips`` cannot read its IPv6 count off the snapshot's index and would walk
 every service on each scrape after a change (~0.25 s at 100k services). The store
 collector instead advances its last count by each published delta
-(``core.snapshot.free_vips_after``); these tests hold that count to a full recount.
+(``core.registry.free_vips_after``); these tests hold that count to a full recount.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ class StoreCollector:
         self.policy = policy
         self._free_cache: tuple[Registry, dict[str, int]] | None = None
         # Kept current change by change (O(change) each) once a scrape has counted it, so
-        # a scrape never walks the registry again (see core.snapshot.free_vips_after).
+        # a scrape never walks the registry again (see core.registry.free_vips_after).
         store.listeners.append(self._advance)
 
     def _advance(self, reg: Registry) -> None:
