@@ -37,13 +37,14 @@ run: install
 # it started (every one binds port 0 or picks again when a port was taken), so three
 # workers fit two cores. WORKERS=0 runs them in this process, one at a time.
 WORKERS ?= 3
+XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS))
 TESTS ?=
 UNBATCHED_TESTS ?= tests/test_smoke.py tests/test_dns_answers.py tests/test_dns_protocol.py \
 	tests/test_forward.py tests/test_forward_hygiene.py tests/test_acl_rrl.py \
 	tests/test_ede_nsid.py tests/test_ede_forward.py tests/test_views.py tests/test_dnstap.py
 test: install-test
-	@$(BIN)/python -m pytest -q -n $(WORKERS) $(TESTS); all=$$?; \
-	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q -n $(WORKERS) $(UNBATCHED_TESTS); unbatched=$$?; \
+	@$(BIN)/python -m pytest -q $(XDIST) $(TESTS); all=$$?; \
+	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q $(XDIST) $(UNBATCHED_TESTS); unbatched=$$?; \
 	echo "make test: every test: $$( [ $$all = 0 ] && echo passed || echo "FAILED (pytest exit $$all)" )"; \
 	echo "make test: the unbatched UDP path (MESHDNS_UDP_BATCH=0): $$( [ $$unbatched = 0 ] && echo passed || echo "FAILED (pytest exit $$unbatched)" )"; \
 	[ $$all = 0 ] && [ $$unbatched = 0 ]

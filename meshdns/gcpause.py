@@ -129,7 +129,17 @@ def release_memory() -> bool:
     per-thread arenas the worker threads allocated the registry in. ctypes drops
     the GIL for the call, so from a worker thread it does not hold up DNS.
     False where there is no glibc (nothing done).
+
+    First, unless a bulk job has the collector paused, a full collection: it is
+    what empties the interpreter's free lists (tuples, floats, dicts, lists
+    kept for re-use), whose objects pin pymalloc arenas just as live ones do
+    (-13 MiB of RSS at 100k -> 3 services). Cheap after a large write, which froze
+    what it built: frozen objects are not scanned.
     """
+    with _lock:
+        idle = _depth == 0
+    if idle:
+        gc.collect()
     if _malloc_trim is None:
         return False
     _malloc_trim(0)

@@ -221,10 +221,12 @@ class LegacyUnavailable:
 
 def legacy_next_held(old: Held, old_by_vip: Mapping[int, ServiceKey], new_by_vip: Mapping[int, ServiceKey],
                policy: RegistryPolicy, now: float) -> dict[int, tuple[float, ServiceKey]]:
+    # A hold lasts while its release time is after the write's now: an expired one is
+    # dropped, and one over already when it is made (hold 0) is never made.
     held = {v: h for v, h in old.items() if h[0] > now and v not in new_by_vip}
     release = now + policy.hold_seconds
     for vip, key in old_by_vip.items():
-        if vip not in new_by_vip:
+        if vip not in new_by_vip and release > now:
             held[vip] = (release, key)
     return held
 
@@ -279,8 +281,11 @@ def legacy_build(reg: Any, indexed: Mapping[ServiceKey, tuple[int, ServiceSpec]]
         if prev is not None and not isinstance(spec, Service):
             # Changed on purpose (issue 22, item 7): the address a service has, allocated
             # here, written back stays allocated; an export applied again changes nothing.
-            given4 = given4 and (prev.vip_given or spec.vip != prev.vip)
-            given6 = given6 and (prev.vip6_given or spec.vip6 != prev.vip6)
+            # Inside the range only: one outside (a changed CIDR) is given, as written.
+            given4 = given4 and (prev.vip_given or spec.vip != prev.vip
+                                 or spec.vip not in policy.range4)
+            given6 = given6 and (prev.vip6_given or spec.vip6 != prev.vip6
+                                 or policy.range6 is None or spec.vip6 not in policy.range6)
         services[key] = Service(spec.name, spec.namespace, spec.port, vip4[key],
                                 vip6.get(key), spec.hostnames, given4, given6,
                                 labels=spec.labels, mesh=spec.mesh, zone=spec.zone)
@@ -788,6 +793,29 @@ def test_an_address_freed_by_a_write_is_held_from_a_newcomer_in_that_write() -> 
     assert info.value.status == 507
     later = apply_patch(gone, [ServiceSpec("n", "x", 80)], [], policy, 1.0 + 300.0)
     assert later.services[("n", "x", 80)].vip == freed  # once the hold is over
+
+
+def test_an_allocated_vip_written_back_outside_a_narrowed_range_is_given() -> None:
+    # Allocated under a /27, the range narrowed to a /28, and the service's address
+    # (now outside it) written back, as an export applied again writes it. Kept as
+    # allocated, the snapshot broke what the incremental PATCH relies on (an allocated
+    # VIP lies in the range): the next PATCH kept it while the full rebuild moved it.
+    # It is given now (as written, SPEC §3), and both agree on every write after.
+    wide, small = POLICIES["wide"], POLICIES["small"]
+    last = ("s15", "x", 80)
+    reg = apply_put(Registry.empty(), [ServiceSpec(f"s{i}", "x", 80) for i in range(1, 16)],
+                    wide, 0.0)
+    reg = apply_patch(reg, [], [(f"s{i}", "x", 80) for i in range(1, 6)], wide, 0.0)
+    ref = legacy_restore(reg.revision, [s.to_spec() for s in reg.services.values()],
+                         {k: (s.vip, s.vip6) for k, s in reg.services.items()}, wide)
+    vip = reg.services[last].vip
+    assert vip == ip4("240.0.0.15") and not reg.services[last].vip_given
+    for upserts, now in (([ServiceSpec(*last, vip)], 100.0), ([ServiceSpec("n", "x", 80)], 200.0)):
+        reg = apply_patch(reg, upserts, [], small, now)
+        ref = legacy_apply_patch(ref, upserts, [], small, now)
+        assert_same(reg, ref, small)
+        assert_consistent(reg)
+        assert reg.services[last].vip == vip and reg.services[last].vip_given
 
 
 # ---------------------------------------------------------------- parsing

@@ -145,7 +145,7 @@ def test_make_test_runs_both_tiers_and_fails_if_either_failed(tmp_path: Path) ->
             env["MESHDNS_UDP_BATCH"] = "0"  # what the passing file checks
         proc = subprocess.run(
             ["make", "-s", "-C", str(repo), "-o", "install-test", "test", f"BIN={bin_dir}",
-             f"TESTS={first}", f"UNBATCHED_TESTS={second}"],
+             f"TESTS={first}", f"UNBATCHED_TESTS={second}", "WORKERS=0"],
             capture_output=True, text=True, timeout=120, env=env, check=False)
         out = proc.stdout
         assert proc.returncode != 0, out + proc.stderr

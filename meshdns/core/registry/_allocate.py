@@ -3,7 +3,9 @@
 1. explicit (given, must be unique); 2. kept (an identity keeps its address while
 it is in range); 3. re-used from hold (a deleted identity coming back); 4. new,
 the first free address after the highest one in use, skipping taken and held
-ones. Addresses no longer used are held for ``hold_seconds``.
+ones. Addresses no longer used are held for ``hold_seconds``: a held entry is
+kept while its release time is after the write's ``now``, and never made when
+it would not be (hold 0).
 """
 
 from __future__ import annotations
@@ -133,11 +135,14 @@ def assign_vips(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSp
                 by_vip.update(zip(addrs, keys, strict=True))
                 assigned.update(zip(keys, addrs, strict=True))
             in_range += len(fresh)
-    # Addresses no longer in use are held from newcomers.
+    # Addresses no longer in use are held from newcomers, unless that hold is over
+    # already (hold_seconds 0, as on a follower): an entry per deleted service kept
+    # until the next write would keep its key alive too (300k: ~100 MiB).
     release = now + hold_seconds
-    for vip, key in old_by_vip.items():
-        if vip not in by_vip:
-            held[vip] = (release, key)
+    if release > now:
+        for vip, key in old_by_vip.items():
+            if vip not in by_vip:
+                held[vip] = (release, key)
     held_in_range = count_in(held, first, last)
     return assigned, by_vip, held, FamilyIndex(in_range, held_in_range, in_release_order(held))
 

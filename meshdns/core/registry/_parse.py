@@ -24,7 +24,7 @@ from ._templates import (
     is_rfc1123_label,
     normalize_hostname,
 )
-from ._vip import parse_ip, parse_ip4, parse_ip6
+from ._vip import forget_spellings, parse_ip, parse_ip4, parse_ip6
 
 # ---------------------------------------------------------------- quoting input
 
@@ -260,6 +260,7 @@ def parse_services(value: Any, path: str = "services", *, consume: bool = False,
             raise  # pragma: no cover - the failing item fails again, with its path
         if consume:
             value[i] = None
+    forget_spellings()  # kept, they would pin this write's memory (see there)
     return out
 
 

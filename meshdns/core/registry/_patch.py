@@ -45,8 +45,8 @@ def patch_incremental(reg: Registry, upserts: Sequence[ServiceSpec],
         # would keep the old snapshot's dicts (and so its services) alive until they
         # fold. Measured at 300k -> 3 services (in-process, hold 0 as on a follower):
         # RSS 256 MiB after the incremental PATCH, 73 MiB after the next one; with the
-        # rebuild 184 MiB (the VIP hold tables, dropped by the next write) and then
-        # 44 MiB. The rebuild costs the size of the registry that remains.
+        # rebuild 184 MiB (then the VIP hold tables too, which hold 0 no longer keeps)
+        # and then 44 MiB. The rebuild costs the size of the registry that remains.
         return None
     if index is not None and index.fits(policy) and reg.names.templates == policy.templates \
             and reg.names.select == policy.select:
@@ -141,7 +141,7 @@ def _patch_incremental(reg: Registry, index: BuildIndex, upserts: Sequence[Servi
         if isinstance(spec, Service):
             svc = spec
         else:
-            given4, given6 = vips_given(spec, prev)
+            given4, given6 = vips_given(spec, prev, policy)
             svc = Service(spec.name, spec.namespace, spec.port, vip4[key], vip6.get(key),
                           spec.hostnames, given4, given6, labels=spec.labels, mesh=spec.mesh,
                           zone=spec.zone)
@@ -315,7 +315,9 @@ def _patch_family(family: int, reg: Registry, fam: FamilyIndex, rng: VipRange | 
     by_vip: Mapping[int, ServiceKey] = old_by_vip
     if len(gone) != len(taken) or any(taken.get(v) != k for v, k in gone.items()):
         by_vip = evolve(old_by_vip, gone, taken.items())
-    released = [(vip, key) for vip, key in gone.items() if vip not in taken]
+    # Not held at all when the hold is over already (hold 0): as assign_vips.
+    released = [(vip, key) for vip, key in gone.items() if vip not in taken] \
+        if release > now else []
     if unheld or released:
         held_new = _copy(held) if unexpired is None else unexpired
         for vip in unheld:

@@ -173,7 +173,7 @@ def build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[Se
         if prev is None or (spec.vip is None and spec.vip6 is None):
             given4, given6 = spec.vip is not None, spec.vip6 is not None
         else:
-            given4, given6 = vips_given(spec, prev)
+            given4, given6 = vips_given(spec, prev, policy)
         v4 = spec.vip if spec.vip is not None else vip4[key]
         v6 = spec.vip6 if spec.vip6 is not None else vip6.get(key)
         if (prev is not None and prev.vip == v4 and prev.vip6 == v6
@@ -194,18 +194,25 @@ def build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[Se
 
 
 
-def vips_given(spec: ServiceSpec, prev: Service | None) -> tuple[bool, bool]:
+def vips_given(spec: ServiceSpec, prev: Service | None,
+               policy: RegistryPolicy) -> tuple[bool, bool]:
     """Whether the VIP and the vip6 ``spec`` writes count as given by the control plane
     (kept as they are, even outside a changed CIDR) or stay allocated here.
 
     A VIP written is given, except the very address the service has now when that one
-    was allocated: writing back what ``GET /v1/services`` lists (an export applied
-    again) leaves the service exactly as it is, so the write changes nothing.
+    was allocated and is inside the policy's range: writing back what
+    ``GET /v1/services`` lists (an export applied again) leaves the service exactly as
+    it is, so the write changes nothing. Outside the range (the CIDR changed since it
+    was allocated) it is given: an allocated VIP always lies in the range, which the
+    incremental PATCH relies on.
     """
     if prev is None:
         return spec.vip is not None, spec.vip6 is not None
-    return (spec.vip is not None and (prev.vip_given or spec.vip != prev.vip),
-            spec.vip6 is not None and (prev.vip6_given or spec.vip6 != prev.vip6))
+    rng4, rng6 = policy.range4, policy.range6
+    return (spec.vip is not None and (prev.vip_given or spec.vip != prev.vip
+                                      or spec.vip not in rng4),
+            spec.vip6 is not None and (prev.vip6_given or spec.vip6 != prev.vip6
+                                       or rng6 is None or spec.vip6 not in rng6))
 
 
 def make_registry(revision: int, services: Mapping[ServiceKey, Service],
