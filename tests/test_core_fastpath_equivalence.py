@@ -323,8 +323,8 @@ def test_odd_messages_are_left_to_the_strict_path() -> None:
 
 
 def test_reverse_name_reading_matches_the_zone() -> None:
-    """Zone.locate's reading of a full reverse name (vip_of_reverse_name) accepts exactly
-    the octets and nibbles the zone's label readers accept."""
+    """Zone.locate's reading of a full reverse name (ipv4_/ipv6_of_reverse_name) accepts
+    exactly the octets and nibbles the zone's label readers accept."""
     from meshdns.core.answer import _zone
 
     labels = [str(i) for i in range(300)] + ["00", "01", "007", "-1", "+1", " 1", "1 ", "²",
@@ -332,13 +332,13 @@ def test_reverse_name_reading_matches_the_zone() -> None:
     for label in labels:
         key = f"{label}.0.0.240.in-addr.arpa"
         want = _zone.octet_label(label)
-        got = _zone.vip_of_reverse_name(key)
-        assert got == (None if want is None else ((240 << 24) | want, True)), label
+        got = _zone.ipv4_of_reverse_name(key)
+        assert got == (None if want is None else (240 << 24) | want), label
     six = ipaddress.IPv6Address("fd00:fd00::7").reverse_pointer
-    assert _zone.vip_of_reverse_name(six) == (int(ipaddress.IPv6Address("fd00:fd00::7")), False)
+    assert _zone.ipv6_of_reverse_name(six) == int(ipaddress.IPv6Address("fd00:fd00::7"))
     for bad in ("A", "g", "_", "77", "٣"):
         assert _zone._nibble(bad) is None
-        assert _zone.vip_of_reverse_name(bad + six[1:]) is None
+        assert _zone.ipv6_of_reverse_name(bad + six[1:]) is None
 
 
 def test_a_reply_over_the_udp_limit_is_truncated_by_the_dnslib_path() -> None:

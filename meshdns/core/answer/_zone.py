@@ -141,22 +141,29 @@ _OCTETS = {str(i): i for i in range(256)}  # exactly the labels octet_label read
 _HEX = "0123456789abcdef"
 
 
-def vip_of_reverse_name(key: str) -> tuple[int, bool] | None:
-    """(address, is IPv4) when ``key`` is a full ``d.c.b.a.in-addr.arpa`` name or a full
-    32-nibble ``….ip6.arpa`` one, read as octet_label and _nibble read its labels."""
+def ipv4_of_reverse_name(key: str) -> int | None:
+    """The address of ``d.c.b.a.in-addr.arpa`` (a name with that suffix), its labels read
+    as octet_label reads them; None for any other name."""
     parts = key.split(".")
-    if len(parts) == 6 and parts[4] == "in-addr" and parts[5] == "arpa":
-        get = _OCTETS.get
-        a, b, c, d = get(parts[0]), get(parts[1]), get(parts[2]), get(parts[3])
-        if a is None or b is None or c is None or d is None:
-            return None
-        return (d << 24) | (c << 16) | (b << 8) | a, True
-    if len(parts) == 34 and parts[32] == "ip6" and parts[33] == "arpa":
-        digits = "".join(parts[31::-1])
-        if len(digits) != 32 or digits.strip(_HEX):
-            return None  # a label longer than one character, or not a lower-case hex digit
-        return int(digits, 16), False
-    return None
+    if len(parts) != 6:
+        return None
+    get = _OCTETS.get
+    a, b, c, d = get(parts[0]), get(parts[1]), get(parts[2]), get(parts[3])
+    if a is None or b is None or c is None or d is None:
+        return None
+    return (d << 24) | (c << 16) | (b << 8) | a
+
+
+def ipv6_of_reverse_name(key: str) -> int | None:
+    """The address of a full 32-nibble ``….ip6.arpa`` name (a name with that suffix), its
+    labels read as _nibble reads them; None for any other name."""
+    parts = key.split(".")
+    if len(parts) != 34:
+        return None
+    digits = "".join(parts[31::-1])
+    if len(digits) != 32 or digits.strip(_HEX):
+        return None  # a label longer than one character, or not a lower-case hex digit
+    return int(digits, 16)
 
 
 def octet_label(label: str) -> int | None:
@@ -393,12 +400,16 @@ class Zone:
                 if generated[0] in hidden:
                     return None
                 return HOST_NAME, reg.services[generated[0]], TEMPLATE, key, self._domain0
-        if key.endswith(".arpa"):
-            vip = vip_of_reverse_name(key)
-            if vip is not None:
-                svc_key = (reg.by_vip4 if vip[1] else reg.by_vip6).get(vip[0])
-                if svc_key is not None and svc_key not in hidden:
-                    return VIP_NAME, reg.services[svc_key], PTR_RULE, None, self._domain0
+        if key.endswith(".in-addr.arpa"):
+            vip, by_vip = ipv4_of_reverse_name(key), reg.by_vip4
+        elif key.endswith(".ip6.arpa"):
+            vip, by_vip = ipv6_of_reverse_name(key), reg.by_vip6
+        else:
+            return None
+        if vip is not None:
+            svc_key = by_vip.get(vip)
+            if svc_key is not None and (not hidden or svc_key not in hidden):
+                return VIP_NAME, reg.services[svc_key], PTR_RULE, None, self._domain0
         return None
 
     def decide(self, labels: tuple[bytes, ...], qtype: int, qclass: int) -> Decision:
