@@ -41,7 +41,8 @@ XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS))
 TESTS ?=
 UNBATCHED_TESTS ?= tests/test_smoke.py tests/test_dns_answers.py tests/test_dns_protocol.py \
 	tests/test_forward.py tests/test_forward_hygiene.py tests/test_acl_rrl.py \
-	tests/test_ede_nsid.py tests/test_ede_forward.py tests/test_views.py tests/test_dnstap.py
+	tests/test_ede_nsid.py tests/test_ede_forward.py tests/test_views.py tests/test_dnstap.py \
+	tests/test_node_netns.py
 test: install-test
 	@$(BIN)/python -m pytest -q $(XDIST) $(TESTS); all=$$?; \
 	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q $(XDIST) $(UNBATCHED_TESTS); unbatched=$$?; \

@@ -108,7 +108,7 @@ class ApiConfig:
     listen: HostPort = HostPort("127.0.0.1", 15080)
     token: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024
-    max_watchers: int = 1000  # concurrent ?wait= long-polls
+    max_watchers: int = 1000  # concurrent ?wait= long-polls and watch streams
     # Secure by default: a non-loopback API without a token refuses to start unless this
     # says the network in front of it is trusted.
     allow_unauthenticated: bool = False
@@ -116,6 +116,12 @@ class ApiConfig:
     # how long a woken long-poll gathers further changes before it answers.
     follow_history: int = 1000
     follow_coalesce: float = 0.1
+    # Watch streams (?since=N&stream=1): offered at all (false: answered as long-polls,
+    # e.g. behind a proxy that buffers responses), bytes a stream may have unsent before
+    # it is cut off (its follower re-syncs from its revision), seconds between heartbeats.
+    streams: bool = True
+    stream_buffer: int = 1024 * 1024
+    stream_heartbeat: float = 10.0
     # Seconds an idle connection (no request in flight, or one not yet fully sent) is
     # kept open; above a 60 s scrape interval, so a scraper keeps its connection.
     idle_timeout: float = 75.0
@@ -577,6 +583,9 @@ _CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
         "allow_unauthenticated": _bool,
         "follow_history": _int(1, 1_000_000),
         "follow_coalesce": _number(0, 10),
+        "streams": _bool,
+        "stream_buffer": _int(4096, 1 << 30),
+        "stream_heartbeat": _number(0.05, 300),
         "idle_timeout": _number(0.5, 86400),
     },
     "registry": {

@@ -18,6 +18,21 @@ is followed as before: full reads with ``If-None-Match``. A follower's own
 API serves the same deltas to followers of its own (a relay), with the
 leader's revisions and lineage.
 
+Watch streams: once it follows by deltas, the follower asks with ``stream=1``
+too (meshdns/api/stream.py). A leader that streams answers with one long-lived
+``application/x-ndjson`` response, a delta per line (and a heartbeat, an empty
+delta, every few seconds), each applied as a long-poll's answer would be: one
+connection for every change, not one request per change. A leader without
+streams answers the same request as the long-poll it also is (``wait`` and all,
+``application/json``), and a 400 or 404 says the same: the follower applies that
+answer and long-polls from then on, until a failure to reach the leader (which
+may have restarted as another version) makes it ask again. A stream that ends
+(its ``wait`` ran out, the leader stopped or ended it) is asked for again at once
+from the revision reached; one that breaks, or stays silent for a few heartbeats,
+is a failed poll as any other (backoff, then a catch-up from the revision held).
+A ``dns.workers`` process never streams: its main process learns the revision it
+serves from each long-poll.
+
 While the leader is unreachable the follower keeps serving what it has and
 retries with exponential backoff and jitter (capped at BACKOFF_MAX), so a
 fleet of followers does not stampede a leader that comes back. It then asks
@@ -63,7 +78,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -85,7 +100,7 @@ from .core.registry import (
 from .gcpause import bulk_write, gc_paused, release_memory
 from .jsonsteps import load_json_in_steps
 from .metrics import sync_age_families
-from .protocol import LINEAGE_HEADER, WORKER_HEADER
+from .protocol import HEARTBEAT_HEADER, LINEAGE_HEADER, WORKER_HEADER
 from .store import RegistryStore
 
 log = logging.getLogger("meshdns.follower")
@@ -113,6 +128,7 @@ RETRY_AFTER_MAX = 300.0  # a Retry-After longer than this is read as this
 SMALL_DELTA = 65536  # bytes: a delta this small is parsed and applied on the loop's terms
 LARGE_BODY = 2 << 20  # bytes: after a body this big the heap is handed back to the system
 LARGE_ADOPT = 50_000  # services: and after replacing a registry this big
+NDJSON = "application/x-ndjson"  # a watch stream's answer (meshdns/api/stream.py)
 
 
 def retry_after(value: str | None) -> float | None:
@@ -131,6 +147,8 @@ def retry_after(value: str | None) -> float | None:
 
 class Follower:
     WAIT = 30.0  # seconds per long-poll; also bounds how stale last_success gets when idle
+    STREAM_WAIT = 300.0  # seconds a watch stream is asked to last (less up to 20%, spread)
+    HEARTBEAT = 10.0  # a stream's heartbeat interval when the leader names none
     READ_SLACK = 15.0  # on top of WAIT before a silent leader counts as gone
     CONNECT_TIMEOUT = 5.0
     BACKOFF_FIRST = 0.25
@@ -185,6 +203,11 @@ class Follower:
         self._etag: str | None = None
         # (lineage, revision) of the leader's registry held now; None: read in full next.
         self._since: tuple[str, int] | None = None
+        # Whether the leader offers watch streams: None not known (ask with stream=1 and a
+        # long-poll's wait, which a leader without them answers as a long-poll), True, or
+        # False (it answered a long-poll: long-poll until it may have changed).
+        self.streams: bool | None = None
+        self.streamed = 0  # watch streams opened on the leader
         self._task: asyncio.Task[None] | None = None
         self.first_sync = asyncio.Event()  # set once the first registry is adopted
 
@@ -271,8 +294,10 @@ class Follower:
         self.connected = False
         self.last_error = error
         if not isinstance(exc, (LeaderRefused, RevisionRegression)):
-            # No answer, or one that did not apply: the leader may have restarted.
+            # No answer, or one that did not apply: the leader may have restarted (as
+            # another version: ask again whether it streams).
             self._etag = None
+            self.streams = None
             if isinstance(exc, SyncError):
                 self._since = None  # what it sent did not apply: start over in full
         self._attempt += 1
@@ -285,6 +310,8 @@ class Follower:
         nothing new, or a full read that was not a retry (a retry still has to
         show that the deltas after it work)."""
         if self._since is not None:
+            if self.worker_id is None and self.streams is not False:
+                return await self._poll_stream(session, *self._since)
             return await self._poll_delta(session, *self._since)
         return await self._poll_full(session)
 
@@ -327,29 +354,114 @@ class Follower:
         params = {"since": str(since), "lineage": lineage, "wait": f"{self.WAIT:g}"}
         async with session.get(self.url, params=params) as resp:
             if resp.status == 410:
-                log.info("follower: %s cannot send the changes after revision %d (%s); "
-                         "reading its registry in full", self.leader, since,
-                         (await resp.content.read(300)).decode("utf-8", "replace").strip())
-                self._since = self._etag = None
-                self.relists += 1
-                if self._fresh:
-                    # Right after a full read: a history that short can be true (writes
-                    # between the two polls), but a leader answering so every time would
-                    # have the follower re-read in a loop; pace those re-reads.
-                    await asyncio.sleep(self.backoff(self._attempt))
-                    self._attempt += 1
-                return False
+                return await self._gone(resp, since)
             if resp.status != 200:
                 raise await self._refusal(resp)
             data = await self._read(resp)
+        return await self._apply(data, lineage, since)
+
+    async def _gone(self, resp: aiohttp.ClientResponse, since: int) -> bool:
+        """A 410 to a delta or stream: read the registry in full next."""
+        log.info("follower: %s cannot send the changes after revision %d (%s); "
+                 "reading its registry in full", self.leader, since,
+                 (await resp.content.read(300)).decode("utf-8", "replace").strip())
+        self._since = self._etag = None
+        self.relists += 1
+        if self._fresh:
+            # Right after a full read: a history that short can be true (writes
+            # between the two polls), but a leader answering so every time would
+            # have the follower re-read in a loop; pace those re-reads.
+            await asyncio.sleep(self.backoff(self._attempt))
+            self._attempt += 1
+        return False
+
+    async def _poll_stream(self, session: aiohttp.ClientSession, lineage: str,
+                           since: int) -> bool:
+        """A watch stream: each line a delta, applied in turn, until the stream ends.
+
+        Asked of a leader not known to stream with a long-poll's wait, so that one
+        without streams answers as the long-poll it then is."""
+        wait = self.STREAM_WAIT * random.uniform(0.8, 1.0) if self.streams else self.WAIT
+        params = {"since": str(since), "lineage": lineage, "stream": "1",
+                  "wait": f"{wait:.0f}"}
+        # No total deadline: a stream lasts; each read has one (_lines).
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.CONNECT_TIMEOUT)
+        async with session.get(self.url, params=params, timeout=timeout) as resp:
+            if resp.status == 410:
+                return await self._gone(resp, since)
+            if resp.status in (400, 404):
+                log.info("follower: %s offers no watch stream (HTTP %d); long-polling",
+                         self.leader, resp.status)
+                self.streams = False
+                return False  # asked again at once, as a long-poll
+            if resp.status != 200:
+                raise await self._refusal(resp)
+            if resp.content_type != NDJSON:
+                # A leader without streams: this is its long-poll's answer.
+                self.streams = False
+                async with asyncio.timeout(self.WAIT + self.READ_SLACK):
+                    data = await self._read(resp)
+                return await self._apply(data, lineage, since)
+            if not self.streams:
+                log.info("follower: following %s by a watch stream", self.leader)
+            self.streams = True
+            self.streamed += 1
+            try:
+                heartbeat = float(resp.headers.get(HEARTBEAT_HEADER, ""))
+            except ValueError:
+                heartbeat = self.HEARTBEAT
+            # Silent for this long (three heartbeats missed, or a leader that stopped
+            # without closing): gone. Never longer than a long-poll may take.
+            silence = min(self.WAIT + self.READ_SLACK, 3 * max(heartbeat, 0.05) + 5.0)
+            settled = False
+            async for line in self._lines(resp, silence):
+                assert self._since is not None
+                await self._apply(line, lineage, self._since[1])
+                if not settled:
+                    settled = True
+                    self._attempt = 0  # the stream works: a later break backs off from 0
+        if not settled:
+            raise ConnectionError("the leader's watch stream ended before its first line")
+        return True
+
+    async def _lines(self, resp: aiohttp.ClientResponse, silence: float
+                     ) -> AsyncIterator[bytes]:
+        """The stream's lines as they come, each at most api.max_body_bytes."""
+        buf = bytearray()
+        scanned = 0  # buf[:scanned] holds no newline
+        while True:
+            async with asyncio.timeout(silence):
+                data = await resp.content.readany()
+            if not data:
+                if buf:
+                    raise ConnectionError("the leader's watch stream ended inside a line")
+                return
+            buf += data
+            while (end := buf.find(b"\n", scanned)) >= 0:
+                line = bytes(buf[:end])
+                del buf[:end + 1]
+                scanned = 0
+                if line:
+                    yield line
+            scanned = len(buf)
+            if scanned > self.max_bytes:
+                raise SyncError(f"a line of the leader's watch stream is over "
+                                f"api.max_body_bytes {self.max_bytes}")
+
+    async def _apply(self, data: bytes, lineage: str, since: int) -> bool:
+        """Apply one delta the leader sent as the changes after ``since``."""
         large = len(data) > SMALL_DELTA
         # A large delta is a bulk write from its parse to its publish, as a PUT is on the
         # leader: the collector resumed in between would scan all that the parse made.
         with bulk_write() if large else contextlib.nullcontext():
             if large:
-                revision, upserts, deletes = await asyncio.to_thread(self.parse_delta, data)
+                revision, named, upserts, deletes = await asyncio.to_thread(self.parse_delta,
+                                                                            data)
             else:
-                revision, upserts, deletes = self.parse_delta(data)
+                revision, named, upserts, deletes = self.parse_delta(data)
+            # A leader restarted from its state file answers a delta asked in its previous
+            # lineage in its new one, which continues it (history.py, ``parent``).
+            answered_in = named or lineage
             self._fresh = False
             if revision < since:
                 raise RevisionRegression(f"revision {revision} as the changes since revision "
@@ -358,6 +470,7 @@ class Follower:
                 if upserts or deletes:
                     raise SyncError(f"leader answered changes at revision {revision} to "
                                     f"since={since}")
+                self._continued(lineage, answered_in, since, self.store.registry)
                 return self._success(settled=True)  # nothing changed within the wait
             body, pending = [data], [(revision, upserts, deletes)]
             del data, upserts, deletes  # held in body and pending alone, dropped once applied
@@ -366,9 +479,22 @@ class Follower:
             pending.clear()
         await self._release_after(body, reg)
         self._since = (lineage, reg.revision)
+        self._continued(lineage, answered_in, since, reg)
         self._etag = f'"{reg.revision}"'
         self.deltas += 1
         return self._success(settled=True)
+
+    def _continued(self, asked: str, answered: str, since: int, reg: Registry) -> None:
+        """The leader answered a delta asked in ``asked`` from ``since`` in the lineage
+        ``answered``: its lineage continues the one held (history.py, ``parent``), so
+        follow that one from now on, and serve it (a relay) with the history kept."""
+        if answered == asked:
+            return
+        log.info("follower: %s continues lineage %s as %s from revision %d", self.leader,
+                 asked, answered, since)
+        self._since = (answered, reg.revision)
+        self.lineage = answered
+        self.store.history.adopt_lineage(answered, reg, continues=since)
 
     async def _write(self, body: list[bytes], compute: Callable[[Registry], Registry]
                      ) -> Registry:
@@ -437,10 +563,15 @@ class Follower:
             raise SyncError(f"leader's registry does not fit this follower: {exc.field}: "
                             f"{exc.message}") from None
 
-    def parse_delta(self, data: bytes) -> tuple[int, list[ServiceSpec], list[ServiceKey]]:
-        """A delta's revision, upserts (VIPs as the leader gave them) and deletes."""
+    def parse_delta(self, data: bytes
+                    ) -> tuple[int, str | None, list[ServiceSpec], list[ServiceKey]]:
+        """A delta's revision, lineage (None if it names none), upserts (VIPs as the
+        leader gave them) and deletes."""
         with gc_paused():
             doc, revision = _leader_document(data, "delta")
+            named = doc.get("lineage")
+            if not isinstance(named, str) or not named or len(named) > 64:
+                named = None
             try:
                 upserts = parse_services(doc.get("upsert"), "upsert", consume=True,
                                          known=self.store.registry.services)
@@ -448,7 +579,7 @@ class Follower:
             except RegistryError as exc:
                 raise SyncError(f"leader's delta does not parse: {exc.field}: "
                                 f"{exc.message}") from None
-            return revision, upserts, deletes
+            return revision, named, upserts, deletes
 
     def apply_delta(self, base: Registry, since: int, revision: int,
                     upserts: list[ServiceSpec], deletes: list[ServiceKey]) -> Registry:
@@ -506,6 +637,10 @@ class FollowerCollector:
         yield CounterMetricFamily("meshdns_follow_deltas",
                                   "Deltas from the leader applied (follow by ?since=).",
                                   value=self.follower.deltas)
+        yield CounterMetricFamily("meshdns_follow_streams",
+                                  "Watch streams opened on the leader (?stream=1), each "
+                                  "carrying any number of deltas.",
+                                  value=self.follower.streamed)
         yield CounterMetricFamily("meshdns_follow_relists",
                                   "410 Gone answers to a delta request, each followed by a "
                                   "full read.", value=self.follower.relists)

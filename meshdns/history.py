@@ -90,6 +90,13 @@ class ChangeHistory:
         self._entries: deque[_Entry] = deque()
         self._keys = 0  # keys held over all entries
         self._lock = threading.Lock()
+        # Called (no arguments, outside the lock, from the recording thread) after each
+        # record or lineage change: the API's watch streams encode each change once here.
+        self.listeners: list[Callable[[], None]] = []
+        # (lineage, revision): this lineage continues that one, whose registry up to that
+        # revision is this one's (a leader restarted from its state file, a relay whose
+        # leader did): a request in it up to there is answered in this lineage.
+        self.parent: tuple[str, int] | None = None
 
     @property
     def revision(self) -> int | None:
@@ -102,6 +109,17 @@ class ChangeHistory:
 
         ``keys``: ``changed_keys(base, new)`` if the caller computed it already (in a
         worker thread: for a whole-registry write it is O(registry) on the DNS loop)."""
+        try:
+            self._record(base, new, keys)
+        finally:
+            self._notify()
+
+    def _notify(self) -> None:
+        for listener in list(self.listeners):
+            listener()
+
+    def _record(self, base: Registry | None, new: Registry,
+                keys: tuple[ServiceKey, ...] | None) -> None:
         contiguous = base is not None and self.registry is not None \
             and base.revision == self.registry.revision and new.revision > base.revision
         if not contiguous or base is None:
@@ -125,15 +143,25 @@ class ChangeHistory:
                 return
             self.oldest = entries[0].after if entries else new.revision
 
-    def adopt_lineage(self, lineage: str, reg: Registry) -> None:
+    def adopt_lineage(self, lineage: str, reg: Registry, continues: int | None = None) -> None:
         """A follower copied ``reg`` from a leader of ``lineage``: serve that lineage.
 
-        A changed lineage drops the history: deltas start from ``reg``.
+        A changed lineage drops the history: deltas start from ``reg``; unless the new
+        lineage ``continues`` the old one from that revision (the leader said so by
+        answering a delta from it): the history is kept, under the new name.
         """
         with self._lock:
-            if lineage != self.lineage:
-                self.lineage = lineage
-                self._restart(reg)
+            changed = lineage != self.lineage
+            if changed:
+                if continues is not None:
+                    self.parent = (self.lineage, continues)
+                    self.lineage = lineage
+                else:
+                    self.parent = None
+                    self.lineage = lineage
+                    self._restart(reg)
+        if changed:
+            self._notify()
 
     def _restart(self, reg: Registry) -> None:
         self._entries.clear()
@@ -160,3 +188,36 @@ class ChangeHistory:
             if first is None and revision < reg.revision:
                 first = self.clock()  # pragma: no cover - entries always cover (oldest, rev]
             return Changes(reg, self.lineage, frozenset(keys), first)
+
+    def between(self, revision: int, upto: Registry, lineage: str) -> Changes | None:
+        """What changed after ``revision`` up to ``upto``, a snapshot this history recorded
+        in ``lineage`` (the changes as of then, not of now); None when it cannot say.
+
+        A watch stream's catch-up: the stream then continues from ``upto`` with the
+        events every stream gets, so it must end exactly there."""
+        with self._lock:
+            reg, oldest = self.registry, self.oldest
+            if reg is None or oldest is None or lineage != self.lineage:
+                return None
+            if not oldest <= revision <= upto.revision <= reg.revision:
+                return None
+            keys: set[ServiceKey] = set()
+            first: float | None = None
+            for entry in reversed(self._entries):
+                if entry.revision <= revision:
+                    break
+                if entry.revision <= upto.revision:
+                    keys.update(entry.keys)
+                    first = entry.at
+            return Changes(upto, self.lineage, frozenset(keys), first)
+
+    def resolve(self, lineage: str | None, revision: int) -> str | None:
+        """The lineage a request in ``lineage`` from ``revision`` is answered in: this
+        one, when it is this one (or none is named), or the one this continues, up to
+        where it does; None when neither (410)."""
+        if lineage is None or lineage == self.lineage:
+            return self.lineage
+        parent = self.parent
+        if parent is not None and lineage == parent[0] and revision <= parent[1]:
+            return self.lineage
+        return None

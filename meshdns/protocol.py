@@ -14,3 +14,8 @@ WORKER_HEADER = "X-Meshdns-Worker"
 # meshdns/history.py): a follower sends it back with ?since= so that a leader
 # whose revisions restarted is never asked for a delta it cannot mean.
 LINEAGE_HEADER = "X-Meshdns-Lineage"
+
+# A watch stream's answer (GET /v1/services?since=N&stream=1, meshdns/api/stream.py)
+# names the seconds between its heartbeats here; a follower reads a stream as gone
+# after a few of them pass in silence.
+HEARTBEAT_HEADER = "X-Meshdns-Heartbeat"

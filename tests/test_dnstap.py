@@ -303,20 +303,32 @@ def test_collector_killed_mid_run_dns_unaffected_drops_counted(workdir: Path) ->
         assert value(text, "meshdns_dnstap_written_total") == 40
 
         # A collector back on the same socket gets what waited in the queue (backoff
-        # retries reach it), and everything after.
+        # retries reach it), and everything after. The queue is still full when the
+        # handshake is counted: a query then would be dropped (queue_full, rightly),
+        # so the last query is sent once the queue has gone to the new collector.
         again = Capture(workdir, name="again").start()
-        try:
-            wait_for(lambda: value(metrics(server), "meshdns_dnstap_connections_total") == 2,
-                     15, "a reconnection")
-            last = ask(server.dns_addr, MESH_NAME, tcp=True)
+
+        def written(expected: float, what: str) -> None:
             try:
                 wait_for(lambda: value(metrics(server), "meshdns_dnstap_written_total")
-                         == 40 + 2 * queue + 2, 10, "the queue and the last query written")
+                         == expected, 15, what)
             except AssertionError as exc:  # say what meshdns and the collector saw
                 seen = "\n".join(line for line in metrics(server).splitlines()
                                  if line.startswith("meshdns_dnstap"))
                 raise AssertionError(f"{exc}\n{seen}\ncollector: {again.log()[-2000:]}\n"
                                      f"meshdns: {server.log()[-4000:]}") from None
+
+        try:
+            wait_for(lambda: value(metrics(server), "meshdns_dnstap_connections_total") == 2,
+                     15, "a reconnection")
+            written(40 + 2 * queue, "the queue written to the new collector")
+            text = metrics(server)
+            assert value(text, "meshdns_dnstap_queued") == 0
+            assert value(text, "meshdns_dnstap_dropped_total", '{reason="queue_full"}') \
+                == 2 * (after - queue)  # nothing more dropped on the way
+            last = ask(server.dns_addr, MESH_NAME, tcp=True)
+            written(40 + 2 * queue + 2, "the last query written")
+            assert accounted(metrics(server)) == total + 2
         finally:
             server.stop()
             again.stop()
@@ -365,6 +377,112 @@ def test_stalled_collector_never_slows_dns(workdir: Path) -> None:
         server.stop()
         capture.stop()
     assert len(read_capture(capture.path)) == written
+
+
+# Peers as the transports give them, with the (family, address, port) dnstap must carry.
+PEERS: list[tuple[Any, tuple[int, bytes, int]]] = [
+    (("127.0.0.1", 5353), (pb.INET, socket.inet_aton("127.0.0.1"), 5353)),
+    (("10.1.2.3", 53), (pb.INET, socket.inet_aton("10.1.2.3"), 53)),
+    (("fd00::7", 40000, 0, 0), (pb.INET6, socket.inet_pton(socket.AF_INET6, "fd00::7"), 40000)),
+    (("::ffff:10.0.0.9", 999, 0, 0), (pb.INET, socket.inet_aton("10.0.0.9"), 999)),
+    (struct.pack("=H", socket.AF_INET) + struct.pack("!H", 1234) + socket.inet_aton("127.0.0.5")
+     + bytes(20), (pb.INET, socket.inet_aton("127.0.0.5"), 1234)),  # a raw sockaddr_in
+    (struct.pack("=H", socket.AF_INET6) + struct.pack("!HI", 65535, 0)
+     + socket.inet_pton(socket.AF_INET6, "2001:db8::1") + bytes(4),
+     (pb.INET6, socket.inet_pton(socket.AF_INET6, "2001:db8::1"), 65535)),
+]
+
+
+def reference_frames(entries: list[Any], identity: bytes, version: bytes,
+                     messages: tuple[str, ...], known: dict[Any, tuple[int, bytes, int]]
+                     ) -> tuple[bytes, int]:
+    """The frames protobuf's own serializer makes of ``entries``: each Dnstap message
+    built field by field with dnstap-pb (what meshdns's Encoder must equal, byte for byte)."""
+    from meshdns.dns.dnstap import EXCHANGE, FORWARDED, QUERY, RESPONSE
+
+    T = pb.Message
+    kinds = {EXCHANGE: ("client_query", "client_response"), QUERY: ("client_query", None),
+             RESPONSE: (None, "client_response"),
+             FORWARDED: ("forwarder_query", "forwarder_response")}
+    out, n = b"", 0
+    for kind, proto, peer, local, query, reply, t_query, t_reply in entries:
+        for side, name in enumerate(kinds[kind]):
+            if name is None or name not in messages or (side == 1 and reply is None):
+                continue
+            frame = pb.Dnstap(identity=identity, version=version, type=pb.Dnstap.MESSAGE)
+            m = frame.message
+            m.type = T.Type.Value(name.upper())
+            m.socket_protocol = proto
+            client, server = (local, peer) if kind == FORWARDED else (peer, local)
+            if client is not None:
+                m.socket_family, m.query_address, m.query_port = known[client]
+            if server is not None:
+                m.socket_family, m.response_address, m.response_port = known[server]
+            m.query_time_sec, m.query_time_nsec = divmod(t_query, 10**9)
+            m.query_message = query
+            if side == 1:
+                m.response_time_sec, m.response_time_nsec = divmod(t_reply, 10**9)
+                m.response_message = reply
+            data = frame.SerializeToString()
+            out += struct.pack("!I", len(data)) + data
+            n += 1
+    return out, n
+
+
+@pytest.mark.parametrize("messages", [
+    ("client_query", "client_response", "forwarder_query", "forwarder_response"),
+    ("client_response",), ("client_query", "forwarder_response")])
+def test_encoder_bytes_equal_protobufs_own_serialization(messages: tuple[str, ...]) -> None:
+    """The writer joins pre-encoded fields instead of serializing a message object per
+    message: every entry kind, address form and length (varints of 1, 2 and 3 bytes)
+    gives the very bytes protobuf gives."""
+    import random
+
+    from meshdns.dns.dnstap import EXCHANGE, FORWARDED, QUERY, RESPONSE, TCP, UDP, Encoder
+
+    rng = random.Random(26)
+    sizes = [0, 1, 12, 60, 127, 128, 200, 1232, 4095, 4096, 16383, 16384, 65535]
+    known = dict(PEERS)
+    peers = [peer for peer, _ in PEERS]
+    for _ in range(200):  # clients from many addresses, a new port (1 to 3 varint bytes) each
+        port = rng.choice([rng.randrange(128), rng.randrange(128, 16384),
+                           rng.randrange(16384, 65536)])
+        if rng.random() < 0.5:
+            raw = socket.inet_aton(f"10.{rng.randrange(4)}.{rng.randrange(4)}.{rng.randrange(256)}")
+            peer = struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + raw + bytes(20)
+            known[peer] = (pb.INET, raw, port)
+        else:
+            raw = socket.inet_pton(socket.AF_INET6, f"fd00::{rng.randrange(1, 9):x}")
+            peer = (socket.inet_ntop(socket.AF_INET6, raw), port, 0, 0)
+            known[peer] = (pb.INET6, raw, port)
+        peers.append(peer)
+    entries = []
+    for i in range(600):
+        kind = rng.choice([EXCHANGE, QUERY, RESPONSE, FORWARDED])
+        t = 1_700_000_000 * 10**9 + rng.randrange(10**12)
+        entries.append((kind, rng.choice([UDP, TCP]), rng.choice(peers),
+                        rng.choice([None, PEERS[0][0], PEERS[2][0]]),
+                        rng.randbytes(rng.choice(sizes[:8])),
+                        None if kind == QUERY or i % 9 == 0 else rng.randbytes(rng.choice(sizes)),
+                        t, t + rng.randrange(3 * 10**9)))
+    encoder = Encoder(b"node-a", b"meshdns test", messages)
+    got = encoder.encode(entries)
+    assert got == reference_frames(entries, b"node-a", b"meshdns test", messages, known)
+    assert got[1] == sum(encoder.count(e) for e in entries)  # what the queue counts
+
+
+def test_encoder_caches_stay_bounded_with_a_new_port_per_query() -> None:
+    from meshdns.dns.dnstap import EXCHANGE, MAX_ADDRESSES, UDP, Encoder
+
+    encoder = Encoder(b"a", b"b", ("client_response",))
+    t = time.time_ns()
+    for n in range(0, 3 * MAX_ADDRESSES, 500):
+        entries = [(EXCHANGE, UDP, struct.pack("=H", socket.AF_INET) + struct.pack("!H", p % 65536)
+                    + bytes([10, 0, p // 256 % 256, p % 256]) + bytes(20), ("10.0.0.1", 53),
+                    b"q", b"r", t, t) for p in range(n, n + 500)]
+        assert encoder.encode(entries)[1] == 500
+        assert len(encoder._fields) <= MAX_ADDRESSES + 1
+        assert len(encoder._hosts) <= MAX_ADDRESSES
 
 
 @pytest.mark.parametrize(("raw", "error"), [

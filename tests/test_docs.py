@@ -47,8 +47,9 @@ FAMILY = re.compile(r"^# TYPE (\S+) \S+$", re.MULTILINE)
 
 def exported_families(tmp: Path) -> dict[str, set[str]]:
     """Family name -> the roles that export it, scraped from real processes: a leader
-    forwarding to a real unbound, a follower of it, and an instance whose registry is in
-    a real etcd (every collector yields its families at each scrape, samples or not)."""
+    forwarding to a real unbound (with dnstap on), a follower of it, and an instance
+    whose registry is in a real etcd (every collector yields its families at each
+    scrape, samples or not)."""
     from .apiclient import ServerProcess, call, wait_for
     from .etcd_cluster import EtcdCluster
     from .fake_upstream import Unbound
@@ -59,7 +60,9 @@ def exported_families(tmp: Path) -> dict[str, set[str]]:
     with contextlib.ExitStack() as stack:
         unbound = stack.enter_context(Unbound(tmp / "unbound"))
         stack.callback(etcd.stop)
-        leader = ServerProcess(tmp / "leader", {"dns": {"upstreams": [unbound.address]}},
+        # With log.dnstap too (its families are exported with or without a collector).
+        leader = ServerProcess(tmp / "leader", {"dns": {"upstreams": [unbound.address]},
+                                                "log": {"dnstap": {"socket": "/nonexistent"}}},
                                name="leader")
         stack.callback(leader.stop)
         leader.start(ready=False)

@@ -223,7 +223,10 @@ def test_a_follower_behind_the_history_relists(tmp_path: Path,
                                                procs: list[ServerProcess]) -> None:
     # No coalescing: the long-poll parked when the follower stops is answered with the
     # first change alone, so the next one asks from a revision the history dropped.
-    leader = start(procs, leader_process(tmp_path, follow_history=3, follow_coalesce=0))
+    # Long-polls only (api.streams false): a watch stream would carry every change to
+    # the stopped follower; test_follow_stream.py has a stream falling behind.
+    leader = start(procs, leader_process(tmp_path, follow_history=3, follow_coalesce=0,
+                                         streams=False))
     follower = start(procs, follower_process(tmp_path, leader, "follower"))
     in_step(leader, follower)
     assert follower.proc is not None
@@ -277,8 +280,10 @@ def test_a_leader_back_at_the_same_revision_with_another_registry_is_relisted(
 
 
 def test_a_relay_forwards_deltas(tmp_path: Path, procs: list[ServerProcess]) -> None:
+    # The relay serves long-polls (api.streams false), counted one per delta below;
+    # test_follow_stream.py has a relay serving a watch stream.
     leader = start(procs, leader_process(tmp_path))
-    relay = start(procs, follower_process(tmp_path, leader, "relay"))
+    relay = start(procs, follower_process(tmp_path, leader, "relay", streams=False))
     follower = start(procs, follower_process(tmp_path, relay, "follower"))
     in_step(leader, relay, follower)
     lineage = call(leader.url, "GET", "/v1/services").headers[LINEAGE]

@@ -40,6 +40,7 @@ from .state import (
     error_response,
     not_loaded_reason,
 )
+from .stream import STREAM_KEY, StreamCollector, StreamHub
 
 log = logging.getLogger("meshdns.api")
 # aiohttp's own connection-level log: a request it could not parse comes here.
@@ -83,7 +84,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.exception("%s %s failed", request.method, request.path)
         response = error_response(500, "internal error (logged)")
     op = _sync_op(request)
-    if op is not None:
+    # A watch stream counts itself (a delta) once it is open, not again when it ends.
+    if op is not None and not response.prepared:
         state = request.app[STATE_KEY]
         state.count(op, response.status)
         if op in ("put", "patch"):
@@ -203,6 +205,7 @@ def make_app(server: ApiContext) -> web.Application:
     app = web.Application(client_max_size=api.max_body_bytes, middlewares=middlewares)
     state = ApiState(server)
     app[STATE_KEY] = state
+    hub = app[STREAM_KEY] = StreamHub(state)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/services", get_services)
@@ -214,15 +217,18 @@ def make_app(server: ApiContext) -> web.Application:
     # listener instead when metrics.listen is set.
     if server.metrics is not None:
         server.metrics.register(ApiCollector(state))
+        server.metrics.register(StreamCollector(hub))
         if server.config.metrics.listen is None:
             app.router.add_get("/metrics", metrics_route(server.metrics))
 
     async def on_startup(app: web.Application) -> None:
         state.watch.bind(asyncio.get_running_loop())
         server.store.listeners.append(state.watch.notify)
+        hub.start()
 
     async def on_shutdown(app: web.Application) -> None:
         state.watch.close()  # release long-polls now, not after their ?wait= ran out
+        await hub.stop()  # and end the streams
 
     async def on_cleanup(app: web.Application) -> None:
         if state.watch.notify in server.store.listeners:

@@ -86,26 +86,33 @@ def gone(st: ApiState, message: str) -> ApiError:
                     {LINEAGE_HEADER: st.store.history.lineage})
 
 
-async def get_delta(request: web.Request, st: ApiState, since: int, wait: float,
-                    coalesce: bool) -> web.Response:
-    """The answer to ``?since=``; ``coalesce`` False answers a change at once (a
-    dns.workers process, whose main process acknowledges writes only once it serves them)."""
+def check_since(st: ApiState, since: int, lineage: str | None) -> str:
+    """410 for a lineage other than the server's (or the one it continues, up to where
+    it does) or a revision ahead of its registry; the lineage the answer is in."""
     history = st.store.history
-    lineage = request.query.get("lineage")
-    if lineage is not None and lineage != history.lineage:
+    effective = history.resolve(lineage, since)
+    if effective is None:
         raise gone(st, f"lineage {lineage!r} is not this registry's ({history.lineage}): "
                    "its revisions restarted")
     current = history.revision
     if current is not None and since > current:
         raise gone(st, f"revision {since} is ahead of this registry's {current}")
+    return effective
+
+
+async def get_delta(request: web.Request, st: ApiState, since: int, wait: float,
+                    coalesce: bool) -> web.Response:
+    """The answer to ``?since=``; ``coalesce`` False answers a change at once (a
+    dns.workers process, whose main process acknowledges writes only once it serves them)."""
+    history = st.store.history
+    lineage = check_since(st, since, request.query.get("lineage"))
+    current = history.revision
     if wait > 0 and current == since:
         await st.watch.wait_while(
-            lambda: history.revision == since and history.lineage == (lineage or
-                                                                      history.lineage),
-            wait)
+            lambda: history.revision == since and history.lineage == lineage, wait)
     changes = history.since(since, lineage)
     if changes is None:
-        raise _why_gone(st, since, lineage)
+        raise why_gone(st, since, lineage)
     window = st.server.config.api.follow_coalesce
     if coalesce and window > 0 and changes.first_at is not None:
         delay = changes.first_at + window - history.clock()
@@ -113,7 +120,7 @@ async def get_delta(request: web.Request, st: ApiState, since: int, wait: float,
             await asyncio.sleep(delay)  # gather the rest of a burst into this answer
             changes = history.since(since, lineage)
             if changes is None:
-                raise _why_gone(st, since, lineage)
+                raise why_gone(st, since, lineage)
     key = (changes.lineage, since, changes.registry.revision)
     body = st.delta_body(key)
     if body is None:
@@ -129,7 +136,7 @@ async def get_delta(request: web.Request, st: ApiState, since: int, wait: float,
         LINEAGE_HEADER: changes.lineage})
 
 
-def _why_gone(st: ApiState, since: int, lineage: str | None) -> ApiError:
+def why_gone(st: ApiState, since: int, lineage: str | None) -> ApiError:
     history = st.store.history
     if lineage is not None and lineage != history.lineage:
         return gone(st, f"lineage {lineage!r} is not this registry's ({history.lineage})")

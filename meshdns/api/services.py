@@ -38,6 +38,7 @@ from ..store import StateWriteError, fast_ip4, fast_ip6
 from .body import decode, object_with, read_body
 from .follow import encoded_response, get_delta, parse_since
 from .state import AUDIT_KEY, MAX_WAIT_SECONDS, STATE_KEY, ApiError, ApiState, etag
+from .stream import STREAM_KEY, get_stream, wants_stream
 
 log = logging.getLogger("meshdns.api")
 # PATCH bodies up to this size are parsed and applied on the event loop (an
@@ -126,12 +127,13 @@ def _core_parse(fn: Callable[[], T]) -> T:
 # ---------------------------------------------------------------- handlers
 
 
-async def get_services(request: web.Request) -> web.Response:
+async def get_services(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE_KEY]
     store = st.store
     wait = parse_wait(request.query.get("wait"))
     since_text = request.query.get("since")
     since = None if since_text is None else parse_since(since_text)
+    stream = wants_stream(request, st.server.config.api.streams)  # (a bad value: 400)
     inm = request.headers.get(hdrs.IF_NONE_MATCH)
     reg = store.registry
     pool = st.server.workers
@@ -154,6 +156,8 @@ async def get_services(request: web.Request) -> web.Response:
             raise ApiError(503, "no registry loaded yet (no state file, seed file or write)",
                            None, {"Retry-After": "1"})
     if since is not None:
+        if stream:
+            return await get_stream(request, st, request.app[STREAM_KEY], since, wait)
         return await get_delta(request, st, since, wait, coalesce=not worker)
     if not just_loaded and inm is not None and none_match(inm, reg.revision):
         if wait > 0:

@@ -216,6 +216,8 @@ def replay_journal(doc: dict[str, Any], path: Path) -> int:
     for entry in entries:
         if entry["revision"] <= revision:
             continue  # already in the snapshot (a crash between snapshot and journal reset)
+        if isinstance(entry.get("lineage"), str):
+            doc["lineage"] = entry["lineage"]  # the lineage that made this revision
         for key in entry["delete"]:
             services.pop(tuple(key), None)
         for record in entry["upsert"]:

@@ -47,7 +47,8 @@ def load_seed(path: str) -> list[ServiceSpec]:
         raise StateError(f"seed file {path}: {exc.field}: {exc.message}") from None
 
 
-def state_document(reg: Registry, mirror: bool = False) -> dict[str, Any]:
+def state_document(reg: Registry, mirror: bool = False,
+                   lineage: str | None = None) -> dict[str, Any]:
     services = [service_record(s) for s in reg.services.values()]
 
     def held(table: Any, fmt: Callable[[int], str]) -> list[list[Any]]:
@@ -58,6 +59,10 @@ def state_document(reg: Registry, mirror: bool = False) -> dict[str, Any]:
                            "held": {"ipv4": held(reg.held4, fast_ip4), "ipv6": held(reg.held6, fast_ip6)}}
     if mirror:
         doc["mirror"] = True
+    if lineage is not None:
+        # The lineage of the process that wrote it (a journal line names its own, and
+        # replay keeps the last): a restarted leader continues it.
+        doc["lineage"] = lineage
     return doc
 
 
@@ -69,14 +74,15 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
-def write_state(path: Path, reg: Registry, mirror: bool = False) -> None:
+def write_state(path: Path, reg: Registry, mirror: bool = False,
+                lineage: str | None = None) -> None:
     """Durably replace ``path``: a crash leaves either the old or the new file, whole.
 
     Temp file in the same directory, fsync it, rename over the old one (atomic
     on POSIX), then fsync the directory so the rename itself survives a power cut.
     """
     with gc_paused():  # 100k short-lived dicts: nothing for the collector to find
-        data = dumps_in_steps(state_document(reg, mirror)).encode()
+        data = dumps_in_steps(state_document(reg, mirror, lineage)).encode()
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=directory)
     try:
@@ -130,7 +136,8 @@ def read_state(path: Path, policy: RegistryPolicy, now: float) -> Registry:
     return read_state_file(path, policy, now)[0]
 
 
-def read_state_file(path: Path, policy: RegistryPolicy, now: float) -> tuple[Registry, bool]:
+def read_state_file(path: Path, policy: RegistryPolicy, now: float,
+                    meta: dict[str, Any] | None = None) -> tuple[Registry, bool]:
     """The saved registry and whether it is a follower's mirror, or StateError.
 
     Anything unexpected stops start-up: serving an empty (or partial) registry
@@ -161,6 +168,8 @@ def read_state_file(path: Path, policy: RegistryPolicy, now: float) -> tuple[Reg
         if not isinstance(doc["services"], list):
             raise ValueError("services is not a list")
         revision = replay_journal(doc, journal_path(path))
+        if meta is not None and isinstance(doc.get("lineage"), str):
+            meta["lineage"] = doc["lineage"]  # who made the last revision (state_document)
         raw = doc["services"]
         allocated: dict[ServiceKey, tuple[int | None, int | None]] = {}
         plain = []

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..core.answer import MessageHandler, Zone, ZoneSettings
 from ..core.registry import (
@@ -208,10 +208,13 @@ class RegistryStore:
                 and state_file.exists():
             entry = journal_entry(base, reg)
             if entry is not None:
+                if not mirror:
+                    entry["lineage"] = self.history.lineage  # as a snapshot names it
                 journal.append(entry)
                 return
         try:
-            write_state(state_file, reg, mirror)
+            # A leader's snapshot names its lineage (a follower's copy is the leader's).
+            write_state(state_file, reg, mirror, None if mirror else self.history.lineage)
         except SnapshotNotDurable:
             # The file may hold this unacknowledged revision: a journal line of the
             # next write would carry the same revision and be skipped by replay.
@@ -269,8 +272,10 @@ class RegistryStore:
         if self.state_file is not None:
             remove_stale_temp_files(self.state_file)
         if self.state_file is not None and self.state_file.exists():
+            meta: dict[str, Any] = {}
             try:
-                reg, self.mirror = read_state_file(self.state_file, self.policy, self.clock())
+                reg, self.mirror = read_state_file(self.state_file, self.policy, self.clock(),
+                                                   meta)
             except StateError as exc:
                 if not replica:
                     raise
@@ -278,6 +283,12 @@ class RegistryStore:
             if self.journal is not None:
                 self.journal.refresh()  # marks it damaged if a torn tail could not be cut
             self.publish(reg)
+            if not replica and not self.mirror and meta.get("lineage"):
+                # The file's last revision (snapshot or journal line) was made in that
+                # lineage's last write; this process's (new: two started from one copy
+                # must not pass for one) continues it at the revision the file gave back
+                # (history.py, ``parent``). Its own writes name its own (_persist).
+                self.history.parent = (meta["lineage"], reg.revision)
             return f"state file {self.state_file} (revision {reg.revision})"
         if self.journal is not None:
             self.journal.reset()  # a journal without its snapshot extends nothing
