@@ -10,30 +10,50 @@ packets; each figure is the median of several repeats. Hit figures include the
 Python ``for`` loop and call overhead, which is measured separately (the
 "empty loop" row) so the per-query work can be read off as the difference.
 
-Usage: python bench/bench_core.py [--quick] [--big 100000] [--no-write]
+``--against REF`` adds the miss rows of the core at git ``REF`` (its meshdns/core,
+extracted beside this one), timed in this same process alternately with this tree's:
+both then see the same machine, which on a shared one is what makes two cores
+comparable.
+
+Usage: python bench/bench_core.py [--quick] [--big 100000] [--no-write] [--against REF]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
+import io
 import ipaddress
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import datagen
 import report
 from dnslib import DNSRecord
 
-from meshdns.core.handler import MessageHandler
-from meshdns.core.names import CANONICAL_TEMPLATE, parse_templates
-from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.vip import VipRange
-from meshdns.core.zone import Zone, ZoneSettings
+from meshdns.core.answer import MessageHandler, Zone, ZoneSettings
+from meshdns.core.registry import (
+    CANONICAL_TEMPLATE,
+    Registry,
+    RegistryPolicy,
+    VipRange,
+    apply_put,
+    parse_services,
+    parse_templates,
+)
 from meshdns.gcpause import gc_paused
 
 DISTINCT = 1000  # distinct packets per kind in the hit loops
+MISS_KINDS = ("A hit", "AAAA hit", "NXDOMAIN", "NODATA (TXT of a service)", "SRV",
+              "PTR (in-addr.arpa)", "A hit, EDNS")
 # Three hostname templates (issue 16): the canonical form and two rendered ones, so
 # every service gets two names from a table built with the snapshot.
 TEMPLATES = (CANONICAL_TEMPLATE, "{name}-{port}.{namespace}.svc.mesh.local",
@@ -157,8 +177,7 @@ def bench_misses(zone: Zone, sets: dict[str, list[bytes]], repeats: int) -> list
     a zone that has encoded nothing yet (the first question ever for a service).
     """
     rows = []
-    kinds = [(k, False) for k in ("A hit", "AAAA hit", "NXDOMAIN", "NODATA (TXT of a service)",
-                                  "SRV", "PTR (in-addr.arpa)", "A hit, EDNS")]
+    kinds = [(k, False) for k in MISS_KINDS]
     kinds += [("SRV", True), ("PTR (in-addr.arpa)", True)]
     for kind, fresh in kinds:
         packets = sets[kind]
@@ -170,6 +189,70 @@ def bench_misses(zone: Zone, sets: dict[str, list[bytes]], repeats: int) -> list
             samples.append(time_loop(resolver.handle_udp, packets, 1))
         label = kind.replace(" hit", "") + " miss" + (", new snapshot" if fresh else "")
         rows.append({"kind": label, **stats(samples), "reply": "-"})
+    return rows
+
+
+def core_at(ref: str) -> SimpleNamespace:
+    """The core of git ``ref`` (meshdns/core, imported as the package ``core_at_ref``):
+    the names the miss rows use, from either layout (core/answer + core/registry since
+    issue 24, one flat core/ before)."""
+    repo = Path(__file__).resolve().parent.parent
+    tar = subprocess.run(["git", "-C", str(repo), "archive", ref, "meshdns/core"],
+                         capture_output=True, check=True).stdout
+    root = Path(tempfile.mkdtemp(prefix="bench-core-"))
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        archive.extractall(root, filter="data")
+    (root / "meshdns" / "core").rename(root / "core_at_ref")
+    sys.path.insert(0, str(root))
+    try:
+        answer = importlib.import_module("core_at_ref.answer")
+        registry = importlib.import_module("core_at_ref.registry")
+        return SimpleNamespace(MessageHandler=answer.MessageHandler, Zone=answer.Zone,
+                               ZoneSettings=answer.ZoneSettings, Registry=registry.Registry,
+                               RegistryPolicy=registry.RegistryPolicy,
+                               apply_put=registry.apply_put,
+                               parse_services=registry.parse_services,
+                               VipRange=registry.VipRange)
+    except ModuleNotFoundError:  # the flat core/
+        handler = importlib.import_module("core_at_ref.handler")
+        zone = importlib.import_module("core_at_ref.zone")
+        registry = importlib.import_module("core_at_ref.registry")
+        return SimpleNamespace(MessageHandler=handler.MessageHandler, Zone=zone.Zone,
+                               ZoneSettings=zone.ZoneSettings, Registry=registry.Registry,
+                               RegistryPolicy=registry.RegistryPolicy,
+                               apply_put=registry.apply_put,
+                               parse_services=registry.parse_services,
+                               VipRange=importlib.import_module("core_at_ref.vip").VipRange)
+
+
+def bench_against(ref: str, services: Sequence[datagen.Svc], sets: dict[str, list[bytes]],
+                  repeats: int) -> list[dict[str, Any]]:
+    """Miss rows of the core at ``ref`` and of this tree's, each repeat of one then the
+    other, in this process (the "miss" method of bench_misses otherwise)."""
+    this = SimpleNamespace(MessageHandler=MessageHandler, Zone=Zone, ZoneSettings=ZoneSettings,
+                           Registry=Registry, RegistryPolicy=RegistryPolicy,
+                           apply_put=apply_put, parse_services=parse_services,
+                           VipRange=VipRange)
+    raw = [s.to_json() for s in services]
+    zones = []
+    for api in (core_at(ref), this):
+        reg = api.apply_put(api.Registry.empty(), api.parse_services(raw), api.RegistryPolicy(),
+                            1000.0)
+        zones.append((api, api.Zone(reg, api.ZoneSettings(
+            domains=("mesh",), range4=api.VipRange.from_cidr("240.0.0.0/4"),
+            range6=api.VipRange.from_cidr("fd00:fd00::/64")))))
+    rows = []
+    for kind in MISS_KINDS:
+        packets = sets[kind]
+        samples: list[list[tuple[float, float]]] = [[], []]
+        for _ in range(repeats):
+            for i, (api, zone) in enumerate(zones):
+                resolver = api.MessageHandler(zone)
+                gc.collect()
+                samples[i].append(time_loop(resolver.handle_udp, packets, 1))
+        before, after = (report.median([c for _, c in s]) for s in samples)
+        rows.append({"kind": kind.replace(" hit", "") + " miss", "before_cpu_ns": before,
+                     "after_cpu_ns": after})
     return rows
 
 
@@ -185,8 +268,7 @@ def bench_change(services: Sequence[datagen.Svc], repeats: int) -> list[dict[str
     import dataclasses
     import random
 
-    from meshdns.core.patch import apply_patch
-    from meshdns.core.registry import ServiceSpec
+    from meshdns.core.registry import ServiceSpec, apply_patch
 
     rng = random.Random(7)
     policy = RegistryPolicy()
@@ -270,6 +352,8 @@ def main() -> int:
                     help="registry sizes to time building/swapping (default 10k 100k)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and passes (smoke)")
     ap.add_argument("--no-write", action="store_true", help="print only, no results/core.md")
+    ap.add_argument("--against", metavar="REF",
+                    help="also time the miss rows of the core at this git ref, alternately")
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.passes = 3, 20
@@ -291,6 +375,12 @@ def main() -> int:
     for row in bench_hits(t_resolver, t_sets, args.repeats, args.passes)[1:]:
         hits.append({**row, "kind": "3 templates: " + row["kind"]})
     misses = bench_misses(zone, sets, args.repeats)
+    against = bench_against(args.against, services, sets, args.repeats) if args.against else []
+    a_headers = ["miss", f"{args.against} (CPU ns)", "this tree (CPU ns)", "this / that"]
+    a_rows = [[r["kind"], f"{r['before_cpu_ns']:,.0f}", f"{r['after_cpu_ns']:,.0f}",
+               f"{r['after_cpu_ns'] / r['before_cpu_ns']:.3f}"] for r in against]
+    if a_rows:
+        print(report.text_table(a_headers, a_rows), flush=True)
     change = bench_change(services, args.repeats)
     c_headers = ["after a one-service PATCH", "cached replies", "set_zone (CPU)",
                  "asking them all again (CPU)", "per question", "total"]
@@ -346,8 +436,8 @@ def main() -> int:
         "*Cached* rows are the steady state: every packet was answered once before, so the "
         "reply comes from the pre-encoded cache (slice + dict lookup + concatenation). "
         "*Miss* rows run each packet once through a fresh `MessageHandler` (empty cache, nothing "
-        "encoded yet for the snapshot): the wire fast path (`meshdns/core/fastpath.py`: light "
-        "parse, the zone's lookups, a bytes join), cache insert. \"CPU minus loop\" subtracts the empty "
+        "encoded yet for the snapshot): the wire fast path (`meshdns/core/answer/_fastpath.py`: light "
+        "parse, `Zone.locate`, a bytes join), cache insert. \"CPU minus loop\" subtracts the empty "
         "loop (calling a no-op function per packet). queries/s = 1e9 / ns: an upper bound for one "
         "core, before any socket work. *CPU* columns use `time.process_time_ns` over the same "
         "loops: on a shared machine they leave out the time the benchmark sat descheduled, "
@@ -381,9 +471,22 @@ def main() -> int:
         report.table(b_headers, b_rows),
         "",
     ]
+    if a_rows:
+        md += [
+            f"## Misses against `{args.against}`",
+            "",
+            f"The miss rows of the core at `{args.against}` and of this tree, in this one "
+            "process: each repeat runs one core's fresh `MessageHandler`, then the other's, "
+            "so a slow spell of the shared machine lands on both alike. CPU ns per query "
+            f"including the loop, median of {args.repeats} repeats.",
+            "",
+            report.table(a_headers, a_rows, "lrrr"),
+            "",
+        ]
     if not args.no_write:
         path = report.write_result("core", "\n".join(md),
                                    {"queries": hits + misses, "change": change,
+                                    "against": {"ref": args.against, "misses": against},
                                     "build": build_data,
                                     "machine": report.machine_info()})
         print(f"\nwrote {path}")

@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from meshdns.config import parse_config  # noqa: E402
-from meshdns.core.handler import ForwardRequest  # noqa: E402
+from meshdns.core.answer import ForwardRequest  # noqa: E402
 from meshdns.dns.forwarder import Forwarder  # noqa: E402
 from meshdns.server import MeshServer  # noqa: E402
 from tests.fake_upstream import FakeUpstream, Unbound  # noqa: E402

@@ -28,9 +28,8 @@ import uncounted
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from meshdns.core.handler import MessageHandler  # noqa: E402
+from meshdns.core.answer import MessageHandler, Zone, ZoneSettings  # noqa: E402
 from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services  # noqa: E402
-from meshdns.core.zone import Zone, ZoneSettings  # noqa: E402
 
 
 def in_process(services: int, loops: int, repeats: int) -> tuple[float, float]:

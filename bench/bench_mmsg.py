@@ -53,9 +53,8 @@ QUERY_LINES = 10_000
 
 
 def build_resolver(seed: Path) -> Any:
-    from meshdns.core.handler import MessageHandler
+    from meshdns.core.answer import MessageHandler, Zone, ZoneSettings
     from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-    from meshdns.core.zone import Zone, ZoneSettings
 
     policy = RegistryPolicy()
     specs = parse_services(json.loads(seed.read_text())["services"])

@@ -16,7 +16,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshdns.core.handler import ForwardRequest, MessageHandler
+from meshdns.core.answer import ForwardRequest, MessageHandler
 from meshdns.dns.histogram import Histogram
 
 

@@ -17,14 +17,17 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .core.names import (
+from .core.registry import (
     DEFAULT_TEMPLATES,
+    QUOTE_LIMIT,
     TemplateError,
+    clip,
+    label_key_error,
     normalize_domain,
     normalize_hostname,
     parse_templates,
+    quote,
 )
-from .core.parse import QUOTE_LIMIT, clip, label_key_error, quote
 from .yamlload import DuplicateKey, load_json, load_yaml
 
 

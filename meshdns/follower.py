@@ -86,13 +86,13 @@ import aiohttp
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from .config import RegistryConfig
-from .core.patch import apply_patch
 from .core.registry import (
     Registry,
     RegistryError,
     RegistryPolicy,
     ServiceKey,
     ServiceSpec,
+    apply_patch,
     parse_deletes,
     parse_services,
     restore,

@@ -26,10 +26,20 @@ import yaml
 
 # One place for what this module takes from the registry's input rules (the core is
 # being re-packaged: these imports are the only lines that move with it).
-from .core.names import is_rfc1123_label, normalize_hostname
-from .core.parse import MAX_LABELS_PER_SERVICE, clip, label_key_error, quote
-from .core.service import MAX_HOSTNAMES_PER_SERVICE, Labels, RegistryError
-from .core.vip import format_ip, parse_ip4, parse_ip6
+from .core.registry import (
+    MAX_HOSTNAMES_PER_SERVICE,
+    MAX_LABELS_PER_SERVICE,
+    Labels,
+    RegistryError,
+    clip,
+    format_ip,
+    is_rfc1123_label,
+    label_key_error,
+    normalize_hostname,
+    parse_ip4,
+    parse_ip6,
+    quote,
+)
 from .yamlload import DuplicateKey, Loader, load_json
 
 __all__ = [

@@ -17,11 +17,15 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, logs
 from .api.state import ApiContext
 from .config import Config, ConfigError, ForwardZone, HostPort, nsid_bytes
-from .core.handler import ForwardRequest, MessageHandler
-from .core.names import parse_templates
-from .core.registry import Registry, RegistryError, RegistryPolicy, apply_put
-from .core.vip import VipRange
-from .core.zone import Zone, ZoneSettings
+from .core.answer import ForwardRequest, MessageHandler, Zone, ZoneSettings
+from .core.registry import (
+    Registry,
+    RegistryError,
+    RegistryPolicy,
+    VipRange,
+    apply_put,
+    parse_templates,
+)
 from .dns.dnstap import DnstapSink
 from .dns.drain import DrainState, drain
 from .dns.histogram import Histogram

@@ -15,9 +15,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from meshdns.api.app import make_app
 from meshdns.api.state import ApiContext
 from meshdns.config import parse_config
-from meshdns.core.handler import MessageHandler
+from meshdns.core.answer import MessageHandler, Zone
 from meshdns.core.registry import Registry
-from meshdns.core.zone import Zone
 from meshdns.server import registry_policy, zone_settings
 from meshdns.store import RegistryStore, read_state
 

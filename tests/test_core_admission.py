@@ -12,10 +12,8 @@ import random
 
 from dnslib import DNSRecord
 
-from meshdns.core.handler import ADMIT_ONE_IN, MIN_SAMPLED_CACHE, MessageHandler
-from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.vip import VipRange
-from meshdns.core.zone import Zone, ZoneSettings
+from meshdns.core.answer import ADMIT_ONE_IN, MIN_SAMPLED_CACHE, MessageHandler, Zone, ZoneSettings
+from meshdns.core.registry import Registry, RegistryPolicy, VipRange, apply_put, parse_services
 
 RANGE4 = VipRange.from_cidr("240.0.0.0/16")
 SERVICES = 3000

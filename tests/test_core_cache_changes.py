@@ -19,13 +19,15 @@ import dns.message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshdns.core.handler import ForwardRequest, MessageHandler
-from meshdns.core.names import canonical_name
-from meshdns.core.outdated import service_names
-from meshdns.core.patch import apply_patch
-from meshdns.core.registry import RegistryError, ServiceSpec, apply_put
-from meshdns.core.snapshot import Registry
-from meshdns.core.zone import Zone
+from meshdns.core.answer import ForwardRequest, MessageHandler, Zone, service_names
+from meshdns.core.registry import (
+    Registry,
+    RegistryError,
+    ServiceSpec,
+    apply_patch,
+    apply_put,
+    canonical_name,
+)
 
 from .test_core_fastpath_equivalence import (
     NAMES,

@@ -1,6 +1,6 @@
 """The wire fast path answers exactly as the dnslib path it shortcuts.
 
-``FastPath`` (meshdns/core/fastpath.py) writes replies straight to wire for the
+``FastPath`` (meshdns/core/answer/_fastpath.py) writes replies straight to wire for the
 common questions; the reference is what every miss did before it: the strict
 parser, ``Zone.decide`` and dnslib's encoder (``handler.encode``). For random
 registries and settings, every answer row of SPEC section 4 is asked in random
@@ -25,13 +25,26 @@ from dnslib import EDNS0, DNSRecord, EDNSOption
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshdns.core.fastpath import FastPath
-from meshdns.core.handler import MessageHandler, encode, udp_limit
-from meshdns.core.names import canonical_name, kuma_name
-from meshdns.core.registry import Registry, RegistryPolicy, apply_put
-from meshdns.core.vip import VipRange
-from meshdns.core.wire import QTYPE_AXFR, QTYPE_IXFR, FormatError, parse_query
-from meshdns.core.zone import Zone, ZoneSettings
+from meshdns.core.answer import (
+    QTYPE_AXFR,
+    QTYPE_IXFR,
+    FastPath,
+    FormatError,
+    MessageHandler,
+    Zone,
+    ZoneSettings,
+    encode,
+    parse_query,
+    udp_limit,
+)
+from meshdns.core.registry import (
+    Registry,
+    RegistryPolicy,
+    VipRange,
+    apply_put,
+    canonical_name,
+    kuma_name,
+)
 
 RANGE4 = VipRange.from_cidr("240.0.0.0/4")
 RANGE6 = VipRange.from_cidr("fd00:fd00::/64")
@@ -135,8 +148,8 @@ def questions_for(zone: Zone) -> list[tuple[str, str | int, bool]]:
         for name in names:
             for t in TYPES:
                 served = any(name == d or name.endswith("." + d) for d in domains)
-                owner = zone.find_service(name, zone.served_domain(name) or "") \
-                    if served else None
+                where = zone.locate(name) if served else None
+                owner = where[1] if where is not None else None
                 # Service names answer on the fast path, apart from apex-like cases and
                 # a question of type OPT, which the strict path answers FORMERR.
                 out.append((name, t, (owner is not None or not served) and t != 41))
@@ -310,21 +323,22 @@ def test_odd_messages_are_left_to_the_strict_path() -> None:
 
 
 def test_reverse_name_reading_matches_the_zone() -> None:
-    """The fast path's octet and nibble readers accept exactly what Zone accepts."""
-    from meshdns.core import fastpath
-    from meshdns.core.zone import octet_label
+    """Zone.locate's reading of a full reverse name (ipv4_/ipv6_of_reverse_name) accepts
+    exactly the octets and nibbles the zone's label readers accept."""
+    from meshdns.core.answer import _zone
 
     labels = [str(i) for i in range(300)] + ["00", "01", "007", "-1", "+1", " 1", "1 ", "²",
                                               "٣", "1e2", "0x1", ""]
     for label in labels:
         key = f"{label}.0.0.240.in-addr.arpa"
-        want = octet_label(label)
-        got = fastpath._ipv4(key)
+        want = _zone.octet_label(label)
+        got = _zone.ipv4_of_reverse_name(key)
         assert got == (None if want is None else (240 << 24) | want), label
     six = ipaddress.IPv6Address("fd00:fd00::7").reverse_pointer
-    assert fastpath._ipv6(six) == int(ipaddress.IPv6Address("fd00:fd00::7"))
+    assert _zone.ipv6_of_reverse_name(six) == int(ipaddress.IPv6Address("fd00:fd00::7"))
     for bad in ("A", "g", "_", "77", "٣"):
-        assert fastpath._ipv6(bad + six[1:]) is None
+        assert _zone._nibble(bad) is None
+        assert _zone.ipv6_of_reverse_name(bad + six[1:]) is None
 
 
 def test_a_reply_over_the_udp_limit_is_truncated_by_the_dnslib_path() -> None:

@@ -61,7 +61,7 @@ def imported_modules(path: Path, package: str) -> list[tuple[int, str]]:
 
 def test_core_has_modules_to_check() -> None:
     names = {p.name for p in CORE_FILES}
-    assert {"names.py", "vip.py", "registry.py", "wire.py", "zone.py", "handler.py"} <= names
+    assert {"_templates.py", "_vip.py", "_rebuild.py", "_wire.py", "_zone.py", "_handler.py"} <= names
 
 
 @pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: p.name)
@@ -99,7 +99,7 @@ print(json.dumps(sorted(set(sys.modules) - before)))
                           timeout=60, check=False, cwd=str(CORE.parent.parent))
     assert proc.returncode == 0, proc.stderr
     added = json.loads(proc.stdout)
-    assert "meshdns.core.handler" in added
+    assert "meshdns.core.answer._handler" in added
     forbidden = sorted(m for m in added if m.split(".")[0] in FORBIDDEN)
     assert not forbidden, f"importing meshdns.core loaded {forbidden}"
     others = sorted(m for m in added if m.split(".")[0] == "meshdns"
@@ -115,3 +115,21 @@ def test_the_checker_sees_nested_and_relative_imports(tmp_path: Path) -> None:
     names = {name for _, name in imported_modules(probe, "meshdns.core")}
     assert names == {"json", "time", "asyncio.events", "meshdns.server", "meshdns.core",
                      "__import__()"}
+
+
+def test_core_is_two_packages_behind_their_faces() -> None:
+    """core/ holds registry/ and answer/ only, and every module behind each one's
+    __init__ is private (``_name.py``): the import-linter contract "private modules are
+    imported only inside their package" (pyproject.toml, `make lint`) then keeps every
+    caller on what the __init__ exports."""
+    import meshdns.core.answer
+    import meshdns.core.registry
+
+    top = sorted(p.name for p in CORE.iterdir() if p.name != "__pycache__")
+    assert top == ["__init__.py", "answer", "registry"]
+    public = sorted(str(p.relative_to(CORE)) for p in CORE_FILES
+                    if p.parent != CORE and not p.name.startswith("_"))
+    assert public == []
+    for face in (meshdns.core.registry, meshdns.core.answer):
+        missing = [name for name in face.__all__ if not hasattr(face, name)]
+        assert not missing, (face.__name__, missing)

@@ -11,9 +11,14 @@ from typing import Any
 
 import pytest
 
-from meshdns.core.patch import apply_patch
-from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.vip import VipRange
+from meshdns.core.registry import (
+    Registry,
+    RegistryPolicy,
+    VipRange,
+    apply_patch,
+    apply_put,
+    parse_services,
+)
 
 POLICY = RegistryPolicy()
 NO_V6 = RegistryPolicy(range6=None)

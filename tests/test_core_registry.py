@@ -11,18 +11,19 @@ from typing import Any
 
 import pytest
 
-from meshdns.core.patch import apply_patch
 from meshdns.core.registry import (
     Registry,
     RegistryError,
     RegistryPolicy,
     ServiceKey,
+    VipRange,
+    apply_patch,
     apply_put,
+    format_ip,
     parse_deletes,
     parse_services,
     restore,
 )
-from meshdns.core.vip import VipRange, format_ip
 
 POLICY = RegistryPolicy()
 SMALL = RegistryPolicy(range4=VipRange.from_cidr("240.0.0.0/29"), range6=None)  # .1 .. .6
@@ -602,7 +603,7 @@ def test_deleting_most_of_a_big_registry_rebuilds_with_the_same_result(
     """apply_patch rebuilds when a PATCH deletes most of a big registry (so the old
     snapshot's tables are not kept alive by layered maps): same result as the
     incremental path, which it would otherwise take."""
-    import meshdns.core.patch as patch
+    import meshdns.core.registry._patch as patch
     from meshdns.core.registry import ServiceSpec
 
     policy = RegistryPolicy(hold_seconds=60)

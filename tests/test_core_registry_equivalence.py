@@ -32,15 +32,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import meshdns.core.layered as layered_module
-import meshdns.core.names as names_module
-import meshdns.core.parse as parse_module
-import meshdns.core.patch as patch_module
-import meshdns.core.registry as registry_module
-import meshdns.core.service as service_module
-import meshdns.core.vip as vip_module
-from meshdns.core.names import canonical_name, is_rfc1123_label, is_subdomain, kuma_name
-from meshdns.core.patch import apply_patch
+import meshdns.core.registry._layered as layered_module
+import meshdns.core.registry._parse as parse_module
+import meshdns.core.registry._patch as patch_module
+import meshdns.core.registry._rebuild as registry_module
+import meshdns.core.registry._service as service_module
+import meshdns.core.registry._templates as names_module
+import meshdns.core.registry._vip as vip_module
 from meshdns.core.registry import (
     Held,
     Registry,
@@ -49,12 +47,19 @@ from meshdns.core.registry import (
     Service,
     ServiceKey,
     ServiceSpec,
+    VipRange,
+    apply_patch,
     apply_put,
+    canonical_name,
     describe,
+    format_ip,
+    is_rfc1123_label,
+    is_subdomain,
+    kuma_name,
+    parse_ip,
     parse_services,
     restore,
 )
-from meshdns.core.vip import VipRange, format_ip, parse_ip
 
 T = TypeVar("T")
 
@@ -867,10 +872,10 @@ def test_parse_ip_keeps_its_contract_for_non_strings() -> None:
 
 
 def test_fast_constructors_build_the_same_objects() -> None:
-    spec = service_module._make_spec("a", "b", 80, 1, None, ("h.mesh",))
+    spec = service_module.make_spec("a", "b", 80, 1, None, ("h.mesh",))
     assert spec == ServiceSpec("a", "b", 80, 1, None, ("h.mesh",))
     assert repr(spec) == repr(ServiceSpec("a", "b", 80, 1, None, ("h.mesh",)))
-    svc = service_module._make_service("a", "b", 80, 1, 2, (), True, False)
+    svc = service_module.make_service("a", "b", 80, 1, 2, (), True, False)
     assert svc == Service("a", "b", 80, 1, 2, (), True, False)
     assert hash(svc) == hash(Service("a", "b", 80, 1, 2, (), True, False))
 

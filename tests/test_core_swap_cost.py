@@ -20,11 +20,15 @@ import dns.rdatatype
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshdns.core.handler import MessageHandler
-from meshdns.core.patch import apply_patch
-from meshdns.core.registry import Registry, RegistryPolicy, ServiceSpec, apply_put
-from meshdns.core.vip import VipRange
-from meshdns.core.zone import Zone, ZoneSettings
+from meshdns.core.answer import MessageHandler, Zone, ZoneSettings
+from meshdns.core.registry import (
+    Registry,
+    RegistryPolicy,
+    ServiceSpec,
+    VipRange,
+    apply_patch,
+    apply_put,
+)
 
 SETTINGS = ZoneSettings(domains=("mesh",), range4=VipRange.from_cidr("240.0.0.0/4"))
 POLICY = RegistryPolicy()

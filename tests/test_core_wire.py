@@ -19,23 +19,25 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
-from meshdns.core.handler import ForwardRequest, MessageHandler
-from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.wire import (
+from meshdns.core.answer import (
     HEADER_LEN,
     RCODE_FORMERR,
     BadEDNS,
     BadName,
     BadQuestionCount,
     FormatError,
+    ForwardRequest,
+    MessageHandler,
     ShortHeader,
     TrailingJunk,
     Truncated,
     WireError,
+    Zone,
+    ZoneSettings,
     error_reply,
     parse_query,
 )
-from meshdns.core.zone import Zone, ZoneSettings
+from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
 
 POLICY = RegistryPolicy()
 DEMO: list[dict[str, Any]] = [

@@ -16,12 +16,23 @@ import dns.rdatatype
 import dns.reversename
 import pytest
 
-from meshdns.core import zone as zone_mod
-from meshdns.core.handler import ForwardRequest, MessageHandler
-from meshdns.core.names import key_to_labels
-from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.vip import VipRange
-from meshdns.core.zone import Zone, ZoneSettings, qtype_name, reverse_zones
+from meshdns.core.answer import (
+    Decision,
+    ForwardRequest,
+    MessageHandler,
+    Zone,
+    ZoneSettings,
+    key_to_labels,
+    qtype_name,
+    reverse_zones,
+)
+from meshdns.core.registry import (
+    Registry,
+    RegistryPolicy,
+    VipRange,
+    apply_put,
+    parse_services,
+)
 
 RANGE4 = VipRange.from_cidr("240.0.0.0/4")
 RANGE6 = VipRange.from_cidr("fd00:fd00::/64")
@@ -64,7 +75,7 @@ def ask(z: Zone | MessageHandler, name: str, rdtype: str = "A", *, edns: int = -
     return reply
 
 
-def decide(z: Zone, name: str, rdtype: str = "A", rdclass: int = 1) -> zone_mod.Decision:
+def decide(z: Zone, name: str, rdtype: str = "A", rdclass: int = 1) -> Decision:
     labels = key_to_labels(name.rstrip("."))
     return z.decide(labels, dns.rdatatype.from_text(rdtype), rdclass)
 
@@ -535,3 +546,73 @@ def test_every_vip_in_the_registry_has_a_ptr(z: Zone) -> None:
                 ipaddress.IPv6Address(value))
             msg = ask(z, dns.reversename.from_address(addr).to_text(), "PTR")
             assert msg.answer, addr
+
+
+def test_locate_is_the_one_lookup_both_encoders_start_from() -> None:
+    """Zone.locate: what a name is and whose, in Zone.decide's order (the wire fast path
+    makes the very same call)."""
+    from meshdns.core.answer import _zone
+
+    z = make_zone(search=("corp.example",), forwarding=True)
+    reg = z.registry
+    front = reg.services[("frontend", "kong", 80)]
+    kinds = {
+        "frontend.kong.svc.80.mesh": (_zone.SERVICE_NAME, front, "canonical", "mesh", "mesh"),
+        "frontend_kong_svc_80.mesh.local":
+            (_zone.SERVICE_NAME, front, "kuma", "mesh.local", "mesh.local"),
+        "deep.a.b.mesh": (_zone.SERVICE_NAME, front, "hostname", "mesh", "mesh"),
+        "httpbin.org": (_zone.HOST_NAME, front, "hostname", "httpbin.org", "mesh"),
+        "7.0.0.240.in-addr.arpa": (_zone.VIP_NAME, front, "ptr", None, "mesh"),
+        "a.b.mesh": (_zone.EMPTY_NAME, None, "empty-non-terminal", "mesh", "mesh"),
+        "kong.svc.80.mesh": (_zone.EMPTY_NAME, None, "empty-non-terminal", "mesh", "mesh"),
+        "nope.kong.svc.80.mesh": (_zone.NO_NAME, None, "nxdomain", "mesh", "mesh"),
+        "mesh.local": (_zone.APEX_NAME, None, "apex", "mesh.local", "mesh.local"),
+        # Not located: decide's own (a reverse zone's names, the search list, forwarded).
+        "0.240.in-addr.arpa": None,
+        "9.0.0.240.in-addr.arpa": None,
+        "frontend.kong.svc.80.mesh.corp.example": None,
+        "example.org": None,
+    }
+    for name, want in kinds.items():
+        assert z.locate(name) == want, name
+    # The longest served domain that matches wins, as Zone.served_domain says.
+    assert z.locate("frontend.kong.svc.80.mesh.local")[3] == "mesh.local"
+    # A zone with no registry yet denies nothing it would answer itself.
+    unloaded = Zone(reg, z.settings, loaded=False)
+    assert unloaded.locate("frontend.kong.svc.80.mesh")[0] == _zone.UNLOADED_NAME
+    assert unloaded.locate("mesh")[0] == _zone.UNLOADED_NAME
+
+
+def test_locate_leaves_out_what_dns_select_hides_unless_asked() -> None:
+    from meshdns.core.answer import _zone
+
+    policy = RegistryPolicy(domains=("mesh", "mesh.local"), range4=RANGE4, range6=None,
+                            select=(("team", "blue"),))
+    items = [dict(s, labels={"team": "blue" if s["name"] == "backend" else "red"})
+             for s in SERVICES]
+    z = make_zone(apply_put(Registry.empty(), parse_services(items), policy, 0.0))
+    front = z.registry.services[("frontend", "kong", 80)]
+    assert z.locate("frontend.kong.svc.80.mesh")[0] == _zone.NO_NAME
+    assert z.locate("httpbin.org") is None
+    assert z.locate("7.0.0.240.in-addr.arpa") is None
+    assert z.locate("frontend.kong.svc.80.mesh", include_hidden=True) == \
+        (_zone.SERVICE_NAME, front, "canonical", "mesh", "mesh")
+    backend = z.registry.services[("backend", "kong", 8080)]
+    assert z.locate("api.example.com") == \
+        (_zone.HOST_NAME, backend, "hostname", "api.example.com", "mesh")
+
+
+def test_the_answer_rule_by_question_type() -> None:
+    from meshdns.core.answer import _zone
+
+    reg = registry()
+    both, v4 = reg.services[("frontend", "kong", 80)], reg.services[("far", "edge", 443)]
+    rule = {t: (_zone.service_answer(both, t), _zone.service_answer(v4, t))
+            for t in (1, 28, 255, 33, 16, 12)}
+    assert rule == {1: (_zone.ANSWER_A, _zone.ANSWER_A),
+                    28: (_zone.ANSWER_AAAA, _zone.NODATA),
+                    255: (_zone.ANSWER_A_AAAA, _zone.ANSWER_A),
+                    33: (_zone.ANSWER_SRV, _zone.ANSWER_SRV),
+                    16: (_zone.NODATA, _zone.NODATA), 12: (_zone.NODATA, _zone.NODATA)}
+    assert [_zone.vip_answer(t) for t in (12, 255, 1)] == \
+        [_zone.ANSWER_PTR, _zone.ANSWER_PTR, _zone.NODATA]

@@ -296,9 +296,8 @@ def lagging_pair(tmp_path: Path, endpoints: list[str]) -> Any:
     """Two EtcdRegistry backends in this process (each with its own store) and the
     registry policy; call ``slow(a)`` to delay a's watch."""
     from meshdns.config import parse_config
-    from meshdns.core.handler import MessageHandler
+    from meshdns.core.answer import MessageHandler, Zone
     from meshdns.core.registry import Registry
-    from meshdns.core.zone import Zone
     from meshdns.etcd.backend import EtcdRegistry
     from meshdns.server import registry_policy, zone_settings
     from meshdns.store import RegistryStore
@@ -338,8 +337,7 @@ def test_if_match_with_an_etag_from_another_instance_waits_for_this_copy(
         tmp_path: Path, cluster: EtcdCluster) -> None:
     """An ETag read from B names a revision A's copy does not have yet: A catches up
     with etcd before judging If-Match, so that ETag is not a 412."""
-    from meshdns.core.patch import apply_patch
-    from meshdns.core.registry import Registry, ServiceSpec
+    from meshdns.core.registry import Registry, ServiceSpec, apply_patch
 
     a, b, policy = lagging_pair(tmp_path, cluster.endpoints)
 
@@ -373,8 +371,7 @@ def test_a_lagging_copy_neither_drops_a_delete_nor_refuses_a_freed_host_name(
     """B creates s1 and A, not having seen it, is asked to delete it: a 200 must mean it
     is gone. B deletes s2 (host name shared.example.com) and A, still holding s2 in its
     copy, is asked to give that name to s3: no 409."""
-    from meshdns.core.patch import apply_patch
-    from meshdns.core.registry import ServiceSpec
+    from meshdns.core.registry import ServiceSpec, apply_patch
 
     a, b, policy = lagging_pair(tmp_path, cluster.endpoints)
     s2 = ServiceSpec("s2", "ns", 80, hostnames=("shared.example.com",))

@@ -15,9 +15,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from meshdns.core.patch import apply_patch
-from meshdns.core.registry import Registry, RegistryError, RegistryPolicy, ServiceSpec
-from meshdns.core.vip import VipRange
+from meshdns.core.registry import (
+    Registry,
+    RegistryError,
+    RegistryPolicy,
+    ServiceSpec,
+    VipRange,
+    apply_patch,
+)
 from meshdns.etcd.client import prefix_end
 from meshdns.etcd.layout import (
     HELD_UNTIL_DELETED,

@@ -345,8 +345,13 @@ def test_a_burst_of_1000_patches_reaches_followers_as_a_few_deltas(
 
 
 def test_history_is_bounded_in_revisions_and_keys() -> None:
-    from meshdns.core.patch import apply_patch
-    from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
+    from meshdns.core.registry import (
+        Registry,
+        RegistryPolicy,
+        apply_patch,
+        apply_put,
+        parse_services,
+    )
     from meshdns.history import MIN_KEYS, ChangeHistory
 
     policy = RegistryPolicy()

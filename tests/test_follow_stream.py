@@ -422,8 +422,7 @@ def test_a_leader_answering_400_to_stream_is_long_polled(tmp_path: Path) -> None
 
 
 def test_the_history_between_revisions_and_across_a_continued_lineage() -> None:
-    from meshdns.core.patch import apply_patch
-    from meshdns.core.registry import Registry, RegistryPolicy, parse_services
+    from meshdns.core.registry import Registry, RegistryPolicy, apply_patch, parse_services
     from meshdns.history import ChangeHistory
 
     policy = RegistryPolicy()

@@ -22,12 +22,17 @@ import dns.rdatatype
 import dns.reversename
 import yaml
 
-from meshdns.core.handler import ForwardRequest, MessageHandler
-from meshdns.core.names import key_to_labels
-from meshdns.core.registry import Registry
-from meshdns.core.vip import VipRange
-from meshdns.core.wire import RCODE_SERVFAIL
-from meshdns.core.zone import FORWARD, NOT_LOADED, Zone, ZoneSettings
+from meshdns.core.answer import (
+    FORWARD,
+    NOT_LOADED,
+    RCODE_SERVFAIL,
+    ForwardRequest,
+    MessageHandler,
+    Zone,
+    ZoneSettings,
+    key_to_labels,
+)
+from meshdns.core.registry import Registry, VipRange
 from meshdns.store import journal_path, replay_journal
 
 from .apiclient import ServerProcess, a_records, call, dns_query, wait_for

@@ -14,9 +14,7 @@ import pytest
 from dnslib import EDNS0, NS, QTYPE, RR, SOA, A, DNSRecord
 
 from meshdns.config import DnsConfig, HostPort
-from meshdns.core.handler import ForwardRequest, udp_limit
-from meshdns.core.tally import Tally
-from meshdns.core.wire import parse_query
+from meshdns.core.answer import ForwardRequest, Tally, parse_query, udp_limit
 from meshdns.dns.cache import CachedReply, ReplyCache
 from meshdns.dns.forwarder import Forwarder
 from meshdns.dns.reply import (

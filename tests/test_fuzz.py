@@ -29,11 +29,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshdns.core.handler import ForwardRequest, MessageHandler
-from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.vip import VipRange
-from meshdns.core.wire import FormatError, Query, parse_query
-from meshdns.core.zone import Zone, ZoneSettings
+from meshdns.core.answer import (
+    FormatError,
+    ForwardRequest,
+    MessageHandler,
+    Query,
+    Zone,
+    ZoneSettings,
+    parse_query,
+)
+from meshdns.core.registry import Registry, RegistryPolicy, VipRange, apply_put, parse_services
 
 from .support import connected_udp, make_config, query, running_server
 

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshdns import kuma
-from meshdns.core.service import RegistryError
+from meshdns.core.registry import RegistryError
 from meshdns.kuma import (
     KumaAddress,
     KumaDocumentError,
@@ -557,7 +557,7 @@ def test_the_design_pages_example_record_is_what_the_reader_makes() -> None:
 
 
 def test_the_ready_kuma_config_parses() -> None:
-    from meshdns.core.names import parse_template
+    from meshdns.core.registry import parse_template
 
     text = DESIGN.read_text(encoding="utf-8")
     block = text.split("### Kuma's default HostnameGenerators", 1)[1].split("```yaml\n", 1)[1]

@@ -1,4 +1,4 @@
-"""LayeredMap (meshdns/core/layered.py) behaves exactly as a copied-and-edited dict.
+"""LayeredMap (meshdns/core/registry/_layered.py) behaves exactly as a copied-and-edited dict.
 
 A snapshot's big tables (services, by_vip4, by_vip6) evolve as layered maps on
 an incremental PATCH. These tests hold ``evolve`` to what ``d = old.copy();
@@ -21,18 +21,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import meshdns.core.layered as layered_module
-from meshdns.core.layered import LayeredMap, evolve
-from meshdns.core.patch import apply_patch
+import meshdns.core.registry._layered as layered_module
 from meshdns.core.registry import (
+    LayeredMap,
     Registry,
     RegistryError,
     RegistryPolicy,
     ServiceKey,
     ServiceSpec,
+    VipRange,
+    apply_patch,
     apply_put,
+    evolve,
 )
-from meshdns.core.vip import VipRange
 
 KEYS = tuple(range(12))  # few keys: deletes, re-adds and overwrites collide often
 ABSENT_KEYS = (100, -1)

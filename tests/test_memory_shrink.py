@@ -21,10 +21,17 @@ from typing import Any
 import pytest
 
 import meshdns.core
-from meshdns.core.parse import parse_services
-from meshdns.core.patch import SHRINK_REBUILD_MIN, apply_patch
-from meshdns.core.registry import Registry, RegistryPolicy, ServiceSpec, apply_put, restore
-from meshdns.core.vip import VipRange
+from meshdns.core.registry import (
+    Registry,
+    RegistryPolicy,
+    ServiceSpec,
+    VipRange,
+    apply_patch,
+    apply_put,
+    parse_services,
+    restore,
+)
+from meshdns.core.registry._patch import SHRINK_REBUILD_MIN
 
 from .apiclient import ServerProcess, call, wait_for
 from .test_follow_delta import follower_process, leader_process, metric

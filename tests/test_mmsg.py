@@ -22,9 +22,8 @@ from typing import Any
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from meshdns.core.handler import MessageHandler
+from meshdns.core.answer import MessageHandler, Zone, ZoneSettings
 from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.zone import Zone, ZoneSettings
 from meshdns.dns.transport import servfail
 
 from .support import have_ipv6_loopback

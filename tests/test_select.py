@@ -15,11 +15,16 @@ import dns.message
 import pytest
 
 from meshdns.config import ConfigError, parse_config
-from meshdns.core.handler import MessageHandler
-from meshdns.core.names import DEFAULT_TEMPLATES, parse_templates
-from meshdns.core.registry import Registry, RegistryPolicy, apply_put, parse_services
-from meshdns.core.vip import VipRange
-from meshdns.core.zone import Zone, ZoneSettings
+from meshdns.core.answer import MessageHandler, Zone, ZoneSettings
+from meshdns.core.registry import (
+    DEFAULT_TEMPLATES,
+    Registry,
+    RegistryPolicy,
+    VipRange,
+    apply_put,
+    parse_services,
+    parse_templates,
+)
 
 from .apiclient import call, wait_for
 from .support import ServerThread, make_config, run_tool, running_server

@@ -13,16 +13,15 @@ from typing import Any
 import pytest
 
 from meshdns import store as store_mod
-from meshdns.core.handler import MessageHandler
+from meshdns.core.answer import MessageHandler, Zone, ZoneSettings
 from meshdns.core.registry import (
     Registry,
     RegistryError,
     RegistryPolicy,
     ServiceSpec,
+    VipRange,
     parse_services,
 )
-from meshdns.core.vip import VipRange
-from meshdns.core.zone import Zone, ZoneSettings
 from meshdns.store import RegistryStore, StateError, StateWriteError, journal_path, read_state
 from meshdns.store import journal as journal_mod
 

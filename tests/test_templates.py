@@ -17,18 +17,18 @@ import dns.rdatatype
 import pytest
 
 from meshdns.config import ConfigError, parse_config
-from meshdns.core.handler import MessageHandler
-from meshdns.core.names import DEFAULT_TEMPLATES, parse_templates
-from meshdns.core.patch import apply_patch
+from meshdns.core.answer import MessageHandler, Zone, ZoneSettings
 from meshdns.core.registry import (
+    DEFAULT_TEMPLATES,
     Registry,
     RegistryError,
     RegistryPolicy,
+    VipRange,
+    apply_patch,
     apply_put,
     parse_services,
+    parse_templates,
 )
-from meshdns.core.vip import VipRange
-from meshdns.core.zone import Zone, ZoneSettings
 
 from .apiclient import call
 from .support import ServerThread, make_config, run_tool, running_server

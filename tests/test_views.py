@@ -139,12 +139,11 @@ def test_sighup_reloads_the_views(tmp_path: Path) -> None:
 
 
 def test_a_views_names_evolved_patch_by_patch_equal_a_fresh_build() -> None:
-    """core/views.py: the view's name table after PATCHes is the one a full build gives."""
+    """core/answer/_views.py: the view's name table after PATCHes is the one a full build gives."""
     import random
 
-    from meshdns.core.patch import apply_patch
-    from meshdns.core.registry import Registry, RegistryPolicy, ServiceSpec, apply_put
-    from meshdns.core.views import view_names
+    from meshdns.core.answer import view_names
+    from meshdns.core.registry import Registry, RegistryPolicy, ServiceSpec, apply_patch, apply_put
 
     rng = random.Random(7)
     policy = RegistryPolicy()

@@ -4,7 +4,7 @@ A follower builds its snapshots without an IPv6 range (it allocates nothing), so
 ``free_vips`` cannot read its IPv6 count off the snapshot's index and would walk
 every service on each scrape after a change (~0.25 s at 100k services). The store
 collector instead advances its last count by each published delta
-(``core.snapshot.free_vips_after``); these tests hold that count to a full recount.
+(``core.registry.free_vips_after``); these tests hold that count to a full recount.
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ import asyncio
 import random
 from dataclasses import replace
 
-from meshdns.core.handler import MessageHandler
-from meshdns.core.patch import apply_patch
-from meshdns.core.registry import Registry, RegistryPolicy, ServiceSpec, apply_put
-from meshdns.core.snapshot import free_vips_after
-from meshdns.core.vip import VipRange
-from meshdns.core.zone import Zone, ZoneSettings
+from meshdns.core.answer import MessageHandler, Zone, ZoneSettings
+from meshdns.core.registry import (
+    Registry,
+    RegistryPolicy,
+    ServiceSpec,
+    VipRange,
+    apply_patch,
+    apply_put,
+    free_vips_after,
+)
 from meshdns.store.metrics import StoreCollector
 from meshdns.store.store import RegistryStore
 

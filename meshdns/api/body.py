@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 from aiohttp import hdrs, web
 
-from ..core.parse import clip
+from ..core.registry import clip
 from ..jsonsteps import load_json_in_steps
 from ..yamlload import DuplicateKey, load_yaml
 from .state import ApiError

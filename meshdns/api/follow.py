@@ -23,8 +23,7 @@ from collections.abc import Iterable
 
 from aiohttp import hdrs, web
 
-from ..core.registry import Service, ServiceKey
-from ..core.service import service_json
+from ..core.registry import Service, ServiceKey, service_json
 from ..gcpause import paused
 from ..history import Changes
 from ..protocol import LINEAGE_HEADER

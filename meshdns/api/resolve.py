@@ -8,8 +8,7 @@ from typing import Any
 from aiohttp import web
 from dnslib import CLASS, QTYPE, RR, DNSLabel, DNSRecord
 
-from ..core.explain import explain_names
-from ..core.wire import RCODE_SERVFAIL, Query, rcode_name
+from ..core.answer import RCODE_SERVFAIL, Query, explain_names, rcode_name
 from ..dns.chase import ChasedReply
 from ..dns.forwarder import Forwarder
 from .state import STATE_KEY, ApiError

@@ -17,19 +17,21 @@ from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 
-from ..core.parse import clip
-from ..core.patch import apply_patch, check_disjoint, patch_incremental
 from ..core.registry import (
     Registry,
     RegistryError,
     Service,
     ServiceKey,
     ServiceSpec,
+    apply_patch,
     apply_put,
+    check_disjoint,
+    clip,
     parse_deletes,
     parse_services,
+    patch_incremental,
+    service_json,
 )
-from ..core.service import service_json
 from ..gcpause import bulk_write
 from ..protocol import LINEAGE_HEADER, WORKER_HEADER
 from ..store import StateWriteError, fast_ip4, fast_ip6

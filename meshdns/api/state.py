@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from ..config import Config, HostPort
-from ..core.handler import MessageHandler
+from ..core.answer import MessageHandler
 from ..core.registry import Registry
 from ..dns.drain import DrainState
 from ..dns.forwarder import Forwarder

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from ..config import DnsConfig
-from ..core.wire import (
+from ..core.answer import (
     EDE_NETWORK_ERROR,
     EDE_NO_REACHABLE_AUTHORITY,
     EDE_STALE_ANSWER,

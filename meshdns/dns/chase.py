@@ -37,8 +37,7 @@ from dataclasses import dataclass
 
 from dnslib import RR, DNSHeader, DNSQuestion, DNSRecord
 
-from ..core.wire import QCLASS_IN, WireError
-from ..core.zone import FORWARD, REFUSED, SEARCH, T_A, Decision, Zone
+from ..core.answer import FORWARD, QCLASS_IN, REFUSED, SEARCH, T_A, Decision, WireError, Zone
 from .cache import CachedReply, CacheKey
 from .reply import ParsedReply, ReplyRejected, parse_reply
 

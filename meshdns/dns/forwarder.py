@@ -1,7 +1,7 @@
 """Sidecar mode: every name the core does not own is asked upstream, cached, coalesced.
 
 ``Forwarder.resolve(request, proto)`` is what the transports await for a
-:class:`~meshdns.core.handler.ForwardRequest`. In order:
+:class:`~meshdns.core.answer.ForwardRequest`. In order:
 
 1. cache hit → the cached reply, TTLs counted down, the client's ID, case, RD,
    CD and EDNS shape patched in (no await, no parse: the benchmarked path); a hit
@@ -55,10 +55,15 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..config import DnsConfig, ForwardZone, HostPort, nsid_bytes
-from ..core.handler import ForwardRequest
-from ..core.tally import Tally
-from ..core.wire import EDE_NOT_AUTHORITATIVE, RCODE_REFUSED, RCODE_SERVFAIL, Query
-from ..core.zone import Zone
+from ..core.answer import (
+    EDE_NOT_AUTHORITATIVE,
+    RCODE_REFUSED,
+    RCODE_SERVFAIL,
+    ForwardRequest,
+    Query,
+    Tally,
+    Zone,
+)
 from .cache import (
     NO_REACHABLE_UPSTREAM,
     UPSTREAM_NETWORK_ERROR,

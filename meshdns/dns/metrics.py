@@ -16,10 +16,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from ..core.handler import MessageHandler
-from ..core.tally import QTYPE_INVALID
-from ..core.wire import rcode_name
-from ..core.zone import qtype_name
+from ..core.answer import QTYPE_INVALID, MessageHandler, qtype_name, rcode_name
 from .dnstap import DnstapSink
 from .forwarder import Forwarder
 from .histogram import Histogram

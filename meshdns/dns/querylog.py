@@ -16,8 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..core.wire import WireError, parse_query, rcode_name
-from ..core.zone import qtype_name
+from ..core.answer import WireError, parse_query, qtype_name, rcode_name
 from .reply import reply_rcode
 
 log = logging.getLogger("meshdns.query")

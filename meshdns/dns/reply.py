@@ -19,14 +19,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..core.wire import (
-    HEADER_LEN,
-    QTYPE_OPT,
-    RCODE_NOERROR,
-    RCODE_NXDOMAIN,
-    Query,
-    WireError,
-)
+from ..core.answer import HEADER_LEN, QTYPE_OPT, RCODE_NOERROR, RCODE_NXDOMAIN, Query, WireError
 from .scrub import (
     END,
     START,

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from ..core.wire import QTYPE_ANY
+from ..core.answer import QTYPE_ANY
 
 T_A, T_NS, T_CNAME, T_SOA, T_PTR, T_MX, T_AAAA, T_SRV = 1, 2, 5, 6, 12, 15, 28, 33
 T_DNAME, T_DS, T_RRSIG, T_NSEC, T_NSEC3 = 39, 43, 46, 47, 50

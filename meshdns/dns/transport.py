@@ -23,8 +23,15 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from ..core.handler import ForwardRequest, MessageHandler, prohibited_reply, slip_reply
-from ..core.wire import HEADER_LEN, RCODE_SERVFAIL, error_reply
+from ..core.answer import (
+    HEADER_LEN,
+    RCODE_SERVFAIL,
+    ForwardRequest,
+    MessageHandler,
+    error_reply,
+    prohibited_reply,
+    slip_reply,
+)
 from .dnstap import EXCHANGE, QUERY, RESPONSE, TCP, UDP, DnstapSink, local_address
 from .histogram import Histogram
 from .policy import (

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import HostPort
-from ..core.wire import RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL
+from ..core.answer import RCODE_NOERROR, RCODE_NXDOMAIN, RCODE_REFUSED, RCODE_SERVFAIL
 from .histogram import Histogram
 from .reply import MALFORMED, ParsedReply, ReplyRejected, parse_reply
 from .scrub import Owned

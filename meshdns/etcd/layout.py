@@ -51,8 +51,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..core.allocate import _in_release_order  # the index a held table is kept with
-from ..core.patch import apply_patch
 from ..core.registry import (
     Held,
     Registry,
@@ -61,10 +59,15 @@ from ..core.registry import (
     Service,
     ServiceKey,
     ServiceSpec,
+    apply_patch,
+    count_in,
+    parse_ip,
     parse_service,
     restore,
 )
-from ..core.vip import count_in, parse_ip
+from ..core.registry import (
+    in_release_order as _in_release_order,  # the index a held table is kept with
+)
 from ..store import fast_ip4, fast_ip6, service_record
 
 SERVICES = "services/"

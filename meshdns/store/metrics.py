@@ -6,8 +6,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..core.registry import Registry, RegistryPolicy
-from ..core.snapshot import free_vips_after
+from ..core.registry import Registry, RegistryPolicy, free_vips_after
 from .store import RegistryStore
 
 PREFIX = "meshdns_"
@@ -19,7 +18,7 @@ class StoreCollector:
         self.policy = policy
         self._free_cache: tuple[Registry, dict[str, int]] | None = None
         # Kept current change by change (O(change) each) once a scrape has counted it, so
-        # a scrape never walks the registry again (see core.snapshot.free_vips_after).
+        # a scrape never walks the registry again (see core.registry.free_vips_after).
         store.listeners.append(self._advance)
 
     def _advance(self, reg: Registry) -> None:

@@ -11,8 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..core.service import service_json
-from ..core.vip import format_ip
+from ..core.registry import format_ip, service_json
 
 STATE_FORMAT = 1
 

@@ -17,10 +17,10 @@ from ..core.registry import (
     RegistryPolicy,
     ServiceKey,
     ServiceSpec,
+    parse_ip,
     parse_services,
     restore,
 )
-from ..core.vip import parse_ip
 from ..gcpause import gc_paused
 from ..jsonsteps import dumps_in_steps
 from ..yamlload import DuplicateKey

@@ -24,17 +24,16 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..core.handler import MessageHandler
-from ..core.patch import apply_patch
+from ..core.answer import MessageHandler, Zone, ZoneSettings
 from ..core.registry import (
     Registry,
     RegistryError,
     RegistryPolicy,
     ServiceKey,
     ServiceSpec,
+    apply_patch,
     apply_put,
 )
-from ..core.zone import Zone, ZoneSettings
 from ..gcpause import gc_paused, paused
 from ..history import ChangeHistory, changed_keys
 from .journal import Journal, journal_entry, journal_path

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .naming import NameTable, Selector, build_names, patch_names
-from .snapshot import Registry
-from .zone import Zone
+from ..registry import NameTable, Registry, Selector, build_names, patch_names
+from ._zone import Zone
 
 
 def view_names(reg: Registry, select: Selector, domains: tuple[str, ...],

@@ -1,8 +1,10 @@
-"""Name rules: RFC 1123 labels, the three name forms a service owns, wire names.
+"""The names a service can have: RFC 1123 syntax, the canonical and Kuma forms,
+and the ``dns.hostname_templates`` that render the others.
 
-Names inside the core are lower-case dotted strings without the trailing dot
-(``frontend.kong.svc.80.mesh``). Wire names are tuples of raw label bytes, the
-way they arrive in a query, so the question's exact case can be echoed back.
+Names here are lower-case dotted strings without the trailing dot
+(``frontend.kong.svc.80.mesh``). What a snapshot renders from the templates is
+its name table (_nametable.py); names as DNS questions carry them (tuples of raw
+label bytes) are answering's (``meshdns.core.answer``, _wire.py).
 """
 
 from __future__ import annotations
@@ -58,29 +60,6 @@ def kuma_name(name: str, namespace: str, port: int, domain: str) -> str | None:
 def is_subdomain(name: str, parent: str) -> bool:
     """True when ``name`` equals ``parent`` or lies below it (both normalized)."""
     return name == parent or name.endswith("." + parent)
-
-
-def wire_to_key(labels: tuple[bytes, ...]) -> str:
-    """Lookup key for wire labels: ASCII-lower-cased, dotted, no trailing dot.
-
-    DNS case-insensitivity is ASCII only, so lower the bytes before decoding.
-    A label holding a literal dot is escaped so it can never match a name made
-    of two labels.
-    """
-    parts = []
-    for label in labels:
-        text = label.lower().decode("latin-1")
-        if "." in text or "\\" in text:
-            text = text.replace("\\", "\\\\").replace(".", "\\.")
-        parts.append(text)
-    return ".".join(parts)
-
-
-def key_to_labels(key: str) -> tuple[bytes, ...]:
-    """Wire labels for a normalized name (only for names the core built itself)."""
-    if not key:
-        return ()
-    return tuple(part.encode("ascii") for part in key.split("."))
 
 
 # ---------------------------------------------------------------- hostname templates

@@ -1,4 +1,4 @@
-"""What a registry change outdates in the reply caches (see handler.py).
+"""What a registry change outdates in the reply caches (see _handler.py).
 
 Every cached reply is indexed by the name whose owner decides it, or listed as
 negative (it carries the SOA, whose serial is the registry revision). A PATCH
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .names import canonical_name, kuma_name, wire_to_key
-from .registry import Service
-from .zone import APEX, NOT_LOADED, SEARCH, Decision, Zone
+from ..registry import Service, canonical_name, kuma_name
+from ._wire import wire_to_key
+from ._zone import APEX, NOT_LOADED, SEARCH, Decision, Zone
 
 # A PATCH touching more services than this empties the caches instead: working out
 # what it outdated would cost more than answering the names again.

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping, Sequence
 
-from .allocate import _in_release_order, _top_of
-from .layered import evolve
-from .names import (
+from ._allocate import in_release_order, top_of
+from ._layered import evolve
+from ._nametable import builtin_owner, patch_names
+from ._rebuild import build, make_registry, vips_given
+from ._service import K, Service, ServiceKey, ServiceSpec, V, bad_request, describe
+from ._snapshot import BuildIndex, FamilyIndex, Held, Registry, RegistryPolicy
+from ._templates import (
     canonical_name,
     kuma_name,
 )
-from .naming import builtin_owner, patch_names
-from .registry import _build, _registry, vips_given
-from .service import _K, _V, Service, ServiceKey, ServiceSpec, _bad, describe
-from .snapshot import Held, Registry, RegistryPolicy, _FamilyIndex, _Index
-from .vip import VipRange, count_in
+from ._vip import VipRange, count_in
 
 SHRINK_REBUILD_MIN = 10_000  # services; see patch_incremental
 
@@ -60,7 +60,7 @@ def _positions(upserts: Sequence[ServiceSpec]) -> dict[ServiceKey, int]:
     for i, spec in enumerate(upserts):
         key = spec.key
         if key in seen:
-            raise _bad(f"duplicate service {describe(key)} (also upsert[{seen[key]}])",
+            raise bad_request(f"duplicate service {describe(key)} (also upsert[{seen[key]}])",
                        f"upsert[{i}]")
         seen[key] = i
     return seen
@@ -75,7 +75,7 @@ def _patch_rebuild(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Seque
         specs.pop(key, None)
     for spec in upserts:
         specs[spec.key] = spec
-    return _build(reg, specs, seen, policy, now, "upsert")
+    return build(reg, specs, seen, policy, now, "upsert")
 def check_disjoint(upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey]) -> None:
     """RegistryError (400, naming the delete entry) when a PATCH both upserts and
     deletes one service: which of the two was meant is a guess, so neither is applied."""
@@ -85,7 +85,7 @@ def check_disjoint(upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey]
     for j, key in enumerate(deletes):
         i = where.get(key)
         if i is not None:
-            raise _bad(f"service {describe(key)} is both upserted (upsert[{i}]) and deleted: "
+            raise bad_request(f"service {describe(key)} is both upserted (upsert[{i}]) and deleted: "
                        "a PATCH may do one or the other", f"delete[{j}]")
 
 
@@ -100,13 +100,13 @@ def check_disjoint(upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey]
 # applied to the copy.
 
 
-def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSpec],
+def _patch_incremental(reg: Registry, index: BuildIndex, upserts: Sequence[ServiceSpec],
                        deletes: Sequence[ServiceKey], seen: Mapping[ServiceKey, int],
                        policy: RegistryPolicy, now: float) -> Registry | None:
     """``apply_patch`` touching only the services the patch names, or None when
     the patch is rejected (the full rebuild then names the error).
 
-    Relies on what every snapshot ``_build`` makes holds under the policy it was
+    Relies on what every snapshot ``build`` makes holds under the policy it was
     built with: its indexes agree with its services, every allocated VIP lies
     in the range, no VIP is both in use and held, and no host name conflicts.
     """
@@ -181,19 +181,19 @@ def _patch_incremental(reg: Registry, index: _Index, upserts: Sequence[ServiceSp
             port_counts[spec.port] = port_counts.get(spec.port, 0) + 1
         ns_ports, ports = ns_counts, port_counts
 
-    return _registry(reg.revision + 1 if changed else reg.revision, services, by_vip4, by_vip6,
+    return make_registry(reg.revision + 1 if changed else reg.revision, services, by_vip4, by_vip6,
                      hostnames, held4, held6, policy, idx4, idx6, (ns_ports, ports),
                      (reg.revision, len(old_services), tuple(svc.key for svc in written),
                       tuple(deleted)), names)
 
 
-def _copy(table: Mapping[_K, _V]) -> dict[_K, _V]:
+def _copy(table: Mapping[K, V]) -> dict[K, V]:
     # dict.copy() clones the table as it is, holes left by deletes included;
     # dict(table) re-inserts every entry when there is a hole (3x slower).
     return table.copy() if isinstance(table, dict) else dict(table)
 
 
-def _uncount(counts: dict[_K, int], item: _K) -> None:
+def _uncount(counts: dict[K, int], item: K) -> None:
     n = counts[item]
     if n > 1:
         counts[item] = n - 1
@@ -226,14 +226,14 @@ class _Either:
         return vip in self.a or vip in self.b
 
 
-_PatchResult = tuple[dict[ServiceKey, int], Mapping[int, ServiceKey], Held, _FamilyIndex]
+_PatchResult = tuple[dict[ServiceKey, int], Mapping[int, ServiceKey], Held, FamilyIndex]
 
 
-def _patch_family(family: int, reg: Registry, fam: _FamilyIndex, rng: VipRange | None,
+def _patch_family(family: int, reg: Registry, fam: FamilyIndex, rng: VipRange | None,
                   removed: Sequence[Service], upserts: Sequence[ServiceSpec],
                   deleted: Mapping[ServiceKey, Service], now: float,
                   release: float) -> _PatchResult | None:
-    """``_assign`` for a patch: the VIPs of the upserts and the new tables, None if rejected."""
+    """``assign_vips`` for a patch: the VIPs of the upserts and the new tables, None if rejected."""
     v4 = family == 4
     old_by_vip = reg.by_vip4 if v4 else reg.by_vip6
     old_held = reg.held4 if v4 else reg.held6
@@ -315,7 +315,7 @@ def _patch_family(family: int, reg: Registry, fam: _FamilyIndex, rng: VipRange |
     by_vip: Mapping[int, ServiceKey] = old_by_vip
     if len(gone) != len(taken) or any(taken.get(v) != k for v, k in gone.items()):
         by_vip = evolve(old_by_vip, gone, taken.items())
-    # Not held at all when the hold is over already (hold 0): as _assign.
+    # Not held at all when the hold is over already (hold 0): as assign_vips.
     released = [(vip, key) for vip, key in gone.items() if vip not in taken] \
         if release > now else []
     if unheld or released:
@@ -333,13 +333,13 @@ def _patch_family(family: int, reg: Registry, fam: _FamilyIndex, rng: VipRange |
         held = held_new
     in_range = fam.in_range + _count_in(taken, first, last) - _count_in(gone, first, last)
     top = _next_top(fam.top, assigned, in_use, first, last)
-    return assigned, by_vip, held, _FamilyIndex(in_range, held_in_range, held_sorted, top)
+    return assigned, by_vip, held, FamilyIndex(in_range, held_in_range, held_sorted, top)
 
 
 _count_in = count_in
 
 
-def _unexpired(old: Held, fam: _FamilyIndex, first: int, last: int, now: float
+def _unexpired(old: Held, fam: FamilyIndex, first: int, last: int, now: float
                ) -> tuple[dict[int, tuple[float, ServiceKey]] | None, int, bool]:
     """The held table without its expired entries (None: none expired, use it as
     it is), how many of those are in range, and whether it is in release order."""
@@ -358,7 +358,7 @@ def _unexpired(old: Held, fam: _FamilyIndex, first: int, last: int, now: float
             del held[vip]
         return held, fam.held_in_range - _count_in(expired, first, last), True
     held = {v: h for v, h in old.items() if h[0] > now}
-    return held, _count_in(held, first, last), _in_release_order(held)
+    return held, _count_in(held, first, last), in_release_order(held)
 
 
 def _rebuild_order(fresh: list[ServiceKey], old_services: Mapping[ServiceKey, Service],
@@ -374,9 +374,9 @@ def _rebuild_order(fresh: list[ServiceKey], old_services: Mapping[ServiceKey, Se
     return staying + [key for key in fresh if key not in old_services or key in deleted]
 
 
-def _top(fam: _FamilyIndex, by_vip: Mapping[int, ServiceKey], first: int, last: int) -> int:
+def _top(fam: FamilyIndex, by_vip: Mapping[int, ServiceKey], first: int, last: int) -> int:
     if fam.top is None:
-        fam.top = _top_of(by_vip, first, last)  # a cache: the snapshot itself does not change
+        fam.top = top_of(by_vip, first, last)  # a cache: the snapshot itself does not change
     return fam.top
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
-from .service import (
+from ._service import (
     RegistryError,
     ServiceKey,
     ServiceSpec,
     describe,
 )
-from .snapshot import Held, Registry, _FamilyIndex
-from .vip import VipRange, count_in, format_ip
+from ._snapshot import FamilyIndex, Held, Registry
+from ._vip import VipRange, count_in, format_ip
 
 # A bulk C-level call (dict.update, Counter over a map) holds the GIL until it
 # returns: ~50-150 ms for 100k items on a busy host. Writes are built in a worker
@@ -34,10 +34,10 @@ def _field(path: str, index: int, name: str) -> str | None:
 
 
 _AssignResult = tuple[dict[ServiceKey, int], dict[int, ServiceKey],
-                      dict[int, tuple[float, ServiceKey]], _FamilyIndex]
+                      dict[int, tuple[float, ServiceKey]], FamilyIndex]
 
 
-def _assign(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
+def assign_vips(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
             stored_first: Iterable[tuple[ServiceKey, ServiceSpec]],
             where: Mapping[ServiceKey, int], rng: VipRange | None, hold_seconds: float,
             now: float, path: str) -> _AssignResult:
@@ -119,7 +119,7 @@ def _assign(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
             busy = in_range + count_in(blocked, first, last)
             if rng.size - busy < len(fresh):
                 raise _exhausted(family, rng, len(fresh), busy)
-            cursor = _top_of(old_by_vip, first, last) + 1
+            cursor = top_of(old_by_vip, first, last) + 1
             start = cursor if first <= cursor <= last else first
             end = start + len(fresh) - 1
             vips: Sequence[int] | None
@@ -144,7 +144,7 @@ def _assign(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
             if vip not in by_vip:
                 held[vip] = (release, key)
     held_in_range = count_in(held, first, last)
-    return assigned, by_vip, held, _FamilyIndex(in_range, held_in_range, _in_release_order(held))
+    return assigned, by_vip, held, FamilyIndex(in_range, held_in_range, in_release_order(held))
 
 
 def _exhausted(family: int, rng: VipRange, wanted: int, busy: int) -> RegistryError:
@@ -153,7 +153,7 @@ def _exhausted(family: int, rng: VipRange, wanted: int, busy: int) -> RegistryEr
         f"services need an address, {max(rng.size - busy, 0)} free", None)
 
 
-def _top_of(by_vip: Collection[int], first: int, last: int) -> int:
+def top_of(by_vip: Collection[int], first: int, last: int) -> int:
     """The highest address in use inside ``first..last``; ``first - 1`` if none."""
     top = max(by_vip, default=None)
     if top is None:
@@ -163,7 +163,7 @@ def _top_of(by_vip: Collection[int], first: int, last: int) -> int:
     return max((v for v in by_vip if first <= v <= last), default=first - 1)
 
 
-def _in_release_order(held: Held) -> bool:
+def in_release_order(held: Held) -> bool:
     prev = -math.inf
     for release, _ in held.values():
         if release < prev:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .wire import Query
+from ._wire import Query
 
 QTYPE_INVALID = -1  # requests with no readable question (dropped, FORMERR)
 

@@ -1,9 +1,13 @@
 """Strict parsing of DNS queries from wire bytes (RFC 1035, RFC 6891).
 
 Only what answering needs is decoded: the header, the single question with its
-labels in their original case, and the OPT record. Every other record is
-walked and checked for framing but not decoded. Errors are typed so the caller
-can choose between silence (no readable header) and FORMERR (anything else).
+labels in their original case, and the OPT record. Every other record is walked
+and checked for framing but not decoded. Errors are typed so the caller can
+choose between silence (no readable header) and FORMERR (anything else).
+
+Wire names are tuples of raw label bytes, the way they arrive in a query, so the
+question's exact case can be echoed back; ``wire_to_key`` turns them into the
+lower-case dotted key the registry's names are written in.
 """
 
 from __future__ import annotations
@@ -102,6 +106,29 @@ class Query:
     @property
     def cd(self) -> bool:
         return bool(self.flags & 0x0010)
+
+
+def wire_to_key(labels: tuple[bytes, ...]) -> str:
+    """Lookup key for wire labels: ASCII-lower-cased, dotted, no trailing dot.
+
+    DNS case-insensitivity is ASCII only, so lower the bytes before decoding.
+    A label holding a literal dot is escaped so it can never match a name made
+    of two labels.
+    """
+    parts = []
+    for label in labels:
+        text = label.lower().decode("latin-1")
+        if "." in text or "\\" in text:
+            text = text.replace("\\", "\\\\").replace(".", "\\.")
+        parts.append(text)
+    return ".".join(parts)
+
+
+def key_to_labels(key: str) -> tuple[bytes, ...]:
+    """Wire labels for a normalized name (only for names the core built itself)."""
+    if not key:
+        return ()
+    return tuple(part.encode("ascii") for part in key.split("."))
 
 
 def read_name(data: bytes, pos: int, allow_pointers: bool) -> tuple[tuple[bytes, ...], int]:

@@ -7,19 +7,19 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, TypeVar
 
-from .vip import format_ip
+from ._vip import format_ip
 
 ServiceKey = tuple[str, str, int]  # (name, namespace, port)
-_K = TypeVar("_K")
-_V = TypeVar("_V")
+K = TypeVar("K")
+V = TypeVar("V")
 
 MAX_HOSTNAMES_PER_SERVICE = 256
-_SERVICE_FIELDS = frozenset({"name", "namespace", "port", "vip", "vip6", "hostnames",
+SERVICE_FIELDS = frozenset({"name", "namespace", "port", "vip", "vip6", "hostnames",
                              "labels", "mesh", "zone"})
 Labels = tuple[tuple[str, str], ...]  # (key, value) pairs sorted by key: hashable, comparable
-_KEY_FIELDS = ("name", "namespace", "port")
-_NS_PORT = itemgetter(1, 2)  # key -> (namespace, port)
-_PORT = itemgetter(2)
+KEY_FIELDS = ("name", "namespace", "port")
+NS_PORT_OF = itemgetter(1, 2)  # key -> (namespace, port)
+PORT_OF = itemgetter(2)
 
 
 class RegistryError(Exception):
@@ -32,7 +32,7 @@ class RegistryError(Exception):
         self.field = field
 
 
-def _bad(message: str, field: str) -> RegistryError:
+def bad_request(message: str, field: str) -> RegistryError:
     return RegistryError(400, message, field)
 
 
@@ -133,7 +133,7 @@ _SERVICE_SLOTS = tuple(getattr(Service, f).__set__ for f in (
     "labels", "mesh", "zone"))
 
 
-def _make_spec(name: str, namespace: str, port: int, vip: int | None, vip6: int | None,
+def make_spec(name: str, namespace: str, port: int, vip: int | None, vip6: int | None,
                hostnames: tuple[str, ...], labels: Labels = (), mesh: str | None = None,
                zone: str | None = None) -> ServiceSpec:
     """``ServiceSpec(...)``, faster."""
@@ -152,7 +152,7 @@ def _make_spec(name: str, namespace: str, port: int, vip: int | None, vip6: int 
     return spec
 
 
-def _make_service(name: str, namespace: str, port: int, vip: int, vip6: int | None,
+def make_service(name: str, namespace: str, port: int, vip: int, vip6: int | None,
                   hostnames: tuple[str, ...], vip_given: bool, vip6_given: bool,
                   labels: Labels = (), mesh: str | None = None,
                   zone: str | None = None) -> Service:

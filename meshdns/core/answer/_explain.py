@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .names import wire_to_key
-from .naming import NameTable, selects
-from .service import ServiceSpec
-from .zone import CANONICAL, KUMA, NXDOMAIN, TEMPLATE, Decision, Zone
+from ..registry import NameTable, ServiceSpec, selects
+from ._wire import wire_to_key
+from ._zone import CANONICAL, KUMA, NXDOMAIN, TEMPLATE, Decision, Zone
 
 
 def _template(names: NameTable, index: int) -> dict[str, Any]:
@@ -47,7 +46,9 @@ def explain_names(zone: Zone, labels: tuple[bytes, ...], decision: Decision) -> 
     domains = sorted(zone.settings.domains, key=len, reverse=True)
     domain = next((d for d in domains if key.endswith("." + d)), None)
     if domain is not None and rule == NXDOMAIN:
-        found = zone.find_service(key, domain, include_hidden=True)
+        where = zone.locate(key, include_hidden=True)
+        if where is not None and where[1] is not None:
+            found = where[1], where[2]
     elif domain is None:
         owner = zone.registry.hostnames.get(key)
         if owner is None and key in names.generated:

@@ -1,4 +1,5 @@
-"""The names a snapshot answers for beyond the built-in forms, and what it hides.
+"""A snapshot's name table: the names it answers for beyond the built-in forms
+(rendered from the templates of _templates.py), and the services it hides.
 
 Built when a snapshot is built (in the write's worker thread, never on the DNS
 path): every non-built-in ``dns.hostname_templates`` entry is rendered for
@@ -14,8 +15,9 @@ from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .layered import evolve
-from .names import (
+from ._layered import evolve
+from ._service import RegistryError, ServiceKey, ServiceSpec, describe
+from ._templates import (
     DEFAULT_HOSTNAME_TEMPLATES,
     HostnameTemplate,
     canonical_name,
@@ -23,7 +25,6 @@ from .names import (
     is_valid_generated,
     kuma_name,
 )
-from .service import RegistryError, ServiceKey, ServiceSpec, describe
 
 Selector = tuple[tuple[str, str], ...]  # matchLabels, sorted; "mesh"/"zone" match the fields
 Counts = tuple[Mapping[tuple[str, int], int], Mapping[int, int]]
@@ -207,7 +208,7 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
     ents = old.ents
     if rendered:
         # The rendered-name table holds every service's names: rather than copying it,
-        # collect what this patch deletes and writes and evolve it once (layered.py).
+        # collect what this patch deletes and writes and evolve it once (_layered.py).
         gone: set[str] = set()
         put: dict[str, tuple[ServiceKey, int]] = {}
 

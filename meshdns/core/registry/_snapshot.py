@@ -1,7 +1,7 @@
 """A registry snapshot: the services, their VIP indexes, the policy writes follow.
 
-Snapshots are immutable: a write makes a new one (registry.py: full rebuilds;
-patch.py: incremental PATCH), so whoever holds one sees one consistent registry.
+Snapshots are immutable: a write makes a new one (_rebuild.py: full rebuilds;
+_patch.py: incremental PATCH), so whoever holds one sees one consistent registry.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import DEFAULT_HOSTNAME_TEMPLATES, HostnameTemplate
-from .naming import DEFAULT_NAMES, NameTable, Selector
-from .service import (
+from ._nametable import DEFAULT_NAMES, NameTable, Selector
+from ._service import (
     Service,
     ServiceKey,
 )
-from .vip import VipRange
+from ._templates import DEFAULT_HOSTNAME_TEMPLATES, HostnameTemplate
+from ._vip import VipRange
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ Held = Mapping[int, tuple[float, ServiceKey]]  # vip -> (release time, last owne
 
 
 @dataclass(slots=True)
-class _FamilyIndex:
+class FamilyIndex:
     """Counts over one address family of a snapshot, so a PATCH need not scan it."""
 
     in_range: int  # VIPs in use inside the policy range
@@ -47,14 +47,14 @@ class _FamilyIndex:
 
 
 @dataclass(slots=True)
-class _Index:
+class BuildIndex:
     """What a snapshot was built under, and its per-family counts."""
 
     domains: tuple[str, ...]
     range4: VipRange
     range6: VipRange | None
-    fam4: _FamilyIndex
-    fam6: _FamilyIndex
+    fam4: FamilyIndex
+    fam6: FamilyIndex
 
     def fits(self, policy: RegistryPolicy) -> bool:
         return (self.domains == policy.domains and self.range4 == policy.range4
@@ -80,12 +80,12 @@ class Registry:
     ns_ports: Mapping[tuple[str, int], int]
     ports: Mapping[int, int]
     # Bookkeeping that lets a PATCH touch only what it names (None: rebuild whole).
-    _index: _Index | None = field(default=None, repr=False)
+    _index: BuildIndex | None = field(default=None, repr=False)
     # What an incremental PATCH changed relative to the snapshot it was applied to:
     # (that snapshot's revision and size, keys written, keys deleted); None when not
     # known. Lets the state journal record a PATCH without comparing every service.
     _delta: Delta | None = field(default=None, repr=False)
-    # Template-rendered names and what dns.select hides (see naming.py).
+    # Template-rendered names and what dns.select hides (see _nametable.py).
     names: NameTable = field(default=DEFAULT_NAMES, repr=False)
 
     def touched_since(self, base: Registry

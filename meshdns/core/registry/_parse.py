@@ -7,24 +7,24 @@ import reprlib
 from collections.abc import Mapping
 from typing import Any
 
-from .names import (
-    is_rfc1123_label,
-    normalize_hostname,
-)
-from .service import (
-    _KEY_FIELDS,
-    _SERVICE_FIELDS,
+from ._service import (
+    KEY_FIELDS,
     MAX_HOSTNAMES_PER_SERVICE,
+    SERVICE_FIELDS,
     Labels,
     RegistryError,
     Service,
     ServiceKey,
     ServiceSpec,
-    _bad,
-    _make_service,
-    _make_spec,
+    bad_request,
+    make_service,
+    make_spec,
 )
-from .vip import forget_spellings, parse_ip, parse_ip4, parse_ip6
+from ._templates import (
+    is_rfc1123_label,
+    normalize_hostname,
+)
+from ._vip import forget_spellings, parse_ip, parse_ip4, parse_ip6
 
 # ---------------------------------------------------------------- quoting input
 
@@ -49,12 +49,12 @@ def quote(value: Any) -> str:
     return clip(_REPR.repr(value))
 
 
-_KEY_SET = frozenset(_KEY_FIELDS)
+_KEY_SET = frozenset(KEY_FIELDS)
 
 
 def _unknown_field(item: Mapping[Any, Any], known: frozenset[str], path: str) -> RegistryError:
     unknown = min(clip(str(k)) for k in item if k not in known)
-    return _bad(f"unknown field {quote(unknown)}", f"{path}.{unknown}")
+    return bad_request(f"unknown field {quote(unknown)}", f"{path}.{unknown}")
 
 
 # ---------------------------------------------------------------- input parsing
@@ -66,9 +66,9 @@ def _parse_key_fields(item: Mapping[str, Any], path: str) -> ServiceKey:
     port = item.get("port")
     for fname, value in (("name", name), ("namespace", namespace)):
         if not isinstance(value, str):
-            raise _bad(f"{fname} is required and must be a string", f"{path}.{fname}")
+            raise bad_request(f"{fname} is required and must be a string", f"{path}.{fname}")
         if not is_rfc1123_label(value):
-            raise _bad(
+            raise bad_request(
                 f"{fname} must be a lower-case RFC 1123 label (a-z, 0-9, '-', 1..63 chars), "
                 f"got {quote(value)}",
                 f"{path}.{fname}",
@@ -76,7 +76,7 @@ def _parse_key_fields(item: Mapping[str, Any], path: str) -> ServiceKey:
     if isinstance(port, str) and port.isascii() and port.isdigit() and port[:1] != "0":
         port = int(port)  # "80" as a string is accepted; "080", "²" are not
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise _bad(f"port must be an integer 1..65535, got {quote(port)}", f"{path}.port")
+        raise bad_request(f"port must be an integer 1..65535, got {quote(port)}", f"{path}.port")
     assert isinstance(name, str) and isinstance(namespace, str)
     return (name, namespace, port)
 
@@ -85,23 +85,23 @@ def _parse_vip(value: Any, version: int, path: str) -> int | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _bad(f"must be an IPv{version} address string", path)
+        raise bad_request(f"must be an IPv{version} address string", path)
     if version == 6 and "%" in value:
         # ipaddress keeps a scope id (fe80::1%eth0) that a VIP cannot carry: refused
         # rather than silently dropped.
-        raise _bad(f"must be an IPv6 address without a zone id (%...), got {quote(value)}",
+        raise bad_request(f"must be an IPv6 address without a zone id (%...), got {quote(value)}",
                    path)
     vip = parse_ip(value, version)
     if vip is None:
-        raise _bad(f"must be an IPv{version} address, got {quote(value)}", path)
+        raise bad_request(f"must be an IPv{version} address, got {quote(value)}", path)
     return vip
 
 
 def _parse_hostnames(raw_hosts: Any, path: str) -> tuple[str, ...]:
     if not isinstance(raw_hosts, list):
-        raise _bad("must be a list of host names", f"{path}.hostnames")
+        raise bad_request("must be a list of host names", f"{path}.hostnames")
     if len(raw_hosts) > MAX_HOSTNAMES_PER_SERVICE:
-        raise _bad(
+        raise bad_request(
             f"at most {MAX_HOSTNAMES_PER_SERVICE} host names per service",
             f"{path}.hostnames",
         )
@@ -109,7 +109,7 @@ def _parse_hostnames(raw_hosts: Any, path: str) -> tuple[str, ...]:
     for j, raw in enumerate(raw_hosts):
         host = normalize_hostname(raw) if isinstance(raw, str) else None
         if host is None:
-            raise _bad(f"must be a fully qualified domain name, got {quote(raw)}",
+            raise bad_request(f"must be a fully qualified domain name, got {quote(raw)}",
                        f"{path}.hostnames[{j}]")
         if host not in hostnames:
             hostnames.append(host)
@@ -139,17 +139,17 @@ def _parse_labels(raw: Any, path: str) -> Labels:
     if raw is None:
         return ()
     if type(raw) is not dict and not isinstance(raw, Mapping):
-        raise _bad("must be an object of string label keys to string values", path)
+        raise bad_request("must be an object of string label keys to string values", path)
     if len(raw) > MAX_LABELS_PER_SERVICE:
-        raise _bad(f"at most {MAX_LABELS_PER_SERVICE} labels per service", path)
+        raise bad_request(f"at most {MAX_LABELS_PER_SERVICE} labels per service", path)
     for key, value in raw.items():
         if not isinstance(key, str):
-            raise _bad(f"label keys must be strings, got {quote(key)}", path)
+            raise bad_request(f"label keys must be strings, got {quote(key)}", path)
         why = label_key_error(key)
         if why is not None:
-            raise _bad(why, f"{path}.{clip(key)}")
+            raise bad_request(why, f"{path}.{clip(key)}")
         if not isinstance(value, str) or (value and not _LABEL_NAME_RE.fullmatch(value)):
-            raise _bad("label value must be a string of up to 63 characters of "
+            raise bad_request("label value must be a string of up to 63 characters of "
                        f"[A-Za-z0-9._-] starting and ending alphanumeric, got {quote(value)}",
                        f"{path}.{clip(key)}")
     return tuple(sorted(raw.items()))
@@ -159,7 +159,7 @@ def _parse_mesh_or_zone(raw: Any, path: str) -> str | None:
     if raw is None:
         return None
     if not isinstance(raw, str) or not is_rfc1123_label(raw):
-        raise _bad("must be a lower-case RFC 1123 label (a-z, 0-9, '-', 1..63 chars), "
+        raise bad_request("must be a lower-case RFC 1123 label (a-z, 0-9, '-', 1..63 chars), "
                    f"got {quote(raw)}", path)
     return raw
 
@@ -179,9 +179,9 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str],
     ``known``: services already served; one written again unchanged, both VIPs given,
     is returned as that very object (see ``parse_services``)."""
     if type(item) is not dict and not isinstance(item, Mapping):
-        raise _bad("must be an object with name, namespace and port", path)
-    if not item.keys() <= _SERVICE_FIELDS:
-        raise _unknown_field(item, _SERVICE_FIELDS, path)
+        raise bad_request("must be an object with name, namespace and port", path)
+    if not item.keys() <= SERVICE_FIELDS:
+        raise _unknown_field(item, SERVICE_FIELDS, path)
     get = item.get
     name = get("name")
     namespace = get("namespace")
@@ -220,15 +220,15 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str],
                                      or (prev.vip6 == vip6 and not prev.vip6_given)):
                 # The address it has, allocated here: whether it stays allocated is the
                 # core's to say, against the registry the write applies to (vips_given).
-                return _make_spec(name, namespace, port, vip, vip6, hostnames, labels, mesh,
+                return make_spec(name, namespace, port, vip, vip6, hostnames, labels, mesh,
                                   zone)
             if (prev is not None and prev.vip == vip and prev.vip6 == vip6
                     and prev.hostnames == hostnames and prev.vip_given and prev.vip6_given
                     and prev.labels == labels and prev.mesh == mesh and prev.zone == zone):
                 return prev
-        return _make_service(name, namespace, port, vip, vip6, hostnames, True, True,
+        return make_service(name, namespace, port, vip, vip6, hostnames, True, True,
                              labels, mesh, zone)
-    return _make_spec(name, namespace, port, vip, vip6, hostnames, labels, mesh, zone)
+    return make_spec(name, namespace, port, vip, vip6, hostnames, labels, mesh, zone)
 
 
 def parse_services(value: Any, path: str = "services", *, consume: bool = False,
@@ -246,7 +246,7 @@ def parse_services(value: Any, path: str = "services", *, consume: bool = False,
     """
     known = known or _NO_SERVICES
     if not isinstance(value, list):
-        raise _bad("must be a list of services", path)
+        raise bad_request("must be a list of services", path)
     namespaces: dict[str, str] = {}
     out: list[ServiceSpec] = []
     append = out.append
@@ -266,11 +266,11 @@ def parse_services(value: Any, path: str = "services", *, consume: bool = False,
 
 def parse_deletes(value: Any, path: str = "delete") -> list[ServiceKey]:
     if not isinstance(value, list):
-        raise _bad("must be a list of {name, namespace, port}", path)
+        raise bad_request("must be a list of {name, namespace, port}", path)
     keys = []
     for i, item in enumerate(value):
         if not isinstance(item, Mapping):
-            raise _bad("must be an object with name, namespace and port", f"{path}[{i}]")
+            raise bad_request("must be an object with name, namespace and port", f"{path}[{i}]")
         if not item.keys() <= _KEY_SET:
             raise _unknown_field(item, _KEY_SET, f"{path}[{i}]")
         keys.append(_parse_key_fields(item, f"{path}[{i}]"))

@@ -16,8 +16,10 @@ here from a light parse, a few dict lookups and a bytes join:
 - SOA records are encoded once per snapshot, SRV targets and PTR names once per
   service (``Zone.encoded``, handed on from snapshot to snapshot), when first asked.
 
-The policy stays ``Zone``'s: this module calls the same lookups ``Zone.decide``
-does, in the same order, and hands back None for anything it does not handle
+The policy stays ``Zone``'s: the name is looked up by ``Zone.locate``, the one
+lookup ``Zone.decide`` makes too, and answered by the same rule
+(``SERVICE_ANSWERS``/``VIP_ANSWERS``, ``service_answer`` in _zone.py); this module
+is only the other encoder. It hands back None for anything it does not encode
 (apex, search-list and forwarded names, other classes, a zone not loaded yet,
 malformed or unusual messages, a UDP reply over the client's limit, names with
 odd labels). The caller then takes the dnslib path, which stays the reference.
@@ -25,10 +27,22 @@ odd labels). The caller then takes the dnslib path, which stays the reference.
 
 from __future__ import annotations
 
-from .registry import Service
-from .wire import QTYPE_ANY, RCODE_NOERROR, RCODE_NXDOMAIN, WireError, check_options
-from .wirenames import PTR_TO_QNAME, EncodedName, NegativeSoa, Target, question_labels
-from .zone import T_A, T_AAAA, T_PTR, T_SRV, Zone
+from ..registry import Service
+from ._encoded import PTR_TO_QNAME, EncodedName, NegativeSoa, Target, question_labels
+from ._wire import RCODE_NOERROR, RCODE_NXDOMAIN, WireError, check_options
+from ._zone import (
+    ANSWER_A,
+    ANSWER_A_AAAA,
+    ANSWER_AAAA,
+    ANSWER_SRV,
+    EMPTY_NAME,
+    NO_NAME,
+    NODATA,
+    SERVICE_ANSWERS,
+    VIP_ANSWERS,
+    VIP_NAME,
+    Zone,
+)
 
 SERVER_UDP_PAYLOAD = 1232  # the UDP size this server advertises in its OPT record
 _QUESTION_ONLY = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # QD=1, AN=NS=AR=0
@@ -37,12 +51,10 @@ _OPT_HEAD = b"\x00\x00\x29"  # owner: the root; type OPT
 # The OPT record this server answers with (RFC 6891): UDP size 1232, the DO bit echoed.
 _OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 _OPT_DO = b"\x00\x00\x29\x04\xd0\x00\x00\x80\x00\x00\x00"
-_HEX = "0123456789abcdef"
 # Wire name to lookup key: length bytes of labels under 45 bytes to ".", A-Z to a-z.
 # A backslash becomes a dot too: wire_to_key would escape it, so it must not match.
 _DOTTED_LOWER = bytes.maketrans(bytes(range(1, 45)) + b"\\" + bytes(range(65, 91)),
                                 b"." * 45 + bytes(range(97, 123)))
-_OCTETS = {str(i): i for i in range(256)}  # what Zone reads as an octet label, no more
 _MAX_TARGETS = 1 << 17  # encoded targets kept across snapshots before starting over
 
 _SLOW_QTYPES = frozenset({41, 251, 252})  # OPT (FORMERR), IXFR, AXFR (REFUSED)
@@ -56,7 +68,7 @@ Fast = tuple[bytes, int, int, str | None]
 class FastPath:
     """Wire replies for the common questions of one zone (one registry snapshot)."""
 
-    __slots__ = ("_a", "_a_rr", "_aaaa", "_aaaa_rr", "_domain0", "_domains", "_known",
+    __slots__ = ("_a", "_a_rr", "_aaaa", "_aaaa_rr", "_domain0", "_known",
                  "_known_cap", "_names", "_nodata", "_nxdomain", "_off", "_one", "_ptr_head",
                  "_ra", "_serial", "_soa", "_soa_ttl", "_srv_a", "_srv_aaaa", "_srv_head",
                  "_targets", "_two", "zone")
@@ -98,8 +110,6 @@ class FastPath:
         self._known: dict[str, tuple[bytes, Service, str, str]] = {}
         reg = zone.registry
         self._known_cap = 2 * len(s.domains) * len(reg.services) + len(reg.hostnames) + 64
-        # Longest first, as Zone.served_domain tries them.
-        self._domains = tuple((d, "." + d) for d in sorted(s.domains, key=len, reverse=True))
 
     def answer(self, data: bytes, udp: bool) -> Fast | None:
         """The reply to query ``data`` (a header already known to be a query's), or None.
@@ -174,67 +184,50 @@ class FastPath:
                 return None  # a label holding a dot: wire_to_key escapes it, decide() then
             dotted = dotted.lower()
         key = dotted.decode("latin-1")
-        zone = self.zone
-        # A name that found its service before, in this snapshot, skips the walk below:
+        # A name that found its service before, in this snapshot, skips Zone.locate:
         # one lookup by the name instead of splitting it and looking up its parts.
         known = self._known.get(key)
         if known is not None:
             a_rdata, svc, apex, target_domain = known
         else:
-            # Zone.decide's order: served domains, host names, reverse names; the rest
-            # (apex, search list, forwarded) is the dnslib path's.
-            for domain, dot_domain in self._domains:
-                if key.endswith(dot_domain):
-                    if not zone.loaded:
-                        return None
-                    found = zone.find_service(key, domain)
-                    if found is None:
-                        rcode = RCODE_NOERROR if zone.is_ent(key, domain) else RCODE_NXDOMAIN
-                        out = self._negative(data, qend, domain, rcode, tail)
-                        return None if out is None else (out, qtype, rcode, None)
-                    svc = found[0]
-                    apex = target_domain = domain
-                    break
-                if key == domain:
+            where = self.zone.locate(key)
+            if where is None:
+                return None  # other reverse names, the search list, forwarded: dnslib's
+            kind, found, _, at, target_domain = where
+            if found is None:
+                if kind in (NO_NAME, EMPTY_NAME):  # under the served domain target_domain
+                    rcode = RCODE_NXDOMAIN if kind == NO_NAME else RCODE_NOERROR
+                    out = self._negative(data, qend, target_domain, rcode, tail)
+                    return None if out is None else (out, qtype, rcode, None)
+                return None  # a domain's apex, or a zone not loaded yet: dnslib's
+            svc = found
+            if kind == VIP_NAME:
+                if qtype not in VIP_ANSWERS:  # vip_answer: NODATA
+                    return None  # the SOA of the reverse zone: dnslib's
+                wire = self._ptr(data, qend, svc, tail)
+                if udp and len(wire) > limit:
                     return None
-            else:
-                reg = zone.registry
-                svc_key = reg.hostnames.get(key)
-                if svc_key is None:
-                    if qtype in (T_PTR, QTYPE_ANY):
-                        if key.endswith(".in-addr.arpa"):
-                            wire = self._ptr(data, qend, _ipv4(key), True, tail)
-                        elif key.endswith(".ip6.arpa"):
-                            wire = self._ptr(data, qend, _ipv6(key), False, tail)
-                        else:
-                            return None
-                        if wire is None or (udp and len(wire) > limit):
-                            return None
-                        return wire, qtype, RCODE_NOERROR, key
-                    return None
-                # A host name outside the served domains is its own tiny zone.
-                svc = reg.services[svc_key]
-                apex, target_domain = key, self._domain0
+                return wire, qtype, RCODE_NOERROR, key
+            assert at is not None
+            apex = at
             a_rdata = svc.vip.to_bytes(4, "big")
             if len(self._known) < self._known_cap:
                 self._known[key] = (a_rdata, svc, apex, target_domain)
         # Header after the ID: flags and counts, by the RD and CD bits and the OPT.
         shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if opt else 0)
-        if qtype == T_A:
+        answer = SERVICE_ANSWERS[svc.vip6 is not None].get(qtype, NODATA)  # service_answer
+        if answer == ANSWER_A:
             wire = b"".join((data[:2], self._one[shape], data[12:qend], self._a, a_rdata,
                              tail))
-        elif qtype == T_AAAA and svc.vip6 is not None:
+        elif answer == ANSWER_AAAA:
+            assert svc.vip6 is not None
             wire = b"".join((data[:2], self._one[shape], data[12:qend], self._aaaa,
                              svc.vip6.to_bytes(16, "big"), tail))
-        elif qtype == QTYPE_ANY:
-            if svc.vip6 is None:
-                wire = b"".join((data[:2], self._one[shape], data[12:qend], self._a,
-                                 svc.vip.to_bytes(4, "big"), tail))
-            else:
-                wire = b"".join((data[:2], self._two[shape], data[12:qend], self._a,
-                                 svc.vip.to_bytes(4, "big"), self._aaaa,
-                                 svc.vip6.to_bytes(16, "big"), tail))
-        elif qtype == T_SRV:
+        elif answer == ANSWER_A_AAAA:
+            assert svc.vip6 is not None
+            wire = b"".join((data[:2], self._two[shape], data[12:qend], self._a, a_rdata,
+                             self._aaaa, svc.vip6.to_bytes(16, "big"), tail))
+        elif answer == ANSWER_SRV:
             wire = self._srv(data, shape, qend, svc, target_domain, tail)
         else:
             out = self._negative(data, qend, apex, RCODE_NOERROR, tail)
@@ -291,16 +284,9 @@ class FastPath:
                          data[12:qend], owner, soa.rest, (0xC000 | at).to_bytes(2, "big"),
                          soa.tail, tail))
 
-    def _ptr(self, data: bytes, qend: int, address: int | None, v4: bool,
-             tail: bytes) -> bytes | None:
+    def _ptr(self, data: bytes, qend: int, svc: Service, tail: bytes) -> bytes:
         """The PTR of a VIP (only: other reverse names are the dnslib path's)."""
-        if address is None:
-            return None
-        reg = self.zone.registry
-        svc_key = (reg.by_vip4 if v4 else reg.by_vip6).get(address)
-        if svc_key is None:
-            return None
-        target = self._target(reg.services[svc_key], self._domain0)
+        target = self._target(svc, self._domain0)
         name, _ = target.name.after_question(data, qend)
         rdata = target.ptr if name is target.name.wire else len(name).to_bytes(2, "big") + name
         shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if tail else 0)
@@ -333,26 +319,3 @@ def _headers(ra: int, rcode: int, an: int, ns: int, ar: int = 0) -> list[bytes]:
         rd, opt, cd = shape & 0x01, (shape >> 1) & 1, shape & 0x10
         out.append(bytes((0x84 | rd, ra | cd | rcode, 0, 1, 0, an, 0, ns, 0, ar + opt)))
     return out
-
-
-def _ipv4(key: str) -> int | None:
-    """The address of ``d.c.b.a.in-addr.arpa`` (strict octets, as zone.octet_label reads them)."""
-    parts = key.split(".")
-    if len(parts) != 6:
-        return None
-    get = _OCTETS.get
-    a, b, c, d = get(parts[0]), get(parts[1]), get(parts[2]), get(parts[3])
-    if a is None or b is None or c is None or d is None:
-        return None
-    return (d << 24) | (c << 16) | (b << 8) | a
-
-
-def _ipv6(key: str) -> int | None:
-    """The address of a full 32-nibble ``….ip6.arpa`` name."""
-    parts = key.split(".")
-    if len(parts) != 34:
-        return None
-    digits = "".join(parts[31::-1])
-    if len(digits) != 32 or digits.strip(_HEX):
-        return None  # a label longer than one character, or not a lower-case hex digit
-    return int(digits, 16)

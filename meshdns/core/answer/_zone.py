@@ -1,31 +1,42 @@
 """Answer policy: which records a question gets, from one registry snapshot.
 
-``Zone.decide`` is the single place that maps (name, type, class) to a
-:class:`Decision`. The DNS path encodes decisions to wire bytes; the HTTP
-``/v1/resolve`` route shows the very same decision as JSON.
+One lookup and one rule, with two encoders:
+
+- ``Zone.locate(name)`` says what a name is in this snapshot (a service's name, an
+  empty non-terminal, no name, a domain's apex, a VIP's reverse name) and whose;
+- ``service_answer(service, qtype)`` (and ``vip_answer(qtype)``) say which records
+  a service's name answers a question type with;
+- ``Zone.decide`` turns that into a :class:`Decision` of dnslib records (the
+  reference: ``handler.encode`` packs it, ``/v1/resolve`` shows it as JSON), and
+  the wire fast path (_fastpath.py) writes the same answer straight to bytes for
+  the common questions. Neither looks a name up any other way.
 
 Names are parsed structurally rather than looked up in a table of every name:
 ``<name>.<ns>.svc.<port>.<domain>`` is split into the service key, so a
 registry swap never has to build per-name strings for every service. Names from
-other ``dns.hostname_templates`` come from the snapshot's name table (naming.py,
+other ``dns.hostname_templates`` come from the snapshot's name table (_nametable.py,
 rendered when the snapshot was built); services ``dns.select`` hides are absent.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
-from .layered import evolve
-from .names import key_to_labels, wire_to_key
-from .naming import ents_above, primary_name
-from .registry import Registry, Service
-from .vip import VipRange, format_ip
-from .wire import (
+from ..registry import (
+    Registry,
+    Service,
+    VipRange,
+    ents_above,
+    evolve,
+    format_ip,
+    primary_name,
+)
+from ._wire import (
     EDE_NOT_AUTHORITATIVE,
     EDE_NOT_READY,
     EDE_NOT_SUPPORTED,
@@ -35,6 +46,8 @@ from .wire import (
     RCODE_NXDOMAIN,
     RCODE_REFUSED,
     RCODE_SERVFAIL,
+    key_to_labels,
+    wire_to_key,
 )
 
 T_A, T_NS, T_CNAME, T_SOA, T_PTR, T_AAAA, T_SRV = 1, 2, 5, 6, 12, 28, 33
@@ -51,6 +64,40 @@ NO_UPSTREAM = (EDE_NOT_AUTHORITATIVE, "not a served name, and no upstream")
 NXDOMAIN, SEARCH, FORWARD, REFUSED = "nxdomain", "search", "forward", "refused"
 NOT_LOADED = "not-loaded"
 SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME, TEMPLATE})
+
+# What a name is (the first field of a Location, see Zone.locate). The first two are a
+# service's: a name under a served domain, or a host (or rendered) name outside them,
+# which is its own tiny zone.
+SERVICE_NAME, HOST_NAME, VIP_NAME, EMPTY_NAME, NO_NAME, APEX_NAME, UNLOADED_NAME = range(7)
+IN_DOMAIN = frozenset({SERVICE_NAME, EMPTY_NAME, NO_NAME, APEX_NAME, UNLOADED_NAME})
+# (kind, service or None, rule, apex, domain): ``apex`` is the zone whose SOA a
+# negative answer carries (the served domain; a host name itself; None for a VIP's
+# reverse name: the reverse zone, found when needed); ``domain`` is the one SRV
+# targets and PTR names are written in.
+Location = tuple[int, Service | None, str, str | None, str]
+
+# Which records a service's name answers a question type with: the one answer rule
+# both encoders follow (Zone._service_records as dnslib records, FastPath as bytes).
+# Anything else is NODATA (the SOA of the name's zone).
+NODATA, ANSWER_A, ANSWER_AAAA, ANSWER_A_AAAA, ANSWER_SRV, ANSWER_PTR = range(6)
+# As tables, so the wire path reads them without a call: SERVICE_ANSWERS[has an IPv6
+# VIP][qtype], VIP_ANSWERS[qtype]; a qtype not in a table is NODATA.
+SERVICE_ANSWERS = (
+    {T_A: ANSWER_A, QTYPE_ANY: ANSWER_A, T_SRV: ANSWER_SRV},
+    {T_A: ANSWER_A, T_AAAA: ANSWER_AAAA, QTYPE_ANY: ANSWER_A_AAAA, T_SRV: ANSWER_SRV},
+)
+VIP_ANSWERS = {T_PTR: ANSWER_PTR, QTYPE_ANY: ANSWER_PTR}
+
+
+def service_answer(svc: Service, qtype: int) -> int:
+    """What ``svc``'s name answers ``qtype`` with: its A, its AAAA, both (ANY), its SRV
+    (with the target's addresses), or NODATA (also AAAA with no IPv6 VIP)."""
+    return SERVICE_ANSWERS[svc.vip6 is not None].get(qtype, NODATA)
+
+
+def vip_answer(qtype: int) -> int:
+    """What a VIP's reverse name answers ``qtype`` with: its PTR, or NODATA."""
+    return VIP_ANSWERS.get(qtype, NODATA)
 
 
 @dataclass(frozen=True)
@@ -88,6 +135,35 @@ class _ReverseZone:
     version: int
     prefix: int  # address bits above the zone cut, as an int
     labels: int  # address labels (octets or nibbles) the apex holds
+
+
+_OCTETS = {str(i): i for i in range(256)}  # exactly the labels octet_label reads
+_HEX = "0123456789abcdef"
+
+
+def ipv4_of_reverse_name(key: str) -> int | None:
+    """The address of ``d.c.b.a.in-addr.arpa`` (a name with that suffix), its labels read
+    as octet_label reads them; None for any other name."""
+    parts = key.split(".")
+    if len(parts) != 6:
+        return None
+    get = _OCTETS.get
+    a, b, c, d = get(parts[0]), get(parts[1]), get(parts[2]), get(parts[3])
+    if a is None or b is None or c is None or d is None:
+        return None
+    return (d << 24) | (c << 16) | (b << 8) | a
+
+
+def ipv6_of_reverse_name(key: str) -> int | None:
+    """The address of a full 32-nibble ``….ip6.arpa`` name (a name with that suffix), its
+    labels read as _nibble reads them; None for any other name."""
+    parts = key.split(".")
+    if len(parts) != 34:
+        return None
+    digits = "".join(parts[31::-1])
+    if len(digits) != 32 or digits.strip(_HEX):
+        return None  # a label longer than one character, or not a lower-case hex digit
+    return int(digits, 16)
 
 
 def octet_label(label: str) -> int | None:
@@ -153,6 +229,10 @@ class Zone:
     settings: ZoneSettings
     loaded: bool = True
     _domains: tuple[str, ...] = field(init=False)
+    _dotted: tuple[tuple[str, str], ...] = field(init=False)  # (domain, "." + domain)
+    _domain0: str = field(init=False)
+    _generated: Mapping[str, tuple[tuple[str, str, int], int]] = field(init=False, repr=False)
+    _hidden: Container[tuple[str, str, int]] = field(init=False, repr=False)
     _reverse: dict[str, _ReverseZone] = field(init=False)
     # Empty non-terminals above the explicit host names of visible services, each with
     # how many host names lie below it: built on first use, or evolved from the zone
@@ -162,7 +242,7 @@ class Zone:
     _builtins: frozenset[str] = field(init=False)
     _sorted4: list[int] | None = field(init=False, default=None)
     _sorted6: list[int] | None = field(init=False, default=None)
-    # Names the wire fast path (fastpath.py) encoded for this snapshot, filled as
+    # Names the wire fast path (_fastpath.py) encoded for this snapshot, filled as
     # asked; handed on to the next snapshot under the same domains.
     encoded: dict[Any, Any] = field(init=False, default_factory=dict, repr=False,
                                     compare=False)
@@ -170,6 +250,10 @@ class Zone:
     def __post_init__(self) -> None:
         s = self.settings
         self._domains = tuple(sorted(s.domains, key=len, reverse=True))  # longest match wins
+        self._dotted = tuple((d, "." + d) for d in self._domains)
+        self._domain0 = s.domains[0]  # the domain outside names' SRV and PTR targets use
+        names = self.registry.names
+        self._generated, self._hidden = names.generated, names.hidden
         self._reverse = {z.apex: z for z in reverse_zones(s.range4) + reverse_zones(s.range6)}
         self._builtins = self.registry.names.builtins
 
@@ -232,42 +316,112 @@ class Zone:
 
     def _service_records(self, owner: DNSLabel, svc: Service, qtype: int, rule: str,
                          apex: str, domain: str) -> Decision:
+        """service_answer's records, as dnslib records (_fastpath.py writes the same)."""
+        shape = service_answer(svc, qtype)
+        if shape == NODATA:
+            return self._nodata(rule, apex, svc)
         ttl = self.settings.ttl
         answer: list[RR] = []
         additional: list[RR] = []
-        if qtype in (T_A, QTYPE_ANY):
+        if shape in (ANSWER_A, ANSWER_A_AAAA):
             answer.append(RR(owner, T_A, ttl=ttl, rdata=A(format_ip(svc.vip, 4))))
-        if qtype in (T_AAAA, QTYPE_ANY) and svc.vip6 is not None:
+        if shape in (ANSWER_AAAA, ANSWER_A_AAAA) and svc.vip6 is not None:
             answer.append(RR(owner, T_AAAA, ttl=ttl, rdata=AAAA(format_ip(svc.vip6, 6))))
-        if qtype == T_SRV:
+        if shape == ANSWER_SRV:
             target = primary_name(svc, self.registry.names.templates, domain) + "."
             answer.append(RR(owner, T_SRV, ttl=ttl, rdata=SRV(0, 100, svc.port, target)))
             additional.append(RR(target, T_A, ttl=ttl, rdata=A(format_ip(svc.vip, 4))))
             if svc.vip6 is not None:
                 additional.append(RR(target, T_AAAA, ttl=ttl, rdata=AAAA(format_ip(svc.vip6, 6))))
-        if not answer:
-            return self._nodata(rule, apex, svc)
         return Decision(RCODE_NOERROR, rule, True, answer, (), additional, svc, apex)
 
     # ------------------------------------------------------------ policy
 
+    def locate(self, key: str, include_hidden: bool = False) -> Location | None:
+        """What ``key`` (a lookup key: wire_to_key's form) is in this snapshot, and whose:
+        the one lookup behind every local answer, on the dnslib path and the wire path.
+
+        In Zone.decide's order: a name under a served domain (the longest that
+        matches), then a visible service's host name or rendered name outside them,
+        then a visible VIP's reverse name. None: none of those (another reverse name,
+        a search-list or forwarded name: decide's to tell). Services ``dns.select``
+        hides are absent, unless ``include_hidden`` (what /v1/resolve explains).
+
+        Names are parsed, not looked up in a table of every name: ``<name>.<ns>.svc.
+        <port>.<domain>`` and the Kuma form are split into the service key.
+        """
+        reg = self.registry
+        hidden = () if include_hidden else self._hidden
+        for domain, dot_domain in self._dotted:
+            if key.endswith(dot_domain):
+                if not self.loaded:
+                    return UNLOADED_NAME, None, NOT_LOADED, domain, domain
+                rest = key[: -len(dot_domain)].split(".")
+                svc_key: tuple[str, str, int] | None = None
+                rule = CANONICAL
+                if len(rest) == 4 and rest[2] == "svc" and "canonical" in self._builtins:
+                    port = _PORT_LABELS.get(rest[3]) or _port(rest[3])
+                    if port is not None:
+                        svc_key = (rest[0], rest[1], port)
+                elif len(rest) == 1 and rest[0].count("_") == 3 and "kuma" in self._builtins:
+                    name, ns, svc_label, port_label = rest[0].split("_")
+                    port = _port(port_label)
+                    if svc_label == "svc" and port is not None:
+                        svc_key, rule = (name, ns, port), KUMA
+                if svc_key is not None:
+                    svc = reg.services.get(svc_key)
+                    if svc is not None and svc_key not in hidden:
+                        return SERVICE_NAME, svc, rule, domain, domain
+                host_owner = reg.hostnames.get(key)
+                if host_owner is not None:
+                    if host_owner not in hidden:
+                        return SERVICE_NAME, reg.services[host_owner], HOSTNAME, domain, domain
+                else:
+                    generated = self._generated.get(key)
+                    if generated is not None and generated[0] not in hidden:
+                        return SERVICE_NAME, reg.services[generated[0]], TEMPLATE, domain, \
+                            domain
+                if self.is_ent(key, domain):
+                    return EMPTY_NAME, None, ENT, domain, domain
+                return NO_NAME, None, NXDOMAIN, domain, domain
+            if key == domain:
+                if not self.loaded:
+                    return UNLOADED_NAME, None, NOT_LOADED, domain, domain
+                return APEX_NAME, None, APEX, domain, domain
+        # Outside them: a host name or a rendered name is its own tiny zone.
+        svc_key = reg.hostnames.get(key)
+        if svc_key is not None:
+            if svc_key in hidden:
+                return None
+            return HOST_NAME, reg.services[svc_key], HOSTNAME, key, self._domain0
+        if self._generated:
+            generated = self._generated.get(key)
+            if generated is not None:
+                if generated[0] in hidden:
+                    return None
+                return HOST_NAME, reg.services[generated[0]], TEMPLATE, key, self._domain0
+        if key.endswith(".in-addr.arpa"):
+            vip, by_vip = ipv4_of_reverse_name(key), reg.by_vip4
+        elif key.endswith(".ip6.arpa"):
+            vip, by_vip = ipv6_of_reverse_name(key), reg.by_vip6
+        else:
+            return None
+        if vip is not None:
+            svc_key = by_vip.get(vip)
+            if svc_key is not None and (not hidden or svc_key not in hidden):
+                return VIP_NAME, reg.services[svc_key], PTR_RULE, None, self._domain0
+        return None
+
     def decide(self, labels: tuple[bytes, ...], qtype: int, qclass: int) -> Decision:
         """The answer to one question; ``labels`` keep the question's case."""
         key = wire_to_key(labels)
-        domain = self.served_domain(key)
-        if domain is not None:
+        where = self.locate(key)
+        if where is not None:
+            kind = where[0]
             if qclass != QCLASS_IN:
-                return Decision(RCODE_REFUSED, REFUSED, zone=domain, ede=ONLY_CLASS_IN)
-            if not self.loaded:
-                return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain, ede=NOT_READY)
-            return self._in_domain(DNSLabel(labels), key, domain, qtype)
-        outside = self._outside_name(key)
-        if outside is not None:
-            if qclass != QCLASS_IN:
-                return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
-            # A host name outside the served domains is its own tiny zone.
-            return self._service_records(DNSLabel(labels), outside[0], qtype, outside[1], key,
-                                         self.settings.domains[0])
+                return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN,
+                                zone=where[3] if kind in IN_DOMAIN else None)
+            return self._records(DNSLabel(labels), key, where, qtype)
         if key.endswith(".arpa"):
             reverse = self._in_reverse(labels, key, qtype, qclass)
             if reverse is not None:
@@ -281,54 +435,32 @@ class Zone:
             return Decision(RCODE_NOERROR, FORWARD)
         return Decision(RCODE_REFUSED, REFUSED, ede=NO_UPSTREAM)
 
+    def _records(self, owner: DNSLabel, key: str, where: Location, qtype: int) -> Decision:
+        """The dnslib encoder: the decision for a located name (of class IN)."""
+        kind, svc, rule, apex, domain = where
+        if svc is not None:
+            if kind == VIP_NAME:
+                reverse = self._reverse_zone(key)
+                if vip_answer(qtype) == NODATA:
+                    return self._nodata(PTR_RULE, reverse.apex if reverse else key, svc)
+                target = primary_name(svc, self.registry.names.templates, domain) + "."
+                return Decision(RCODE_NOERROR, PTR_RULE, True,
+                                (RR(owner, T_PTR, ttl=self.settings.ttl, rdata=PTR(target)),),
+                                service=svc, zone=reverse.apex if reverse else None)
+            assert apex is not None
+            return self._service_records(owner, svc, qtype, rule, apex, domain)
+        if kind == UNLOADED_NAME:
+            return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain, ede=NOT_READY)
+        if kind == APEX_NAME:
+            return self._apex(owner, domain, qtype)
+        if kind == EMPTY_NAME:
+            return self._nodata(ENT, domain)
+        return Decision(RCODE_NXDOMAIN, NXDOMAIN, True, (), (self.soa(domain),), zone=domain)
+
     def served_domain(self, key: str) -> str | None:
         for domain in self._domains:
             if key == domain or key.endswith("." + domain):
                 return domain
-        return None
-
-    def _outside_name(self, key: str) -> tuple[Service, str] | None:
-        """A host name or rendered name outside the served domains, and its rule."""
-        reg = self.registry
-        svc_key = reg.hostnames.get(key)
-        rule = HOSTNAME
-        if svc_key is None:
-            generated = reg.names.generated.get(key)
-            if generated is None:
-                return None
-            svc_key, rule = generated[0], TEMPLATE
-        if svc_key in reg.names.hidden:
-            return None
-        return reg.services[svc_key], rule
-
-    def find_service(self, key: str, domain: str,
-                     include_hidden: bool = False) -> tuple[Service, str] | None:
-        """The service that owns ``key`` (a name under ``domain``) and by which rule;
-        a service ``dns.select`` hides is absent unless ``include_hidden``."""
-        reg = self.registry
-        hidden = reg.names.hidden if not include_hidden else ()
-        rest = key[: -len(domain) - 1].split(".")
-        svc_key: tuple[str, str, int] | None = None
-        rule = CANONICAL
-        if len(rest) == 4 and rest[2] == "svc" and "canonical" in self._builtins:
-            port = _PORT_LABELS.get(rest[3]) or _port(rest[3])
-            if port is not None:
-                svc_key = (rest[0], rest[1], port)
-        elif len(rest) == 1 and rest[0].count("_") == 3 and "kuma" in self._builtins:
-            name, ns, svc_label, port_label = rest[0].split("_")
-            port = _port(port_label)
-            if svc_label == "svc" and port is not None:
-                svc_key, rule = (name, ns, port), KUMA
-        if svc_key is not None:
-            svc = reg.services.get(svc_key)
-            if svc is not None and svc_key not in hidden:
-                return svc, rule
-        host_owner = reg.hostnames.get(key)
-        if host_owner is not None:
-            return None if host_owner in hidden else (reg.services[host_owner], HOSTNAME)
-        generated = reg.names.generated.get(key)
-        if generated is not None and generated[0] not in hidden:
-            return reg.services[generated[0]], TEMPLATE
         return None
 
     def is_ent(self, key: str, domain: str) -> bool:
@@ -347,22 +479,16 @@ class Zone:
                 return True
         return key in self.host_ents() or key in reg.names.ents
 
-    def _in_domain(self, owner: DNSLabel, key: str, domain: str, qtype: int) -> Decision:
-        if key == domain:
-            ttl = self.settings.ttl
-            if qtype in (T_SOA, QTYPE_ANY):
-                return Decision(RCODE_NOERROR, APEX, True, (self._soa_answer(owner, domain),),
-                                zone=domain)
-            if qtype == T_NS:
-                return Decision(RCODE_NOERROR, APEX, True,
-                                (RR(owner, T_NS, ttl=ttl, rdata=NS(domain + ".")),), zone=domain)
-            return self._nodata(APEX, domain)
-        found = self.find_service(key, domain)
-        if found is not None:
-            return self._service_records(owner, found[0], qtype, found[1], domain, domain)
-        if self.is_ent(key, domain):
-            return self._nodata(ENT, domain)
-        return Decision(RCODE_NXDOMAIN, NXDOMAIN, True, (), (self.soa(domain),), zone=domain)
+    def _apex(self, owner: DNSLabel, apex: str, qtype: int) -> Decision:
+        """A zone's apex (a served domain, a reverse zone): its SOA and NS, else NODATA."""
+        if qtype in (T_SOA, QTYPE_ANY):
+            return Decision(RCODE_NOERROR, APEX, True, (self._soa_answer(owner, apex),),
+                            zone=apex)
+        if qtype == T_NS:
+            return Decision(RCODE_NOERROR, APEX, True,
+                            (RR(owner, T_NS, ttl=self.settings.ttl, rdata=NS(apex + ".")),),
+                            zone=apex)
+        return self._nodata(APEX, apex)
 
     def _soa_answer(self, owner: DNSLabel, apex: str) -> RR:
         rr = self.soa(apex, self.settings.ttl)
@@ -371,53 +497,44 @@ class Zone:
 
     # ------------------------------------------------------------ reverse names
 
-    def _in_reverse(self, labels: tuple[bytes, ...], key: str, qtype: int,
-                    qclass: int) -> Decision | None:
+    def _reverse_zone(self, key: str) -> _ReverseZone | None:
+        """The reverse zone of a VIP range that ``key`` (a reverse name) lies in."""
+        return self._reverse_parts(key)[0]
+
+    def _reverse_parts(self, key: str) -> tuple[_ReverseZone | None, list[int | None]]:
+        """The reverse zone ``key`` lies in, and its address labels read as digits (most
+        significant first; None: not a digit)."""
         v4 = key.endswith(".in-addr.arpa")
-        if not v4 and not key.endswith(".ip6.arpa"):
-            return None
         parts = key.split(".")[:-2]
-        full, step, parse = (4, 8, octet_label) if v4 else (32, 4, _nibble)
-        digits = [parse(p) for p in reversed(parts)]  # most significant first
-        zone = None
+        full, parse = (4, octet_label) if v4 else (32, _nibble)
+        digits = [parse(p) for p in reversed(parts)]
         for depth in range(1, min(len(digits), full) + 1):
-            head = digits[:depth]
-            if any(d is None for d in head):
+            if any(d is None for d in digits[:depth]):
                 break
             apex = ".".join(parts[len(parts) - depth :]) + (".in-addr.arpa" if v4 else ".ip6.arpa")
             zone = self._reverse.get(apex)
             if zone is not None:
-                break
-        address: int | None = None
-        if len(digits) == full and all(d is not None for d in digits):
-            address = 0
-            for d in digits:
-                assert d is not None
-                address = (address << step) | d
-            by_vip = self.registry.by_vip4 if v4 else self.registry.by_vip6
-            svc_key = by_vip.get(address)
-            if svc_key is not None and svc_key not in self.registry.names.hidden:
-                if qclass != QCLASS_IN:
-                    return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
-                svc = self.registry.services[svc_key]
-                if qtype not in (T_PTR, QTYPE_ANY):
-                    return self._nodata(PTR_RULE, zone.apex if zone else key, svc)
-                target = primary_name(svc, self.registry.names.templates,
-                                      self.settings.domains[0]) + "."
-                return Decision(RCODE_NOERROR, PTR_RULE, True,
-                                (RR(DNSLabel(labels), T_PTR, ttl=self.settings.ttl,
-                                    rdata=PTR(target)),), service=svc,
-                                zone=zone.apex if zone else None)
+                return zone, digits
+        return None, digits
+
+    def _in_reverse(self, labels: tuple[bytes, ...], key: str, qtype: int,
+                    qclass: int) -> Decision | None:
+        """A reverse name that is no visible VIP's (those are located): the apex of a
+        VIP range's reverse zone, an empty non-terminal above VIPs, or no name."""
+        v4 = key.endswith(".in-addr.arpa")
+        if not v4 and not key.endswith(".ip6.arpa"):
+            return None
+        zone, digits = self._reverse_parts(key)
         if zone is None:
             return None
         if qclass != QCLASS_IN:
             return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
         if not self.loaded:
             return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=zone.apex, ede=NOT_READY)
+        full, step = (4, 8) if v4 else (32, 4)
         depth = len(digits)
         if depth == zone.labels:
-            return self._in_domain(DNSLabel(labels), key, zone.apex, qtype) \
-                if qtype in (T_SOA, T_NS, QTYPE_ANY) else self._nodata(APEX, zone.apex)
+            return self._apex(DNSLabel(labels), zone.apex, qtype)
         if depth < full and all(d is not None for d in digits):
             # An empty non-terminal when some VIP lies below it (RFC 8020).
             prefix = 0
@@ -460,7 +577,9 @@ class Zone:
             return Decision(RCODE_REFUSED, REFUSED, ede=ONLY_CLASS_IN)
         if not self.loaded:
             return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain, ede=NOT_READY)
-        inner = self._in_domain(DNSLabel(inner_labels), inner_key, domain, qtype)
+        where = self.locate(inner_key)  # under ``domain``, which is loaded: never None
+        assert where is not None
+        inner = self._records(DNSLabel(inner_labels), inner_key, where, qtype)
         if inner.rule == ENT:
             # Names exist below it: NODATA, not NXDOMAIN (RFC 8020), as for the mesh name.
             return Decision(RCODE_NOERROR, SEARCH, False, (), inner.authority, zone=domain)

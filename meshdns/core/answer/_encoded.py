@@ -1,4 +1,4 @@
-"""Names pre-encoded for the wire fast path (fastpath.py), written as dnslib writes them.
+"""Names pre-encoded for the wire fast path (_fastpath.py), written as dnslib writes them.
 
 dnslib compresses a name against every suffix of the names it wrote before,
 byte for byte (so in the question's letter case). In the replies the fast path
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import struct
 
-from .registry import Service
-from .zone import SOA_EXPIRE, SOA_REFRESH, SOA_RETRY, SOA_RNAME
+from ..registry import Service
+from ._zone import SOA_EXPIRE, SOA_REFRESH, SOA_RETRY, SOA_RNAME
 
 PTR_TO_QNAME = b"\xc0\x0c"  # a compression pointer to the question's name
 

@@ -23,22 +23,22 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from itertools import islice
 
-from .allocate import BULK_STEP, _assign
-from .naming import DEFAULT_NAMES, NameTable, build_names, builtin_owner
-from .parse import parse_deletes, parse_service, parse_services
-from .service import (
-    _NS_PORT,
-    _PORT,
+from ._allocate import BULK_STEP, assign_vips
+from ._nametable import DEFAULT_NAMES, NameTable, build_names, builtin_owner
+from ._parse import parse_deletes, parse_service, parse_services
+from ._service import (
     MAX_HOSTNAMES_PER_SERVICE,
+    NS_PORT_OF,
+    PORT_OF,
     RegistryError,
     Service,
     ServiceKey,
     ServiceSpec,
-    _bad,
-    _make_service,
+    bad_request,
     describe,
+    make_service,
 )
-from .snapshot import Delta, Held, Registry, RegistryPolicy, _FamilyIndex, _Index
+from ._snapshot import BuildIndex, Delta, FamilyIndex, Held, Registry, RegistryPolicy
 
 __all__ = [
     "MAX_HOSTNAMES_PER_SERVICE", "Held", "Registry", "RegistryError", "RegistryPolicy",
@@ -50,10 +50,10 @@ __all__ = [
 #
 # Both writes mean the same thing: the registry that the full list of services
 # (for a PATCH: the current ones with the upserts and deletes applied) yields.
-# ``_build`` computes that from scratch; a PATCH goes through
+# ``build`` computes that from scratch; a PATCH goes through
 # ``_patch_incremental``, which starts from the current indexes (layered or copied) and
-# touches only the services the patch names, and falls back to ``_build`` when
-# the patch is rejected (so the error is found and named exactly as ``_build``
+# touches only the services the patch names, and falls back to ``build`` when
+# the patch is rejected (so the error is found and named exactly as ``build``
 # would) or when the policy changed since the snapshot was built.
 #
 # VIPs, per family: 1. explicit (given, must be unique); 2. kept (an identity
@@ -81,10 +81,10 @@ def apply_put(reg: Registry, specs: Sequence[ServiceSpec], policy: RegistryPolic
         seen: dict[ServiceKey, int] = {}
         for i, key in enumerate(keys):
             if key in seen:
-                raise _bad(f"duplicate service {describe(key)} (also {path}[{seen[key]}])",
+                raise bad_request(f"duplicate service {describe(key)} (also {path}[{seen[key]}])",
                            f"{path}[{i}]")
             seen[key] = i
-    return _build(reg, by_key, _Positions(keys), policy, now, path)
+    return build(reg, by_key, _Positions(keys), policy, now, path)
 
 
 class _Positions(Mapping[ServiceKey, int]):
@@ -119,7 +119,7 @@ class _Positions(Mapping[ServiceKey, int]):
 # ---------------------------------------------------------------- full rebuild
 
 
-def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[ServiceKey, int],
+def build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[ServiceKey, int],
            policy: RegistryPolicy, now: float, path: str) -> Registry:
     """The registry holding exactly ``specs`` (in that order).
 
@@ -137,23 +137,23 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
     hostnames = _check_hostnames(specs, stored_first, where, policy, path)
     names = build_names(specs, stored_first, where, hostnames, policy.templates,
                         policy.select, policy.domains, path)
-    vip4, by_vip4, held4, fam4 = _assign(4, reg, specs, stored_first, where, policy.range4,
+    vip4, by_vip4, held4, fam4 = assign_vips(4, reg, specs, stored_first, where, policy.range4,
                                          policy.hold_seconds, now, path)
-    vip6, by_vip6, held6, fam6 = _assign(6, reg, specs, stored_first, where, policy.range6,
+    vip6, by_vip6, held6, fam6 = assign_vips(6, reg, specs, stored_first, where, policy.range6,
                                          policy.hold_seconds, now, path)
     old_services = reg.services
     services: dict[ServiceKey, Service]
     if not old_services:  # a first load, a restore: every service is new
         # A spec parsed with both VIPs given is a Service already, with exactly the
-        # VIPs _assign gave it (given ones are kept as they are).
-        services = {key: spec if spec.__class__ is Service else _make_service(
+        # VIPs assign_vips gave it (given ones are kept as they are).
+        services = {key: spec if spec.__class__ is Service else make_service(
                         spec.name, spec.namespace, spec.port,
                         vip4[key] if spec.vip is None else spec.vip,
                         vip6.get(key) if spec.vip6 is None else spec.vip6,
                         spec.hostnames, spec.vip is not None, spec.vip6 is not None,
                         spec.labels, spec.mesh, spec.zone)
                     for key, spec in specs.items()}
-        return _registry(reg.revision + 1 if services else reg.revision, services, by_vip4,
+        return make_registry(reg.revision + 1 if services else reg.revision, services, by_vip4,
                          by_vip6, hostnames, held4, held6, policy, fam4, fam6, names=names)
     services = {}
     kept = 0
@@ -183,11 +183,11 @@ def _build(reg: Registry, specs: dict[ServiceKey, ServiceSpec], where: Mapping[S
             services[key] = prev  # equal as it is: no new object, and a cheap comparison
             kept += 1
         else:
-            services[key] = _make_service(spec.name, spec.namespace, spec.port, v4, v6,
+            services[key] = make_service(spec.name, spec.namespace, spec.port, v4, v6,
                                           spec.hostnames, given4, given6, spec.labels,
                                           spec.mesh, spec.zone)
     changed = not kept == len(services) == len(old_services)
-    return _registry(reg.revision + 1 if changed else reg.revision, services, by_vip4, by_vip6,
+    return make_registry(reg.revision + 1 if changed else reg.revision, services, by_vip4, by_vip6,
                      hostnames, held4, held6, policy, fam4, fam6,
                      None if changed else (reg.ns_ports, reg.ports), names=names)
 
@@ -215,10 +215,10 @@ def vips_given(spec: ServiceSpec, prev: Service | None,
                                        or rng6 is None or spec.vip6 not in rng6))
 
 
-def _registry(revision: int, services: Mapping[ServiceKey, Service],
+def make_registry(revision: int, services: Mapping[ServiceKey, Service],
               by_vip4: Mapping[int, ServiceKey], by_vip6: Mapping[int, ServiceKey],
               hostnames: Mapping[str, ServiceKey], held4: Held, held6: Held,
-              policy: RegistryPolicy, fam4: _FamilyIndex, fam6: _FamilyIndex,
+              policy: RegistryPolicy, fam4: FamilyIndex, fam6: FamilyIndex,
               counts: tuple[Mapping[tuple[str, int], int], Mapping[int, int]] | None = None,
               delta: Delta | None = None, names: NameTable = DEFAULT_NAMES) -> Registry:
     """A snapshot; ``counts`` are its (ns, port) and port counts when already known (the
@@ -229,8 +229,8 @@ def _registry(revision: int, services: Mapping[ServiceKey, Service],
         ports: Counter[int] = Counter()
         keys = iter(services)
         while step := list(islice(keys, BULK_STEP)):  # see BULK_STEP
-            ns_ports.update(map(_NS_PORT, step))
-            ports.update(map(_PORT, step))
+            ns_ports.update(map(NS_PORT_OF, step))
+            ports.update(map(PORT_OF, step))
         counts = dict(ns_ports), dict(ports)
     return Registry(
         revision=revision,
@@ -242,7 +242,7 @@ def _registry(revision: int, services: Mapping[ServiceKey, Service],
         held6=held6,
         ns_ports=counts[0],
         ports=counts[1],
-        _index=_Index(policy.domains, policy.range4, policy.range6, fam4, fam6),
+        _index=BuildIndex(policy.domains, policy.range4, policy.range6, fam4, fam6),
         _delta=delta,
         names=names,
     )
@@ -261,7 +261,7 @@ def _check_hostnames(specs: Mapping[ServiceKey, ServiceSpec],
         i = where.get(key, -1)
         for j, host in enumerate(spec.hostnames):
             if host in domains:
-                raise _bad(f"{host!r} is a served domain apex, not a service name",
+                raise bad_request(f"{host!r} is a served domain apex, not a service name",
                            _host_field(path, i, j) or path)
             owner = owners.get(host) or builtin_owner(host, specs, domains, builtins)
             if owner is not None and owner != key:

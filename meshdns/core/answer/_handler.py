@@ -6,7 +6,7 @@ transport (UDP truncates, TCP does not) and the registry snapshot. So the
 encoded reply minus its ID is cached under the query minus its ID, and a hit
 costs a slice, a lookup and a concatenation: no parse, no encode.
 
-A miss takes the wire fast path (fastpath.py: no dnslib objects) for the common
+A miss takes the wire fast path (_fastpath.py: no dnslib objects) for the common
 questions and the dnslib path (``Zone.decide`` + ``encode``) for the rest.
 
 A registry change keeps the cached replies it cannot have changed: each entry is
@@ -25,13 +25,12 @@ from typing import Any
 
 from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNSOption
 
-from .fastpath import SERVER_UDP_PAYLOAD, FastPath
-from .names import wire_to_key
-from .naming import Selector
-from .outdated import CacheIndex, decision_name, outdated_names
-from .tally import QTYPE_INVALID, Entry, Forward, Tally
-from .views import view_zone
-from .wire import (
+from ..registry import Selector
+from ._fastpath import SERVER_UDP_PAYLOAD, FastPath
+from ._outdated import CacheIndex, decision_name, outdated_names
+from ._tally import QTYPE_INVALID, Entry, Forward, Tally
+from ._views import view_zone
+from ._wire import (
     EDE_NOT_SUPPORTED,
     EDE_PROHIBITED,
     HEADER_LEN,
@@ -50,8 +49,9 @@ from .wire import (
     Query,
     error_reply,
     parse_query,
+    wire_to_key,
 )
-from .zone import FORWARD, Decision, Zone
+from ._zone import FORWARD, Decision, Zone
 
 DEFAULT_ANSWER_CACHE = 100_000
 # Sampled admission (MessageHandler._clear): a full UDP cache of at least
@@ -183,7 +183,7 @@ class MessageHandler:
 
     def set_zone(self, zone: Zone) -> None:
         """Serve from ``zone`` from now on, with the cached replies it leaves as they were
-        (and each view from ``zone`` under its selector, core/views.py).
+        (and each view from ``zone`` under its selector, _views.py).
 
         Runs on the thread that answers DNS (the event loop), between two queries: no
         miss can be running on the old state, so the kept replies stay in the same
