@@ -114,7 +114,8 @@ class CachePolicy:
         ttls = tuple(min(max(ttl, low), high) for ttl in parsed.ttls)
         if lifetime == parsed.lifetime and ttls == parsed.ttls:
             return parsed
-        return replace(parsed, lifetime=lifetime, ttls=ttls)
+        return replace(parsed, lifetime=lifetime, ttls=ttls,
+                       ttls_on_wire=parsed.ttls_on_wire and ttls == parsed.ttls)
 
 
 class CachedReply:
@@ -137,7 +138,10 @@ class CachedReply:
         self.age = -1
         self.rendered = parsed.wire
         self.ede = b""  # an Extended DNS Error option (RFC 8914) for EDNS clients
-        self.render(0)
+        if parsed.ttls_on_wire:
+            self.age = 0  # the wire as it came is the reply at age 0: no copy
+        else:
+            self.render(0)
 
     def render(self, age: int) -> bytes:
         """The reply with every TTL lowered by ``age`` seconds (memoised per age)."""

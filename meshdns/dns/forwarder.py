@@ -47,7 +47,6 @@ counted on the core's Tally as ``response(rcode, "cache" | "upstream")`` and
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import random
@@ -190,6 +189,8 @@ class Forwarder:
         # time.time_ns() of the send and of the reply (or of giving up).
         self.on_upstream: UpstreamTap | None = None
         self._answered: dict[CacheKey, str] = {}  # which upstream gave a cached answer
+        # The scrubber's question (one bound method for every lookup, no per-miss object).
+        self._owned: Owned | None = None if current_zone is None else self._owns_now
 
     def set_upstreams(self, routes: Sequence[ForwardZone | HostPort]) -> None:
         """Ask these zones' upstreams from now on (SIGHUP; bare addresses are the "."
@@ -260,13 +261,18 @@ class Forwarder:
 
     async def resolve(self, req: ForwardRequest, proto: str) -> bytes | None:
         """The reply to a forwarded query (None: no reply, only while shutting down)."""
-        out = self.answer_cached(req.data, req.query, req.udp_limit, proto)
-        if out is not None:
-            return out
+        data = req.data
+        served = (self._served_udp if proto == "udp" else self._served_tcp).get(data[2:])
+        if served is not None and self.clock() < served.until:
+            return self._serve_memo(data, served)
         q = req.query
         edns = q.edns
         dnssec_ok = edns is not None and edns.dnssec_ok
+        # The key is built once: the cache, the lookups in flight and the lookup use it.
         key = (b".".join(q.labels).lower(), q.qtype, q.qclass, dnssec_ok, q.cd)
+        out = self._from_cache(data, q, req.udp_limit, proto, key)
+        if out is not None:
+            return out
         limit = req.udp_limit if proto == "udp" else None
         now = self.clock()
         if self._closed:
@@ -281,7 +287,11 @@ class Forwarder:
                                                  now, self._nsid(q))
                 self._count(RCODE_SERVFAIL, UPSTREAM, truncated)
                 return out
-            lookup = self._begin(key, q)
+            # The question as the client sent it (uncompressed, parse_query checked it):
+            # a slice of the query, not built again from the labels.
+            labels = q.labels
+            question = data[12:17 + len(labels) + sum(map(len, labels))]
+            lookup = self._begin(key, q, None, question)
             if lookup is None:  # in no forward zone
                 entry = self._error(q, now, RCODE_REFUSED, NO_ZONE)
                 out, truncated = entry.reply_for(req.data, dnssec_ok, edns is not None, limit,
@@ -318,19 +328,25 @@ class Forwarder:
         """
         served = (self._served_udp if proto == "udp" else self._served_tcp).get(data[2:])
         if served is not None and self.clock() < served.until:
-            responses = self.tally.responses
-            key = served.count_key
-            responses[key] = responses.get(key, 0) + 1
-            if served.truncated:
-                self.tally.truncated += 1
-            return data[:2] + served.tail
-        return self._from_cache(data, q, udp_limit, proto)
+            return self._serve_memo(data, served)
+        edns = q.edns
+        return self._from_cache(data, q, udp_limit, proto,
+                                (b".".join(q.labels).lower(), q.qtype, q.qclass,
+                                 edns is not None and edns.dnssec_ok, q.cd))
 
-    def _from_cache(self, data: bytes, q: Query, udp_limit: int, proto: str) -> bytes | None:
+    def _serve_memo(self, data: bytes, served: Served) -> bytes:
+        responses = self.tally.responses
+        key = served.count_key
+        responses[key] = responses.get(key, 0) + 1
+        if served.truncated:
+            self.tally.truncated += 1
+        return data[:2] + served.tail
+
+    def _from_cache(self, data: bytes, q: Query, udp_limit: int, proto: str, key: CacheKey
+                    ) -> bytes | None:
         now = self.clock()
         edns = q.edns
-        dnssec_ok = edns is not None and edns.dnssec_ok
-        key = (b".".join(q.labels).lower(), q.qtype, q.qclass, dnssec_ok, q.cd)
+        dnssec_ok = key[3]
         entry = self.cache.get(key, now)
         if entry is None or type(entry) is StaleReply:
             return self._serve_stale(key, q, data, dnssec_ok, edns is not None,
@@ -401,16 +417,17 @@ class Forwarder:
 
     # ---------------------------------------------------------------- one lookup
 
-    def _begin(self, key: CacheKey, q: Query, keep: CachedReply | None = None
-               ) -> Lookup | None:
+    def _begin(self, key: CacheKey, q: Query, keep: CachedReply | None = None,
+               question: bytes | None = None) -> Lookup | None:
         """A lookup for ``key`` (registered as in flight, not started: Lookup.start);
         None when the name is in no forward zone. ``keep`` (a prefetch): the cached
-        entry, left as it is if every upstream fails."""
+        entry, left as it is if every upstream fails. ``question``: the question's wire
+        form if the caller has it (else built from ``q``)."""
         route = self.route_for(q.labels)
         if route is None:  # stub zones only, and the name is in none of them
             return None
-        lookup = Lookup(self, key, q, question_wire(q), route.upstreams, route.protocol,
-                        self.budget, self._owned(), keep)
+        lookup = Lookup(self, key, q, question or question_wire(q), route.upstreams,
+                        route.protocol, self.budget, self._owned, keep)
         self._inflight[key] = lookup
         return lookup
 
@@ -444,11 +461,11 @@ class Forwarder:
         self._answered[key] = lookup.order[lookup.index].label
         return entry
 
-    def _owned(self) -> Owned | None:
-        """What the reply scrubber asks: is this name one the current zone answers?"""
-        if self._zone is None:
-            return None
-        return functools.partial(owns, self._zone())
+    def _owns_now(self, name: bytes) -> bool:
+        """What the reply scrubber asks (``_owned``): is this name one the current zone
+        answers? The zone of the moment the reply is scrubbed, not a snapshot kept."""
+        assert self._zone is not None
+        return owns(self._zone(), name)
 
     @staticmethod
     def _health(up: Upstream, change: str | None, result: str) -> None:
@@ -481,7 +498,7 @@ class Forwarder:
                now: float) -> CachedReply | None:
         """The entry for an answer whose CNAME chain ends at one of our names (or
         SERVFAIL for a loop or a chain too long); None: cache the reply as it is."""
-        if q.qtype == T_CNAME or _CNAME_IN not in parsed.wire[parsed.qend:]:
+        if q.qtype == T_CNAME or parsed.wire.find(_CNAME_IN, parsed.qend) < 0:
             return None  # no CNAME record anywhere after the question: nothing to follow
         try:
             chain = follow_chain(parsed.wire, parsed.qend, q.labels)

@@ -85,7 +85,14 @@ class Lookup:
         self.loop = loop = asyncio.get_running_loop()
         now = loop.time()
         self.budget_end = now + budget
-        self.order = try_order(upstreams, now, budget)
+        # Every upstream healthy (the common case): the zone's own list, in its order
+        # (only read); else try_order's health order.
+        for up in upstreams:
+            if up.failures:
+                self.order = try_order(upstreams, now, budget)
+                break
+        else:
+            self.order = upstreams
         self.index = 0
         self.results: list[str] = []
         self.waiters: list[asyncio.Future[CachedReply]] = []

@@ -118,6 +118,9 @@ class ParsedReply:
     lifetime: int  # seconds it may be served from cache; 0 means not at all
     negative: bool = False  # NXDOMAIN or NODATA (bounded by dns.cache_negative_*)
     dropped: dict[str, int] | None = None  # records scrubbed away, by reason
+    # ``wire`` already carries ``ttls`` at ``ttl_offsets`` (no TTL was capped or set from
+    # the SOA): the cache serves it at age 0 without writing them in again.
+    ttls_on_wire: bool = False
 
 
 def parse_reply(reply: bytes, question_len: int, owned: Owned | None = None) -> ParsedReply:
@@ -255,9 +258,8 @@ def _parse(reply: bytes, question_len: int, owned: Owned | None) -> ParsedReply:
         if opt is not None:
             # Only the OPT goes, and it is last: cutting it moves nothing a pointer
             # could point to. The common case, and it costs a slice.
-            cut = bytearray(reply[:opt[START]])
-            struct.pack_into("!H", cut, 10, arcount - 1)
-            wire = bytes(cut)
+            wire = b"".join((reply[:10], (arcount - 1).to_bytes(2, "big"),
+                             reply[12:opt[START]]))
         offsets = [r[TTL_AT] for r in kept]
     else:
         wire, offsets = _rebuild(reply, qend, kept)
@@ -290,9 +292,12 @@ def _lifetimes(wire: bytes, rcode: int, qend: int, kept: list[Record], offsets: 
     answers = 0
     soa_ttl = -1
     soa_index = -1
+    on_wire = True
     for section, _start, _owner, _key, rtype, ttl, ttl_at, end, _names, _target in kept:
-        ttl = 0 if ttl & 0x80000000 else (ttl if ttl < MAX_CACHE_TTL else MAX_CACHE_TTL)
-        ttls.append(ttl)  # RFC 2181 §8
+        if ttl >= MAX_CACHE_TTL:
+            ttl = 0 if ttl & 0x80000000 else MAX_CACHE_TTL  # RFC 2181 §8
+            on_wire = False
+        ttls.append(ttl)
         if section == 0:
             answers += 1
             if ttl < answer_ttl:
@@ -310,7 +315,8 @@ def _lifetimes(wire: bytes, rcode: int, qend: int, kept: list[Record], offsets: 
         # RFC 2308 §5: min(SOA TTL, SOA MINIMUM), and the SOA is served with that
         # TTL; a CNAME chain in front of it bounds it too. No SOA: not cached.
         lifetime = min(soa_ttl, answer_ttl) if soa_ttl >= 0 else 0
-        if soa_ttl >= 0:
+        if soa_ttl >= 0 and ttls[soa_index] != soa_ttl:
             ttls[soa_index] = soa_ttl
+            on_wire = False
     return ParsedReply(wire, rcode, qend, tuple(offsets), tuple(ttls), lifetime, negative,
-                       dropped)
+                       dropped, on_wire)
