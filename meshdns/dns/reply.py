@@ -187,6 +187,10 @@ def _parse(reply: bytes, question_len: int, owned: Owned | None) -> ParsedReply:
     if pos > size:
         raise ReplyRejected(MALFORMED)
     rcode = reply[3] & 0xF
+    if qdcount and ancount and not nscount and arcount <= 1 and not rcode:
+        plain = _plain(reply, qend, ancount, arcount)
+        if plain is not None:
+            return plain
     memo: dict[int, tuple[bytes, int]] = {}
     qname = reply[HEADER_LEN:qend - 4]
     qkey = qname.lower()
@@ -264,6 +268,57 @@ def _parse(reply: bytes, question_len: int, owned: Owned | None) -> ParsedReply:
     else:
         wire, offsets = _rebuild(reply, qend, kept)
     return _lifetimes(wire, rcode, qend, kept, offsets, dropped, reply)
+
+
+_RR_AT_QNAME = struct.Struct("!HHHIH")  # owner (a pointer), type, class, TTL, rdlength
+
+
+def _plain(reply: bytes, qend: int, ancount: int, arcount: int) -> ParsedReply | None:
+    """The common reply, read in one pass: NOERROR, every answer record owned by a
+    pointer to the question's name and of the question's type (one whose rdata holds
+    no names), nothing in authority, at most the OPT in additional, last. Scrubbing
+    keeps all of it, so it is the reply minus its OPT. None: anything else (the full
+    walk decides, and rejects what is malformed)."""
+    qtype = (reply[qend - 4] << 8) | reply[qend - 3]
+    if qtype in _NAMES_IN_RDATA or qtype == QTYPE_OPT:
+        return None
+    size = len(reply)
+    unpack = _RR_AT_QNAME.unpack_from
+    pos = qend
+    offsets: list[int] = []
+    ttls: list[int] = []
+    lifetime = MAX_CACHE_TTL
+    on_wire = True
+    try:
+        for _ in range(ancount):
+            owner, rtype, _rclass, ttl, rdlen = unpack(reply, pos)
+            if owner != 0xC00C or rtype != qtype:
+                return None
+            offsets.append(pos + 6)
+            pos += 12 + rdlen
+            if ttl >= MAX_CACHE_TTL:
+                ttl = 0 if ttl & 0x80000000 else MAX_CACHE_TTL  # RFC 2181 §8
+                on_wire = False
+            ttls.append(ttl)
+            if ttl < lifetime:
+                lifetime = ttl
+        if arcount:
+            # The OPT: root owner, type 41, its rdata ending the message; no extended rcode.
+            if (pos + 11 > size or reply[pos] or reply[pos + 1] or reply[pos + 2] != QTYPE_OPT
+                    or reply[pos + 5] or pos + 11 + ((reply[pos + 9] << 8) | reply[pos + 10])
+                    != size):
+                return None
+            wire = b"".join((reply[:10], b"\x00\x00", reply[12:pos]))
+        elif pos == size:
+            wire = reply
+        else:
+            return None
+    except struct.error:
+        return None
+    if pos > size:
+        return None
+    return ParsedReply(wire, RCODE_NOERROR, qend, tuple(offsets), tuple(ttls), lifetime,
+                       False, None, on_wire)
 
 
 def _rebuild(reply: bytes, qend: int, kept: list[Record]) -> tuple[bytes, list[int]]:

@@ -154,3 +154,54 @@ def test_what_does_not_parse_is_malformed(answer: bytes) -> None:
     with pytest.raises(ReplyRejected) as exc:
         parse_reply(data, len(question_wire(request(QNAME).query)))
     assert exc.value.reason == MALFORMED
+
+
+def _plain_cases() -> list[tuple[str, bytes]]:
+    def plain(ttls: tuple[int, ...], edns: bool, qtype: str = "A") -> bytes:
+        r = reply_to(qtype)
+        for i, ttl in enumerate(ttls):
+            r.add_answer(RR(QNAME, QTYPE.A, ttl=ttl, rdata=A(f"192.0.2.{i + 1}")))
+        if edns:
+            r.add_ar(EDNS0(udp_len=1232))
+        return bytes(r.pack())
+
+    one = plain((300,), True)
+    qend = 12 + len(question_wire(request(QNAME).query))
+    ext_rcode = bytearray(one)
+    ext_rcode[-6] = 1  # the OPT's extended rcode: BADVERS, not NOERROR
+    return [
+        ("one A, OPT", one),
+        ("three A, no OPT", plain((300, 5, 60), False)),
+        ("TTLs capped, high bit", plain((100000, 2**31 + 5), True)),
+        ("A for an AAAA question", plain((300,), True, "AAAA")),
+        ("extended rcode", bytes(ext_rcode)),
+        ("a byte after the OPT", one + b"\x00"),
+        ("rdata past the end", one[:qend + 10] + b"\x00\x40" + one[qend + 12:]),
+        ("cut in the OPT", one[:-3]),
+    ]
+
+
+@pytest.mark.parametrize(("case", "reply"), _plain_cases(), ids=[c for c, _ in _plain_cases()])
+def test_the_one_pass_plain_answer_is_the_full_walk(case: str, reply: bytes,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common reply is read in one pass (reply._plain); whatever it takes it must
+    take exactly as the full walk and scrub do, and what it leaves the walk decides."""
+    import meshdns.dns.reply as reply_module
+
+    qlen = len(question_wire(request(QNAME).query))
+
+    def outcome() -> object:
+        try:
+            p = parse_reply(reply, qlen)
+        except ReplyRejected as exc:
+            return exc.reason
+        return (p.wire, p.rcode, p.qend, p.ttl_offsets, p.ttls, p.lifetime, p.negative,
+                p.dropped)
+
+    fast = outcome()
+    monkeypatch.setattr(reply_module, "_plain", lambda *_: None)
+    assert fast == outcome()
+    if case == "TTLs capped, high bit":
+        assert isinstance(fast, tuple) and fast[4] == (86400, 0)
+    if case in ("a byte after the OPT", "rdata past the end", "cut in the OPT"):
+        assert fast == MALFORMED
