@@ -94,7 +94,7 @@ class Lookup:
         else:
             self.order = upstreams
         self.index = 0
-        self.results: list[str] = []
+        self.results: tuple[str, ...] = ()  # of the failed attempts (the answer's EDE)
         self.waiters: list[asyncio.Future[CachedReply]] = []
         self.exchange: Exchange | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -183,10 +183,10 @@ class Lookup:
             self.t0 = now
             self._tcp(up, now + (self.budget_end - now) / (len(self.order) - self.index))
             return
-        self.results.append(attempt.result)
         if attempt.result == OK:
             self._finish(attempt)
             return
+        self.results += (attempt.result,)
         self.index += 1
         self._next()
 
