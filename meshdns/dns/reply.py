@@ -9,7 +9,11 @@ belongs to it in authority and additional; ``owned`` cuts the chain at our own
 names); what was dropped is counted by reason in ``ParsedReply.dropped``.
 
 A clean reply (the common case: nothing dropped, OPT last) keeps its bytes; one
-with drops is re-encoded without compression. We keep the offset of every TTL
+with drops is re-encoded without compression. The commonest of all, a NOERROR
+whose every answer record sits at a pointer to the question's name with the
+question's type and no names in its rdata, nothing in authority, at most the OPT
+in additional (``_plain``), is read in one pass without record tuples or the
+scrub walk: it checks the same framing, and scrubbing would keep all of it. We keep the offset of every TTL
 (to count them down when the cached reply is served later) and the cacheable
 lifetime (RFC 2308 for negative answers).
 """
