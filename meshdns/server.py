@@ -8,7 +8,6 @@ import asyncio
 import gc
 import logging
 import signal
-import socket
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,7 @@ from .api.state import ApiContext, FollowStatus, RegistryWriter
 from .config import Config, ConfigError, HostPort, nsid_bytes
 from .core.answer import MessageHandler, Zone, ZoneSettings
 from .core.registry import Registry, RegistryError
-from .dns.dnstap import DnstapSink
+from .dns.dnstap import dnstap_sink
 from .dns.drain import DrainState, drain
 from .dns.forwardplan import Forwarding, describe, effective_forward
 from .dns.histogram import Histogram
@@ -41,18 +40,6 @@ if TYPE_CHECKING:  # imported when started: a process that never follows or fork
     from .workers import WorkerPool
 
 log = logging.getLogger("meshdns")
-
-
-def dnstap_sink(config: Config) -> DnstapSink | None:
-    """log.dnstap's sink (not started); identity: log.dnstap.identity, else dns.nsid,
-    else the host name."""
-    cfg = config.log.dnstap
-    if cfg is None:
-        return None
-    identity = cfg.identity.encode() if cfg.identity else (nsid_bytes(config.dns)
-                                                           or socket.gethostname().encode())
-    version = cfg.version if cfg.version is not None else f"meshdns {__version__}"
-    return DnstapSink(cfg, identity, version.encode())
 
 
 class MeshServer:

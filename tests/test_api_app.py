@@ -1,6 +1,6 @@
 """``make_app`` on its own: no MeshServer, no DNS sockets, aiohttp's test client.
 
-The app needs only an ``ApiContext`` (config, store, resolver, upstreams):
+The app needs only an ``ApiContext`` (config, store, resolver):
 this is how the API is unit-tested or embedded.
 """
 
