@@ -13,7 +13,7 @@
 # Two stages: the first builds a wheel of meshdns (and nothing else) from the
 # sources; the second installs that wheel and its dependencies into a venv at
 # /opt/meshdns on a clean base, so no build tooling or source tree reaches the
-# runtime image. tests/test_deploy.py replays both stages in a fresh venv and
+# runtime image. tests/system/test_deploy.py replays both stages in a fresh venv and
 # runs this ENTRYPOINT + CMD, since no Docker engine runs in CI.
 
 ARG PYTHON_IMAGE=python:3.12-slim

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/meshdns.yaml
 
-.PHONY: all venv install install-test run test lint bench bench-all bench-quick bench-tools clean
+.PHONY: all venv install install-test run test test-unit lint bench bench-all bench-quick bench-tools clean
 
 all: test
 
@@ -39,16 +39,20 @@ run: install
 WORKERS ?= 3
 XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS))
 TESTS ?=
-UNBATCHED_TESTS ?= tests/test_smoke.py tests/test_dns_answers.py tests/test_dns_protocol.py \
-	tests/test_forward.py tests/test_forward_hygiene.py tests/test_acl_rrl.py \
-	tests/test_ede_nsid.py tests/test_ede_forward.py tests/test_views.py tests/test_dnstap.py \
-	tests/test_node_netns.py
+UNBATCHED_TESTS ?= tests/system/test_smoke.py tests/system/test_dns_answers.py tests/system/test_dns_protocol.py \
+	tests/system/test_forward.py tests/system/test_forward_hygiene.py tests/system/test_acl_rrl.py \
+	tests/system/test_ede_nsid.py tests/system/test_ede_forward.py tests/system/test_views.py tests/system/test_dnstap.py \
+	tests/system/test_node_netns.py
 test: install-test
 	@$(BIN)/python -m pytest -q $(XDIST) $(TESTS); all=$$?; \
 	MESHDNS_UDP_BATCH=0 $(BIN)/python -m pytest -q $(XDIST) $(UNBATCHED_TESTS); unbatched=$$?; \
 	echo "make test: every test: $$( [ $$all = 0 ] && echo passed || echo "FAILED (pytest exit $$all)" )"; \
 	echo "make test: the unbatched UDP path (MESHDNS_UDP_BATCH=0): $$( [ $$unbatched = 0 ] && echo passed || echo "FAILED (pytest exit $$unbatched)" )"; \
 	[ $$all = 0 ] && [ $$unbatched = 0 ]
+
+# The unit tier alone (tests/unit/: no sockets, no child processes), in seconds.
+test-unit: install-test
+	$(BIN)/python -m pytest -q $(XDIST) tests/unit
 
 # ruff, mypy --strict on the whole package, and the import-layer contract (pyproject.toml).
 lint: install-test

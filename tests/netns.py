@@ -7,7 +7,7 @@
 - :class:`NetNamespace`: a network namespace the test process drives from outside
   (``nsenter --net``), linked to another by a veth pair (:func:`veth`), so meshdns
   can listen on a non-loopback address and see clients from several addresses, as a
-  node's resolver does (tests/test_node_netns.py).
+  node's resolver does (tests/system/test_node_netns.py).
 
 Nothing leaves such a namespace and nothing changes on the host. A test skips,
 saying why, only when namespaces are not permitted here; with CI=true it fails

@@ -137,7 +137,7 @@ class Encoder:
     joined around them, in the schema's field order, with the lengths (and the frame
     prefix) looked up in tables made once for the sizes most messages have (~250 KB).
     The bytes are protobuf's own serialization of the same message
-    (tests/test_dnstap.py checks them against ``SerializeToString``): filling a
+    (tests/system/test_dnstap.py checks them against ``SerializeToString``): filling a
     message object and serializing it costs ~1.5 us per message, this ~0.5 us.
     """
 

@@ -12,7 +12,7 @@ here from a light parse, a few dict lookups and a bytes join:
 - every other name is written as dnslib writes it (compressed against the
   question's suffixes, byte for byte, including their case), so the reply is
   the very bytes ``handler.encode`` produces for ``Zone.decide``'s decision.
-  ``tests/test_core_fastpath_equivalence.py`` holds it to that;
+  ``tests/unit/test_core_fastpath_equivalence.py`` holds it to that;
 - SOA records are encoded once per snapshot, SRV targets and PTR names once per
   service (``Zone.encoded``, handed on from snapshot to snapshot), when first asked.
 
