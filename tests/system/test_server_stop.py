@@ -11,8 +11,8 @@ import dns.rcode
 
 from meshdns.config import parse_config
 
-from .fake_upstream import FakeUpstream
-from .support import ServerThread, make_config, query
+from ..fake_upstream import FakeUpstream
+from ..support import ServerThread, make_config, query
 
 
 def test_stop_leaves_no_reference_to_the_forwarder(tmp_path: Path) -> None:
