@@ -156,7 +156,7 @@ def file_errors(config: Config) -> list[str]:
     seed = config.registry.seed_file
     if seed and Path(seed).is_file() and not any("seed_file" in e for e in errors):
         from .core.registry import Registry, RegistryError, apply_put
-        from .server import registry_policy
+        from .settings import registry_policy
         from .store import StateError, load_seed
 
         try:
@@ -172,11 +172,11 @@ def forwarding_loops(config: Config, read_files: bool) -> list[str]:
     """The upstreams serve would refuse as a loop back to itself (it logs each as an
     ERROR and, with none left, answers REFUSED for every name it does not serve).
 
-    The rule is serve's own (``effective_upstreams``). Empty ``dns.upstreams`` means
+    The rule is serve's own (``dns.forwardplan.effective_forward``). Empty ``dns.upstreams`` means
     the resolv.conf nameservers, read only when the files are checked: with
     ``--skip-files`` the config is for another machine, with another resolv.conf.
     """
-    from .server import effective_forward
+    from .dns.forwardplan import effective_forward
 
     # Each names its source: dns.upstreams, dns.forward[i].upstreams or the file.
     return effective_forward(config, read_resolv=read_files)[1]

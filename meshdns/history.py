@@ -172,22 +172,10 @@ class ChangeHistory:
     def since(self, revision: int, lineage: str | None = None) -> Changes | None:
         """What changed after ``revision``; None when the history cannot say (410)."""
         with self._lock:
-            reg, oldest = self.registry, self.oldest
-            if reg is None or oldest is None or (lineage is not None and
-                                                 lineage != self.lineage):
+            reg = self.registry
+            if reg is None or (lineage is not None and lineage != self.lineage):
                 return None
-            if not oldest <= revision <= reg.revision:
-                return None
-            keys: set[ServiceKey] = set()
-            first: float | None = None
-            for entry in reversed(self._entries):
-                if entry.revision <= revision:
-                    break
-                keys.update(entry.keys)
-                first = entry.at
-            if first is None and revision < reg.revision:
-                first = self.clock()  # pragma: no cover - entries always cover (oldest, rev]
-            return Changes(reg, self.lineage, frozenset(keys), first)
+            return self._changes(revision, reg)
 
     def between(self, revision: int, upto: Registry, lineage: str) -> Changes | None:
         """What changed after ``revision`` up to ``upto``, a snapshot this history recorded
@@ -196,20 +184,28 @@ class ChangeHistory:
         A watch stream's catch-up: the stream then continues from ``upto`` with the
         events every stream gets, so it must end exactly there."""
         with self._lock:
-            reg, oldest = self.registry, self.oldest
-            if reg is None or oldest is None or lineage != self.lineage:
+            reg = self.registry
+            if reg is None or lineage != self.lineage or upto.revision > reg.revision:
                 return None
-            if not oldest <= revision <= upto.revision <= reg.revision:
-                return None
-            keys: set[ServiceKey] = set()
-            first: float | None = None
-            for entry in reversed(self._entries):
-                if entry.revision <= revision:
-                    break
-                if entry.revision <= upto.revision:
-                    keys.update(entry.keys)
-                    first = entry.at
-            return Changes(upto, self.lineage, frozenset(keys), first)
+            return self._changes(revision, upto)
+
+    def _changes(self, revision: int, upto: Registry) -> Changes | None:
+        """The keys written after ``revision`` up to ``upto`` (held lock; ``upto`` is this
+        history's latest snapshot or one it recorded), and when the first of them was."""
+        oldest = self.oldest
+        if oldest is None or not oldest <= revision <= upto.revision:
+            return None
+        keys: set[ServiceKey] = set()
+        first: float | None = None
+        for entry in reversed(self._entries):
+            if entry.revision <= revision:
+                break
+            if entry.revision <= upto.revision:
+                keys.update(entry.keys)
+                first = entry.at
+        if first is None and revision < upto.revision:
+            first = self.clock()  # pragma: no cover - entries always cover (oldest, rev]
+        return Changes(upto, self.lineage, frozenset(keys), first)
 
     def resolve(self, lineage: str | None, revision: int) -> str | None:
         """The lineage a request in ``lineage`` from ``revision`` is answered in: this

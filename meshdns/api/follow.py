@@ -121,16 +121,7 @@ async def get_delta(request: web.Request, st: ApiState, since: int, wait: float,
             changes = history.since(since, lineage)
             if changes is None:
                 raise why_gone(st, since, lineage)
-    key = (changes.lineage, since, changes.registry.revision)
-    body = st.delta_body(key)
-    if body is None:
-        keys = sorted(changes.keys)  # a stable order: the same delta, the same bytes
-        if len(keys) > ENCODE_IN_THREAD:
-            data = await asyncio.to_thread(paused(encode_delta), changes, keys)
-        else:
-            data = encode_delta(changes, keys)
-        body = Encoded(data)
-        st.keep_delta_body(key, body)
+    body = await delta_body(st, changes, since)
     return await encoded_response(request, body, {
         "ETag": etag(changes.registry.revision), "Cache-Control": "no-cache",
         LINEAGE_HEADER: changes.lineage})
@@ -145,3 +136,18 @@ def why_gone(st: ApiState, since: int, lineage: str | None) -> ApiError:
                         None, {"Retry-After": "1"})
     return gone(st, f"revision {since} is older than the change history kept "
                 f"(from {history.oldest}, api.follow_history)")
+
+
+async def delta_body(st: ApiState, changes: Changes, since: int) -> Encoded:
+    """The delta from ``since`` to ``changes``, encoded once (shared with long-polls)."""
+    key = (changes.lineage, since, changes.registry.revision)
+    body = st.delta_body(key)
+    if body is None:
+        keys = sorted(changes.keys)  # a stable order: the same delta, the same bytes
+        if len(keys) > ENCODE_IN_THREAD:
+            data = await asyncio.to_thread(paused(encode_delta), changes, keys)
+        else:
+            data = encode_delta(changes, keys)
+        body = Encoded(data)
+        st.keep_delta_body(key, body)
+    return body

@@ -7,7 +7,7 @@ import gzip
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -138,30 +138,68 @@ class WorkerSync(Protocol):
     async def caught_up(self, revision: int) -> None: ...
 
 
-@dataclass
-class ApiContext:
-    """What the API uses of the process it runs in (handed over by the server).
+class Running(Protocol):
+    """What of the process starts later or changes while it serves (a SIGHUP changes the
+    forwarder and the upstreams; the follower, the etcd writer and the workers start
+    once the API runs, as they talk to it). The server is the one owner: each read
+    asks it, nothing is copied."""
 
-    ``forwarder``, ``follower`` and ``workers`` start later (the last two talk to
-    the API), so the server sets them here once they run.
-    """
+    @property
+    def forwarder(self) -> Forwarder | None: ...  # /v1/resolve asks it, as DNS would
+
+    @property
+    def upstreams(self) -> Sequence[HostPort]: ...
+
+    @property
+    def follower(self) -> FollowStatus | None: ...
+
+    @property
+    def workers(self) -> WorkerSync | None: ...
+
+    @property
+    def writer(self) -> RegistryWriter | None: ...  # None: writes go to the store
+
+
+class NothingRunning:
+    """A process with no forwarder, follower, workers or other writer (tests)."""
+
+    forwarder = follower = workers = writer = None
+    upstreams: Sequence[HostPort] = ()
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """What the API uses of the process it runs in, built once by the server."""
 
     config: Config
     store: RegistryStore
     handler: MessageHandler
-    upstreams: Sequence[HostPort]
     metrics: CollectorRegistry | None = None
-    forwarder: Forwarder | None = None  # /v1/resolve asks it, as DNS would
-    follower: FollowStatus | None = None
-    workers: WorkerSync | None = None
-    writer: RegistryWriter | None = None  # None: writes go to the store
     drain: DrainState | None = None  # SIGTERM: /readyz fails while DNS drains
     # dns.views: which view a client address gets (0: the default one).
     client_view: Callable[[str], int] = lambda host: 0
+    running: Running = field(default_factory=NothingRunning)
+
+    @property
+    def forwarder(self) -> Forwarder | None:
+        return self.running.forwarder
+
+    @property
+    def upstreams(self) -> Sequence[HostPort]:
+        return self.running.upstreams
+
+    @property
+    def follower(self) -> FollowStatus | None:
+        return self.running.follower
+
+    @property
+    def workers(self) -> WorkerSync | None:
+        return self.running.workers
 
     @property
     def registry_writer(self) -> RegistryWriter:
-        return self.writer if self.writer is not None else self.store
+        writer = self.running.writer
+        return writer if writer is not None else self.store
 
 
 def not_loaded_reason(server: ApiContext) -> str:

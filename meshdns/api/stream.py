@@ -50,11 +50,9 @@ from aiohttp.http import HttpVersion11
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..core.registry import Registry
-from ..gcpause import paused
-from ..history import Changes
 from ..protocol import HEARTBEAT_HEADER, LINEAGE_HEADER
-from .follow import ENCODE_IN_THREAD, check_since, encode_delta, gone, why_gone
-from .state import ApiError, ApiState, Encoded
+from .follow import check_since, delta_body, gone, why_gone
+from .state import ApiError, ApiState
 
 log = logging.getLogger("meshdns.api")
 
@@ -329,21 +327,6 @@ class StreamHub:
 
     def buffered(self) -> int:
         return sum(s.transport.get_write_buffer_size() for s in self.streams)
-
-
-async def delta_body(st: ApiState, changes: Changes, since: int) -> Encoded:
-    """The delta from ``since`` to ``changes``, encoded once (shared with long-polls)."""
-    key = (changes.lineage, since, changes.registry.revision)
-    body = st.delta_body(key)
-    if body is None:
-        keys = sorted(changes.keys)  # a stable order: the same delta, the same bytes
-        if len(keys) > ENCODE_IN_THREAD:
-            data = await asyncio.to_thread(paused(encode_delta), changes, keys)
-        else:
-            data = encode_delta(changes, keys)
-        body = Encoded(data)
-        st.keep_delta_body(key, body)
-    return body
 
 
 async def _write_paced(resp: web.StreamResponse, data: bytes) -> None:

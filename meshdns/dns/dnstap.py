@@ -40,7 +40,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..config import DnstapConfig, HostPort
+from .. import __version__
+from ..config import Config, DnstapConfig, HostPort, nsid_bytes
 
 log = logging.getLogger("meshdns.dnstap")
 
@@ -341,6 +342,18 @@ async def read_control(reader: asyncio.StreamReader) -> tuple[int, list[bytes]]:
     except Exception as exc:  # fstrm raises bare Exception on a malformed field
         raise HandshakeError(f"malformed control frame: {exc}") from None
     return int(kind), [bytes(t) for t in types]
+
+
+def dnstap_sink(config: Config) -> DnstapSink | None:
+    """log.dnstap's sink (not started); identity: log.dnstap.identity, else dns.nsid,
+    else the host name."""
+    cfg = config.log.dnstap
+    if cfg is None:
+        return None
+    identity = cfg.identity.encode() if cfg.identity else (nsid_bytes(config.dns)
+                                                           or socket.gethostname().encode())
+    version = cfg.version if cfg.version is not None else f"meshdns {__version__}"
+    return DnstapSink(cfg, identity, version.encode())
 
 
 class DnstapSink:

@@ -46,14 +46,16 @@ class DnsCollector:
 
     def __init__(self, handler: MessageHandler, tcp: TcpLimits, latency: Histogram | None,
                  udp: Callable[[], Iterable[object]] = tuple,
-                 policy: PolicyCounts | None = None) -> None:
+                 policy: PolicyCounts | None = None,
+                 forwarder: Callable[[], Forwarder | None] = lambda: None,
+                 dnstap: DnstapSink | None = None) -> None:
         self.handler = handler
         self.tcp = tcp
         self.latency = latency  # None: not sampled (an empty histogram is exported)
         self.udp = udp  # the UDP listeners now open (batched ones count their drops)
         self.policy = policy if policy is not None else PolicyCounts()
-        self.forwarder: Forwarder | None = None  # set once forwarding starts
-        self.dnstap: DnstapSink | None = None  # log.dnstap
+        self.forwarder = forwarder  # the forwarder of the moment (None: not forwarding)
+        self.dnstap = dnstap  # log.dnstap
 
     def collect(self) -> Iterator[Metric]:
         counts = self.handler.snapshot_counts()
@@ -101,10 +103,11 @@ class DnsCollector:
         entries = GaugeMetricFamily(PREFIX + "cache_entries", "Entries in a cache.",
                                     labels=["cache"])
         entries.add_metric(["answers"], self.handler.cached_answers())
-        if self.forwarder is not None:
-            entries.add_metric(["upstream"], len(self.forwarder.cache))
+        forwarder = self.forwarder()
+        if forwarder is not None:
+            entries.add_metric(["upstream"], len(forwarder.cache))
         yield entries
-        yield from self._upstream(self.forwarder)
+        yield from self._upstream(forwarder)
         if self.dnstap is not None:
             yield from self._dnstap(self.dnstap)
 

@@ -1,6 +1,6 @@
 """``make_app`` on its own: no MeshServer, no DNS sockets, aiohttp's test client.
 
-The app needs only an ``ApiContext`` (config, store, resolver, upstreams):
+The app needs only an ``ApiContext`` (config, store, resolver):
 this is how the API is unit-tested or embedded.
 """
 
@@ -17,7 +17,7 @@ from meshdns.api.state import ApiContext
 from meshdns.config import parse_config
 from meshdns.core.answer import MessageHandler, Zone
 from meshdns.core.registry import Registry
-from meshdns.server import registry_policy, zone_settings
+from meshdns.settings import registry_policy, zone_settings
 from meshdns.store import RegistryStore, read_state
 
 
@@ -28,7 +28,7 @@ def fake_server(state_file: Path | None = None, **api: Any) -> ApiContext:
     resolver = MessageHandler(Zone(Registry.empty(), settings))
     store = RegistryStore(registry_policy(config), settings, resolver,
                           str(state_file) if state_file else None, clock=lambda: 1000.0)
-    return ApiContext(config=config, store=store, handler=resolver, upstreams=[])
+    return ApiContext(config=config, store=store, handler=resolver)
 
 
 def run(server: ApiContext, scenario: Any) -> None:

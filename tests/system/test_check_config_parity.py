@@ -3,7 +3,7 @@ degrade (issue 22, item 4). Every check is a real ``python -m meshdns`` subproce
 
 - A forwarding loop (``dns.upstreams`` reaching meshdns's own listener): serve logs an
   ERROR and answers REFUSED for every name it does not serve; check-config now says so,
-  with the same line (the one rule, ``server.effective_upstreams``).
+  with the same line (the one rule, ``dns.forwardplan.effective_forward``).
 - The placeholder token the deploy/ Secrets shipped with (and any REPLACE-WITH- value
   still under deploy/) is refused by both; a token shorter than 16 characters is a
   warning (check-config) and a logged warning (serve).

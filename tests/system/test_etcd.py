@@ -299,7 +299,7 @@ def lagging_pair(tmp_path: Path, endpoints: list[str]) -> Any:
     from meshdns.core.answer import MessageHandler, Zone
     from meshdns.core.registry import Registry
     from meshdns.etcd.backend import EtcdRegistry
-    from meshdns.server import registry_policy, zone_settings
+    from meshdns.settings import registry_policy, zone_settings
     from meshdns.store import RegistryStore
 
     resolv = tmp_path / "resolv.conf"

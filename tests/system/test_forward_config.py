@@ -12,8 +12,8 @@ import dns.rcode
 import pytest
 
 from meshdns.config import parse_config
+from meshdns.dns.forwardplan import effective_upstreams
 from meshdns.resolvconf import parse_resolv_conf, read_resolv_conf
-from meshdns.server import effective_upstreams
 
 from ..fake_upstream import FakeUpstream, wait_until
 from ..support import ServerThread, make_config, query, running_on_free_ports

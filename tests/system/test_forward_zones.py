@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from meshdns.config import ConfigError, ForwardZone, HostPort, parse_config
-from meshdns.server import effective_forward
+from meshdns.dns.forwardplan import effective_forward
 
 from ..apiclient import call
 from ..fake_upstream import UNBOUND_CONF, Unbound

@@ -77,7 +77,7 @@ def ask_all(resolver: MessageHandler, packets: Sequence[bytes]) -> list[Any]:
     return out
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(changes(), st.integers(0, 2**32))
 def test_a_change_keeps_only_replies_it_did_not_change(
         change: tuple[World, list[ServiceSpec], list[tuple[str, str, int]]], seed: int) -> None:
@@ -155,7 +155,7 @@ def test_service_names_are_the_names_it_answers() -> None:
         ipaddress.IPv6Address("fd00:fd00::7").reverse_pointer}
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds(), st.data(), st.integers(0, 2**32), st.sampled_from((4, 64, 100_000)))
 def test_a_long_lived_handler_matches_a_fresh_one_after_every_change(
         world: World, data: st.DataObject, seed: int, cache_size: int) -> None:

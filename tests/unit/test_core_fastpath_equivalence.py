@@ -241,7 +241,7 @@ def check_same(world: World, seed: int, edns: int, as_given: bool = False) -> in
 # ---------------------------------------------------------------- the tests
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds(), st.integers(0, 2**32), st.sampled_from((0, 1, 2)))
 def test_fast_path_replies_are_the_dnslib_replies(world: World, seed: int, edns: int) -> None:
     taken = check_same(world, seed, edns)
@@ -261,7 +261,7 @@ def demo_world(domains: tuple[str, ...] = ("mesh", "mesh.local")) -> World:
     return World(zone, policy, questions_for(zone))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(worlds(), st.integers(0, 2**32), st.sampled_from((0, 1, 2)))
 def test_questions_in_the_names_own_case_match_too(world: World, seed: int, edns: int) -> None:
     # An SRV question for the target's own name in its own case takes a pre-built

@@ -520,7 +520,7 @@ def universal_doc(svc: KumaService) -> dict[str, Any]:
             "labels": dict(svc.labels), "spec": spec, "status": status}
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(services(), max_size=4, unique_by=lambda s: s.key),
        st.sampled_from(["stream", "kubectl", "kumactl", "json"]))
 def test_round_trip(svcs: list[KumaService], shape: str) -> None:

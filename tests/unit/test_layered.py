@@ -85,7 +85,7 @@ def steps(draw: st.DrawFn) -> list[tuple[int, Step]]:
     return out
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, database=None,
+@settings(max_examples=250, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(st.tuples(st.sampled_from(KEYS), st.text("xy", max_size=2)), max_size=10),
        steps(), st.integers(0, 6), st.integers(1, 4))
