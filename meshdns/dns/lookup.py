@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshdns.forward")
 
 
-
 class Lookup:
     """The upstreams of one zone asked in health order for one question, each with an
     equal share of what is left of the budget; ``settle`` makes the entry."""
@@ -121,8 +120,7 @@ class Lookup:
             self._finish(None)
             return
         up = self.order[self.index]
-        # An equal share of what is left, so a dead upstream cannot eat the budget.
-        share_end = now + (self.budget_end - now) / (len(self.order) - self.index)
+        share_end = self._share_end(now)
         self.t0 = now
         if self.protocol == "tcp":
             self._tcp(up, share_end)
@@ -137,6 +135,11 @@ class Lookup:
             self._attempt(up, Attempt(ERROR), "udp", wire)
             return
         self.timer = loop.call_at(share_end, self._timeout)
+
+    def _share_end(self, now: float) -> float:
+        """The current upstream's deadline: an equal share of what is left of the
+        budget, so a dead upstream cannot eat it."""
+        return now + (self.budget_end - now) / (len(self.order) - self.index)
 
     def _reply(self, data: bytes | None) -> None:
         """A pool socket's callback: the reply to our query, or None (ICMP error)."""
@@ -181,7 +184,7 @@ class Lookup:
         self.owner._health(up, up.record(attempt.result, now - self.t0, now), attempt.result)
         if attempt.result == TRUNCATED:
             self.t0 = now
-            self._tcp(up, now + (self.budget_end - now) / (len(self.order) - self.index))
+            self._tcp(up, self._share_end(now))
             return
         if attempt.result == OK:
             self._finish(attempt)

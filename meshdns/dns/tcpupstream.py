@@ -214,9 +214,10 @@ class TcpPool:
         with contextlib.suppress(ValueError):
             self.connections.remove(conn)
 
-    async def query(self, wire: bytes, question: bytes, deadline: float) -> bytes:
-        """The raw reply to ``wire`` (ID and question checked by the caller): sent on a
-        pooled connection, again on a fresh one if that one dies in flight.
+    async def query(self, wire: bytes, question: bytes, deadline: float) -> tuple[bytes, bytes]:
+        """The query as sent (its ID one not in flight on the connection) and its raw
+        reply, ID and question checked: sent on a pooled connection, again on a fresh
+        one if that one dies in flight.
 
         Raises TimeoutError at ``deadline``, CannotConnect, ConnectionDied (after
         RETRIES fresh connections), ReplyRejected for a reply to another question."""
@@ -239,7 +240,7 @@ class TcpPool:
                 conn.forget(sent)
                 raise
             check_reply(data, sent, question)
-            return data
+            return sent, data
 
     def retire(self) -> None:
         """No longer a configured upstream (SIGHUP): each connection closes as soon as

@@ -123,9 +123,7 @@ class Exchange:
         """Forget this query (its deadline passed): a late reply is not accepted."""
         port = self.port
         if port.pending.get(self.qid) is self:
-            del port.pending[self.qid]
-            if port.retired and not port.pending:
-                port.close()
+            port.forget(self.qid)
 
 
 class _Port:
@@ -156,6 +154,17 @@ class _Port:
             self.fail()
             return
         self.pool.received(self, data)
+
+    def forget(self, qid: int) -> None:
+        """``qid`` is no longer in flight; a retired socket closes with its last query."""
+        del self.pending[qid]
+        if self.retired and not self.pending:
+            self.close()
+
+    def retire(self) -> None:
+        self.retired = True
+        if not self.pending:
+            self.close()
 
     def fail(self) -> None:
         pending, self.pending = self.pending, {}
@@ -201,7 +210,7 @@ class UdpPorts:
         port = self.slots[i]
         if port is None or port.uses >= self.max_uses or now - port.born >= self.lifetime:
             if port is not None:
-                self._retire(port)
+                port.retire()
             port = self.slots[i] = self._open(now, loop)
             if port is None:
                 return None
@@ -231,15 +240,8 @@ class UdpPorts:
         except ReplyRejected as exc:
             self.reject(exc.reason)
             return
-        del port.pending[ex.qid]
-        if port.retired and not port.pending:
-            port.close()
+        port.forget(ex.qid)
         ex.done(data)
-
-    def _retire(self, port: _Port) -> None:
-        port.retired = True
-        if not port.pending:
-            port.close()
 
     def _open(self, now: float, loop: asyncio.AbstractEventLoop) -> _Port | None:
         sock = socket.socket(self.family, socket.SOCK_DGRAM)
@@ -270,7 +272,7 @@ class UdpPorts:
         slots, self.slots = self.slots, [None] * self.size
         for port in slots:
             if port is not None:
-                self._retire(port)
+                port.retire()
 
     def in_use(self) -> list[int]:
         """The local ports of the pool's open sockets (tests read them)."""

@@ -12,7 +12,6 @@ pipelined connections (tcpupstream.py).
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 BACKOFF_FIRST = 5.0  # seconds an upstream is moved to the back after a failure
 BACKOFF_MAX = 60.0  # doubling per consecutive failure, up to this
-MAX_REPLY = 65535
 
 Reject = Callable[[str], None]
 
@@ -126,7 +124,8 @@ class Attempt:
     result: str
     reply: ParsedReply | None = None
     data: bytes | None = None  # the reply as the upstream sent it (for log.dnstap)
-    sent: bytes | None = None  # the query as sent (its ID may differ from the one given)
+    sent: bytes | None = None  # the query as sent over TCP (the connection may give
+    # it another ID, one not in flight on it)
 
 
 def classify(parsed: ParsedReply, tc: bool) -> str:
@@ -141,37 +140,6 @@ def classify(parsed: ParsedReply, tc: bool) -> str:
     return RCODE
 
 
-async def query_udp(up: Upstream, wire: bytes, question: bytes, deadline: float,
-                    reject: Reject, owned: Owned | None = None) -> Attempt:
-    """Send ``wire`` from one of the upstream's pooled source ports (udppool.py, which
-    draws its ID) and wait until ``deadline`` (loop time) for its reply."""
-    pool = up.udp
-    if pool is None:
-        pool = up.udp = UdpPorts(up.sockaddr, up.family, up.ports, reject)
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[bytes | None] = loop.create_future()
-
-    def done(data: bytes | None) -> None:
-        if not future.done():
-            future.set_result(data)
-
-    exchange = pool.send(wire, question, done)
-    if exchange is None:
-        return Attempt(ERROR)
-    try:
-        async with asyncio.timeout_at(deadline):
-            data = await future
-    except TimeoutError:
-        return Attempt(TIMEOUT, sent=exchange.wire)
-    finally:
-        exchange.cancel()
-    if data is None:  # ICMP unreachable and the like
-        return Attempt(ERROR, sent=exchange.wire)
-    attempt = _parsed(data, question, owned, reject, bool(data[2] & 0x02))
-    attempt.sent = exchange.wire
-    return attempt
-
-
 async def query_tcp(up: Upstream, wire: bytes, question: bytes, deadline: float,
                     reject: Reject, owned: Owned | None = None) -> Attempt:
     """One query on the upstream's reused TCP connections (tcpupstream.py)."""
@@ -179,7 +147,7 @@ async def query_tcp(up: Upstream, wire: bytes, question: bytes, deadline: float,
     if pool is None:
         pool = up.tcp = TcpPool(up.address.host, up.address.port, reject)
     try:
-        data = await pool.query(wire, question, deadline)
+        sent, data = await pool.query(wire, question, deadline)
     except TimeoutError:
         return Attempt(TIMEOUT)
     except (OSError, CannotConnect, ConnectionDied):
@@ -187,7 +155,9 @@ async def query_tcp(up: Upstream, wire: bytes, question: bytes, deadline: float,
     except ReplyRejected as exc:
         reject(exc.reason)
         return Attempt(ERROR)
-    return _parsed(data, question, owned, reject, False)
+    attempt = _parsed(data, question, owned, reject, False)
+    attempt.sent = sent
+    return attempt
 
 
 def parsed_attempt(data: bytes, question: bytes, owned: Owned | None,
