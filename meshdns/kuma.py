@@ -28,7 +28,6 @@ import yaml
 # being re-packaged: these imports are the only lines that move with it).
 from .core.registry import (
     MAX_HOSTNAMES_PER_SERVICE,
-    MAX_LABELS_PER_SERVICE,
     Labels,
     RegistryError,
     clip,
@@ -38,6 +37,7 @@ from .core.registry import (
     normalize_hostname,
     parse_ip4,
     parse_ip6,
+    parse_labels,
     quote,
 )
 from .yamlload import DuplicateKey, Loader, load_json
@@ -436,27 +436,10 @@ def _label_value(value: Any, field: str) -> str:
 
 def _labels(raw: Any, field: str) -> dict[str, str]:
     """Kubernetes labels, checked by the registry's own rules (its label limit too)."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise _Bad(field, "must be an object of string label keys to string values")
-    if len(raw) > MAX_LABELS_PER_SERVICE:
-        raise _Bad(field, f"at most {MAX_LABELS_PER_SERVICE} labels per service")
-    out: dict[str, str] = {}
-    for key, value in raw.items():
-        if not isinstance(key, str):
-            raise _Bad(field, f"label keys must be strings, got {quote(key)}")
-        why = label_key_error(key)
-        if why is not None:
-            raise _Bad(f"{field}.{clip(key)}", why)
-        # A label value has the syntax of a key's name part (or is empty).
-        if not isinstance(value, str) or (value and ("/" in value
-                                                     or label_key_error(value) is not None)):
-            raise _Bad(f"{field}.{clip(key)}", "label value must be a string of up to 63 "
-                       "characters of [A-Za-z0-9._-] starting and ending alphanumeric, got "
-                       f"{quote(value)}")
-        out[key] = value
-    return out
+    try:
+        return dict(parse_labels(raw, field))
+    except RegistryError as exc:
+        raise _Bad(exc.field or field, exc.message) from None
 
 
 def _port_number(value: Any, field: str) -> int:

@@ -135,7 +135,8 @@ def label_key_error(key: str) -> str | None:
     return None
 
 
-def _parse_labels(raw: Any, path: str) -> Labels:
+def parse_labels(raw: Any, path: str) -> Labels:
+    """Kubernetes labels at ``path`` (an object of label keys to values), sorted."""
     if raw is None:
         return ()
     if type(raw) is not dict and not isinstance(raw, Mapping):
@@ -208,7 +209,7 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str],
     labels: Labels = ()
     mesh = zone = None
     if len(item) > 3 and ("labels" in item or "mesh" in item or "zone" in item):
-        labels = _parse_labels(get("labels"), f"{path}.labels")
+        labels = parse_labels(get("labels"), f"{path}.labels")
         mesh = _parse_mesh_or_zone(get("mesh"), f"{path}.mesh")
         zone = _parse_mesh_or_zone(get("zone"), f"{path}.zone")
     if vip is not None and vip6 is not None:
