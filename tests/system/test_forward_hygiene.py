@@ -26,34 +26,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshdns.dns.forwarder import SERVFAIL_TTL
 
+from ..dnswire import T_A, T_AAAA, T_CNAME, T_NS, T_PTR, T_SOA, T_TXT, a, rr, wire_name
 from ..fake_upstream import Clock
 from ..support import ServerThread, make_config, query, run_tool, running_server, tool
 
 LOCAL = "127.0.0.1"
-T_A, T_NS, T_CNAME, T_SOA, T_PTR, T_TXT, T_AAAA = 1, 2, 5, 6, 12, 16, 28
 EVIL = "6.6.6.6"
 MESH = "frontend.kong.svc.80.mesh"  # DEMO_SERVICES: VIP 240.0.0.7, host name httpbin.org
 
 
 # ---------------------------------------------------------------- crafting replies
-
-
-def wire_name(name: str) -> bytes:
-    out = b""
-    for label in name.rstrip(".").split("."):
-        if label:
-            out += bytes([len(label)]) + label.encode()
-    return out + b"\x00"
-
-
-def rr(owner: str | bytes, rtype: int, rdata: bytes, ttl: int = 300) -> bytes:
-    """One record; ``owner`` as text, or as raw wire bytes (pointers included)."""
-    name = owner if isinstance(owner, bytes) else wire_name(owner)
-    return name + struct.pack("!HHIH", rtype, 1, ttl, len(rdata)) + rdata
-
-
-def a(addr: str) -> bytes:
-    return socket.inet_aton(addr)
 
 
 def soa(zone: str) -> bytes:

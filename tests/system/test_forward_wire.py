@@ -14,7 +14,7 @@ import pytest
 from dnslib import EDNS0, NS, QTYPE, RR, SOA, A, DNSRecord
 
 from meshdns.config import DnsConfig, HostPort
-from meshdns.core.answer import ForwardRequest, Tally, parse_query, udp_limit
+from meshdns.core.answer import ForwardRequest, Tally
 from meshdns.dns.cache import CachedReply, ReplyCache
 from meshdns.dns.forwarder import Forwarder
 from meshdns.dns.reply import (
@@ -29,19 +29,8 @@ from meshdns.dns.reply import (
 )
 from meshdns.dns.upstream import BACKOFF_FIRST, Upstream, try_order
 
+from ..dnswire import request
 from ..fake_upstream import FakeUpstream
-
-
-def request(name: str, *, edns: int = 0, payload: int = 1232, dnssec: bool = False,
-            qid: int = 0x1234, flags: int | None = None) -> ForwardRequest:
-    msg = dns.message.make_query(name, "A", use_edns=edns, payload=payload,
-                                 want_dnssec=dnssec)
-    msg.id = qid
-    if flags is not None:
-        msg.flags = flags
-    data = msg.to_wire()
-    q = parse_query(data)
-    return ForwardRequest(q, data, udp_limit(q))
 
 
 def upstream_reply(sent: bytes, *, ttl: int = 300, opt: bool = True, rcode: int = 0,

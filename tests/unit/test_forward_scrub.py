@@ -18,8 +18,7 @@ from dnslib.dns import RD
 from meshdns.dns.reply import MALFORMED, ReplyRejected, parse_reply, question_wire
 from meshdns.dns.scrub import MAX_CHAIN, within
 
-from ..system.test_forward_hygiene import T_A, T_CNAME, a, rr, wire_name
-from ..system.test_forward_wire import request
+from ..dnswire import T_A, T_CNAME, a, request, rr, wire_name
 
 QNAME = "www.example.test"
 
