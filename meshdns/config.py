@@ -371,14 +371,14 @@ def _select(path: str, value: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(labels, Mapping):
         raise _fail(f"{path}.matchLabels", "must be a mapping of label keys to values", labels)
     out = []
-    for key_, item in labels.items():
-        where = f"{path}.matchLabels.{clip(str(key_))}"
-        if not isinstance(key_, str) or label_key_error(key_) is not None:
+    for label, item in labels.items():
+        where = f"{path}.matchLabels.{clip(str(label))}"
+        if not isinstance(label, str) or label_key_error(label) is not None:
             raise _fail(where, "must be a Kubernetes label key (mesh and zone match "
-                        "those fields)", key_)
+                        "those fields)", label)
         if not isinstance(item, str):
             raise _fail(where, "must be a string", item)
-        out.append((key_, item))
+        out.append((label, item))
     return tuple(sorted(out))
 
 
