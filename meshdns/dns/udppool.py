@@ -22,9 +22,10 @@ counted by reason and dropped, and the query waits on. An ICMP error (port
 unreachable) on a socket fails what is in flight on it at once (``error``).
 
 Replies arrive through ``loop.add_reader`` callbacks (one registration per socket
-for its whole life, no task or future per query): ``done(reply)`` is called with
-the raw reply, or ``done(None)`` for a socket error. Timeouts are the caller's
-(:meth:`Exchange.cancel` forgets a query).
+for its whole life, no task, future or other object per query): the asker (the
+lookup itself, :class:`Asker`) is what a socket keeps in flight under its ID, and
+its ``udp_reply(reply)`` is called with the raw reply, or ``udp_reply(None)`` for a
+socket error. Timeouts are the caller's (:meth:`UdpPorts.cancel` forgets a query).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import resource
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from .reply import MALFORMED, WRONG_ID, ReplyRejected, check_reply
 
@@ -53,7 +55,6 @@ BIND_TRIES = 16  # random ports tried before the kernel picks one (port 0)
 EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 Reject = Callable[[str], None]
-Done = Callable[[bytes | None], None]
 
 
 def ephemeral_range(path: Path = EPHEMERAL) -> tuple[int, int]:
@@ -106,24 +107,18 @@ class RandomBits:
                 return value % n
 
 
-class Exchange:
-    """One query in flight on a pool socket."""
+class Asker(Protocol):
+    """What asks on a pool socket (a forwarded lookup, lookup.py): the pool writes
+    ``port``, ``qid`` and ``sent`` into it when it sends, and calls ``udp_reply`` with
+    the checked reply, or None for a socket error. One object per query, the asker's
+    own: the pool allocates nothing per query but the datagram."""
 
-    __slots__ = ("done", "port", "qid", "question", "wire")
+    port: _Port | None
+    qid: int
+    sent: bytes
+    question: bytes
 
-    def __init__(self, port: _Port, qid: int, wire: bytes, question: bytes,
-                 done: Done) -> None:
-        self.port = port
-        self.qid = qid
-        self.wire = wire
-        self.question = question
-        self.done = done
-
-    def cancel(self) -> None:
-        """Forget this query (its deadline passed): a late reply is not accepted."""
-        port = self.port
-        if port.pending.get(self.qid) is self:
-            port.forget(self.qid)
+    def udp_reply(self, data: bytes | None) -> None: ...
 
 
 class _Port:
@@ -138,7 +133,7 @@ class _Port:
         self.fd = sock.fileno()
         self.born = now
         self.uses = 0
-        self.pending: dict[int, Exchange] = {}
+        self.pending: dict[int, Asker] = {}
         self.retired = False
         self.loop = loop
         loop.add_reader(self.fd, self.readable)
@@ -168,8 +163,9 @@ class _Port:
 
     def fail(self) -> None:
         pending, self.pending = self.pending, {}
-        for ex in pending.values():
-            ex.done(None)
+        for asker in pending.values():
+            asker.port = None
+            asker.udp_reply(None)
         if self.retired:
             self.close()
 
@@ -185,7 +181,9 @@ class UdpPorts:
     """The pool of connected UDP sockets one upstream is asked from."""
 
     def __init__(self, sockaddr: tuple[str, int], family: int, size: int, reject: Reject,
-                 *, lifetime: float = LIFETIME, max_uses: int = MAX_USES) -> None:
+                 loop: asyncio.AbstractEventLoop, *, lifetime: float = LIFETIME,
+                 max_uses: int = MAX_USES) -> None:
+        self.loop = loop
         self.sockaddr = sockaddr
         self.family = family
         self.size = size
@@ -200,10 +198,11 @@ class UdpPorts:
         self.drawn = 0  # sockets opened, ever (each a new random port)
         self._bind_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
 
-    def send(self, wire: bytes, question: bytes, done: Done) -> Exchange | None:
-        """Send ``wire`` (its ID replaced by a random one) on a random pool socket;
-        ``done`` gets the reply. None: it could not be sent (``done`` is not called)."""
-        loop = asyncio.get_running_loop()
+    def send(self, asker: Asker, tail: bytes) -> bool:
+        """Send the query ``tail`` (all of it after the ID) with a random ID on a random
+        pool socket; ``asker.udp_reply`` gets the reply. False: it could not be sent
+        (``udp_reply`` is not called)."""
+        loop = self.loop
         now = loop.time()
         rand = self.rand
         i = rand.below(self.size)
@@ -213,35 +212,48 @@ class UdpPorts:
                 port.retire()
             port = self.slots[i] = self._open(now, loop)
             if port is None:
-                return None
+                return False
         qid = rand.bits16()
         pending = port.pending
         while qid in pending:
             qid = rand.bits16()
-        wire = qid.to_bytes(2, "big") + wire[2:]
+        wire = qid.to_bytes(2, "big") + tail
         try:
             port.sock.send(wire)
         except OSError:
-            return None
+            return False
         port.uses += 1
-        ex = pending[qid] = Exchange(port, qid, wire, question, done)
-        return ex
+        pending[qid] = asker
+        asker.port = port
+        asker.qid = qid
+        asker.sent = wire
+        return True
+
+    @staticmethod
+    def cancel(asker: Asker) -> None:
+        """Forget ``asker``'s query (its deadline passed): a late reply is not accepted."""
+        port = asker.port
+        if port is not None:
+            asker.port = None
+            if port.pending.get(asker.qid) is asker:
+                port.forget(asker.qid)
 
     def received(self, port: _Port, data: bytes) -> None:
         if len(data) < 12:
             self.reject(MALFORMED)
             return
-        ex = port.pending.get((data[0] << 8) | data[1])
-        if ex is None:
+        asker = port.pending.get((data[0] << 8) | data[1])
+        if asker is None:
             self.reject(WRONG_ID)  # forged, or too late (its query gave up)
             return
         try:
-            check_reply(data, ex.wire, ex.question)
+            check_reply(data, asker.sent, asker.question)
         except ReplyRejected as exc:
             self.reject(exc.reason)
             return
-        port.forget(ex.qid)
-        ex.done(data)
+        asker.port = None
+        port.forget(asker.qid)
+        asker.udp_reply(data)
 
     def _open(self, now: float, loop: asyncio.AbstractEventLoop) -> _Port | None:
         sock = socket.socket(self.family, socket.SOCK_DGRAM)

@@ -229,15 +229,21 @@ def test_close_cancels_lookups_in_flight() -> None:
             fake.default.action = "hold"
             fwd = Forwarder([HostPort("127.0.0.1", fake.port)],
                             DnsConfig(upstream_timeout=10.0), Tally())
-            pending = asyncio.ensure_future(fwd.resolve(request("h.example.test"), "udp"))
+            replies: list[tuple[str, bytes | None]] = []
+
+            def done(ctx: str, reply: bytes | None) -> None:
+                replies.append((ctx, reply))
+
+            fwd.submit(request("h.example.test"), "udp", done, "first")
             for _ in range(1000):
                 if fake.count():
                     break
                 await asyncio.sleep(0.01)
-            assert fwd.inflight == 1
+            assert fwd.inflight == 1 and replies == []
             await fwd.close()
-            assert await pending is None and fwd.inflight == 0
-            assert await fwd.resolve(request("later.example.test"), "udp") is None
+            assert replies == [("first", None)] and fwd.inflight == 0  # no reply to send
+            fwd.submit(request("later.example.test"), "udp", done, "later")
+            assert replies[1:] == [("later", None)]
             fake.release()
 
     asyncio.run(main())
