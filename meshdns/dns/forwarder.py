@@ -208,7 +208,6 @@ class Forwarder:
         # protocol ("udp", "tcp"), upstream, query sent, reply got (None: none), and the
         # time.time_ns() of the send and of the reply (or of giving up).
         self.on_upstream: UpstreamTap | None = None
-        self._answered: dict[CacheKey, str] = {}  # which upstream gave a cached answer
         # The scrubber's question (one bound method for every lookup, no per-miss object).
         self._owned: Owned | None = None if current_zone is None else self._owns_now
 
@@ -265,7 +264,8 @@ class Forwarder:
 
     def answered_by(self, q: Query) -> str | None:
         """The upstream ("host:port") whose answer the cache holds for ``q``, if known."""
-        return self._answered.get(cache_key(q))
+        entry = self.cache.peek(cache_key(q))
+        return entry.upstream if entry is not None else None
 
     @property
     def inflight(self) -> int:
@@ -472,7 +472,6 @@ class Forwarder:
         if parsed is None and keep is not None and keep.expires > now:
             return keep  # a failed prefetch: the entry stays (expired: as any failure)
         if parsed is None:
-            self._answered.pop(key, None)
             expired = self.cache.get_stale(key, now)
             # Every upstream failed: an expired answer within dns.serve_stale, with TTL
             # dns.serve_stale_ttl.
@@ -488,9 +487,7 @@ class Forwarder:
         entry = self._chase(key, q, parsed, len(lookup.question), now) \
             or CachedReply(parsed, now, parsed.lifetime)
         self.cache.put(key, entry)
-        if len(self._answered) >= self._memo_limit:
-            self._answered.clear()  # bounded; only /v1/resolve reads it
-        self._answered[key] = lookup.order[lookup.index].label
+        entry.upstream = lookup.order[lookup.index].label  # for /v1/resolve
         return entry
 
     def _owns_now(self, name: bytes) -> bool:
@@ -576,6 +573,7 @@ class Forwarder:
         if fresh is None or fresh.expires <= now:
             self.cache.discard(key)
             return None
+        fresh.upstream = entry.upstream
         self.cache.put(key, fresh)
         return fresh
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -46,13 +45,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshdns.forward")
 
-TICK = 0.01  # seconds per bucket of Timeouts: a deadline fires at most this late
+TICKS = 100  # buckets of Timeouts per second: a deadline fires at most 1/TICKS s late
 # (request, proto, done, ctx): done(ctx, reply bytes or None), once.
 Waiter = tuple[Any, str, Callable[[Any, Any], None], Any]
 
 
 class Timeouts:
-    """The deadlines of the UDP attempts in flight, in buckets of TICK seconds, with
+    """The deadlines of the UDP attempts in flight, in buckets of 1/TICKS seconds, with
     one loop timer armed for the earliest bucket.
 
     A lookup goes into the bucket of its deadline rounded up (it never fires early)
@@ -72,7 +71,7 @@ class Timeouts:
 
     def add(self, lookup: Lookup, when: float) -> int:
         """File ``lookup`` to time out at ``when`` (loop time); its bucket."""
-        tick = math.ceil(when / TICK)
+        tick = int(when * TICKS) + 1
         bucket = self.buckets.get(tick)
         if bucket is None:
             bucket = self.buckets[tick] = set()
@@ -91,7 +90,7 @@ class Timeouts:
             self.timer.cancel()
         self.armed = tick
         # A millisecond after the bucket's end: the loop's clock may run a little behind.
-        self.timer = self.loop.call_at(tick * TICK + 0.001, self._fire)
+        self.timer = self.loop.call_at(tick / TICKS + 0.001, self._fire)
 
     def _fire(self) -> None:
         self.timer = None
@@ -100,7 +99,7 @@ class Timeouts:
         now = self.loop.time()
         while buckets:
             tick = min(buckets)
-            if tick * TICK > now:
+            if tick > now * TICKS:
                 self._arm(tick)
                 return
             for lookup in buckets.pop(tick):

@@ -148,7 +148,25 @@ class _Port:
         except OSError:  # ICMP port unreachable and the like: the upstream is not there
             self.fail()
             return
-        self.pool.received(self, data)
+        # The reply checks (the kernel checked address and port: the socket is connected).
+        if len(data) < 12:
+            self.pool.reject(MALFORMED)
+            return
+        qid = (data[0] << 8) | data[1]
+        asker = self.pending.get(qid)
+        if asker is None:
+            self.pool.reject(WRONG_ID)  # forged, or too late (its query gave up)
+            return
+        try:
+            check_reply(data, asker.sent, asker.question)
+        except ReplyRejected as exc:
+            self.pool.reject(exc.reason)
+            return
+        asker.port = None
+        del self.pending[qid]
+        if self.retired and not self.pending:
+            self.close()
+        asker.udp_reply(data)
 
     def forget(self, qid: int) -> None:
         """``qid`` is no longer in flight; a retired socket closes with its last query."""
@@ -237,23 +255,6 @@ class UdpPorts:
             asker.port = None
             if port.pending.get(asker.qid) is asker:
                 port.forget(asker.qid)
-
-    def received(self, port: _Port, data: bytes) -> None:
-        if len(data) < 12:
-            self.reject(MALFORMED)
-            return
-        asker = port.pending.get((data[0] << 8) | data[1])
-        if asker is None:
-            self.reject(WRONG_ID)  # forged, or too late (its query gave up)
-            return
-        try:
-            check_reply(data, asker.sent, asker.question)
-        except ReplyRejected as exc:
-            self.reject(exc.reason)
-            return
-        asker.port = None
-        port.forget(asker.qid)
-        asker.udp_reply(data)
 
     def _open(self, now: float, loop: asyncio.AbstractEventLoop) -> _Port | None:
         sock = socket.socket(self.family, socket.SOCK_DGRAM)
