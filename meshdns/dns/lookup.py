@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .reply import build_query
+from .reply import ParsedReply, build_query
 from .scrub import Owned
 from .udppool import UdpPorts, _Port
 from .upstream import (
@@ -33,9 +33,8 @@ from .upstream import (
     OK,
     TIMEOUT,
     TRUNCATED,
-    Attempt,
     Upstream,
-    parsed_attempt,
+    judge,
     query_tcp,
     try_order,
 )
@@ -202,7 +201,7 @@ class Lookup:
                                      self.loop)
         self.sent_ns = time.time_ns() if owner.on_upstream is not None else 0
         if not pool.send(self, self.tail):
-            self._attempt(up, Attempt(ERROR), "udp", b"\0\0" + self.tail)
+            self._attempt(up, ERROR, None, "udp", b"\0\0" + self.tail)
             return
         self.tick = owner.timeouts.add(self, share_end)
 
@@ -217,12 +216,12 @@ class Lookup:
             if self.tick:
                 self.owner.timeouts.discard(self, self.tick)
                 self.tick = 0
-            up = self.order[self.index]
             if data is None:
-                attempt = Attempt(ERROR)
+                result, parsed = ERROR, None
             else:
-                attempt = parsed_attempt(data, self.question, self.owned, self.owner._reject)
-            self._attempt(up, attempt, "udp", self.sent, data)
+                result, parsed = judge(data, len(self.question), self.owned,
+                                       self.owner._reject, bool(data[2] & 0x02))
+            self._attempt(self.order[self.index], result, parsed, "udp", self.sent, data)
         except Exception:  # a bug must not leave clients waiting forever
             log.exception("forwarded lookup failed")
             self._finish(None)
@@ -232,30 +231,32 @@ class Lookup:
         try:
             self.tick = 0
             UdpPorts.cancel(self)
-            self._attempt(self.order[self.index], Attempt(TIMEOUT), "udp", self.sent)
+            self._attempt(self.order[self.index], TIMEOUT, None, "udp", self.sent)
         except Exception:
             log.exception("forwarded lookup failed")
             self._finish(None)
 
-    def _attempt(self, up: Upstream, attempt: Attempt, proto: str, wire: bytes,
-                 data: bytes | None = None) -> None:
-        """Count one attempt; then TCP after TC=1, the answer, or the next upstream."""
+    def _attempt(self, up: Upstream, result: str, parsed: ParsedReply | None, proto: str,
+                 wire: bytes, data: bytes | None = None) -> None:
+        """Count one attempt (``data``: the reply as it came, for log.dnstap); then TCP
+        after TC=1, the answer, or the next upstream."""
         if self.finished:
             return
         now = self.loop.time()
         tap = self.owner.on_upstream
         if tap is not None and wire:
-            tap(proto, up.address, wire, data if data is not None else attempt.data,
-                self.sent_ns, time.time_ns())
-        self.owner._health(up, up.record(attempt.result, now - self.t0, now), attempt.result)
-        if attempt.result == TRUNCATED:
+            tap(proto, up.address, wire, data, self.sent_ns, time.time_ns())
+        change = up.record(result, now - self.t0, now)
+        if change is not None:
+            self.owner._health(up, change, result)
+        if result == TRUNCATED:
             self.t0 = now
             self._tcp(up, self._share_end(now))
             return
-        if attempt.result == OK:
-            self._finish(attempt)
+        if result == OK:
+            self._finish(parsed)
             return
-        self.results += (attempt.result,)
+        self.results += (result,)
         self.index += 1
         self._next()
 
@@ -270,7 +271,8 @@ class Lookup:
             attempt = await query_tcp(up, wire, self.question, deadline, self.owner._reject,
                                       self.owned)
             self.task = None
-            self._attempt(up, attempt, "tcp", attempt.sent or wire)
+            self._attempt(up, attempt.result, attempt.reply, "tcp", attempt.sent or wire,
+                          attempt.data)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -280,14 +282,14 @@ class Lookup:
 
     # ------------------------------------------------------------ ending
 
-    def _finish(self, attempt: Attempt | None) -> None:
+    def _finish(self, parsed: ParsedReply | None) -> None:
         if self.finished:
             return
         self.finished = True
         waiters, self.waiters = self.waiters, []
         owner = self.owner
         try:
-            entry = owner._settle(self, attempt.reply if attempt is not None else None)
+            entry = owner._settle(self, parsed)
         except Exception:  # a bug: the waiters get SERVFAIL
             log.exception("forwarded lookup failed")
             owner._deliver(None, waiters)
