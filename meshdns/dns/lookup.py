@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .reply import ParsedReply, build_query
+from .reply import ParsedReply, build_query, query_tail
 from .scrub import Owned
 from .udppool import UdpPorts, _Port
 from .upstream import (
@@ -170,7 +170,7 @@ class Lookup:
         self.qid = 0
         self.sent = b""  # the UDP query as sent (its ID drawn by the pool)
         # The query after its ID, the same for every UDP attempt.
-        self.tail = build_query(question, 0, bool(q.cd), bool(key[3]))[2:]
+        self.tail = query_tail(question, bool(q.cd), bool(key[3]))
         self.tick = 0  # the Timeouts bucket of the UDP attempt in flight (0: none)
         self.task: asyncio.Future[None] | None = None
         self.t0 = 0.0
