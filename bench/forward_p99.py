@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
                 else:  # open the upstream port pool
                     peers.run_dnsperf(srv.port, names.file(20_000), 1, outstanding=200,
                                       extra=["-n", "1"])
-                if log.exists():
-                    log.unlink()  # only the paced run's pauses
+                if log.exists():  # only the paced run's pauses (the server appends to it)
+                    log.write_text("")
                 qfile = fixed or names.file(int(args.rate * args.seconds * 1.1) + 100)
                 extra = ["-v"] + (["-n", "1"] if fixed is None else [])
                 r = peers.run_dnsperf(srv.port, qfile, args.seconds,

@@ -5,9 +5,11 @@ for everything would give an off-path attacker one port to aim at. So each upstr
 has a pool of up to ``size`` sockets (``dns.upstream_ports``, default 1024), each bound
 to a port drawn at random from the kernel's ephemeral range and connected to the
 upstream. A query goes out on a slot chosen at random, with a random 16-bit ID not
-in flight on that socket. A socket serves at most ``MAX_USES`` queries or
-``LIFETIME`` seconds; the first query to pick it after that closes it (once nothing
-is in flight on it) and draws a new port in its place. A slot is filled when first
+in flight on that socket. A socket serves at most ``MAX_USES`` queries or a lifetime
+drawn between ``LIFETIME``/2 and ``LIFETIME`` seconds (so the sockets a burst opened
+are not all re-drawn in the same second); the first query to pick it after that
+closes it (once nothing is in flight on it) and draws a new port in its place (from
+the same buffered urandom bits as the IDs). A slot is filled when first
 picked, so an upstream asked often has ``size`` ports in use at once, each younger
 than ``LIFETIME``.
 
@@ -35,7 +37,6 @@ import contextlib
 import errno
 import logging
 import os
-import random
 import resource
 import socket
 from collections.abc import Callable
@@ -124,7 +125,7 @@ class Asker(Protocol):
 class _Port:
     """One socket: its port, age, uses and the queries in flight on it."""
 
-    __slots__ = ("born", "fd", "loop", "pending", "pool", "retired", "sock", "uses")
+    __slots__ = ("born", "fd", "loop", "pending", "pool", "retired", "sock", "until", "uses")
 
     def __init__(self, pool: UdpPorts, sock: socket.socket, now: float,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -132,6 +133,9 @@ class _Port:
         self.sock = sock
         self.fd = sock.fileno()
         self.born = now
+        # Used for new queries until then: a lifetime drawn between LIFETIME/2 and
+        # LIFETIME, so sockets opened together (a burst) are not all re-drawn together.
+        self.until = now + pool.lifetime * (0.5 + pool.rand.bits16() / 131072)
         self.uses = 0
         self.pending: dict[int, Asker] = {}
         self.retired = False
@@ -210,7 +214,6 @@ class UdpPorts:
         self.max_uses = max_uses
         self.slots: list[_Port | None] = [None] * size
         self.rand = RandomBits()
-        self.port_rand = random.SystemRandom()  # ports: drawn at most once per socket
         self.ports = ephemeral_range()
         self.live: set[_Port] = set()  # open sockets, in a slot or retired
         self.drawn = 0  # sockets opened, ever (each a new random port)
@@ -225,7 +228,7 @@ class UdpPorts:
         rand = self.rand
         i = rand.below(self.size)
         port = self.slots[i]
-        if port is None or port.uses >= self.max_uses or now - port.born >= self.lifetime:
+        if port is None or port.uses >= self.max_uses or now >= port.until:
             if port is not None:
                 port.retire()
             port = self.slots[i] = self._open(now, loop)
@@ -263,7 +266,7 @@ class UdpPorts:
             low, high = self.ports
             for _ in range(BIND_TRIES):
                 try:
-                    sock.bind((self._bind_host, self.port_rand.randint(low, high)))
+                    sock.bind((self._bind_host, low + self.rand.below(high - low + 1)))
                     break
                 except OSError as exc:
                     if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
