@@ -122,7 +122,7 @@ class CachedReply:
     """One upstream reply, ready to be served to any client asking the same question."""
 
     __slots__ = ("ad", "age", "base", "ede", "expires", "offsets", "prefetch_at", "qend",
-                 "rcode", "rendered", "stale_until", "stored", "ttls")
+                 "rcode", "rendered", "stale_until", "stored", "ttls", "upstream")
 
     def __init__(self, parsed: ParsedReply, stored: float, lifetime: float) -> None:
         self.base = parsed.wire
@@ -138,6 +138,7 @@ class CachedReply:
         self.age = -1
         self.rendered = parsed.wire
         self.ede = b""  # an Extended DNS Error option (RFC 8914) for EDNS clients
+        self.upstream: str | None = None  # the upstream ("host:port") that gave it
         if parsed.ttls_on_wire:
             self.age = 0  # the wire as it came is the reply at age 0: no copy
         else:
@@ -258,6 +259,10 @@ class ReplyCache:
             return None
         entries.move_to_end(key)
         return entry
+
+    def peek(self, key: CacheKey) -> CachedReply | None:
+        """The entry for ``key`` as it is (expired or not), its place in the LRU kept."""
+        return self._entries.get(key)
 
     def get_stale(self, key: CacheKey, now: float) -> CachedReply | None:
         """An expired entry still within ``dns.serve_stale``, else None."""

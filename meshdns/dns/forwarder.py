@@ -1,7 +1,8 @@
 """Sidecar mode: every name the core does not own is asked upstream, cached, coalesced.
 
-``Forwarder.resolve(request, proto)`` is what the transports await for a
-:class:`~meshdns.core.answer.ForwardRequest`. In order:
+``Forwarder.submit(request, proto, done, ctx)`` is what the transports call for a
+:class:`~meshdns.core.answer.ForwardRequest`; ``done(ctx, reply)`` is called once,
+at once or when the lookup ends (no task, no future per query). In order:
 
 1. cache hit → the cached reply, TTLs counted down, the client's ID, case, RD,
    CD and EDNS shape patched in (no await, no parse: the benchmarked path); a hit
@@ -31,7 +32,9 @@ A query that loops back to us (an upstream forwarding to meshdns) finds its own
 question in flight and waits on it instead of asking again: no query storm.
 
 ``answer_cached(data, query, udp_limit, proto)`` is step 1 alone, synchronous:
-a transport or the core can call it to answer a cache hit without a task.
+the core calls it to answer a cache hit in the same call as a local answer; on a
+miss it returns the cache key, which the core puts in the ForwardRequest, so
+``submit`` does not ask the cache again.
 
 Counters for the metrics collector (plain numbers, read at scrape time):
 ``upstream_stats()`` → {"host:port": UpstreamStats} (attempts by result — ok,
@@ -52,6 +55,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..config import DnsConfig, ForwardZone, HostPort, nsid_bytes
 from ..core.answer import (
@@ -85,9 +89,10 @@ from .chase import (
     total_links,
     upstream_part,
 )
-from .lookup import Lookup
+from .lookup import Lookup, Timeouts, Waiter
 from .reply import ParsedReply, ReplyRejected, question_wire
 from .scrub import Owned
+from .transport import servfail
 from .udppool import LIFETIME, descriptor_budget
 from .upstream import (
     DURATION_BUCKETS,
@@ -141,6 +146,19 @@ def _zones(routes: Sequence[ForwardZone | HostPort]) -> list[ForwardZone]:
     return sorted(zones, key=lambda z: 0 if z.zone == "." else -(z.zone.count(".") + 1))
 
 
+def cache_key(q: Query) -> CacheKey:
+    """The cache's key for a question: what changes what an upstream returns."""
+    edns = q.edns
+    return (b".".join(q.labels).lower(), q.qtype, q.qclass,
+            edns is not None and edns.dnssec_ok, q.cd)
+
+
+def _resolve_future(future: asyncio.Future[Any], entry: Any) -> None:
+    """A /v1/resolve waiter's ``done``: the entry (None: shutting down, or a bug)."""
+    if not future.done():
+        future.set_result(entry)
+
+
 def failure_ede(results: Sequence[str]) -> bytes:
     """The Extended DNS Error of a SERVFAIL after every upstream failed: 23 (Network
     Error) when one could not be talked to (ICMP, socket error, a malformed reply), else
@@ -173,6 +191,8 @@ class Forwarder:
         self.overloaded = 0
         self.coalesced = 0
         self._inflight: dict[CacheKey, Lookup] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first lookup
+        self.timeouts: Timeouts | None = None  # the UDP attempts' deadlines (lookup.py)
         self._served_udp: dict[bytes, Served] = {}
         self._served_tcp: dict[bytes, Served] = {}
         self._memo_limit = config.cache_size  # each memo, like the cache it serves from
@@ -188,7 +208,6 @@ class Forwarder:
         # protocol ("udp", "tcp"), upstream, query sent, reply got (None: none), and the
         # time.time_ns() of the send and of the reply (or of giving up).
         self.on_upstream: UpstreamTap | None = None
-        self._answered: dict[CacheKey, str] = {}  # which upstream gave a cached answer
         # The scrubber's question (one bound method for every lookup, no per-miss object).
         self._owned: Owned | None = None if current_zone is None else self._owns_now
 
@@ -245,9 +264,8 @@ class Forwarder:
 
     def answered_by(self, q: Query) -> str | None:
         """The upstream ("host:port") whose answer the cache holds for ``q``, if known."""
-        edns = q.edns
-        return self._answered.get((b".".join(q.labels).lower(), q.qtype, q.qclass,
-                                   edns is not None and edns.dnssec_ok, q.cd))
+        entry = self.cache.peek(cache_key(q))
+        return entry.upstream if entry is not None else None
 
     @property
     def inflight(self) -> int:
@@ -259,67 +277,78 @@ class Forwarder:
 
     # ---------------------------------------------------------------- entry point
 
-    async def resolve(self, req: ForwardRequest, proto: str) -> bytes | None:
-        """The reply to a forwarded query (None: no reply, only while shutting down)."""
+    def submit(self, req: ForwardRequest, proto: str, done: Callable[[Any, bytes | None], None],
+               ctx: Any) -> None:
+        """Answer a forwarded query: ``done(ctx, reply)`` is called once, now (a cache hit,
+        SERVFAIL when overloaded) or when the lookup ends; the reply is None only while
+        shutting down. No task, no future: the lookup (lookup.py) calls back."""
         data = req.data
-        served = (self._served_udp if proto == "udp" else self._served_tcp).get(data[2:])
-        if served is not None and self.clock() < served.until:
-            return self._serve_memo(data, served)
         q = req.query
-        edns = q.edns
-        dnssec_ok = edns is not None and edns.dnssec_ok
-        # The key is built once: the cache, the lookups in flight and the lookup use it.
-        key = (b".".join(q.labels).lower(), q.qtype, q.qclass, dnssec_ok, q.cd)
-        out = self._from_cache(data, q, req.udp_limit, proto, key)
-        if out is not None:
-            return out
-        limit = req.udp_limit if proto == "udp" else None
-        now = self.clock()
+        key = req.key
+        if key is None:  # the core's hook did not ask the cache for this very query
+            out = self.answer_cached(data, q, req.udp_limit, proto)
+            if isinstance(out, bytes):
+                done(ctx, out)
+                return
+            key = out
         if self._closed:
-            return None
+            done(ctx, None)
+            return
         lookup = self._inflight.get(key)
-        fresh = lookup is None
-        if lookup is None:
-            if len(self._inflight) >= self.max_inflight:
-                self.overloaded += 1
-                entry = self._servfail(q, now)
-                out, truncated = entry.reply_for(req.data, dnssec_ok, edns is not None, limit,
-                                                 now, self._nsid(q))
-                self._count(RCODE_SERVFAIL, UPSTREAM, truncated)
-                return out
-            # The question as the client sent it (uncompressed, parse_query checked it):
-            # a slice of the query, not built again from the labels.
-            labels = q.labels
-            question = data[12:17 + len(labels) + sum(map(len, labels))]
-            lookup = self._begin(key, q, None, question)
-            if lookup is None:  # in no forward zone
-                entry = self._error(q, now, RCODE_REFUSED, NO_ZONE)
-                out, truncated = entry.reply_for(req.data, dnssec_ok, edns is not None, limit,
-                                                 now, self._nsid(q))
-                self._count(RCODE_REFUSED, UPSTREAM, truncated)
-                return out
-        else:
+        waiter = (req, proto, done, ctx)
+        if lookup is not None:
             self.coalesced += 1
-        # Its own future: one client giving up must not cancel the lookup others wait on.
-        future = lookup.wait()
-        if fresh:
-            lookup.start()
-        try:
-            entry = await future
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if self._closed and future.cancelled() and not (current and current.cancelling()):
-                return None  # shutting down: drop, as if the packet never came
-            raise
-        out, truncated = entry.reply_for(req.data, dnssec_ok, edns is not None, limit,
-                                         self.clock(), self._nsid(q))
-        if type(entry) is StaleReply:
-            self.stale_answers += 1
-        self._count(entry.rcode, UPSTREAM, truncated)
-        return out
+            lookup.waiters.append(waiter)
+            return
+        if len(self._inflight) >= self.max_inflight:
+            self.overloaded += 1
+            self._deliver(self._servfail(q, self.clock()), [waiter])
+            return
+        # The question as the client sent it (uncompressed, parse_query checked it):
+        # a slice of the query, not built again from the labels.
+        labels = q.labels
+        question = data[12:17 + len(labels) + sum(map(len, labels))]
+        lookup = self._begin(key, q, None, question)
+        if lookup is None:  # in no forward zone
+            self._deliver(self._error(q, self.clock(), RCODE_REFUSED, NO_ZONE), [waiter])
+            return
+        lookup.waiters.append(waiter)
+        lookup.start()
 
-    def answer_cached(self, data: bytes, q: Query, udp_limit: int, proto: str) -> bytes | None:
-        """The cached reply to ``data`` if there is one; synchronous, never asks upstream.
+    def _deliver(self, entry: CachedReply | None, waiters: list[Waiter]) -> None:
+        """Each waiter's reply from ``entry`` (None: a bug settled the lookup, SERVFAIL),
+        counted as an upstream answer."""
+        now = self.clock()
+        for req, proto, done, ctx in waiters:
+            out: Any
+            try:
+                if req is None:  # /v1/resolve's waiter: the entry itself
+                    out = entry
+                elif entry is None:
+                    out = servfail(req.data)
+                    self._count(RCODE_SERVFAIL, UPSTREAM, False)
+                else:
+                    q = req.query
+                    edns = q.edns
+                    out, truncated = entry.reply_for(
+                        req.data, edns is not None and edns.dnssec_ok, edns is not None,
+                        req.udp_limit if proto == "udp" else None, now, self._nsid(q))
+                    if type(entry) is StaleReply:
+                        self.stale_answers += 1
+                    self._count(entry.rcode, UPSTREAM, truncated)
+            except Exception:
+                log.exception("forwarded lookup: the reply to a client failed")
+                out = servfail(req.data) if req is not None else None
+            try:
+                done(ctx, out)
+            except Exception:
+                log.exception("forwarded lookup: a waiter failed")
+
+    def answer_cached(self, data: bytes, q: Query, udp_limit: int, proto: str
+                      ) -> bytes | CacheKey:
+        """The cached reply to ``data`` if there is one; else the query's cache key, for
+        :meth:`submit` (``ForwardRequest.key``: the cache is not asked twice).
+        Synchronous, never asks upstream.
 
         The rendered reply minus its ID is memoised under the query minus its ID
         (which fixes the case, flags and EDNS shape, hence every patched byte)
@@ -329,10 +358,9 @@ class Forwarder:
         served = (self._served_udp if proto == "udp" else self._served_tcp).get(data[2:])
         if served is not None and self.clock() < served.until:
             return self._serve_memo(data, served)
-        edns = q.edns
-        return self._from_cache(data, q, udp_limit, proto,
-                                (b".".join(q.labels).lower(), q.qtype, q.qclass,
-                                 edns is not None and edns.dnssec_ok, q.cd))
+        key = cache_key(q)
+        out = self._from_cache(data, q, udp_limit, proto, key)
+        return key if out is None else out
 
     def _serve_memo(self, data: bytes, served: Served) -> bytes:
         responses = self.tally.responses
@@ -426,8 +454,12 @@ class Forwarder:
         route = self.route_for(q.labels)
         if route is None:  # stub zones only, and the name is in none of them
             return None
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self.timeouts = Timeouts(loop)
         lookup = Lookup(self, key, q, question or question_wire(q), route.upstreams,
-                        route.protocol, self.budget, self._owned, keep)
+                        route.protocol, self.budget, self._owned, keep, loop)
         self._inflight[key] = lookup
         return lookup
 
@@ -440,7 +472,6 @@ class Forwarder:
         if parsed is None and keep is not None and keep.expires > now:
             return keep  # a failed prefetch: the entry stays (expired: as any failure)
         if parsed is None:
-            self._answered.pop(key, None)
             expired = self.cache.get_stale(key, now)
             # Every upstream failed: an expired answer within dns.serve_stale, with TTL
             # dns.serve_stale_ttl.
@@ -456,9 +487,7 @@ class Forwarder:
         entry = self._chase(key, q, parsed, len(lookup.question), now) \
             or CachedReply(parsed, now, parsed.lifetime)
         self.cache.put(key, entry)
-        if len(self._answered) >= self._memo_limit:
-            self._answered.clear()  # bounded; only /v1/resolve reads it
-        self._answered[key] = lookup.order[lookup.index].label
+        entry.upstream = lookup.order[lookup.index].label  # for /v1/resolve
         return entry
 
     def _owns_now(self, name: bytes) -> bool:
@@ -544,6 +573,7 @@ class Forwarder:
         if fresh is None or fresh.expires <= now:
             self.cache.discard(key)
             return None
+        fresh.upstream = entry.upstream
         self.cache.put(key, fresh)
         return fresh
 
@@ -560,9 +590,7 @@ class Forwarder:
     async def entry_for(self, q: Query) -> CachedReply | None:
         """What DNS answers ``q`` from: the cache, else one (coalesced) lookup. Counts
         no response (for /v1/resolve); None while shutting down or overloaded."""
-        edns = q.edns
-        key = (b".".join(q.labels).lower(), q.qtype, q.qclass,
-               edns is not None and edns.dnssec_ok, q.cd)
+        key = cache_key(q)
         now = self.clock()
         entry = self.cache.get(key, now)
         if type(entry) is ChasedReply:
@@ -579,7 +607,8 @@ class Forwarder:
             lookup = self._begin(key, q)
             if lookup is None:
                 return self._error(q, now, RCODE_REFUSED, NO_ZONE)
-        future = lookup.wait()
+        future: asyncio.Future[CachedReply | None] = asyncio.get_running_loop().create_future()
+        lookup.waiters.append((None, "", _resolve_future, future))
         if fresh:
             lookup.start()
         return await future
@@ -595,6 +624,8 @@ class Forwarder:
         for lookup in lookups:
             lookup.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.timeouts is not None:
+            self.timeouts.close()
         for up in self.upstreams:
             up.close()
         self.cache.clear()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config, DnsConfig, ForwardZone, HostPort
 from ..core.answer import ForwardRequest, MessageHandler
@@ -173,12 +174,15 @@ class Forwarding:
         else:
             self.start()
 
-    async def forward(self, req: ForwardRequest, proto: str) -> bytes | None:
-        """What the transports await for a forwarded query."""
+    def forward(self, req: ForwardRequest, proto: str, done: Callable[[Any, bytes | None], None],
+                ctx: Any) -> None:
+        """What the transports call for a forwarded query: ``done(ctx, reply)`` once,
+        now or when the upstream answers (Forwarder.submit)."""
         fwd = self.forwarder
         if fwd is None:
-            return servfail(req.data)
-        return await fwd.resolve(req, proto)
+            done(ctx, servfail(req.data))
+            return
+        fwd.submit(req, proto, done, ctx)
 
     async def close(self) -> None:
         fwd, self.forwarder = self.forwarder, None

@@ -142,11 +142,12 @@ class BatchUdpServer:
     """
 
     def __init__(self, sock: socket.socket, handle: Handle,
-                 on_other: Callable[[Any, Address], None] | None = None, *,
+                 on_other: Callable[[Any, Any], None] | None = None, *,
                  on_error: Callable[[bytes], bytes | None] | None = None,
                  observe: Callable[[float], None] | None = None,
                  screen: Callable[[bytes, memoryview], Any] | None = None,
-                 batch: int = DEFAULT_BATCH, bufsize: int = DEFAULT_BUFSIZE) -> None:
+                 batch: int = DEFAULT_BATCH, bufsize: int = DEFAULT_BUFSIZE,
+                 raw_names: bool = False) -> None:
         if sock.type != socket.SOCK_DGRAM or sock.family not in (socket.AF_INET,
                                                                  socket.AF_INET6):
             raise ValueError("BatchUdpServer needs an AF_INET/AF_INET6 datagram socket")
@@ -159,6 +160,9 @@ class BatchUdpServer:
         # it decides (access control, rate limit) and calls ``handle`` itself.
         self.screen = screen
         self.on_other = on_other
+        # on_other gets the sender's raw sockaddr (bytes) instead of an address tuple:
+        # what queue_reply takes, so a forwarded reply is sent without decoding it.
+        self.raw_names = raw_names
         self.on_error = on_error
         self.observe = observe
         self.batch = batch
@@ -205,6 +209,22 @@ class BatchUdpServer:
         self._s_off = [i * bufsize for i in range(n)]
         self._sview = memoryview(self._sdata)
         self._nview = memoryview(self._names)
+        # Replies sent later (forwarded answers): queued, then one sendmmsg for all of
+        # them (flush_queued), from their own headers, names and data slots.
+        self._queued: list[tuple[bytes, bytes]] = []
+        self._lnames = bytearray(n * NAME_SLOT)
+        self._ldata = bytearray(n * bufsize)
+        self._pins += [(ctypes.c_char * len(b)).from_buffer(b)
+                       for b in (self._lnames, self._ldata)]
+        lnames, ldata = (ctypes.addressof(p) for p in self._pins[3:])
+        self._lraw, self._lmsgs, self._liov_raw, self._liov = _headers(n, lnames, namelen,
+                                                                       ldata, bufsize)
+        self._lmsgs_addr = ctypes.addressof(self._lmsgs)
+        liov = memoryview(self._liov_raw)
+        self._l_iovlen = (liov.cast("Q") if ctypes.sizeof(ctypes.c_size_t) == 8
+                          else liov.cast("I"))[1::2]
+        self._lview = memoryview(self._ldata)
+        self._lnview = memoryview(self._lnames)
 
     # ------------------------------------------------------------ receive
 
@@ -331,13 +351,14 @@ class BatchUdpServer:
         if self.on_other is None:
             return
         try:
-            self.on_other(result, self._address(i))
+            self.on_other(result, self._nview[i * NAME_SLOT : (i + 1) * NAME_SLOT].tobytes()
+                          if self.raw_names else self._address(i))
         except Exception:
             log.exception("internal error handing over a batched datagram")
 
     # ------------------------------------------------------------ send
 
-    def _flush(self, count: int) -> None:
+    def _flush(self, count: int, headers: int = 0) -> None:
         """sendmmsg replies 0..count-1, continuing after a partial send.
 
         A reply the kernel refuses (sendmmsg fails on its first message, e.g. an
@@ -346,10 +367,11 @@ class BatchUdpServer:
         """
         done = 0  # replies sent or skipped
         refused = 0
+        headers = headers or self._smsgs_addr
         for _ in range(count + 8):  # bounded even if EINTR kept coming
             if done >= count:
                 break
-            sent: int = _sendmmsg(self.fd, self._smsgs_addr + done * _STRIDE, count - done,
+            sent: int = _sendmmsg(self.fd, headers + done * _STRIDE, count - done,
                                   MSG_DONTWAIT)
             if sent > 0:
                 done += sent
@@ -364,6 +386,37 @@ class BatchUdpServer:
         self.replied += done - refused
         self.send_errors += refused
         self.send_dropped += count - done
+
+    def queue_reply(self, data: bytes, name: bytes) -> bool:
+        """Queue a reply to the raw sockaddr ``name`` (as on_other got it with
+        ``raw_names``) for the next :meth:`flush_queued`; True when the queue was empty
+        (the caller schedules the flush)."""
+        queued = self._queued
+        queued.append((data, name))
+        return len(queued) == 1
+
+    def flush_queued(self) -> None:
+        """Send every queued reply: sendmmsg in batches of up to ``batch``."""
+        queued, self._queued = self._queued, []
+        size, batch = self.bufsize, self.batch
+        lview, lnview, iovlen = self._lview, self._lnview, self._l_iovlen
+        j = 0
+        for data, name in queued:
+            m = len(data)
+            if m > size:
+                self.send_to(data, decode_sockaddr(name))
+                continue
+            so = j * size
+            lview[so : so + m] = data
+            iovlen[j] = m
+            no = j * NAME_SLOT
+            lnview[no : no + len(name)] = name
+            j += 1
+            if j == batch:
+                self._flush(j, self._lmsgs_addr)
+                j = 0
+        if j:
+            self._flush(j, self._lmsgs_addr)
 
     def send_to(self, data: bytes, addr: Address) -> None:
         """One reply outside a batch (forwarded answers, oversized replies)."""

@@ -50,6 +50,9 @@ _NAMES_IN_RDATA = {T_NS: (0, 1, 0), T_CNAME: (0, 1, 0), T_PTR: (0, 1, 0),
 
 _OPT_UPSTREAM = struct.pack("!BHHBBHH", 0, QTYPE_OPT, UPSTREAM_UDP_PAYLOAD, 0, 0, 0, 0)
 _OPT_UPSTREAM_DO = struct.pack("!BHHBBHH", 0, QTYPE_OPT, UPSTREAM_UDP_PAYLOAD, 0, 0, 0x8000, 0)
+# A query's header after the ID, by CD: flags RD (and CD), one question, one OPT.
+_HEADS = {cd: struct.pack("!HHHHH", 0x0100 | (0x0010 if cd else 0), 1, 0, 0, 1)
+          for cd in (False, True)}
 
 
 class ReplyRejected(Exception):
@@ -74,11 +77,15 @@ def question_wire(query: Query) -> bytes:
     return bytes(out)
 
 
+def query_tail(question: bytes, cd: bool, dnssec_ok: bool) -> bytes:
+    """An upstream query after its ID: RD=1, the client's CD, one question, OPT with a
+    1232 payload (the pool socket puts a random ID in front)."""
+    return _HEADS[cd] + question + (_OPT_UPSTREAM_DO if dnssec_ok else _OPT_UPSTREAM)
+
+
 def build_query(question: bytes, qid: int, cd: bool, dnssec_ok: bool) -> bytes:
-    """An upstream query: RD=1, the client's CD, one question, OPT with a 1232 payload."""
-    flags = 0x0100 | (0x0010 if cd else 0)
-    return (struct.pack("!HHHHHH", qid, flags, 1, 0, 0, 1) + question
-            + (_OPT_UPSTREAM_DO if dnssec_ok else _OPT_UPSTREAM))
+    """An upstream query with ID ``qid`` (see :func:`query_tail`)."""
+    return qid.to_bytes(2, "big") + query_tail(question, cd, dnssec_ok)
 
 
 def check_reply(reply: bytes, sent: bytes, question: bytes) -> None:

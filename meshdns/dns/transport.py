@@ -20,7 +20,7 @@ import struct
 import termios
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, cast
 
 from ..core.answer import (
@@ -47,18 +47,12 @@ from .querylog import QueryLog
 
 log = logging.getLogger("meshdns.dns")
 
-Forward = Callable[[ForwardRequest, str], Awaitable[bytes | None]]
+# forward(request, proto, done, ctx): done(ctx, reply) is called once, at once or when
+# the upstream answers (None: no reply, shutting down); Forwarding.forward.
+Done = Callable[[Any, bytes | None], None]
+Forward = Callable[[ForwardRequest, str, Done, Any], None]
 MAX_TCP_PENDING = 64  # forwarded queries in flight per TCP connection before pausing reads
 SAMPLE_MASK = 63  # time one locally answered message in 64; forwarded ones are all timed
-
-
-_tasks: set[asyncio.Future[None]] = set()  # strong references: a task must not be collected
-
-
-def _spawn(coro: Awaitable[None]) -> None:
-    task = asyncio.ensure_future(coro)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
 
 
 def servfail(data: bytes) -> bytes | None:
@@ -154,7 +148,7 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         if out.__class__ is bytes:
             self.transport.sendto(out, addr)  # type: ignore[union-attr]
         elif isinstance(out, ForwardRequest):
-            _spawn(self._forward(out, addr))
+            self._submit(out, addr)
 
     def _logged(self, data: bytes, addr: Any) -> None:
         """One datagram with log.queries or log.dnstap on."""
@@ -169,7 +163,7 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         if isinstance(out, ForwardRequest):
             if tap is not None:
                 tap.put((QUERY, UDP, addr, self.local, data, out, tapped, 0))
-            _spawn(self._forward(out, addr, started))
+            self._submit(out, addr, started)
             return
         # Logged before the reply leaves: a client that got it can find its line.
         if self.qlog is not None:
@@ -179,16 +173,22 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         if out is not None:
             self.transport.sendto(out, addr)  # type: ignore[union-attr]
 
-    async def _forward(self, req: ForwardRequest, addr: Any,
-                       received: float | None = None) -> None:
-        reply: bytes | None
-        started = time.perf_counter()
-        tapped = time.time_ns() if self.tap is not None else 0
+    def _submit(self, req: ForwardRequest, addr: Any, received: float | None = None) -> None:
+        """Hand a forwarded query to the forwarder; ``_replied`` sends its reply."""
+        ctx = (req, addr, time.perf_counter(), received,
+               time.time_ns() if self.tap is not None else 0)
+        if self.forward is None:
+            self._replied(ctx, servfail(req.data))
+            return
         try:
-            reply = await self.forward(req, "udp") if self.forward else servfail(req.data)
+            self.forward(req, "udp", self._replied, ctx)
         except Exception:
             _Errors.report("udp forward")
-            reply = servfail(req.data)
+            self._replied(ctx, servfail(req.data))
+
+    def _replied(self, ctx: Any, reply: bytes | None) -> None:
+        """The forwarder's callback (``done``): log, count and send one forwarded reply."""
+        req, addr, started, received, tapped = ctx
         if self.latency is not None:
             self.latency.observe(time.perf_counter() - started)
         if self.qlog is not None:
@@ -197,8 +197,13 @@ class UdpDnsProtocol(asyncio.DatagramProtocol):
         if self.tap is not None:
             self.tap.put((RESPONSE, UDP, addr, self.local, req.data, reply, tapped,
                           time.time_ns()))
-        if reply is not None and self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(reply, addr)
+        if reply is not None:
+            self._send_reply(reply, addr)
+
+    def _send_reply(self, reply: bytes, addr: Any) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors from earlier sends (client port gone): nothing to do.
@@ -236,7 +241,7 @@ def batch_screen(policy: ClientPolicy, handler: MessageHandler
 
 
 class _BatchTransport:
-    """The two DatagramTransport methods UdpDnsProtocol._forward needs, over a batch server."""
+    """The two DatagramTransport methods UdpDnsProtocol needs, over a batch server."""
 
     def __init__(self, batch: Any) -> None:
         self.batch = batch
@@ -253,9 +258,11 @@ class BatchedUdp(UdpDnsProtocol):
     """UDP through recvmmsg/sendmmsg batches (Linux only), driven by the loop's reader.
 
     Same behaviour as UdpDnsProtocol: local answers leave in the batch's
-    sendmmsg; forwardable queries take UdpDnsProtocol._forward and are answered
-    later with one sendto; a core bug answers SERVFAIL. Raises ImportError where
-    batching is unavailable, so the caller falls back to the datagram endpoint.
+    sendmmsg; forwardable queries go to the forwarder with the client's raw sockaddr
+    (never decoded), and their replies are queued and sent together, one sendmmsg
+    per turn of the event loop for all the replies that came in it; a core bug
+    answers SERVFAIL. Raises ImportError where batching is unavailable, so the caller
+    falls back to the datagram endpoint.
     """
 
     def __init__(self, sock: Any, handler: MessageHandler, forward: Forward | None,
@@ -272,13 +279,22 @@ class BatchedUdp(UdpDnsProtocol):
             screen = tap.screen(screen, handler.handle_udp, self.local)
         self.batch = BatchUdpServer(
             sock, handler.handle_udp, self._on_forward, on_error=servfail,
-            observe=latency.observe if latency is not None else None, screen=screen)
+            observe=latency.observe if latency is not None else None, screen=screen,
+            raw_names=True)
         self.transport = _BatchTransport(self.batch)  # type: ignore[assignment]
         self.loop.add_reader(sock.fileno(), self.batch.serve_ready)
 
-    def _on_forward(self, req: Any, addr: Any) -> None:
+    def _on_forward(self, req: Any, name: Any) -> None:
         if isinstance(req, ForwardRequest):
-            _spawn(self._forward(req, addr))
+            self._submit(req, name)  # name: the raw sockaddr, dnstap takes it as it is
+
+    def _send_reply(self, reply: bytes, addr: Any) -> None:
+        if not self.transport.closing and self.batch.queue_reply(reply, addr):  # type: ignore[union-attr]
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if not self.transport.closing:  # type: ignore[union-attr]
+            self.batch.flush_queued()
 
     def close(self) -> None:
         if not self.transport.closing:  # type: ignore[union-attr]
@@ -531,7 +547,7 @@ class TcpDnsProtocol(asyncio.Protocol):
             self.pending += 1
             if self.pending >= MAX_TCP_PENDING:
                 self._pause_reading()
-            _spawn(self._forward(out, started))
+            self._submit(out, started)
             return True
         if self.qlog is not None:
             self.qlog.exchange("tcp", self.peer, message, out, time.perf_counter() - started)
@@ -542,15 +558,21 @@ class TcpDnsProtocol(asyncio.Protocol):
             self._send(out)
         return out is not None
 
-    async def _forward(self, req: ForwardRequest, received: float) -> None:
-        reply: bytes | None
-        started = time.perf_counter()
-        tapped = time.time_ns() if self.tap is not None else 0
+    def _submit(self, req: ForwardRequest, received: float) -> None:
+        ctx = (req, received, time.perf_counter(),
+               time.time_ns() if self.tap is not None else 0)
+        if self.forward is None:
+            self._replied(ctx, servfail(req.data))
+            return
         try:
-            reply = await self.forward(req, "tcp") if self.forward else servfail(req.data)
+            self.forward(req, "tcp", self._replied, ctx)
         except Exception:
             _Errors.report("tcp forward")
-            reply = servfail(req.data)
+            self._replied(ctx, servfail(req.data))
+
+    def _replied(self, ctx: Any, reply: bytes | None) -> None:
+        """The forwarder's callback (``done``): one forwarded reply on this connection."""
+        req, received, started, tapped = ctx
         if self.latency is not None:
             self.latency.observe(time.perf_counter() - started)
         self.pending -= 1

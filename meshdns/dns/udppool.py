@@ -5,9 +5,11 @@ for everything would give an off-path attacker one port to aim at. So each upstr
 has a pool of up to ``size`` sockets (``dns.upstream_ports``, default 1024), each bound
 to a port drawn at random from the kernel's ephemeral range and connected to the
 upstream. A query goes out on a slot chosen at random, with a random 16-bit ID not
-in flight on that socket. A socket serves at most ``MAX_USES`` queries or
-``LIFETIME`` seconds; the first query to pick it after that closes it (once nothing
-is in flight on it) and draws a new port in its place. A slot is filled when first
+in flight on that socket. A socket serves at most ``MAX_USES`` queries or a lifetime
+drawn between ``LIFETIME``/2 and ``LIFETIME`` seconds (so the sockets a burst opened
+are not all re-drawn in the same second); the first query to pick it after that
+closes it (once nothing is in flight on it) and draws a new port in its place (from
+the same buffered urandom bits as the IDs). A slot is filled when first
 picked, so an upstream asked often has ``size`` ports in use at once, each younger
 than ``LIFETIME``.
 
@@ -22,9 +24,10 @@ counted by reason and dropped, and the query waits on. An ICMP error (port
 unreachable) on a socket fails what is in flight on it at once (``error``).
 
 Replies arrive through ``loop.add_reader`` callbacks (one registration per socket
-for its whole life, no task or future per query): ``done(reply)`` is called with
-the raw reply, or ``done(None)`` for a socket error. Timeouts are the caller's
-(:meth:`Exchange.cancel` forgets a query).
+for its whole life, no task, future or other object per query): the asker (the
+lookup itself, :class:`Asker`) is what a socket keeps in flight under its ID, and
+its ``udp_reply(reply)`` is called with the raw reply, or ``udp_reply(None)`` for a
+socket error. Timeouts are the caller's (:meth:`UdpPorts.cancel` forgets a query).
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ import contextlib
 import errno
 import logging
 import os
-import random
 import resource
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from .reply import MALFORMED, WRONG_ID, ReplyRejected, check_reply
 
@@ -53,7 +56,6 @@ BIND_TRIES = 16  # random ports tried before the kernel picks one (port 0)
 EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 Reject = Callable[[str], None]
-Done = Callable[[bytes | None], None]
 
 
 def ephemeral_range(path: Path = EPHEMERAL) -> tuple[int, int]:
@@ -106,30 +108,24 @@ class RandomBits:
                 return value % n
 
 
-class Exchange:
-    """One query in flight on a pool socket."""
+class Asker(Protocol):
+    """What asks on a pool socket (a forwarded lookup, lookup.py): the pool writes
+    ``port``, ``qid`` and ``sent`` into it when it sends, and calls ``udp_reply`` with
+    the checked reply, or None for a socket error. One object per query, the asker's
+    own: the pool allocates nothing per query but the datagram."""
 
-    __slots__ = ("done", "port", "qid", "question", "wire")
+    port: _Port | None
+    qid: int
+    sent: bytes
+    question: bytes
 
-    def __init__(self, port: _Port, qid: int, wire: bytes, question: bytes,
-                 done: Done) -> None:
-        self.port = port
-        self.qid = qid
-        self.wire = wire
-        self.question = question
-        self.done = done
-
-    def cancel(self) -> None:
-        """Forget this query (its deadline passed): a late reply is not accepted."""
-        port = self.port
-        if port.pending.get(self.qid) is self:
-            port.forget(self.qid)
+    def udp_reply(self, data: bytes | None) -> None: ...
 
 
 class _Port:
     """One socket: its port, age, uses and the queries in flight on it."""
 
-    __slots__ = ("born", "fd", "loop", "pending", "pool", "retired", "sock", "uses")
+    __slots__ = ("born", "fd", "loop", "pending", "pool", "retired", "sock", "until", "uses")
 
     def __init__(self, pool: UdpPorts, sock: socket.socket, now: float,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -137,8 +133,11 @@ class _Port:
         self.sock = sock
         self.fd = sock.fileno()
         self.born = now
+        # Used for new queries until then: a lifetime drawn between LIFETIME/2 and
+        # LIFETIME, so sockets opened together (a burst) are not all re-drawn together.
+        self.until = now + pool.lifetime * (0.5 + pool.rand.bits16() / 131072)
         self.uses = 0
-        self.pending: dict[int, Exchange] = {}
+        self.pending: dict[int, Asker] = {}
         self.retired = False
         self.loop = loop
         loop.add_reader(self.fd, self.readable)
@@ -153,7 +152,25 @@ class _Port:
         except OSError:  # ICMP port unreachable and the like: the upstream is not there
             self.fail()
             return
-        self.pool.received(self, data)
+        # The reply checks (the kernel checked address and port: the socket is connected).
+        if len(data) < 12:
+            self.pool.reject(MALFORMED)
+            return
+        qid = (data[0] << 8) | data[1]
+        asker = self.pending.get(qid)
+        if asker is None:
+            self.pool.reject(WRONG_ID)  # forged, or too late (its query gave up)
+            return
+        try:
+            check_reply(data, asker.sent, asker.question)
+        except ReplyRejected as exc:
+            self.pool.reject(exc.reason)
+            return
+        asker.port = None
+        del self.pending[qid]
+        if self.retired and not self.pending:
+            self.close()
+        asker.udp_reply(data)
 
     def forget(self, qid: int) -> None:
         """``qid`` is no longer in flight; a retired socket closes with its last query."""
@@ -168,8 +185,9 @@ class _Port:
 
     def fail(self) -> None:
         pending, self.pending = self.pending, {}
-        for ex in pending.values():
-            ex.done(None)
+        for asker in pending.values():
+            asker.port = None
+            asker.udp_reply(None)
         if self.retired:
             self.close()
 
@@ -185,7 +203,9 @@ class UdpPorts:
     """The pool of connected UDP sockets one upstream is asked from."""
 
     def __init__(self, sockaddr: tuple[str, int], family: int, size: int, reject: Reject,
-                 *, lifetime: float = LIFETIME, max_uses: int = MAX_USES) -> None:
+                 loop: asyncio.AbstractEventLoop, *, lifetime: float = LIFETIME,
+                 max_uses: int = MAX_USES) -> None:
+        self.loop = loop
         self.sockaddr = sockaddr
         self.family = family
         self.size = size
@@ -194,54 +214,50 @@ class UdpPorts:
         self.max_uses = max_uses
         self.slots: list[_Port | None] = [None] * size
         self.rand = RandomBits()
-        self.port_rand = random.SystemRandom()  # ports: drawn at most once per socket
         self.ports = ephemeral_range()
         self.live: set[_Port] = set()  # open sockets, in a slot or retired
         self.drawn = 0  # sockets opened, ever (each a new random port)
         self._bind_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
 
-    def send(self, wire: bytes, question: bytes, done: Done) -> Exchange | None:
-        """Send ``wire`` (its ID replaced by a random one) on a random pool socket;
-        ``done`` gets the reply. None: it could not be sent (``done`` is not called)."""
-        loop = asyncio.get_running_loop()
+    def send(self, asker: Asker, tail: bytes) -> bool:
+        """Send the query ``tail`` (all of it after the ID) with a random ID on a random
+        pool socket; ``asker.udp_reply`` gets the reply. False: it could not be sent
+        (``udp_reply`` is not called)."""
+        loop = self.loop
         now = loop.time()
         rand = self.rand
         i = rand.below(self.size)
         port = self.slots[i]
-        if port is None or port.uses >= self.max_uses or now - port.born >= self.lifetime:
+        if port is None or port.uses >= self.max_uses or now >= port.until:
             if port is not None:
                 port.retire()
             port = self.slots[i] = self._open(now, loop)
             if port is None:
-                return None
+                return False
         qid = rand.bits16()
         pending = port.pending
         while qid in pending:
             qid = rand.bits16()
-        wire = qid.to_bytes(2, "big") + wire[2:]
+        wire = qid.to_bytes(2, "big") + tail
         try:
             port.sock.send(wire)
         except OSError:
-            return None
+            return False
         port.uses += 1
-        ex = pending[qid] = Exchange(port, qid, wire, question, done)
-        return ex
+        pending[qid] = asker
+        asker.port = port
+        asker.qid = qid
+        asker.sent = wire
+        return True
 
-    def received(self, port: _Port, data: bytes) -> None:
-        if len(data) < 12:
-            self.reject(MALFORMED)
-            return
-        ex = port.pending.get((data[0] << 8) | data[1])
-        if ex is None:
-            self.reject(WRONG_ID)  # forged, or too late (its query gave up)
-            return
-        try:
-            check_reply(data, ex.wire, ex.question)
-        except ReplyRejected as exc:
-            self.reject(exc.reason)
-            return
-        port.forget(ex.qid)
-        ex.done(data)
+    @staticmethod
+    def cancel(asker: Asker) -> None:
+        """Forget ``asker``'s query (its deadline passed): a late reply is not accepted."""
+        port = asker.port
+        if port is not None:
+            asker.port = None
+            if port.pending.get(asker.qid) is asker:
+                port.forget(asker.qid)
 
     def _open(self, now: float, loop: asyncio.AbstractEventLoop) -> _Port | None:
         sock = socket.socket(self.family, socket.SOCK_DGRAM)
@@ -250,7 +266,7 @@ class UdpPorts:
             low, high = self.ports
             for _ in range(BIND_TRIES):
                 try:
-                    sock.bind((self._bind_host, self.port_rand.randint(low, high)))
+                    sock.bind((self._bind_host, low + self.rand.below(high - low + 1)))
                     break
                 except OSError as exc:
                     if exc.errno not in (errno.EADDRINUSE, errno.EACCES):

@@ -160,22 +160,23 @@ async def query_tcp(up: Upstream, wire: bytes, question: bytes, deadline: float,
     return attempt
 
 
-def parsed_attempt(data: bytes, question: bytes, owned: Owned | None,
-                   reject: Reject) -> Attempt:
-    """The attempt for a checked UDP reply (TC=1: truncated, TCP is asked next)."""
-    return _parsed(data, question, owned, reject, bool(data[2] & 0x02))
+def judge(data: bytes, question_len: int, owned: Owned | None, reject: Reject,
+          tc: bool) -> tuple[str, ParsedReply | None]:
+    """The result of an attempt whose reply to our query is ``data``, and the reply
+    parsed whole and scrubbed; ``malformed`` (counted as a rejected reply) when any of it
+    does not parse. A truncated reply is not used (TCP is asked next), so it need not
+    parse."""
+    if tc:
+        return TRUNCATED, None
+    try:
+        parsed = parse_reply(data, question_len, owned)
+    except ReplyRejected:
+        reject(MALFORMED)
+        return MALFORMED_REPLY, None
+    return classify(parsed, False), parsed
 
 
 def _parsed(data: bytes, question: bytes, owned: Owned | None, reject: Reject,
             tc: bool) -> Attempt:
-    """The attempt's result for a reply to our query: parsed whole and scrubbed, or
-    ``malformed`` (counted as a rejected reply) when any of it does not parse. A
-    truncated reply is not used (TCP is asked next), so it need not parse."""
-    if tc:
-        return Attempt(TRUNCATED, data=data)
-    try:
-        parsed = parse_reply(data, len(question), owned)
-    except ReplyRejected:
-        reject(MALFORMED)
-        return Attempt(MALFORMED_REPLY, data=data)
-    return Attempt(classify(parsed, False), parsed, data)
+    result, parsed = judge(data, len(question), owned, reject, tc)
+    return Attempt(result, parsed, data)

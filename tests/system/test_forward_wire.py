@@ -17,6 +17,7 @@ from meshdns.config import DnsConfig, HostPort
 from meshdns.core.answer import ForwardRequest, Tally
 from meshdns.dns.cache import CachedReply, ReplyCache
 from meshdns.dns.forwarder import Forwarder
+from meshdns.dns.lookup import Timeouts
 from meshdns.dns.reply import (
     MALFORMED,
     WRONG_ID,
@@ -229,15 +230,55 @@ def test_close_cancels_lookups_in_flight() -> None:
             fake.default.action = "hold"
             fwd = Forwarder([HostPort("127.0.0.1", fake.port)],
                             DnsConfig(upstream_timeout=10.0), Tally())
-            pending = asyncio.ensure_future(fwd.resolve(request("h.example.test"), "udp"))
+            replies: list[tuple[str, bytes | None]] = []
+
+            def done(ctx: str, reply: bytes | None) -> None:
+                replies.append((ctx, reply))
+
+            fwd.submit(request("h.example.test"), "udp", done, "first")
             for _ in range(1000):
                 if fake.count():
                     break
                 await asyncio.sleep(0.01)
-            assert fwd.inflight == 1
+            assert fwd.inflight == 1 and replies == []
             await fwd.close()
-            assert await pending is None and fwd.inflight == 0
-            assert await fwd.resolve(request("later.example.test"), "udp") is None
+            assert replies == [("first", None)] and fwd.inflight == 0  # no reply to send
+            fwd.submit(request("later.example.test"), "udp", done, "later")
+            assert replies[1:] == [("later", None)]
             fake.release()
+
+    asyncio.run(main())
+
+
+def test_timeouts_fire_each_deadline_once_never_early_and_not_after_discard() -> None:
+    """The lookups' deadline wheel: one loop timer for all, each lookup timed out once,
+    never before its deadline, and not at all once its reply came (discard)."""
+
+    class Probe:
+        def __init__(self, name: str, fired: list[tuple[str, float]], deadline: float,
+                     loop: asyncio.AbstractEventLoop) -> None:
+            self.name, self.fired, self.deadline, self.loop = name, fired, deadline, loop
+
+        def timed_out(self) -> None:
+            self.fired.append((self.name, self.loop.time() - self.deadline))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        wheel = Timeouts(loop)
+        fired: list[tuple[str, float]] = []
+        now = loop.time()
+        probes = {name: Probe(name, fired, now + delay, loop)
+                  for name, delay in (("late", 0.25), ("early", 0.05), ("answered", 0.1),
+                                      ("same", 0.05))}
+        ticks = {name: wheel.add(p, p.deadline) for name, p in probes.items()}  # type: ignore[arg-type]
+        wheel.discard(probes["answered"], ticks["answered"])  # type: ignore[arg-type]
+        while len(fired) < 3:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert sorted(name for name, _ in fired[:2]) == ["early", "same"]
+        assert [name for name, _ in fired][2:] == ["late"]  # "answered" never fires
+        assert all(late >= 0 for _, late in fired)  # never before the deadline
+        assert not wheel.buckets and wheel.timer is None  # nothing left armed
+        wheel.close()
 
     asyncio.run(main())

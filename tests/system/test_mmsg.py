@@ -305,6 +305,35 @@ def test_non_bytes_results_go_to_on_other_with_the_sender_address() -> None:
             assert recv_all(b, 1) == [b"late"]
 
 
+def test_queued_replies_reach_their_raw_senders_in_batches() -> None:
+    """The forward path's replies: on_other gets each sender's raw sockaddr, and the
+    replies queued to them later all leave with flush_queued, more than a batch of them
+    too, an oversized one on its own."""
+    handed: list[tuple[Any, bytes]] = []
+    with server_socket() as ss:
+        ss.setblocking(False)
+        server = BatchUdpServer(ss, lambda d: 42, lambda r, a: handed.append((r, a)),
+                                batch=4, bufsize=512, raw_names=True)
+        with udp() as a, udp() as b:
+            a.sendto(b"from-a", ss.getsockname())
+            b.sendto(b"from-b", ss.getsockname())
+            pump(server, 2)
+            assert [r for r, _ in handed] == [42, 42]
+            name_a, name_b = handed[0][1], handed[1][1]
+            assert isinstance(name_a, bytes) and mmsg.decode_sockaddr(name_a) == a.getsockname()
+            assert server.queue_reply(b"a0", name_a) is True  # the first: flush it
+            assert server.queue_reply(b"b0", name_b) is False
+            for i in range(1, 6):  # 12 replies in all: three sendmmsg batches of 4
+                server.queue_reply(b"a%d" % i, name_a)
+                server.queue_reply(b"b%d" % i, name_b)
+            server.queue_reply(b"B" * 600, name_b)  # over the slot size: sent alone
+            server.flush_queued()
+            assert recv_all(a, 6) == [b"a%d" % i for i in range(6)]
+            assert sorted(recv_all(b, 7)) == sorted([b"b%d" % i for i in range(6)] + [b"B" * 600])
+            server.flush_queued()  # nothing queued: nothing sent
+            assert_silent(a)
+
+
 @needs_ipv6
 def test_on_other_ipv6_address_tuple() -> None:
     handed: list[Any] = []

@@ -65,11 +65,16 @@ PROHIBITED = (EDE_PROHIBITED, "client not allowed")
 
 @dataclass(frozen=True, slots=True)
 class ForwardRequest:
-    """A query the core does not answer itself: the transport forwards it upstream."""
+    """A query the core does not answer itself: the transport forwards it upstream.
+
+    ``key``: what the forwarder's cache hook (``forward_cached``) returned when it had
+    no answer for this very query (its cache key), so the forwarder does not ask its
+    cache again; None when the hook was not asked."""
 
     query: Query
     data: bytes
     udp_limit: int
+    key: Any = None
 
 
 @dataclass
@@ -173,9 +178,10 @@ class MessageHandler:
         self.sampling = False
         self.skipped = 0
         self.unadmitted: dict[tuple[int, int], int] = {}  # (qtype, rcode) -> UDP replies
-        # Set by the forwarder: its cached reply to a forwarded query, synchronously,
-        # or None when the transport has to await the upstream.
-        self.forward_cached: Callable[[bytes, Query, int, str], bytes | None] | None = None
+        # Set by the forwarder: its cached reply to a forwarded query (bytes),
+        # synchronously, or else a key of its own for the ForwardRequest (the
+        # transport then hands the query to the forwarder).
+        self.forward_cached: Callable[[bytes, Query, int, str], Any] | None = None
 
     @property
     def zone(self) -> Zone:
@@ -319,8 +325,9 @@ class MessageHandler:
             hook = self.forward_cached
             if hook is not None:
                 cached = hook(data, fwd.query, fwd.limit, proto)
-                if cached is not None:
+                if cached.__class__ is bytes:
                     return cached
+                return ForwardRequest(fwd.query, data, fwd.limit, cached)
             return ForwardRequest(fwd.query, data, fwd.limit)
         tally = self.tally
         if len(data) < HEADER_LEN or data[2] & 0x80:
@@ -385,9 +392,10 @@ class MessageHandler:
             hook = None if local_only else self.forward_cached
             if hook is not None:
                 cached = hook(data, query, limit, proto)
-                if cached is not None:
+                if cached.__class__ is bytes:
                     return cached
-            return ForwardRequest(query, data, limit)  # the forwarder counts its reply
+                return ForwardRequest(query, data, limit, cached)  # the forwarder counts
+            return ForwardRequest(query, data, limit)  # its reply
         wire = encode(query, decision, limit if proto == "udp" else None, ra, self.nsid)
         tally.response(decision.rcode, "local")
         self._store(st, proto, tail, wire, query.qtype, decision.rcode,
