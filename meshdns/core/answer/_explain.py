@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import NameTable, ServiceSpec, selects
+from ..registry import EntryKey, EntrySpec, NameTable, selects
 from ._wire import wire_to_key
 from ._zone import CANONICAL, KUMA, NXDOMAIN, TEMPLATE, Decision, Zone
 
@@ -21,7 +21,7 @@ def _builtin_index(names: NameTable, builtin: str) -> int | None:
     return None
 
 
-def _mismatch(spec: ServiceSpec, names: NameTable) -> list[str]:
+def _mismatch(spec: EntrySpec, names: NameTable) -> list[str]:
     return [key for key, value in names.select if not selects(spec, ((key, value),))]
 
 
@@ -50,11 +50,11 @@ def explain_names(zone: Zone, labels: tuple[bytes, ...], decision: Decision) -> 
         if where is not None and where[1] is not None:
             found = where[1], where[2]
     elif domain is None:
-        owner = zone.registry.hostnames.get(key)
+        owner: EntryKey | None = zone.registry.hostnames.get(key)
         if owner is None and key in names.generated:
             owner = names.generated[key][0]
         if owner is not None:
-            found = zone.registry.services[owner], "hostname"
+            found = zone.registry.entry_map[owner], "hostname"
     if found is not None and found[0].key in names.hidden:
         svc, how = found
         hidden: dict[str, Any] = {

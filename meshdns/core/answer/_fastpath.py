@@ -200,6 +200,8 @@ class FastPath:
                     out = self._negative(data, qend, target_domain, rcode, tail)
                     return None if out is None else (out, qtype, rcode, None)
                 return None  # a domain's apex, or a zone not loaded yet: dnslib's
+            if found.__class__ is not Service:
+                return None  # a mesh service's name: the dnslib path's (_zone.py)
             svc = found
             if kind == VIP_NAME:
                 if qtype not in VIP_ANSWERS:  # vip_answer: NODATA

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping, Sequence
+from typing import cast
 
 from ._allocate import in_release_order, top_of
 from ._layered import evolve
 from ._nametable import builtin_owner, patch_names
 from ._rebuild import build, make_registry, vips_given
-from ._service import K, Service, ServiceKey, ServiceSpec, V, bad_request, describe
+from ._service import (
+    EntryKey,
+    EntrySpec,
+    K,
+    MeshServiceSpec,
+    Service,
+    ServiceKey,
+    ServiceSpec,
+    V,
+    bad_request,
+    describe,
+)
 from ._snapshot import BuildIndex, FamilyIndex, Held, Registry, RegistryPolicy
 from ._templates import (
     canonical_name,
@@ -19,7 +31,7 @@ from ._vip import VipRange, count_in
 SHRINK_REBUILD_MIN = 10_000  # services; see patch_incremental
 
 
-def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable[ServiceKey],
+def apply_patch(reg: Registry, upserts: Sequence[EntrySpec], deletes: Iterable[EntryKey],
                 policy: RegistryPolicy, now: float) -> Registry:
     """The registry after upserting and deleting, applied together or not at all.
 
@@ -32,13 +44,19 @@ def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable
     return _patch_rebuild(reg, upserts, deletes, _positions(upserts), policy, now)
 
 
-def patch_incremental(reg: Registry, upserts: Sequence[ServiceSpec],
-                      deletes: Sequence[ServiceKey], policy: RegistryPolicy,
+def patch_incremental(reg: Registry, upserts: Sequence[EntrySpec],
+                      deletes: Sequence[EntryKey], policy: RegistryPolicy,
                       now: float) -> Registry | None:
     """``apply_patch`` when it can touch only the services it names (O(change)); None
     when it takes a full rebuild instead (a rejected patch, whose error the rebuild
-    names, or a snapshot built under another policy)."""
+    names, a snapshot built under another policy, or a patch that writes or deletes a
+    mesh service: those are rebuilt whole for now)."""
     seen = _positions(upserts)
+    if any(len(key) == 5 for key in deletes) or any(
+            spec.__class__ is MeshServiceSpec for spec in upserts):
+        return None
+    legacy_upserts = cast("Sequence[ServiceSpec]", upserts)
+    legacy_deletes = cast("Sequence[ServiceKey]", deletes)
     index = reg._index
     if len(reg.services) >= SHRINK_REBUILD_MIN and 2 * len(deletes) > len(reg.services):
         # Deleting most of a big registry: the layered tables of an incremental PATCH
@@ -50,13 +68,14 @@ def patch_incremental(reg: Registry, upserts: Sequence[ServiceSpec],
         return None
     if index is not None and index.fits(policy) and reg.names.templates == policy.templates \
             and reg.names.select == policy.select:
-        return _patch_incremental(reg, index, upserts, deletes, seen, policy, now)
+        return _patch_incremental(reg, index, legacy_upserts, legacy_deletes,
+                                  cast("dict[ServiceKey, int]", seen), policy, now)
     return None
 
 
-def _positions(upserts: Sequence[ServiceSpec]) -> dict[ServiceKey, int]:
+def _positions(upserts: Sequence[EntrySpec]) -> dict[EntryKey, int]:
     """Each upsert's index; RegistryError (400) for a service upserted twice."""
-    seen: dict[ServiceKey, int] = {}
+    seen: dict[EntryKey, int] = {}
     for i, spec in enumerate(upserts):
         key = spec.key
         if key in seen:
@@ -66,17 +85,19 @@ def _positions(upserts: Sequence[ServiceSpec]) -> dict[ServiceKey, int]:
     return seen
 
 
-def _patch_rebuild(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey],
-                   seen: Mapping[ServiceKey, int], policy: RegistryPolicy,
+def _patch_rebuild(reg: Registry, upserts: Sequence[EntrySpec], deletes: Sequence[EntryKey],
+                   seen: Mapping[EntryKey, int], policy: RegistryPolicy,
                    now: float) -> Registry:
     """``apply_patch`` from scratch: every service rewritten, the patched ones in place."""
-    specs = {key: s.to_spec() for key, s in reg.services.items()}
+    specs: dict[EntryKey, EntrySpec] = {key: s.to_spec() for key, s in reg.services.items()}
     for key in deletes:
         specs.pop(key, None)
     for spec in upserts:
         specs[spec.key] = spec
     return build(reg, specs, seen, policy, now, "upsert")
-def check_disjoint(upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey]) -> None:
+
+
+def check_disjoint(upserts: Sequence[EntrySpec], deletes: Sequence[EntryKey]) -> None:
     """RegistryError (400, naming the delete entry) when a PATCH both upserts and
     deletes one service: which of the two was meant is a guess, so neither is applied."""
     if not upserts or not deletes:
@@ -110,7 +131,7 @@ def _patch_incremental(reg: Registry, index: BuildIndex, upserts: Sequence[Servi
     built with: its indexes agree with its services, every allocated VIP lies
     in the range, no VIP is both in use and held, and no host name conflicts.
     """
-    old_services = reg.services
+    old_services = reg.services  # the keys it names are services'
     deleted: dict[ServiceKey, Service] = {}
     for key in deletes:
         gone = old_services.get(key)
@@ -164,7 +185,8 @@ def _patch_incremental(reg: Registry, index: BuildIndex, upserts: Sequence[Servi
     hostnames = _patch_hostnames(reg, removed, upserts, services, policy.domains, builtins)
     if hostnames is None:
         return None
-    names = patch_names(reg.names, removed, upserts, services, hostnames, policy.domains)
+    names = patch_names(reg.names, removed, upserts, services, hostnames, policy.domains,
+                        reg.mesh_ports)
     if names is None:
         return None
 
@@ -184,7 +206,8 @@ def _patch_incremental(reg: Registry, index: BuildIndex, upserts: Sequence[Servi
     return make_registry(reg.revision + 1 if changed else reg.revision, services, by_vip4, by_vip6,
                      hostnames, held4, held6, policy, idx4, idx6, (ns_ports, ports),
                      (reg.revision, len(old_services), tuple(svc.key for svc in written),
-                      tuple(deleted)), names)
+                      tuple(deleted)), names, mesh_keys=reg.mesh_keys,
+                     mesh_ports=reg.mesh_ports)
 
 
 def _copy(table: Mapping[K, V]) -> dict[K, V]:
@@ -414,8 +437,8 @@ def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequenc
             if owner is None:
                 if host in domains:
                     return None  # an apex: 400
-                owner = builtin_owner(host, services, domains, builtins)
-                if owner is not None and owner != key:
+                other = builtin_owner(host, services, domains, builtins, reg.mesh_ports)
+                if other is not None and other != key:
                     return None  # another service's own name: 409
                 claimed[host] = key
             elif owner != key:
@@ -425,6 +448,9 @@ def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequenc
         key = spec.key
         if key in old_services:
             continue  # its own names were never anybody's host name
+        if reg.mesh_ports and (("canonical", *key) in reg.mesh_ports
+                               or ("kuma", *key) in reg.mesh_ports):
+            return None  # a mesh service owns its per-port names: 409
         for domain in domains:
             for name in (canonical_name(*key, domain) if "canonical" in builtins else None,
                          kuma_name(*key, domain) if "kuma" in builtins else None):
