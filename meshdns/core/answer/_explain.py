@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import EntryKey, EntrySpec, NameTable, selects
+from ..registry import EntryKey, EntrySpec, MeshService, NameTable, selects
 from ._wire import wire_to_key
-from ._zone import CANONICAL, KUMA, NXDOMAIN, TEMPLATE, Decision, Zone
+from ._zone import CANONICAL, KUMA, NXDOMAIN, SRV_PORT, TEMPLATE, Decision, Zone
 
 
 def _template(names: NameTable, index: int) -> dict[str, Any]:
@@ -40,6 +40,12 @@ def explain_names(zone: Zone, labels: tuple[bytes, ...], decision: Decision) -> 
         index = names.generated[key][1]
     if index is not None:
         out["template"] = _template(names, index)
+    svc = decision.service
+    if isinstance(svc, MeshService) and (rule in (CANONICAL, KUMA, SRV_PORT) or (
+            rule == TEMPLATE and key in names.ported)):
+        # The port a per-port name of a mesh service stands for (docs/meshservice.md §8).
+        ports = zone.mesh_ports(key, svc, rule)
+        out["port"] = ports[0].to_json() if ports else None
     if not names.hidden or decision.service is not None:
         return out
     found = None
