@@ -4,6 +4,8 @@ the canonical name. Pure: snapshots in, decisions out."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from meshdns.core.registry import (
     parse_entries,
     parse_services,
     parse_templates,
+    patch_incremental,
 )
 
 POLICY = RegistryPolicy()
@@ -230,9 +233,103 @@ def test_template_items_are_checked() -> None:
 
 def test_a_registry_of_services_only_is_unchanged() -> None:
     reg = put([{"name": "a", "namespace": "b", "port": 80}])
-    assert reg.mesh_keys == () and dict(reg.mesh_ports) == {}
+    assert dict(reg.mesh_keys) == {} and dict(reg.mesh_ports) == {}
     assert reg.to_json()["services"] == [{"name": "a", "namespace": "b", "port": 80,
                                           "vip": "240.0.0.1", "vip6": "fd00:fd00::1",
                                           "hostnames": []}]
     other = RegistryPolicy(range4=VipRange.from_cidr("10.1.0.0/24"))
     assert put([{"name": "a", "namespace": "b", "port": 80}], policy=other).revision == 1
+
+
+# ---------------------------------------------------------------- O(change) patches
+
+
+def _random_item(rng: random.Random) -> dict[str, Any]:
+    name = rng.choice(["a", "b", "c", "web"])
+    if rng.random() < 0.5:
+        item: dict[str, Any] = {"name": name, "namespace": rng.choice(["shop", "kong"]),
+                                "port": rng.choice([80, 8080, 9090])}
+    else:
+        item = {"name": name, "namespace": rng.choice(["shop", "kong", None]),
+                "zone": rng.choice([None, "east"]),
+                "ports": [{"port": p, "name": f"p{p}"}
+                          for p in rng.sample([80, 8080, 9090, 5353], rng.randrange(0, 3))]}
+        if item["namespace"] is None:
+            del item["namespace"]
+        if item["zone"] is None:
+            del item["zone"]
+    if rng.random() < 0.3:
+        item["vip"] = f"241.0.0.{rng.randrange(1, 6)}"
+    if rng.random() < 0.2:
+        item["vip6"] = f"fd00:1::{rng.randrange(1, 6)}"
+    if rng.random() < 0.3:
+        item["hostnames"] = [f"h{rng.randrange(4)}.example.com"]
+    return item
+
+
+def _tables(reg: Registry) -> tuple[Any, ...]:
+    return (reg.revision, dict(reg.entry_map), dict(reg.by_vip4), dict(reg.by_vip6),
+            dict(reg.hostnames), dict(reg.held4), dict(reg.held6), dict(reg.mesh_ports),
+            sorted(reg.mesh_keys), dict(reg.ns_ports), dict(reg.ports))
+
+
+def test_incremental_patches_of_mesh_services_equal_the_rebuild() -> None:
+    rng = random.Random(25)
+    reg = Registry.empty()
+    incremental = 0
+    for step in range(400):
+        upserts = {}
+        for item in (_random_item(rng) for _ in range(rng.randrange(0, 3))):
+            spec = parse_entries([item])[0]
+            upserts[spec.key] = spec
+        deletes = [k for k in (parse_entries([_random_item(rng)])[0].key
+                               for _ in range(rng.randrange(0, 2))) if k not in upserts]
+        now = float(step)
+        fast = patch_incremental(reg, list(upserts.values()), deletes, POLICY, now)
+        try:
+            full = apply_patch(replace(reg, _index=None), list(upserts.values()), deletes,
+                               POLICY, now)
+        except RegistryError:
+            assert fast is None  # a rejected patch is the rebuild's to name
+            continue
+        if fast is not None:
+            incremental += 1
+            assert _tables(fast) == _tables(full), step
+            reg = fast
+        else:
+            reg = full
+    assert incremental > 150  # most patches, mesh services included, stay O(change)
+
+
+# ---------------------------------------------------------------- the wire fast path
+
+
+def test_the_fast_path_answers_mesh_names_as_the_dnslib_path() -> None:
+    from meshdns.core.answer import FastPath
+
+    from .test_core_fastpath_equivalence import packet, random_case, reference
+
+    reg = put([{"name": "front", "namespace": "kong", "port": 80},
+               dict(WEB, vip="241.0.0.2", vip6="fd00::2", hostnames=["web.mesh",
+                                                                   "web.example.com"]),
+               dict(WEB, name="v4", hostnames=["v4.mesh"], vip="241.0.0.3"),
+               dict(WEB, name="v6", hostnames=["v6.mesh"], vip6="fd00::3")])
+    zone = Zone(reg, ZoneSettings(range4=VipRange.from_cidr("240.0.0.0/4")))
+    fast = FastPath(zone)
+    rng = random.Random(7)
+    taken = 0
+    names = ["web.mesh", "web.example.com", "web.shop.svc.8080.mesh", "web_shop_svc_9090.mesh",
+             "_http._tcp.web.mesh", "_tcp.web.mesh", "_udp.web.example.com", "v4.mesh",
+             "v6.mesh", "v4.shop.svc.9090.mesh", "front.kong.svc.80.mesh",
+             "2.0.0.241.in-addr.arpa", "_nope._tcp.web.mesh"]
+    for name in names:
+        for rdtype in ("A", "AAAA", "ANY", "TXT", "SRV", "PTR"):
+            for edns in (0, 1, 2):
+                data = packet(random_case(name, rng), rdtype, rng, edns)
+                for udp in (True, False):
+                    got = fast.answer(data, udp)
+                    if got is None:
+                        continue
+                    taken += 1
+                    assert got[0] == reference(zone, data, udp), (name, rdtype, edns, udp)
+    assert taken > 200

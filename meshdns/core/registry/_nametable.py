@@ -308,7 +308,7 @@ def _entry_names(spec: EntrySpec, rendered: Rendered, domains: tuple[str, ...]
 
 
 
-def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequence[ServiceSpec],
+def patch_names(old: NameTable, removed: Sequence[EntrySpec], upserts: Sequence[EntrySpec],
                 services: Container[EntryKey], hostnames: Mapping[str, EntryKey],
                 domains: tuple[str, ...], mesh_ports: MeshPorts = _NO_MESH_PORTS
                 ) -> NameTable | None:
@@ -367,11 +367,17 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
         for spec in upserts:  # its other names against the names others were given
             key = spec.key
             own: list[str | None] = list(spec.hostnames)
-            for domain in domains:
-                if "canonical" in builtins:
-                    own.append(canonical_name(*key, domain))
-                if "kuma" in builtins:
-                    own.append(kuma_name(*key, domain))
+            if isinstance(spec, MeshServiceSpec):
+                own += [canonical_name(n, ns, p, domain) if b == "canonical"
+                        else kuma_name(n, ns, p, domain)
+                        for b, n, ns, p in mesh_builtin_ports(spec, templates)
+                        for domain in domains]
+            else:
+                for domain in domains:
+                    if "canonical" in builtins:
+                        own.append(canonical_name(spec.name, spec.namespace, spec.port, domain))
+                    if "kuma" in builtins:
+                        own.append(kuma_name(spec.name, spec.namespace, spec.port, domain))
             for alias in own:
                 owner = None if alias is None else owner_of(alias)
                 if owner is not None and owner[0] != key:
@@ -381,14 +387,18 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
     if select:
         assert visible is not None
         ns_ports, ports = dict(visible[0]), dict(visible[1])
-        for svc in removed:
-            if svc.key not in old.hidden:
-                _count(ns_ports, (svc.namespace, svc.port), -1)
-                _count(ports, svc.port, -1)
-        for spec in upserts:
-            if spec.key not in hidden:
-                _count(ns_ports, (spec.namespace, spec.port), 1)
-                _count(ports, spec.port, 1)
+        for step, entries, hidden_then in ((-1, removed, old.hidden), (1, upserts, hidden)):
+            for spec in entries:
+                if spec.key in hidden_then:
+                    continue
+                if isinstance(spec, MeshServiceSpec):
+                    for builtin, _, ns, port in mesh_builtin_ports(spec, templates):
+                        if builtin == "canonical":
+                            _count(ns_ports, (ns, port), step)
+                            _count(ports, port, step)
+                else:
+                    _count(ns_ports, (spec.namespace, spec.port), step)
+                    _count(ports, spec.port, step)
         visible = (ns_ports, ports)
     return NameTable(templates, select, generated, ents, hidden, visible, old.ported)
 

@@ -154,7 +154,7 @@ def build(reg: Registry, specs: dict[EntryKey, EntrySpec], where: Mapping[EntryK
     hostnames = _check_hostnames(specs, stored_first, where, policy, path, mesh_ports)
     names = build_names(specs, stored_first, where, hostnames, policy.templates,
                         policy.select, policy.domains, path, mesh_ports)
-    mesh_keys: tuple[MeshKey, ...] = tuple(sorted(k for k, _ in mesh))  # type: ignore[misc]
+    mesh_keys: dict[MeshKey, None] = dict.fromkeys(k for k, _ in mesh)  # type: ignore[misc]
     vip4, by_vip4, held4, fam4 = assign_vips(4, reg, specs, stored_first, where, policy.range4,
                                          policy.hold_seconds, now, path, bool(mesh))
     vip6, by_vip6, held6, fam6 = assign_vips(6, reg, specs, stored_first, where, policy.range6,
@@ -257,7 +257,7 @@ def _build_mixed(reg: Registry, specs: Mapping[EntryKey, EntrySpec], policy: Reg
                  by_vip4: Mapping[int, EntryKey], by_vip6: Mapping[int, EntryKey],
                  hostnames: Mapping[str, EntryKey], held4: EntryHeld, held6: EntryHeld,
                  fam4: FamilyIndex, fam6: FamilyIndex, names: NameTable,
-                 mesh_keys: tuple[MeshKey, ...], mesh_ports: MeshPorts) -> Registry:
+                 mesh_keys: Mapping[MeshKey, None], mesh_ports: MeshPorts) -> Registry:
     """``build``'s last step for a registry holding mesh services: each entry made from
     its spec and the VIPs assigned, kept as the very object it was when equal."""
     old = reg.entry_map
@@ -291,7 +291,7 @@ def _build_mixed(reg: Registry, specs: Mapping[EntryKey, EntrySpec], policy: Reg
     changed = not kept == len(services) == len(old)
     return make_registry(reg.revision + 1 if changed else reg.revision, services, by_vip4,
                          by_vip6, hostnames, held4, held6, policy, fam4, fam6, names=names,
-                         mesh_keys=mesh_keys, mesh_ports=mesh_ports)
+                         mesh_keys={} if mesh_keys is None else mesh_keys, mesh_ports=mesh_ports)
 
 
 def vips_given(spec: EntrySpec, prev: Entry | None,
@@ -322,7 +322,7 @@ def make_registry(revision: int, services: Mapping[Any, Entry],
               policy: RegistryPolicy, fam4: FamilyIndex, fam6: FamilyIndex,
               counts: tuple[Mapping[tuple[str, int], int], Mapping[int, int]] | None = None,
               delta: Delta | None = None, names: NameTable = DEFAULT_NAMES, *,
-              mesh_keys: tuple[MeshKey, ...] = (),
+              mesh_keys: Mapping[MeshKey, None] | None = None,
               mesh_ports: MeshPorts | None = None) -> Registry:
     """A snapshot; ``counts`` are its (ns, port) and port counts when already known (the
     previous snapshot's for a re-PUT of what is there, updated ones for a PATCH), else
@@ -355,7 +355,7 @@ def make_registry(revision: int, services: Mapping[Any, Entry],
         _index=BuildIndex(policy.domains, policy.range4, policy.range6, fam4, fam6),
         _delta=delta,
         names=names,
-        mesh_keys=mesh_keys,
+        mesh_keys={} if mesh_keys is None else mesh_keys,
         mesh_ports={} if mesh_ports is None else mesh_ports,
     )
 

@@ -97,9 +97,9 @@ class Registry:
     _delta: Delta | None = field(default=None, repr=False)
     # Template-rendered names and what dns.select hides (see _nametable.py).
     names: NameTable = field(default=DEFAULT_NAMES, repr=False)
-    # Mesh services: their keys in order (GET lists them after the services), and the
+    # Mesh services: their keys (GET lists them after the services, sorted), and the
     # built-in per-port names they own ((builtin, name, namespace, port) -> key).
-    mesh_keys: tuple[MeshKey, ...] = ()
+    mesh_keys: Mapping[MeshKey, None] = field(default_factory=dict, repr=False)
     mesh_ports: MeshPorts = field(default_factory=dict, repr=False)
 
     def touched_since(self, base: Registry
@@ -130,7 +130,7 @@ class Registry:
             return list(self.services.values())
         services = self.entry_map
         return [s for s in services.values() if s.__class__ is Service] + \
-            [services[k] for k in self.mesh_keys]
+            [services[k] for k in sorted(self.mesh_keys)]
 
     def to_json(self) -> dict[str, Any]:
         return {
