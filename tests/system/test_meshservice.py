@@ -266,6 +266,10 @@ def test_apply_kuma_documents_every_kind_both_forms(empty: ServerThread) -> None
     assert dig(empty, "-x", "10.0.1.1")[0][3:] == ["PTR", "redis.mesh."]
     external = by[("MeshExternalService", None, "kuma-system", "httpbin")]
     assert dig(empty, "httpbin.extsvc.mesh.local", "A")[0][4] == external["vip"]
+    table = cli(empty, "get", "services")
+    assert table.returncode == 0, table.stderr
+    assert ["kuma-demo", "redis", "6739,16739", "10.0.1.1", "-", "redis.mesh"] in [
+        line.split() for line in table.stdout.splitlines()]
     webapp = by[("MeshMultiZoneService", None, "kuma-system", "webapp")]
     assert dig(empty, "webapp.mzsvc.mesh.local", "SRV")[0][6] == "8080"
     assert webapp["vip"] == "243.0.0.1"

@@ -333,3 +333,29 @@ def test_the_fast_path_answers_mesh_names_as_the_dnslib_path() -> None:
                     taken += 1
                     assert got[0] == reference(zone, data, udp), (name, rdtype, edns, udp)
     assert taken > 200
+
+
+def test_a_mesh_service_patch_outdates_exactly_its_cached_replies() -> None:
+    from dnslib import DNSRecord
+
+    from meshdns.core.answer import MessageHandler
+
+    reg = put([{"name": "front", "namespace": "kong", "port": 80},
+               dict(WEB, vip="241.0.0.2", hostnames=["web.mesh"])])
+    settings = ZoneSettings(range4=VipRange.from_cidr("240.0.0.0/4"))
+    handler = MessageHandler(Zone(reg, settings))
+    names = {"web.mesh": "A", "web.shop.svc.9090.mesh": "A", "_http._tcp.web.mesh": "SRV",
+             "2.0.0.241.in-addr.arpa": "PTR", "front.kong.svc.80.mesh": "A"}
+    packets = {n: bytes(DNSRecord.question(n, t).pack()) for n, t in names.items()}
+    before = {n: handler.handle_udp(p) for n, p in packets.items()}
+    moved = apply_patch(reg, parse_entries([dict(WEB, vip="241.0.0.9", hostnames=["web.mesh"],
+                                                 ports=WEB["ports"][:1])]), [], POLICY, 1.0)
+    assert moved.touched_since(reg) is not None  # incremental: the cache keeps the rest
+    handler.set_zone(Zone(moved, settings))
+    after = {n: handler.handle_udp(p) for n, p in packets.items()}
+    reference = MessageHandler(Zone(moved, settings))
+    for name, data in packets.items():
+        assert after[name] == reference.handle_udp(data), name
+    assert after["front.kong.svc.80.mesh"] == before["front.kong.svc.80.mesh"]
+    assert b"\xf1\x00\x00\x09" in after["web.mesh"]  # 241.0.0.9
+    assert DNSRecord.parse(after["web.shop.svc.9090.mesh"]).header.rcode == 3  # port gone
