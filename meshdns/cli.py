@@ -22,7 +22,8 @@ import yaml
 
 from . import __version__, logs
 from .client import ApiClient, ClientError
-from .config import Config, ConfigError, config_warnings, load_config, parse_document
+from .config import Config, ConfigError, config_warnings, load_config
+from .configfile import parse_document
 
 if TYPE_CHECKING:
     from .server import MeshServer

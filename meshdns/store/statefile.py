@@ -34,7 +34,7 @@ log = logging.getLogger("meshdns.registry")
 
 
 def load_seed(path: str) -> list[ServiceSpec]:
-    from ..config import load_document  # the one YAML reader lives in config.py
+    from ..configfile import load_document  # the one document reader
 
     try:
         doc = load_document(path)

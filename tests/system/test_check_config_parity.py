@@ -238,3 +238,30 @@ def test_the_etcd_configmap_with_tls_passes_check_config_skip_files(
     named = {line.split(":")[0] for line in errors(full)}
     assert {"registry.etcd.ca_file", "registry.etcd.cert_file",
             "registry.etcd.key_file"} <= named, full.stderr
+
+
+# ---------------------------------------------------------------- every error, at any depth
+
+
+def test_check_config_names_every_bad_key_of_registry_etcd_and_of_a_forward_entry(
+        tmp_path: Path) -> None:
+    """One parser for every section and depth (issue 24, step 5): check-config prints
+    one line per bad key, registry.etcd's and a dns.forward entry's included."""
+    config = write(tmp_path, {
+        "dns": {"listen": [f"127.0.0.1:{PORT}"], "upstreams": ["192.0.2.53"],
+                "forward": [{"zone": "cluster.local", "upstreams": ["192.0.2.10"],
+                             "protocol": "quic", "tls": True}]},
+        "registry": {"etcd": {"endpoints": ["127.0.0.1:2379"], "prefix": "meshdns",
+                              "dial_timeout": 0}}})
+    for argv in (("check-config", str(config)), ("serve", "--config", str(config))):
+        proc = meshdns(*argv, cwd=tmp_path)
+        assert proc.returncode == 2, (argv, proc.stdout, proc.stderr)
+        assert errors(proc) == [
+            'dns.forward[0].protocol: must be one of udp, tcp, got "quic"',
+            "dns.forward[0].tls: unknown key (known: zone, upstreams, protocol)",
+            "registry.etcd.dial_timeout: must be a number 0.05..600, got 0",  # sorted keys
+            "registry.etcd.endpoints[0]: must be an http:// or https:// URL of an etcd "
+            'member, got "127.0.0.1:2379"',
+            'registry.etcd.prefix: must be a key prefix starting and ending with "/", like '
+            '"/meshdns/", got "meshdns"',
+        ], proc.stderr

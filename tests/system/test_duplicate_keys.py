@@ -27,7 +27,7 @@ import pytest
 
 from meshdns.api.body import decode
 from meshdns.api.state import ApiError
-from meshdns.config import parse_document
+from meshdns.configfile import parse_document
 from meshdns.yamlload import load_yaml
 
 from ..apiclient import call

@@ -180,6 +180,7 @@ def test_forward_config_is_checked_with_the_key_path() -> None:
                                   {"upstreams": ["1.1.1.1"]}]}) == [
         'dns.forward[0].zone: must be a domain name like "cluster.local" or ".", got "a..b"',
         'dns.forward[1].upstreams: must not be empty, got []',
+        'dns.forward[1].protocol: must be one of udp, tcp, got "quic"',  # every error
         'dns.forward[2].tls: unknown key (known: zone, upstreams, protocol)',
         'dns.forward[3].protocol: must be one of udp, tcp, got "quic"',
         'dns.forward[5].zone: repeats the zone of dns.forward[4], got "d"',

@@ -26,7 +26,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshdns.config import ConfigError, load_config, parse_document
+from meshdns.config import ConfigError, load_config
+from meshdns.configfile import parse_document
 from meshdns.jsonsteps import loads_in_steps
 from meshdns.store import StateError, load_seed
 

@@ -203,3 +203,66 @@ def test_udp_queries_are_steered_to_the_process_of_their_cpu(
             assert reply.id == query.id and reply.rcode() == dns.rcode.NOERROR
     finally:
         os.kill(worker, signal.SIGCONT)
+
+
+def test_worker_processes_start_with_views_and_answer_each_view(tmp_path: Path) -> None:
+    """dns.views with dns.workers: the workers get the config through its plain-data
+    form; views did not survive that round trip before, and every worker died at start
+    with a config error (the main process kept answering, so only half the queries,
+    those steered to a worker, were lost)."""
+    services = [
+        {"name": "web", "namespace": "team", "port": 80, "vip": "240.0.9.1", "mesh": "a"},
+        {"name": "api", "namespace": "team", "port": 80, "vip": "240.0.9.2", "mesh": "b"},
+    ]
+    views = [{"clients": ["127.0.0.5/32"], "select": {"matchLabels": {"mesh": "a"}}},
+             {"clients": ["127.0.0.6/32"], "select": {"matchLabels": {"mesh": "b"}}}]
+    (tmp_path / "resolv.conf").write_text("# no nameservers\n")
+    (tmp_path / "seed.yaml").write_text(yaml.safe_dump({"services": services}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "dns": {"listen": ["127.0.0.1:0"], "workers": 2, "upstreams": [], "views": views,
+                "resolv_conf": str(tmp_path / "resolv.conf")},
+        "api": {"listen": "127.0.0.1:0"},
+        "registry": {"seed_file": str(tmp_path / "seed.yaml")},
+    }))
+    logpath = tmp_path / "meshdns.log"
+    ports = tmp_path / "ports.json"
+    with logpath.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
+                                 str(tmp_path / "config.yaml"), "--ports-file", str(ports)],
+                                stdout=log, stderr=log)
+    try:
+        wait_for(ports.exists)
+        port, _ = read_ports(ports)
+        wait_for(lambda: len(children(proc.pid)) == 1 and _udp_owners(port) == 2)
+
+        def view_answer(source: str, name: str) -> list[tuple[int, list[str]]]:
+            out = []
+            for cpu in allowed_cpus():
+                with pinned(cpu):
+                    for _ in range(4):
+                        reply = udp_query(dns.message.make_query(name, "A"), "127.0.0.1",
+                                          port, timeout=3, source=source)
+                        out.append((reply.rcode(), [rr.address for rrset in reply.answer
+                                                    for rr in rrset]))
+            return out
+
+        assert {(r, tuple(a)) for r, a in view_answer("127.0.0.5", "web.team.svc.80.mesh")} \
+            == {(dns.rcode.NOERROR, ("240.0.9.1",))}
+        assert {r for r, _ in view_answer("127.0.0.5", "api.team.svc.80.mesh")} \
+            == {dns.rcode.NXDOMAIN}
+        assert {r for r, _ in view_answer("127.0.0.6", "web.team.svc.80.mesh")} \
+            == {dns.rcode.NXDOMAIN}
+        (worker,) = children(proc.pid)
+        assert not _dead(worker)
+        errors = [line for line in logpath.read_text().splitlines() if "error" in line.lower()]
+        assert errors == []
+    finally:
+        kids = children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for kid in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(kid, signal.SIGKILL)

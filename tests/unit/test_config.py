@@ -395,3 +395,120 @@ def test_the_deploy_placeholder_token_is_refused_and_short_tokens_warned() -> No
     assert config_warnings(parse({})) == []
     [warning] = config_warnings(parse({}, {"MESHDNS_FOLLOW_TOKEN": "abc"}))
     assert warning.startswith("registry.follow_token: is only 3 characters long;"), warning
+
+
+# ---------------------------------------------------------------- one parser, every depth
+
+
+def errors_of(raw: Any, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(raw, env)
+    return info.value.errors
+
+
+def test_registry_etcd_reports_every_error_like_the_other_sections() -> None:
+    """registry.etcd is read by the same parser as every section: each bad or unknown
+    key is reported, not only the first one (issue 24, step 5)."""
+    assert errors_of({"registry": {"etcd": {"prefix": "meshdns", "request_timeout": 0,
+                                            "endpoint": ["http://x:1"]}}}) == [
+        'registry.etcd.prefix: must be a key prefix starting and ending with "/", like '
+        '"/meshdns/", got "meshdns"',
+        "registry.etcd.request_timeout: must be a number 0.05..600, got 0",
+        "registry.etcd.endpoint: unknown key (known: endpoints, prefix, ca_file, cert_file, "
+        "key_file, username, password, dial_timeout, request_timeout, max_txn_ops, "
+        "max_txn_bytes)",
+    ]
+    # Its own rules (validate) are each said too, once its keys are good.
+    with pytest.raises(ConfigError) as info:
+        parse_config({"registry": {"etcd": {"cert_file": "/c.pem", "username": "u"}}}, {},
+                     check_files=False)
+    assert info.value.errors == [
+        "registry.etcd.key_file: cert_file and key_file go together (a client certificate "
+        "needs its key)",
+        "registry.etcd.password: username and password go together",
+    ]
+
+
+def test_an_error_in_a_list_entry_has_the_entry_path_and_every_key_is_checked() -> None:
+    assert errors_of({"dns": {"forward": [
+        {"zone": "cluster.local", "upstreams": ["10.0.0.1"]},
+        {"zone": "a..b", "upstreams": ["10.0.0.1", "10.0.0.1:99999"], "protocol": "quic"},
+    ]}}) == [
+        'dns.forward[1].zone: must be a domain name like "cluster.local" or ".", got "a..b"',
+        'dns.forward[1].upstreams[1]: has a port that is not 0..65535, got "10.0.0.1:99999"',
+        'dns.forward[1].protocol: must be one of udp, tcp, got "quic"',
+    ]
+    # Every bad entry of a list, and of several sections at once.
+    assert errors_of({"dns": {"listen": ["localhost:53", "127.0.0.1"]},
+                      "log": {"dnstap": {"tcp": "127.0.0.1:0", "queue_size": 0}}}) == [
+        'dns.listen[0]: must be an IP address (with an optional :port), got "localhost:53"',
+        'dns.listen[1]: must include a port, got "127.0.0.1"',
+        "log.dnstap.tcp: must name the collector's port (1..65535), got \"127.0.0.1:0\"",
+        "log.dnstap.queue_size: must be an integer 1..10000000, got 0",
+    ]
+
+
+def test_the_rules_between_keys_are_all_reported() -> None:
+    assert errors_of({"dns": {"cache_min_ttl": 100, "cache_max_ttl": 50,
+                              "upstreams": ["10.0.0.1"],
+                              "forward": [{"zone": ".", "upstreams": ["10.0.0.2"]}]},
+                      "registry": {"etcd": {"endpoints": ["http://127.0.0.1:2379"]},
+                                   "seed_file": "seed.yaml"}}) == [
+        "dns.cache_min_ttl: must not exceed dns.cache_max_ttl (50), got 100",
+        'dns.forward[0].zone: "." cannot be set with dns.upstreams (they are the same zone): '
+        "keep one of them",
+        "registry.seed_file: cannot be set with registry.etcd.endpoints: the registry is "
+        "etcd's; load it with PUT /v1/services instead",
+    ]
+    # Across sections, once the environment is applied: each rule broken.
+    assert errors_of({"api": {"listen": "0.0.0.0:15080"}, "dns": {"ttl": 600}}) == [
+        "api.token: is required when api.listen is not a loopback address (0.0.0.0:15080); "
+        "set it or MESHDNS_API_TOKEN (set api.allow_unauthenticated: true to override)",
+        "registry.vip_hold_seconds: must exceed dns.ttl (600), got 300.0",
+    ]
+
+
+def test_every_key_declares_its_check_in_its_field() -> None:
+    from dataclasses import fields
+
+    from meshdns import config
+
+    sections = [config.Config, *config.Section.__subclasses__()]
+    assert {c.__name__ for c in sections} >= {"DnsConfig", "EtcdConfig", "ForwardZone",
+                                              "DnstapConfig", "LogConfig"}
+    for cls in sections:
+        for f in fields(cls):
+            assert callable(config.key_of(f).check), f"{cls.__name__}.{f.name}"
+    assert not hasattr(config, "_CHECKS")
+
+
+def test_a_full_config_round_trips_through_plain_data() -> None:
+    """config_to_raw -> JSON -> parse_config is how dns.workers processes get their
+    config: every key, including views, select and the forward zones, comes back equal."""
+    import json
+
+    from meshdns.config import config_to_raw
+
+    cfg = parse({
+        "dns": {"upstreams": ["10.0.0.1"], "select": {"matchLabels": {"team": "a"}},
+                "views": [{"clients": ["10.1.0.0/16"], "select": {"matchLabels": {"app": "x"}}},
+                          {"clients": ["10.2.0.0/16"]}],
+                "forward": [{"zone": "cluster.local", "upstreams": ["10.96.0.10"],
+                             "protocol": "tcp"}],
+                "allow": ["10.0.0.0/8"], "nsid": ""},
+        "api": {"token": "t" * 32},
+        "registry": {"etcd": {"endpoints": ["http://127.0.0.1:2379"], "username": "u",
+                              "password": "p"}},
+        "metrics": {"listen": "127.0.0.1:9153"},
+        "log": {"dnstap": {"tcp": "127.0.0.1:6000", "messages": ["client_query"]}},
+    })
+    assert parse(json.loads(json.dumps(config_to_raw(cfg)))) == cfg
+    assert parse(json.loads(json.dumps(config_to_raw(Config())))) == Config()
+
+
+def test_env_overrides_are_declared_on_their_keys() -> None:
+    # The etcd password from the environment only where a username is set.
+    raw = {"registry": {"etcd": {"endpoints": ["http://127.0.0.1:2379"]}}}
+    assert parse(raw, {"MESHDNS_ETCD_PASSWORD": "env"}).registry.etcd.password is None
+    # An empty variable overrides nothing.
+    assert parse({"api": {"token": "x" * 20}}, {"MESHDNS_API_TOKEN": ""}).api.token == "x" * 20

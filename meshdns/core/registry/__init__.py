@@ -92,6 +92,7 @@ from ._templates import (
     parse_template,
     parse_templates,
     selects,
+    template_items_raw,
 )
 from ._vip import VipRange, count_in, format_ip, parse_ip, parse_ip4, parse_ip6
 
@@ -179,4 +180,5 @@ __all__ = [
     "restore",
     "selects",
     "service_json",
+    "template_items_raw",
 ]

@@ -237,6 +237,22 @@ def template_item(raw: Any) -> TemplateSource:
     return TemplateItem(text, kinds, tuple(sorted(match.items())))
 
 
+def template_items_raw(items: Sequence[TemplateSource]) -> list[Any]:
+    """Checked items back as plain data (what ``check_template_items`` reads again)."""
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, TemplateItem):
+            raw: dict[str, Any] = {"template": item.template}
+            if item.kinds is not None:
+                raw["kinds"] = list(item.kinds)
+            if item.match_labels:
+                raw["matchLabels"] = dict(item.match_labels)
+            out.append(raw)
+        else:
+            out.append(item)
+    return out
+
+
 def check_template_items(value: Any) -> tuple[TemplateSource, ...]:
     """``dns.hostname_templates`` checked (config.py's validation): a non-empty list of
     items, none repeated, each a usable template; TemplateError (``[i]: why`` for an
