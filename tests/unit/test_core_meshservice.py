@@ -359,3 +359,17 @@ def test_a_mesh_service_patch_outdates_exactly_its_cached_replies() -> None:
     assert after["front.kong.svc.80.mesh"] == before["front.kong.svc.80.mesh"]
     assert b"\xf1\x00\x00\x09" in after["web.mesh"]  # 241.0.0.9
     assert DNSRecord.parse(after["web.shop.svc.9090.mesh"]).header.rcode == 3  # port gone
+
+
+def test_object_templates_in_the_config_round_trip_and_name_their_field() -> None:
+    from meshdns.config import ConfigError, config_to_raw, parse_config
+
+    items = ["{name}.{namespace}.svc.{port}.{domain}",
+             {"template": "{display_name}.svc.{zone}.mesh.local", "kinds": ["MeshService"],
+              "matchLabels": {"kuma.io/origin": "global"}}]
+    config = parse_config({"dns": {"hostname_templates": items}}, {})
+    assert config_to_raw(config)["dns"]["hostname_templates"] == items
+    assert parse_config(config_to_raw(config), {}) == config
+    with pytest.raises(ConfigError, match=r"dns\.hostname_templates\[1\]\.kinds: must be"):
+        parse_config({"dns": {"hostname_templates": [items[0], dict(items[1], kinds=["X"])]}},
+                     {})
