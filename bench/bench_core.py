@@ -46,6 +46,7 @@ from meshdns.core.registry import (
     RegistryPolicy,
     VipRange,
     apply_put,
+    parse_entries,
     parse_services,
     parse_templates,
 )
@@ -189,6 +190,52 @@ def bench_misses(zone: Zone, sets: dict[str, list[bytes]], repeats: int) -> list
             samples.append(time_loop(resolver.handle_udp, packets, 1))
         label = kind.replace(" hit", "") + " miss" + (", new snapshot" if fresh else "")
         rows.append({"kind": label, **stats(samples), "reply": "-"})
+    return rows
+
+
+def mesh_items(services: Sequence[datagen.Svc]) -> list[dict[str, Any]]:
+    """The same services as multi-port mesh services (issue 25): each one entry with its
+    port and a second one (port + 10000), one VIP for both, and a port-less host name."""
+    return [{"name": s.name, "namespace": s.namespace, "mesh": "default",
+             "ports": [{"port": s.port, "name": "http"},
+                       {"port": s.port % 55000 + 10000, "name": "admin"}],
+             "vip": s.vip, "vip6": s.vip6, "hostnames": [f"{s.name}.{s.namespace}.{datagen.DOMAIN}"]}
+            for s in services]
+
+
+def bench_mesh(services: Sequence[datagen.Svc], zone: Zone, repeats: int,
+               passes: int) -> list[dict[str, Any]]:
+    """Hit and miss cost of A questions at the per-port names of a registry of two-port
+    mesh services, beside the same questions to today's per-port services (``zone``),
+    alternately in each repeat."""
+    mesh_reg = apply_put(Registry.empty(), parse_entries(mesh_items(services)),
+                         RegistryPolicy(), 1000.0)
+    mesh_zone = Zone(mesh_reg, settings())
+    picked = services[:DISTINCT]
+    sets = {
+        "A, per-port name": ([packet(s.fqdn, "A") for s in picked], zone, mesh_zone),
+        "A, port-less host name": (
+            [packet(f"{s.name}.{s.namespace}.{datagen.DOMAIN}", "A") for s in picked], None,
+            mesh_zone),
+        "SRV, port-less host name": (
+            [packet(f"{s.name}.{s.namespace}.{datagen.DOMAIN}", "SRV") for s in picked], None,
+            mesh_zone),
+    }
+    rows = []
+    for kind, (packets, legacy, mesh) in sets.items():
+        for label, z in (("per-port services", legacy), ("mesh services", mesh)):
+            if z is None:
+                continue
+            miss: list[tuple[float, float]] = []
+            hit: list[tuple[float, float]] = []
+            for _ in range(repeats):
+                resolver = MessageHandler(Zone(z.registry, z.settings))
+                gc.collect()
+                miss.append(time_loop(resolver.handle_udp, packets, 1))
+                hit.append(time_loop(resolver.handle_udp, packets, passes))
+            shape = expect_rcode(MessageHandler(z), packets, kind)
+            rows.append({"kind": f"{label}: {kind}", "miss": stats(miss), "hit": stats(hit),
+                         "reply": shape})
     return rows
 
 
@@ -352,6 +399,8 @@ def main() -> int:
                     help="registry sizes to time building/swapping (default 10k 100k)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and passes (smoke)")
     ap.add_argument("--no-write", action="store_true", help="print only, no results/core.md")
+    ap.add_argument("--mesh", action="store_true",
+                    help="also time a registry of two-port mesh services (issue 25)")
     ap.add_argument("--against", metavar="REF",
                     help="also time the miss rows of the core at this git ref, alternately")
     args = ap.parse_args()
@@ -381,6 +430,12 @@ def main() -> int:
                f"{r['after_cpu_ns'] / r['before_cpu_ns']:.3f}"] for r in against]
     if a_rows:
         print(report.text_table(a_headers, a_rows), flush=True)
+    mesh_rows = bench_mesh(services, zone, args.repeats, args.passes) if args.mesh else []
+    m_headers = ["question", "miss CPU ns (median)", "hit CPU ns (median)", "reply"]
+    m_rows = [[r["kind"], f"{r['miss']['cpu_ns']:,.0f}", f"{r['hit']['cpu_ns']:,.0f}",
+               r["reply"]] for r in mesh_rows]
+    if m_rows:
+        print(report.text_table(m_headers, m_rows), flush=True)
     change = bench_change(services, args.repeats)
     c_headers = ["after a one-service PATCH", "cached replies", "set_zone (CPU)",
                  "asking them all again (CPU)", "per question", "total"]
@@ -471,6 +526,19 @@ def main() -> int:
         report.table(b_headers, b_rows),
         "",
     ]
+    if m_rows:
+        md += [
+            "## Multi-port mesh services (issue 25)",
+            "",
+            f"The same {args.services:,} services as two-port mesh services (one VIP for "
+            "both ports, a port-less host name each; `bench_mesh`), beside today's per-port "
+            "services. Each repeat: the 1000 packets once through a fresh `MessageHandler` "
+            f"(*miss*), then {args.passes} passes (*hit*: the reply cache). CPU ns per "
+            "query including the loop, median of the repeats.",
+            "",
+            report.table(m_headers, m_rows, "lrrl"),
+            "",
+        ]
     if a_rows:
         md += [
             f"## Misses against `{args.against}`",
@@ -487,6 +555,7 @@ def main() -> int:
         path = report.write_result("core", "\n".join(md),
                                    {"queries": hits + misses, "change": change,
                                     "against": {"ref": args.against, "misses": against},
+                                    "mesh": mesh_rows,
                                     "build": build_data,
                                     "machine": report.machine_info()})
         print(f"\nwrote {path}")

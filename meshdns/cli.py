@@ -217,9 +217,23 @@ def request(args: argparse.Namespace, method: str, path: str, body: Any = None) 
 
 def read_services(path: str) -> list[Any]:
     """A list of services, or ``{services: [...]}`` (what ``get services -o yaml``
-    prints: its ``revision`` is ignored), from a YAML or JSON file; ``-`` is stdin."""
+    prints: its ``revision`` is ignored), from a YAML or JSON file; ``-`` is stdin.
+    Kuma's own documents (MeshService, MeshExternalService, MeshMultiZoneService, one or
+    many, as kubectl or kumactl print them) become mesh service items
+    (docs/meshservice.md section 6)."""
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ClientError(f"{path}: cannot be read: {exc}") from None
+    from .core.registry import RegistryError
+    from .kuma import load_kuma, looks_like_kuma
+
+    if looks_like_kuma(_first_document(text)):
+        try:
+            return [svc.to_json() for svc in load_kuma(text)]
+        except RegistryError as exc:
+            raise ClientError(f"{path}: {exc.field}: {exc.message}") from None
+    try:
         doc = parse_document(text)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ClientError(f"{path}: cannot be read: {exc}") from None
@@ -244,6 +258,29 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_document(text: str) -> Any:
+    """The first non-empty document of a YAML stream (or the JSON document); None when
+    it does not parse (the ordinary reader then says why)."""
+    from .yamlload import Loader, load_json
+
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            return load_json(text)
+        except (ValueError, RecursionError):
+            pass
+    loader = Loader(text)
+    try:
+        while loader.check_data():
+            doc = loader.get_data()
+            if doc is not None:
+                return doc
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return None
+    finally:
+        loader.dispose()
+    return None
+
+
 def cmd_get_services(args: argparse.Namespace) -> int:
     doc = request(args, "GET", "/v1/services")
     if args.output == "json":
@@ -252,8 +289,13 @@ def cmd_get_services(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(doc, sort_keys=False), end="")
     else:
         rows = [("NAMESPACE", "NAME", "PORT", "VIP", "VIP6", "HOSTNAMES")]
-        for s in sorted(doc["services"], key=lambda s: (s["namespace"], s["name"], s["port"])):
-            rows.append((s["namespace"], s["name"], str(s["port"]), s["vip"] or "-",
+        def ports(s: dict[str, Any]) -> str:  # a mesh service lists its ports
+            return str(s["port"]) if "port" in s else \
+                ",".join(str(p["port"]) for p in s["ports"]) or "-"
+
+        for s in sorted(doc["services"], key=lambda s: (
+                s.get("namespace") or "", s["name"], s.get("port", 0), s.get("kind", ""))):
+            rows.append((s.get("namespace") or "-", s["name"], ports(s), s["vip"] or "-",
                          s.get("vip6") or "-", ",".join(s.get("hostnames") or []) or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for row in rows:

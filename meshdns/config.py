@@ -30,12 +30,14 @@ from .core.registry import (
     DEFAULT_TEMPLATES,
     QUOTE_LIMIT,
     TemplateError,
+    TemplateSource,
+    check_template_items,
     clip,
     label_key_error,
     normalize_domain,
     normalize_hostname,
-    parse_templates,
     quote,
+    template_items_raw,
 )
 
 
@@ -342,24 +344,16 @@ def _cidr(version: int) -> Callable[[str, Any], str | None]:
     return check
 
 
-def _templates(path: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise _fail(path, "must be a non-empty list of templates", value)
-    for i, text in enumerate(value):
-        if not isinstance(text, str):
-            raise _fail(f"{path}[{i}]", "must be a string", text)
-    if len(set(value)) != len(value):
-        raise _fail(path, "must not repeat an entry", value)
+def _templates(path: str, value: Any) -> tuple[TemplateSource, ...]:
     try:
-        parse_templates(value)
+        return check_template_items(value)
     except TemplateError as exc:
         text = str(exc)
         if text.startswith("["):
             index, _, reason = text.partition(": ")
-            raise ConfigError(f"{path}{index}: {reason}, got "
-                              f"{_got(value[int(index[1:-1])])}") from None
+            item = value[int(index[1:index.index("]")])]
+            raise ConfigError(f"{path}{index}: {reason}, got {_got(item)}") from None
         raise _fail(path, text, value) from None
-    return tuple(value)
 
 
 def _select(path: str, value: Any) -> tuple[tuple[str, str], ...]:
@@ -523,7 +517,8 @@ class DnsConfig(Section):
     # dns.workers UDP: "cpu", "hash" or auto (cpu on loopback)
     worker_steering: str = key("auto", _choice("auto", "cpu", "hash"))
     # Names each service answers to (issue 16); the default is the canonical and Kuma forms.
-    hostname_templates: tuple[str, ...] = key(DEFAULT_TEMPLATES, _templates)
+    hostname_templates: tuple[TemplateSource, ...] = key(DEFAULT_TEMPLATES, _templates,
+                                                         raw=template_items_raw)
     # matchLabels ("mesh"/"zone" match those fields): only these services are answered.
     select: tuple[tuple[str, str], ...] = key((), _select, raw=_select_raw)
     # RFC 8767: an expired forwarded answer is served (TTL serve_stale_ttl) for this long

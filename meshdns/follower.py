@@ -87,14 +87,14 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from .config import RegistryConfig
 from .core.registry import (
+    EntryKey,
+    EntrySpec,
     Registry,
     RegistryError,
     RegistryPolicy,
-    ServiceKey,
-    ServiceSpec,
     apply_patch,
     parse_deletes,
-    parse_services,
+    parse_entries,
     restore,
 )
 from .gcpause import bulk_write, gc_paused, release_memory
@@ -556,15 +556,15 @@ class Follower:
                                      f"{base.revision} held (lineage {lineage}): revisions "
                                      "only go up")
         try:
-            specs = parse_services(doc.get("services"), "services", consume=True,
-                                   known=self.store.registry.services)
+            specs = parse_entries(doc.get("services"), "services", consume=True,
+                                  known=self.store.registry.services)
             return restore(revision, specs, {}, self.policy, now=self.store.clock())
         except RegistryError as exc:
             raise SyncError(f"leader's registry does not fit this follower: {exc.field}: "
                             f"{exc.message}") from None
 
     def parse_delta(self, data: bytes
-                    ) -> tuple[int, str | None, list[ServiceSpec], list[ServiceKey]]:
+                    ) -> tuple[int, str | None, list[EntrySpec], list[EntryKey]]:
         """A delta's revision, lineage (None if it names none), upserts (VIPs as the
         leader gave them) and deletes."""
         with gc_paused():
@@ -573,8 +573,8 @@ class Follower:
             if not isinstance(named, str) or not named or len(named) > 64:
                 named = None
             try:
-                upserts = parse_services(doc.get("upsert"), "upsert", consume=True,
-                                         known=self.store.registry.services)
+                upserts = parse_entries(doc.get("upsert"), "upsert", consume=True,
+                                        known=self.store.registry.services)
                 deletes = parse_deletes(doc.get("delete"), "delete")
             except RegistryError as exc:
                 raise SyncError(f"leader's delta does not parse: {exc.field}: "
@@ -582,7 +582,7 @@ class Follower:
             return revision, named, upserts, deletes
 
     def apply_delta(self, base: Registry, since: int, revision: int,
-                    upserts: list[ServiceSpec], deletes: list[ServiceKey]) -> Registry:
+                    upserts: list[EntrySpec], deletes: list[EntryKey]) -> Registry:
         """``base`` (the leader's ``since``) with the delta applied, at the leader's
         ``revision`` (pure; runs in a worker thread)."""
         if base.revision != since:

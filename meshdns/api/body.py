@@ -9,13 +9,14 @@ from aiohttp import hdrs, web
 
 from ..core.registry import clip
 from ..jsonsteps import load_json_in_steps
+from ..kuma import load_kuma, looks_like_kuma, parse_kuma_documents
 from ..yamlload import DuplicateKey, load_yaml
 from .state import ApiError
 
 JSON_TYPES = frozenset({"application/json"})
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
 
-__all__ = ["decode", "object_with", "read_body"]
+__all__ = ["decode", "decode_services", "object_with", "read_body"]
 
 async def read_body(request: web.Request, limit: int) -> tuple[bytes, str]:
     """The raw body and its kind ("json" or "yaml"); never buffers more than ``limit``.
@@ -70,6 +71,25 @@ def decode(data: bytes, kind: str) -> Any:
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
         message = clip(" ".join(str(exc).split()), 200)
         raise ApiError(400, f"malformed YAML body: {message}") from None
+
+
+def decode_services(data: bytes, kind: str, field: str) -> Any:
+    """``decode`` for a ``/v1/services`` PUT or PATCH body, which may also be Kuma's own
+    documents (docs/meshservice.md section 6): a YAML stream of several documents, or a
+    document that ``looks_like_kuma``, becomes ``{field: [mesh service items]}``
+    (``services`` for a PUT, ``upsert`` for a PATCH). Errors keep their ``field``
+    (``documents[...]``)."""
+    try:
+        doc = decode(data, kind)
+    except ApiError as exc:
+        if kind != "yaml" or "single document" not in exc.message:
+            raise
+        resources = load_kuma(data)  # a stream of several documents
+    else:
+        if not looks_like_kuma(doc):
+            return doc
+        resources = parse_kuma_documents([doc])
+    return {field: [svc.to_json() for svc in resources]}
 
 
 def object_with(doc: Any, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, Any]:

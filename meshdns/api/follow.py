@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 from aiohttp import hdrs, web
 
-from ..core.registry import Service, ServiceKey, service_json
+from ..core.registry import Entry, EntryKey, entry_json, key_json
 from ..gcpause import paused
 from ..history import Changes
 from ..protocol import LINEAGE_HEADER
@@ -64,17 +64,17 @@ async def encoded_response(request: web.Request, body: Encoded,
     return web.Response(body=data, content_type="application/json", headers=headers)
 
 
-def _record(s: Service) -> dict[str, object]:
-    return service_json(s, fast_ip4, fast_ip6)  # as the full GET encodes it
+def _record(s: Entry) -> dict[str, object]:
+    return entry_json(s, fast_ip4, fast_ip6)  # as the full GET encodes it
 
 
-def encode_delta(changes: Changes, keys: Iterable[ServiceKey]) -> bytes:
-    services = changes.registry.services
+def encode_delta(changes: Changes, keys: Iterable[EntryKey]) -> bytes:
+    services = changes.registry.entry_map
     upsert, delete = [], []
     for key in keys:
         svc = services.get(key)
         if svc is None:
-            delete.append({"name": key[0], "namespace": key[1], "port": key[2]})
+            delete.append(key_json(key))
         else:
             upsert.append(_record(svc))
     return json.dumps({"revision": changes.registry.revision, "lineage": changes.lineage,

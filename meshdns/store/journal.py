@@ -9,7 +9,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from ..core.registry import Registry, ServiceKey
+from ..core.registry import Registry, ServiceKey, key_of_list, key_of_record
 from .records import StateWriteError, fast_ip4, fast_ip6, fsync_dir, service_record
 
 log = logging.getLogger("meshdns.registry")
@@ -210,7 +210,7 @@ def replay_journal(doc: dict[str, Any], path: Path) -> int:
         good += len(line) + 1
     if not entries:
         return revision
-    services = {(r["name"], r["namespace"], r["port"]): r for r in doc["services"]}
+    services = {key_of_record(r): r for r in doc["services"]}
     held = doc.setdefault("held", {})
     tables = {fam: {row[0]: row for row in held.get(fam, [])} for fam in ("ipv4", "ipv6")}
     for entry in entries:
@@ -219,9 +219,9 @@ def replay_journal(doc: dict[str, Any], path: Path) -> int:
         if isinstance(entry.get("lineage"), str):
             doc["lineage"] = entry["lineage"]  # the lineage that made this revision
         for key in entry["delete"]:
-            services.pop(tuple(key), None)
+            services.pop(key_of_list(key), None)
         for record in entry["upsert"]:
-            services[(record["name"], record["namespace"], record["port"])] = record
+            services[key_of_record(record)] = record
         for fam, diff in (("ipv4", entry["held4"]), ("ipv6", entry["held6"])):
             for ip in diff["clear"]:
                 tables[fam].pop(ip, None)

@@ -6,7 +6,13 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..core.registry import Registry, RegistryPolicy, free_vips_after
+from ..core.registry import (
+    ENTRY_KINDS,
+    SERVICE_KIND,
+    Registry,
+    RegistryPolicy,
+    free_vips_after,
+)
 from .store import RegistryStore
 
 PREFIX = "meshdns_"
@@ -32,6 +38,16 @@ class StoreCollector:
         reg = store.registry
         yield GaugeMetricFamily(PREFIX + "registry_services", "Services in the registry.",
                                 value=len(reg))
+        entries = GaugeMetricFamily(PREFIX + "registry_entries",
+                                    "Registry entries by kind: Service (name, namespace, port) "
+                                    "and the mesh service kinds.", labels=["kind"])
+        kinds = dict.fromkeys(ENTRY_KINDS, 0)
+        for key in reg.mesh_keys:
+            kinds[key[0]] += 1
+        kinds[SERVICE_KIND] = len(reg) - len(reg.mesh_keys)
+        for kind, n in kinds.items():
+            entries.add_metric([kind], n)
+        yield entries
         yield GaugeMetricFamily(PREFIX + "registry_revision", "Registry revision served.",
                                 value=reg.revision)
         yield GaugeMetricFamily(PREFIX + "registry_last_update_timestamp_seconds",

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..core.registry import format_ip, service_json
+from ..core.registry import entry_json, format_ip
 
 STATE_FORMAT = 1
 
@@ -55,7 +55,7 @@ def fast_ip6(vip: int) -> str:
 def service_record(s: Any) -> dict[str, Any]:
     """A service in the state file, the journal and etcd: with whether each VIP was
     given (kept as given) or allocated (re-checked against the range on load)."""
-    return service_json(s, fast_ip4, fast_ip6, given=True)
+    return entry_json(s, fast_ip4, fast_ip6, given=True)
 
 
 def fsync_dir(path: Path) -> None:

@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from ..core.registry import (
+    EntryKey,
     Registry,
     RegistryError,
     RegistryPolicy,
-    ServiceKey,
     ServiceSpec,
+    key_of_list,
+    key_of_record,
+    parse_entries,
     parse_ip,
     parse_services,
     restore,
@@ -49,7 +52,7 @@ def load_seed(path: str) -> list[ServiceSpec]:
 
 def state_document(reg: Registry, mirror: bool = False,
                    lineage: str | None = None) -> dict[str, Any]:
-    services = [service_record(s) for s in reg.services.values()]
+    services = [service_record(s) for s in reg.entries()]
 
     def held(table: Any, fmt: Callable[[int], str]) -> list[list[Any]]:
         return [[fmt(v), t, list(k)] for v, (t, k) in table.items()]
@@ -171,30 +174,35 @@ def read_state_file(path: Path, policy: RegistryPolicy, now: float,
         if meta is not None and isinstance(doc.get("lineage"), str):
             meta["lineage"] = doc["lineage"]  # who made the last revision (state_document)
         raw = doc["services"]
-        allocated: dict[ServiceKey, tuple[int | None, int | None]] = {}
+        allocated: dict[EntryKey, tuple[int | None, int | None]] = {}
         plain = []
         for item in raw:
-            entry = {k: item.get(k) for k in ("name", "namespace", "port", "hostnames")}
-            for k in ("labels", "mesh", "zone"):  # only in the records that have them
+            mesh = "ports" in item  # a mesh service's record (docs/meshservice.md section 7)
+            entry = {k: item.get(k) for k in (
+                ("name", "ports", "hostnames") if mesh else ("name", "namespace", "port",
+                                                              "hostnames"))}
+            for k in ("labels", "mesh", "zone", "kind", "namespace") if mesh else (
+                    "labels", "mesh", "zone"):  # only in the records that have them
                 if k in item:
                     entry[k] = item[k]
             entry["vip"] = item["vip"] if item.get("vip_given") else None
             entry["vip6"] = item.get("vip6") if item.get("vip6_given") else None
             plain.append(entry)
-            v4 = None if item.get("vip_given") else _allocated(path, item, "vip", 4)
+            v4 = None if item.get("vip_given") or (mesh and item.get("vip") is None) \
+                else _allocated(path, item, "vip", 4)
             v6 = None if item.get("vip6_given") or item.get("vip6") is None \
                 else _allocated(path, item, "vip6", 6)
-            allocated[(item["name"], item["namespace"], item["port"])] = (v4, v6)
+            allocated[key_of_record(item)] = (v4, v6)
         raw.clear()  # the decoded rows: the peak of a 1M-service start-up is lower without
-        specs = parse_services(plain, consume=True)
+        specs = parse_entries(plain, consume=True)
 
-        def held(rows: list[list[Any]], version: int) -> dict[int, tuple[float, ServiceKey]]:
-            out = {}
+        def held(rows: list[list[Any]], version: int) -> dict[int, tuple[float, Any]]:
+            out: dict[int, tuple[float, Any]] = {}
             for ip, t, k in rows:
                 vip = parse_ip(ip, version)
                 if vip is None:
                     raise ValueError(f"bad held address {ip!r}")
-                out[vip] = (float(t), (str(k[0]), str(k[1]), int(k[2])))
+                out[vip] = (float(t), key_of_list(k))
             return out
 
         held_doc = doc.get("held", {})

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import NameTable, ServiceSpec, selects
+from ..registry import EntryKey, EntrySpec, MeshService, NameTable, selects
 from ._wire import wire_to_key
-from ._zone import CANONICAL, KUMA, NXDOMAIN, TEMPLATE, Decision, Zone
+from ._zone import CANONICAL, KUMA, NXDOMAIN, SRV_PORT, TEMPLATE, Decision, Zone
 
 
 def _template(names: NameTable, index: int) -> dict[str, Any]:
@@ -21,7 +21,7 @@ def _builtin_index(names: NameTable, builtin: str) -> int | None:
     return None
 
 
-def _mismatch(spec: ServiceSpec, names: NameTable) -> list[str]:
+def _mismatch(spec: EntrySpec, names: NameTable) -> list[str]:
     return [key for key, value in names.select if not selects(spec, ((key, value),))]
 
 
@@ -40,6 +40,12 @@ def explain_names(zone: Zone, labels: tuple[bytes, ...], decision: Decision) -> 
         index = names.generated[key][1]
     if index is not None:
         out["template"] = _template(names, index)
+    svc = decision.service
+    if isinstance(svc, MeshService) and (rule in (CANONICAL, KUMA, SRV_PORT) or (
+            rule == TEMPLATE and key in names.ported)):
+        # The port a per-port name of a mesh service stands for (docs/meshservice.md §8).
+        ports = zone.mesh_ports(key, svc, rule)
+        out["port"] = ports[0].to_json() if ports else None
     if not names.hidden or decision.service is not None:
         return out
     found = None
@@ -50,11 +56,11 @@ def explain_names(zone: Zone, labels: tuple[bytes, ...], decision: Decision) -> 
         if where is not None and where[1] is not None:
             found = where[1], where[2]
     elif domain is None:
-        owner = zone.registry.hostnames.get(key)
+        owner: EntryKey | None = zone.registry.hostnames.get(key)
         if owner is None and key in names.generated:
             owner = names.generated[key][0]
         if owner is not None:
-            found = zone.registry.services[owner], "hostname"
+            found = zone.registry.entry_map[owner], "hostname"
     if found is not None and found[0].key in names.hidden:
         svc, how = found
         hidden: dict[str, Any] = {

@@ -39,6 +39,8 @@ from ._zone import (
     NO_NAME,
     NODATA,
     SERVICE_ANSWERS,
+    SRV_PORT,
+    T_SRV,
     VIP_ANSWERS,
     VIP_NAME,
     Zone,
@@ -200,6 +202,21 @@ class FastPath:
                     out = self._negative(data, qend, target_domain, rcode, tail)
                     return None if out is None else (out, qtype, rcode, None)
                 return None  # a domain's apex, or a zone not loaded yet: dnslib's
+            if found.__class__ is not Service:
+                # A mesh service's name: A, AAAA, ANY and NODATA of its one VIP are the
+                # same bytes as a service's (not remembered in _known); SRV, PTR, the
+                # _<port>._<proto> names and a mesh service without an IPv4 VIP are
+                # the dnslib path's (_zone.py).
+                if kind == VIP_NAME or where[2] == SRV_PORT or found.vip is None \
+                        or qtype == T_SRV:
+                    return None
+                assert at is not None
+                svc = found  # type: ignore[assignment]
+                apex = at
+                a_rdata = found.vip.to_bytes(4, "big")
+                shape = (data[2] & 0x01) | (data[3] & 0x10) | (2 if opt else 0)
+                return self._addresses(data, shape, qend, qtype, svc, a_rdata, apex, tail,
+                                       udp, limit, key)
             svc = found
             if kind == VIP_NAME:
                 if qtype not in VIP_ANSWERS:  # vip_answer: NODATA
@@ -237,6 +254,30 @@ class FastPath:
         return wire, qtype, RCODE_NOERROR, key
 
     # ------------------------------------------------------------ the rarer replies
+
+    def _addresses(self, data: bytes, shape: int, qend: int, qtype: int, svc: Service,
+                   a_rdata: bytes, apex: str, tail: bytes, udp: bool, limit: int,
+                   key: str) -> Fast | None:
+        """A, AAAA, ANY or NODATA of a name whose VIPs are ``svc``'s (a mesh service's:
+        the same rule, SERVICE_ANSWERS, as a service's; SRV is never asked here)."""
+        answer = SERVICE_ANSWERS[svc.vip6 is not None].get(qtype, NODATA)
+        if answer == ANSWER_A:
+            wire = b"".join((data[:2], self._one[shape], data[12:qend], self._a, a_rdata,
+                             tail))
+        elif answer == ANSWER_AAAA:
+            assert svc.vip6 is not None
+            wire = b"".join((data[:2], self._one[shape], data[12:qend], self._aaaa,
+                             svc.vip6.to_bytes(16, "big"), tail))
+        elif answer == ANSWER_A_AAAA:
+            assert svc.vip6 is not None
+            wire = b"".join((data[:2], self._two[shape], data[12:qend], self._a, a_rdata,
+                             self._aaaa, svc.vip6.to_bytes(16, "big"), tail))
+        else:
+            out = self._negative(data, qend, apex, RCODE_NOERROR, tail)
+            return None if out is None else (out, qtype, RCODE_NOERROR, None)
+        if udp and len(wire) > limit:
+            return None
+        return wire, qtype, RCODE_NOERROR, key
 
     def _srv(self, data: bytes, shape: int, qend: int, svc: Service,
              domain: str, tail: bytes) -> bytes:

@@ -8,9 +8,17 @@ own can have a new answer, so only their replies and the negative ones go.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from ..registry import Service, canonical_name, kuma_name
+from ..registry import (
+    Entry,
+    HostnameTemplate,
+    MeshService,
+    Service,
+    canonical_name,
+    kuma_name,
+    mesh_builtin_ports,
+)
 from ._wire import wire_to_key
 from ._zone import APEX, NOT_LOADED, SEARCH, Decision, Zone
 
@@ -83,6 +91,42 @@ def service_names(svc: Service, domains: Iterable[str]) -> list[str]:
     return out
 
 
+def _reverse_names(vip: int | None, vip6: int | None) -> list[str]:
+    out = []
+    if vip is not None:
+        out.append(".".join(str((vip >> shift) & 0xFF) for shift in (0, 8, 16, 24))
+                   + ".in-addr.arpa")
+    if vip6 is not None:
+        out.append(".".join(reversed(f"{vip6:032x}")) + ".ip6.arpa")
+    return out
+
+
+def mesh_service_names(svc: MeshService, domains: Iterable[str],
+                       templates: Sequence[HostnameTemplate]) -> list[str]:
+    """``service_names`` of a mesh service (under the default names): its host names and
+    their SRV owner names, its built-in per-port names, the reverse names of its VIPs."""
+    out = list(svc.hostnames)
+    for host in svc.hostnames:
+        for port in svc.ports:
+            if port.srv_name is not None:
+                out.append(f"{port.srv_name}.{host}")
+                out.append(f"_{port.transport}.{host}")
+    for domain in domains:
+        for builtin, name, namespace, port_number in mesh_builtin_ports(svc, templates):
+            own = canonical_name(name, namespace, port_number, domain) \
+                if builtin == "canonical" else kuma_name(name, namespace, port_number, domain)
+            if own is not None:
+                out.append(own)
+    return out + _reverse_names(svc.vip, svc.vip6)
+
+
+def _entry_names(svc: Entry, domains: Iterable[str],
+                 templates: Sequence[HostnameTemplate]) -> list[str]:
+    if isinstance(svc, MeshService):
+        return mesh_service_names(svc, domains, templates)
+    return service_names(svc, domains)
+
+
 def outdated_names(old: Zone, new: Zone) -> set[str] | None:
     """The names whose cached replies ``new`` may answer differently from ``old``
     (negative answers aside: those always go), or None when that is not known.
@@ -108,8 +152,9 @@ def outdated_names(old: Zone, new: Zone) -> set[str] | None:
     if len(keys) > SELECTIVE_DROP_LIMIT:
         return None
     names: set[str] = set()
+    templates = reg.names.templates
     for key in keys:
-        for svc in (base.services.get(key), reg.services.get(key)):
+        for svc in (base.entry_map.get(key), reg.entry_map.get(key)):
             if svc is not None:
-                names.update(service_names(svc, new.settings.domains))
+                names.update(_entry_names(svc, new.settings.domains, templates))
     return names

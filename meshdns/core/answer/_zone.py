@@ -28,12 +28,17 @@ from typing import Any
 from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, A, DNSLabel
 
 from ..registry import (
+    Entry,
+    EntryKey,
+    MeshPort,
+    MeshService,
     Registry,
     Service,
     VipRange,
     ents_above,
     evolve,
     format_ip,
+    mesh_primary_name,
     primary_name,
 )
 from ._wire import (
@@ -56,6 +61,7 @@ SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 1200, 604800
 
 # Decision rules, as shown by /v1/resolve.
 CANONICAL, KUMA, HOSTNAME, TEMPLATE = "canonical", "kuma", "hostname", "template"
+SRV_PORT = "srv-port"  # _<portname>._<proto>.<name> of a mesh service (one port)
 PTR_RULE, APEX, ENT = "ptr", "apex", "empty-non-terminal"
 # The Extended DNS Errors of local answers (the forwarder adds its own).
 NOT_READY = (EDE_NOT_READY, "registry not loaded yet")
@@ -63,7 +69,7 @@ ONLY_CLASS_IN = (EDE_NOT_SUPPORTED, "only class IN is served")
 NO_UPSTREAM = (EDE_NOT_AUTHORITATIVE, "not a served name, and no upstream")
 NXDOMAIN, SEARCH, FORWARD, REFUSED = "nxdomain", "search", "forward", "refused"
 NOT_LOADED = "not-loaded"
-SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME, TEMPLATE})
+SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME, TEMPLATE, SRV_PORT})
 
 # What a name is (the first field of a Location, see Zone.locate). The first two are a
 # service's: a name under a served domain, or a host (or rendered) name outside them,
@@ -74,7 +80,7 @@ IN_DOMAIN = frozenset({SERVICE_NAME, EMPTY_NAME, NO_NAME, APEX_NAME, UNLOADED_NA
 # negative answer carries (the served domain; a host name itself; None for a VIP's
 # reverse name: the reverse zone, found when needed); ``domain`` is the one SRV
 # targets and PTR names are written in.
-Location = tuple[int, Service | None, str, str | None, str]
+Location = tuple[int, Entry | None, str, str | None, str]
 
 # Which records a service's name answers a question type with: the one answer rule
 # both encoders follow (Zone._service_records as dnslib records, FastPath as bytes).
@@ -119,7 +125,7 @@ class Decision:
     answer: Sequence[RR] = ()
     authority: Sequence[RR] = ()
     additional: Sequence[RR] = ()
-    service: Service | None = None
+    service: Entry | None = None
     zone: str | None = None
     # Extended DNS Error (RFC 8914) for clients that sent EDNS: (info code, short text).
     ede: tuple[int, str] | None = None
@@ -231,8 +237,8 @@ class Zone:
     _domains: tuple[str, ...] = field(init=False)
     _dotted: tuple[tuple[str, str], ...] = field(init=False)  # (domain, "." + domain)
     _domain0: str = field(init=False)
-    _generated: Mapping[str, tuple[tuple[str, str, int], int]] = field(init=False, repr=False)
-    _hidden: Container[tuple[str, str, int]] = field(init=False, repr=False)
+    _generated: Mapping[str, tuple[EntryKey, int]] = field(init=False, repr=False)
+    _hidden: Container[EntryKey] = field(init=False, repr=False)
     _reverse: dict[str, _ReverseZone] = field(init=False)
     # Empty non-terminals above the explicit host names of visible services, each with
     # how many host names lie below it: built on first use, or evolved from the zone
@@ -304,6 +310,88 @@ class Zone:
 
     # ------------------------------------------------------------ records
 
+    def mesh_ports(self, key: str, svc: MeshService, rule: str) -> tuple[MeshPort, ...]:
+        """The ports the name ``key`` of a mesh service stands for: one port for a
+        per-port name (a built-in one, a template with {port}, ``_<portname>._<proto>``),
+        else all of them."""
+        port: int | None = None
+        if rule == SRV_PORT:
+            wanted = ".".join(key.split(".", 2)[:2])
+            return tuple(p for p in svc.ports if p.srv_name == wanted)[:1]
+        if rule == CANONICAL:
+            port = _port(key.split(".", 5)[3])
+        elif rule == KUMA:
+            port = _port(key.split(".", 1)[0].rsplit("_", 1)[1])
+        elif rule == TEMPLATE:
+            port = self.registry.names.ported.get(key)
+        if port is None:
+            return svc.ports
+        return tuple(p for p in svc.ports if p.port == port)
+
+    def _mesh_records(self, owner: DNSLabel, key: str, svc: MeshService, qtype: int,
+                      rule: str, apex: str, domain: str) -> Decision:
+        """A mesh service's name (docs/meshservice.md sections 2, 3): A/AAAA of its one
+        VIP (none at ``_<portname>._<proto>`` names), SRV of the ports the name stands
+        for, targets its canonical name with that name's addresses in additional."""
+        ttl = self.settings.ttl
+        answer: list[RR] = []
+        additional: list[RR] = []
+        addresses = rule != SRV_PORT
+        if addresses and qtype in (T_A, QTYPE_ANY) and svc.vip is not None:
+            answer.append(RR(owner, T_A, ttl=ttl, rdata=A(format_ip(svc.vip, 4))))
+        if addresses and qtype in (T_AAAA, QTYPE_ANY) and svc.vip6 is not None:
+            answer.append(RR(owner, T_AAAA, ttl=ttl, rdata=AAAA(format_ip(svc.vip6, 6))))
+        if qtype == T_SRV:
+            canonical = mesh_primary_name(svc, self.registry.names.templates, domain)
+            target = key + "." if canonical is None else canonical + "."
+            for port in dict.fromkeys(p.port for p in self.mesh_ports(key, svc, rule)):
+                answer.append(RR(owner, T_SRV, ttl=ttl, rdata=SRV(0, 100, port, target)))
+            if answer:
+                if svc.vip is not None:
+                    additional.append(RR(target, T_A, ttl=ttl, rdata=A(format_ip(svc.vip, 4))))
+                if svc.vip6 is not None:
+                    additional.append(RR(target, T_AAAA, ttl=ttl,
+                                         rdata=AAAA(format_ip(svc.vip6, 6))))
+        if not answer:
+            return self._nodata(rule, apex, svc)
+        return Decision(RCODE_NOERROR, rule, True, answer, (), additional, svc, apex)
+
+    def _srv_owner(self, key: str, hidden: Container[EntryKey]) -> tuple[int, Entry | None]:
+        """``_<portname>._<proto>.H`` or ``_<proto>.H`` below a port-less name ``H`` of a
+        visible mesh service: (SERVICE_NAME, the service) for a port it has, (EMPTY_NAME,
+        None) for ``_<proto>.H`` when a named port of it uses that protocol, else
+        (NO_NAME, None). Only asked once an exact lookup missed."""
+        first, _, rest = key.partition(".")
+        if first in ("_tcp", "_udp"):
+            svc = self._portless_owner(rest, hidden)
+            if svc is not None and any(
+                    p.srv_name is not None and p.srv_name.endswith("." + first)
+                    for p in svc.ports):
+                return EMPTY_NAME, None
+            return NO_NAME, None
+        second, _, host = rest.partition(".")
+        if second in ("_tcp", "_udp"):
+            svc = self._portless_owner(host, hidden)
+            wanted = f"{first}.{second}"
+            if svc is not None and any(p.srv_name == wanted for p in svc.ports):
+                return SERVICE_NAME, svc
+        return NO_NAME, None
+
+    def _portless_owner(self, host: str, hidden: Container[EntryKey]) -> MeshService | None:
+        """The visible mesh service whose port-less name (explicit, or rendered from a
+        template without {port}) ``host`` is."""
+        reg = self.registry
+        owner: EntryKey | None = reg.hostnames.get(host)
+        if owner is None:
+            generated = self._generated.get(host)
+            if generated is None or host in reg.names.ported:
+                return None
+            owner = generated[0]
+        if len(owner) != 5 or owner in hidden:
+            return None
+        svc = reg.entry_map[owner]
+        return svc if isinstance(svc, MeshService) else None
+
     def soa(self, apex: str, ttl: int | None = None) -> RR:
         s = self.settings
         serial = self.registry.revision & 0xFFFFFFFF
@@ -311,7 +399,7 @@ class Zone:
                   rdata=SOA(apex + ".", SOA_RNAME + ".",
                             (serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, s.negative_ttl)))
 
-    def _nodata(self, rule: str, apex: str, svc: Service | None = None, aa: bool = True) -> Decision:
+    def _nodata(self, rule: str, apex: str, svc: Entry | None = None, aa: bool = True) -> Decision:
         return Decision(RCODE_NOERROR, rule, aa, (), (self.soa(apex),), (), svc, apex)
 
     def _service_records(self, owner: DNSLabel, svc: Service, qtype: int, rule: str,
@@ -372,15 +460,26 @@ class Zone:
                     svc = reg.services.get(svc_key)
                     if svc is not None and svc_key not in hidden:
                         return SERVICE_NAME, svc, rule, domain, domain
+                    if svc is None and reg.mesh_ports:  # a mesh service's per-port name
+                        mesh_owner = reg.mesh_ports.get((rule, *svc_key))
+                        if mesh_owner is not None and mesh_owner not in hidden:
+                            return SERVICE_NAME, reg.entry_map[mesh_owner], rule, domain, \
+                                domain
                 host_owner = reg.hostnames.get(key)
                 if host_owner is not None:
                     if host_owner not in hidden:
-                        return SERVICE_NAME, reg.services[host_owner], HOSTNAME, domain, domain
+                        return SERVICE_NAME, reg.entry_map[host_owner], HOSTNAME, domain, domain
                 else:
                     generated = self._generated.get(key)
                     if generated is not None and generated[0] not in hidden:
-                        return SERVICE_NAME, reg.services[generated[0]], TEMPLATE, domain, \
+                        return SERVICE_NAME, reg.entry_map[generated[0]], TEMPLATE, domain, \
                             domain
+                if reg.mesh_keys and key[:1] == "_":
+                    found, mesh_svc = self._srv_owner(key, hidden)
+                    if found == SERVICE_NAME:
+                        return SERVICE_NAME, mesh_svc, SRV_PORT, domain, domain
+                    if found == EMPTY_NAME:
+                        return EMPTY_NAME, None, ENT, domain, domain
                 if self.is_ent(key, domain):
                     return EMPTY_NAME, None, ENT, domain, domain
                 return NO_NAME, None, NXDOMAIN, domain, domain
@@ -389,17 +488,25 @@ class Zone:
                     return UNLOADED_NAME, None, NOT_LOADED, domain, domain
                 return APEX_NAME, None, APEX, domain, domain
         # Outside them: a host name or a rendered name is its own tiny zone.
-        svc_key = reg.hostnames.get(key)
-        if svc_key is not None:
-            if svc_key in hidden:
+        owner = reg.hostnames.get(key)
+        if owner is not None:
+            if owner in hidden:
                 return None
-            return HOST_NAME, reg.services[svc_key], HOSTNAME, key, self._domain0
+            return HOST_NAME, reg.entry_map[owner], HOSTNAME, key, self._domain0
         if self._generated:
             generated = self._generated.get(key)
             if generated is not None:
                 if generated[0] in hidden:
                     return None
-                return HOST_NAME, reg.services[generated[0]], TEMPLATE, key, self._domain0
+                return HOST_NAME, reg.entry_map[generated[0]], TEMPLATE, key, self._domain0
+        if reg.mesh_keys and key[:1] == "_":
+            found, mesh_svc = self._srv_owner(key, hidden)
+            if found != NO_NAME:
+                parent = key.split(".", 2)[-1] if found == SERVICE_NAME \
+                    else key.split(".", 1)[-1]
+                if found == SERVICE_NAME:
+                    return HOST_NAME, mesh_svc, SRV_PORT, parent, self._domain0
+                return EMPTY_NAME, None, ENT, parent, parent
         if key.endswith(".in-addr.arpa"):
             vip, by_vip = ipv4_of_reverse_name(key), reg.by_vip4
         elif key.endswith(".ip6.arpa"):
@@ -407,9 +514,9 @@ class Zone:
         else:
             return None
         if vip is not None:
-            svc_key = by_vip.get(vip)
-            if svc_key is not None and (not hidden or svc_key not in hidden):
-                return VIP_NAME, reg.services[svc_key], PTR_RULE, None, self._domain0
+            owner = by_vip.get(vip)
+            if owner is not None and (not hidden or owner not in hidden):
+                return VIP_NAME, reg.entry_map[owner], PTR_RULE, None, self._domain0
         return None
 
     def decide(self, labels: tuple[bytes, ...], qtype: int, qclass: int) -> Decision:
@@ -441,20 +548,25 @@ class Zone:
         if svc is not None:
             if kind == VIP_NAME:
                 reverse = self._reverse_zone(key)
-                if vip_answer(qtype) == NODATA:
+                templates = self.registry.names.templates
+                name = mesh_primary_name(svc, templates, domain) \
+                    if isinstance(svc, MeshService) else primary_name(svc, templates, domain)
+                if vip_answer(qtype) == NODATA or name is None:
                     return self._nodata(PTR_RULE, reverse.apex if reverse else key, svc)
-                target = primary_name(svc, self.registry.names.templates, domain) + "."
+                target = name + "."
                 return Decision(RCODE_NOERROR, PTR_RULE, True,
                                 (RR(owner, T_PTR, ttl=self.settings.ttl, rdata=PTR(target)),),
                                 service=svc, zone=reverse.apex if reverse else None)
             assert apex is not None
+            if isinstance(svc, MeshService):
+                return self._mesh_records(owner, key, svc, qtype, rule, apex, domain)
             return self._service_records(owner, svc, qtype, rule, apex, domain)
         if kind == UNLOADED_NAME:
             return Decision(RCODE_SERVFAIL, NOT_LOADED, zone=domain, ede=NOT_READY)
         if kind == APEX_NAME:
             return self._apex(owner, domain, qtype)
         if kind == EMPTY_NAME:
-            return self._nodata(ENT, domain)
+            return self._nodata(ENT, apex or domain)
         return Decision(RCODE_NXDOMAIN, NXDOMAIN, True, (), (self.soa(domain),), zone=domain)
 
     def served_domain(self, key: str) -> str | None:

@@ -14,12 +14,13 @@ import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from ._service import (
+    EntryKey,
+    EntrySpec,
+    MeshServiceSpec,
     RegistryError,
-    ServiceKey,
-    ServiceSpec,
     describe,
 )
-from ._snapshot import FamilyIndex, Held, Registry
+from ._snapshot import FamilyIndex, Registry
 from ._vip import VipRange, count_in, format_ip
 
 # A bulk C-level call (dict.update, Counter over a map) holds the GIL until it
@@ -33,14 +34,14 @@ def _field(path: str, index: int, name: str) -> str | None:
     return f"{path}[{index}].{name}" if index >= 0 else None
 
 
-_AssignResult = tuple[dict[ServiceKey, int], dict[int, ServiceKey],
-                      dict[int, tuple[float, ServiceKey]], FamilyIndex]
+_AssignResult = tuple[dict[EntryKey, int], dict[int, EntryKey],
+                      dict[int, tuple[float, EntryKey]], FamilyIndex]
 
 
-def assign_vips(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSpec],
-            stored_first: Iterable[tuple[ServiceKey, ServiceSpec]],
-            where: Mapping[ServiceKey, int], rng: VipRange | None, hold_seconds: float,
-            now: float, path: str) -> _AssignResult:
+def assign_vips(family: int, reg: Registry, specs: Mapping[EntryKey, EntrySpec],
+            stored_first: Iterable[tuple[EntryKey, EntrySpec]],
+            where: Mapping[EntryKey, int], rng: VipRange | None, hold_seconds: float,
+            now: float, path: str, mesh: bool = False) -> _AssignResult:
     """VIPs of one family: the ones chosen here (a given VIP is not repeated: it is its
     spec's own), the VIP -> service index, and what is held afterwards."""
     v4 = family == 4
@@ -57,7 +58,7 @@ def assign_vips(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSp
     else:
         given_keys = [key for key, spec in stored_first if spec.vip6 is not None]
         given = [vip for _, spec in stored_first if (vip := spec.vip6) is not None]
-    by_vip: dict[int, ServiceKey] = dict(zip(given, given_keys, strict=True))
+    by_vip: dict[int, EntryKey] = dict(zip(given, given_keys, strict=True))
     if len(by_vip) < len(given):  # an address given twice: name the second claimant
         by_vip = {}
         for key, vip in zip(given_keys, given, strict=True):
@@ -67,10 +68,10 @@ def assign_vips(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSp
                                     f"{describe(other)} and {describe(key)}",
                                     _field(path, where.get(key, -1), attr))
     # The VIPs chosen here (kept, held back, new): a given one is its spec's own.
-    assigned: dict[ServiceKey, int] = {}
+    assigned: dict[EntryKey, int] = {}
     in_range = count_in(by_vip, first, last)
     # 2. Kept VIPs: an identity keeps its address while it exists and it is in range.
-    pending: list[ServiceKey] = []
+    pending: list[EntryKey] = []
     if rng is not None and len(given) < len(specs):
         if not given:
             unassigned = list(specs)
@@ -78,10 +79,14 @@ def assign_vips(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSp
             unassigned = [key for key, spec in specs.items() if spec.vip is None]
         else:
             unassigned = [key for key, spec in specs.items() if spec.vip6 is None]
+        if mesh:  # a mesh service with a VIP of the other family given gets none of this one
+            unassigned = [key for key in unassigned if not (
+                (spec := specs[key]).__class__ is MeshServiceSpec
+                and not spec.allocates)]
         if not old_by_vip:  # a first load: nothing to keep
             pending = unassigned
         else:
-            old_vip = {key: vip for vip, key in old_by_vip.items()}
+            old_vip: dict[EntryKey, int] = {key: vip for vip, key in old_by_vip.items()}
             for key in unassigned:
                 kept = old_vip.get(key)
                 if kept is not None and first <= kept <= last:
@@ -95,12 +100,13 @@ def assign_vips(family: int, reg: Registry, specs: Mapping[ServiceKey, ServiceSp
                     in_range += 1
                 else:
                     pending.append(key)
-    held = {v: h for v, h in old_held.items() if h[0] > now and v not in by_vip}
+    held: dict[int, tuple[float, EntryKey]] = {
+        v: h for v, h in old_held.items() if h[0] > now and v not in by_vip}
     if pending:
         assert rng is not None
         # 3. A recently deleted identity coming back gets its held address again.
-        held_by_key = {owner: v for v, (_, owner) in held.items()}
-        fresh: list[ServiceKey] = [] if held_by_key else pending
+        held_by_key: dict[EntryKey, int] = {owner: v for v, (_, owner) in held.items()}
+        fresh: list[EntryKey] = [] if held_by_key else pending
         for key in pending if held_by_key else ():
             back = held_by_key.get(key)
             if back is not None and first <= back <= last:
@@ -163,7 +169,7 @@ def top_of(by_vip: Collection[int], first: int, last: int) -> int:
     return max((v for v in by_vip if first <= v <= last), default=first - 1)
 
 
-def in_release_order(held: Held) -> bool:
+def in_release_order(held: Mapping[int, tuple[float, object]]) -> bool:
     prev = -math.inf
     for release, _ in held.values():
         if release < prev:

@@ -13,21 +13,36 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from ._layered import evolve
-from ._service import RegistryError, ServiceKey, ServiceSpec, describe
+from ._service import (
+    DISPLAY_NAME_LABEL,
+    SERVICE_KIND,
+    EntryKey,
+    EntrySpec,
+    MeshKey,
+    MeshServiceSpec,
+    RegistryError,
+    ServiceKey,
+    ServiceSpec,
+    describe,
+)
 from ._templates import (
     DEFAULT_HOSTNAME_TEMPLATES,
     HostnameTemplate,
+    Selector,
     canonical_name,
     is_subdomain,
     is_valid_generated,
     kuma_name,
+    selects,
 )
 
-Selector = tuple[tuple[str, str], ...]  # matchLabels, sorted; "mesh"/"zone" match the fields
 Counts = tuple[Mapping[tuple[str, int], int], Mapping[int, int]]
+# Built-in per-port names of mesh services: (builtin, name, namespace, port) -> owner.
+MeshPorts = Mapping[tuple[str, str, str, int], MeshKey]
+_NO_MESH_PORTS: MeshPorts = {}
 _T = TypeVar("_T")
 
 
@@ -38,13 +53,15 @@ class NameTable:
     templates: tuple[HostnameTemplate, ...] = DEFAULT_HOSTNAME_TEMPLATES
     select: Selector = ()
     # Rendered names -> (owner, index of the template that first produced it).
-    generated: Mapping[str, tuple[ServiceKey, int]] = field(default_factory=dict)
+    generated: Mapping[str, tuple[EntryKey, int]] = field(default_factory=dict)
     # Empty non-terminals above the generated names of visible services, each with
     # how many names lie below it (so a PATCH can update them in place).
     ents: Mapping[str, int] = field(default_factory=dict)
-    hidden: frozenset[ServiceKey] = frozenset()  # services dns.select leaves out
+    hidden: frozenset[EntryKey] = frozenset()  # services dns.select leaves out
     # (ns, port) and port counts of the visible services; None: all are visible.
     visible_counts: Counts | None = None
+    # Rendered names of mesh services from a template with {port}: name -> that port.
+    ported: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def builtins(self) -> frozenset[str]:
@@ -58,23 +75,11 @@ class NameTable:
 DEFAULT_NAMES = NameTable()
 
 
-def selects(spec: ServiceSpec, select: Selector) -> bool:
-    """Whether ``spec`` matches every (key, value) of the selector."""
-    for key, value in select:
-        if key == "mesh":
-            have = spec.mesh
-        elif key == "zone":
-            have = spec.zone
-        else:
-            have = spec.label(key)
-        if have != value:
-            return False
-    return True
-
-
-def builtin_owner(host: str, keys: Container[ServiceKey],
-                  domains: Sequence[str], builtins: frozenset[str]) -> ServiceKey | None:
-    """The service whose canonical or Kuma name (if those forms are on) ``host`` is."""
+def builtin_owner(host: str, keys: Container[EntryKey],
+                  domains: Sequence[str], builtins: frozenset[str],
+                  mesh_ports: MeshPorts = _NO_MESH_PORTS) -> EntryKey | None:
+    """The entry whose canonical or Kuma name (if those forms are on) ``host`` is: a
+    service, or a mesh service that owns that per-port name."""
     for domain in domains:
         if not is_subdomain(host, domain) or host == domain:
             continue
@@ -87,11 +92,29 @@ def builtin_owner(host: str, keys: Container[ServiceKey],
             n, ns, svc, port = rest[0].split("_")
             if svc == "svc" and port.isdigit():
                 key = (n, ns, int(port))
-        if key is not None and key in keys and (
+        if key is not None and (
             canonical_name(*key, domain) == host or kuma_name(*key, domain) == host
         ):
-            return key
+            if key in keys:
+                return key
+            if mesh_ports:
+                rule = "canonical" if len(rest) == 4 else "kuma"
+                owner = mesh_ports.get((rule, *key))
+                if owner is not None:
+                    return owner
     return None
+
+
+def mesh_builtin_ports(spec: MeshServiceSpec, templates: Sequence[HostnameTemplate]
+                       ) -> Iterator[tuple[str, str, str, int]]:
+    """(builtin, name, namespace, port) for every built-in per-port name a mesh service
+    owns: each port, under each built-in template that selects it (it needs a namespace)."""
+    if spec.namespace is None or not spec.ports:
+        return
+    for template in templates:
+        if template.builtin is not None and template.applies(spec.kind, spec):
+            for port in dict.fromkeys(p.port for p in spec.ports):
+                yield template.builtin, spec.name, spec.namespace, port
 
 
 def _conflict(message: str, path: str, index: int) -> RegistryError:
@@ -105,17 +128,91 @@ def _rendered(templates: tuple[HostnameTemplate, ...]) -> list[tuple[int, Hostna
     return [(i, t) for i, t in enumerate(templates) if t.builtin is None]
 
 
-def _names_of(spec: ServiceSpec, rendered: Rendered, domains: tuple[str, ...]
+def _names_of(spec: EntrySpec, rendered: Rendered, domains: tuple[str, ...]
               ) -> Iterator[tuple[str, int, HostnameTemplate]]:
     """(name, template index, template) for every name the templates give ``spec``."""
-    values = {"name": spec.name, "namespace": spec.namespace, "port": str(spec.port),
-              "mesh": spec.mesh, "zone": spec.zone}
+    if isinstance(spec, MeshServiceSpec):
+        for rendered_name, i, template, _ in mesh_names(spec, rendered, domains):
+            yield rendered_name, i, template
+        return
     labels = dict(spec.labels)
+    values: dict[str, str | None] = {
+        "name": spec.name, "namespace": spec.namespace, "port": str(spec.port),
+        "mesh": spec.mesh, "zone": spec.zone,
+        "display_name": labels.get(DISPLAY_NAME_LABEL) or spec.name}
     for i, template in rendered:
+        if (template.kinds is not None or template.match) and \
+                not template.applies(SERVICE_KIND, spec):
+            continue
         for domain in domains if template.uses_domain else domains[:1]:
             name = template.render(values, labels, domain)
             if name is not None:  # None: a field it uses is not set for this service
                 yield name, i, template
+
+
+def mesh_names(spec: MeshServiceSpec, rendered: Rendered, domains: tuple[str, ...]
+               ) -> Iterator[tuple[str, int, HostnameTemplate, int | None]]:
+    """(name, template index, template, port or None) for every name the rendered
+    templates give a mesh service: none when it has explicit host names; a template
+    with ``{port}`` once per port, one without it once."""
+    if spec.hostnames:
+        return
+    labels = dict(spec.labels)
+    values: dict[str, str | None] = {
+        "name": spec.name, "namespace": spec.namespace, "mesh": spec.mesh, "zone": spec.zone,
+        "display_name": labels.get(DISPLAY_NAME_LABEL) or spec.name, "port": None}
+    for i, template in rendered:
+        if not template.applies(spec.kind, spec):
+            continue
+        ports: Iterable[int | None] = dict.fromkeys(p.port for p in spec.ports) \
+            if template.uses_port else (None,)
+        for port in ports:
+            values["port"] = None if port is None else str(port)
+            for domain in domains if template.uses_domain else domains[:1]:
+                name = template.render(values, labels, domain)
+                if name is not None:
+                    yield name, i, template, port
+
+
+def mesh_primary_name(spec: MeshServiceSpec, templates: Sequence[HostnameTemplate],
+                      domain: str) -> str | None:
+    """A mesh service's canonical name (docs/meshservice.md section 2): its first explicit
+    host name that is no wildcard; else the first template without {port} that names
+    it; else the first with {port} (a built-in included), for its first port; else None."""
+    for host in spec.hostnames:
+        if not host.startswith("*."):
+            return host
+    labels = dict(spec.labels)
+    values: dict[str, str | None] = {
+        "name": spec.name, "namespace": spec.namespace, "mesh": spec.mesh, "zone": spec.zone,
+        "display_name": labels.get(DISPLAY_NAME_LABEL) or spec.name, "port": None}
+    if not spec.hostnames:
+        for template in templates:
+            if template.builtin is None and not template.uses_port and \
+                    template.applies(spec.kind, spec):
+                name = template.render(values, labels, domain)
+                if name is not None:
+                    return name
+    if not spec.ports:
+        return None
+    port = spec.ports[0].port
+    values["port"] = str(port)
+    for template in templates:
+        if not template.uses_port or not template.applies(spec.kind, spec):
+            continue
+        if template.builtin is not None:
+            if spec.namespace is None:
+                continue
+            if template.builtin == "canonical":
+                return canonical_name(spec.name, spec.namespace, port, domain)
+            kuma = kuma_name(spec.name, spec.namespace, port, domain)
+            if kuma is not None:
+                return kuma
+        elif not spec.hostnames:
+            name = template.render(values, labels, domain)
+            if name is not None:
+                return name
+    return None
 
 
 def ents_above(name: str, domains: tuple[str, ...]) -> Iterator[str]:
@@ -137,11 +234,12 @@ def _count(counts: dict[_T, int], item: _T, step: int) -> None:
         del counts[item]
 
 
-def build_names(specs: Mapping[ServiceKey, ServiceSpec],
-                stored_first: Iterable[tuple[ServiceKey, ServiceSpec]],
-                where: Mapping[ServiceKey, int], hostnames: Mapping[str, ServiceKey],
+def build_names(specs: Mapping[Any, EntrySpec],
+                stored_first: Iterable[tuple[EntryKey, EntrySpec]],
+                where: Mapping[EntryKey, int], hostnames: Mapping[str, EntryKey],
                 templates: tuple[HostnameTemplate, ...], select: Selector,
-                domains: tuple[str, ...], path: str) -> NameTable:
+                domains: tuple[str, ...], path: str,
+                mesh_ports: MeshPorts = _NO_MESH_PORTS) -> NameTable:
     """The name table of the registry holding ``specs``; RegistryError 409 naming the
     service (and the other owner) when a rendered name is invalid or taken."""
     rendered = _rendered(templates)
@@ -151,9 +249,10 @@ def build_names(specs: Mapping[ServiceKey, ServiceSpec],
     hidden = frozenset(k for k, s in specs.items() if not selects(s, select)) \
         if select else frozenset()
     builtins = frozenset(t.builtin for t in templates if t.builtin is not None)
-    generated: dict[str, tuple[ServiceKey, int]] = {}
+    generated: dict[str, tuple[EntryKey, int]] = {}
+    ported: dict[str, int] = {}
     for key, spec in stored_first if rendered else ():
-        for name, i, template in _names_of(spec, rendered, domains):
+        for name, i, template, port in _entry_names(spec, rendered, domains):
             if not is_valid_generated(name) or name in domains:
                 raise _conflict(
                     f"hostname template {template.text!r} gives {describe(key)} the name "
@@ -161,7 +260,7 @@ def build_names(specs: Mapping[ServiceKey, ServiceSpec],
                     "not a served domain apex)", path, where.get(key, -1))
             owner = generated.get(name)
             other = owner[0] if owner is not None else hostnames.get(name) or \
-                builtin_owner(name, specs, domains, builtins)
+                builtin_owner(name, specs, domains, builtins, mesh_ports)
             if other is not None and other != key:
                 raise _conflict(
                     f"hostname template {template.text!r} gives {describe(key)} the name "
@@ -170,6 +269,8 @@ def build_names(specs: Mapping[ServiceKey, ServiceSpec],
                     else where.get(other, -1))
             if owner is None:
                 generated[name] = (key, i)
+                if port is not None:
+                    ported[name] = port
     ents: dict[str, int] = {}
     for name, (key, _) in generated.items():
         if key not in hidden:
@@ -179,17 +280,38 @@ def build_names(specs: Mapping[ServiceKey, ServiceSpec],
     if select:
         ns_ports: dict[tuple[str, int], int] = {}
         ports: dict[int, int] = {}
-        for key in specs:
-            if key not in hidden:
-                ns_ports[key[1], key[2]] = ns_ports.get((key[1], key[2]), 0) + 1
-                ports[key[2]] = ports.get(key[2], 0) + 1
+        for key, spec in specs.items():
+            if key in hidden:
+                continue
+            if isinstance(spec, MeshServiceSpec):
+                for builtin, _, ns, port in mesh_builtin_ports(spec, templates):
+                    if builtin == "canonical":
+                        ns_ports[ns, port] = ns_ports.get((ns, port), 0) + 1
+                        ports[port] = ports.get(port, 0) + 1
+                continue
+            _, ns, port = cast(ServiceKey, key)
+            ns_ports[ns, port] = ns_ports.get((ns, port), 0) + 1
+            ports[port] = ports.get(port, 0) + 1
         visible = (ns_ports, ports)
-    return NameTable(templates, select, generated, ents, hidden, visible)
+    return NameTable(templates, select, generated, ents, hidden, visible, ported)
 
 
-def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequence[ServiceSpec],
-                services: Container[ServiceKey], hostnames: Mapping[str, ServiceKey],
-                domains: tuple[str, ...]) -> NameTable | None:
+def _entry_names(spec: EntrySpec, rendered: Rendered, domains: tuple[str, ...]
+                 ) -> Iterator[tuple[str, int, HostnameTemplate, int | None]]:
+    if isinstance(spec, MeshServiceSpec):
+        yield from mesh_names(spec, rendered, domains)
+        return
+    for name, i, template in _names_of(spec, rendered, domains):
+        yield name, i, template, None
+
+
+
+
+
+def patch_names(old: NameTable, removed: Sequence[EntrySpec], upserts: Sequence[EntrySpec],
+                services: Container[EntryKey], hostnames: Mapping[str, EntryKey],
+                domains: tuple[str, ...], mesh_ports: MeshPorts = _NO_MESH_PORTS
+                ) -> NameTable | None:
     """``build_names`` for a PATCH: ``old`` less what ``removed`` (deleted or rewritten
     services) had, plus the ``upserts``; None when a name is invalid or taken (the full
     rebuild then names the error). Costs the size of the patch: the rendered-name table
@@ -210,9 +332,9 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
         # The rendered-name table holds every service's names: rather than copying it,
         # collect what this patch deletes and writes and evolve it once (_layered.py).
         gone: set[str] = set()
-        put: dict[str, tuple[ServiceKey, int]] = {}
+        put: dict[str, tuple[EntryKey, int]] = {}
 
-        def owner_of(name: str) -> tuple[ServiceKey, int] | None:
+        def owner_of(name: str) -> tuple[EntryKey, int] | None:
             if name in put:
                 return put[name]
             return None if name in gone else base.get(name)
@@ -234,7 +356,7 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
                     return None
                 owner = owner_of(name)
                 other = owner[0] if owner is not None else hostnames.get(name) or \
-                    builtin_owner(name, services, domains, builtins)
+                    builtin_owner(name, services, domains, builtins, mesh_ports)
                 if other is not None and other != key:
                     return None
                 if owner is None:
@@ -245,11 +367,17 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
         for spec in upserts:  # its other names against the names others were given
             key = spec.key
             own: list[str | None] = list(spec.hostnames)
-            for domain in domains:
-                if "canonical" in builtins:
-                    own.append(canonical_name(*key, domain))
-                if "kuma" in builtins:
-                    own.append(kuma_name(*key, domain))
+            if isinstance(spec, MeshServiceSpec):
+                own += [canonical_name(n, ns, p, domain) if b == "canonical"
+                        else kuma_name(n, ns, p, domain)
+                        for b, n, ns, p in mesh_builtin_ports(spec, templates)
+                        for domain in domains]
+            else:
+                for domain in domains:
+                    if "canonical" in builtins:
+                        own.append(canonical_name(spec.name, spec.namespace, spec.port, domain))
+                    if "kuma" in builtins:
+                        own.append(kuma_name(spec.name, spec.namespace, spec.port, domain))
             for alias in own:
                 owner = None if alias is None else owner_of(alias)
                 if owner is not None and owner[0] != key:
@@ -259,16 +387,20 @@ def patch_names(old: NameTable, removed: Sequence[ServiceSpec], upserts: Sequenc
     if select:
         assert visible is not None
         ns_ports, ports = dict(visible[0]), dict(visible[1])
-        for svc in removed:
-            if svc.key not in old.hidden:
-                _count(ns_ports, (svc.namespace, svc.port), -1)
-                _count(ports, svc.port, -1)
-        for spec in upserts:
-            if spec.key not in hidden:
-                _count(ns_ports, (spec.namespace, spec.port), 1)
-                _count(ports, spec.port, 1)
+        for step, entries, hidden_then in ((-1, removed, old.hidden), (1, upserts, hidden)):
+            for spec in entries:
+                if spec.key in hidden_then:
+                    continue
+                if isinstance(spec, MeshServiceSpec):
+                    for builtin, _, ns, port in mesh_builtin_ports(spec, templates):
+                        if builtin == "canonical":
+                            _count(ns_ports, (ns, port), step)
+                            _count(ports, port, step)
+                else:
+                    _count(ns_ports, (spec.namespace, spec.port), step)
+                    _count(ports, spec.port, step)
         visible = (ns_ports, ports)
-    return NameTable(templates, select, generated, ents, hidden, visible)
+    return NameTable(templates, select, generated, ents, hidden, visible, old.ported)
 
 
 def primary_name(spec: ServiceSpec, templates: Sequence[HostnameTemplate],
@@ -276,8 +408,12 @@ def primary_name(spec: ServiceSpec, templates: Sequence[HostnameTemplate],
     """The name PTR and SRV records point at: the first template that names the
     service (rendered under ``domain``), else the canonical form."""
     values = {"name": spec.name, "namespace": spec.namespace, "port": str(spec.port),
-              "mesh": spec.mesh, "zone": spec.zone}
+              "mesh": spec.mesh, "zone": spec.zone,
+              "display_name": spec.label(DISPLAY_NAME_LABEL) or spec.name}
     for template in templates:
+        if (template.kinds is not None or template.match) and \
+                not template.applies(SERVICE_KIND, spec):
+            continue
         if template.builtin == "canonical":
             break
         if template.builtin == "kuma":

@@ -5,13 +5,21 @@ from __future__ import annotations
 import re
 import reprlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from ._service import (
     KEY_FIELDS,
     MAX_HOSTNAMES_PER_SERVICE,
+    MAX_PORTS_PER_SERVICE,
+    MESH_FIELDS,
+    MESH_KINDS,
     SERVICE_FIELDS,
+    EntryKey,
+    EntrySpec,
     Labels,
+    MeshKey,
+    MeshPort,
+    MeshServiceSpec,
     RegistryError,
     Service,
     ServiceKey,
@@ -166,14 +174,103 @@ def _parse_mesh_or_zone(raw: Any, path: str) -> str | None:
 
 
 def parse_service(item: Any, path: str) -> ServiceSpec:
-    return _parse_service(item, path, {})
+    """One service (the legacy form only: an item with ``ports`` is refused, as
+    before mesh services; ``parse_entry`` reads both)."""
+    return cast(ServiceSpec, _parse_service(item, path, {}))
+
+
+def parse_entry(item: Any, path: str) -> EntrySpec:
+    """One written item of either form: a service, or (with ``ports``) a mesh service."""
+    return _parse_service(item, path, {}, entries=True)
+
+
+def _parse_kind(raw: Any, path: str) -> str:
+    if raw is None:
+        return "MeshService"
+    if raw not in MESH_KINDS:
+        raise bad_request(f"kind must be one of {', '.join(MESH_KINDS)}, got {quote(raw)}",
+                          path)
+    assert isinstance(raw, str)
+    return raw
+
+
+def _parse_ports(raw: Any, path: str) -> tuple[MeshPort, ...]:
+    if not isinstance(raw, list):
+        raise bad_request("must be a list of {port, name?, appProtocol?}", path)
+    if len(raw) > MAX_PORTS_PER_SERVICE:
+        raise bad_request(f"at most {MAX_PORTS_PER_SERVICE} ports per service", path)
+    ports: list[MeshPort] = []
+    names: dict[str, int] = {}
+    numbers: dict[tuple[int, str], int] = {}
+    for i, item in enumerate(raw):
+        here = f"{path}[{i}]"
+        if not isinstance(item, Mapping):
+            raise bad_request("must be an object {port, name?, appProtocol?}", here)
+        if not item.keys() <= _PORT_FIELDS:
+            raise _unknown_field(item, _PORT_FIELDS, here)
+        port = item.get("port")
+        if type(port) is not int or not 1 <= port <= 65535:
+            raise bad_request(f"port must be an integer 1..65535, got {quote(port)}",
+                              f"{here}.port")
+        name = item.get("name")
+        if name is not None and (not isinstance(name, str) or not is_rfc1123_label(name)):
+            raise bad_request("a port name must be a lower-case RFC 1123 label (a-z, 0-9, "
+                              f"'-', 1..63 chars), got {quote(name)}", f"{here}.name")
+        protocol = item.get("appProtocol")
+        if protocol is None:
+            protocol = "tcp"
+        elif not isinstance(protocol, str) or label_key_error(protocol) is not None:
+            raise bad_request("must be a protocol name such as tcp, http, http2 or grpc, got "
+                              f"{quote(protocol)}", f"{here}.appProtocol")
+        first = numbers.setdefault((port, protocol), i)
+        if first != i:
+            raise bad_request(f"port {port}/{protocol} is given twice (also {path}[{first}])",
+                              f"{here}.port")
+        if name is not None:
+            first = names.setdefault(name, i)
+            if first != i:
+                raise bad_request(f"port name {quote(name)} is given twice (also "
+                                  f"{path}[{first}])", f"{here}.name")
+        ports.append(MeshPort(port, name, protocol))
+    return tuple(ports)
+
+
+_PORT_FIELDS = frozenset({"port", "name", "appProtocol"})
+
+
+def _parse_mesh_service(item: Mapping[str, Any], path: str) -> MeshServiceSpec:
+    """A written item with ``ports``: a mesh service (docs/meshservice.md section 1)."""
+    if "port" in item:
+        raise bad_request("give either port (a service) or ports (a mesh service), not both",
+                          f"{path}.port")
+    if not item.keys() <= MESH_FIELDS:
+        raise _unknown_field(item, MESH_FIELDS, path)
+    kind = _parse_kind(item.get("kind"), f"{path}.kind")
+    name = item.get("name")
+    if not isinstance(name, str):
+        raise bad_request("name is required and must be a string", f"{path}.name")
+    if not is_rfc1123_label(name):
+        raise bad_request("name must be a lower-case RFC 1123 label (a-z, 0-9, '-', 1..63 "
+                          f"chars), got {quote(name)}", f"{path}.name")
+    mesh = _parse_mesh_or_zone(item.get("mesh"), f"{path}.mesh")
+    zone = _parse_mesh_or_zone(item.get("zone"), f"{path}.zone")
+    namespace = _parse_mesh_or_zone(item.get("namespace"), f"{path}.namespace")
+    ports = _parse_ports(item.get("ports"), f"{path}.ports")
+    vip = _parse_vip(item.get("vip"), 4, f"{path}.vip")
+    vip6 = _parse_vip(item.get("vip6"), 6, f"{path}.vip6")
+    raw_hosts = item.get("hostnames")
+    hostnames = () if raw_hosts is None else _parse_hostnames(raw_hosts, path)
+    labels = parse_labels(item.get("labels"), f"{path}.labels")
+    return MeshServiceSpec(kind, mesh, zone, namespace, name, ports, vip, vip6, hostnames,
+                           labels)
 
 
 _NO_SERVICES: Mapping[ServiceKey, Service] = {}
 
 
 def _parse_service(item: Any, path: str, namespaces: dict[str, str],
-                   known: Mapping[ServiceKey, Service] = _NO_SERVICES) -> ServiceSpec:
+                   known: Mapping[ServiceKey, Service] = _NO_SERVICES,
+                   entries: bool = False) -> EntrySpec:
     """``parse_service``; ``namespaces`` holds namespaces already found valid (they repeat),
     and every service of a namespace shares one string object for it (JSON decoding
     makes one per occurrence: a million services would otherwise hold a million).
@@ -182,6 +279,8 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str],
     if type(item) is not dict and not isinstance(item, Mapping):
         raise bad_request("must be an object with name, namespace and port", path)
     if not item.keys() <= SERVICE_FIELDS:
+        if entries and "ports" in item:
+            return _parse_mesh_service(item, path)
         raise _unknown_field(item, SERVICE_FIELDS, path)
     get = item.get
     name = get("name")
@@ -233,7 +332,21 @@ def _parse_service(item: Any, path: str, namespaces: dict[str, str],
 
 
 def parse_services(value: Any, path: str = "services", *, consume: bool = False,
-                   known: Mapping[ServiceKey, Service] | None = None) -> list[ServiceSpec]:
+                   known: Mapping[Any, Any] | None = None) -> list[ServiceSpec]:
+    """``parse_entries`` for the legacy form only (an item with ``ports`` is an
+    unknown field, as before mesh services): what the etcd layout reads."""
+    return cast("list[ServiceSpec]", _parse_all(value, path, consume, known, False))
+
+
+def parse_entries(value: Any, path: str = "services", *, consume: bool = False,
+                  known: Mapping[Any, Any] | None = None) -> list[EntrySpec]:
+    """The written items of both forms: services, and (items with ``ports``) mesh
+    services (docs/meshservice.md section 1)."""
+    return _parse_all(value, path, consume, known, True)
+
+
+def _parse_all(value: Any, path: str, consume: bool, known: Mapping[Any, Any] | None,
+               entries: bool) -> list[EntrySpec]:
     """The services of a decoded ``value`` (a list), or RegistryError naming the field.
 
     With ``consume``, each item of ``value`` is replaced by None once parsed, so
@@ -249,15 +362,15 @@ def parse_services(value: Any, path: str = "services", *, consume: bool = False,
     if not isinstance(value, list):
         raise bad_request("must be a list of services", path)
     namespaces: dict[str, str] = {}
-    out: list[ServiceSpec] = []
+    out: list[EntrySpec] = []
     append = out.append
     for i, item in enumerate(value):
         try:
             # Without the item's path: formatting 100k of them costs more than a bad
             # item's second parse below, which raises the same error with its path.
-            append(_parse_service(item, "", namespaces, known))
+            append(_parse_service(item, "", namespaces, known, entries))
         except RegistryError:
-            _parse_service(item, f"{path}[{i}]", namespaces)
+            _parse_service(item, f"{path}[{i}]", namespaces, entries=entries)
             raise  # pragma: no cover - the failing item fails again, with its path
         if consume:
             value[i] = None
@@ -265,13 +378,35 @@ def parse_services(value: Any, path: str = "services", *, consume: bool = False,
     return out
 
 
-def parse_deletes(value: Any, path: str = "delete") -> list[ServiceKey]:
+_MESH_KEY_FIELDS = frozenset({"kind", "mesh", "zone", "namespace", "name"})
+
+
+def _parse_mesh_key(item: Mapping[str, Any], path: str) -> MeshKey:
+    if not item.keys() <= _MESH_KEY_FIELDS:
+        raise _unknown_field(item, _MESH_KEY_FIELDS, path)
+    kind = _parse_kind(item.get("kind"), f"{path}.kind")
+    name = item.get("name")
+    if not isinstance(name, str) or not is_rfc1123_label(name):
+        raise bad_request("name is required and must be a lower-case RFC 1123 label, got "
+                          f"{quote(name)}", f"{path}.name")
+    parts = [_parse_mesh_or_zone(item.get(f), f"{path}.{f}") or ""
+             for f in ("mesh", "zone", "namespace")]
+    return (kind, parts[0], parts[1], parts[2], name)
+
+
+def parse_deletes(value: Any, path: str = "delete") -> list[EntryKey]:
+    """Keys to delete: ``{name, namespace, port}`` (a service) or ``{kind, mesh?, zone?,
+    namespace?, name}`` (a mesh service: an item without ``port`` that names a ``kind``,
+    ``mesh`` or ``zone``)."""
     if not isinstance(value, list):
         raise bad_request("must be a list of {name, namespace, port}", path)
-    keys = []
+    keys: list[EntryKey] = []
     for i, item in enumerate(value):
         if not isinstance(item, Mapping):
             raise bad_request("must be an object with name, namespace and port", f"{path}[{i}]")
+        if "port" not in item and ("kind" in item or "mesh" in item or "zone" in item):
+            keys.append(_parse_mesh_key(item, f"{path}[{i}]"))
+            continue
         if not item.keys() <= _KEY_SET:
             raise _unknown_field(item, _KEY_SET, f"{path}[{i}]")
         keys.append(_parse_key_fields(item, f"{path}[{i}]"))

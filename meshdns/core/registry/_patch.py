@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 from ._allocate import in_release_order, top_of
 from ._layered import evolve
-from ._nametable import builtin_owner, patch_names
+from ._nametable import MeshPorts, builtin_owner, mesh_builtin_ports, patch_names
 from ._rebuild import build, make_registry, vips_given
-from ._service import K, Service, ServiceKey, ServiceSpec, V, bad_request, describe
+from ._service import (
+    EntryKey,
+    EntrySpec,
+    K,
+    MeshService,
+    MeshServiceSpec,
+    Service,
+    ServiceKey,
+    ServiceSpec,
+    V,
+    bad_request,
+    describe,
+)
 from ._snapshot import BuildIndex, FamilyIndex, Held, Registry, RegistryPolicy
 from ._templates import (
     canonical_name,
@@ -19,7 +32,7 @@ from ._vip import VipRange, count_in
 SHRINK_REBUILD_MIN = 10_000  # services; see patch_incremental
 
 
-def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable[ServiceKey],
+def apply_patch(reg: Registry, upserts: Sequence[EntrySpec], deletes: Iterable[EntryKey],
                 policy: RegistryPolicy, now: float) -> Registry:
     """The registry after upserting and deleting, applied together or not at all.
 
@@ -32,13 +45,18 @@ def apply_patch(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Iterable
     return _patch_rebuild(reg, upserts, deletes, _positions(upserts), policy, now)
 
 
-def patch_incremental(reg: Registry, upserts: Sequence[ServiceSpec],
-                      deletes: Sequence[ServiceKey], policy: RegistryPolicy,
+def patch_incremental(reg: Registry, upserts: Sequence[EntrySpec],
+                      deletes: Sequence[EntryKey], policy: RegistryPolicy,
                       now: float) -> Registry | None:
     """``apply_patch`` when it can touch only the services it names (O(change)); None
     when it takes a full rebuild instead (a rejected patch, whose error the rebuild
-    names, or a snapshot built under another policy)."""
+    names, a snapshot built under another policy, or a patch that writes or deletes a
+    mesh service: those are rebuilt whole for now)."""
     seen = _positions(upserts)
+    mesh = any(len(key) == 5 for key in deletes) or any(
+        spec.__class__ is MeshServiceSpec for spec in upserts)
+    legacy_upserts = cast("Sequence[ServiceSpec]", upserts)
+    legacy_deletes = cast("Sequence[ServiceKey]", deletes)
     index = reg._index
     if len(reg.services) >= SHRINK_REBUILD_MIN and 2 * len(deletes) > len(reg.services):
         # Deleting most of a big registry: the layered tables of an incremental PATCH
@@ -50,13 +68,21 @@ def patch_incremental(reg: Registry, upserts: Sequence[ServiceSpec],
         return None
     if index is not None and index.fits(policy) and reg.names.templates == policy.templates \
             and reg.names.select == policy.select:
-        return _patch_incremental(reg, index, upserts, deletes, seen, policy, now)
+        if mesh:
+            # Mesh services in O(change) under the default names (their names are then
+            # host names and built-in per-port names, no rendered table); with other
+            # templates or dns.select, rebuilt whole.
+            if not reg.names.is_default:
+                return None
+            return _patch_mesh(reg, index, upserts, deletes, seen, policy, now)
+        return _patch_incremental(reg, index, legacy_upserts, legacy_deletes,
+                                  cast("dict[ServiceKey, int]", seen), policy, now)
     return None
 
 
-def _positions(upserts: Sequence[ServiceSpec]) -> dict[ServiceKey, int]:
+def _positions(upserts: Sequence[EntrySpec]) -> dict[EntryKey, int]:
     """Each upsert's index; RegistryError (400) for a service upserted twice."""
-    seen: dict[ServiceKey, int] = {}
+    seen: dict[EntryKey, int] = {}
     for i, spec in enumerate(upserts):
         key = spec.key
         if key in seen:
@@ -66,17 +92,19 @@ def _positions(upserts: Sequence[ServiceSpec]) -> dict[ServiceKey, int]:
     return seen
 
 
-def _patch_rebuild(reg: Registry, upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey],
-                   seen: Mapping[ServiceKey, int], policy: RegistryPolicy,
+def _patch_rebuild(reg: Registry, upserts: Sequence[EntrySpec], deletes: Sequence[EntryKey],
+                   seen: Mapping[EntryKey, int], policy: RegistryPolicy,
                    now: float) -> Registry:
     """``apply_patch`` from scratch: every service rewritten, the patched ones in place."""
-    specs = {key: s.to_spec() for key, s in reg.services.items()}
+    specs: dict[EntryKey, EntrySpec] = {key: s.to_spec() for key, s in reg.services.items()}
     for key in deletes:
         specs.pop(key, None)
     for spec in upserts:
         specs[spec.key] = spec
     return build(reg, specs, seen, policy, now, "upsert")
-def check_disjoint(upserts: Sequence[ServiceSpec], deletes: Sequence[ServiceKey]) -> None:
+
+
+def check_disjoint(upserts: Sequence[EntrySpec], deletes: Sequence[EntryKey]) -> None:
     """RegistryError (400, naming the delete entry) when a PATCH both upserts and
     deletes one service: which of the two was meant is a guess, so neither is applied."""
     if not upserts or not deletes:
@@ -110,7 +138,7 @@ def _patch_incremental(reg: Registry, index: BuildIndex, upserts: Sequence[Servi
     built with: its indexes agree with its services, every allocated VIP lies
     in the range, no VIP is both in use and held, and no host name conflicts.
     """
-    old_services = reg.services
+    old_services = reg.services  # the keys it names are services'
     deleted: dict[ServiceKey, Service] = {}
     for key in deletes:
         gone = old_services.get(key)
@@ -164,7 +192,8 @@ def _patch_incremental(reg: Registry, index: BuildIndex, upserts: Sequence[Servi
     hostnames = _patch_hostnames(reg, removed, upserts, services, policy.domains, builtins)
     if hostnames is None:
         return None
-    names = patch_names(reg.names, removed, upserts, services, hostnames, policy.domains)
+    names = patch_names(reg.names, removed, upserts, services, hostnames, policy.domains,
+                        reg.mesh_ports)
     if names is None:
         return None
 
@@ -184,7 +213,126 @@ def _patch_incremental(reg: Registry, index: BuildIndex, upserts: Sequence[Servi
     return make_registry(reg.revision + 1 if changed else reg.revision, services, by_vip4, by_vip6,
                      hostnames, held4, held6, policy, idx4, idx6, (ns_ports, ports),
                      (reg.revision, len(old_services), tuple(svc.key for svc in written),
-                      tuple(deleted)), names)
+                      tuple(deleted)), names, mesh_keys=reg.mesh_keys,
+                     mesh_ports=reg.mesh_ports)
+
+
+def _patch_mesh(reg: Registry, index: BuildIndex, upserts: Sequence[EntrySpec],
+                deletes: Sequence[EntryKey], seen: Mapping[EntryKey, int],
+                policy: RegistryPolicy, now: float) -> Registry | None:
+    """``_patch_incremental`` for a patch that writes or deletes mesh services (under the
+    default names): the same VIP and host-name deltas, plus the built-in per-port names
+    the mesh services own. None when rejected (the rebuild names the error)."""
+    old: Mapping[Any, Any] = reg.entry_map
+    deleted: dict[Any, Any] = {}
+    for key in deletes:
+        gone = old.get(key)
+        if gone is not None:
+            deleted[key] = gone
+    removed = list(deleted.values())
+    for spec in upserts:
+        prev = old.get(spec.key)
+        if prev is not None and spec.key not in deleted:
+            removed.append(prev)
+    release = now + policy.hold_seconds
+    fam4 = _patch_family(4, reg, index.fam4, policy.range4, removed, upserts, deleted,
+                         now, release)
+    if fam4 is None:
+        return None
+    fam6 = _patch_family(6, reg, index.fam6, policy.range6, removed, upserts, deleted,
+                         now, release)
+    if fam6 is None:
+        return None
+    vip4, by_vip4, held4, idx4 = fam4
+    vip6, by_vip6, held6, idx6 = fam6
+    written: list[Any] = []
+    changed = readded = False
+    for spec in upserts:
+        key = spec.key
+        prev = old.get(key)
+        svc: Any
+        if isinstance(spec, Service):
+            svc = spec
+        else:
+            given4, given6 = vips_given(spec, prev, policy)
+            if isinstance(spec, MeshServiceSpec):
+                svc = MeshService(spec.kind, spec.mesh, spec.zone, spec.namespace, spec.name,
+                                  spec.ports, vip4.get(key), vip6.get(key), spec.hostnames,
+                                  spec.labels, given4, given6)
+            else:
+                svc = Service(spec.name, spec.namespace, spec.port, vip4[key], vip6.get(key),
+                              spec.hostnames, given4, given6, labels=spec.labels,
+                              mesh=spec.mesh, zone=spec.zone)
+        if prev is not None and prev == svc:
+            svc = prev
+        else:
+            changed = True
+        readded = readded or key in deleted
+        written.append(svc)
+    dropped = [key for key in deleted if key not in seen]
+    services: Mapping[Any, Any] = old
+    if changed or dropped or readded:
+        changed = changed or bool(dropped)
+        services = evolve(old, deleted, [(svc.key, svc) for svc in written])
+    # The built-in per-port names: the removed mesh services' freed, the upserted ones'
+    # claimed; none may be a service's own key or another mesh service's.
+    templates = policy.templates
+    old_ports = reg.mesh_ports
+    freed: set[tuple[str, str, str, int]] = set()
+    for svc in removed:
+        if isinstance(svc, MeshService):
+            freed.update(entry for entry in mesh_builtin_ports(svc, templates)
+                         if old_ports.get(entry) == svc.key)
+    claimed: dict[tuple[str, str, str, int], Any] = {}
+
+    def port_owner(entry: tuple[str, str, str, int]) -> Any:
+        owner = claimed.get(entry)
+        return owner if owner is not None or entry in freed else old_ports.get(entry)
+
+    for spec in upserts:
+        if isinstance(spec, MeshServiceSpec):
+            for entry in mesh_builtin_ports(spec, templates):
+                owner = port_owner(entry)
+                if entry[1:] in services or owner not in (None, spec.key):
+                    return None  # 409
+                claimed[entry] = spec.key
+        elif port_owner(("canonical", *spec.key)) is not None or \
+                port_owner(("kuma", *spec.key)) is not None:
+            return None  # a mesh service's per-port name: 409
+    # O(change): the table evolves as a layered map (_layered.py).
+    mesh_ports = evolve(old_ports, [e for e in freed if e not in claimed], claimed.items())
+    builtins = reg.names.builtins
+    hostnames = _patch_hostnames(reg, removed, upserts, services, policy.domains, builtins,
+                                 mesh_ports)
+    if hostnames is None:
+        return None
+    ns_ports, ports = _copy(reg.ns_ports), _copy(reg.ports)
+    for key in dropped:
+        if len(key) == 3:
+            _uncount(ns_ports, (key[1], key[2]))
+            _uncount(ports, key[2])
+    for spec in upserts:
+        if spec.key not in old and isinstance(spec, ServiceSpec):
+            ns_ports[spec.namespace, spec.port] = ns_ports.get((spec.namespace, spec.port),
+                                                               0) + 1
+            ports[spec.port] = ports.get(spec.port, 0) + 1
+    for entry in freed:  # the <ns>.svc.<port> nodes above canonical per-port names
+        if entry[0] == "canonical" and entry not in claimed:
+            _uncount(ns_ports, (entry[2], entry[3]))
+            _uncount(ports, entry[3])
+    for entry in claimed:
+        if entry[0] == "canonical" and entry not in old_ports:
+            ns_ports[entry[2], entry[3]] = ns_ports.get((entry[2], entry[3]), 0) + 1
+            ports[entry[3]] = ports.get(entry[3], 0) + 1
+    mesh_keys = evolve(reg.mesh_keys, [k for k in dropped if len(k) == 5 and k in reg.mesh_keys],
+                       [(spec.key, None) for spec in upserts
+                        if isinstance(spec, MeshServiceSpec) and spec.key not in reg.mesh_keys])
+    return make_registry(reg.revision + 1 if changed else reg.revision, services, by_vip4,
+                         by_vip6, hostnames, held4, held6, policy, idx4, idx6,
+                         (ns_ports, ports),
+                         (reg.revision, len(old), tuple(svc.key for svc in written),
+                          tuple(deleted)), reg.names, mesh_keys=mesh_keys,
+                         mesh_ports=mesh_ports)
 
 
 def _copy(table: Mapping[K, V]) -> dict[K, V]:
@@ -226,12 +374,12 @@ class _Either:
         return vip in self.a or vip in self.b
 
 
-_PatchResult = tuple[dict[ServiceKey, int], Mapping[int, ServiceKey], Held, FamilyIndex]
+_PatchResult = tuple[dict[Any, int], Mapping[int, Any], Held, FamilyIndex]
 
 
 def _patch_family(family: int, reg: Registry, fam: FamilyIndex, rng: VipRange | None,
-                  removed: Sequence[Service], upserts: Sequence[ServiceSpec],
-                  deleted: Mapping[ServiceKey, Service], now: float,
+                  removed: Sequence[Any], upserts: Sequence[EntrySpec],
+                  deleted: Mapping[Any, Any], now: float,
                   release: float) -> _PatchResult | None:
     """``assign_vips`` for a patch: the VIPs of the upserts and the new tables, None if rejected."""
     v4 = family == 4
@@ -240,22 +388,23 @@ def _patch_family(family: int, reg: Registry, fam: FamilyIndex, rng: VipRange | 
     first, last = (rng.first, rng.last) if rng is not None else (1, 0)
     unexpired, held_in_range, held_sorted = _unexpired(old_held, fam, first, last, now)
     held: Held = old_held if unexpired is None else unexpired
-    gone: dict[int, ServiceKey] = {}  # addresses the patch frees
+    gone: dict[int, Any] = {}  # addresses the patch frees
     for svc in removed:
         vip = svc.vip if v4 else svc.vip6
         if vip is not None:
             gone[vip] = svc.key
-    taken: dict[int, ServiceKey] = {}  # addresses the patch claims
+    taken: dict[int, Any] = {}  # addresses the patch claims
     in_use = _InUse(old_by_vip, gone, taken)
-    assigned: dict[ServiceKey, int] = {}
+    assigned: dict[Any, int] = {}
     unheld: list[int] = []  # held addresses claimed again
 
     # 1. Explicit VIPs.
-    open_keys: list[ServiceKey] = []
+    open_keys: list[Any] = []
     for spec in upserts:
         vip = spec.vip if v4 else spec.vip6
         if vip is None:
-            open_keys.append(spec.key)
+            if spec.__class__ is not MeshServiceSpec or spec.allocates:
+                open_keys.append(spec.key)  # (a mesh service's VIPs: all given or none)
         elif vip in in_use:
             return None  # used by another service: 409
         else:
@@ -393,13 +542,14 @@ def _next_top(old_top: int | None, assigned: Mapping[ServiceKey, int], in_use: C
     return None
 
 
-def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequence[ServiceSpec],
-                     services: Mapping[ServiceKey, Service], domains: tuple[str, ...],
-                     builtins: frozenset[str]) -> Mapping[str, ServiceKey] | None:
+def _patch_hostnames(reg: Registry, removed: Sequence[Any], upserts: Sequence[EntrySpec],
+                     services: Mapping[Any, Any], domains: tuple[str, ...],
+                     builtins: frozenset[str], mesh_ports: MeshPorts | None = None
+                     ) -> Mapping[str, Any] | None:
     """``_check_hostnames`` for a patch: the host name table, None if rejected."""
     old = reg.hostnames
     freed = {host: svc.key for svc in removed for host in svc.hostnames}
-    claimed: dict[str, ServiceKey] = {}
+    claimed: dict[str, Any] = {}
 
     def owner_of(host: str) -> ServiceKey | None:
         owner = claimed.get(host)
@@ -414,8 +564,9 @@ def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequenc
             if owner is None:
                 if host in domains:
                     return None  # an apex: 400
-                owner = builtin_owner(host, services, domains, builtins)
-                if owner is not None and owner != key:
+                other = builtin_owner(host, services, domains, builtins,
+                                      reg.mesh_ports if mesh_ports is None else mesh_ports)
+                if other is not None and other != key:
                     return None  # another service's own name: 409
                 claimed[host] = key
             elif owner != key:
@@ -425,9 +576,21 @@ def _patch_hostnames(reg: Registry, removed: Sequence[Service], upserts: Sequenc
         key = spec.key
         if key in old_services:
             continue  # its own names were never anybody's host name
+        if isinstance(spec, MeshServiceSpec):
+            own = [canonical_name(n, ns, p, domain) if b == "canonical" else
+                   kuma_name(n, ns, p, domain)
+                   for b, n, ns, p in mesh_builtin_ports(spec, reg.names.templates)
+                   for domain in domains]
+            if any(name is not None and owner_of(name) not in (None, key) for name in own):
+                return None  # a new mesh service whose per-port name another one lists
+            continue
+        if reg.mesh_ports and (("canonical", *key) in reg.mesh_ports
+                               or ("kuma", *key) in reg.mesh_ports):
+            return None  # a mesh service owns its per-port names: 409
+        n, ns, p = cast(ServiceKey, key)
         for domain in domains:
-            for name in (canonical_name(*key, domain) if "canonical" in builtins else None,
-                         kuma_name(*key, domain) if "kuma" in builtins else None):
+            for name in (canonical_name(n, ns, p, domain) if "canonical" in builtins else None,
+                         kuma_name(n, ns, p, domain) if "kuma" in builtins else None):
                 owner = None if name is None else owner_of(name)
                 if owner is not None and owner != key:
                     return None  # a new service whose name another one lists: 409

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ._vip import format_ip
 
 ServiceKey = tuple[str, str, int]  # (name, namespace, port)
+# A mesh service's identity (docs/meshservice.md section 1): (kind, mesh, zone, namespace,
+# name), "" for an absent part. A 5-tuple never equals a 3-tuple: both live in one map.
+MeshKey = tuple[str, str, str, str, str]
 K = TypeVar("K")
 V = TypeVar("V")
 
 MAX_HOSTNAMES_PER_SERVICE = 256
+MAX_PORTS_PER_SERVICE = 256  # ports of one mesh service (Kuma documents: the same limit)
+MESH_KINDS = ("MeshService", "MeshExternalService", "MeshMultiZoneService")
+SERVICE_KIND = "Service"  # the legacy form, as template selectors (``kinds``) name it
+ENTRY_KINDS = (SERVICE_KIND, *MESH_KINDS)
+DISPLAY_NAME_LABEL = "kuma.io/display-name"
+MESH_FIELDS = frozenset({"kind", "mesh", "zone", "namespace", "name", "ports", "vip", "vip6",
+                         "hostnames", "labels"})
 SERVICE_FIELDS = frozenset({"name", "namespace", "port", "vip", "vip6", "hostnames",
                              "labels", "mesh", "zone"})
 Labels = tuple[tuple[str, str], ...]  # (key, value) pairs sorted by key: hashable, comparable
@@ -174,6 +184,167 @@ def make_service(name: str, namespace: str, port: int, vip: int, vip6: int | Non
     return svc
 
 
-def describe(key: ServiceKey) -> str:
+def describe(key: ServiceKey | MeshKey) -> str:
+    """An entry's key as error messages name it: ``frontend.kong:80`` for a service,
+    ``MeshService frontend (default/kong)`` for a mesh service."""
+    if len(key) == 5:
+        kind, mesh, zone, namespace, name = key
+        where = "/".join(p for p in (mesh, zone, namespace) if p)
+        return f"{kind} {name} ({where})" if where else f"{kind} {name}"
     return f"{key[0]}.{key[1]}:{key[2]}"
+
+
+def key_json(key: ServiceKey | MeshKey) -> dict[str, Any]:
+    """A key as a JSON object (PATCH ``delete`` items, follow deltas)."""
+    if len(key) == 5:
+        out: dict[str, Any] = {"kind": key[0]}
+        for fname, value in zip(("mesh", "zone", "namespace"), key[1:4], strict=True):
+            if value:
+                out[fname] = value
+        out["name"] = key[4]
+        return out
+    return {"name": key[0], "namespace": key[1], "port": key[2]}
+
+
+def key_of_list(raw: Any) -> ServiceKey | MeshKey:
+    """A key from its list form (journal ``delete``, ``held`` rows): 3 or 5 items."""
+    if len(raw) == 5:
+        return (str(raw[0]), str(raw[1]), str(raw[2]), str(raw[3]), str(raw[4]))
+    return (str(raw[0]), str(raw[1]), int(raw[2]))
+
+
+def key_of_record(record: Mapping[str, Any]) -> ServiceKey | MeshKey:
+    """The key of a JSON record of either form (a record with ``ports`` is a mesh
+    service's)."""
+    if "ports" in record:
+        return (record.get("kind") or "MeshService", record.get("mesh") or "",
+                record.get("zone") or "", record.get("namespace") or "", record["name"])
+    return (record["name"], record["namespace"], record["port"])
+
+
+# ---------------------------------------------------------------- mesh services
+
+
+@dataclass(frozen=True, slots=True)
+class MeshPort:
+    """One port of a mesh service: ``{port, name?, appProtocol?}``."""
+
+    port: int
+    name: str | None = None
+    app_protocol: str = "tcp"
+
+    @property
+    def transport(self) -> str:
+        """The SRV protocol label: ``udp`` for the app protocol ``udp``, else ``tcp``."""
+        return "udp" if self.app_protocol.lower() == "udp" else "tcp"
+
+    @property
+    def srv_name(self) -> str | None:
+        """``_<name>._<proto>`` for a named port (a name of digits only is no name:
+        Kuma names an unnamed Kubernetes port by its number)."""
+        if self.name is None or self.name.isdigit():
+            return None
+        return f"_{self.name}._{self.transport}"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"port": self.port}
+        if self.name is not None:
+            out["name"] = self.name
+        out["appProtocol"] = self.app_protocol
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class MeshServiceSpec:
+    """A mesh service as written (docs/meshservice.md section 1): one entry for all of
+    its ports, with at most one VIP and one vip6. VIPs are all given or all allocated."""
+
+    kind: str
+    mesh: str | None
+    zone: str | None
+    namespace: str | None
+    name: str
+    ports: tuple[MeshPort, ...] = ()
+    vip: int | None = None
+    vip6: int | None = None
+    hostnames: tuple[str, ...] = ()
+    labels: Labels = ()
+
+    @property
+    def key(self) -> MeshKey:
+        return (self.kind, self.mesh or "", self.zone or "", self.namespace or "", self.name)
+
+    @property
+    def allocates(self) -> bool:
+        """Whether missing VIPs are allocated: only when neither is given."""
+        return self.vip is None and self.vip6 is None
+
+    def label(self, key: str) -> str | None:
+        for k, v in self.labels:
+            if k == key:
+                return v
+        return None
+
+    @property
+    def display_name(self) -> str:
+        return self.label(DISPLAY_NAME_LABEL) or self.name
+
+
+@dataclass(frozen=True, slots=True)
+class MeshService(MeshServiceSpec):
+    """A mesh service as served: whether each VIP was given or allocated here."""
+
+    vip_given: bool = False
+    vip6_given: bool = False
+
+    def to_spec(self) -> MeshServiceSpec:
+        """The write that would reproduce it, allocated VIPs left open."""
+        return MeshServiceSpec(self.kind, self.mesh, self.zone, self.namespace, self.name,
+                               self.ports, self.vip if self.vip_given else None,
+                               self.vip6 if self.vip6_given else None, self.hostnames,
+                               self.labels)
+
+    def to_json(self) -> dict[str, Any]:
+        return mesh_json(self, _ip4, _ip6)
+
+
+def mesh_json(s: MeshService, ip4: Callable[[int], str], ip6: Callable[[int], str], *,
+              given: bool = False) -> dict[str, Any]:
+    """A mesh service's JSON record (docs/meshservice.md section 7)."""
+    out: dict[str, Any] = {"kind": s.kind}
+    if s.mesh is not None:
+        out["mesh"] = s.mesh
+    if s.zone is not None:
+        out["zone"] = s.zone
+    if s.namespace is not None:
+        out["namespace"] = s.namespace
+    out["name"] = s.name
+    out["ports"] = [p.to_json() for p in s.ports]
+    out["vip"] = None if s.vip is None else ip4(s.vip)
+    out["vip6"] = None if s.vip6 is None else ip6(s.vip6)
+    if s.hostnames:
+        out["hostnames"] = list(s.hostnames)
+    if s.labels:
+        out["labels"] = dict(s.labels)
+    if given:
+        out["vip_given"] = s.vip_given
+        out["vip6_given"] = s.vip6_given
+    return out
+
+
+Entry = Service | MeshService
+EntrySpec = ServiceSpec | MeshServiceSpec
+EntryKey = ServiceKey | MeshKey
+
+
+def entry_json(s: Entry, ip4: Callable[[int], str], ip6: Callable[[int], str], *,
+               given: bool = False) -> dict[str, Any]:
+    """The JSON record of an entry of either form."""
+    if s.__class__ is Service:
+        return service_json(s, ip4, ip6, given=given)
+    return mesh_json(cast(MeshService, s), ip4, ip6, given=given)
+
+
+def entry_kind(spec: EntrySpec) -> str:
+    return spec.kind if isinstance(spec, MeshServiceSpec) else SERVICE_KIND
 

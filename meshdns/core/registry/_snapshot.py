@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from ._nametable import DEFAULT_NAMES, NameTable, Selector
+from ._nametable import DEFAULT_NAMES, MeshPorts, NameTable
 from ._service import (
+    Entry,
+    EntryKey,
+    MeshKey,
     Service,
     ServiceKey,
 )
-from ._templates import DEFAULT_HOSTNAME_TEMPLATES, HostnameTemplate
+from ._templates import DEFAULT_HOSTNAME_TEMPLATES, HostnameTemplate, Selector
 from ._vip import VipRange
 
 
@@ -33,6 +36,8 @@ class RegistryPolicy:
 
 
 Held = Mapping[int, tuple[float, ServiceKey]]  # vip -> (release time, last owner)
+# The same, as the core fills it: the last owner may be a mesh service.
+EntryHeld = Mapping[int, tuple[float, EntryKey]]
 
 
 @dataclass(slots=True)
@@ -69,6 +74,11 @@ class Registry:
     """One immutable registry snapshot plus the indexes DNS answers from."""
 
     revision: int
+    # Entries of both forms (docs/meshservice.md section 1): services keyed by
+    # (name, namespace, port), mesh services by (kind, mesh, zone, namespace, name).
+    # Typed as the legacy form for the callers that only ever meet services (the etcd
+    # layout refuses mesh services before they reach it); code that may meet a mesh
+    # service reads ``entry_map`` / ``entries()`` or checks the key's length.
     services: Mapping[ServiceKey, Service]
     by_vip4: Mapping[int, ServiceKey]
     by_vip6: Mapping[int, ServiceKey]
@@ -87,6 +97,10 @@ class Registry:
     _delta: Delta | None = field(default=None, repr=False)
     # Template-rendered names and what dns.select hides (see _nametable.py).
     names: NameTable = field(default=DEFAULT_NAMES, repr=False)
+    # Mesh services: their keys (GET lists them after the services, sorted), and the
+    # built-in per-port names they own ((builtin, name, namespace, port) -> key).
+    mesh_keys: Mapping[MeshKey, None] = field(default_factory=dict, repr=False)
+    mesh_ports: MeshPorts = field(default_factory=dict, repr=False)
 
     def touched_since(self, base: Registry
                       ) -> tuple[tuple[ServiceKey, ...], tuple[ServiceKey, ...]] | None:
@@ -104,10 +118,24 @@ class Registry:
     def __len__(self) -> int:
         return len(self.services)
 
+    @property
+    def entry_map(self) -> Mapping[EntryKey, Entry]:
+        """``services`` as what it holds: entries of both forms."""
+        return cast("Mapping[EntryKey, Entry]", self.services)
+
+    def entries(self) -> list[Entry]:
+        """Every entry in listing order: services in registry order, then mesh services
+        by key."""
+        if not self.mesh_keys:
+            return list(self.services.values())
+        services = self.entry_map
+        return [s for s in services.values() if s.__class__ is Service] + \
+            [services[k] for k in sorted(self.mesh_keys)]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "revision": self.revision,
-            "services": [s.to_json() for s in self.services.values()],
+            "services": [s.to_json() for s in self.entries()],
         }
 
     def free_vips(self, policy: RegistryPolicy) -> dict[str, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 # RFC 1123 label: letters, digits, hyphen; no hyphen at either end; 1..63 chars.
 _LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -72,7 +73,34 @@ def is_subdomain(name: str, parent: str) -> bool:
 CANONICAL_TEMPLATE = "{name}.{namespace}.svc.{port}.{domain}"
 KUMA_TEMPLATE = "{name}_{namespace}_svc_{port}.{domain}"
 DEFAULT_TEMPLATES = (CANONICAL_TEMPLATE, KUMA_TEMPLATE)
-_FIELDS = frozenset({"name", "namespace", "port", "mesh", "zone", "domain"})
+_FIELDS = frozenset({"name", "namespace", "port", "mesh", "zone", "domain", "display_name"})
+# What a template's ``kinds`` may name: "Service" is the legacy (name, namespace, port)
+# form (kept here, not imported: _service.py's ENTRY_KINDS is the same list).
+TEMPLATE_KINDS = ("Service", "MeshService", "MeshExternalService", "MeshMultiZoneService")
+Selector = tuple[tuple[str, str], ...]  # matchLabels, sorted; "mesh"/"zone" match the fields
+
+
+class Selectable(Protocol):
+    @property
+    def mesh(self) -> str | None: ...
+    @property
+    def zone(self) -> str | None: ...
+    def label(self, key: str) -> str | None: ...
+
+
+def selects(spec: Selectable, select: Selector) -> bool:
+    """Whether ``spec`` matches every (key, value) of the selector (``dns.select``, a
+    template's ``matchLabels``): keys ``mesh`` and ``zone`` match those fields."""
+    for key, value in select:
+        if key == "mesh":
+            have = spec.mesh
+        elif key == "zone":
+            have = spec.zone
+        else:
+            have = spec.label(key)
+        if have != value:
+            return False
+    return True
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _LITERAL_RE = re.compile(r"[a-z0-9._-]*")
 MAX_TEMPLATES = 16
@@ -89,10 +117,24 @@ class HostnameTemplate:
     # (field,) or ("label", key) a placeholder.
     parts: tuple[str | tuple[str, ...], ...]
     builtin: str | None  # "canonical" / "kuma": answered by parsing the question
+    # The object form's selector: the entry kinds it names (None: every kind) and its
+    # matchLabels (docs/meshservice.md section 2).
+    kinds: frozenset[str] | None = None
+    match: Selector = ()
 
     @property
     def uses_domain(self) -> bool:
         return ("domain",) in self.parts
+
+    @property
+    def uses_port(self) -> bool:
+        return ("port",) in self.parts
+
+    def applies(self, kind: str, spec: Selectable) -> bool:
+        """Whether the template names an entry of ``kind`` (``Service`` for the legacy
+        form) with these fields and labels."""
+        return (self.kinds is None or kind in self.kinds) and \
+            (not self.match or selects(spec, self.match))
 
     def render(self, values: Mapping[str, str | None], labels: Mapping[str, str],
                domain: str) -> str | None:
@@ -137,7 +179,7 @@ def parse_template(text: str) -> HostnameTemplate:
         else:
             raise TemplateError(
                 f"unknown placeholder {{{inner[:40]}}}: use {{name}}, {{namespace}}, {{port}}, "
-                "{mesh}, {zone}, {domain} or {label:KEY}")
+                "{mesh}, {zone}, {domain}, {display_name} or {label:KEY}")
         pos = m.end()
     if text[pos:]:
         parts.append(text[pos:])
@@ -145,21 +187,105 @@ def parse_template(text: str) -> HostnameTemplate:
         if isinstance(part, str) and not _LITERAL_RE.fullmatch(part):
             raise TemplateError(f"literal text {part[:40]!r} may hold only a-z, 0-9, '.', "
                                 "'-' and '_' (and placeholders in braces)")
-    if not any(isinstance(p, tuple) and p[0] in ("name", "label") for p in parts):
+    if not any(isinstance(p, tuple) and p[0] in ("name", "label", "display_name")
+               for p in parts):
         raise TemplateError("must use {name} or a {label:KEY}: otherwise every service "
                             "gets the same name")
     builtin = {CANONICAL_TEMPLATE: "canonical", KUMA_TEMPLATE: "kuma"}.get(text)
     return HostnameTemplate(text, tuple(parts), builtin)
 
 
-def parse_templates(texts: Sequence[str]) -> tuple[HostnameTemplate, ...]:
+@dataclass(frozen=True, slots=True)
+class TemplateItem:
+    """A ``dns.hostname_templates`` item in object form: ``{template, kinds?,
+    matchLabels?}`` (a plain string is a template for every entry)."""
+
+    template: str
+    kinds: tuple[str, ...] | None = None
+    match_labels: Selector = ()
+
+
+TemplateSource = str | TemplateItem
+_ITEM_FIELDS = frozenset({"template", "kinds", "matchLabels"})
+
+
+def template_item(raw: Any) -> TemplateSource:
+    """One configured item, checked: a string, or a mapping made a TemplateItem;
+    TemplateError (its text may start with ``.field: ``) when it is neither."""
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise TemplateError("must be a string or an object {template, kinds?, matchLabels?}")
+    unknown = sorted(str(k) for k in raw if k not in _ITEM_FIELDS)
+    if unknown:
+        raise TemplateError(f"unknown field {unknown[0][:40]!r}: use template, kinds, "
+                            "matchLabels")
+    text = raw.get("template")
+    if not isinstance(text, str):
+        raise TemplateError(".template: must be a string")
+    kinds = raw.get("kinds")
+    if kinds is not None:
+        if not isinstance(kinds, list) or not kinds or not all(
+                k in TEMPLATE_KINDS for k in kinds):
+            raise TemplateError(f".kinds: must be a non-empty list of {', '.join(TEMPLATE_KINDS)}")
+        kinds = tuple(dict.fromkeys(kinds))
+    match = raw.get("matchLabels", {})
+    if not isinstance(match, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in match.items()):
+        raise TemplateError(".matchLabels: must be an object of label keys to string values "
+                            '(quote "true"/"false")')
+    return TemplateItem(text, kinds, tuple(sorted(match.items())))
+
+
+def template_items_raw(items: Sequence[TemplateSource]) -> list[Any]:
+    """Checked items back as plain data (what ``check_template_items`` reads again)."""
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, TemplateItem):
+            raw: dict[str, Any] = {"template": item.template}
+            if item.kinds is not None:
+                raw["kinds"] = list(item.kinds)
+            if item.match_labels:
+                raw["matchLabels"] = dict(item.match_labels)
+            out.append(raw)
+        else:
+            out.append(item)
+    return out
+
+
+def check_template_items(value: Any) -> tuple[TemplateSource, ...]:
+    """``dns.hostname_templates`` checked (config.py's validation): a non-empty list of
+    items, none repeated, each a usable template; TemplateError (``[i]: why`` for an
+    item) otherwise."""
+    if not isinstance(value, list) or not value:
+        raise TemplateError("must be a non-empty list of templates")
+    items = []
+    for i, raw in enumerate(value):
+        try:
+            items.append(template_item(raw))
+        except TemplateError as exc:
+            text = str(exc)
+            raise TemplateError(f"[{i}]{'' if text.startswith('.') else ': '}{text}") from None
+    if len(set(items)) != len(items):
+        raise TemplateError("must not repeat an entry")
+    parse_templates(items)
+    return tuple(items)
+
+
+def parse_templates(texts: Sequence[TemplateSource]) -> tuple[HostnameTemplate, ...]:
     """Templates in order; TemplateError prefixed with the index of the bad one."""
     if len(texts) > MAX_TEMPLATES:
         raise TemplateError(f"at most {MAX_TEMPLATES} templates")
     out = []
-    for i, text in enumerate(texts):
+    for i, item in enumerate(texts):
         try:
-            out.append(parse_template(text))
+            if isinstance(item, TemplateItem):
+                t = parse_template(item.template)
+                kinds = None if item.kinds is None else frozenset(item.kinds)
+                out.append(HostnameTemplate(t.text, t.parts, t.builtin, kinds,
+                                            item.match_labels))
+            else:
+                out.append(parse_template(item))
         except TemplateError as exc:
             raise TemplateError(f"[{i}]: {exc}") from None
     return tuple(out)
