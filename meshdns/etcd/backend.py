@@ -156,10 +156,11 @@ class EtcdRegistry:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:  # this instance's writes in turn: they would only conflict
-            return await self._write(compute, check)
+            return await self._write(compute, check, quick)
 
     async def _write(self, compute: Callable[[Registry], Registry],
-                     check: Callable[[Registry], None] | None) -> Registry:
+                     check: Callable[[Registry], None] | None,
+                     quick: Callable[[Registry], Registry | None] | None) -> Registry:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.write_timeout
         give_up = loop.time() + 10 * self.write_timeout  # whatever happens
@@ -182,13 +183,19 @@ class EtcdRegistry:
                 # (an ETag read there, a service deleted there). Catch up once, then judge.
                 if check is not None:
                     check(base)
-                new = await asyncio.to_thread(self.store._compute, compute, base)
+                # A small PATCH is computed and planned on the loop, in O(change): the
+                # thread hops would cost more than the work.
+                new = None if quick is None else self.store._compute(quick, base)
+                small = new is not None
+                if new is None:
+                    new = await asyncio.to_thread(self.store._compute, compute, base)
             except Exception:
                 if caught_up or not await self._catch_up(state, write_rev, deadline):
                     raise
                 caught_up = True
                 continue
-            plan = await asyncio.to_thread(plan_write, self.prefix + root, base, new, claims)
+            plan = plan_write(self.prefix + root, base, new, claims) if small else \
+                await asyncio.to_thread(plan_write, self.prefix + root, base, new, claims)
             staged = False
             try:
                 # On a prefix never written, even a write of nothing commits (the revision
