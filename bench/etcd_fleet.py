@@ -9,7 +9,9 @@ than one transaction, it is staged as a new generation and committed in one
 (docs/scaling.md); the first PUT's time and instance 0's peak RSS (VmHWM) are
 reported. The other instances start afterwards and list it.
 
-Then ``--changes`` times: PATCH one new service through instance ``c % N`` (any
+Then, after one unmeasured PATCH through every instance (the first write through
+an instance pays once for its lock, a pooled connection, first calls),
+``--changes`` times: PATCH one new service through instance ``c % N`` (any
 instance takes writes) and poll every instance's DNS for the new name
 (bench/fleet.py's ``converge``: one UDP socket per node, one query per pending
 node per round). Reported:
@@ -168,6 +170,17 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         writer_cpu: list[float] = []
         etcd_cpus: list[float] = []
         ports = [n.dns_port for n in nodes]
+        # One unmeasured PATCH through every instance first: the first write through an
+        # instance pays once for what later ones reuse (its write lock, a pooled
+        # connection to etcd, first calls), which is not what a change costs.
+        for node in nodes:
+            status, body = fleet.http("PATCH", f"{node.url}/v1/services",
+                                      {"upsert": [{"name": f"warm-{node.name}",
+                                                   "namespace": "bench", "port": 80}]},
+                                      timeout=60)
+            if status != 200:
+                raise RuntimeError(f"warm-up PATCH: HTTP {status}: {body[:300]!r}")
+        time.sleep(args.tail)
         spy_dir = Path(args.profile or workdir)
         spy_dir.mkdir(parents=True, exist_ok=True)
         spies = [(n, spy_dir / f"{n.name}.spy", spy_on(n.server.pid, spy_dir / f"{n.name}.spy"))
