@@ -9,7 +9,9 @@ than one transaction, it is staged as a new generation and committed in one
 (docs/scaling.md); the first PUT's time and instance 0's peak RSS (VmHWM) are
 reported. The other instances start afterwards and list it.
 
-Then ``--changes`` times: PATCH one new service through instance ``c % N`` (any
+Then, after one unmeasured PATCH through every instance (the first write through
+an instance pays once for its lock, a pooled connection, first calls),
+``--changes`` times: PATCH one new service through instance ``c % N`` (any
 instance takes writes) and poll every instance's DNS for the new name
 (bench/fleet.py's ``converge``: one UDP socket per node, one query per pending
 node per round). Reported:
@@ -21,6 +23,11 @@ node per round). Reported:
   of its process over the window (PATCH sent -> all answer, + ``--tail`` s);
   O(change) means this does not grow with ``--services``;
 - the writer's CPU per change, and etcd's (all members summed).
+
+``--profile DIR``: every change goes through instance 0, and py-spy (``pip install
+py-spy``) samples instance 0 (the writer) and instance 1 (a watcher) over the
+changes; the functions with the largest shares of each are printed (and written),
+the collapsed stacks kept in DIR (``instance0.spy``, ``instance1.spy``).
 
 Usage:
   python bench/etcd_fleet.py                 # 10,000 services, 20 instances, 20 changes
@@ -34,8 +41,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,6 +103,42 @@ def etcd_cpu(cluster: EtcdCluster) -> float:
     return sum(fleet.task_cpu(m.proc.pid) for m in cluster.members if m.proc is not None)
 
 
+def spy_on(pid: int, out: Path) -> subprocess.Popen[str]:
+    """py-spy recording ``pid`` (collapsed stacks, idle threads left out) until stopped."""
+    spy = shutil.which("py-spy") or str(Path(peers.project_python()).parent / "py-spy")
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "500", "--format",
+                             "raw", "--nonblocking", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def spy_shares(rec: subprocess.Popen[str], raw: Path, top: int = 30) -> list[str]:
+    """Stop ``rec``; the functions with the largest shares of its samples (own and with
+    callees), as Markdown table lines."""
+    rec.send_signal(signal.SIGINT)
+    _, err = rec.communicate(timeout=60)
+    if not raw.exists():
+        return [f"py-spy failed ({rec.returncode}): {err.strip()[-500:]}"]
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        # "func (/path/to/file.py:123)" -> "func (file.py)": one row per function.
+        frames = [re.sub(r" \((?:.*/)?([^/]+?):\d+\)$", r" (\1)", f)
+                  for f in stack.split(";")]
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+    total = max(total, 1)
+    out = [f"{total} samples at 500 Hz (threads on CPU only)", "",
+           "| function | own | with callees |", "| --- | ---: | ---: |"]
+    for f, _n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"| `{f}` | {own.get(f, 0) / total:.1%} | {inclusive[f] / total:.1%} |")
+    return out
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     services = generate(args.services)
     cluster = EtcdCluster(workdir / "etcd", args.members,
@@ -123,8 +170,24 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         writer_cpu: list[float] = []
         etcd_cpus: list[float] = []
         ports = [n.dns_port for n in nodes]
+        # One unmeasured PATCH through every instance first: the first write through an
+        # instance pays once for what later ones reuse (its write lock, a pooled
+        # connection to etcd, first calls), which is not what a change costs.
+        for node in nodes:
+            status, body = fleet.http("PATCH", f"{node.url}/v1/services",
+                                      {"upsert": [{"name": f"warm-{node.name}",
+                                                   "namespace": "bench", "port": 80}]},
+                                      timeout=60)
+            if status != 200:
+                raise RuntimeError(f"warm-up PATCH: HTTP {status}: {body[:300]!r}")
+        time.sleep(args.tail)
+        spy_dir = Path(args.profile or workdir)
+        spy_dir.mkdir(parents=True, exist_ok=True)
+        spies = [(n, spy_dir / f"{n.name}.spy", spy_on(n.server.pid, spy_dir / f"{n.name}.spy"))
+                 for n in nodes[:2]] if args.profile else []
+        time.sleep(1.0 if spies else 0)  # attached before the first change
         for c in range(args.changes):
-            writer = nodes[c % len(nodes)]
+            writer = nodes[0 if args.profile else c % len(nodes)]
             svc = {"name": f"change{c}", "namespace": "bench", "port": 80}
             before = [fleet.node_cpu(n) for n in nodes]
             e_before = etcd_cpu(cluster)
@@ -148,7 +211,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 (writer_cpu if node is writer else watcher_cpu).append(after[i] - before[i])
             log(f"change {c} via {writer.name}: ack {ack * 1000:.0f} ms, all answer in "
                 f"{max(t for t in got if t is not None) * 1000:.0f} ms")
+        profiles = {("writer " if i == 0 else "watcher ") + n.name: spy_shares(rec, raw)
+                    for i, (n, raw, rec) in enumerate(spies)}
         return {
+            "profiles": profiles,
             "services": args.services, "instances": args.instances, "members": args.members,
             "changes": args.changes, "put_seconds": put_s, "list_seconds_all": list_s,
             "converge_p50": fleet.pct(times, 50), "converge_p99": fleet.pct(times, 99),
@@ -198,6 +264,8 @@ def render(r: dict[str, Any]) -> str:
         "CPU windows run from the PATCH to every answer plus the tail, so they include "
         "each instance's heartbeat (one range read every 2 s) when one falls inside.",
         "",
+        *[line for who, lines in r.get("profiles", {}).items()
+          for line in (f"### py-spy: {who}, over the {r['changes']} changes", "", *lines, "")],
     ])
 
 
@@ -213,6 +281,9 @@ def main() -> int:
     ap.add_argument("--ready-timeout", type=float, default=120.0)
     ap.add_argument("--quick", action="store_true", help="300 services, 4 instances, 3 changes")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--profile", metavar="DIR", default="",
+                    help="changes through instance 0; py-spy on it and on instance 1, "
+                    "their collapsed stacks written to DIR")
     ap.add_argument("--raised-limits", action="store_true",
                     help="etcd with --max-txn-ops 50000 --max-request-bytes 64 MiB")
     args = ap.parse_args()

@@ -260,6 +260,19 @@ class EtcdCluster:
                                                         "memberID": alarm.get("memberID"),
                                                         "alarm": alarm.get("alarm")})
 
+    def leases(self) -> dict[int, tuple[int, int]]:
+        """Every lease etcd holds: its ID -> (TTL left, TTL granted), in seconds. A lease
+        that ran out is listed (TTL -1) until the leader revokes it, which deletes its
+        keys in the same step: a lease not listed has no key left."""
+        out: dict[int, tuple[int, int]] = {}
+        for lease in self.any_request("/v3/lease/leases", {}).get("leases", []):
+            try:
+                doc = self.any_request("/v3/lease/timetolive", {"ID": lease["ID"]})
+            except AssertionError:  # revoked since the list
+                continue
+            out[int(lease["ID"])] = (int(doc.get("TTL", -1)), int(doc.get("grantedTTL", 0)))
+        return out
+
     def count(self, prefix: str) -> int:
         """How many keys start with ``prefix`` (a count-only read)."""
         start = prefix.encode()

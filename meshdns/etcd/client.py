@@ -196,9 +196,10 @@ class EtcdClient:
         if revision:
             body["revision"] = str(revision)
         if limit:
+            # Pages come in key order as they are: no sort_order / sort_target, with
+            # which etcd 3.4 reads every key of the range to sort it before the limit
+            # (a 1-key page of a 300,000-key generation took 3-5 s on a loaded machine).
             body["limit"] = str(limit)
-            body["sort_order"] = "ASCEND"
-            body["sort_target"] = "KEY"
         return await self.call("/v3/kv/range", body, attempt_timeout=attempt_timeout)
 
     async def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],

@@ -41,6 +41,7 @@ from .layout import (
     LayoutError,
     Listing,
     apply_delta,
+    apply_delta_quick,
     build_snapshot,
     decode_events,
     decode_listing,
@@ -48,6 +49,10 @@ from .layout import (
 )
 
 log = logging.getLogger("meshdns.etcd")
+
+# Events in one watch response decoded and applied on the event loop (O(change) work,
+# cheaper than the thread hops); a larger response goes to a worker thread.
+QUICK_EVENTS = 64
 
 
 class SyncError(Exception):
@@ -74,7 +79,8 @@ class EtcdMirror:
         self.last_success: float | None = None
         self.connected = False
         # What writes are computed against, set together once a listing was applied:
-        # the registry, the revision key's mod_revision, and every claim's mod_revision.
+        # the registry, the revision key's mod_revision, and every claim's mod_revision
+        # (that dict is updated in place by each change, _apply says why).
         self.state: tuple[Registry, int, dict[str, int]] | None = None
         # The generation the registry's keys are under (layout.py), set with ``state``
         # (only a listing changes it: a watch event that moves it makes one due).
@@ -352,7 +358,7 @@ class EtcdMirror:
                 for event in events if (kv := event.get("kv", {})) is not None), root)
 
         # A big transaction (a PUT of thousands) is decoded off the event loop.
-        changes = decode() if len(events) <= 64 else await asyncio.to_thread(decode)
+        changes = decode() if len(events) <= QUICK_EVENTS else await asyncio.to_thread(decode)
         if not changes.relevant:
             # Another generation's keys (a big write being staged, garbage collected):
             # not the registry; nothing to publish or persist.
@@ -382,12 +388,15 @@ class EtcdMirror:
             self.state = (self.state[0], write_rev, claims)
             self.applied = max(self.applied, changes.top)
             return
-        delta, policy = changes.delta, self.policy
+        delta, policy, clock = changes.delta, self.policy, self.store.clock
         self._applying = True
         try:
-            # Shielded: a restarted watch must not leave the state file ahead of DNS.
+            # Shielded: a restarted watch must not leave the state file ahead of DNS. A
+            # small change is applied on the loop (O(change): a thread hop costs more).
             reg = await asyncio.shield(self.store.write(
-                lambda base: apply_delta(base, delta, policy, self.store.clock())))
+                lambda base: apply_delta(base, delta, policy, clock()),
+                quick=(lambda base: apply_delta_quick(base, delta, policy, clock()))
+                if len(events) <= QUICK_EVENTS else None))
         except RegistryError as exc:
             self.apply_errors += 1
             self._need_list = True
@@ -395,13 +404,14 @@ class EtcdMirror:
                             f"{exc.message})") from None
         finally:
             self._applying = False
-        if changes.claims:
-            claims = dict(claims)
-            for key, mod in changes.claims.items():
-                if mod is None:
-                    claims.pop(key, None)
-                else:
-                    claims[key] = mod
+        # The claims are updated in place, in O(change) (a copy would be O(registry) per
+        # change): a write computing meanwhile may read a claim newer than its base,
+        # which only makes its compare match etcd better; the compare decides anyway.
+        for key, mod in changes.claims.items():
+            if mod is None:
+                claims.pop(key, None)
+            else:
+                claims[key] = mod
         if changes.write_revision is not None:
             write_rev = changes.write_revision
         self.state = (reg, write_rev, claims)

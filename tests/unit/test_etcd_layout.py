@@ -32,6 +32,7 @@ from meshdns.etcd.layout import (
     LayoutError,
     Listing,
     apply_delta,
+    apply_delta_quick,
     build_snapshot,
     decode_claim,
     decode_events,
@@ -123,7 +124,7 @@ def test_deltas_listing_and_writer_agree_through_random_writes(seed: int) -> Non
     copy = build_snapshot(listing, POLICY, now)
     # Another instance whose watch delivers several transactions in one batch.
     lagging, pending = copy, []
-    applied = rejected = expired = 0
+    applied = rejected = expired = quicks = 0
     for _ in range(300):
         now += 1
         if kv.leased and rng.random() < 0.15:  # a hold lease runs out
@@ -145,7 +146,14 @@ def test_deltas_listing_and_writer_agree_through_random_writes(seed: int) -> Non
             applied += 1
         changes = decode_events(P, events)
         assert not changes.bad
-        copy = apply_delta(copy, changes.delta, POLICY, now)
+        # The mirror applies a small watch response on the loop (apply_delta_quick) when
+        # the core's incremental PATCH takes it: the same registry as the full one.
+        full = apply_delta(copy, changes.delta, POLICY, now)
+        quick = apply_delta_quick(copy, changes.delta, POLICY, now)
+        if quick is not None:
+            same(quick, full)
+            quicks += 1
+        copy = full
         pending += events
         if rng.random() < 0.3:
             lagging = apply_delta(lagging, decode_events(P, pending).delta, POLICY, now)
@@ -171,7 +179,39 @@ def test_deltas_listing_and_writer_agree_through_random_writes(seed: int) -> Non
         assert all(t == HELD_UNTIL_DELETED for t, _ in copy.held4.values())
     lagging = apply_delta(lagging, decode_events(P, pending).delta, POLICY, now)
     same(lagging, copy)
-    assert applied > 100 and rejected > 0 and expired > 5
+    assert applied > 100 and rejected > 0 and expired > 5 and quicks > applied // 2
+
+
+def test_a_one_service_delta_leaves_the_held_tables_as_they_are() -> None:
+    """O(change): a change whose claims hold nothing new keeps the held tables (the same
+    objects, not copies), however many VIPs are held."""
+    kv = Kv()
+    listing, claims, write_rev = kv.listing()
+    copy = build_snapshot(listing, POLICY, 1000.0)
+
+    def write(upserts: list[ServiceSpec], deletes: list[tuple[str, str, int]]) -> None:
+        nonlocal copy, write_rev
+        new = apply_patch(copy, upserts, deletes, POLICY, 1000.0)
+        events = kv.txn(plan_write(P, copy, new, claims), write_rev)
+        assert events is not None
+        changes = decode_events(P, events)
+        for key, mod in changes.claims.items():
+            if mod is None:
+                claims.pop(key, None)
+            else:
+                claims[key] = mod
+        write_rev = changes.write_revision or write_rev
+        quick = apply_delta_quick(copy, changes.delta, POLICY, 1000.0)
+        assert quick is not None
+        copy = quick
+
+    write([ServiceSpec(f"s{i}", "ns", 80, None, None, ()) for i in range(4)], [])
+    write([], [(f"s{i}", "ns", 80) for i in range(3)])  # 3 VIPs (each family) held
+    assert len(copy.held4) == 3 and len(copy.held6) == 3
+    held4, held6 = copy.held4, copy.held6
+    write([ServiceSpec("new", "ns", 80, None, None, ())], [])
+    assert ("new", "ns", 80) in copy.services
+    assert copy.held4 is held4 and copy.held6 is held6
 
 
 def _claim_of(kv: Kv, family: int, vip: int) -> tuple[str, bytes]:
