@@ -77,29 +77,31 @@ def wait_for(check: object, timeout: float = 30.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-@pytest.fixture
-def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+@contextlib.contextmanager
+def serving(tmp_path: Path, services: list[dict[str, object]], dns_extra: dict[str, object]
+            ) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    """meshdns serve with dns.workers 2 as a real process; yields once the worker
+    process has bound the port beside the main one; SIGTERM (SIGKILL for leftovers)
+    after."""
     (tmp_path / "resolv.conf").write_text("# no nameservers\n")
-    (tmp_path / "seed.yaml").write_text(yaml.safe_dump({"services": DEMO_SERVICES}))
+    (tmp_path / "seed.yaml").write_text(yaml.safe_dump({"services": services}))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({
         "dns": {"listen": ["127.0.0.1:0"], "workers": 2, "upstreams": [],
-                "resolv_conf": str(tmp_path / "resolv.conf")},
+                "resolv_conf": str(tmp_path / "resolv.conf"), **dns_extra},
         "api": {"listen": "127.0.0.1:0"},
         "registry": {"seed_file": str(tmp_path / "seed.yaml")},
         "log": {"level": "info"},
     }))
-    log = (tmp_path / "meshdns.log").open("wb")
     ports = tmp_path / "ports.json"
-    proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
-                             str(tmp_path / "config.yaml"), "--ports-file", str(ports)],
-                            stdout=log, stderr=log)
+    with (tmp_path / "meshdns.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
+                                 str(tmp_path / "config.yaml"), "--ports-file", str(ports)],
+                                stdout=log, stderr=log)
     try:
         wait_for(ports.exists)  # written once every listener is bound
         port, api = read_ports(ports)
         # Ready once the worker process exists and has bound the port next to the main one.
-        wait_for(lambda: len(children(proc.pid)) == 1 and ask(port, "frontend.kong.svc.80.mesh")
-                 .rcode() == dns.rcode.NOERROR)
-        wait_for(lambda: _udp_owners(port) == 2)
+        wait_for(lambda: len(children(proc.pid)) == 1 and _udp_owners(port) == 2)
         yield proc, port, api
     finally:
         kids = children(proc.pid)
@@ -112,6 +114,13 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, 
         for kid in kids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(kid, signal.SIGKILL)
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    with serving(tmp_path, DEMO_SERVICES, {}) as (proc, port, api):
+        wait_for(lambda: ask(port, "frontend.kong.svc.80.mesh").rcode() == dns.rcode.NOERROR)
+        yield proc, port, api
 
 
 def _dead(pid: int) -> bool:
@@ -216,25 +225,7 @@ def test_worker_processes_start_with_views_and_answer_each_view(tmp_path: Path) 
     ]
     views = [{"clients": ["127.0.0.5/32"], "select": {"matchLabels": {"mesh": "a"}}},
              {"clients": ["127.0.0.6/32"], "select": {"matchLabels": {"mesh": "b"}}}]
-    (tmp_path / "resolv.conf").write_text("# no nameservers\n")
-    (tmp_path / "seed.yaml").write_text(yaml.safe_dump({"services": services}))
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
-        "dns": {"listen": ["127.0.0.1:0"], "workers": 2, "upstreams": [], "views": views,
-                "resolv_conf": str(tmp_path / "resolv.conf")},
-        "api": {"listen": "127.0.0.1:0"},
-        "registry": {"seed_file": str(tmp_path / "seed.yaml")},
-    }))
-    logpath = tmp_path / "meshdns.log"
-    ports = tmp_path / "ports.json"
-    with logpath.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "meshdns", "serve", "--config",
-                                 str(tmp_path / "config.yaml"), "--ports-file", str(ports)],
-                                stdout=log, stderr=log)
-    try:
-        wait_for(ports.exists)
-        port, _ = read_ports(ports)
-        wait_for(lambda: len(children(proc.pid)) == 1 and _udp_owners(port) == 2)
-
+    with serving(tmp_path, services, {"views": views}) as (proc, port, _):
         def view_answer(source: str, name: str) -> list[tuple[int, list[str]]]:
             out = []
             for cpu in allowed_cpus():
@@ -254,15 +245,6 @@ def test_worker_processes_start_with_views_and_answer_each_view(tmp_path: Path) 
             == {dns.rcode.NXDOMAIN}
         (worker,) = children(proc.pid)
         assert not _dead(worker)
-        errors = [line for line in logpath.read_text().splitlines() if "error" in line.lower()]
+        log = (tmp_path / "meshdns.log").read_text()
+        errors = [line for line in log.splitlines() if "error" in line.lower()]
         assert errors == []
-    finally:
-        kids = children(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        for kid in kids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(kid, signal.SIGKILL)
