@@ -119,14 +119,17 @@ def parse_patch(data: bytes, kind: str, known: Mapping[Any, Any] | None = None
 
 def _refuse_mesh_in_etcd(st: ApiState, upserts: list[EntrySpec],
                          deletes: Sequence[EntryKey]) -> None:
-    """501 for a mesh service written to a registry kept in etcd: the etcd layout of
-    mesh services (docs/meshservice.md section 7) is not built yet."""
+    """501 for a mesh service with an address set (``endpoints``) written to a registry
+    kept in etcd: the etcd endpoint keys (docs/meshservice.md section 7) are not built
+    yet. Mesh services with VIPs are stored in etcd like services (meshdns/etcd)."""
     if not st.server.config.registry.etcd.endpoints:
         return
-    if any(isinstance(spec, MeshServiceSpec) for spec in upserts) or any(
-            len(key) == 5 for key in deletes):
-        raise ApiError(501, "mesh services (items with ports) cannot be stored in etcd yet: "
-                       "write them to a registry without registry.etcd")
+    del deletes  # (deleting a mesh service's key is stored like any delete)
+    for spec in upserts:
+        if isinstance(spec, MeshServiceSpec) and getattr(spec, "endpoints", None):
+            raise ApiError(501, "mesh services with address sets (endpoints) cannot be "
+                           "stored in etcd yet: give the mesh service a VIP instead, or "
+                           "write it to a registry without registry.etcd")
 
 
 def _core_parse(fn: Callable[[], T]) -> T:

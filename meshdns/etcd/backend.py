@@ -41,6 +41,7 @@ from .client import (
 )
 from .layout import (
     GENERATIONS,
+    MESHSERVICES,
     SERVICES,
     STAGING,
     VIPS,
@@ -514,7 +515,8 @@ class EtcdRegistry:
         if marker is not None:
             guard.append({"key": b64(marker), "target": "CREATE", "result": "EQUAL",
                           "create_revision": "0"})
-        firsts = [self.prefix + root] if root else [self.prefix + SERVICES, self.prefix + VIPS]
+        firsts = [self.prefix + root] if root else [
+            self.prefix + SERVICES, self.prefix + MESHSERVICES, self.prefix + VIPS]
         for first in firsts:
             start = first.encode()
             end = prefix_end(start)

@@ -7,8 +7,14 @@ Under the prefix (default ``/meshdns/``):
     hostnames, and whether each VIP was given by the control plane (``vip_given``,
     ``vip6_given``: a given VIP is kept as it is, an allocated one moves when the
     CIDR does; what the state file keeps too).
+``meshservices/<kind>/<mesh>/<zone>/<namespace>/<name>``
+    one key per mesh service (docs/meshservice.md section 7), ``_`` for an absent
+    mesh, zone or namespace (never an RFC 1123 label: no clash), its JSON record with
+    ``vip_given``/``vip6_given`` as a service's. A registry of services only has none.
 ``vips/<ip>``
-    the claim on one VIP, ``{"owner": [name, namespace, port]}``. It is created
+    the claim on one VIP, ``{"owner": [name, namespace, port]}`` (a mesh service's:
+    ``{"owner": {"kind", "mesh", "zone", "namespace", "name"}}``, an object so that
+    today's decoder never reads it as a service's key). It is created
     (``create_revision == 0`` compare) in the transaction that gives the VIP out,
     so two writers can never hold one VIP. A freed VIP's claim becomes
     ``{"owner": ..., "held": true}`` on a lease of ``registry.vip_hold_seconds``:
@@ -34,8 +40,8 @@ Under the prefix (default ``/meshdns/``):
     compares that it still exists; the garbage collector deletes a generation only
     once its marker is gone (and it is not the current one).
 
-The prefix is *written* once it holds the ``revision`` key or any ``services/``
-key: a first write made it (a PUT of no services included, which commits the
+The prefix is *written* once it holds the ``revision`` key, any ``services/`` or
+any ``meshservices/`` key: a first write made it (a PUT of no services included, which commits the
 ``revision`` key alone). Until then there is no registry, which is not the same
 as an empty one: a fresh install before the control plane's first write, or a
 mistyped prefix. Mesh names get SERVFAIL meanwhile, never an authoritative NXDOMAIN.
@@ -49,10 +55,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from ..core.registry import (
+    Entry,
+    EntryKey,
     Held,
+    MeshKey,
+    MeshService,
+    MeshServiceSpec,
     Registry,
     RegistryError,
     RegistryPolicy,
@@ -61,6 +72,8 @@ from ..core.registry import (
     ServiceSpec,
     apply_patch,
     count_in,
+    evolve,
+    parse_entry,
     parse_ip,
     parse_service,
     patch_incremental,
@@ -72,6 +85,8 @@ from ..core.registry import (
 from ..store import fast_ip4, fast_ip6, service_record
 
 SERVICES = "services/"
+MESHSERVICES = "meshservices/"
+ABSENT = "_"  # an absent mesh, zone or namespace in a mesh service's key
 VIPS = "vips/"
 REVISION = "revision"
 GENERATIONS = "g/"
@@ -115,11 +130,25 @@ def service_key(prefix: str, key: ServiceKey) -> str:
     return f"{prefix}{SERVICES}{namespace}/{name}/{port}"
 
 
+def mesh_path(key: MeshKey) -> str:
+    """``<kind>/<mesh>/<zone>/<namespace>/<name>`` (under ``meshservices/``)."""
+    kind, mesh, zone, namespace, name = key
+    return f"{kind}/{mesh or ABSENT}/{zone or ABSENT}/{namespace or ABSENT}/{name}"
+
+
+def entry_key(prefix: str, key: EntryKey) -> str:
+    """The key of an entry of either form (a 3-tuple: a service, a 5-tuple: a mesh
+    service)."""
+    if len(key) == 5:
+        return f"{prefix}{MESHSERVICES}{mesh_path(key)}"
+    return service_key(prefix, key)
+
+
 def claim_key(prefix: str, family: int, vip: int) -> str:
     return f"{prefix}{VIPS}{fast_ip4(vip) if family == 4 else fast_ip6(vip)}"
 
 
-def encode_service(s: Service) -> bytes:
+def encode_service(s: Entry) -> bytes:
     return json.dumps(service_record(s), separators=(",", ":")).encode()
 
 
@@ -141,6 +170,35 @@ def decode_service(rel: str, data: bytes) -> Service:
                    given[0], given[1], labels=spec.labels, mesh=spec.mesh, zone=spec.zone)
 
 
+def decode_mesh(rel: str, data: bytes) -> MeshService:
+    """The mesh service stored under ``meshservices/<rel>``; LayoutError if it is not one."""
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or "ports" not in doc:
+            raise ValueError("not a mesh service record")
+        given = bool(doc.pop("vip_given", False)), bool(doc.pop("vip6_given", False))
+        spec = parse_entry(doc, "value")
+    except (ValueError, RegistryError) as exc:
+        raise LayoutError(f"{MESHSERVICES}{rel}: {exc}") from None
+    assert isinstance(spec, MeshServiceSpec)
+    if spec.vip is None and spec.vip6 is None:
+        raise LayoutError(f"{MESHSERVICES}{rel}: no vip")
+    if mesh_path(spec.key) != rel:
+        raise LayoutError(f"{MESHSERVICES}{rel}: holds {mesh_path(spec.key)}")
+    return MeshService(spec.kind, spec.mesh, spec.zone, spec.namespace, spec.name,
+                       spec.ports, spec.vip, spec.vip6, spec.hostnames, spec.labels,
+                       given[0], given[1])
+
+
+def parse_mesh_path(rel: str) -> MeshKey:
+    parts = rel.split("/")
+    if len(parts) != 5 or not all(parts):
+        raise LayoutError(f"{MESHSERVICES}{rel}: not <kind>/<mesh>/<zone>/<namespace>/<name>")
+    kind, mesh, zone, namespace, name = parts
+    return (kind, "" if mesh == ABSENT else mesh, "" if zone == ABSENT else zone,
+            "" if namespace == ABSENT else namespace, name)
+
+
 def parse_service_path(rel: str) -> ServiceKey:
     parts = rel.split("/")
     if len(parts) != 3 or not parts[2].isdigit():
@@ -148,8 +206,12 @@ def parse_service_path(rel: str) -> ServiceKey:
     return (parts[1], parts[0], int(parts[2]))
 
 
-def encode_claim(owner: ServiceKey, held: bool) -> bytes:
-    doc: dict[str, Any] = {"owner": list(owner)}
+_OWNER_FIELDS = ("kind", "mesh", "zone", "namespace", "name")
+
+
+def encode_claim(owner: EntryKey, held: bool) -> bytes:
+    doc: dict[str, Any] = {"owner": dict(zip(_OWNER_FIELDS, owner, strict=True))
+                           if len(owner) == 5 else list(owner)}
     if held:
         doc["held"] = True
     return json.dumps(doc, separators=(",", ":")).encode()
@@ -159,7 +221,7 @@ def encode_claim(owner: ServiceKey, held: bool) -> bytes:
 class Claim:
     family: int
     vip: int
-    owner: ServiceKey
+    owner: EntryKey
     held: bool
 
 
@@ -169,7 +231,13 @@ def decode_claim(rel: str, data: bytes) -> Claim:
     try:
         doc = json.loads(data)
         owner = doc["owner"]
-        key = (str(owner[0]), str(owner[1]), int(owner[2]))
+        key: EntryKey
+        if isinstance(owner, dict):  # a mesh service's
+            key = (str(owner["kind"]), str(owner.get("mesh") or ""),
+                   str(owner.get("zone") or ""), str(owner.get("namespace") or ""),
+                   str(owner["name"]))
+        else:
+            key = (str(owner[0]), str(owner[1]), int(owner[2]))
         held = doc.get("held") is True
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise LayoutError(f"vips/{rel}: {exc!r}") from None
@@ -185,17 +253,18 @@ def decode_claim(rel: str, data: bytes) -> Claim:
 class Listing:
     """What one full read of the prefix found."""
 
-    services: list[Service] = field(default_factory=list)
+    services: list[Entry] = field(default_factory=list)  # of both forms
     claims: list[Claim] = field(default_factory=list)
     revision: int = 0  # of the newest service or revision-key write
     bad: list[str] = field(default_factory=list)  # keys skipped, with why
-    written: bool = False  # the revision key or a services/ key is there (see above)
+    written: bool = False  # the revision key, a services/ or meshservices/ key (see above)
     root: str = ""  # the generation the revision key names
     foreign: int = 0  # keys under the prefix outside meshdns's layout (another prefix's?)
     foreign_example: str = ""
 
 
-_LIVE_CLAIM = b'{"owner":['  # how encode_claim's value of a claim in use starts
+# How encode_claim's value of a claim in use starts (a service's, a mesh service's).
+_LIVE_CLAIM = (b'{"owner":[', b'{"owner":{')
 _HELD = b'"held"'
 
 
@@ -215,6 +284,10 @@ def decode_listing(prefix: str, entries: Iterable[tuple[str, bytes, int]], root:
             if rel.startswith(SERVICES):
                 listing.written = True
                 listing.services.append(decode_service(rel[len(SERVICES):], value))
+                listing.revision = max(listing.revision, mod)
+            elif rel.startswith(MESHSERVICES):
+                listing.written = True
+                listing.services.append(decode_mesh(rel[len(MESHSERVICES):], value))
                 listing.revision = max(listing.revision, mod)
             elif rel.startswith(VIPS):
                 if not value.startswith(_LIVE_CLAIM) or _HELD in value:
@@ -238,33 +311,46 @@ def decode_listing(prefix: str, entries: Iterable[tuple[str, bytes, int]], root:
 
 def build_snapshot(listing: Listing, policy: RegistryPolicy, now: float) -> Registry:
     """The registry a listing holds, VIPs as stored (O(n): start-up and re-lists)."""
-    specs: list[ServiceSpec] = []
-    allocated: dict[ServiceKey, tuple[int | None, int | None]] = {}
+    specs: list[ServiceSpec | MeshServiceSpec] = []
+    allocated: dict[EntryKey, tuple[int | None, int | None]] = {}
+    partial: list[MeshService] = []
     for s in listing.services:
+        if s.__class__ is MeshService and s.vip_given is s.vip6_given is False and (
+                s.vip is None or s.vip6 is None):
+            # A mesh service allocated one family only (the other range exhausted, or
+            # none configured when it was written): restored as allocated, the core would
+            # allocate the other family now, which no other copy has. Named exactly
+            # (the flags put back after), as a delta applies it.
+            partial.append(s)
+            specs.append(MeshServiceSpec(s.kind, s.mesh, s.zone, s.namespace, s.name,
+                                         s.ports, s.vip, s.vip6, s.hostnames, s.labels))
+            continue
         specs.append(s.to_spec())
         allocated[s.key] = (None if s.vip_given else s.vip,
                             None if s.vip6_given else s.vip6)
-    held4 = {c.vip: (HELD_UNTIL_DELETED, c.owner) for c in listing.claims
-             if c.held and c.family == 4}
-    held6 = {c.vip: (HELD_UNTIL_DELETED, c.owner) for c in listing.claims
-             if c.held and c.family == 6}
-    return restore(listing.revision, specs, allocated, policy, held4, held6, now)
+    # (Held is typed with the legacy key; the core keeps mesh services' keys in it too.)
+    held4 = {c.vip: (HELD_UNTIL_DELETED, cast("ServiceKey", c.owner))
+             for c in listing.claims if c.held and c.family == 4}
+    held6 = {c.vip: (HELD_UNTIL_DELETED, cast("ServiceKey", c.owner))
+             for c in listing.claims if c.held and c.family == 6}
+    reg = restore(listing.revision, specs, allocated, policy, held4, held6, now)
+    return _as_stored(reg, [(s.key, s) for s in partial]) if partial else reg
 
 
 @dataclass
 class Delta:
     """Events of one watch response, collapsed to the last one per key."""
 
-    upserts: dict[ServiceKey, Service] = field(default_factory=dict)
-    deletes: set[ServiceKey] = field(default_factory=set)
-    held: dict[tuple[int, int], ServiceKey | None] = field(default_factory=dict)  # None: unheld
+    upserts: dict[EntryKey, Entry] = field(default_factory=dict)
+    deletes: set[EntryKey] = field(default_factory=set)
+    held: dict[tuple[int, int], EntryKey | None] = field(default_factory=dict)  # None: unheld
     revision: int = 0  # newest service or revision-key write in it (0: none)
 
-    def service(self, svc: Service) -> None:
+    def service(self, svc: Entry) -> None:
         self.deletes.discard(svc.key)
         self.upserts[svc.key] = svc
 
-    def delete(self, key: ServiceKey) -> None:
+    def delete(self, key: EntryKey) -> None:
         self.upserts.pop(key, None)
         self.deletes.add(key)
 
@@ -278,7 +364,7 @@ class Changes:
     write_revision: int | None = None  # the revision key's new mod_revision (0: deleted)
     top: int = 0  # highest mod_revision in the response
     bad: list[str] = field(default_factory=list)
-    written: bool = False  # the revision key or a services/ key was put (see above)
+    written: bool = False  # the revision key, a services/ or meshservices/ key was put
     root: str | None = None  # the generation the revision key now names (None: not put)
     relevant: bool = False  # any event of the registry (not another generation's keys)
 
@@ -303,6 +389,14 @@ def decode_events(prefix: str, events: Iterable[tuple[str, bytes | None, int]],
                 else:
                     out.written = True
                     delta.service(decode_service(path, value))
+                delta.revision = max(delta.revision, mod)
+            elif rel.startswith(MESHSERVICES):
+                path = rel[len(MESHSERVICES):]
+                if value is None:
+                    delta.delete(parse_mesh_path(path))
+                else:
+                    out.written = True
+                    delta.service(decode_mesh(path, value))
                 delta.revision = max(delta.revision, mod)
             elif rel.startswith(VIPS):
                 text = rel[len(VIPS):]
@@ -331,8 +425,8 @@ def apply_delta(base: Registry, delta: Delta, policy: RegistryPolicy, now: float
     services come with their VIPs, so nothing is allocated here)."""
     new = base
     if delta.upserts or delta.deletes:
-        new = apply_patch(base, list(delta.upserts.values()), sorted(delta.deletes), policy,
-                          now)
+        new = _as_stored(apply_patch(base, _upserts(delta), _sorted(delta.deletes), policy,
+                                     now), delta.upserts.items())
     return _with_claims(base, new, delta, policy)
 
 
@@ -342,9 +436,55 @@ def apply_delta_quick(base: Registry, delta: Delta, policy: RegistryPolicy, now:
     form, run on the event loop); None when it takes a full rebuild (off the loop)."""
     new: Registry | None = base
     if delta.upserts or delta.deletes:
-        new = patch_incremental(base, list(delta.upserts.values()), sorted(delta.deletes),
-                                policy, now)
+        new = patch_incremental(base, _upserts(delta), _sorted(delta.deletes), policy, now)
+        if new is not None:
+            new = _as_stored(new, delta.upserts.items())
     return None if new is None else _with_claims(base, new, delta, policy)
+
+
+def _sorted(keys: set[EntryKey]) -> list[EntryKey]:
+    """Deletes in a stable order: services by key, then mesh services by key."""
+    if all(len(k) == 3 for k in keys):
+        return sorted(keys)
+    return sorted(keys, key=lambda k: (len(k), k))
+
+
+def _upserts(delta: Delta) -> list[ServiceSpec | MeshServiceSpec]:
+    """The delta's entries as the core's PATCH takes them with their VIPs as stored. A
+    service goes as it is (a Service: its VIPs and flags kept); a mesh service as the
+    spec naming exactly its VIPs (a mesh service's VIPs are all given or none: none is
+    allocated for a family it lacks). Whether each counts as given, _as_stored keeps
+    as stored."""
+    out: list[ServiceSpec | MeshServiceSpec] = []
+    for s in delta.upserts.values():
+        if s.__class__ is MeshService:
+            out.append(MeshServiceSpec(s.kind, s.mesh, s.zone, s.namespace, s.name,
+                                       s.ports, s.vip, s.vip6, s.hostnames, s.labels))
+        else:
+            out.append(s)
+    return out
+
+
+def _as_stored(new: Registry, stored: Iterable[tuple[EntryKey, Entry]]) -> Registry:
+    """``new`` with the ``stored`` mesh services exactly as stored: the core's PATCH
+    decides anew whether each VIP counts as given; the writer already did. A VIP
+    that differs cannot be fixed here: RegistryError (the prefix is listed again)."""
+    fixes: list[tuple[EntryKey, Entry]] = []
+    entries = new.entry_map
+    for key, svc in stored:
+        if len(key) != 5:
+            continue
+        got = entries.get(key)
+        if got is svc or got == svc:
+            continue
+        if got is None or got.vip != svc.vip or got.vip6 != svc.vip6:
+            raise RegistryError(409, f"{mesh_path(key)} came out with "
+                                "other VIPs than stored", MESHSERVICES)
+        fixes.append((key, svc))
+    if not fixes:
+        return new
+    services = evolve(entries, (), fixes)
+    return replace(new, services=services)  # type: ignore[arg-type]
 
 
 def _with_claims(base: Registry, new: Registry, delta: Delta, policy: RegistryPolicy
@@ -379,7 +519,7 @@ def _held(core: Held, in_use: Mapping[int, ServiceKey], delta: Delta, family: in
         elif current.get(vip) != (HELD_UNTIL_DELETED, owner):
             if table is None:
                 table = dict(core)
-            table[vip] = (HELD_UNTIL_DELETED, owner)
+            table[vip] = (HELD_UNTIL_DELETED, cast("ServiceKey", owner))
     return table
 
 
@@ -441,13 +581,14 @@ def plan_write(prefix: str, base: Registry, new: Registry, claim_revisions: Mapp
             continue
         for s in (old, svc):
             if s is not None:
-                vips.add((4, s.vip))
+                if s.vip is not None:  # (a mesh service may have only a vip6)
+                    vips.add((4, s.vip))
                 if s.vip6 is not None:
                     vips.add((6, s.vip6))
         if svc is None:
-            plan.deletes.append(service_key(prefix, key))
+            plan.deletes.append(entry_key(prefix, key))
         else:
-            plan.puts.append((service_key(prefix, key), encode_service(svc)))
+            plan.puts.append((entry_key(prefix, key), encode_service(svc)))
     for family, vip in vips:
         before = (base.by_vip4 if family == 4 else base.by_vip6).get(vip)
         after = (new.by_vip4 if family == 4 else new.by_vip6).get(vip)
@@ -471,9 +612,10 @@ def plan_generation(prefix: str, reg: Registry) -> Plan:
     service, the claim on each of its VIPs, and each held VIP's claim (``held``: on a
     hold lease). O(n): a write too large for one transaction rewrites the registry."""
     plan = Plan()
-    for key, s in reg.services.items():
-        plan.puts.append((service_key(prefix, key), encode_service(s)))
-        plan.puts.append((claim_key(prefix, 4, s.vip), encode_claim(key, held=False)))
+    for key, s in reg.entry_map.items():
+        plan.puts.append((entry_key(prefix, key), encode_service(s)))
+        if s.vip is not None:  # (a mesh service may have only a vip6)
+            plan.puts.append((claim_key(prefix, 4, s.vip), encode_claim(key, held=False)))
         if s.vip6 is not None:
             plan.puts.append((claim_key(prefix, 6, s.vip6), encode_claim(key, held=False)))
     for family, held, in_use in ((4, reg.held4, reg.by_vip4), (6, reg.held6, reg.by_vip6)):

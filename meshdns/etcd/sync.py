@@ -34,6 +34,7 @@ from ..core.registry import Registry, RegistryError, RegistryPolicy
 from ..store import RegistryStore
 from .client import EtcdClient, EtcdError, EtcdUnavailable, num, prefix_end, unb64
 from .layout import (
+    MESHSERVICES,
     REVISION,
     SERVICES,
     VIPS,
@@ -194,6 +195,8 @@ class EtcdMirror:
         except LayoutError as exc:
             raise SyncError(str(exc)) from None
         ranges = [prefix + root + SERVICES, prefix + root + VIPS] if head else [prefix]
+        if head:  # mesh services (docs/meshservice.md section 7), before the services
+            ranges.insert(0, prefix + root + MESHSERVICES)
         pages: list[list[dict[str, Any]]] = [head]
         for first in ranges:
             start = first.encode()
