@@ -43,6 +43,7 @@ from ._zone import (
     T_SRV,
     VIP_ANSWERS,
     VIP_NAME,
+    WILDCARD,
     Zone,
 )
 
@@ -195,7 +196,9 @@ class FastPath:
             where = self.zone.locate(key)
             if where is None:
                 return None  # other reverse names, the search list, forwarded: dnslib's
-            kind, found, _, at, target_domain = where
+            kind, found, rule, at, target_domain = where
+            if rule is WILDCARD:
+                return None  # synthesized (RFC 4592): the dnslib path's, cached as negative
             if found is None:
                 if kind in (NO_NAME, EMPTY_NAME):  # under the served domain target_domain
                     rcode = RCODE_NXDOMAIN if kind == NO_NAME else RCODE_NOERROR

@@ -62,6 +62,7 @@ SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 1200, 604800
 # Decision rules, as shown by /v1/resolve.
 CANONICAL, KUMA, HOSTNAME, TEMPLATE = "canonical", "kuma", "hostname", "template"
 SRV_PORT = "srv-port"  # _<portname>._<proto>.<name> of a mesh service (one port)
+WILDCARD = "wildcard"  # a name synthesized from an owned *.<parent> (RFC 4592)
 PTR_RULE, APEX, ENT = "ptr", "apex", "empty-non-terminal"
 # The Extended DNS Errors of local answers (the forwarder adds its own).
 NOT_READY = (EDE_NOT_READY, "registry not loaded yet")
@@ -69,7 +70,7 @@ ONLY_CLASS_IN = (EDE_NOT_SUPPORTED, "only class IN is served")
 NO_UPSTREAM = (EDE_NOT_AUTHORITATIVE, "not a served name, and no upstream")
 NXDOMAIN, SEARCH, FORWARD, REFUSED = "nxdomain", "search", "forward", "refused"
 NOT_LOADED = "not-loaded"
-SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME, TEMPLATE, SRV_PORT})
+SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME, TEMPLATE, SRV_PORT, WILDCARD})
 
 # What a name is (the first field of a Location, see Zone.locate). The first two are a
 # service's: a name under a served domain, or a host (or rendered) name outside them,
@@ -245,6 +246,14 @@ class Zone:
     # this one replaces (``inherit``), so a PATCH costs O(change) here, not O(hosts).
     _host_ents: Mapping[str, int] | None = field(init=False, default=None, repr=False,
                                                  compare=False)
+    # Wildcard host names (docs/meshservice.md section 5): parent -> owner of
+    # "*.<parent>", built on the first exact miss (evolved by ``inherit``), and the
+    # nodes that exist above owned names (for the closest encloser), built when a
+    # question first falls below a wildcard.
+    _wild: Mapping[str, EntryKey] | None = field(init=False, default=None, repr=False,
+                                                 compare=False)
+    _wild_ents: frozenset[str] | None = field(init=False, default=None, repr=False,
+                                              compare=False)
     _builtins: frozenset[str] = field(init=False)
     _sorted4: list[int] | None = field(init=False, default=None)
     _sorted6: list[int] | None = field(init=False, default=None)
@@ -285,12 +294,32 @@ class Zone:
         ``old`` never needed stay unbuilt: the first question that needs them builds
         them (once per full rebuild; every PATCH after it evolves them).
         """
-        before = old._host_ents
-        if self._host_ents is not None or before is None or old._domains != self._domains:
-            return
         reg, base = self.registry, old.registry
         touched = reg.touched_since(base)
         if touched is None:
+            return
+        wild = old._wild
+        if self._wild is None and wild is not None:
+            gone_wild: set[str] = set()
+            put_wild: dict[str, EntryKey] = {}
+            for key in {*touched[0], *touched[1]}:
+                for snap, out in ((base, None), (reg, put_wild)):
+                    entry = snap.entry_map.get(key)
+                    for host in entry.hostnames if entry is not None else ():
+                        if host[:2] == "*." and snap.hostnames.get(host) == key:
+                            if out is None:
+                                gone_wild.add(host[2:])
+                            else:
+                                out[host[2:]] = key
+            if gone_wild or put_wild:
+                new_wild = dict(wild)
+                for parent in gone_wild:
+                    new_wild.pop(parent, None)
+                new_wild.update(put_wild)
+                wild = new_wild
+            self._wild = wild
+        before = old._host_ents
+        if self._host_ents is not None or before is None or old._domains != self._domains:
             return
         counts: dict[str, int] = {}
         for key in {*touched[0], *touched[1]}:
@@ -392,6 +421,75 @@ class Zone:
         svc = reg.entry_map[owner]
         return svc if isinstance(svc, MeshService) else None
 
+    def wildcards(self) -> Mapping[str, EntryKey]:
+        """Parent -> owner of every wildcard host name ``*.<parent>`` (docs/meshservice.md
+        section 5): scanned once per snapshot line, then evolved by ``inherit``."""
+        wild = self._wild
+        if wild is None:
+            wild = self._wild = {host[2:]: owner for host, owner in
+                                 self.registry.hostnames.items() if host[:2] == "*."}
+        return wild
+
+    def _exists_below_wildcard(self) -> frozenset[str]:
+        """The nodes strictly below some wildcard's parent that exist because an owned
+        host or rendered name is them or lies below them (the other sorts of names are
+        parsed, ``_exists``)."""
+        nodes = self._wild_ents
+        if nodes is None:
+            wild = self.wildcards()
+            out: set[str] = set()
+            for name in (*self.registry.hostnames, *self._generated):
+                below = [name]
+                cut = name.find(".")
+                while cut != -1:
+                    below.append(name[cut + 1:])
+                    cut = name.find(".", cut + 1)
+                # Up to (not including) the shortest wildcard parent above the name.
+                for i in range(len(below) - 1, 0, -1):
+                    if below[i] in wild:
+                        out.update(below[:i])
+                        break
+            nodes = self._wild_ents = frozenset(out)
+        return nodes
+
+    def wildcard_match(self, key: str, hidden: Container[EntryKey] = ()
+                       ) -> tuple[str, str, EntryKey] | None:
+        """RFC 4592 for a name no entry owns: (wildcard, closest encloser, its owner)
+        when the closest encloser of ``key`` has an owned ``*`` child, else None."""
+        wild = self.wildcards()
+        if not wild:
+            return None
+        # The longest wildcard parent ``key`` lies strictly below.
+        cut = key.find(".")
+        parent = None
+        while cut != -1:
+            if key[cut + 1:] in wild:
+                parent = key[cut + 1:]
+                break
+            cut = key.find(".", cut + 1)
+        if parent is None:
+            return None
+        nodes = self._exists_below_wildcard()
+        if key in nodes:
+            return None  # an empty non-terminal itself: it exists, no wildcard answers it
+        cut = key.find(".")
+        while True:
+            node = key[cut + 1:]
+            if node == parent:
+                break
+            if node in nodes or self._exists(node, hidden is not self._hidden):
+                return None  # the closest encloser is below the wildcard's parent
+            cut = key.find(".", cut + 1)
+        owner = wild[parent]
+        if hidden and owner in hidden:
+            return None
+        return "*." + parent, parent, owner
+
+    def _exists(self, node: str, include_hidden: bool) -> bool:
+        """Whether ``node`` exists without wildcards: owned, or an empty non-terminal."""
+        where = self.locate(node, include_hidden, wild=False)
+        return where is not None and where[0] in _EXISTING
+
     def soa(self, apex: str, ttl: int | None = None) -> RR:
         s = self.settings
         serial = self.registry.revision & 0xFFFFFFFF
@@ -425,7 +523,8 @@ class Zone:
 
     # ------------------------------------------------------------ policy
 
-    def locate(self, key: str, include_hidden: bool = False) -> Location | None:
+    def locate(self, key: str, include_hidden: bool = False, wild: bool = True
+               ) -> Location | None:
         """What ``key`` (a lookup key: wire_to_key's form) is in this snapshot, and whose:
         the one lookup behind every local answer, on the dnslib path and the wire path.
 
@@ -482,6 +581,10 @@ class Zone:
                         return EMPTY_NAME, None, ENT, domain, domain
                 if self.is_ent(key, domain):
                     return EMPTY_NAME, None, ENT, domain, domain
+                if wild:
+                    match = self.wildcard_match(key, hidden)
+                    if match is not None:
+                        return SERVICE_NAME, reg.entry_map[match[2]], WILDCARD, domain, domain
                 return NO_NAME, None, NXDOMAIN, domain, domain
             if key == domain:
                 if not self.loaded:
@@ -507,6 +610,10 @@ class Zone:
                 if found == SERVICE_NAME:
                     return HOST_NAME, mesh_svc, SRV_PORT, parent, self._domain0
                 return EMPTY_NAME, None, ENT, parent, parent
+        if wild and not key.endswith(".arpa"):
+            match = self.wildcard_match(key, hidden)
+            if match is not None:
+                return HOST_NAME, reg.entry_map[match[2]], WILDCARD, key, self._domain0
         if key.endswith(".in-addr.arpa"):
             vip, by_vip = ipv4_of_reverse_name(key), reg.by_vip4
         elif key.endswith(".ip6.arpa"):
@@ -703,6 +810,9 @@ class Zone:
         answer = (cname,) if qtype == T_CNAME else (cname, *inner.answer)
         return Decision(RCODE_NOERROR, SEARCH, False, answer, inner.authority,
                         inner.additional, inner.service, domain)
+
+
+_EXISTING = frozenset({SERVICE_NAME, HOST_NAME, EMPTY_NAME, APEX_NAME, VIP_NAME})
 
 
 def qtype_name(qtype: int) -> str:

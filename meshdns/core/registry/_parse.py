@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from ._service import (
@@ -105,6 +105,34 @@ def _parse_vip(value: Any, version: int, path: str) -> int | None:
     return vip
 
 
+def _parse_wildcard(raw: str, path: str) -> str:
+    """``*.<parent>`` (docs/meshservice.md section 5): ``*`` the whole leftmost label,
+    once; the parent a host name of at least two labels and no reverse zone (whether it
+    is a served domain or above one is checked against the domains, is_wildcard_above)."""
+    parent = normalize_hostname(raw[2:])
+    if parent is None or len(parent) + 2 > 253:
+        raise bad_request(f"a wildcard must be '*.' and a fully qualified domain name, "
+                          f"got {quote(raw)}", path)
+    if "." not in parent:
+        raise bad_request(f"a wildcard's parent needs at least two labels (*.example.com), "
+                          f"got {quote(raw)}", path)
+    if parent == "arpa" or parent.endswith(".arpa"):
+        raise bad_request(f"a wildcard may not lie in a reverse zone, got {quote(raw)}", path)
+    return "*." + parent
+
+
+def wildcard_over_domain(host: str, domains: Sequence[str]) -> str | None:
+    """The served domain that a wildcard ``host`` (``*.<parent>``) would cover whole: its
+    parent is that domain or above it (400); None when ``host`` is no such wildcard."""
+    if host[:2] != "*.":
+        return None
+    parent = host[2:]
+    for domain in domains:
+        if domain == parent or domain.endswith("." + parent):
+            return domain
+    return None
+
+
 def _parse_hostnames(raw_hosts: Any, path: str) -> tuple[str, ...]:
     if not isinstance(raw_hosts, list):
         raise bad_request("must be a list of host names", f"{path}.hostnames")
@@ -115,7 +143,11 @@ def _parse_hostnames(raw_hosts: Any, path: str) -> tuple[str, ...]:
         )
     hostnames: list[str] = []
     for j, raw in enumerate(raw_hosts):
-        host = normalize_hostname(raw) if isinstance(raw, str) else None
+        host: str | None
+        if isinstance(raw, str) and raw[:2] == "*.":
+            host = _parse_wildcard(raw, f"{path}.hostnames[{j}]")
+        else:
+            host = normalize_hostname(raw) if isinstance(raw, str) else None
         if host is None:
             raise bad_request(f"must be a fully qualified domain name, got {quote(raw)}",
                        f"{path}.hostnames[{j}]")

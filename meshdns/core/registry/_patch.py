@@ -8,6 +8,7 @@ from typing import Any, cast
 from ._allocate import in_release_order, top_of
 from ._layered import evolve
 from ._nametable import MeshPorts, builtin_owner, mesh_builtin_ports, patch_names
+from ._parse import wildcard_over_domain
 from ._rebuild import build, make_registry, vips_given
 from ._service import (
     EntryKey,
@@ -562,8 +563,8 @@ def _patch_hostnames(reg: Registry, removed: Sequence[Any], upserts: Sequence[En
         for host in spec.hostnames:
             owner = owner_of(host)
             if owner is None:
-                if host in domains:
-                    return None  # an apex: 400
+                if host in domains or wildcard_over_domain(host, domains) is not None:
+                    return None  # an apex, or a wildcard over a served domain: 400
                 other = builtin_owner(host, services, domains, builtins,
                                       reg.mesh_ports if mesh_ports is None else mesh_ports)
                 if other is not None and other != key:
