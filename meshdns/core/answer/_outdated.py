@@ -119,6 +119,11 @@ def mesh_service_names(svc: MeshService, domains: Iterable[str],
                 if builtin == "canonical" else kuma_name(name, namespace, port_number, domain)
             if own is not None:
                 out.append(own)
+    for endpoint in svc.endpoints or ():  # per-endpoint names, their PTRs (section 4)
+        if endpoint.name is not None:
+            out += [f"{endpoint.name}.{host}" for host in svc.hostnames]
+            out += _reverse_names(*((endpoint.address, None) if endpoint.version == 4
+                                    else (None, endpoint.address)))
     return out + _reverse_names(svc.vip, svc.vip6)
 
 

@@ -9,11 +9,13 @@ from typing import Any, cast
 
 from ._service import (
     KEY_FIELDS,
+    MAX_ENDPOINTS_PER_SERVICE,
     MAX_HOSTNAMES_PER_SERVICE,
     MAX_PORTS_PER_SERVICE,
     MESH_FIELDS,
     MESH_KINDS,
     SERVICE_FIELDS,
+    Endpoint,
     EntryKey,
     EntrySpec,
     Labels,
@@ -293,8 +295,60 @@ def _parse_mesh_service(item: Mapping[str, Any], path: str) -> MeshServiceSpec:
     raw_hosts = item.get("hostnames")
     hostnames = () if raw_hosts is None else _parse_hostnames(raw_hosts, path)
     labels = parse_labels(item.get("labels"), f"{path}.labels")
+    raw_endpoints = item.get("endpoints")
+    endpoints = None
+    if raw_endpoints is not None:
+        if vip is not None or vip6 is not None:
+            raise bad_request("an address set (endpoints) has no VIP: give endpoints or "
+                              "vip/vip6, not both", f"{path}.endpoints")
+        endpoints = parse_endpoints(raw_endpoints, f"{path}.endpoints")
     return MeshServiceSpec(kind, mesh, zone, namespace, name, ports, vip, vip6, hostnames,
-                           labels)
+                           labels, endpoints)
+
+
+_ENDPOINT_FIELDS = frozenset({"address", "name"})
+
+
+def parse_endpoints(raw: Any, path: str) -> tuple[Endpoint, ...]:
+    """``endpoints: [{address, name?}]`` (docs/meshservice.md section 4): addresses and
+    names unique in the entry, at most MAX_ENDPOINTS_PER_SERVICE."""
+    if not isinstance(raw, list):
+        raise bad_request("must be a list of {address, name?}", path)
+    if len(raw) > MAX_ENDPOINTS_PER_SERVICE:
+        raise bad_request(f"at most {MAX_ENDPOINTS_PER_SERVICE} endpoints per service", path)
+    out: list[Endpoint] = []
+    addresses: dict[tuple[int, int], int] = {}
+    names: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        here = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            raise bad_request("must be an object {address, name?}", here)
+        if not item.keys() <= _ENDPOINT_FIELDS:
+            raise _unknown_field(item, _ENDPOINT_FIELDS, here)
+        value = item.get("address")
+        address: int | None = None
+        version = 4
+        if isinstance(value, str):
+            version = 6 if ":" in value else 4
+            address = parse_ip(value, version) if "%" not in value else None
+        if address is None:
+            raise bad_request(f"must be an IPv4 or IPv6 address, got {quote(value)}",
+                              f"{here}.address")
+        first = addresses.setdefault((version, address), i)
+        if first != i:
+            raise bad_request(f"address {quote(value)} is given twice (also {path}[{first}])",
+                              f"{here}.address")
+        name = item.get("name")
+        if name is not None:
+            if not isinstance(name, str) or not is_rfc1123_label(name):
+                raise bad_request("an endpoint name must be a lower-case RFC 1123 label, "
+                                  f"got {quote(name)}", f"{here}.name")
+            first = names.setdefault(name, i)
+            if first != i:
+                raise bad_request(f"endpoint name {quote(name)} is given twice (also "
+                                  f"{path}[{first}])", f"{here}.name")
+        out.append(Endpoint(address, version, name))
+    return tuple(out)
 
 
 _NO_SERVICES: Mapping[ServiceKey, Service] = {}

@@ -259,7 +259,8 @@ def _patch_mesh(reg: Registry, index: BuildIndex, upserts: Sequence[EntrySpec],
             if isinstance(spec, MeshServiceSpec):
                 svc = MeshService(spec.kind, spec.mesh, spec.zone, spec.namespace, spec.name,
                                   spec.ports, vip4.get(key), vip6.get(key), spec.hostnames,
-                                  spec.labels, given4, given6)
+                                  spec.labels, spec.endpoints, vip_given=given4,
+                                  vip6_given=given6)
             else:
                 svc = Service(spec.name, spec.namespace, spec.port, vip4[key], vip6.get(key),
                               spec.hostnames, given4, given6, labels=spec.labels,

@@ -278,7 +278,7 @@ def _build_mixed(reg: Registry, specs: Mapping[EntryKey, EntrySpec], policy: Reg
             if isinstance(spec, MeshServiceSpec):
                 new = MeshService(spec.kind, spec.mesh, spec.zone, spec.namespace, spec.name,
                                   spec.ports, v4, v6, spec.hostnames, spec.labels,
-                                  given4, given6)
+                                  spec.endpoints, vip_given=given4, vip6_given=given6)
             else:
                 assert v4 is not None
                 new = make_service(spec.name, spec.namespace, spec.port, v4, v6,
