@@ -125,8 +125,11 @@ def test_an_address_set_moves_through_a_follower_by_delta(
                                           {"registry": {"follow": leader.url}},
                                           name="follower"))
     wait_for(lambda: listing(follower.url)[0] == listing(leader.url)[0], 30, "first sync")
+    key = {"kind": "MeshService", "mesh": "default", "namespace": "shop", "name": "db"}
     for body in ({"upsert": [DB]},
-                 {"upsert": [dict(DB, endpoints=DB["endpoints"][1:])]}):  # one endpoint gone
+                 {"upsert": [dict(DB, endpoints=DB["endpoints"][1:])]},  # one endpoint gone
+                 {"endpoints": [{"service": key, "delete": [{"address": "10.1.0.3"}],
+                                 "upsert": [{"address": "10.1.0.3"}]}]}):  # unnamed now
         assert call(leader.url, "PATCH", "/v1/services", body).status == 200
         revision = call(leader.url, "GET", "/v1/services").json()["revision"]
         wait_for(lambda rev=revision: call(follower.url, "GET", "/v1/services").json()[
@@ -137,6 +140,34 @@ def test_an_address_set_moves_through_a_follower_by_delta(
     out = run_tool("dig", "@127.0.0.1", "-p", str(follower.dns_addr[1]), "+short",
                    "db.shop.mesh", "A")
     assert sorted(out.stdout.split()) == ADDRESSES[1:]
-    out = run_tool("dig", "@127.0.0.1", "-p", str(follower.dns_addr[1]), "+short",
-                   "db-0.db.shop.mesh", "A")
-    assert out.stdout.split() == []
+    for gone in ("db-0", "db-2"):  # removed, and renamed to no name by the endpoint patch
+        out = run_tool("dig", "@127.0.0.1", "-p", str(follower.dns_addr[1]), "+short",
+                       f"{gone}.db.shop.mesh", "A")
+        assert out.stdout.split() == []
+
+
+def test_a_patch_changes_one_endpoint(server: ServerThread) -> None:
+    key = {"kind": "MeshService", "mesh": "default", "namespace": "shop", "name": "db"}
+    body = {"endpoints": [{"service": key, "upsert": [{"address": "10.1.0.9", "name": "db-9"},
+                                                      {"address": "10.1.0.2",
+                                                       "name": "db-renamed"}],
+                           "delete": [{"address": "10.1.0.1"}]}]}
+    reply = call(server.api_url, "PATCH", "/v1/services", body)
+    assert reply.status == 200, reply.body
+    db = next(s for s in call(server.api_url, "GET", "/v1/services").json()["services"]
+              if s.get("name") == "db")
+    assert db["endpoints"] == [
+        {"address": "10.1.0.2", "name": "db-renamed"}, *DB["endpoints"][2:],
+        {"address": "10.1.0.9", "name": "db-9"}]
+    assert [r[4] for r in dig(server, "db-9.db.shop.mesh", "A")[1]] == ["10.1.0.9"]
+    assert [r[4] for r in dig(server, "-x", "10.1.0.2")[1]] == ["db-renamed.db.shop.mesh."]
+    assert sorted(r[4] for r in dig(server, "db.shop.mesh", "A")[1]) == \
+        sorted(["10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5", "10.1.0.9"])
+    # An entry that does not exist: 409 naming it; nothing changed.
+    missing = dict(key, name="nope")
+    reply = call(server.api_url, "PATCH", "/v1/services",
+                 {"endpoints": [{"service": missing, "upsert": [{"address": "10.9.9.9"}]}]})
+    assert reply.status == 409 and b"nope" in reply.body
+    reply = call(server.api_url, "PATCH", "/v1/services",
+                 {"endpoints": [{"service": key, "delete": [{"address": "nope"}]}]})
+    assert reply.status == 400

@@ -31,15 +31,18 @@ from ._nametable import (
 from ._parse import (
     MAX_LABELS_PER_SERVICE,
     QUOTE_LIMIT,
+    EndpointPatch,
     clip,
     label_key_error,
     parse_deletes,
+    parse_endpoint_patches,
     parse_entries,
     parse_entry,
     parse_labels,
     parse_service,
     parse_services,
     quote,
+    with_endpoint_patches,
 )
 from ._patch import apply_patch, check_disjoint, patch_incremental
 from ._rebuild import apply_put, restore
@@ -113,6 +116,7 @@ __all__ = [
     "QUOTE_LIMIT",
     "SERVICE_KIND",
     "Endpoint",
+    "EndpointPatch",
     "Entry",
     "EntryKey",
     "EntrySpec",
@@ -167,6 +171,7 @@ __all__ = [
     "normalize_domain",
     "normalize_hostname",
     "parse_deletes",
+    "parse_endpoint_patches",
     "parse_entries",
     "parse_entry",
     "parse_ip",
@@ -185,4 +190,5 @@ __all__ = [
     "selects",
     "service_json",
     "template_items_raw",
+    "with_endpoint_patches",
 ]

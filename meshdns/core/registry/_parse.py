@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import reprlib
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 from ._service import (
@@ -27,6 +28,7 @@ from ._service import (
     ServiceKey,
     ServiceSpec,
     bad_request,
+    describe,
     make_service,
     make_spec,
 )
@@ -498,3 +500,86 @@ def parse_deletes(value: Any, path: str = "delete") -> list[EntryKey]:
         keys.append(_parse_key_fields(item, f"{path}[{i}]"))
     return keys
 
+
+
+# (entry key, endpoints to upsert, addresses to delete as (version, address))
+EndpointPatch = tuple[MeshKey, tuple[Endpoint, ...], tuple[tuple[int, int], ...]]
+_ENDPOINT_PATCH_FIELDS = frozenset({"service", "upsert", "delete"})
+
+
+def parse_endpoint_patches(value: Any, path: str = "endpoints") -> list[EndpointPatch]:
+    """A PATCH's ``endpoints: [{service, upsert?, delete?}]`` (docs/meshservice.md
+    section 4): ``service`` a mesh service's key object, ``upsert`` endpoints
+    ``{address, name?}``, ``delete`` ``{address}`` (an endpoint's identity is its address)."""
+    if not isinstance(value, list):
+        raise bad_request("must be a list of {service, upsert, delete}", path)
+    out: list[EndpointPatch] = []
+    seen: dict[MeshKey, int] = {}
+    for i, item in enumerate(value):
+        here = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            raise bad_request("must be an object {service, upsert?, delete?}", here)
+        if not item.keys() <= _ENDPOINT_PATCH_FIELDS:
+            raise _unknown_field(item, _ENDPOINT_PATCH_FIELDS, here)
+        raw_key = item.get("service")
+        if not isinstance(raw_key, Mapping) or "port" in raw_key:
+            raise bad_request("must be a mesh service's key {kind?, mesh?, zone?, namespace?, "
+                              "name}", f"{here}.service")
+        key = _parse_mesh_key(dict(raw_key, kind=raw_key.get("kind", "MeshService")),
+                              f"{here}.service")
+        first = seen.setdefault(key, i)
+        if first != i:
+            raise bad_request(f"{describe(key)} is given twice (also {path}[{first}])",
+                              f"{here}.service")
+        upsert = parse_endpoints(item.get("upsert", []), f"{here}.upsert")
+        raw_delete = item.get("delete", [])
+        if not isinstance(raw_delete, list) or any(
+                not isinstance(d, dict) or d.keys() != {"address"} for d in raw_delete):
+            raise bad_request("must be a list of {address}", f"{here}.delete")
+        delete = parse_endpoints(raw_delete, f"{here}.delete")
+        out.append((key, upsert, tuple((e.version, e.address) for e in delete)))
+    return out
+
+
+def with_endpoint_patches(entries: Mapping[EntryKey, Any], upserts: list[EntrySpec],
+                          deletes: Sequence[EntryKey], patches: Sequence[EndpointPatch]
+                          ) -> list[EntrySpec]:
+    """``upserts`` with each patched address set rewritten (the entry as this body
+    upserts it, else as ``entries`` serve it): its endpoints less the deleted addresses,
+    the upserted ones replacing those at the same address, new ones appended. 409 for
+    an entry that does not exist, is deleted by the body, or is no address set."""
+    if not patches:
+        return upserts
+    out = list(upserts)
+    where = {spec.key: i for i, spec in enumerate(out)}
+    for j, (key, upsert, delete) in enumerate(patches):
+        i = where.get(key)
+        spec = out[i] if i is not None else entries.get(key)
+        if spec is None or key in deletes:
+            raise RegistryError(409, f"endpoints of {describe(key)}, which does not exist",
+                                f"endpoints[{j}].service")
+        if not isinstance(spec, MeshServiceSpec) or spec.endpoints is None:
+            raise RegistryError(409, f"{describe(key)} is not an address set (it has no "
+                                "endpoints)", f"endpoints[{j}].service")
+        current = spec.endpoints
+        if i is None and hasattr(spec, "to_spec"):
+            spec = spec.to_spec()
+        gone = set(delete)
+        new = {(e.version, e.address): e for e in upsert}
+        kept = [new.pop((e.version, e.address), e) for e in current
+                if (e.version, e.address) not in gone]
+        endpoints = (*kept, *new.values())
+        names = [e.name for e in endpoints if e.name is not None]
+        if len(names) != len(set(names)):
+            raise bad_request(f"an endpoint name of {describe(key)} would be given twice",
+                              f"endpoints[{j}].upsert")
+        if len(endpoints) > MAX_ENDPOINTS_PER_SERVICE:
+            raise bad_request(f"at most {MAX_ENDPOINTS_PER_SERVICE} endpoints per service",
+                              f"endpoints[{j}].upsert")
+        patched = replace(spec, endpoints=tuple(endpoints))
+        if i is None:
+            where[key] = len(out)
+            out.append(patched)
+        else:
+            out[i] = patched
+    return out
