@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from aiohttp import hdrs, web
 
 from ..core.registry import (
+    EndpointPatch,
     EntryKey,
     EntrySpec,
     MeshServiceSpec,
@@ -29,8 +30,10 @@ from ..core.registry import (
     clip,
     entry_json,
     parse_deletes,
+    parse_endpoint_patches,
     parse_entries,
     patch_incremental,
+    with_endpoint_patches,
 )
 from ..gcpause import bulk_write
 from ..protocol import LINEAGE_HEADER, WORKER_HEADER
@@ -107,14 +110,15 @@ def parse_put(data: bytes, kind: str,
 
 
 def parse_patch(data: bytes, kind: str, known: Mapping[Any, Any] | None = None
-                ) -> tuple[list[EntrySpec], list[EntryKey]]:
+                ) -> tuple[list[EntrySpec], list[EntryKey], list[EndpointPatch]]:
     doc = object_with(_core_parse(lambda: decode_services(data, kind, "upsert")),
-                      ("upsert", "delete"))
+                      ("upsert", "delete", "endpoints"))
     upserts = _core_parse(lambda: parse_entries(doc.get("upsert", []), "upsert",
                                                 consume=True, known=known))
     deletes = _core_parse(lambda: parse_deletes(doc.get("delete", []), "delete"))
     _core_parse(lambda: check_disjoint(upserts, deletes))
-    return upserts, deletes
+    endpoints = _core_parse(lambda: parse_endpoint_patches(doc.get("endpoints", [])))
+    return upserts, deletes, endpoints
 
 
 def _refuse_mesh_in_etcd(st: ApiState, upserts: list[EntrySpec],
@@ -130,6 +134,14 @@ def _refuse_mesh_in_etcd(st: ApiState, upserts: list[EntrySpec],
             raise ApiError(501, "mesh services with address sets (endpoints) cannot be "
                            "stored in etcd yet: give the mesh service a VIP instead, or "
                            "write it to a registry without registry.etcd")
+
+
+def _refuse_endpoints_in_etcd(st: ApiState, endpoints: Sequence[EndpointPatch]) -> None:
+    """501 for an endpoint patch to a registry kept in etcd (its etcd layout, one key per
+    endpoint, is not built here)."""
+    if endpoints and st.server.config.registry.etcd.endpoints:
+        raise ApiError(501, "endpoint patches cannot be stored in etcd yet: write them to "
+                       "a registry without registry.etcd")
 
 
 def _core_parse(fn: Callable[[], T]) -> T:
@@ -223,20 +235,25 @@ async def patch_services(request: web.Request) -> web.Response:
     small = len(data) <= SMALL_PATCH_BYTES
     with bulk_write():
         if small:
-            upserts, deletes = parse_patch(data, kind, st.store.registry.services)
+            upserts, deletes, endpoints = parse_patch(data, kind, st.store.registry.services)
         else:
-            upserts, deletes = await asyncio.to_thread(parse_patch, data, kind,
-                                                       st.store.registry.services)
+            upserts, deletes, endpoints = await asyncio.to_thread(
+                parse_patch, data, kind, st.store.registry.services)
         del data
         _refuse_mesh_in_etcd(st, upserts, deletes)
+        _refuse_endpoints_in_etcd(st, endpoints)
         request[AUDIT_KEY] = {"upserted": len(upserts), "deleted": len(deletes)}
         store = st.store
 
+        # An endpoint patch rewrites its entry from the base the write is computed on
+        # (atomic with the body's upsert and delete; docs/meshservice.md section 4).
         def compute(base: Registry) -> Registry:
-            return apply_patch(base, upserts, deletes, store.policy, store.clock())
+            ups = with_endpoint_patches(base.entry_map, upserts, deletes, endpoints)
+            return apply_patch(base, ups, deletes, store.policy, store.clock())
 
         def quick(base: Registry) -> Registry | None:
-            return patch_incremental(base, upserts, deletes, store.policy, store.clock())
+            ups = with_endpoint_patches(base.entry_map, upserts, deletes, endpoints)
+            return patch_incremental(base, ups, deletes, store.policy, store.clock())
 
         return await _write(request, st, compute, quick if small else None)
 

@@ -181,7 +181,7 @@ def read_state_file(path: Path, policy: RegistryPolicy, now: float,
             entry = {k: item.get(k) for k in (
                 ("name", "ports", "hostnames") if mesh else ("name", "namespace", "port",
                                                               "hostnames"))}
-            for k in ("labels", "mesh", "zone", "kind", "namespace") if mesh else (
+            for k in ("labels", "mesh", "zone", "kind", "namespace", "endpoints") if mesh else (
                     "labels", "mesh", "zone"):  # only in the records that have them
                 if k in item:
                     entry[k] = item[k]

@@ -7,7 +7,17 @@ from typing import Any
 
 from ..registry import EntryKey, EntrySpec, MeshService, NameTable, selects
 from ._wire import wire_to_key
-from ._zone import CANONICAL, KUMA, NXDOMAIN, SRV_PORT, TEMPLATE, Decision, Zone
+from ._zone import (
+    CANONICAL,
+    ENDPOINT,
+    KUMA,
+    NXDOMAIN,
+    SRV_PORT,
+    TEMPLATE,
+    WILDCARD,
+    Decision,
+    Zone,
+)
 
 
 def _template(names: NameTable, index: int) -> dict[str, Any]:
@@ -40,6 +50,15 @@ def explain_names(zone: Zone, labels: tuple[bytes, ...], decision: Decision) -> 
         index = names.generated[key][1]
     if index is not None:
         out["template"] = _template(names, index)
+    if rule == ENDPOINT and isinstance(decision.service, MeshService):  # section 4
+        first = key.split(".", 1)[0]
+        for endpoint in decision.service.endpoints or ():
+            if endpoint.name == first:
+                out["endpoint"] = endpoint.to_json()
+    if rule == WILDCARD:  # docs/meshservice.md section 5
+        match = zone.wildcard_match(key)
+        if match is not None:
+            out["wildcard"] = {"name": match[0], "closest_encloser": match[1]}
     svc = decision.service
     if isinstance(svc, MeshService) and (rule in (CANONICAL, KUMA, SRV_PORT) or (
             rule == TEMPLATE and key in names.ported)):

@@ -27,7 +27,7 @@ odd labels). The caller then takes the dnslib path, which stays the reference.
 
 from __future__ import annotations
 
-from ..registry import Service
+from ..registry import MeshService, Service
 from ._encoded import PTR_TO_QNAME, EncodedName, NegativeSoa, Target, question_labels
 from ._wire import RCODE_NOERROR, RCODE_NXDOMAIN, WireError, check_options
 from ._zone import (
@@ -36,6 +36,7 @@ from ._zone import (
     ANSWER_AAAA,
     ANSWER_SRV,
     EMPTY_NAME,
+    ENDPOINT,
     NO_NAME,
     NODATA,
     SERVICE_ANSWERS,
@@ -43,7 +44,9 @@ from ._zone import (
     T_SRV,
     VIP_ANSWERS,
     VIP_NAME,
+    WILDCARD,
     Zone,
+    endpoint_addresses,
 )
 
 SERVER_UDP_PAYLOAD = 1232  # the UDP size this server advertises in its OPT record
@@ -195,7 +198,9 @@ class FastPath:
             where = self.zone.locate(key)
             if where is None:
                 return None  # other reverse names, the search list, forwarded: dnslib's
-            kind, found, _, at, target_domain = where
+            kind, found, rule, at, target_domain = where
+            if rule is WILDCARD:
+                return None  # synthesized (RFC 4592): the dnslib path's, cached as negative
             if found is None:
                 if kind in (NO_NAME, EMPTY_NAME):  # under the served domain target_domain
                     rcode = RCODE_NXDOMAIN if kind == NO_NAME else RCODE_NOERROR
@@ -207,6 +212,10 @@ class FastPath:
                 # same bytes as a service's (not remembered in _known); SRV, PTR, the
                 # _<port>._<proto> names and a mesh service without an IPv4 VIP are
                 # the dnslib path's (_zone.py).
+                if isinstance(found, MeshService) and found.endpoints is not None \
+                        and (qtype == 1 or qtype == 28) \
+                        and kind != VIP_NAME and rule is not SRV_PORT and rule is not ENDPOINT:
+                    return self._address_set(data, qend, qtype, found, tail, udp, limit)
                 if kind == VIP_NAME or where[2] == SRV_PORT or found.vip is None \
                         or qtype == T_SRV:
                     return None
@@ -278,6 +287,27 @@ class FastPath:
         if udp and len(wire) > limit:
             return None
         return wire, qtype, RCODE_NOERROR, key
+
+    def _address_set(self, data: bytes, qend: int, qtype: int, svc: MeshService,
+                     tail: bytes, udp: bool, limit: int) -> Fast | None:
+        """A or AAAA of an address set (docs/meshservice.md section 4): every address of
+        the family in the rotated order, each record 16 or 28 bytes (the owner a pointer
+        to the question); over UDP as many as fit ``limit``, TC=1 when any is left out.
+        Indexed as a negative answer (None): any registry change outdates it."""
+        v4 = qtype == 1
+        addresses = endpoint_addresses(svc, 4 if v4 else 6)
+        if not addresses:
+            return None  # NODATA: the dnslib path's
+        head, size = (self._a, 4) if v4 else (self._aaaa, 16)
+        records = [head + a.to_bytes(size, "big") for a in addresses]
+        fit = len(records)
+        if udp:
+            fit = min(fit, max(0, (limit - qend - len(tail)) // len(records[0])))
+        flags = 0x84 | (data[2] & 0x01) | (0x02 if fit < len(records) else 0)
+        header = bytes((flags, self._ra | (data[3] & 0x10), 0, 1, fit >> 8, fit & 0xFF, 0, 0,
+                        0, 1 if tail else 0))
+        wire = b"".join((data[:2], header, data[12:qend], *records[:fit], tail))
+        return wire, qtype, RCODE_NOERROR, None
 
     def _srv(self, data: bytes, shape: int, qend: int, svc: Service,
              domain: str, tail: bytes) -> bytes:

@@ -20,7 +20,7 @@ from ..registry import (
     mesh_builtin_ports,
 )
 from ._wire import wire_to_key
-from ._zone import APEX, NOT_LOADED, SEARCH, Decision, Zone
+from ._zone import APEX, NOT_LOADED, SEARCH, WILDCARD, Decision, Zone
 
 # A PATCH touching more services than this empties the caches instead: working out
 # what it outdated would cost more than answering the names again.
@@ -66,10 +66,12 @@ class CacheIndex:
 def decision_name(key: str, decision: Decision) -> str | None:
     """The name whose owner decides a cached dnslib-path reply (None: a negative answer).
 
-    A search-list answer is decided by the mesh name its CNAME points at.
+    A search-list answer is decided by the mesh name its CNAME points at; a wildcard
+    answer is kept as a negative one (a new name anywhere may change its closest
+    encloser).
     """
-    if decision.authority or decision.rule in (APEX, NOT_LOADED):
-        return None
+    if decision.authority or decision.rule in (APEX, NOT_LOADED, WILDCARD):
+        return None  # WILDCARD: any new name can change the closest encloser
     if decision.rule == SEARCH and decision.answer:
         return wire_to_key(tuple(decision.answer[0].rdata.label.label))
     return key
@@ -117,6 +119,11 @@ def mesh_service_names(svc: MeshService, domains: Iterable[str],
                 if builtin == "canonical" else kuma_name(name, namespace, port_number, domain)
             if own is not None:
                 out.append(own)
+    for endpoint in svc.endpoints or ():  # per-endpoint names, their PTRs (section 4)
+        if endpoint.name is not None:
+            out += [f"{endpoint.name}.{host}" for host in svc.hostnames]
+            out += _reverse_names(*((endpoint.address, None) if endpoint.version == 4
+                                    else (None, endpoint.address)))
     return out + _reverse_names(svc.vip, svc.vip6)
 
 

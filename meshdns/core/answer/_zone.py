@@ -62,6 +62,8 @@ SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 1200, 604800
 # Decision rules, as shown by /v1/resolve.
 CANONICAL, KUMA, HOSTNAME, TEMPLATE = "canonical", "kuma", "hostname", "template"
 SRV_PORT = "srv-port"  # _<portname>._<proto>.<name> of a mesh service (one port)
+WILDCARD = "wildcard"  # a name synthesized from an owned *.<parent> (RFC 4592)
+ENDPOINT = "endpoint"  # <endpoint>.<name> of an address set: that endpoint's address
 PTR_RULE, APEX, ENT = "ptr", "apex", "empty-non-terminal"
 # The Extended DNS Errors of local answers (the forwarder adds its own).
 NOT_READY = (EDE_NOT_READY, "registry not loaded yet")
@@ -69,7 +71,7 @@ ONLY_CLASS_IN = (EDE_NOT_SUPPORTED, "only class IN is served")
 NO_UPSTREAM = (EDE_NOT_AUTHORITATIVE, "not a served name, and no upstream")
 NXDOMAIN, SEARCH, FORWARD, REFUSED = "nxdomain", "search", "forward", "refused"
 NOT_LOADED = "not-loaded"
-SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME, TEMPLATE, SRV_PORT})
+SERVICE_RULES = frozenset({CANONICAL, KUMA, HOSTNAME, TEMPLATE, SRV_PORT, WILDCARD, ENDPOINT})
 
 # What a name is (the first field of a Location, see Zone.locate). The first two are a
 # service's: a name under a served domain, or a host (or rendered) name outside them,
@@ -99,6 +101,32 @@ def service_answer(svc: Service, qtype: int) -> int:
     """What ``svc``'s name answers ``qtype`` with: its A, its AAAA, both (ANY), its SRV
     (with the target's addresses), or NODATA (also AAAA with no IPv6 VIP)."""
     return SERVICE_ANSWERS[svc.vip6 is not None].get(qtype, NODATA)
+
+
+# Rotation of address sets (docs/meshservice.md section 4): one counter per entry and
+# family in this process, shared by its names, both transports and both encoders.
+_ROTATION: dict[tuple[EntryKey, int], int] = {}
+_MAX_ROTATION = 1 << 16  # counters kept before starting over (entries come and go)
+
+
+def rotation(key: EntryKey, version: int, count: int) -> int:
+    """Where this answer of ``count`` addresses starts: the k-th answer at the k-th
+    address (a cyclic shift), then the counter moves on."""
+    if count <= 1:
+        return 0
+    k = (key, version)
+    n = _ROTATION.get(k, 0)
+    if n == 0 and len(_ROTATION) >= _MAX_ROTATION:
+        _ROTATION.clear()
+    _ROTATION[k] = n + 1
+    return n % count
+
+
+def endpoint_addresses(svc: MeshService, version: int) -> list[int]:
+    """The address set's addresses of one family, in this answer's rotated order."""
+    found = [e.address for e in svc.endpoints or () if e.version == version]
+    start = rotation(svc.key, version, len(found))
+    return found[start:] + found[:start]
 
 
 def vip_answer(qtype: int) -> int:
@@ -245,6 +273,17 @@ class Zone:
     # this one replaces (``inherit``), so a PATCH costs O(change) here, not O(hosts).
     _host_ents: Mapping[str, int] | None = field(init=False, default=None, repr=False,
                                                  compare=False)
+    # Wildcard host names (docs/meshservice.md section 5): parent -> owner of
+    # "*.<parent>", built on the first exact miss (evolved by ``inherit``), and the
+    # nodes that exist above owned names (for the closest encloser), built when a
+    # question first falls below a wildcard.
+    _wild: Mapping[str, EntryKey] | None = field(init=False, default=None, repr=False,
+                                                 compare=False)
+    _wild_ents: frozenset[str] | None = field(init=False, default=None, repr=False,
+                                              compare=False)
+    # Named endpoints' reverse index (section 4): built on first use.
+    _ptrs: Mapping[tuple[int, int], tuple[tuple[str, EntryKey], ...]] | None = field(
+        init=False, default=None, repr=False, compare=False)
     _builtins: frozenset[str] = field(init=False)
     _sorted4: list[int] | None = field(init=False, default=None)
     _sorted6: list[int] | None = field(init=False, default=None)
@@ -285,12 +324,32 @@ class Zone:
         ``old`` never needed stay unbuilt: the first question that needs them builds
         them (once per full rebuild; every PATCH after it evolves them).
         """
-        before = old._host_ents
-        if self._host_ents is not None or before is None or old._domains != self._domains:
-            return
         reg, base = self.registry, old.registry
         touched = reg.touched_since(base)
         if touched is None:
+            return
+        wild = old._wild
+        if self._wild is None and wild is not None:
+            gone_wild: set[str] = set()
+            put_wild: dict[str, EntryKey] = {}
+            for key in {*touched[0], *touched[1]}:
+                for snap, out in ((base, None), (reg, put_wild)):
+                    entry = snap.entry_map.get(key)
+                    for host in entry.hostnames if entry is not None else ():
+                        if host[:2] == "*." and snap.hostnames.get(host) == key:
+                            if out is None:
+                                gone_wild.add(host[2:])
+                            else:
+                                out[host[2:]] = key
+            if gone_wild or put_wild:
+                new_wild = dict(wild)
+                for parent in gone_wild:
+                    new_wild.pop(parent, None)
+                new_wild.update(put_wild)
+                wild = new_wild
+            self._wild = wild
+        before = old._host_ents
+        if self._host_ents is not None or before is None or old._domains != self._domains:
             return
         counts: dict[str, int] = {}
         for key in {*touched[0], *touched[1]}:
@@ -337,6 +396,23 @@ class Zone:
         answer: list[RR] = []
         additional: list[RR] = []
         addresses = rule != SRV_PORT
+        if rule == ENDPOINT:  # one endpoint alone (section 4)
+            wanted = key.split(".", 1)[0]
+            for e in svc.endpoints or ():
+                if e.name == wanted and qtype in ((T_A, QTYPE_ANY) if e.version == 4
+                                                  else (T_AAAA, QTYPE_ANY)):
+                    answer.append(RR(owner, T_A, ttl=ttl, rdata=A(format_ip(e.address, 4)))
+                                  if e.version == 4 else
+                                  RR(owner, T_AAAA, ttl=ttl,
+                                     rdata=AAAA(format_ip(e.address, 6))))
+            addresses = False
+        if addresses and svc.endpoints is not None:  # an address set (section 4)
+            if qtype in (T_A, QTYPE_ANY):
+                answer += [RR(owner, T_A, ttl=ttl, rdata=A(format_ip(a, 4)))
+                           for a in endpoint_addresses(svc, 4)]
+            if qtype in (T_AAAA, QTYPE_ANY):
+                answer += [RR(owner, T_AAAA, ttl=ttl, rdata=AAAA(format_ip(a, 6)))
+                           for a in endpoint_addresses(svc, 6)]
         if addresses and qtype in (T_A, QTYPE_ANY) and svc.vip is not None:
             answer.append(RR(owner, T_A, ttl=ttl, rdata=A(format_ip(svc.vip, 4))))
         if addresses and qtype in (T_AAAA, QTYPE_ANY) and svc.vip6 is not None:
@@ -392,6 +468,113 @@ class Zone:
         svc = reg.entry_map[owner]
         return svc if isinstance(svc, MeshService) else None
 
+    def _endpoint_owner(self, key: str, hidden: Container[EntryKey]) -> MeshService | None:
+        """The address set whose endpoint ``<endpoint>.H`` (``H`` a port-less name of it)
+        ``key`` is; only asked once an exact lookup missed."""
+        first, _, host = key.partition(".")
+        if not host:
+            return None
+        svc = self._portless_owner(host, hidden)
+        if svc is None or svc.endpoints is None or host[:2] == "*.":
+            return None
+        for e in svc.endpoints:
+            if e.name == first:
+                return svc
+        return None
+
+    def endpoint_ptrs(self) -> Mapping[tuple[int, int], tuple[tuple[str, EntryKey], ...]]:
+        """(version, address) -> the sorted ``(<endpoint>.<canonical name>, owner)`` of
+        every named endpoint at that address (visible entries): built on first use."""
+        ptrs = self._ptrs
+        if ptrs is None:
+            reg = self.registry
+            hidden = self._hidden
+            found: dict[tuple[int, int], list[tuple[str, EntryKey]]] = {}
+            templates = reg.names.templates
+            for mkey in reg.mesh_keys:
+                svc = reg.entry_map[mkey]
+                if not isinstance(svc, MeshService) or svc.endpoints is None or \
+                        mkey in hidden:
+                    continue
+                canonical = mesh_primary_name(svc, templates, self._domain0)
+                if canonical is None:
+                    continue
+                for e in svc.endpoints:
+                    if e.name is not None:
+                        found.setdefault((e.version, e.address), []).append(
+                            (f"{e.name}.{canonical}", mkey))
+            ptrs = self._ptrs = {k: tuple(sorted(v)) for k, v in found.items()}
+        return ptrs
+
+    def wildcards(self) -> Mapping[str, EntryKey]:
+        """Parent -> owner of every wildcard host name ``*.<parent>`` (docs/meshservice.md
+        section 5): scanned once per snapshot line, then evolved by ``inherit``."""
+        wild = self._wild
+        if wild is None:
+            wild = self._wild = {host[2:]: owner for host, owner in
+                                 self.registry.hostnames.items() if host[:2] == "*."}
+        return wild
+
+    def _exists_below_wildcard(self) -> frozenset[str]:
+        """The nodes strictly below some wildcard's parent that exist because an owned
+        host or rendered name is them or lies below them (the other sorts of names are
+        parsed, ``_exists``)."""
+        nodes = self._wild_ents
+        if nodes is None:
+            wild = self.wildcards()
+            out: set[str] = set()
+            for name in (*self.registry.hostnames, *self._generated):
+                below = [name]
+                cut = name.find(".")
+                while cut != -1:
+                    below.append(name[cut + 1:])
+                    cut = name.find(".", cut + 1)
+                # Up to (not including) the shortest wildcard parent above the name.
+                for i in range(len(below) - 1, 0, -1):
+                    if below[i] in wild:
+                        out.update(below[:i])
+                        break
+            nodes = self._wild_ents = frozenset(out)
+        return nodes
+
+    def wildcard_match(self, key: str, hidden: Container[EntryKey] = ()
+                       ) -> tuple[str, str, EntryKey] | None:
+        """RFC 4592 for a name no entry owns: (wildcard, closest encloser, its owner)
+        when the closest encloser of ``key`` has an owned ``*`` child, else None."""
+        wild = self.wildcards()
+        if not wild:
+            return None
+        # The longest wildcard parent ``key`` lies strictly below.
+        cut = key.find(".")
+        parent = None
+        while cut != -1:
+            if key[cut + 1:] in wild:
+                parent = key[cut + 1:]
+                break
+            cut = key.find(".", cut + 1)
+        if parent is None:
+            return None
+        nodes = self._exists_below_wildcard()
+        if key in nodes:
+            return None  # an empty non-terminal itself: it exists, no wildcard answers it
+        cut = key.find(".")
+        while True:
+            node = key[cut + 1:]
+            if node == parent:
+                break
+            if node in nodes or self._exists(node, hidden is not self._hidden):
+                return None  # the closest encloser is below the wildcard's parent
+            cut = key.find(".", cut + 1)
+        owner = wild[parent]
+        if hidden and owner in hidden:
+            return None
+        return "*." + parent, parent, owner
+
+    def _exists(self, node: str, include_hidden: bool) -> bool:
+        """Whether ``node`` exists without wildcards: owned, or an empty non-terminal."""
+        where = self.locate(node, include_hidden, wild=False)
+        return where is not None and where[0] in _EXISTING
+
     def soa(self, apex: str, ttl: int | None = None) -> RR:
         s = self.settings
         serial = self.registry.revision & 0xFFFFFFFF
@@ -425,7 +608,8 @@ class Zone:
 
     # ------------------------------------------------------------ policy
 
-    def locate(self, key: str, include_hidden: bool = False) -> Location | None:
+    def locate(self, key: str, include_hidden: bool = False, wild: bool = True
+               ) -> Location | None:
         """What ``key`` (a lookup key: wire_to_key's form) is in this snapshot, and whose:
         the one lookup behind every local answer, on the dnslib path and the wire path.
 
@@ -480,8 +664,16 @@ class Zone:
                         return SERVICE_NAME, mesh_svc, SRV_PORT, domain, domain
                     if found == EMPTY_NAME:
                         return EMPTY_NAME, None, ENT, domain, domain
+                if reg.mesh_keys:
+                    found_ep = self._endpoint_owner(key, hidden)
+                    if found_ep is not None:
+                        return SERVICE_NAME, found_ep, ENDPOINT, domain, domain
                 if self.is_ent(key, domain):
                     return EMPTY_NAME, None, ENT, domain, domain
+                if wild:
+                    match = self.wildcard_match(key, hidden)
+                    if match is not None:
+                        return SERVICE_NAME, reg.entry_map[match[2]], WILDCARD, domain, domain
                 return NO_NAME, None, NXDOMAIN, domain, domain
             if key == domain:
                 if not self.loaded:
@@ -507,6 +699,14 @@ class Zone:
                 if found == SERVICE_NAME:
                     return HOST_NAME, mesh_svc, SRV_PORT, parent, self._domain0
                 return EMPTY_NAME, None, ENT, parent, parent
+        if reg.mesh_keys:
+            found_ep = self._endpoint_owner(key, hidden)
+            if found_ep is not None:
+                return HOST_NAME, found_ep, ENDPOINT, key.split(".", 1)[1], self._domain0
+        if wild and not key.endswith(".arpa"):
+            match = self.wildcard_match(key, hidden)
+            if match is not None:
+                return HOST_NAME, reg.entry_map[match[2]], WILDCARD, key, self._domain0
         if key.endswith(".in-addr.arpa"):
             vip, by_vip = ipv4_of_reverse_name(key), reg.by_vip4
         elif key.endswith(".ip6.arpa"):
@@ -517,6 +717,10 @@ class Zone:
             owner = by_vip.get(vip)
             if owner is not None and (not hidden or owner not in hidden):
                 return VIP_NAME, reg.entry_map[owner], PTR_RULE, None, self._domain0
+            if reg.mesh_keys and owner is None:
+                ptrs = self.endpoint_ptrs().get((4 if by_vip is reg.by_vip4 else 6, vip))
+                if ptrs is not None:
+                    return VIP_NAME, reg.entry_map[ptrs[0][1]], ENDPOINT, None, self._domain0
         return None
 
     def decide(self, labels: tuple[bytes, ...], qtype: int, qclass: int) -> Decision:
@@ -546,6 +750,17 @@ class Zone:
         """The dnslib encoder: the decision for a located name (of class IN)."""
         kind, svc, rule, apex, domain = where
         if svc is not None:
+            if kind == VIP_NAME and rule == ENDPOINT:  # a named endpoint's address
+                reverse = self._reverse_zone(key)
+                v4 = key.endswith(".in-addr.arpa")
+                address = ipv4_of_reverse_name(key) if v4 else ipv6_of_reverse_name(key)
+                ptrs = self.endpoint_ptrs().get((4 if v4 else 6, address or 0), ())
+                if vip_answer(qtype) == NODATA or not ptrs:
+                    return self._nodata(PTR_RULE, reverse.apex if reverse else key, svc)
+                return Decision(RCODE_NOERROR, ENDPOINT, True, tuple(
+                    RR(owner, T_PTR, ttl=self.settings.ttl, rdata=PTR(name + "."))
+                    for name, _ in ptrs), service=svc,
+                    zone=reverse.apex if reverse else None)
             if kind == VIP_NAME:
                 reverse = self._reverse_zone(key)
                 templates = self.registry.names.templates
@@ -703,6 +918,9 @@ class Zone:
         answer = (cname,) if qtype == T_CNAME else (cname, *inner.answer)
         return Decision(RCODE_NOERROR, SEARCH, False, answer, inner.authority,
                         inner.additional, inner.service, domain)
+
+
+_EXISTING = frozenset({SERVICE_NAME, HOST_NAME, EMPTY_NAME, APEX_NAME, VIP_NAME})
 
 
 def qtype_name(qtype: int) -> str:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import re
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 from ._service import (
     KEY_FIELDS,
+    MAX_ENDPOINTS_PER_SERVICE,
     MAX_HOSTNAMES_PER_SERVICE,
     MAX_PORTS_PER_SERVICE,
     MESH_FIELDS,
     MESH_KINDS,
     SERVICE_FIELDS,
+    Endpoint,
     EntryKey,
     EntrySpec,
     Labels,
@@ -25,6 +28,7 @@ from ._service import (
     ServiceKey,
     ServiceSpec,
     bad_request,
+    describe,
     make_service,
     make_spec,
 )
@@ -105,6 +109,34 @@ def _parse_vip(value: Any, version: int, path: str) -> int | None:
     return vip
 
 
+def _parse_wildcard(raw: str, path: str) -> str:
+    """``*.<parent>`` (docs/meshservice.md section 5): ``*`` the whole leftmost label,
+    once; the parent a host name of at least two labels and no reverse zone (whether it
+    is a served domain or above one is checked against the domains, is_wildcard_above)."""
+    parent = normalize_hostname(raw[2:])
+    if parent is None or len(parent) + 2 > 253:
+        raise bad_request(f"a wildcard must be '*.' and a fully qualified domain name, "
+                          f"got {quote(raw)}", path)
+    if "." not in parent:
+        raise bad_request(f"a wildcard's parent needs at least two labels (*.example.com), "
+                          f"got {quote(raw)}", path)
+    if parent == "arpa" or parent.endswith(".arpa"):
+        raise bad_request(f"a wildcard may not lie in a reverse zone, got {quote(raw)}", path)
+    return "*." + parent
+
+
+def wildcard_over_domain(host: str, domains: Sequence[str]) -> str | None:
+    """The served domain that a wildcard ``host`` (``*.<parent>``) would cover whole: its
+    parent is that domain or above it (400); None when ``host`` is no such wildcard."""
+    if host[:2] != "*.":
+        return None
+    parent = host[2:]
+    for domain in domains:
+        if domain == parent or domain.endswith("." + parent):
+            return domain
+    return None
+
+
 def _parse_hostnames(raw_hosts: Any, path: str) -> tuple[str, ...]:
     if not isinstance(raw_hosts, list):
         raise bad_request("must be a list of host names", f"{path}.hostnames")
@@ -115,7 +147,11 @@ def _parse_hostnames(raw_hosts: Any, path: str) -> tuple[str, ...]:
         )
     hostnames: list[str] = []
     for j, raw in enumerate(raw_hosts):
-        host = normalize_hostname(raw) if isinstance(raw, str) else None
+        host: str | None
+        if isinstance(raw, str) and raw[:2] == "*.":
+            host = _parse_wildcard(raw, f"{path}.hostnames[{j}]")
+        else:
+            host = normalize_hostname(raw) if isinstance(raw, str) else None
         if host is None:
             raise bad_request(f"must be a fully qualified domain name, got {quote(raw)}",
                        f"{path}.hostnames[{j}]")
@@ -261,8 +297,60 @@ def _parse_mesh_service(item: Mapping[str, Any], path: str) -> MeshServiceSpec:
     raw_hosts = item.get("hostnames")
     hostnames = () if raw_hosts is None else _parse_hostnames(raw_hosts, path)
     labels = parse_labels(item.get("labels"), f"{path}.labels")
+    raw_endpoints = item.get("endpoints")
+    endpoints = None
+    if raw_endpoints is not None:
+        if vip is not None or vip6 is not None:
+            raise bad_request("an address set (endpoints) has no VIP: give endpoints or "
+                              "vip/vip6, not both", f"{path}.endpoints")
+        endpoints = parse_endpoints(raw_endpoints, f"{path}.endpoints")
     return MeshServiceSpec(kind, mesh, zone, namespace, name, ports, vip, vip6, hostnames,
-                           labels)
+                           labels, endpoints)
+
+
+_ENDPOINT_FIELDS = frozenset({"address", "name"})
+
+
+def parse_endpoints(raw: Any, path: str) -> tuple[Endpoint, ...]:
+    """``endpoints: [{address, name?}]`` (docs/meshservice.md section 4): addresses and
+    names unique in the entry, at most MAX_ENDPOINTS_PER_SERVICE."""
+    if not isinstance(raw, list):
+        raise bad_request("must be a list of {address, name?}", path)
+    if len(raw) > MAX_ENDPOINTS_PER_SERVICE:
+        raise bad_request(f"at most {MAX_ENDPOINTS_PER_SERVICE} endpoints per service", path)
+    out: list[Endpoint] = []
+    addresses: dict[tuple[int, int], int] = {}
+    names: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        here = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            raise bad_request("must be an object {address, name?}", here)
+        if not item.keys() <= _ENDPOINT_FIELDS:
+            raise _unknown_field(item, _ENDPOINT_FIELDS, here)
+        value = item.get("address")
+        address: int | None = None
+        version = 4
+        if isinstance(value, str):
+            version = 6 if ":" in value else 4
+            address = parse_ip(value, version) if "%" not in value else None
+        if address is None:
+            raise bad_request(f"must be an IPv4 or IPv6 address, got {quote(value)}",
+                              f"{here}.address")
+        first = addresses.setdefault((version, address), i)
+        if first != i:
+            raise bad_request(f"address {quote(value)} is given twice (also {path}[{first}])",
+                              f"{here}.address")
+        name = item.get("name")
+        if name is not None:
+            if not isinstance(name, str) or not is_rfc1123_label(name):
+                raise bad_request("an endpoint name must be a lower-case RFC 1123 label, "
+                                  f"got {quote(name)}", f"{here}.name")
+            first = names.setdefault(name, i)
+            if first != i:
+                raise bad_request(f"endpoint name {quote(name)} is given twice (also "
+                                  f"{path}[{first}])", f"{here}.name")
+        out.append(Endpoint(address, version, name))
+    return tuple(out)
 
 
 _NO_SERVICES: Mapping[ServiceKey, Service] = {}
@@ -412,3 +500,86 @@ def parse_deletes(value: Any, path: str = "delete") -> list[EntryKey]:
         keys.append(_parse_key_fields(item, f"{path}[{i}]"))
     return keys
 
+
+
+# (entry key, endpoints to upsert, addresses to delete as (version, address))
+EndpointPatch = tuple[MeshKey, tuple[Endpoint, ...], tuple[tuple[int, int], ...]]
+_ENDPOINT_PATCH_FIELDS = frozenset({"service", "upsert", "delete"})
+
+
+def parse_endpoint_patches(value: Any, path: str = "endpoints") -> list[EndpointPatch]:
+    """A PATCH's ``endpoints: [{service, upsert?, delete?}]`` (docs/meshservice.md
+    section 4): ``service`` a mesh service's key object, ``upsert`` endpoints
+    ``{address, name?}``, ``delete`` ``{address}`` (an endpoint's identity is its address)."""
+    if not isinstance(value, list):
+        raise bad_request("must be a list of {service, upsert, delete}", path)
+    out: list[EndpointPatch] = []
+    seen: dict[MeshKey, int] = {}
+    for i, item in enumerate(value):
+        here = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            raise bad_request("must be an object {service, upsert?, delete?}", here)
+        if not item.keys() <= _ENDPOINT_PATCH_FIELDS:
+            raise _unknown_field(item, _ENDPOINT_PATCH_FIELDS, here)
+        raw_key = item.get("service")
+        if not isinstance(raw_key, Mapping) or "port" in raw_key:
+            raise bad_request("must be a mesh service's key {kind?, mesh?, zone?, namespace?, "
+                              "name}", f"{here}.service")
+        key = _parse_mesh_key(dict(raw_key, kind=raw_key.get("kind", "MeshService")),
+                              f"{here}.service")
+        first = seen.setdefault(key, i)
+        if first != i:
+            raise bad_request(f"{describe(key)} is given twice (also {path}[{first}])",
+                              f"{here}.service")
+        upsert = parse_endpoints(item.get("upsert", []), f"{here}.upsert")
+        raw_delete = item.get("delete", [])
+        if not isinstance(raw_delete, list) or any(
+                not isinstance(d, dict) or d.keys() != {"address"} for d in raw_delete):
+            raise bad_request("must be a list of {address}", f"{here}.delete")
+        delete = parse_endpoints(raw_delete, f"{here}.delete")
+        out.append((key, upsert, tuple((e.version, e.address) for e in delete)))
+    return out
+
+
+def with_endpoint_patches(entries: Mapping[EntryKey, Any], upserts: list[EntrySpec],
+                          deletes: Sequence[EntryKey], patches: Sequence[EndpointPatch]
+                          ) -> list[EntrySpec]:
+    """``upserts`` with each patched address set rewritten (the entry as this body
+    upserts it, else as ``entries`` serve it): its endpoints less the deleted addresses,
+    the upserted ones replacing those at the same address, new ones appended. 409 for
+    an entry that does not exist, is deleted by the body, or is no address set."""
+    if not patches:
+        return upserts
+    out = list(upserts)
+    where = {spec.key: i for i, spec in enumerate(out)}
+    for j, (key, upsert, delete) in enumerate(patches):
+        i = where.get(key)
+        spec = out[i] if i is not None else entries.get(key)
+        if spec is None or key in deletes:
+            raise RegistryError(409, f"endpoints of {describe(key)}, which does not exist",
+                                f"endpoints[{j}].service")
+        if not isinstance(spec, MeshServiceSpec) or spec.endpoints is None:
+            raise RegistryError(409, f"{describe(key)} is not an address set (it has no "
+                                "endpoints)", f"endpoints[{j}].service")
+        current = spec.endpoints
+        if i is None and hasattr(spec, "to_spec"):
+            spec = spec.to_spec()
+        gone = set(delete)
+        new = {(e.version, e.address): e for e in upsert}
+        kept = [new.pop((e.version, e.address), e) for e in current
+                if (e.version, e.address) not in gone]
+        endpoints = (*kept, *new.values())
+        names = [e.name for e in endpoints if e.name is not None]
+        if len(names) != len(set(names)):
+            raise bad_request(f"an endpoint name of {describe(key)} would be given twice",
+                              f"endpoints[{j}].upsert")
+        if len(endpoints) > MAX_ENDPOINTS_PER_SERVICE:
+            raise bad_request(f"at most {MAX_ENDPOINTS_PER_SERVICE} endpoints per service",
+                              f"endpoints[{j}].upsert")
+        patched = replace(spec, endpoints=tuple(endpoints))
+        if i is None:
+            where[key] = len(out)
+            out.append(patched)
+        else:
+            out[i] = patched
+    return out

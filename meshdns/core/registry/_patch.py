@@ -8,6 +8,7 @@ from typing import Any, cast
 from ._allocate import in_release_order, top_of
 from ._layered import evolve
 from ._nametable import MeshPorts, builtin_owner, mesh_builtin_ports, patch_names
+from ._parse import wildcard_over_domain
 from ._rebuild import build, make_registry, vips_given
 from ._service import (
     EntryKey,
@@ -258,7 +259,8 @@ def _patch_mesh(reg: Registry, index: BuildIndex, upserts: Sequence[EntrySpec],
             if isinstance(spec, MeshServiceSpec):
                 svc = MeshService(spec.kind, spec.mesh, spec.zone, spec.namespace, spec.name,
                                   spec.ports, vip4.get(key), vip6.get(key), spec.hostnames,
-                                  spec.labels, given4, given6)
+                                  spec.labels, spec.endpoints, vip_given=given4,
+                                  vip6_given=given6)
             else:
                 svc = Service(spec.name, spec.namespace, spec.port, vip4[key], vip6.get(key),
                               spec.hostnames, given4, given6, labels=spec.labels,
@@ -562,8 +564,8 @@ def _patch_hostnames(reg: Registry, removed: Sequence[Any], upserts: Sequence[En
         for host in spec.hostnames:
             owner = owner_of(host)
             if owner is None:
-                if host in domains:
-                    return None  # an apex: 400
+                if host in domains or wildcard_over_domain(host, domains) is not None:
+                    return None  # an apex, or a wildcard over a served domain: 400
                 other = builtin_owner(host, services, domains, builtins,
                                       reg.mesh_ports if mesh_ports is None else mesh_ports)
                 if other is not None and other != key:

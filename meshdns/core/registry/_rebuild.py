@@ -33,7 +33,7 @@ from ._nametable import (
     builtin_owner,
     mesh_builtin_ports,
 )
-from ._parse import parse_deletes, parse_service, parse_services
+from ._parse import parse_deletes, parse_service, parse_services, wildcard_over_domain
 from ._service import (
     MAX_HOSTNAMES_PER_SERVICE,
     NS_PORT_OF,
@@ -278,7 +278,7 @@ def _build_mixed(reg: Registry, specs: Mapping[EntryKey, EntrySpec], policy: Reg
             if isinstance(spec, MeshServiceSpec):
                 new = MeshService(spec.kind, spec.mesh, spec.zone, spec.namespace, spec.name,
                                   spec.ports, v4, v6, spec.hostnames, spec.labels,
-                                  given4, given6)
+                                  spec.endpoints, vip_given=given4, vip6_given=given6)
             else:
                 assert v4 is not None
                 new = make_service(spec.name, spec.namespace, spec.port, v4, v6,
@@ -375,6 +375,11 @@ def _check_hostnames(specs: Mapping[EntryKey, EntrySpec],
             if host in domains:
                 raise bad_request(f"{host!r} is a served domain apex, not a service name",
                            _host_field(path, i, j) or path)
+            covered = wildcard_over_domain(host, domains)
+            if covered is not None:
+                raise bad_request(f"wildcard {host!r} would cover the served domain "
+                                  f"{covered!r}: its parent must lie below it",
+                                  _host_field(path, i, j) or path)
             owner = owners.get(host) or builtin_owner(host, specs, domains, builtins,
                                                       mesh_ports)
             if owner is not None and owner != key:

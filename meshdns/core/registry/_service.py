@@ -23,7 +23,8 @@ SERVICE_KIND = "Service"  # the legacy form, as template selectors (``kinds``) n
 ENTRY_KINDS = (SERVICE_KIND, *MESH_KINDS)
 DISPLAY_NAME_LABEL = "kuma.io/display-name"
 MESH_FIELDS = frozenset({"kind", "mesh", "zone", "namespace", "name", "ports", "vip", "vip6",
-                         "hostnames", "labels"})
+                         "hostnames", "labels", "endpoints"})
+MAX_ENDPOINTS_PER_SERVICE = 1000  # a Kubernetes Endpoints object's limit
 SERVICE_FIELDS = frozenset({"name", "namespace", "port", "vip", "vip6", "hostnames",
                              "labels", "mesh", "zone"})
 Labels = tuple[tuple[str, str], ...]  # (key, value) pairs sorted by key: hashable, comparable
@@ -226,6 +227,23 @@ def key_of_record(record: Mapping[str, Any]) -> ServiceKey | MeshKey:
 
 
 @dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One address of an address set (docs/meshservice.md section 4): ``{address, name?}``.
+    ``version`` is 4 or 6; the address is never claimed (it may repeat across entries)."""
+
+    address: int
+    version: int
+    name: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"address": _ip4(self.address) if self.version == 4
+                               else _ip6(self.address)}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class MeshPort:
     """One port of a mesh service: ``{port, name?, appProtocol?}``."""
 
@@ -269,6 +287,8 @@ class MeshServiceSpec:
     vip6: int | None = None
     hostnames: tuple[str, ...] = ()
     labels: Labels = ()
+    # An address set instead of VIPs (section 4); None: none (the entry has VIPs).
+    endpoints: tuple[Endpoint, ...] | None = None
 
     @property
     def key(self) -> MeshKey:
@@ -276,8 +296,9 @@ class MeshServiceSpec:
 
     @property
     def allocates(self) -> bool:
-        """Whether missing VIPs are allocated: only when neither is given."""
-        return self.vip is None and self.vip6 is None
+        """Whether missing VIPs are allocated: only when neither is given (and the entry
+        is no address set)."""
+        return self.vip is None and self.vip6 is None and self.endpoints is None
 
     def label(self, key: str) -> str | None:
         for k, v in self.labels:
@@ -302,7 +323,7 @@ class MeshService(MeshServiceSpec):
         return MeshServiceSpec(self.kind, self.mesh, self.zone, self.namespace, self.name,
                                self.ports, self.vip if self.vip_given else None,
                                self.vip6 if self.vip6_given else None, self.hostnames,
-                               self.labels)
+                               self.labels, self.endpoints)
 
     def to_json(self) -> dict[str, Any]:
         return mesh_json(self, _ip4, _ip6)
@@ -326,6 +347,8 @@ def mesh_json(s: MeshService, ip4: Callable[[int], str], ip6: Callable[[int], st
         out["hostnames"] = list(s.hostnames)
     if s.labels:
         out["labels"] = dict(s.labels)
+    if s.endpoints is not None:
+        out["endpoints"] = [e.to_json() for e in s.endpoints]
     if given:
         out["vip_given"] = s.vip_given
         out["vip6_given"] = s.vip6_given
