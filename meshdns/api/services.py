@@ -121,27 +121,19 @@ def parse_patch(data: bytes, kind: str, known: Mapping[Any, Any] | None = None
     return upserts, deletes, endpoints
 
 
-def _refuse_mesh_in_etcd(st: ApiState, upserts: list[EntrySpec],
-                         deletes: Sequence[EntryKey]) -> None:
-    """501 for a mesh service with an address set (``endpoints``) written to a registry
-    kept in etcd: the etcd endpoint keys (docs/meshservice.md section 7) are not built
-    yet. Mesh services with VIPs are stored in etcd like services (meshdns/etcd)."""
+def _refuse_address_sets_in_etcd(st: ApiState, upserts: Sequence[EntrySpec],
+                                 endpoints: Sequence[EndpointPatch] = ()) -> None:
+    """501 for an address set (a mesh service with ``endpoints``, or an endpoint patch)
+    written to a registry kept in etcd: the etcd endpoint keys (docs/meshservice.md
+    section 7) are not built yet. Mesh services with VIPs are stored in etcd like
+    services (meshdns/etcd)."""
     if not st.server.config.registry.etcd.endpoints:
         return
-    del deletes  # (deleting a mesh service's key is stored like any delete)
-    for spec in upserts:
-        if isinstance(spec, MeshServiceSpec) and getattr(spec, "endpoints", None):
-            raise ApiError(501, "mesh services with address sets (endpoints) cannot be "
-                           "stored in etcd yet: give the mesh service a VIP instead, or "
-                           "write it to a registry without registry.etcd")
-
-
-def _refuse_endpoints_in_etcd(st: ApiState, endpoints: Sequence[EndpointPatch]) -> None:
-    """501 for an endpoint patch to a registry kept in etcd (its etcd layout, one key per
-    endpoint, is not built here)."""
-    if endpoints and st.server.config.registry.etcd.endpoints:
-        raise ApiError(501, "endpoint patches cannot be stored in etcd yet: write them to "
-                       "a registry without registry.etcd")
+    if endpoints or any(isinstance(spec, MeshServiceSpec) and spec.endpoints is not None
+                        for spec in upserts):
+        raise ApiError(501, "mesh services with address sets (endpoints) cannot be "
+                       "stored in etcd yet: give the mesh service a VIP instead, or "
+                       "write it to a registry without registry.etcd")
 
 
 def _core_parse(fn: Callable[[], T]) -> T:
@@ -215,7 +207,7 @@ async def put_services(request: web.Request) -> web.Response:
     with bulk_write():
         specs = await asyncio.to_thread(parse_put, data, kind, st.store.registry.services)
         del data
-        _refuse_mesh_in_etcd(st, specs, ())
+        _refuse_address_sets_in_etcd(st, specs)
         request[AUDIT_KEY] = {"services": len(specs)}
         store = st.store
 
@@ -240,8 +232,7 @@ async def patch_services(request: web.Request) -> web.Response:
             upserts, deletes, endpoints = await asyncio.to_thread(
                 parse_patch, data, kind, st.store.registry.services)
         del data
-        _refuse_mesh_in_etcd(st, upserts, deletes)
-        _refuse_endpoints_in_etcd(st, endpoints)
+        _refuse_address_sets_in_etcd(st, upserts, endpoints)
         request[AUDIT_KEY] = {"upserted": len(upserts), "deleted": len(deletes)}
         store = st.store
 

@@ -187,7 +187,7 @@ def decode_mesh(rel: str, data: bytes) -> MeshService:
         raise LayoutError(f"{MESHSERVICES}{rel}: holds {mesh_path(spec.key)}")
     return MeshService(spec.kind, spec.mesh, spec.zone, spec.namespace, spec.name,
                        spec.ports, spec.vip, spec.vip6, spec.hostnames, spec.labels,
-                       given[0], given[1])
+                       vip_given=given[0], vip6_given=given[1])
 
 
 def parse_mesh_path(rel: str) -> MeshKey:

@@ -254,3 +254,23 @@ def test_a_put_larger_than_one_transaction_stages_mesh_services_in_a_generation(
     finally:
         a.stop()
         b.stop()
+
+
+def test_an_address_set_to_an_etcd_registry_is_501_and_nothing_is_written(
+        pair: tuple[ServerProcess, ServerProcess], cluster: EtcdCluster) -> None:
+    """Address sets have no etcd layout yet: a mesh service with endpoints (even an
+    empty set, every pod down) and an endpoint patch are refused whole with 501, and
+    etcd is left as it was."""
+    a, _ = pair
+    assert patch(a, [WEB]).status == 200
+    before = cluster.keys(PREFIX)
+    headless = {"kind": "MeshService", "namespace": "shop", "name": "db",
+                "ports": [{"port": 5432, "name": "postgres"}]}
+    for endpoints in ([{"address": "10.1.0.5", "name": "db-0"}], []):
+        reply = patch(a, [{**headless, "endpoints": endpoints}])
+        assert reply.status == 501, reply.body
+        assert "address sets" in reply.json()["error"]
+    reply = call(a.url, "PATCH", "/v1/services", {"endpoints": [
+        {"service": WEB_KEY, "upsert": [{"address": "10.1.0.9"}]}]})
+    assert reply.status == 501, reply.body
+    assert cluster.keys(PREFIX) == before
