@@ -7,7 +7,8 @@ encoded reply minus its ID is cached under the query minus its ID, and a hit
 costs a slice, a lookup and a concatenation: no parse, no encode.
 
 A miss takes the wire fast path (_fastpath.py: no dnslib objects) for the common
-questions and the dnslib path (``Zone.decide`` + ``encode``) for the rest.
+questions and the dnslib path (``Zone.decide`` + ``encode``) for the rest; a name
+nothing of the zone can own is handed to the forwarder before either (_owned.py).
 
 A registry change keeps the cached replies it cannot have changed: each entry is
 indexed by the name whose owner decides it, and a PATCH (which says which
@@ -28,6 +29,7 @@ from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNSO
 from ..registry import Selector
 from ._fastpath import SERVER_UDP_PAYLOAD, FastPath
 from ._outdated import CacheIndex, decision_name, outdated_names
+from ._owned import OwnedNames
 from ._tally import QTYPE_INVALID, Entry, Forward, Tally
 from ._views import view_zone
 from ._wire import (
@@ -87,6 +89,10 @@ class _State:
     fwd_tcp: dict[bytes, Forward] = field(default_factory=dict)
     index: dict[str, CacheIndex] = field(
         default_factory=lambda: {k: CacheIndex() for k in ("udp", "tcp", "fwd_udp", "fwd_tcp")})
+    owned: OwnedNames = field(init=False)  # the forward shortcut's view of the zone
+
+    def __post_init__(self) -> None:
+        self.owned = OwnedNames(self.zone)
 
 
 def udp_limit(query: Query) -> int:
@@ -334,6 +340,16 @@ class MessageHandler:
             tally.dropped += 1  # no header to echo, or a response: never answer those
             tally.request(proto, QTYPE_INVALID)
             return None
+        owned = st.owned
+        if owned.forwarding:
+            # A name nothing here can own: forwarded after one read of the question, no
+            # fast-path attempt, no second parse, no Zone.decide (_owned.py).
+            outright = owned.forwarded(data)
+            if outright is not None:
+                query, key, limit = outright
+                tally.request(proto, query.qtype)
+                return self._forward(st, proto, tail, data, query, limit, key, local_only,
+                                     forwards)
         fast = st.fast.answer(data, proto == "udp")
         if fast is not None:
             wire, qtype, rcode, name = fast
@@ -381,26 +397,33 @@ class MessageHandler:
         decision = st.zone.decide(query.labels, query.qtype, query.qclass)
         key = wire_to_key(query.labels)
         if decision.rule == FORWARD:
-            kind = "fwd_" + proto
-            if len(forwards) >= self.forward_limit:
-                tally.fold_forwards(proto, forwards)
-                forwards.clear()
-                st.index[kind] = CacheIndex()
-            if self.forward_limit:
-                forwards[tail] = Forward(query, limit)
-                st.index[kind].add(tail, key)
-            hook = None if local_only else self.forward_cached
-            if hook is not None:
-                cached = hook(data, query, limit, proto)
-                if cached.__class__ is bytes:
-                    return cached
-                return ForwardRequest(query, data, limit, cached)  # the forwarder counts
-            return ForwardRequest(query, data, limit)  # its reply
+            return self._forward(st, proto, tail, data, query, limit, key, local_only,
+                                 forwards)
         wire = encode(query, decision, limit if proto == "udp" else None, ra, self.nsid)
         tally.response(decision.rcode, "local")
         self._store(st, proto, tail, wire, query.qtype, decision.rcode,
                     decision_name(key, decision))
         return wire
+
+    def _forward(self, st: _State, proto: str, tail: bytes, data: bytes, query: Query,
+                 limit: int, key: str, local_only: bool, forwards: dict[bytes, Forward]
+                 ) -> bytes | ForwardRequest:
+        """A query to forward, remembered (``forwards``: its transport's memo) so the next
+        time it costs one lookup; the forwarder's cached reply when it has one."""
+        if len(forwards) >= self.forward_limit:
+            self.tally.fold_forwards(proto, forwards)
+            forwards.clear()
+            st.index["fwd_" + proto] = CacheIndex()
+        if self.forward_limit:
+            forwards[tail] = Forward(query, limit)
+            st.index["fwd_" + proto].add(tail, key)
+        hook = None if local_only else self.forward_cached
+        if hook is not None:
+            cached = hook(data, query, limit, proto)
+            if cached.__class__ is bytes:
+                return cached
+            return ForwardRequest(query, data, limit, cached)  # the forwarder counts
+        return ForwardRequest(query, data, limit)  # its reply
 
     def _store(self, st: _State, proto: str, tail: bytes, wire: bytes, qtype: int, rcode: int,
                name: str | None) -> None:
