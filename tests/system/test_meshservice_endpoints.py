@@ -9,12 +9,15 @@ over UDP and whole over TCP. The JSON record carries the endpoints and no VIP.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import dns.message
 import pytest
+from dnslib import DNSRecord
 
 from ..apiclient import ServerProcess, call, wait_for
 from ..support import ServerThread, make_config, run_tool, running_server
@@ -171,3 +174,25 @@ def test_a_patch_changes_one_endpoint(server: ServerThread) -> None:
     reply = call(server.api_url, "PATCH", "/v1/services",
                  {"endpoints": [{"service": key, "delete": [{"address": "nope"}]}]})
     assert reply.status == 400
+
+
+@pytest.mark.parametrize("edns", [None, 0])
+def test_the_same_query_bytes_again_get_the_next_order(server: ServerThread,
+                                                       edns: int | None) -> None:
+    """The reply cache keys on the query's bytes: a stub that sends the very same
+    query (same ID, no cookie; glibc and musl do between tries) must still see the set
+    rotate, so an address set's answer is never cached (fast path and dnslib path)."""
+    query = dns.message.make_query("db.shop.mesh", "A", use_edns=edns)
+    query.id = 4242
+    wire = query.to_wire()
+    host, port = server.dns_addr()
+    orders = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(3)
+        sock.connect((host, port))
+        for _ in range(5):
+            sock.send(wire)
+            # dnslib keeps the records in wire order (dnspython's rdatasets do not)
+            orders.append([str(rr.rdata) for rr in DNSRecord.parse(sock.recv(4096)).rr])
+    assert all(sorted(o) == ADDRESSES for o in orders)
+    assert {o[0] for o in orders} == set(ADDRESSES), orders

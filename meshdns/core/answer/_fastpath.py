@@ -68,6 +68,9 @@ _SLOW_QTYPES = frozenset({41, 251, 252})  # OPT (FORMERR), IXFR, AXFR (REFUSED)
 # decides it (lower case; None for a negative answer: its SOA serial is the registry
 # revision, so any change outdates it).
 Fast = tuple[bytes, int, int, str | None]
+# The name a Fast answer carries when it must not be cached: an address set's
+# answer, whose order rotates per query (docs/meshservice.md section 4).
+ROTATING = "\x00rotating"
 
 
 class FastPath:
@@ -293,7 +296,7 @@ class FastPath:
         """A or AAAA of an address set (docs/meshservice.md section 4): every address of
         the family in the rotated order, each record 16 or 28 bytes (the owner a pointer
         to the question); over UDP as many as fit ``limit``, TC=1 when any is left out.
-        Indexed as a negative answer (None): any registry change outdates it."""
+        Named ROTATING: the handler does not cache it (the next answer starts further on)."""
         v4 = qtype == 1
         addresses = endpoint_addresses(svc, 4 if v4 else 6)
         if not addresses:
@@ -307,7 +310,7 @@ class FastPath:
         header = bytes((flags, self._ra | (data[3] & 0x10), 0, 1, fit >> 8, fit & 0xFF, 0, 0,
                         0, 1 if tail else 0))
         wire = b"".join((data[:2], header, data[12:qend], *records[:fit], tail))
-        return wire, qtype, RCODE_NOERROR, None
+        return wire, qtype, RCODE_NOERROR, ROTATING
 
     def _srv(self, data: bytes, shape: int, qend: int, svc: Service,
              domain: str, tail: bytes) -> bytes:

@@ -26,8 +26,8 @@ from typing import Any
 
 from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, EDNSOption
 
-from ..registry import Selector
-from ._fastpath import SERVER_UDP_PAYLOAD, FastPath
+from ..registry import MeshService, Selector
+from ._fastpath import ROTATING, SERVER_UDP_PAYLOAD, FastPath
 from ._outdated import CacheIndex, decision_name, outdated_names
 from ._owned import OwnedNames
 from ._tally import QTYPE_INVALID, Entry, Forward, Tally
@@ -353,11 +353,15 @@ class MessageHandler:
         fast = st.fast.answer(data, proto == "udp")
         if fast is not None:
             wire, qtype, rcode, name = fast
+            if name is ROTATING:  # an address set's rotated order: never cached
+                self._uncached(qtype, rcode)
+                if wire[2] & 0x02:
+                    self.tally.truncated += 1
+                return wire
             if self.sampling and proto == "udp":
                 self.skipped += 1
                 if self.skipped & (ADMIT_ONE_IN - 1):
-                    counts = self.unadmitted  # one count for request and reply
-                    counts[qtype, rcode] = counts.get((qtype, rcode), 0) + 1
+                    self._uncached(qtype, rcode)
                     return wire
             cache = st.udp if proto == "udp" else st.tcp
             if len(cache) >= self.cache_limit:
@@ -401,6 +405,11 @@ class MessageHandler:
                                  forwards)
         wire = encode(query, decision, limit if proto == "udp" else None, ra, self.nsid)
         tally.response(decision.rcode, "local")
+        service = decision.service
+        if service.__class__ is MeshService and service.endpoints is not None:
+            if wire[2] & 0x02:  # an address set's rotated order (or SRV additionals):
+                tally.truncated += 1  # not cached
+            return wire
         self._store(st, proto, tail, wire, query.qtype, decision.rcode,
                     decision_name(key, decision))
         return wire
@@ -424,6 +433,12 @@ class MessageHandler:
                 return cached
             return ForwardRequest(query, data, limit, cached)  # the forwarder counts
         return ForwardRequest(query, data, limit)  # its reply
+
+    def _uncached(self, qtype: int, rcode: int) -> None:
+        """Count a wire-path reply that is not cached (one count for request and reply,
+        folded into the totals like a hit's)."""
+        counts = self.unadmitted
+        counts[qtype, rcode] = counts.get((qtype, rcode), 0) + 1
 
     def _store(self, st: _State, proto: str, tail: bytes, wire: bytes, qtype: int, rcode: int,
                name: str | None) -> None:
