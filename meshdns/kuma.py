@@ -29,6 +29,7 @@ import yaml
 from .core.registry import (
     MAX_HOSTNAMES_PER_SERVICE,
     Labels,
+    MeshPort,
     RegistryError,
     clip,
     format_ip,
@@ -67,7 +68,6 @@ ORIGIN_LABEL = "kuma.io/origin"
 DEFAULT_MESH = "default"  # a Kubernetes resource without kuma.io/mesh is in it (Kuma's rule)
 
 _LIST_KIND = "List"
-_UDP_PROTOCOLS = frozenset({"udp"})  # no Kuma protocol is UDP; meshdns's own entries may be
 
 
 class KumaDocumentError(RegistryError):
@@ -90,25 +90,20 @@ class KumaPort:
     app_protocol: str = "tcp"
 
     @property
-    def transport(self) -> Literal["tcp", "udp"]:
-        """The SRV protocol label: ``udp`` for a UDP app protocol, else ``tcp``."""
-        return "udp" if self.app_protocol.lower() in _UDP_PROTOCOLS else "tcp"
+    def entry_port(self) -> MeshPort:
+        """The port as the registry holds it (its SRV name, transport and JSON form)."""
+        return MeshPort(self.port, self.name, self.app_protocol)
+
+    @property
+    def transport(self) -> str:
+        return self.entry_port.transport
 
     @property
     def srv_name(self) -> str | None:
-        """``_<name>._<proto>`` when the port has a service name (an RFC 1123 label with
-        a letter in it: Kuma names an unnamed Kubernetes port by its number, which
-        gets no named SRV, as Kubernetes DNS gives none to unnamed ports)."""
-        if self.name is None or self.name.isdigit():
-            return None
-        return f"_{self.name}._{self.transport}"
+        return self.entry_port.srv_name
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"port": self.port}
-        if self.name is not None:
-            out["name"] = self.name
-        out["appProtocol"] = self.app_protocol
-        return out
+        return self.entry_port.to_json()
 
 
 @dataclass(frozen=True, slots=True)
